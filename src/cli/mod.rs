@@ -1,0 +1,45 @@
+//! Command-line interface: one module per subcommand.
+
+pub mod inspect;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::nvfp4::{NibbleOrder, Overrides, ScaleLayout};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "candiff",
+    version,
+    about = "Diffusion inference (FLUX.1, FLUX.2, Wan2.2) in bf16 and NVFP4 on Candle"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show what a checkpoint holds and how it will be loaded.
+    Inspect(inspect::InspectArgs),
+}
+
+/// How to read NVFP4 checkpoints whose own description is missing or wrong.
+#[derive(Debug, Clone, Default, Args)]
+pub struct Nvfp4ReadArgs {
+    /// Read NVFP4 block scales as `linear` [N, K/16] or `swizzled` (128x4 tiles), whatever the
+    /// checkpoint says.
+    #[arg(long, value_name = "LAYOUT")]
+    pub nvfp4_scale_layout: Option<ScaleLayout>,
+    /// Which nibble holds element 2i (`low` or `high`), whatever the checkpoint says.
+    #[arg(long, value_name = "ORDER")]
+    pub nvfp4_nibbles: Option<NibbleOrder>,
+}
+
+impl Nvfp4ReadArgs {
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            scale_layout: self.nvfp4_scale_layout,
+            nibbles: self.nvfp4_nibbles,
+        }
+    }
+}

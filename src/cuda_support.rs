@@ -1,0 +1,24 @@
+//! What this build and device can run. Checked when a layer is created, so an unusable variant is
+//! an error at load time, not at the first forward.
+
+use candle_core::{Device, Result};
+
+use crate::nvfp4::Backend;
+
+/// True when the crate was built with our CUDA kernels.
+pub const HAVE_CUDA_KERNELS: bool = cfg!(feature = "cuda");
+/// True when the cuDNN variant was compiled in.
+pub const HAVE_CUDNN: bool = cfg!(feature = "cudnn");
+
+/// Errors (with what to do) if `backend` cannot run on `device`.
+pub fn check_backend(backend: Backend, device: &Device) -> Result<()> {
+    match device {
+        // The CPU reference reads every backend's layout.
+        Device::Cpu => Ok(()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::check_backend(backend, d),
+        other => candle_core::bail!(
+            "the NVFP4 {backend} variant has no kernel for {other:?}; run on the CPU or build with --features cuda"
+        ),
+    }
+}

@@ -1,0 +1,11 @@
+//! candiff: diffusion inference on Candle, in bf16 and NVFP4.
+
+pub mod cli;
+pub mod cuda_support;
+pub mod error;
+pub mod inspect;
+pub mod linear;
+pub mod nvfp4;
+pub mod safetensors;
+
+pub use error::CandiffError;

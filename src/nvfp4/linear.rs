@@ -1,0 +1,396 @@
+//! `Nvfp4Linear`: a linear layer whose weight stays 4-bit, prepared once for one backend's layout.
+//!
+//! The CPU forward here is the reference every GPU kernel is tested against. It reads the prepared
+//! layout directly (no conversion back to canonical form), so a layout bug shows up here first.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor};
+
+use super::format::{e2m1_decode, e4m3_decode, unpack_byte, NibbleOrder, GROUP_SIZE};
+use super::layout::{LayoutKind, Nvfp4Weight, PreparedLayout};
+use super::quant::quantize_row;
+
+/// Environment variable choosing the NVFP4 backend when no CLI flag does.
+pub const BACKEND_ENV: &str = "CANDIFF_NVFP4_BACKEND";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Our own kernels on trtllm-gen's shuffled layout (the fast path).
+    #[default]
+    Trtllm,
+    /// CUTLASS/CuTe kernels (N, K padded to 32, 128x4 scales).
+    Cutlass,
+    /// cuDNN graph API block-scale dequantize + matmul (same layout as cutlass).
+    Cudnn,
+}
+
+impl Backend {
+    pub const ALL: [Backend; 3] = [Backend::Trtllm, Backend::Cutlass, Backend::Cudnn];
+
+    pub fn layout(self) -> LayoutKind {
+        match self {
+            Backend::Trtllm => LayoutKind::Trtllm,
+            Backend::Cutlass | Backend::Cudnn => LayoutKind::Cutlass,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Trtllm => "trtllm",
+            Backend::Cutlass => "cutlass",
+            Backend::Cudnn => "cudnn",
+        }
+    }
+
+    /// Accepts our names and FlashInfer's (`flashinfer_trtllm`, ...).
+    pub fn from_name(s: &str) -> Option<Self> {
+        let s = s.trim().to_ascii_lowercase();
+        match s.strip_prefix("flashinfer_").unwrap_or(&s) {
+            "trtllm" => Some(Backend::Trtllm),
+            "cutlass" => Some(Backend::Cutlass),
+            "cudnn" => Some(Backend::Cudnn),
+            _ => None,
+        }
+    }
+
+    /// The CLI choice if given, else `CANDIFF_NVFP4_BACKEND`, else `trtllm`. An unknown value in the
+    /// environment warns and falls back to the default (a bad CLI value is rejected by clap).
+    pub fn resolve(cli: Option<Backend>) -> Backend {
+        if let Some(b) = cli {
+            return b;
+        }
+        match std::env::var(BACKEND_ENV) {
+            Ok(v) if !v.trim().is_empty() => Backend::from_name(&v).unwrap_or_else(|| {
+                log::warn!(
+                    "{BACKEND_ENV}={v:?} is not an NVFP4 backend (trtllm, cutlass, cudnn, or flashinfer_*); using trtllm"
+                );
+                Backend::default()
+            }),
+            _ => Backend::default(),
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Backend::from_name(s).ok_or_else(|| {
+            format!("unknown NVFP4 backend `{s}` (expected trtllm, cutlass or cudnn)")
+        })
+    }
+}
+
+/// What happens to activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActMode {
+    /// Weights dequantized, activations as they are (bf16).
+    #[default]
+    W4A16,
+    /// Activations quantized to NVFP4 with the layer's `input_scale` (Blackwell numerics).
+    W4A4,
+}
+
+impl std::fmt::Display for ActMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ActMode::W4A16 => "w4a16",
+            ActMode::W4A4 => "w4a4",
+        })
+    }
+}
+
+impl std::str::FromStr for ActMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "w4a16" => Ok(ActMode::W4A16),
+            "w4a4" => Ok(ActMode::W4A4),
+            _ => Err(format!(
+                "unknown activation mode `{s}` (expected w4a16 or w4a4)"
+            )),
+        }
+    }
+}
+
+/// The matmul `y = alpha * (x ⊗ W)` as a Candle op over (x, prepared weight, prepared scales).
+#[derive(Debug, Clone)]
+pub struct Nvfp4Matmul {
+    pub kind: LayoutKind,
+    pub n: usize,
+    pub k: usize,
+    pub weight_row_bytes: usize,
+    pub scale_cols: usize,
+    pub mode: ActMode,
+    pub weight_scale_2: f32,
+    pub input_scale: f32,
+}
+
+impl Nvfp4Matmul {
+    /// `alpha` of the GEMM: `weight_scale_2` (w4a16) or `input_scale * weight_scale_2` (w4a4).
+    pub fn alpha(&self) -> f32 {
+        match self.mode {
+            ActMode::W4A16 => self.weight_scale_2,
+            ActMode::W4A4 => self.input_scale * self.weight_scale_2,
+        }
+    }
+
+    fn out_shape(&self, x: &Layout) -> Result<Shape> {
+        let dims = x.shape().dims();
+        match dims.last() {
+            Some(&k) if k == self.k => {}
+            _ => candle_core::bail!("nvfp4 linear: input {:?} must end in K = {}", dims, self.k),
+        }
+        let mut out = dims.to_vec();
+        *out.last_mut().expect("non-empty") = self.n;
+        Ok(Shape::from(out))
+    }
+
+    /// Block-scaled weight `e2m1 * s` as f32 `[n, k]`, read straight from the prepared layout.
+    fn weight_f32(&self, w: &[u8], s: &[u8]) -> Vec<f32> {
+        let view = PreparedView {
+            kind: self.kind,
+            weight: w,
+            row_bytes: self.weight_row_bytes,
+            scale: s,
+            scale_cols: self.scale_cols,
+        };
+        let kb = self.k / GROUP_SIZE;
+        let mut out = vec![0f32; self.n * self.k];
+        for r in 0..self.n {
+            for b in 0..kb {
+                let sv = e4m3_decode(view.scale(r, b));
+                for j in 0..GROUP_SIZE / 2 {
+                    let (c0, c1) =
+                        unpack_byte(view.code_byte(r, b * GROUP_SIZE / 2 + j), NibbleOrder::Low);
+                    out[r * self.k + b * GROUP_SIZE + 2 * j] = e2m1_decode(c0) * sv;
+                    out[r * self.k + b * GROUP_SIZE + 2 * j + 1] = e2m1_decode(c1) * sv;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Borrowed prepared buffers with the layout's index maps.
+struct PreparedView<'a> {
+    kind: LayoutKind,
+    weight: &'a [u8],
+    row_bytes: usize,
+    scale: &'a [u8],
+    scale_cols: usize,
+}
+
+impl PreparedView<'_> {
+    #[inline]
+    fn code_byte(&self, n: usize, j: usize) -> u8 {
+        self.weight[PreparedLayout::physical_row(self.kind, n) * self.row_bytes + j]
+    }
+    #[inline]
+    fn scale(&self, n: usize, b: usize) -> u8 {
+        let p = PreparedLayout::physical_row(self.kind, n);
+        self.scale[super::layout::swizzle_offset(p, b, self.scale_cols)]
+    }
+}
+
+fn contiguous_u8<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [u8]> {
+    let v = match s {
+        CpuStorage::U8(v) => v.as_slice(),
+        _ => candle_core::bail!("nvfp4 linear: {what} must be U8"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("nvfp4 linear: {what} must be contiguous"),
+    }
+}
+
+/// Input rows as f32, rounded to bf16 as the reference quantizer sees them.
+fn input_rows(s: &CpuStorage, l: &Layout) -> Result<(Vec<f32>, DType)> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("nvfp4 linear: input must be contiguous".into()))?;
+    Ok(match s {
+        CpuStorage::BF16(v) => (v[a..b].iter().map(|x| x.to_f32()).collect(), DType::BF16),
+        CpuStorage::F16(v) => (
+            v[a..b]
+                .iter()
+                .map(|x| half::bf16::from_f32(x.to_f32()).to_f32())
+                .collect(),
+            DType::F16,
+        ),
+        CpuStorage::F32(v) => (
+            v[a..b]
+                .iter()
+                .map(|x| half::bf16::from_f32(*x).to_f32())
+                .collect(),
+            DType::F32,
+        ),
+        _ => candle_core::bail!("nvfp4 linear: input must be bf16, f16 or f32"),
+    })
+}
+
+impl CustomOp3 for Nvfp4Matmul {
+    fn name(&self) -> &'static str {
+        "nvfp4-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out_shape = self.out_shape(l1)?;
+        let (mut x, dtype) = input_rows(s1, l1)?;
+        let w = contiguous_u8(s2, l2, "weight")?;
+        let s = contiguous_u8(s3, l3, "scale")?;
+        let m = x.len() / self.k;
+        if self.mode == ActMode::W4A4 {
+            // Codes times block scales; `input_scale` goes into alpha like on the hardware.
+            let gs = 1.0 / self.input_scale;
+            let mut packed = vec![0u8; self.k / 2];
+            let mut scales = vec![0u8; self.k / GROUP_SIZE];
+            for row in x.chunks_exact_mut(self.k) {
+                quantize_row(row, gs, &mut packed, &mut scales);
+                for (i, v) in row.iter_mut().enumerate() {
+                    let byte = packed[i / 2];
+                    let code = if i % 2 == 0 { byte & 0xF } else { byte >> 4 };
+                    *v = e2m1_decode(code) * e4m3_decode(scales[i / GROUP_SIZE]);
+                }
+            }
+        }
+        let wf = self.weight_f32(w, s);
+        let xt = Tensor::from_vec(x, (m, self.k), &Device::Cpu)?;
+        let wt = Tensor::from_vec(wf, (self.n, self.k), &Device::Cpu)?;
+        let y = (xt.matmul(&wt.t()?)? * self.alpha() as f64)?.to_dtype(dtype)?;
+        let (st, _) = y.storage_and_layout();
+        let out = match &*st {
+            candle_core::Storage::Cpu(c) => c.clone(),
+            _ => unreachable!("CPU tensor"),
+        };
+        Ok((out, out_shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::nvfp4_linear_fwd(self, s1, l1, s2, l2, s3, l3)
+    }
+}
+
+/// A linear layer with an NVFP4 weight in one backend's layout.
+#[derive(Debug, Clone)]
+pub struct Nvfp4Linear {
+    op: Nvfp4Matmul,
+    backend: Backend,
+    weight: Tensor,
+    scale: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Nvfp4Linear {
+    /// Prepares `w` for `backend` (once) and uploads it to `device`. A missing `input_scale` is 1.0
+    /// (the loader has already warned about it).
+    pub fn new(
+        w: &Nvfp4Weight,
+        input_scale: Option<f32>,
+        bias: Option<Tensor>,
+        backend: Backend,
+        mode: ActMode,
+        device: &Device,
+    ) -> Result<Self> {
+        crate::cuda_support::check_backend(backend, device)?;
+        let p = PreparedLayout::prepare(w, backend.layout());
+        let weight = Tensor::from_vec(p.weight, (p.weight_rows, p.weight_row_bytes), device)?;
+        let scale = Tensor::from_vec(p.scale, (p.scale_rows, p.scale_cols), device)?;
+        let op = Nvfp4Matmul {
+            kind: p.kind,
+            n: w.n,
+            k: w.k,
+            weight_row_bytes: p.weight_row_bytes,
+            scale_cols: p.scale_cols,
+            mode,
+            weight_scale_2: w.weight_scale_2,
+            input_scale: input_scale.unwrap_or(1.0),
+        };
+        Ok(Self {
+            op,
+            backend,
+            weight,
+            scale,
+            bias,
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn mode(&self) -> ActMode {
+        self.op.mode
+    }
+
+    pub fn set_mode(&mut self, mode: ActMode) {
+        self.op.mode = mode;
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.op.k
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.op.n
+    }
+
+    pub fn op(&self) -> &Nvfp4Matmul {
+        &self.op
+    }
+
+    /// The prepared weight and scale buffers (for checks and for the GPU kernels).
+    pub fn prepared(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.scale)
+    }
+
+    /// Back to canonical form, read from the prepared buffers.
+    pub fn to_canonical(&self) -> Result<Nvfp4Weight> {
+        let p = PreparedLayout {
+            kind: self.op.kind,
+            n: self.op.n,
+            k: self.op.k,
+            weight: self.weight.flatten_all()?.to_vec1::<u8>()?,
+            weight_rows: self.weight.dim(0)?,
+            weight_row_bytes: self.op.weight_row_bytes,
+            scale: self.scale.flatten_all()?.to_vec1::<u8>()?,
+            scale_rows: self.scale.dim(0)?,
+            scale_cols: self.op.scale_cols,
+        };
+        Ok(p.to_canonical(self.op.weight_scale_2)?)
+    }
+}
+
+impl Module for Nvfp4Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let y = x.apply_op3_no_bwd(&self.weight, &self.scale, &self.op)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+            None => Ok(y),
+        }
+    }
+}

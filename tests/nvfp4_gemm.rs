@@ -1,0 +1,260 @@
+//! NVFP4 formats, layouts and the linear op against `nvfp4/gemm_cases` (FlashInfer / ModelOpt
+//! conventions). Every size comes from `gemm_cases.json` and the tensor shapes.
+
+mod common;
+
+use candiff::nvfp4::format::swap_nibbles;
+use candiff::nvfp4::layout::{
+    swizzle_scales, unswizzle_scales, LayoutKind, Nvfp4Weight, PreparedLayout,
+};
+use candiff::nvfp4::quant::{fake_quantize_row, quantize_activations, quantize_weight};
+use candiff::nvfp4::{ActMode, Backend, Nvfp4Linear};
+use candle_core::{Device, Module, Tensor};
+use common::*;
+
+struct Case {
+    p: String,
+    m: usize,
+    k: usize,
+    n: usize,
+}
+
+fn cases() -> Vec<Case> {
+    let text =
+        std::fs::read_to_string(fixtures().join("nvfp4/gemm_cases.json")).expect("gemm_cases.json");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cases: Vec<Case> = v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| Case {
+            p: c["prefix"].as_str().unwrap().to_string(),
+            m: c["M"].as_u64().unwrap() as usize,
+            k: c["K"].as_u64().unwrap() as usize,
+            n: c["N"].as_u64().unwrap() as usize,
+        })
+        .collect();
+    assert!(!cases.is_empty());
+    cases
+}
+
+fn canonical(f: &candiff::safetensors::MappedFile, c: &Case) -> Nvfp4Weight {
+    Nvfp4Weight::new(
+        c.n,
+        c.k,
+        raw(f, &format!("{}w_packed", c.p)),
+        raw(f, &format!("{}w_scale", c.p)),
+        scalar(f, &format!("{}w_scale_2", c.p)),
+    )
+    .unwrap()
+}
+
+#[test]
+fn weight_quantization_matches_the_export_bit_for_bit() {
+    let f = open("nvfp4/gemm_cases.safetensors");
+    for c in cases() {
+        let w = f32s(&f, &format!("{}w", c.p));
+        let q = quantize_weight(&w, c.n, c.k).unwrap();
+        assert_bytes_eq(
+            &q.packed,
+            &raw(&f, &format!("{}w_packed", c.p)),
+            &format!("{}w_packed", c.p),
+        );
+        assert_bytes_eq(
+            &q.scales,
+            &raw(&f, &format!("{}w_scale", c.p)),
+            &format!("{}w_scale", c.p),
+        );
+        assert_eq!(
+            q.weight_scale_2.to_bits(),
+            scalar(&f, &format!("{}w_scale_2", c.p)).to_bits(),
+            "{}w_scale_2",
+            c.p
+        );
+    }
+}
+
+#[test]
+fn nibble_orders_and_dequantization_are_exact() {
+    let f = open("nvfp4/gemm_cases.safetensors");
+    for c in cases() {
+        let mut hi = raw(&f, &format!("{}w_packed", c.p));
+        swap_nibbles(&mut hi);
+        assert_bytes_eq(&hi, &raw(&f, &format!("{}w_packed_hi", c.p)), "w_packed_hi");
+        let deq = canonical(&f, &c).dequantize();
+        let want = f32s(&f, &format!("{}w_deq", c.p));
+        for (i, (a, b)) in deq.iter().zip(&want).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "{}w_deq[{i}]: {a} vs {b}", c.p);
+        }
+    }
+}
+
+#[test]
+fn layouts_are_bit_exact_both_ways() {
+    let f = open("nvfp4/gemm_cases.safetensors");
+    for c in cases() {
+        let w = canonical(&f, &c);
+        let kb = c.k / 16;
+        // 128x4 scales.
+        let sw = raw(&f, &format!("{}w_scale_swizzled", c.p));
+        assert_eq!(
+            shape(&f, &format!("{}w_scale_swizzled", c.p)),
+            vec![c.n.div_ceil(128) * 128, kb.div_ceil(4) * 4]
+        );
+        assert_bytes_eq(
+            &swizzle_scales(&w.scales, c.n, kb),
+            &sw,
+            &format!("{}w_scale_swizzled", c.p),
+        );
+        assert_bytes_eq(
+            &unswizzle_scales(&sw, c.n, kb).unwrap(),
+            &w.scales,
+            "unswizzle",
+        );
+        // trtllm.
+        let t = PreparedLayout::prepare(&w, LayoutKind::Trtllm);
+        assert_eq!(
+            [t.weight_rows, t.weight_row_bytes].to_vec(),
+            shape(&f, &format!("{}trtllm_weight", c.p))
+        );
+        assert_bytes_eq(
+            &t.weight,
+            &raw(&f, &format!("{}trtllm_weight", c.p)),
+            &format!("{}trtllm_weight", c.p),
+        );
+        assert_bytes_eq(
+            &t.scale,
+            &raw(&f, &format!("{}trtllm_scale", c.p)),
+            &format!("{}trtllm_scale", c.p),
+        );
+        assert_eq!(t.to_canonical(w.weight_scale_2).unwrap(), w);
+        // cutlass / cudnn.
+        let u = PreparedLayout::prepare(&w, LayoutKind::Cutlass);
+        assert_eq!(
+            [u.weight_rows, u.weight_row_bytes].to_vec(),
+            shape(&f, &format!("{}cutlass_weight", c.p))
+        );
+        assert_bytes_eq(
+            &u.weight,
+            &raw(&f, &format!("{}cutlass_weight", c.p)),
+            &format!("{}cutlass_weight", c.p),
+        );
+        assert_bytes_eq(&u.scale, &sw, "cutlass scales");
+        assert_eq!(u.to_canonical(w.weight_scale_2).unwrap(), w);
+    }
+}
+
+#[test]
+fn activation_quantization_is_bit_exact() {
+    let f = open("nvfp4/gemm_cases.safetensors");
+    for c in cases() {
+        let x = f32s(&f, &format!("{}x", c.p));
+        let input_scale = scalar(&f, &format!("{}input_scale", c.p));
+        let (packed, scales) = quantize_activations(&x, c.m, c.k, input_scale);
+        assert_bytes_eq(
+            &packed,
+            &raw(&f, &format!("{}x_packed", c.p)),
+            &format!("{}x_packed", c.p),
+        );
+        assert_bytes_eq(
+            &scales,
+            &raw(&f, &format!("{}x_scale", c.p)),
+            &format!("{}x_scale", c.p),
+        );
+        assert_bytes_eq(
+            &swizzle_scales(&scales, c.m, c.k / 16),
+            &raw(&f, &format!("{}x_scale_swizzled", c.p)),
+            &format!("{}x_scale_swizzled", c.p),
+        );
+        let mut fq = x.clone();
+        for row in fq.chunks_exact_mut(c.k) {
+            fake_quantize_row(row, input_scale);
+        }
+        let want = f32s(&f, &format!("{}x_fq", c.p));
+        for (i, (a, b)) in fq.iter().zip(&want).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "{}x_fq[{i}]: {a} vs {b}", c.p);
+        }
+    }
+}
+
+#[test]
+fn gemm_matches_references_for_every_backend_and_mode() {
+    let f = open("nvfp4/gemm_cases.safetensors");
+    for c in cases() {
+        let w = canonical(&f, &c);
+        let input_scale = scalar(&f, &format!("{}input_scale", c.p));
+        let alpha = scalar(&f, &format!("{}alpha", c.p));
+        assert_eq!(
+            alpha.to_bits(),
+            (input_scale * w.weight_scale_2).to_bits(),
+            "{}alpha",
+            c.p
+        );
+        let x = Tensor::from_vec(f32s(&f, &format!("{}x", c.p)), (c.m, c.k), &Device::Cpu).unwrap();
+        for mode in [ActMode::W4A16, ActMode::W4A4] {
+            let want = f32s(&f, &format!("{}y_{mode}", c.p));
+            let tol = 1e-5 * max_abs(&want);
+            let mut outs = Vec::new();
+            for backend in Backend::ALL {
+                let l = Nvfp4Linear::new(&w, Some(input_scale), None, backend, mode, &Device::Cpu)
+                    .unwrap();
+                let y: Vec<f32> = l
+                    .forward(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let d = max_diff(&y, &want);
+                assert!(d <= tol, "{} {backend} {mode}: max diff {d} > {tol}", c.p);
+                outs.push(y);
+            }
+            // The three layouts hold the same numbers, so the reference gives identical outputs.
+            assert_eq!(outs[0], outs[1], "{} {mode}: trtllm vs cutlass", c.p);
+            assert_eq!(outs[0], outs[2], "{} {mode}: trtllm vs cudnn", c.p);
+        }
+    }
+}
+
+#[test]
+fn gemm_handles_batched_inputs_and_bias() {
+    let f = open("nvfp4/gemm_cases.safetensors");
+    let c = cases()
+        .into_iter()
+        .find(|c| c.m > 1)
+        .expect("a case with M > 1");
+    let w = canonical(&f, &c);
+    let x = Tensor::from_vec(f32s(&f, &format!("{}x", c.p)), (1, c.m, c.k), &Device::Cpu).unwrap();
+    let bias = Tensor::arange(0f32, c.n as f32, &Device::Cpu).unwrap();
+    let l = Nvfp4Linear::new(
+        &w,
+        None,
+        Some(bias),
+        Backend::Trtllm,
+        ActMode::W4A16,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let y = l.forward(&x).unwrap();
+    assert_eq!(y.dims(), &[1, c.m, c.n]);
+    let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+    let want: Vec<f32> = f32s(&f, &format!("{}y_w4a16", c.p))
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v + (i % c.n) as f32)
+        .collect();
+    assert!(max_diff(&y, &want) <= 1e-5 * max_abs(&want));
+    // bf16 input gives bf16 output within bf16 rounding.
+    let yb = l
+        .forward(&x.to_dtype(candle_core::DType::BF16).unwrap())
+        .unwrap();
+    assert_eq!(yb.dtype(), candle_core::DType::BF16);
+    let yb: Vec<f32> = yb
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(max_diff(&yb, &want) <= 2f32.powi(-8) * max_abs(&want));
+}
