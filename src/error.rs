@@ -9,32 +9,16 @@ pub type CResult<T> = std::result::Result<T, CandiffError>;
 pub enum CandiffError {
     /// A tensor in a checkpoint does not have the shape/dtype/values its role needs.
     #[error("{file}: tensor `{tensor}`: expected {expected}, found {found}. {hint}")]
-    BadTensor {
-        file: String,
-        tensor: String,
-        expected: String,
-        found: String,
-        hint: String,
-    },
+    BadTensor { file: String, tensor: String, expected: String, found: String, hint: String },
     /// The safetensors file itself is malformed.
     #[error("{file}: not a readable safetensors file: {reason}. Re-download it (or delete it from the cache) and try again.")]
     BadSafetensors { file: String, reason: String },
     /// A quantization config that cannot be honoured.
     #[error("{file}: {reason}. {hint}")]
-    BadConfig {
-        file: String,
-        reason: String,
-        hint: String,
-    },
+    BadConfig { file: String, reason: String, hint: String },
     /// Declared and inferred layouts contradict each other.
     #[error("{file}: the NVFP4 scale layout is declared `{declared}` but tensor `{tensor}` has shape {shape}, which is only possible for `{inferred}`. Fix the config or pass --nvfp4-scale-layout {inferred} if you know the file is right.")]
-    LayoutConflict {
-        file: String,
-        tensor: String,
-        declared: String,
-        inferred: String,
-        shape: String,
-    },
+    LayoutConflict { file: String, tensor: String, declared: String, inferred: String, shape: String },
     /// Internal layout bookkeeping failed (sizes that do not add up).
     #[error("NVFP4 layout: {0}")]
     Layout(String),
@@ -55,10 +39,7 @@ impl CandiffError {
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io {
-            path: path.into(),
-            source,
-        }
+        Self::Io { path: path.into(), source }
     }
 
     pub fn bad_tensor(
@@ -77,16 +58,8 @@ impl CandiffError {
         }
     }
 
-    pub fn bad_config(
-        file: impl std::fmt::Display,
-        reason: impl Into<String>,
-        hint: impl Into<String>,
-    ) -> Self {
-        Self::BadConfig {
-            file: file.to_string(),
-            reason: reason.into(),
-            hint: hint.into(),
-        }
+    pub fn bad_config(file: impl std::fmt::Display, reason: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self::BadConfig { file: file.to_string(), reason: reason.into(), hint: hint.into() }
     }
 }
 

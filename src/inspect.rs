@@ -51,43 +51,56 @@ pub fn resolve_target(target: &str) -> CResult<PathBuf> {
             hf_cache_dir().display()
         )));
     }
-    Err(CandiffError::io(
-        p,
-        std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
-    ))
+    Err(CandiffError::io(p, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")))
 }
 
-/// The checkpoints under `path`: itself if it holds safetensors, else its component folders
-/// (a diffusers repository root).
+fn safetensors_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> =
+        std::fs::read_dir(dir).map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
+    v.retain(|p| p.is_file() && p.extension().is_some_and(|x| x == "safetensors"));
+    v.sort();
+    v
+}
+
+/// `model-00001-of-00003.safetensors` style names.
+fn is_shard_name(p: &Path) -> bool {
+    let s = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    s.split('-')
+        .collect::<Vec<_>>()
+        .windows(3)
+        .any(|w| w[1] == "of" && w[0].parse::<u32>().is_ok() && w[2].parse::<u32>().is_ok())
+}
+
+/// The checkpoints under `path`: a file; a folder that is one model (an index, one file, or shards);
+/// otherwise each loose file and each component folder (a diffusers repository root).
 pub fn checkpoints_under(path: &Path) -> CResult<Vec<PathBuf>> {
     if path.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
-    let has_st = |d: &Path| {
-        std::fs::read_dir(d)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .any(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
-            })
-            .unwrap_or(false)
-    };
-    if has_st(path) {
+    let has_index = std::fs::read_dir(path)
+        .map_err(|e| CandiffError::io(path, e))?
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().ends_with(".safetensors.index.json"));
+    let files = safetensors_in(path);
+    if has_index || files.len() == 1 || (!files.is_empty() && files.iter().all(|f| is_shard_name(f))) {
         return Ok(vec![path.to_path_buf()]);
     }
+    let mut out = files;
     let mut subs: Vec<PathBuf> = std::fs::read_dir(path)
         .map_err(|e| CandiffError::io(path, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir() && has_st(p))
+        .filter(|p| p.is_dir() && !safetensors_in(p).is_empty())
         .collect();
     subs.sort();
-    if subs.is_empty() {
+    out.extend(subs);
+    if out.is_empty() {
         return Err(CandiffError::bad_config(
             path.display(),
             "holds no .safetensors files",
             "Point at a model folder or file.",
         ));
     }
-    Ok(subs)
+    Ok(out)
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -117,11 +130,7 @@ pub struct QuantReport {
 
 pub fn inspect(path: &Path, overrides: &Overrides) -> CResult<Report> {
     let ckpt = Checkpoint::open(path, overrides)?;
-    let bytes = ckpt
-        .files
-        .iter()
-        .map(|f| std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0))
-        .sum();
+    let bytes = ckpt.files.iter().map(|f| std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0)).sum();
     let quantization = ckpt.plan.as_ref().map(|p| {
         let (inp, ws2) = p.missing_scales();
         QuantReport {
@@ -162,20 +171,9 @@ impl std::fmt::Display for Report {
         let Some(q) = &self.quantization else {
             return writeln!(f, "  quantization: none (dense weights)");
         };
-        writeln!(
-            f,
-            "  NVFP4 layers: {}, excluded (unquantized) linears: {}",
-            q.nvfp4_layers, q.excluded_layers
-        )?;
+        writeln!(f, "  NVFP4 layers: {}, excluded (unquantized) linears: {}", q.nvfp4_layers, q.excluded_layers)?;
         for d in &q.decisions {
-            writeln!(
-                f,
-                "  {:<13} {:<40} [{}: {}]",
-                format!("{}:", d.what),
-                d.value,
-                d.source,
-                d.why
-            )?;
+            writeln!(f, "  {:<13} {:<40} [{}: {}]", format!("{}:", d.what), d.value, d.source, d.why)?;
         }
         if q.missing_input_scale + q.missing_weight_scale_2 > 0 {
             writeln!(
@@ -186,13 +184,7 @@ impl std::fmt::Display for Report {
         }
         if !q.excluded.is_empty() {
             const SHOWN: usize = 12;
-            let mut s = q
-                .excluded
-                .iter()
-                .take(SHOWN)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ");
+            let mut s = q.excluded.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
             if q.excluded.len() > SHOWN {
                 s.push_str(&format!(", ... ({} more)", q.excluded.len() - SHOWN));
             }

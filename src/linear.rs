@@ -49,20 +49,10 @@ pub struct WeightBuilder<'a> {
 
 impl<'a> WeightBuilder<'a> {
     /// `dtype` is the compute dtype of dense tensors; NVFP4 layers keep their own storage.
-    pub fn new(
-        ckpt: Arc<Checkpoint>,
-        dtype: DType,
-        device: &Device,
-        opts: Nvfp4Options,
-    ) -> Result<Self> {
+    pub fn new(ckpt: Arc<Checkpoint>, dtype: DType, device: &Device, opts: Nvfp4Options) -> Result<Self> {
         // SAFETY: read-only mapping of checkpoint files (see `MappedFile::open`).
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&ckpt.file_paths(), dtype, device)? };
-        Ok(Self {
-            vb,
-            ckpt,
-            borrow: None,
-            opts,
-        })
+        Ok(Self { vb, ckpt, borrow: None, opts })
     }
 
     /// Supplies missing `input_scale` / `weight_scale_2` tensors from a sibling file.
@@ -72,10 +62,7 @@ impl<'a> WeightBuilder<'a> {
     }
 
     pub fn pp(&self, s: impl ToString) -> Self {
-        Self {
-            vb: self.vb.pp(s),
-            ..self.clone()
-        }
+        Self { vb: self.vb.pp(s), ..self.clone() }
     }
 
     pub fn vb(&self) -> &VarBuilder<'a> {
@@ -89,18 +76,10 @@ impl<'a> WeightBuilder<'a> {
     /// The linear at the current path (`weight` `[out, in]`, optional `bias`).
     pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
         let module = self.vb.prefix();
-        let is_nvfp4 = self
-            .ckpt
-            .plan
-            .as_ref()
-            .is_some_and(|p| p.is_quantized(&module));
+        let is_nvfp4 = self.ckpt.plan.as_ref().is_some_and(|p| p.is_quantized(&module));
         if !is_nvfp4 {
             let w = self.vb.get((out_dim, in_dim), "weight")?;
-            let b = if bias {
-                Some(self.vb.get(out_dim, "bias")?)
-            } else {
-                None
-            };
+            let b = if bias { Some(self.vb.get(out_dim, "bias")?) } else { None };
             return Ok(Linear::Dense(candle_nn::Linear::new(w, b)));
         }
         let (w, input_scale) = self.ckpt.load_nvfp4(&module, self.borrow.as_deref())?;
@@ -111,19 +90,8 @@ impl<'a> WeightBuilder<'a> {
                 w.k
             );
         }
-        let b = if bias {
-            Some(self.vb.get(out_dim, "bias")?)
-        } else {
-            None
-        };
-        let l = Nvfp4Linear::new(
-            &w,
-            input_scale,
-            b,
-            self.opts.backend,
-            self.opts.mode,
-            self.vb.device(),
-        )?;
+        let b = if bias { Some(self.vb.get(out_dim, "bias")?) } else { None };
+        let l = Nvfp4Linear::new(&w, input_scale, b, self.opts.backend, self.opts.mode, self.vb.device())?;
         Ok(Linear::Nvfp4(l))
     }
 }

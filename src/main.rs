@@ -3,9 +3,7 @@ use clap::Parser;
 use candiff::cli::{self, Cli, Command};
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format_timestamp(None)
-        .init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Inspect(a) => cli::inspect::run(a),

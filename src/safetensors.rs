@@ -68,10 +68,7 @@ impl Dtype {
     }
 
     pub fn is_float(&self) -> bool {
-        matches!(
-            self,
-            Self::F16 | Self::BF16 | Self::F32 | Self::F64 | Self::F8E4M3 | Self::F8E5M2
-        )
+        matches!(self, Self::F16 | Self::BF16 | Self::F32 | Self::F64 | Self::F8E4M3 | Self::F8E5M2)
     }
 }
 
@@ -129,48 +126,30 @@ pub struct Header {
 
 /// Parses a header from the file's leading bytes. `file_len` (when known) bounds the data offsets.
 pub fn parse_header(bytes: &[u8], file_len: Option<u64>, file: &str) -> CResult<Header> {
-    let bad = |reason: String| CandiffError::BadSafetensors {
-        file: file.to_string(),
-        reason,
-    };
+    let bad = |reason: String| CandiffError::BadSafetensors { file: file.to_string(), reason };
     if bytes.len() < 8 {
-        return Err(bad(format!(
-            "{} bytes is shorter than the 8-byte header length",
-            bytes.len()
-        )));
+        return Err(bad(format!("{} bytes is shorter than the 8-byte header length", bytes.len())));
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
     if n > MAX_HEADER_BYTES {
-        return Err(bad(format!(
-            "header length {n} exceeds the format's {MAX_HEADER_BYTES}-byte cap"
-        )));
+        return Err(bad(format!("header length {n} exceeds the format's {MAX_HEADER_BYTES}-byte cap")));
     }
     let n = n as usize;
     if bytes.len() < 8 + n {
-        return Err(bad(format!(
-            "truncated header: it declares {n} bytes but only {} follow",
-            bytes.len() - 8
-        )));
+        return Err(bad(format!("truncated header: it declares {n} bytes but only {} follow", bytes.len() - 8)));
     }
     let data_start = 8 + n;
     let data_len = match file_len {
         Some(l) if l < data_start as u64 => {
-            return Err(bad(format!(
-                "file of {l} bytes ends inside its {n}-byte header"
-            )))
+            return Err(bad(format!("file of {l} bytes ends inside its {n}-byte header")))
         }
         Some(l) => Some((l - data_start as u64) as usize),
         None => None,
     };
-    let json: serde_json::Value = serde_json::from_slice(&bytes[8..data_start])
-        .map_err(|e| bad(format!("header is not valid JSON ({e})")))?;
-    let obj = json
-        .as_object()
-        .ok_or_else(|| bad("header is not a JSON object".into()))?;
-    let mut header = Header {
-        data_start,
-        ..Default::default()
-    };
+    let json: serde_json::Value =
+        serde_json::from_slice(&bytes[8..data_start]).map_err(|e| bad(format!("header is not valid JSON ({e})")))?;
+    let obj = json.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
+    let mut header = Header { data_start, ..Default::default() };
     for (name, v) in obj {
         if name == "__metadata__" {
             if let Some(m) = v.as_object() {
@@ -184,9 +163,7 @@ pub fn parse_header(bytes: &[u8], file_len: Option<u64>, file: &str) -> CResult<
             }
             continue;
         }
-        let entry = v
-            .as_object()
-            .ok_or_else(|| bad(format!("entry `{name}` is not an object")))?;
+        let entry = v.as_object().ok_or_else(|| bad(format!("entry `{name}` is not an object")))?;
         let dtype = entry
             .get("dtype")
             .and_then(|d| d.as_str())
@@ -208,9 +185,7 @@ pub fn parse_header(bytes: &[u8], file_len: Option<u64>, file: &str) -> CResult<
             .ok_or_else(|| bad(format!("tensor `{name}` needs data_offsets [start, end]")))?;
         let (start, end) = offs;
         if start > end {
-            return Err(bad(format!(
-                "tensor `{name}` has data_offsets [{start}, {end}] with start > end"
-            )));
+            return Err(bad(format!("tensor `{name}` has data_offsets [{start}, {end}] with start > end")));
         }
         if let Some(dl) = data_len {
             if end > dl {
@@ -222,26 +197,16 @@ pub fn parse_header(bytes: &[u8], file_len: Option<u64>, file: &str) -> CResult<
         let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         let want = numel.and_then(|n| dtype.size().map(|s| n.checked_mul(s)));
         match want {
-            None => {
+            None => return Err(bad(format!("tensor `{name}` has a shape {shape:?} whose size overflows"))),
+            Some(Some(w)) if w != end - start => {
                 return Err(bad(format!(
-                    "tensor `{name}` has a shape {shape:?} whose size overflows"
+                    "tensor `{name}` ({dtype} {shape:?}) needs {w} bytes but its data_offsets span {}",
+                    end - start
                 )))
             }
-            Some(Some(w)) if w != end - start => return Err(bad(format!(
-                "tensor `{name}` ({dtype} {shape:?}) needs {w} bytes but its data_offsets span {}",
-                end - start
-            ))),
             _ => {}
         }
-        header.tensors.insert(
-            name.clone(),
-            TensorInfo {
-                dtype,
-                shape,
-                start,
-                end,
-            },
-        );
+        header.tensors.insert(name.clone(), TensorInfo { dtype, shape, start, end });
     }
     Ok(header)
 }
@@ -252,19 +217,17 @@ pub fn read_header(path: &Path) -> CResult<Header> {
     let mut f = std::fs::File::open(path).map_err(|e| CandiffError::io(path, e))?;
     let len = f.metadata().map_err(|e| CandiffError::io(path, e))?.len();
     let mut lenbuf = [0u8; 8];
-    f.read_exact(&mut lenbuf)
-        .map_err(|_| CandiffError::BadSafetensors {
-            file: file_name.clone(),
-            reason: format!("file of {len} bytes is shorter than the 8-byte header length"),
-        })?;
+    f.read_exact(&mut lenbuf).map_err(|_| CandiffError::BadSafetensors {
+        file: file_name.clone(),
+        reason: format!("file of {len} bytes is shorter than the 8-byte header length"),
+    })?;
     let n = u64::from_le_bytes(lenbuf);
     if n > MAX_HEADER_BYTES || n + 8 > len {
         return parse_header(&lenbuf, Some(len), &file_name);
     }
     let mut buf = vec![0u8; 8 + n as usize];
     buf[..8].copy_from_slice(&lenbuf);
-    f.read_exact(&mut buf[8..])
-        .map_err(|e| CandiffError::io(path, e))?;
+    f.read_exact(&mut buf[8..]).map_err(|e| CandiffError::io(path, e))?;
     parse_header(&buf, Some(len), &file_name)
 }
 
@@ -282,11 +245,7 @@ impl MappedFile {
         // loader can defend against, and every offset read below was checked against the length.
         let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| CandiffError::io(path, e))?;
         let header = parse_header(&mmap, Some(mmap.len() as u64), &path.display().to_string())?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            header,
-            mmap,
-        })
+        Ok(Self { path: path.to_path_buf(), header, mmap })
     }
 
     pub fn name(&self) -> String {
@@ -305,11 +264,8 @@ impl MappedFile {
     }
 }
 
-#[cfg(test)]
-pub(crate) fn build_file(
-    tensors: &[(&str, &str, Vec<usize>, Vec<u8>)],
-    metadata: Option<serde_json::Value>,
-) -> Vec<u8> {
+/// Serializes tensors given as (name, dtype string, shape, raw bytes) into a safetensors file image.
+pub fn serialize(tensors: &[(&str, &str, Vec<usize>, Vec<u8>)], metadata: Option<serde_json::Value>) -> Vec<u8> {
     let mut map = serde_json::Map::new();
     if let Some(m) = metadata {
         map.insert("__metadata__".into(), m);
@@ -336,24 +292,19 @@ mod tests {
 
     #[test]
     fn parses_and_rejects() {
-        let f = build_file(
-            &[("a.weight", "U8", vec![2, 4], vec![0; 8])],
-            Some(serde_json::json!({"format": "pt"})),
-        );
+        let f = serialize(&[("a.weight", "U8", vec![2, 4], vec![0; 8])], Some(serde_json::json!({"format": "pt"})));
         let h = parse_header(&f, Some(f.len() as u64), "t").unwrap();
         assert_eq!(h.tensors["a.weight"].shape, vec![2, 4]);
         assert_eq!(h.metadata["format"], "pt");
         // Truncated data section.
         let short = &f[..f.len() - 1];
-        let e = parse_header(short, Some(short.len() as u64), "t")
-            .unwrap_err()
-            .to_string();
+        let e = parse_header(short, Some(short.len() as u64), "t").unwrap_err().to_string();
         assert!(e.contains("truncated download"), "{e}");
         // Truncated header.
         let e = parse_header(&f[..12], None, "t").unwrap_err().to_string();
         assert!(e.contains("truncated header"), "{e}");
         // Size mismatch.
-        let f = build_file(&[("a", "F32", vec![3], vec![0; 8])], None);
+        let f = serialize(&[("a", "F32", vec![3], vec![0; 8])], None);
         assert!(parse_header(&f, Some(f.len() as u64), "t").is_err());
     }
 }

@@ -4,9 +4,7 @@
 mod common;
 
 use candiff::nvfp4::format::swap_nibbles;
-use candiff::nvfp4::layout::{
-    swizzle_scales, unswizzle_scales, LayoutKind, Nvfp4Weight, PreparedLayout,
-};
+use candiff::nvfp4::layout::{swizzle_scales, unswizzle_scales, LayoutKind, Nvfp4Weight, PreparedLayout};
 use candiff::nvfp4::quant::{fake_quantize_row, quantize_activations, quantize_weight};
 use candiff::nvfp4::{ActMode, Backend, Nvfp4Linear};
 use candle_core::{Device, Module, Tensor};
@@ -20,8 +18,7 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let text =
-        std::fs::read_to_string(fixtures().join("nvfp4/gemm_cases.json")).expect("gemm_cases.json");
+    let text = std::fs::read_to_string(fixtures().join("nvfp4/gemm_cases.json")).expect("gemm_cases.json");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let cases: Vec<Case> = v["cases"]
         .as_array()
@@ -55,22 +52,9 @@ fn weight_quantization_matches_the_export_bit_for_bit() {
     for c in cases() {
         let w = f32s(&f, &format!("{}w", c.p));
         let q = quantize_weight(&w, c.n, c.k).unwrap();
-        assert_bytes_eq(
-            &q.packed,
-            &raw(&f, &format!("{}w_packed", c.p)),
-            &format!("{}w_packed", c.p),
-        );
-        assert_bytes_eq(
-            &q.scales,
-            &raw(&f, &format!("{}w_scale", c.p)),
-            &format!("{}w_scale", c.p),
-        );
-        assert_eq!(
-            q.weight_scale_2.to_bits(),
-            scalar(&f, &format!("{}w_scale_2", c.p)).to_bits(),
-            "{}w_scale_2",
-            c.p
-        );
+        assert_bytes_eq(&q.packed, &raw(&f, &format!("{}w_packed", c.p)), &format!("{}w_packed", c.p));
+        assert_bytes_eq(&q.scales, &raw(&f, &format!("{}w_scale", c.p)), &format!("{}w_scale", c.p));
+        assert_eq!(q.weight_scale_2.to_bits(), scalar(&f, &format!("{}w_scale_2", c.p)).to_bits(), "{}w_scale_2", c.p);
     }
 }
 
@@ -97,48 +81,19 @@ fn layouts_are_bit_exact_both_ways() {
         let kb = c.k / 16;
         // 128x4 scales.
         let sw = raw(&f, &format!("{}w_scale_swizzled", c.p));
-        assert_eq!(
-            shape(&f, &format!("{}w_scale_swizzled", c.p)),
-            vec![c.n.div_ceil(128) * 128, kb.div_ceil(4) * 4]
-        );
-        assert_bytes_eq(
-            &swizzle_scales(&w.scales, c.n, kb),
-            &sw,
-            &format!("{}w_scale_swizzled", c.p),
-        );
-        assert_bytes_eq(
-            &unswizzle_scales(&sw, c.n, kb).unwrap(),
-            &w.scales,
-            "unswizzle",
-        );
+        assert_eq!(shape(&f, &format!("{}w_scale_swizzled", c.p)), vec![c.n.div_ceil(128) * 128, kb.div_ceil(4) * 4]);
+        assert_bytes_eq(&swizzle_scales(&w.scales, c.n, kb), &sw, &format!("{}w_scale_swizzled", c.p));
+        assert_bytes_eq(&unswizzle_scales(&sw, c.n, kb).unwrap(), &w.scales, "unswizzle");
         // trtllm.
         let t = PreparedLayout::prepare(&w, LayoutKind::Trtllm);
-        assert_eq!(
-            [t.weight_rows, t.weight_row_bytes].to_vec(),
-            shape(&f, &format!("{}trtllm_weight", c.p))
-        );
-        assert_bytes_eq(
-            &t.weight,
-            &raw(&f, &format!("{}trtllm_weight", c.p)),
-            &format!("{}trtllm_weight", c.p),
-        );
-        assert_bytes_eq(
-            &t.scale,
-            &raw(&f, &format!("{}trtllm_scale", c.p)),
-            &format!("{}trtllm_scale", c.p),
-        );
+        assert_eq!([t.weight_rows, t.weight_row_bytes].to_vec(), shape(&f, &format!("{}trtllm_weight", c.p)));
+        assert_bytes_eq(&t.weight, &raw(&f, &format!("{}trtllm_weight", c.p)), &format!("{}trtllm_weight", c.p));
+        assert_bytes_eq(&t.scale, &raw(&f, &format!("{}trtllm_scale", c.p)), &format!("{}trtllm_scale", c.p));
         assert_eq!(t.to_canonical(w.weight_scale_2).unwrap(), w);
         // cutlass / cudnn.
         let u = PreparedLayout::prepare(&w, LayoutKind::Cutlass);
-        assert_eq!(
-            [u.weight_rows, u.weight_row_bytes].to_vec(),
-            shape(&f, &format!("{}cutlass_weight", c.p))
-        );
-        assert_bytes_eq(
-            &u.weight,
-            &raw(&f, &format!("{}cutlass_weight", c.p)),
-            &format!("{}cutlass_weight", c.p),
-        );
+        assert_eq!([u.weight_rows, u.weight_row_bytes].to_vec(), shape(&f, &format!("{}cutlass_weight", c.p)));
+        assert_bytes_eq(&u.weight, &raw(&f, &format!("{}cutlass_weight", c.p)), &format!("{}cutlass_weight", c.p));
         assert_bytes_eq(&u.scale, &sw, "cutlass scales");
         assert_eq!(u.to_canonical(w.weight_scale_2).unwrap(), w);
     }
@@ -151,16 +106,8 @@ fn activation_quantization_is_bit_exact() {
         let x = f32s(&f, &format!("{}x", c.p));
         let input_scale = scalar(&f, &format!("{}input_scale", c.p));
         let (packed, scales) = quantize_activations(&x, c.m, c.k, input_scale);
-        assert_bytes_eq(
-            &packed,
-            &raw(&f, &format!("{}x_packed", c.p)),
-            &format!("{}x_packed", c.p),
-        );
-        assert_bytes_eq(
-            &scales,
-            &raw(&f, &format!("{}x_scale", c.p)),
-            &format!("{}x_scale", c.p),
-        );
+        assert_bytes_eq(&packed, &raw(&f, &format!("{}x_packed", c.p)), &format!("{}x_packed", c.p));
+        assert_bytes_eq(&scales, &raw(&f, &format!("{}x_scale", c.p)), &format!("{}x_scale", c.p));
         assert_bytes_eq(
             &swizzle_scales(&scales, c.m, c.k / 16),
             &raw(&f, &format!("{}x_scale_swizzled", c.p)),
@@ -184,27 +131,15 @@ fn gemm_matches_references_for_every_backend_and_mode() {
         let w = canonical(&f, &c);
         let input_scale = scalar(&f, &format!("{}input_scale", c.p));
         let alpha = scalar(&f, &format!("{}alpha", c.p));
-        assert_eq!(
-            alpha.to_bits(),
-            (input_scale * w.weight_scale_2).to_bits(),
-            "{}alpha",
-            c.p
-        );
+        assert_eq!(alpha.to_bits(), (input_scale * w.weight_scale_2).to_bits(), "{}alpha", c.p);
         let x = Tensor::from_vec(f32s(&f, &format!("{}x", c.p)), (c.m, c.k), &Device::Cpu).unwrap();
         for mode in [ActMode::W4A16, ActMode::W4A4] {
             let want = f32s(&f, &format!("{}y_{mode}", c.p));
             let tol = 1e-5 * max_abs(&want);
             let mut outs = Vec::new();
             for backend in Backend::ALL {
-                let l = Nvfp4Linear::new(&w, Some(input_scale), None, backend, mode, &Device::Cpu)
-                    .unwrap();
-                let y: Vec<f32> = l
-                    .forward(&x)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let l = Nvfp4Linear::new(&w, Some(input_scale), None, backend, mode, &Device::Cpu).unwrap();
+                let y: Vec<f32> = l.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
                 let d = max_diff(&y, &want);
                 assert!(d <= tol, "{} {backend} {mode}: max diff {d} > {tol}", c.p);
                 outs.push(y);
@@ -219,42 +154,20 @@ fn gemm_matches_references_for_every_backend_and_mode() {
 #[test]
 fn gemm_handles_batched_inputs_and_bias() {
     let f = open("nvfp4/gemm_cases.safetensors");
-    let c = cases()
-        .into_iter()
-        .find(|c| c.m > 1)
-        .expect("a case with M > 1");
+    let c = cases().into_iter().find(|c| c.m > 1).expect("a case with M > 1");
     let w = canonical(&f, &c);
     let x = Tensor::from_vec(f32s(&f, &format!("{}x", c.p)), (1, c.m, c.k), &Device::Cpu).unwrap();
     let bias = Tensor::arange(0f32, c.n as f32, &Device::Cpu).unwrap();
-    let l = Nvfp4Linear::new(
-        &w,
-        None,
-        Some(bias),
-        Backend::Trtllm,
-        ActMode::W4A16,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let l = Nvfp4Linear::new(&w, None, Some(bias), Backend::Trtllm, ActMode::W4A16, &Device::Cpu).unwrap();
     let y = l.forward(&x).unwrap();
     assert_eq!(y.dims(), &[1, c.m, c.n]);
     let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
-    let want: Vec<f32> = f32s(&f, &format!("{}y_w4a16", c.p))
-        .iter()
-        .enumerate()
-        .map(|(i, v)| v + (i % c.n) as f32)
-        .collect();
+    let want: Vec<f32> =
+        f32s(&f, &format!("{}y_w4a16", c.p)).iter().enumerate().map(|(i, v)| v + (i % c.n) as f32).collect();
     assert!(max_diff(&y, &want) <= 1e-5 * max_abs(&want));
     // bf16 input gives bf16 output within bf16 rounding.
-    let yb = l
-        .forward(&x.to_dtype(candle_core::DType::BF16).unwrap())
-        .unwrap();
+    let yb = l.forward(&x.to_dtype(candle_core::DType::BF16).unwrap()).unwrap();
     assert_eq!(yb.dtype(), candle_core::DType::BF16);
-    let yb: Vec<f32> = yb
-        .to_dtype(candle_core::DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let yb: Vec<f32> = yb.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert!(max_diff(&yb, &want) <= 2f32.powi(-8) * max_abs(&want));
 }

@@ -37,9 +37,6 @@ pub struct Nvfp4ReadArgs {
 
 impl Nvfp4ReadArgs {
     pub fn overrides(&self) -> Overrides {
-        Overrides {
-            scale_layout: self.nvfp4_scale_layout,
-            nibbles: self.nvfp4_nibbles,
-        }
+        Overrides { scale_layout: self.nvfp4_scale_layout, nibbles: self.nvfp4_nibbles }
     }
 }

@@ -25,11 +25,7 @@ pub struct Checkpoint {
 fn read_json(path: &Path) -> CResult<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| CandiffError::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| {
-        CandiffError::bad_config(
-            path.display(),
-            format!("not valid JSON ({e})"),
-            "Re-download or fix the file.",
-        )
+        CandiffError::bad_config(path.display(), format!("not valid JSON ({e})"), "Re-download or fix the file.")
     })
 }
 
@@ -41,34 +37,17 @@ fn weight_files(dir: &Path) -> CResult<Vec<PathBuf>> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     entries.sort();
-    if let Some(index) = entries
-        .iter()
-        .find(|p| p.to_string_lossy().ends_with(".safetensors.index.json"))
-    {
+    if let Some(index) = entries.iter().find(|p| p.to_string_lossy().ends_with(".safetensors.index.json")) {
         let v = read_json(index)?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| {
-                CandiffError::bad_config(
-                    index.display(),
-                    "no `weight_map` object",
-                    "Re-download the index file.",
-                )
-            })?;
-        let mut shards: Vec<PathBuf> = map
-            .values()
-            .filter_map(|f| f.as_str())
-            .map(|f| dir.join(f))
-            .collect();
+        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+            CandiffError::bad_config(index.display(), "no `weight_map` object", "Re-download the index file.")
+        })?;
+        let mut shards: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
         shards.sort();
         shards.dedup();
         return Ok(shards);
     }
-    Ok(entries
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect())
+    Ok(entries.into_iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect())
 }
 
 impl Checkpoint {
@@ -78,10 +57,7 @@ impl Checkpoint {
         let (root, paths) = if path.is_dir() {
             (path.to_path_buf(), weight_files(path)?)
         } else if path.is_file() {
-            (
-                path.parent().map(Path::to_path_buf).unwrap_or_default(),
-                vec![path.to_path_buf()],
-            )
+            (path.parent().map(Path::to_path_buf).unwrap_or_default(), vec![path.to_path_buf()])
         } else {
             return Err(CandiffError::io(
                 path,
@@ -95,10 +71,7 @@ impl Checkpoint {
                 "Point at a model folder (e.g. a diffusers `transformer/`) or a .safetensors file.",
             ));
         }
-        let files = paths
-            .iter()
-            .map(|p| MappedFile::open(p))
-            .collect::<CResult<Vec<_>>>()?;
+        let files = paths.iter().map(|p| MappedFile::open(p)).collect::<CResult<Vec<_>>>()?;
         // A single file next to another model's config must not borrow it: only folders read configs.
         let mut declared = Vec::new();
         let mut config = None;
@@ -113,24 +86,13 @@ impl Checkpoint {
             }
             let hq = root.join("hf_quant_config.json");
             if hq.is_file() {
-                declared.push(config::parse_hf_quant_config(
-                    &read_json(&hq)?,
-                    &hq.display().to_string(),
-                )?);
+                declared.push(config::parse_hf_quant_config(&read_json(&hq)?, &hq.display().to_string())?);
             }
         }
-        let headers: Vec<(String, &crate::safetensors::Header)> =
-            files.iter().map(|f| (f.name(), &f.header)).collect();
+        let headers: Vec<(String, &crate::safetensors::Header)> = files.iter().map(|f| (f.name(), &f.header)).collect();
         let inferred = config::infer(&headers)?;
         let plan = config::resolve(&declared, &inferred, overrides)?;
-        Ok(Self {
-            root,
-            files,
-            config,
-            declared,
-            inferred,
-            plan,
-        })
+        Ok(Self { root, files, config, declared, inferred, plan })
     }
 
     pub fn file_paths(&self) -> Vec<PathBuf> {
@@ -139,19 +101,15 @@ impl Checkpoint {
 
     /// Reads one NVFP4 module in canonical form, plus its `input_scale` (None when absent).
     /// `borrow` supplies `input_scale` / `weight_scale_2` for layers the checkpoint lacks them for.
-    pub fn load_nvfp4(
-        &self,
-        module: &str,
-        borrow: Option<&MappedFile>,
-    ) -> CResult<(Nvfp4Weight, Option<f32>)> {
-        let plan = self.plan.as_ref().ok_or_else(|| {
-            CandiffError::Unsupported(format!("`{module}`: this checkpoint has no NVFP4 layers"))
-        })?;
-        let e = plan.modules.get(module).ok_or_else(|| {
-            CandiffError::Unsupported(format!(
-                "`{module}` is not an NVFP4 layer of this checkpoint"
-            ))
-        })?;
+    pub fn load_nvfp4(&self, module: &str, borrow: Option<&MappedFile>) -> CResult<(Nvfp4Weight, Option<f32>)> {
+        let plan = self
+            .plan
+            .as_ref()
+            .ok_or_else(|| CandiffError::Unsupported(format!("`{module}`: this checkpoint has no NVFP4 layers")))?;
+        let e = plan
+            .modules
+            .get(module)
+            .ok_or_else(|| CandiffError::Unsupported(format!("`{module}` is not an NVFP4 layer of this checkpoint")))?;
         let f = &self.files[e.file];
         let fname = f.name();
         let mut packed = f.bytes(&e.weight_key).expect("key from header").to_vec();
@@ -183,20 +141,12 @@ impl Checkpoint {
                 )
             })?,
         };
-        if let Some(i) = scales
-            .iter()
-            .position(|&s| s & 0x7F == 0x7F || (s & 0x80 != 0 && s & 0x7F != 0))
-        {
+        if let Some(i) = scales.iter().position(|&s| s & 0x7F == 0x7F || (s & 0x80 != 0 && s & 0x7F != 0)) {
             return Err(CandiffError::bad_tensor(
                 &fname,
                 &e.scale_key,
                 "finite non-negative E4M3 block scales",
-                format!(
-                    "{} at row {}, block {}",
-                    e4m3_decode(scales[i]),
-                    i / kb,
-                    i % kb
-                ),
+                format!("{} at row {}, block {}", e4m3_decode(scales[i]), i / kb, i % kb),
                 "The checkpoint is corrupted; re-download or re-export it.",
             ));
         }

@@ -13,9 +13,8 @@ pub const E4M3_MAX: f32 = 448.0;
 pub const NVFP4_AMAX_TARGET: f32 = E4M3_MAX * E2M1_MAX;
 
 /// Value of each E2M1 code. Bit 3 is the sign; code 8 is -0 and decodes to 0.
-pub const E2M1_VALUES: [f32; 16] = [
-    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
-];
+pub const E2M1_VALUES: [f32; 16] =
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
 
 #[inline]
 pub fn e2m1_decode(code: u8) -> f32 {

@@ -101,13 +101,7 @@ pub struct Nvfp4Weight {
 
 impl Nvfp4Weight {
     /// Checks the invariants every layout conversion relies on.
-    pub fn new(
-        n: usize,
-        k: usize,
-        packed: Vec<u8>,
-        scales: Vec<u8>,
-        weight_scale_2: f32,
-    ) -> CResult<Self> {
+    pub fn new(n: usize, k: usize, packed: Vec<u8>, scales: Vec<u8>, weight_scale_2: f32) -> CResult<Self> {
         if k == 0 || n == 0 || k % GROUP_SIZE != 0 {
             return Err(CandiffError::layout(format!(
                 "an NVFP4 weight needs N > 0 and K a positive multiple of {GROUP_SIZE}, found N = {n}, K = {k}"
@@ -127,13 +121,7 @@ impl Nvfp4Weight {
                 scales.len()
             )));
         }
-        Ok(Self {
-            n,
-            k,
-            packed,
-            scales,
-            weight_scale_2,
-        })
+        Ok(Self { n, k, packed, scales, weight_scale_2 })
     }
 
     pub fn k_blocks(&self) -> usize {
@@ -149,8 +137,7 @@ impl Nvfp4Weight {
                 let s = super::format::e4m3_decode(self.scales[r * kb + b]);
                 for j in 0..BYTES_PER_SCALE {
                     let byte = self.packed[r * self.k / 2 + b * BYTES_PER_SCALE + j];
-                    let (lo, hi) =
-                        super::format::unpack_byte(byte, super::format::NibbleOrder::Low);
+                    let (lo, hi) = super::format::unpack_byte(byte, super::format::NibbleOrder::Low);
                     let base = r * self.k + b * GROUP_SIZE + 2 * j;
                     out[base] = (super::format::e2m1_decode(lo) * s) * self.weight_scale_2;
                     out[base + 1] = (super::format::e2m1_decode(hi) * s) * self.weight_scale_2;
@@ -212,8 +199,7 @@ impl PreparedLayout {
                     let new = trtllm_shuffled_row(old);
                     weight[new * row_bytes..new * row_bytes + half_k]
                         .copy_from_slice(&w.packed[old * half_k..(old + 1) * half_k]);
-                    shuffled_scales[new * kb..(new + 1) * kb]
-                        .copy_from_slice(&w.scales[old * kb..(old + 1) * kb]);
+                    shuffled_scales[new * kb..(new + 1) * kb].copy_from_slice(&w.scales[old * kb..(old + 1) * kb]);
                 }
                 let scale = swizzle_scales(&shuffled_scales, rows, kb);
                 Self {
@@ -261,9 +247,8 @@ impl PreparedLayout {
         let mut scales = vec![0u8; self.n * kb];
         for r in 0..self.n {
             let p = Self::physical_row(self.kind, r);
-            packed[r * half_k..(r + 1) * half_k].copy_from_slice(
-                &self.weight[p * self.weight_row_bytes..p * self.weight_row_bytes + half_k],
-            );
+            packed[r * half_k..(r + 1) * half_k]
+                .copy_from_slice(&self.weight[p * self.weight_row_bytes..p * self.weight_row_bytes + half_k]);
             for c in 0..kb {
                 scales[r * kb + c] = self.scale[swizzle_offset(p, c, self.scale_cols)];
             }

@@ -80,9 +80,7 @@ impl std::fmt::Display for Backend {
 impl std::str::FromStr for Backend {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Backend::from_name(s).ok_or_else(|| {
-            format!("unknown NVFP4 backend `{s}` (expected trtllm, cutlass or cudnn)")
-        })
+        Backend::from_name(s).ok_or_else(|| format!("unknown NVFP4 backend `{s}` (expected trtllm, cutlass or cudnn)"))
     }
 }
 
@@ -112,9 +110,7 @@ impl std::str::FromStr for ActMode {
         match s.to_ascii_lowercase().as_str() {
             "w4a16" => Ok(ActMode::W4A16),
             "w4a4" => Ok(ActMode::W4A4),
-            _ => Err(format!(
-                "unknown activation mode `{s}` (expected w4a16 or w4a4)"
-            )),
+            _ => Err(format!("unknown activation mode `{s}` (expected w4a16 or w4a4)")),
         }
     }
 }
@@ -167,8 +163,7 @@ impl Nvfp4Matmul {
             for b in 0..kb {
                 let sv = e4m3_decode(view.scale(r, b));
                 for j in 0..GROUP_SIZE / 2 {
-                    let (c0, c1) =
-                        unpack_byte(view.code_byte(r, b * GROUP_SIZE / 2 + j), NibbleOrder::Low);
+                    let (c0, c1) = unpack_byte(view.code_byte(r, b * GROUP_SIZE / 2 + j), NibbleOrder::Low);
                     out[r * self.k + b * GROUP_SIZE + 2 * j] = e2m1_decode(c0) * sv;
                     out[r * self.k + b * GROUP_SIZE + 2 * j + 1] = e2m1_decode(c1) * sv;
                 }
@@ -217,20 +212,8 @@ fn input_rows(s: &CpuStorage, l: &Layout) -> Result<(Vec<f32>, DType)> {
         .ok_or_else(|| candle_core::Error::Msg("nvfp4 linear: input must be contiguous".into()))?;
     Ok(match s {
         CpuStorage::BF16(v) => (v[a..b].iter().map(|x| x.to_f32()).collect(), DType::BF16),
-        CpuStorage::F16(v) => (
-            v[a..b]
-                .iter()
-                .map(|x| half::bf16::from_f32(x.to_f32()).to_f32())
-                .collect(),
-            DType::F16,
-        ),
-        CpuStorage::F32(v) => (
-            v[a..b]
-                .iter()
-                .map(|x| half::bf16::from_f32(*x).to_f32())
-                .collect(),
-            DType::F32,
-        ),
+        CpuStorage::F16(v) => (v[a..b].iter().map(|x| half::bf16::from_f32(x.to_f32()).to_f32()).collect(), DType::F16),
+        CpuStorage::F32(v) => (v[a..b].iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect(), DType::F32),
         _ => candle_core::bail!("nvfp4 linear: input must be bf16, f16 or f32"),
     })
 }
@@ -329,13 +312,7 @@ impl Nvfp4Linear {
             weight_scale_2: w.weight_scale_2,
             input_scale: input_scale.unwrap_or(1.0),
         };
-        Ok(Self {
-            op,
-            backend,
-            weight,
-            scale,
-            bias,
-        })
+        Ok(Self { op, backend, weight, scale, bias })
     }
 
     pub fn backend(&self) -> Backend {

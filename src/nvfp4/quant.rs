@@ -22,11 +22,7 @@ pub fn quantize_row(x: &[f32], gs: f32, packed: &mut [u8], scales: &mut [u8]) {
         }
         let step = s / gs;
         for (j, pair) in blk.chunks_exact(2).enumerate() {
-            out[j] = pack_pair(
-                e2m1_encode(pair[0] / step),
-                e2m1_encode(pair[1] / step),
-                NibbleOrder::Low,
-            );
+            out[j] = pack_pair(e2m1_encode(pair[0] / step), e2m1_encode(pair[1] / step), NibbleOrder::Low);
         }
     }
 }
@@ -75,11 +71,7 @@ pub fn quantize_weight(w: &[f32], n: usize, k: usize) -> CResult<Nvfp4Weight> {
         )));
     }
     let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let gs = if amax > 0.0 {
-        NVFP4_AMAX_TARGET / amax
-    } else {
-        1.0
-    };
+    let gs = if amax > 0.0 { NVFP4_AMAX_TARGET / amax } else { 1.0 };
     let mut packed = vec![0u8; n * k / 2];
     let mut scales = vec![0u8; n * k / GROUP_SIZE];
     for r in 0..n {
@@ -105,15 +97,10 @@ pub enum ShardMerge {
 
 /// Concatenates shards along N. Returns the fused weight and whether any block scale was re-rounded.
 pub fn concat_rows(parts: &[Nvfp4Weight], merge: ShardMerge) -> CResult<(Nvfp4Weight, bool)> {
-    let first = parts
-        .first()
-        .ok_or_else(|| CandiffError::layout("no shards to concatenate"))?;
+    let first = parts.first().ok_or_else(|| CandiffError::layout("no shards to concatenate"))?;
     let k = first.k;
     if let Some(p) = parts.iter().find(|p| p.k != k) {
-        return Err(CandiffError::layout(format!(
-            "shards to fuse must share K: found {k} and {}",
-            p.k
-        )));
+        return Err(CandiffError::layout(format!("shards to fuse must share K: found {k} and {}", p.k)));
     }
     let ws2 = parts.iter().fold(0f32, |m, p| m.max(p.weight_scale_2));
     let differ = parts.iter().any(|p| p.weight_scale_2 != ws2);
@@ -152,9 +139,7 @@ mod tests {
 
     #[test]
     fn rescaled_shards_stay_close() {
-        let w1: Vec<f32> = (0..64)
-            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 10.0)
-            .collect();
+        let w1: Vec<f32> = (0..64).map(|i| ((i * 7 % 13) as f32 - 6.0) / 10.0).collect();
         let w2: Vec<f32> = w1.iter().map(|v| v * 3.0).collect();
         let a = quantize_weight(&w1, 2, 32).unwrap();
         let b = quantize_weight(&w2, 2, 32).unwrap();

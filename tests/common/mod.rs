@@ -19,27 +19,17 @@ pub fn open(rel: &str) -> MappedFile {
 }
 
 pub fn raw(f: &MappedFile, name: &str) -> Vec<u8> {
-    f.bytes(name)
-        .unwrap_or_else(|| panic!("{}: no tensor {name}", f.name()))
-        .to_vec()
+    f.bytes(name).unwrap_or_else(|| panic!("{}: no tensor {name}", f.name())).to_vec()
 }
 
 pub fn shape(f: &MappedFile, name: &str) -> Vec<usize> {
-    f.info(name)
-        .unwrap_or_else(|| panic!("{}: no tensor {name}", f.name()))
-        .shape
-        .clone()
+    f.info(name).unwrap_or_else(|| panic!("{}: no tensor {name}", f.name())).shape.clone()
 }
 
 pub fn f32s(f: &MappedFile, name: &str) -> Vec<f32> {
-    let info = f
-        .info(name)
-        .unwrap_or_else(|| panic!("{}: no tensor {name}", f.name()));
+    let info = f.info(name).unwrap_or_else(|| panic!("{}: no tensor {name}", f.name()));
     assert_eq!(info.dtype, Dtype::F32, "{name}");
-    raw(f, name)
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
+    raw(f, name).chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
 }
 
 pub fn scalar(f: &MappedFile, name: &str) -> f32 {
@@ -60,9 +50,6 @@ pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 pub fn assert_bytes_eq(got: &[u8], want: &[u8], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!(
-            "{what}: byte {i} is {:#04x}, expected {:#04x}",
-            got[i], want[i]
-        );
+        panic!("{what}: byte {i} is {:#04x}, expected {:#04x}", got[i], want[i]);
     }
 }
