@@ -1,11 +1,15 @@
 //! candiff: diffusion inference on Candle, in bf16 and NVFP4.
 
 pub mod cli;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod cuda_support;
+pub mod doctor;
 pub mod error;
 pub mod inspect;
 pub mod linear;
 pub mod nvfp4;
+pub mod rng;
 pub mod safetensors;
 
 pub use error::CandiffError;

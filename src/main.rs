@@ -7,6 +7,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Inspect(a) => cli::inspect::run(a),
+        Command::Doctor(a) => cli::doctor::run(a),
+        Command::Bench(a) => cli::bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,5 +1,7 @@
 //! Command-line interface: one module per subcommand.
 
+pub mod bench;
+pub mod doctor;
 pub mod inspect;
 
 use clap::{Args, Parser, Subcommand};
@@ -21,6 +23,10 @@ pub struct Cli {
 pub enum Command {
     /// Show what a checkpoint holds and how it will be loaded.
     Inspect(inspect::InspectArgs),
+    /// Report the GPU and check every NVFP4 variant against the CPU reference.
+    Doctor(doctor::DoctorArgs),
+    /// Measure kernels (and, later, pipelines) against baselines run in the same process.
+    Bench(bench::BenchArgs),
 }
 
 /// How to read NVFP4 checkpoints whose own description is missing or wrong.

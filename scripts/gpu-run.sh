@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine from the repository root: the carried binary with the machine's CUDA
+# libraries. Usage: .gpu/run.sh <candiff arguments...>
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+for d in /usr/local/cuda-13.0/targets/x86_64-linux/lib /usr/local/cuda/lib64 \
+         /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cudnn/lib; do
+  [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+exec "$HERE/candiff" "$@"

@@ -1,0 +1,126 @@
+#![cfg_attr(not(feature = "cuda"), allow(unused_imports, dead_code))]
+
+use clap::Args;
+
+use crate::doctor::{check_backend, CheckResult, Problem, AGREEMENT_TOL};
+use crate::nvfp4::Backend;
+
+#[derive(Debug, Args)]
+#[command(
+    after_long_help = "Examples:\n  candiff doctor\n  candiff doctor --seed 7 --random-shapes 8 --json report.json"
+)]
+pub struct DoctorArgs {
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+    /// Seed of the random shapes and data.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Fresh random shapes on top of the fixed edge cases.
+    #[arg(long, default_value_t = 4)]
+    pub random_shapes: usize,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+fn print_results(results: &[CheckResult]) -> usize {
+    let mut failed = 0;
+    for r in results {
+        if !r.pass {
+            failed += 1;
+        }
+        println!(
+            "  {:<4} {:<48} {:>10.3e} (limit {:.1e})",
+            if r.pass { "ok" } else { "FAIL" },
+            r.what,
+            r.value,
+            r.limit
+        );
+    }
+    failed
+}
+
+pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
+    println!(
+        "candiff {} (features: cuda={}, cudnn={})",
+        env!("CARGO_PKG_VERSION"),
+        crate::cuda_support::HAVE_CUDA_KERNELS,
+        crate::cuda_support::HAVE_CUDNN
+    );
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = args;
+        println!("This build has no CUDA support: NVFP4 runs on the CPU reference only.");
+        println!("Build with `scripts/setup-cuda.sh && source .toolchain/cuda/env.sh && cargo build --release --features cuda`.");
+        Ok(())
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::Device;
+        let device = Device::new_cuda(args.gpu)?;
+        let Device::Cuda(dev) = &device else { unreachable!() };
+        let (name, driver, mem) = crate::cuda::device_info(dev)?;
+        let cc = crate::cuda::compute_capability(dev)?;
+        println!(
+            "GPU {}: {name}, compute capability {}.{}, {:.1} GiB",
+            args.gpu,
+            cc.0,
+            cc.1,
+            mem as f64 / (1u64 << 30) as f64
+        );
+        println!(
+            "driver CUDA version {}.{}, built with CUDA {}",
+            driver / 1000,
+            (driver % 1000) / 10,
+            env!("CANDIFF_NVCC_VERSION")
+        );
+        println!(
+            "FP4 tensor cores: {}",
+            if cc.0 >= 10 { "yes (Blackwell)" } else { "no: NVFP4 runs through candiff's dequantizing kernels" }
+        );
+        let mut runnable = Vec::new();
+        for b in Backend::ALL {
+            match crate::cuda_support::check_backend(b, &device) {
+                Ok(()) => {
+                    println!("variant {b:<8} available");
+                    runnable.push(b);
+                }
+                Err(e) => println!("variant {b:<8} unavailable: {e}"),
+            }
+        }
+        let problems = Problem::standard_set(args.seed, args.random_shapes)?;
+        let mut all = Vec::new();
+        println!("activation quantizer vs CPU reference (bit-exact):");
+        let r = crate::doctor::check_activation_quantizer(&device, &problems)?;
+        let mut failed = print_results(&r);
+        all.extend(r);
+        let mut outputs = Vec::new();
+        for b in &runnable {
+            println!("{b} vs CPU reference (max |diff| / max |y|):");
+            let (r, outs) = check_backend(*b, &device, &problems)?;
+            failed += print_results(&r);
+            all.extend(r);
+            outputs.push((*b, outs));
+        }
+        if outputs.len() > 1 {
+            println!("variants against each other (rel L2):");
+            let mut r = Vec::new();
+            for (b, outs) in &outputs[1..] {
+                let worst =
+                    outs.iter().zip(&outputs[0].1).map(|(a, o)| crate::doctor::rel_l2(a, o)).fold(0f32, f32::max);
+                r.push(CheckResult::new(format!("{b} vs {}", outputs[0].0), worst, AGREEMENT_TOL));
+            }
+            failed += print_results(&r);
+            all.extend(r);
+        }
+        if let Some(p) = &args.json {
+            std::fs::write(p, serde_json::to_string_pretty(&all)?)?;
+        }
+        println!("{} passed, {} failed", all.len() - failed, failed);
+        if failed > 0 {
+            anyhow::bail!("{failed} GPU checks failed");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,243 @@
+//! GPU execution of the NVFP4 variants (compiled only with `--features cuda`).
+//!
+//! Kernels live in `kernels/*.cu`, built by `build.rs` into one fatbin that is loaded once per
+//! device. Each launch validates its inputs; nothing here converts weights at run time.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId};
+use candle_core::{DType, Layout, Result, Shape};
+use half::{bf16, f16};
+
+use crate::nvfp4::layout::LayoutKind;
+use crate::nvfp4::linear::Nvfp4Matmul;
+use crate::nvfp4::{ActMode, Backend};
+
+static NVFP4_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nvfp4.fatbin"));
+
+/// Output tile of the W4A16 GEMM kernel (`BM`, `BN` in kernels/nvfp4.cu) and its block size.
+const GEMM_TILE_M: u32 = 64;
+const GEMM_TILE_N: u32 = 64;
+const GEMM_THREADS: u32 = 128;
+/// The oldest GPU our kernels are built for (bf16 tensor cores, sm_80).
+pub const MIN_COMPUTE_CAPABILITY: (i32, i32) = (8, 0);
+
+fn modules() -> &'static Mutex<HashMap<DeviceId, Arc<CudaModule>>> {
+    static M: OnceLock<Mutex<HashMap<DeviceId, Arc<CudaModule>>>> = OnceLock::new();
+    M.get_or_init(Default::default)
+}
+
+fn wrap<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> candle_core::Error + '_ {
+    move |e| candle_core::Error::Msg(format!("{what}: {e}"))
+}
+
+fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    let mut m = modules().lock().expect("module cache poisoned");
+    let module = match m.get(&dev.id()) {
+        Some(module) => module.clone(),
+        None => {
+            let ptx = candle_core::cuda_backend::cudarc::nvrtc::Ptx::from_binary(NVFP4_FATBIN.to_vec());
+            let module = dev.cuda_stream().context().load_module(ptx).map_err(wrap("loading the NVFP4 kernels"))?;
+            m.insert(dev.id(), module.clone());
+            module
+        }
+    };
+    module.load_function(name).map_err(wrap(name))
+}
+
+/// (major, minor) compute capability.
+pub fn compute_capability(dev: &CudaDevice) -> Result<(i32, i32)> {
+    let ctx = dev.cuda_stream().context().clone();
+    let major =
+        ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).map_err(wrap("cc"))?;
+    let minor =
+        ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR).map_err(wrap("cc"))?;
+    Ok((major, minor))
+}
+
+/// GPU name, driver version (e.g. 13000) and total memory in bytes.
+pub fn device_info(dev: &CudaDevice) -> Result<(String, i32, usize)> {
+    let ctx = dev.cuda_stream().context().clone();
+    let name = ctx.name().map_err(wrap("device name"))?;
+    let mem = ctx.total_mem().map_err(wrap("device memory"))?;
+    let mut v = 0i32;
+    // SAFETY: plain out-parameter query; the driver is initialised (we hold a context).
+    unsafe { sys::cuDriverGetVersion(&mut v) };
+    Ok((name, v, mem))
+}
+
+/// Can `backend` run on this device with this build? Errors say what is missing.
+pub fn check_backend(backend: Backend, dev: &CudaDevice) -> Result<()> {
+    let cc = compute_capability(dev)?;
+    if cc < MIN_COMPUTE_CAPABILITY {
+        candle_core::bail!(
+            "the NVFP4 {backend} variant needs compute capability {}.{} or newer, this GPU has {}.{}",
+            MIN_COMPUTE_CAPABILITY.0,
+            MIN_COMPUTE_CAPABILITY.1,
+            cc.0,
+            cc.1
+        );
+    }
+    match backend {
+        Backend::Trtllm => Ok(()),
+        Backend::Cutlass | Backend::Cudnn => candle_core::bail!(
+            "the NVFP4 {backend} variant is not built into this candiff yet; use --nvfp4-backend trtllm (the default)"
+        ),
+    }
+}
+
+fn launch_1d(n: usize) -> LaunchConfig {
+    const T: u32 = 256;
+    LaunchConfig { grid_dim: ((n as u32).div_ceil(T), 1, 1), block_dim: (T, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn view<'a, T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    let (a, b) =
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("nvfp4: {what} must be contiguous")))?;
+    Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+/// x as contiguous bf16 (f32/f16 inputs are rounded, as the reference quantizer sees them).
+fn input_bf16(s: &CudaStorage, l: &Layout) -> Result<CudaSlice<bf16>> {
+    let dev = &s.device;
+    let n = l.shape().elem_count();
+    let stream = dev.cuda_stream();
+    // SAFETY: every element is written by the copy or the conversion kernel below.
+    let mut out = unsafe { stream.alloc::<bf16>(n) }.map_err(wrap("alloc"))?;
+    match s.dtype() {
+        DType::BF16 => {
+            let v = view::<bf16>(s, l, "input")?;
+            stream.memcpy_dtod(&v, &mut out).map_err(wrap("copy"))?;
+        }
+        DType::F32 | DType::F16 => {
+            let name = if s.dtype() == DType::F32 { "f32_to_bf16" } else { "f16_to_bf16" };
+            let f = function(dev, name)?;
+            let mut b = stream.launch_builder(&f);
+            let (vf32, vf16);
+            if s.dtype() == DType::F32 {
+                vf32 = view::<f32>(s, l, "input")?;
+                b.arg(&vf32);
+            } else {
+                vf16 = view::<f16>(s, l, "input")?;
+                b.arg(&vf16);
+            }
+            b.arg(&mut out);
+            b.arg(&n);
+            // SAFETY: argument types match the kernel signature; n bounds every access.
+            unsafe { b.launch(launch_1d(n)) }.map_err(wrap(name))?;
+        }
+        d => candle_core::bail!("nvfp4 linear: input must be bf16, f16 or f32, found {d:?}"),
+    }
+    Ok(out)
+}
+
+/// Quantizes bf16 activations `[m, k]` with `input_scale`: packed codes + 128x4 scales when
+/// `codes` is true, and the exact bf16 block-scaled values (for the tensor-core GEMM) when `deq` is.
+pub fn quantize_activations(
+    dev: &CudaDevice,
+    x: &CudaSlice<bf16>,
+    m: usize,
+    k: usize,
+    input_scale: f32,
+    codes: bool,
+    deq: bool,
+) -> Result<(Option<(CudaSlice<u8>, CudaSlice<u8>)>, Option<CudaSlice<bf16>>)> {
+    let stream = dev.cuda_stream();
+    let kb = k / 16;
+    let scale_cols = kb.div_ceil(4) * 4;
+    let scale_rows = m.div_ceil(128) * 128;
+    let mut packed = if codes { Some(stream.alloc_zeros::<u8>(m * k / 2).map_err(wrap("alloc"))?) } else { None };
+    let mut scales =
+        if codes { Some(stream.alloc_zeros::<u8>(scale_rows * scale_cols).map_err(wrap("alloc"))?) } else { None };
+    let mut out = if deq { Some(stream.alloc_zeros::<bf16>(m * k).map_err(wrap("alloc"))?) } else { None };
+    let f = function(dev, "nvfp4_quantize_act_bf16")?;
+    let (m_i, k_i, sc_i) = (m as i32, k as i32, scale_cols as i32);
+    let null = 0u64;
+    let mut b = stream.launch_builder(&f);
+    b.arg(x).arg(&m_i).arg(&k_i).arg(&input_scale);
+    match (&mut packed, &mut scales) {
+        (Some(p), Some(s)) => {
+            b.arg(p).arg(s);
+        }
+        _ => {
+            b.arg(&null).arg(&null);
+        }
+    }
+    b.arg(&sc_i);
+    match &mut out {
+        Some(o) => b.arg(o),
+        None => b.arg(&null),
+    };
+    // SAFETY: argument types match the kernel; null pointers disable the matching outputs.
+    unsafe { b.launch(launch_1d(m * kb)) }.map_err(wrap("nvfp4_quantize_act_bf16"))?;
+    Ok((packed.zip(scales), out))
+}
+
+/// `y = alpha * (x ⊗ W)` on the GPU for a prepared NVFP4 weight.
+pub fn nvfp4_linear_fwd(
+    op: &Nvfp4Matmul,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let dims = l1.shape().dims();
+    if dims.last() != Some(&op.k) {
+        candle_core::bail!("nvfp4 linear: input {dims:?} must end in K = {}", op.k);
+    }
+    let m = l1.shape().elem_count() / op.k;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("non-empty") = op.n;
+    let x = input_bf16(s1, l1)?;
+    let x = match op.mode {
+        ActMode::W4A16 => x,
+        ActMode::W4A4 => {
+            quantize_activations(&dev, &x, m, op.k, op.input_scale, false, true)?.1.expect("deq requested")
+        }
+    };
+    let w = view::<u8>(s2, l2, "weight")?;
+    let sc = view::<u8>(s3, l3, "scale")?;
+    let layout = match op.kind {
+        LayoutKind::Trtllm => "trtllm",
+        LayoutKind::Cutlass => "cutlass",
+    };
+    let stream = dev.cuda_stream();
+    let cfg = LaunchConfig {
+        grid_dim: ((op.n as u32).div_ceil(GEMM_TILE_N), (m as u32).div_ceil(GEMM_TILE_M), 1),
+        block_dim: (GEMM_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (m_i, n_i, k_i, rb, scols, alpha) =
+        (m as i32, op.n as i32, op.k as i32, op.weight_row_bytes as i32, op.scale_cols as i32, op.alpha());
+    macro_rules! run {
+        ($t:ty, $suffix:literal, $variant:ident) => {{
+            let name = format!("nvfp4_gemm_{layout}_{}", $suffix);
+            let f = function(&dev, &name)?;
+            // SAFETY: every output element is written by the kernel (bounds-checked tiles).
+            let mut y = unsafe { stream.alloc::<$t>(m * op.n) }.map_err(wrap("alloc"))?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&x).arg(&w).arg(&sc).arg(&mut y).arg(&m_i).arg(&n_i).arg(&k_i).arg(&rb).arg(&scols).arg(&alpha);
+            // SAFETY: argument types match the kernel signature.
+            unsafe { b.launch(cfg) }.map_err(wrap("nvfp4 gemm"))?;
+            CudaStorage { slice: CudaStorageSlice::$variant(y), device: dev.clone() }
+        }};
+    }
+    let out = match s1.dtype() {
+        DType::F32 => run!(f32, "f32", F32),
+        DType::F16 => run!(f16, "f16", F16),
+        _ => run!(bf16, "bf16", BF16),
+    };
+    Ok((out, Shape::from(out_dims)))
+}

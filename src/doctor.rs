@@ -1,0 +1,155 @@
+//! `candiff doctor`: what this machine can run, and every NVFP4 variant checked against the CPU
+//! reference on fresh random shapes (and on the golden GEMM cases when they are at hand).
+
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::nvfp4::quant::quantize_weight;
+use crate::nvfp4::{ActMode, Backend, Nvfp4Linear, Nvfp4Weight};
+use crate::rng::Rng;
+
+/// One GEMM problem: activations, weight, calibrated input scale.
+pub struct Problem {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub x: Vec<f32>,
+    pub w: Nvfp4Weight,
+    pub input_scale: f32,
+    pub label: String,
+}
+
+impl Problem {
+    /// Random bf16-valued data; `input_scale` is calibrated a little below the true amax so
+    /// saturation is exercised in w4a4.
+    pub fn random(m: usize, k: usize, n: usize, seed: u64) -> candle_core::Result<Self> {
+        let mut rng = Rng::new(seed);
+        let x = rng.normal_bf16_values(m * k, 1.0);
+        let wf = rng.normal_bf16_values(n * k, 0.05);
+        let w = quantize_weight(&wf, n, k)?;
+        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        const CALIBRATION_HEADROOM: f32 = 0.9;
+        let input_scale =
+            (amax * CALIBRATION_HEADROOM / crate::nvfp4::format::NVFP4_AMAX_TARGET).max(f32::MIN_POSITIVE);
+        Ok(Self { m, k, n, x, w, input_scale, label: format!("{m}x{k}x{n}") })
+    }
+
+    /// The shapes every doctor run checks: M = 1, M not a multiple of 128, N needing padding,
+    /// K/16 not a multiple of 4, plus `extra` fresh random shapes drawn from `seed`.
+    pub fn standard_set(seed: u64, extra: usize) -> candle_core::Result<Vec<Self>> {
+        let mut shapes = vec![(1, 3072, 64), (19, 80, 150), (130, 256, 200), (7, 96, 40), (300, 512, 384)];
+        let mut rng = Rng::new(seed);
+        for _ in 0..extra {
+            shapes.push((rng.range(1, 600), 16 * rng.range(1, 96), rng.range(1, 700)));
+        }
+        shapes.iter().enumerate().map(|(i, &(m, k, n))| Self::random(m, k, n, seed.wrapping_add(i as u64))).collect()
+    }
+
+    pub fn layer(&self, backend: Backend, mode: ActMode, device: &Device) -> candle_core::Result<Nvfp4Linear> {
+        Nvfp4Linear::new(&self.w, Some(self.input_scale), None, backend, mode, device)
+    }
+
+    /// Output of a layer for this problem's x in `dtype`, as f32 on the host.
+    pub fn run(&self, layer: &Nvfp4Linear, dtype: DType, device: &Device) -> candle_core::Result<Vec<f32>> {
+        let x = Tensor::from_vec(self.x.clone(), (self.m, self.k), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?;
+        layer.forward(&x)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+    }
+}
+
+/// max |a - b| / max |b| (0 when b is all zero and a equals it).
+pub fn rel_max_err(a: &[f32], b: &[f32]) -> f32 {
+    let m = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    if m == 0.0 {
+        d
+    } else {
+        d / m
+    }
+}
+
+/// ||a - b|| / ||b||.
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    if den == 0.0 {
+        num.sqrt() as f32
+    } else {
+        (num / den).sqrt() as f32
+    }
+}
+
+/// Tolerances of the GPU checks: f32 outputs as the CPU tests (1e-5 of max |y|); bf16 outputs add
+/// bf16 rounding of the result (2^-8 relative).
+pub const F32_TOL: f32 = 1e-5;
+pub const BF16_TOL: f32 = 1e-5 + 1.0 / 256.0;
+/// Variants must agree with each other to this relative L2.
+pub const AGREEMENT_TOL: f32 = 1e-3;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckResult {
+    pub what: String,
+    pub value: f32,
+    pub limit: f32,
+    pub pass: bool,
+}
+
+impl CheckResult {
+    pub fn new(what: String, value: f32, limit: f32) -> Self {
+        Self { what, value, limit, pass: value <= limit }
+    }
+}
+
+/// Checks one backend against the CPU reference on `problems`, in both modes and both output types,
+/// and returns the results plus the f32 outputs (for cross-variant agreement).
+pub fn check_backend(
+    backend: Backend,
+    device: &Device,
+    problems: &[Problem],
+) -> candle_core::Result<(Vec<CheckResult>, Vec<Vec<f32>>)> {
+    let mut results = Vec::new();
+    let mut outs = Vec::new();
+    for p in problems {
+        for mode in [ActMode::W4A16, ActMode::W4A4] {
+            let cpu = p.layer(backend, mode, &Device::Cpu)?;
+            let want = p.run(&cpu, DType::F32, &Device::Cpu)?;
+            let gpu = p.layer(backend, mode, device)?;
+            let got = p.run(&gpu, DType::F32, device)?;
+            results.push(CheckResult::new(
+                format!("{backend} {mode} f32 {}", p.label),
+                rel_max_err(&got, &want),
+                F32_TOL,
+            ));
+            let got16 = p.run(&gpu, DType::BF16, device)?;
+            results.push(CheckResult::new(
+                format!("{backend} {mode} bf16 {}", p.label),
+                rel_max_err(&got16, &want),
+                BF16_TOL,
+            ));
+            outs.push(got);
+        }
+    }
+    Ok((results, outs))
+}
+
+/// Bit-exactness of the GPU activation quantizer (codes and swizzled scales) on `problems`.
+#[cfg(feature = "cuda")]
+pub fn check_activation_quantizer(device: &Device, problems: &[Problem]) -> candle_core::Result<Vec<CheckResult>> {
+    use crate::nvfp4::layout::swizzle_scales;
+    use crate::nvfp4::quant::quantize_activations;
+    let Device::Cuda(dev) = device else { return Ok(Vec::new()) };
+    let mut results = Vec::new();
+    for p in problems {
+        let x16: Vec<half::bf16> = p.x.iter().map(|v| half::bf16::from_f32(*v)).collect();
+        let xs = dev.cuda_stream().clone_htod(&x16).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let (codes, _) = crate::cuda::quantize_activations(dev, &xs, p.m, p.k, p.input_scale, true, false)?;
+        let (packed, scales) = codes.expect("codes requested");
+        let stream = dev.cuda_stream();
+        let packed = stream.clone_dtoh(&packed).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let scales = stream.clone_dtoh(&scales).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let (want_p, want_s) = quantize_activations(&p.x, p.m, p.k, p.input_scale);
+        let want_s = swizzle_scales(&want_s, p.m, p.k / 16);
+        let bad = packed.iter().zip(&want_p).filter(|(a, b)| a != b).count()
+            + scales.iter().zip(&want_s).filter(|(a, b)| a != b).count();
+        results.push(CheckResult::new(format!("activation quantizer {} (differing bytes)", p.label), bad as f32, 0.0));
+    }
+    Ok(results)
+}
