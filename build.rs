@@ -23,10 +23,85 @@ fn nvcc() -> PathBuf {
     PathBuf::from("nvcc")
 }
 
+fn compile_fatbin(nvcc: &Path, name: &str, includes: &[String], out: &Path) {
+    let src = Path::new("kernels").join(format!("{name}.cu"));
+    let dst = out.join(format!("{name}.fatbin"));
+    let mut cmd = Command::new(nvcc);
+    cmd.args(["-fatbin", "-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]);
+    for inc in includes {
+        cmd.arg(format!("-I{inc}"));
+    }
+    for (virt, real) in GENCODES {
+        cmd.arg(format!("-gencode=arch={virt},code={real}"));
+    }
+    cmd.arg(format!("-gencode=arch={PTX_ARCH},code={PTX_ARCH}"));
+    cmd.arg("-o").arg(&dst).arg(&src);
+    let output = cmd.output().unwrap_or_else(|e| {
+        panic!(
+            "could not run {} ({e}). Install the CUDA toolchain with scripts/setup-cuda.sh and `source .toolchain/cuda/env.sh`, or put a CUDA >= 13.0 nvcc on PATH",
+            nvcc.display()
+        )
+    });
+    if !output.status.success() {
+        panic!("nvcc failed on {}:\n{}", src.display(), String::from_utf8_lossy(&output.stderr));
+    }
+}
+
+fn env_path(var: &str, what: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: the {what} are needed. Run scripts/setup-cuda.sh --cudnn and `source .toolchain/cuda/env.sh`")
+    })
+}
+
+/// The cuDNN variant's C++ shim over cudnn-frontend, as a static library.
+fn build_cudnn_shim(out: &Path) {
+    let fe = env_path("CUDNN_FRONTEND_INCLUDE", "cudnn-frontend headers");
+    let inc = env_path("CUDNN_INCLUDE", "cuDNN headers");
+    let cuda =
+        std::env::var("CUDA_ROOT").or_else(|_| std::env::var("CUDA_PATH")).unwrap_or_else(|_| "/usr/local/cuda".into());
+    let obj = out.join("cudnn_nvfp4.o");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let status = Command::new(&cxx)
+        .args(["-std=c++17", "-O2", "-fPIC", "-c"])
+        .arg(format!("-I{fe}"))
+        .arg(format!("-I{inc}"))
+        .arg(format!("-I{cuda}/include"))
+        .arg("kernels/cudnn_nvfp4.cpp")
+        .arg("-o")
+        .arg(&obj)
+        .status()
+        .unwrap_or_else(|e| panic!("could not run {cxx}: {e}"));
+    assert!(status.success(), "compiling kernels/cudnn_nvfp4.cpp failed");
+    let lib = out.join("libcandiff_cudnn.a");
+    let _ = std::fs::remove_file(&lib);
+    let status = Command::new("ar").arg("crs").arg(&lib).arg(&obj).status().expect("ar");
+    assert!(status.success(), "ar failed");
+    println!("cargo:rustc-link-search=native={}", out.display());
+    println!("cargo:rustc-link-lib=static=candiff_cudnn");
+    if let Ok(dir) = std::env::var("CUDNN_LIB") {
+        println!("cargo:rustc-link-search=native={dir}");
+    }
+    println!("cargo:rustc-link-search=native={cuda}/lib");
+    println!("cargo:rustc-link-search=native={cuda}/lib64");
+    println!("cargo:rustc-link-lib=dylib=cudnn");
+    println!("cargo:rustc-link-lib=dylib=cudart");
+    println!("cargo:rustc-link-lib=dylib=stdc++");
+}
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels");
-    for var in ["CUDA_ROOT", "CUDA_PATH", "CUDA_HOME", "CANDIFF_CUDA_STUBS"] {
+    println!("cargo::rustc-check-cfg=cfg(candiff_cutlass)");
+    for var in [
+        "CUDA_ROOT",
+        "CUDA_PATH",
+        "CUDA_HOME",
+        "CANDIFF_CUDA_STUBS",
+        "CUTLASS_INCLUDE",
+        "CUDNN_INCLUDE",
+        "CUDNN_FRONTEND_INCLUDE",
+        "CUDNN_LIB",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -43,24 +118,17 @@ fn main() {
         text.split("release ").nth(1).and_then(|r| r.split(',').next()).map(str::to_string)
     });
     println!("cargo:rustc-env=CANDIFF_NVCC_VERSION={}", version.unwrap_or_else(|| "unknown".into()));
-    for name in ["nvfp4"] {
-        let src = Path::new("kernels").join(format!("{name}.cu"));
-        let dst = out.join(format!("{name}.fatbin"));
-        let mut cmd = Command::new(&nvcc);
-        cmd.args(["-fatbin", "-O3", "-std=c++17", "-lineinfo"]);
-        for (virt, real) in GENCODES {
-            cmd.arg(format!("-gencode=arch={virt},code={real}"));
+    compile_fatbin(&nvcc, "nvfp4", &[], &out);
+    match std::env::var("CUTLASS_INCLUDE") {
+        Ok(inc) => {
+            compile_fatbin(&nvcc, "nvfp4_cutlass", &[inc], &out);
+            println!("cargo:rustc-cfg=candiff_cutlass");
         }
-        cmd.arg(format!("-gencode=arch={PTX_ARCH},code={PTX_ARCH}"));
-        cmd.arg("-o").arg(&dst).arg(&src);
-        let output = cmd.output().unwrap_or_else(|e| {
-            panic!(
-                "could not run {} ({e}). Install the CUDA toolchain with scripts/setup-cuda.sh and `source .toolchain/cuda/env.sh`, or put a CUDA >= 13.0 nvcc on PATH",
-                nvcc.display()
-            )
-        });
-        if !output.status.success() {
-            panic!("nvcc failed on {}:\n{}", src.display(), String::from_utf8_lossy(&output.stderr));
-        }
+        Err(_) => println!(
+            "cargo:warning=CUTLASS_INCLUDE is not set: the `cutlass` NVFP4 variant is left out (scripts/setup-cuda.sh --cutlass installs the headers)"
+        ),
+    }
+    if std::env::var_os("CARGO_FEATURE_CUDNN").is_some() {
+        build_cudnn_shim(&out);
     }
 }

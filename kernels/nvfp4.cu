@@ -1,180 +1,179 @@
-// NVFP4 kernels for GPUs without FP4 tensor cores (Ampere, Hopper) and the shared helpers.
-//
-// Every conversion mirrors src/nvfp4/format.rs and src/nvfp4/quant.rs operation for operation
-// (IEEE division, no fast math), so the GPU results are bit-exact with the CPU reference where the
-// reference is exact (codes, scales, dequantized values).
+// NVFP4 kernels of the `trtllm` variant for GPUs without FP4 tensor cores (Ampere, Hopper), the
+// activation quantizer and input conversions.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <mma.h>
-#include <stdint.h>
+
+#include "nvfp4_common.cuh"
 
 using namespace nvcuda;
 
 namespace {
-
-constexpr int kGroup = 16;        // elements per E4M3 block scale
-constexpr float kE2m1Max = 6.0f;  // largest E2M1 magnitude
-constexpr float kE4m3Max = 448.0f;
-
-__device__ __forceinline__ float e2m1_decode(uint32_t code) {
-    // Magnitudes of codes 0..7; bit 3 is the sign.
-    const float mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-    float v = mag[code & 7];
-    return (code & 8) ? -v : v;
-}
-
-__device__ __forceinline__ uint32_t e2m1_encode(float v) {
-    uint32_t sign = signbit(v) ? 8u : 0u;
-    float a = fabsf(v);
-    uint32_t m;
-    if (isnan(a)) return 0;
-    // Round half to even on the code's mantissa bit (see format.rs).
-    if (a <= 0.25f) m = 0;
-    else if (a < 0.75f) m = 1;
-    else if (a <= 1.25f) m = 2;
-    else if (a < 1.75f) m = 3;
-    else if (a <= 2.5f) m = 4;
-    else if (a < 3.5f) m = 5;
-    else if (a <= 5.0f) m = 6;
-    else m = 7;
-    return sign | m;
-}
-
-__device__ __forceinline__ float e4m3_decode(uint32_t bits) {
-    uint32_t e = (bits >> 3) & 0xF, m = bits & 7;
-    float sign = (bits & 0x80) ? -1.0f : 1.0f;
-    if (e == 0xF && m == 7) return __int_as_float(0x7fc00000);
-    if (e == 0) return sign * (float)m * 0.001953125f;  // m * 2^-9
-    return sign * (1.0f + (float)m * 0.125f) * ldexpf(1.0f, (int)e - 7);
-}
-
-__device__ __forceinline__ uint32_t e4m3_encode(float v) {
-    if (isnan(v)) return 0x7F;
-    uint32_t sign = signbit(v) ? 0x80u : 0u;
-    float a = fabsf(v);
-    if (a >= kE4m3Max) return sign | 0x7E;
-    if (a < 0.015625f) {  // below 2^-6: subnormal grid m * 2^-9
-        return sign | (uint32_t)rintf(a * 512.0f);
-    }
-    int exp = (int)((__float_as_uint(a) >> 23) & 0xFF) - 127;
-    float mant = __uint_as_float((__float_as_uint(a) & 0x7FFFFFu) | 0x3F800000u);  // [1, 2)
-    int q = (int)rintf(__fsub_rn(mant, 1.0f) * 8.0f);
-    int e = exp + 7;
-    if (q == 8) { q = 0; e += 1; }
-    uint32_t bits = ((uint32_t)e << 3) | (uint32_t)q;
-    return sign | (bits < 0x7E ? bits : 0x7E);
-}
-
-// Offset of scale (r, c) in a 128x4-swizzled buffer with padded width cpad.
-__device__ __forceinline__ int swizzle_offset(int r, int c, int cpad) {
-    return (r / 128) * (cpad / 4) * 512 + (c / 4) * 512 + (r % 32) * 16 + ((r % 128) / 32) * 4 + (c % 4);
-}
-
-// Layout 0 = trtllm (rows shuffled within groups of 32), 1 = cutlass/cudnn (rows in order).
-template <int LAYOUT>
-__device__ __forceinline__ int physical_row(int n) {
-    if (LAYOUT == 0) return (n / 32) * 32 + (n % 4) * 8 + (n % 32) / 4;
-    return n;
-}
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+using namespace nvfp4;
 
 // ---------------------------------------------------------------------------------------------
-// W4A16 GEMM: y[M, N] = alpha * x[M, K] . (e2m1 * s)[N, K]^T, weights read from the prepared
-// layout and dequantized to bf16 in shared memory (exact: e2m1 * e4m3 fits bf16's 8-bit mantissa),
-// bf16 tensor cores (WMMA 16x16x16) with f32 accumulation.
-constexpr int BM = 64, BN = 64, BK = 32;
+// W4A16 GEMM: y[M, N] = alpha * x[M, K] . (e2m1 * s)[N, K]^T with x in bf16, the weight read from
+// its prepared layout and dequantized to bf16 in shared memory (exact: e2m1 * e4m3 fits bf16's
+// 8-bit mantissa), bf16 tensor cores (WMMA 16x16x16) with f32 accumulation. Activations and raw
+// weight bytes are double-buffered with cp.async so loads overlap dequantization and MMA.
+constexpr int BM = 128, BN = 128, BK = 32;
 constexpr int PAD = 8;  // bf16 elements of row padding against shared-memory bank conflicts
-constexpr int THREADS = 128;
+constexpr int THREADS = 256;
+constexpr int LDS = BK + PAD;
+
+template <typename OutT>
+__device__ __forceinline__ void store_tile(const float* frag_smem, OutT* y, int gm0, int gn0, int M, int N,
+                                           float alpha, int lane) {
+    for (int i = lane; i < 256; i += 32) {
+        int r = i / 16, c = i % 16;
+        int gm = gm0 + r, gn = gn0 + c;
+        if (gm < M && gn < N) y[(size_t)gm * N + gn] = from_float<OutT>(frag_smem[i] * alpha);
+    }
+}
 
 template <int LAYOUT, typename OutT>
 __device__ __forceinline__ void nvfp4_gemm_w4a16(
     const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w, const uint8_t* __restrict__ sc,
     OutT* __restrict__ y, int M, int N, int K, int row_bytes, int scale_cols, float alpha) {
-    __shared__ __align__(32) __nv_bfloat16 As[BM][BK + PAD];
-    __shared__ __align__(32) __nv_bfloat16 Bs[BN][BK + PAD];
-    __shared__ __align__(32) float Cs[BM][BN + 4];
+    __shared__ __align__(128) __nv_bfloat16 As[2][BM * LDS];
+    __shared__ __align__(128) uint8_t Braw[2][BN * BK / 2];
+    __shared__ __align__(128) __nv_bfloat16 Bs[BN * LDS];
+    __shared__ uint32_t lut[256];
+    __shared__ __align__(32) float stage[THREADS / 32][256];
 
-    const int tid = threadIdx.x, warp = tid / 32;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
+    const int wm = (warp / 4) * 64, wn = (warp % 4) * 32;  // 2 x 4 warps, 64 x 32 each
+    lut[tid] = e2m1x2_bf16x2(tid);
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-#pragma unroll
-    for (int i = 0; i < 2; i++)
-#pragma unroll
-        for (int j = 0; j < 2; j++) wmma::fill_fragment(acc[i][j], 0.0f);
+    // B rows this thread copies (tid < BN) and dequantizes (row tid / 2, scale block tid % 2).
+    const int copy_n = n0 + (tid % BN);
+    const bool copy_ok = copy_n < N;
+    const uint8_t* copy_src = w + (size_t)(copy_ok ? physical_row<LAYOUT>(copy_n) : 0) * row_bytes;
+    const int dq_row = tid / 2, dq_blk = tid % 2;
+    const int dq_n = n0 + dq_row;
+    const int dq_prow = dq_n < N ? physical_row<LAYOUT>(dq_n) : 0;
 
-    // B loader: thread -> (row, half of the 32-wide K tile = one 16-element scale block).
-    const int b_row = tid / 2, b_blk = tid % 2;
-    const int n = n0 + b_row;
-    const int prow = n < N ? physical_row<LAYOUT>(n) : 0;
-
-    for (int k0 = 0; k0 < K; k0 += BK) {
-        // A tile: 64 x 32 bf16, 8 elements (16 bytes) per load, two loads per thread.
+    auto load = [&](int k0, int st) {
 #pragma unroll
-        for (int it = 0; it < 2; it++) {
+        for (int it = 0; it < 2; it++) {  // A: 128 x 32 bf16 = 512 chunks of 16 bytes
             int idx = tid + it * THREADS;
             int r = idx / 4, c = (idx % 4) * 8;
             int gm = m0 + r, gk = k0 + c;
-            uint4 v = make_uint4(0, 0, 0, 0);
-            if (gm < M && gk < K) v = *reinterpret_cast<const uint4*>(x + (size_t)gm * K + gk);
-            *reinterpret_cast<uint4*>(&As[r][c]) = v;
+            bool ok = gm < M && gk < K;
+            cp_async16(&As[st][r * LDS + c], ok ? x + (size_t)gm * K + gk : x, ok);
         }
-        // B tile: 16 codes + 1 scale per thread, dequantized to bf16.
+        if (tid < BN) cp_async16(&Braw[st][tid * 16], copy_ok ? copy_src + k0 / 2 : w, copy_ok);
+        cp_async_commit();
+    };
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++) wmma::fill_fragment(acc[i][j], 0.0f);
+
+    const int ktiles = (K + BK - 1) / BK;
+    load(0, 0);
+    for (int kt = 0; kt < ktiles; kt++) {
+        const int st = kt & 1;
+        cp_async_wait_all();
+        __syncthreads();  // tile kt is in place; every warp is done with tile kt - 1
+        if (kt + 1 < ktiles) load((kt + 1) * BK, st ^ 1);
         {
-            int gk = k0 + b_blk * kGroup;
-            __align__(16) __nv_bfloat16 vals[kGroup];
-            if (n < N && gk < K) {
-                uint2 codes = *reinterpret_cast<const uint2*>(w + (size_t)prow * row_bytes + gk / 2);
-                float s = e4m3_decode(sc[swizzle_offset(prow, gk / kGroup, scale_cols)]);
-                uint32_t words[2] = {codes.x, codes.y};
+            int kb = kt * 2 + dq_blk;  // scale column; < scale_cols for every tile read
+            float s = dq_n < N && kb * kGroup < K ? e4m3_decode(sc[swizzle_offset(dq_prow, kb, scale_cols)]) : 0.0f;
+            __nv_bfloat162 s2 = __floats2bfloat162_rn(s, s);
+            const uint8_t* src = &Braw[st][dq_row * 16 + dq_blk * 8];
+            uint32_t out[8];
 #pragma unroll
-                for (int i = 0; i < kGroup; i++) {
-                    uint32_t code = (words[i / 8] >> ((i % 8) * 4)) & 0xF;
-                    vals[i] = __float2bfloat16_rn(e2m1_decode(code) * s);
-                }
-            } else {
-#pragma unroll
-                for (int i = 0; i < kGroup; i++) vals[i] = __float2bfloat16_rn(0.0f);
+            for (int j = 0; j < 8; j++) {
+                uint32_t v = lut[src[j]];
+                __nv_bfloat162 p = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&v), s2);
+                out[j] = *reinterpret_cast<uint32_t*>(&p);
             }
-            *reinterpret_cast<uint4*>(&Bs[b_row][b_blk * kGroup]) = *reinterpret_cast<uint4*>(&vals[0]);
-            *reinterpret_cast<uint4*>(&Bs[b_row][b_blk * kGroup + 8]) = *reinterpret_cast<uint4*>(&vals[8]);
+            uint4* dst = reinterpret_cast<uint4*>(&Bs[dq_row * LDS + dq_blk * kGroup]);
+            dst[0] = make_uint4(out[0], out[1], out[2], out[3]);
+            dst[1] = make_uint4(out[4], out[5], out[6], out[7]);
         }
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a[2];
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a[4];
             wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b[2];
 #pragma unroll
-            for (int i = 0; i < 2; i++) wmma::load_matrix_sync(a[i], &As[wm + i * 16][kk], BK + PAD);
+            for (int i = 0; i < 4; i++) wmma::load_matrix_sync(a[i], &As[st][(wm + i * 16) * LDS + kk], LDS);
 #pragma unroll
-            for (int j = 0; j < 2; j++) wmma::load_matrix_sync(b[j], &Bs[wn + j * 16][kk], BK + PAD);
+            for (int j = 0; j < 2; j++) wmma::load_matrix_sync(b[j], &Bs[(wn + j * 16) * LDS + kk], LDS);
 #pragma unroll
-            for (int i = 0; i < 2; i++)
+            for (int i = 0; i < 4; i++)
 #pragma unroll
                 for (int j = 0; j < 2; j++) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
         }
-        __syncthreads();
     }
 #pragma unroll
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < 4; i++)
 #pragma unroll
-        for (int j = 0; j < 2; j++)
-            wmma::store_matrix_sync(&Cs[wm + i * 16][wn + j * 16], acc[i][j], BN + 4, wmma::mem_row_major);
-    __syncthreads();
-    for (int idx = tid; idx < BM * BN; idx += THREADS) {
-        int r = idx / BN, c = idx % BN;
-        int gm = m0 + r, gn = n0 + c;
-        if (gm < M && gn < N) y[(size_t)gm * N + gn] = from_float<OutT>(Cs[r][c] * alpha);
+        for (int j = 0; j < 2; j++) {
+            wmma::store_matrix_sync(stage[warp], acc[i][j], 16, wmma::mem_row_major);
+            __syncwarp();
+            store_tile<OutT>(stage[warp], y, m0 + wm + i * 16, n0 + wn + j * 16, M, N, alpha, lane);
+            __syncwarp();
+        }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small-M path (M <= GEMV_MAX_M): memory-bound, so one warp per output column n streams that
+// weight row once (8 bytes = one scale block per lane per step) and dots it with every x row.
+constexpr int GEMV_MAX_M = 16;
+constexpr int GEMV_WARPS = 8;
+
+template <int LAYOUT, typename OutT>
+__device__ __forceinline__ void nvfp4_gemv_w4a16(
+    const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w, const uint8_t* __restrict__ sc,
+    OutT* __restrict__ y, int M, int N, int K, int row_bytes, int scale_cols, float alpha) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int n = blockIdx.x * GEMV_WARPS + warp;
+    if (n >= N) return;
+    const int p = physical_row<LAYOUT>(n);
+    const uint8_t* wrow = w + (size_t)p * row_bytes;
+    float acc[GEMV_MAX_M];
+#pragma unroll
+    for (int i = 0; i < GEMV_MAX_M; i++) acc[i] = 0.0f;
+    const int kb_total = K / kGroup;
+    for (int kb = lane; kb < kb_total; kb += 32) {
+        uint2 codes = *reinterpret_cast<const uint2*>(wrow + kb * 8);
+        float s = e4m3_decode(sc[swizzle_offset(p, kb, scale_cols)]);
+        float wv[kGroup];
+        uint32_t words[2] = {codes.x, codes.y};
+#pragma unroll
+        for (int i = 0; i < kGroup; i++) wv[i] = e2m1_decode((words[i / 8] >> ((i % 8) * 4)) & 0xF) * s;
+#pragma unroll
+        for (int m = 0; m < GEMV_MAX_M; m++) {
+            if (m < M) {
+                const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)m * K + kb * kGroup);
+                uint4 v0 = xr[0], v1 = xr[1];
+                const __nv_bfloat162* h0 = reinterpret_cast<const __nv_bfloat162*>(&v0);
+                const __nv_bfloat162* h1 = reinterpret_cast<const __nv_bfloat162*>(&v1);
+                float sum = 0.0f;
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    float2 a = __bfloat1622float2(h0[j]);
+                    float2 b = __bfloat1622float2(h1[j]);
+                    sum += a.x * wv[2 * j] + a.y * wv[2 * j + 1];
+                    sum += b.x * wv[8 + 2 * j] + b.y * wv[8 + 2 * j + 1];
+                }
+                acc[m] += sum;
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < GEMV_MAX_M; m++) {
+        if (m < M) {
+            float v = acc[m];
+#pragma unroll
+            for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0) y[(size_t)m * N + n] = from_float<OutT>(v * alpha);
+        }
     }
 }
 
@@ -239,6 +238,11 @@ __device__ __forceinline__ void to_bf16(const T* __restrict__ src, __nv_bfloat16
         const __nv_bfloat16* x, const uint8_t* w, const uint8_t* sc, T* y, int M, int N, int K,           \
         int row_bytes, int scale_cols, float alpha) {                                                     \
         nvfp4_gemm_w4a16<LAYOUT, T>(x, w, sc, y, M, N, K, row_bytes, scale_cols, alpha);                  \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) nvfp4_gemv_##LNAME##_##TNAME(           \
+        const __nv_bfloat16* x, const uint8_t* w, const uint8_t* sc, T* y, int M, int N, int K,           \
+        int row_bytes, int scale_cols, float alpha) {                                                     \
+        nvfp4_gemv_w4a16<LAYOUT, T>(x, w, sc, y, M, N, K, row_bytes, scale_cols, alpha);                  \
     }
 GEMM(0, trtllm, float, f32)
 GEMM(0, trtllm, __nv_bfloat16, bf16)

@@ -21,7 +21,7 @@ for a in "$@"; do
   esac
 done
 
-PKGS=(
+BASE_PKGS=(
   nvidia-cuda-nvcc==13.0.88
   nvidia-cuda-runtime==13.0.96
   nvidia-cuda-crt==13.0.88
@@ -32,18 +32,25 @@ PKGS=(
   nvidia-cuda-nvrtc==13.0.88
 )
 # cuDNN 9.19 is what the reference GPU machines run; the frontend headers drive its graph API.
-[ "$WITH_CUDNN" = 1 ] && PKGS+=(nvidia-cudnn-cu13==9.19.0.56 nvidia-cudnn-frontend==1.16.0)
+CUDNN_PKGS=(nvidia-cudnn-cu13==9.19.0.56 nvidia-cudnn-frontend==1.18.0)
 # CUTLASS/CuTe headers (header-only); never vendored into git.
-[ "$WITH_CUTLASS" = 1 ] && PKGS+=(nvidia-cutlass==4.2.0.0)
+CUTLASS_PKGS=(nvidia-cutlass==4.2.0.0)
 
+# Each package set goes to its own folder with its own stamp, so adding one never re-downloads another.
+install_set() {
+  local dir="$1"; shift
+  local want="$*"
+  if [ ! -f "$dir/.installed" ] || ! grep -qxF "$want" "$dir/.installed"; then
+    echo "installing into $dir: $want" >&2
+    rm -rf "$dir"
+    "$PY" -m pip install --quiet --disable-pip-version-check --no-deps --no-compile --target "$dir" "$@"
+    echo "$want" > "$dir/.installed"
+  fi
+}
 SITE="$DEST/site"
-STAMP="$DEST/.installed"
-WANT="${PKGS[*]}"
-if [ ! -f "$STAMP" ] || ! grep -qxF "$WANT" "$STAMP"; then
-  echo "installing CUDA toolchain wheels into $SITE" >&2
-  rm -rf "$SITE"
-  "$PY" -m pip install --quiet --disable-pip-version-check --no-deps --no-compile --target "$SITE" "${PKGS[@]}"
-fi
+install_set "$SITE" "${BASE_PKGS[@]}"
+[ "$WITH_CUTLASS" = 1 ] && install_set "$DEST/site-cutlass" "${CUTLASS_PKGS[@]}"
+[ "$WITH_CUDNN" = 1 ] && install_set "$DEST/site-cudnn" "${CUDNN_PKGS[@]}"
 
 CU="$SITE/nvidia/cu13"
 if [ ! -x "$CU/bin/nvcc" ]; then
@@ -88,15 +95,20 @@ export CPLUS_INCLUDE_PATH="$CU/include\${CPLUS_INCLUDE_PATH:+:\$CPLUS_INCLUDE_PA
 export CANDIFF_CUDA_STUBS="$STUB"
 ENV
 if [ "$WITH_CUTLASS" = 1 ]; then
-  inc=$(find "$SITE" -path '*include/cutlass/cutlass.h' | head -1)
+  inc=$(find "$DEST/site-cutlass" -path '*include/cutlass/cutlass.h' | head -1)
   [ -n "$inc" ] && echo "export CUTLASS_INCLUDE=\"$(dirname "$(dirname "$inc")")\"" >> "$DEST/env.sh"
 fi
 if [ "$WITH_CUDNN" = 1 ]; then
-  echo "export CUDNN_LIB=\"$SITE/nvidia/cudnn/lib\"" >> "$DEST/env.sh"
-  echo "export CUDNN_INCLUDE=\"$SITE/nvidia/cudnn/include\"" >> "$DEST/env.sh"
-  fe=$(find "$SITE" -name cudnn_frontend.h | head -1)
+  CUDNN_DIR="$DEST/site-cudnn/nvidia/cudnn"
+  for lib in "$CUDNN_DIR"/lib/lib*.so.*; do
+    plain="$(basename "${lib%%.so.*}").so"
+    [ -e "$CUDNN_DIR/lib/$plain" ] || ln -s "$(basename "$lib")" "$CUDNN_DIR/lib/$plain"
+  done
+  echo "export CUDNN_LIB=\"$CUDNN_DIR/lib\"" >> "$DEST/env.sh"
+  echo "export CUDNN_INCLUDE=\"$CUDNN_DIR/include\"" >> "$DEST/env.sh"
+  echo "export LIBRARY_PATH=\"$CUDNN_DIR/lib:\$LIBRARY_PATH\"" >> "$DEST/env.sh"
+  fe=$(find "$DEST/site-cudnn" -name cudnn_frontend.h | head -1)
   [ -n "$fe" ] && echo "export CUDNN_FRONTEND_INCLUDE=\"$(dirname "$fe")\"" >> "$DEST/env.sh"
 fi
-echo "$WANT" > "$STAMP"
 echo "CUDA toolchain ready: source $DEST/env.sh" >&2
 echo "$DEST/env.sh"

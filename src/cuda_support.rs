@@ -10,6 +10,18 @@ pub const HAVE_CUDA_KERNELS: bool = cfg!(feature = "cuda");
 /// True when the cuDNN variant was compiled in.
 pub const HAVE_CUDNN: bool = cfg!(feature = "cudnn");
 
+/// Errors (with what to do) if a layer of `n` x `k` cannot run with `backend` on `device`: the
+/// device-level checks plus, for cuDNN, building the layer's graph once.
+pub fn check_layer(backend: Backend, device: &Device, n: usize, k: usize) -> Result<()> {
+    check_backend(backend, device)?;
+    #[cfg(feature = "cudnn")]
+    if let (Backend::Cudnn, Device::Cuda(d)) = (backend, device) {
+        crate::cuda::cudnn::prepare(d, 1, n, k, candle_core::DType::BF16)?;
+    }
+    let _ = (n, k);
+    Ok(())
+}
+
 /// Errors (with what to do) if `backend` cannot run on `device`.
 pub fn check_backend(backend: Backend, device: &Device) -> Result<()> {
     match device {

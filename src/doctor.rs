@@ -55,6 +55,65 @@ impl Problem {
     }
 }
 
+/// The golden GEMM cases (`nvfp4/gemm_cases.*` under a fixture root) with their reference outputs
+/// `(problem, y_w4a16, y_w4a4)`.
+pub fn fixture_cases(root: &std::path::Path) -> crate::error::CResult<Vec<(Problem, Vec<f32>, Vec<f32>)>> {
+    use crate::error::CandiffError;
+    use crate::safetensors::MappedFile;
+    let json_path = root.join("nvfp4/gemm_cases.json");
+    let text = std::fs::read_to_string(&json_path).map_err(|e| CandiffError::io(&json_path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| CandiffError::bad_config(json_path.display(), e.to_string(), "Regenerate the fixtures."))?;
+    let f = MappedFile::open(&root.join("nvfp4/gemm_cases.safetensors"))?;
+    let missing =
+        |t: &str| CandiffError::bad_tensor(f.name(), t, "a fixture tensor", "nothing", "Regenerate the fixtures.");
+    let bytes = |t: &str| f.bytes(t).map(<[u8]>::to_vec).ok_or_else(|| missing(t));
+    let floats = |t: &str| -> crate::error::CResult<Vec<f32>> {
+        Ok(bytes(t)?.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    };
+    let mut out = Vec::new();
+    for c in v["cases"].as_array().into_iter().flatten() {
+        let p = c["prefix"].as_str().unwrap_or_default();
+        let dim = |k: &str| c[k].as_u64().unwrap_or(0) as usize;
+        let (m, k, n) = (dim("M"), dim("K"), dim("N"));
+        let w = Nvfp4Weight::new(
+            n,
+            k,
+            bytes(&format!("{p}w_packed"))?,
+            bytes(&format!("{p}w_scale"))?,
+            floats(&format!("{p}w_scale_2"))?[0],
+        )?;
+        let problem = Problem {
+            m,
+            k,
+            n,
+            x: floats(&format!("{p}x"))?,
+            w,
+            input_scale: floats(&format!("{p}input_scale"))?[0],
+            label: format!("fixture {p}{m}x{k}x{n}"),
+        };
+        out.push((problem, floats(&format!("{p}y_w4a16"))?, floats(&format!("{p}y_w4a4"))?));
+    }
+    Ok(out)
+}
+
+/// Every fixture case through `backend` on `device` (f32 in and out) against the golden outputs.
+pub fn check_fixtures(
+    backend: Backend,
+    device: &Device,
+    cases: &[(Problem, Vec<f32>, Vec<f32>)],
+) -> candle_core::Result<Vec<CheckResult>> {
+    let mut results = Vec::new();
+    for (p, y16, y4) in cases {
+        for (mode, want) in [(ActMode::W4A16, y16), (ActMode::W4A4, y4)] {
+            let l = p.layer(backend, mode, device)?;
+            let got = p.run(&l, DType::F32, device)?;
+            results.push(CheckResult::new(format!("{backend} {mode} {}", p.label), rel_max_err(&got, want), F32_TOL));
+        }
+    }
+    Ok(results)
+}
+
 /// max |a - b| / max |b| (0 when b is all zero and a equals it).
 pub fn rel_max_err(a: &[f32], b: &[f32]) -> f32 {
     let m = b.iter().fold(0f32, |m, v| m.max(v.abs()));

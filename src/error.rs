@@ -65,6 +65,7 @@ impl CandiffError {
 
 impl From<CandiffError> for candle_core::Error {
     fn from(e: CandiffError) -> Self {
-        candle_core::Error::wrap(e)
+        // Not `Error::wrap`: that attaches a backtrace, which is noise in a message meant for users.
+        candle_core::Error::Wrapped(Box::new(e))
     }
 }

@@ -19,6 +19,9 @@ pub struct DoctorArgs {
     /// Fresh random shapes on top of the fixed edge cases.
     #[arg(long, default_value_t = 4)]
     pub random_shapes: usize,
+    /// Fixture root holding nvfp4/gemm_cases.* (checked when present).
+    #[arg(long, env = "CANDIFF_FIXTURES", default_value = "tests/fixtures")]
+    pub fixtures: std::path::PathBuf,
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -95,8 +98,21 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
         let r = crate::doctor::check_activation_quantizer(&device, &problems)?;
         let mut failed = print_results(&r);
         all.extend(r);
+        let cases = match crate::doctor::fixture_cases(&args.fixtures) {
+            Ok(c) => c,
+            Err(e) => {
+                println!("golden GEMM cases not checked: {e}");
+                Vec::new()
+            }
+        };
         let mut outputs = Vec::new();
         for b in &runnable {
+            if !cases.is_empty() {
+                println!("{b} on the golden GEMM cases (max |diff| / max |y|):");
+                let r = crate::doctor::check_fixtures(*b, &device, &cases)?;
+                failed += print_results(&r);
+                all.extend(r);
+            }
             println!("{b} vs CPU reference (max |diff| / max |y|):");
             let (r, outs) = check_backend(*b, &device, &problems)?;
             failed += print_results(&r);

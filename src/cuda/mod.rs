@@ -14,40 +14,76 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, Devic
 use candle_core::{DType, Layout, Result, Shape};
 use half::{bf16, f16};
 
+use crate::error::CandiffError;
 use crate::nvfp4::layout::LayoutKind;
 use crate::nvfp4::linear::Nvfp4Matmul;
 use crate::nvfp4::{ActMode, Backend};
 
 static NVFP4_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nvfp4.fatbin"));
+#[cfg(candiff_cutlass)]
+static CUTLASS_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nvfp4_cutlass.fatbin"));
+
+#[cfg(feature = "cudnn")]
+pub mod cudnn;
+
+/// The compiled kernel modules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kernels {
+    /// trtllm variant, activation quantizer, conversions (kernels/nvfp4.cu).
+    Nvfp4,
+    /// cutlass variant, CuTe (kernels/nvfp4_cutlass.cu).
+    #[cfg(candiff_cutlass)]
+    Cutlass,
+}
+
+impl Kernels {
+    fn image(self) -> &'static [u8] {
+        match self {
+            Kernels::Nvfp4 => NVFP4_FATBIN,
+            #[cfg(candiff_cutlass)]
+            Kernels::Cutlass => CUTLASS_FATBIN,
+        }
+    }
+}
 
 /// Output tile of the W4A16 GEMM kernel (`BM`, `BN` in kernels/nvfp4.cu) and its block size.
-const GEMM_TILE_M: u32 = 64;
-const GEMM_TILE_N: u32 = 64;
-const GEMM_THREADS: u32 = 128;
+const GEMM_TILE_M: u32 = 128;
+const GEMM_TILE_N: u32 = 128;
+const GEMM_THREADS: u32 = 256;
+/// Up to this many rows the memory-bound GEMV kernel runs instead (`GEMV_MAX_M`), with one warp
+/// per output column and `GEMV_WARPS` warps per block.
+const GEMV_MAX_M: usize = 16;
+const GEMV_WARPS: u32 = 8;
 /// The oldest GPU our kernels are built for (bf16 tensor cores, sm_80).
 pub const MIN_COMPUTE_CAPABILITY: (i32, i32) = (8, 0);
 
-fn modules() -> &'static Mutex<HashMap<DeviceId, Arc<CudaModule>>> {
-    static M: OnceLock<Mutex<HashMap<DeviceId, Arc<CudaModule>>>> = OnceLock::new();
+type ModuleCache = Mutex<HashMap<(DeviceId, Kernels), Arc<CudaModule>>>;
+
+fn modules() -> &'static ModuleCache {
+    static M: OnceLock<ModuleCache> = OnceLock::new();
     M.get_or_init(Default::default)
 }
 
-fn wrap<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> candle_core::Error + '_ {
+pub(crate) fn wrap<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> candle_core::Error + '_ {
     move |e| candle_core::Error::Msg(format!("{what}: {e}"))
 }
 
-fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+fn function_in(dev: &CudaDevice, kernels: Kernels, name: &str) -> Result<CudaFunction> {
     let mut m = modules().lock().expect("module cache poisoned");
-    let module = match m.get(&dev.id()) {
+    let module = match m.get(&(dev.id(), kernels)) {
         Some(module) => module.clone(),
         None => {
-            let ptx = candle_core::cuda_backend::cudarc::nvrtc::Ptx::from_binary(NVFP4_FATBIN.to_vec());
-            let module = dev.cuda_stream().context().load_module(ptx).map_err(wrap("loading the NVFP4 kernels"))?;
-            m.insert(dev.id(), module.clone());
+            let image = candle_core::cuda_backend::cudarc::nvrtc::Ptx::from_binary(kernels.image().to_vec());
+            let module = dev.cuda_stream().context().load_module(image).map_err(wrap("loading the NVFP4 kernels"))?;
+            m.insert((dev.id(), kernels), module.clone());
             module
         }
     };
     module.load_function(name).map_err(wrap(name))
+}
+
+fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    function_in(dev, Kernels::Nvfp4, name)
 }
 
 /// (major, minor) compute capability.
@@ -75,19 +111,25 @@ pub fn device_info(dev: &CudaDevice) -> Result<(String, i32, usize)> {
 pub fn check_backend(backend: Backend, dev: &CudaDevice) -> Result<()> {
     let cc = compute_capability(dev)?;
     if cc < MIN_COMPUTE_CAPABILITY {
-        candle_core::bail!(
+        return Err(CandiffError::Unsupported(format!(
             "the NVFP4 {backend} variant needs compute capability {}.{} or newer, this GPU has {}.{}",
-            MIN_COMPUTE_CAPABILITY.0,
-            MIN_COMPUTE_CAPABILITY.1,
-            cc.0,
-            cc.1
-        );
+            MIN_COMPUTE_CAPABILITY.0, MIN_COMPUTE_CAPABILITY.1, cc.0, cc.1
+        ))
+        .into());
     }
+    let missing = |why: &str| -> Result<()> {
+        Err(CandiffError::Unsupported(format!("the NVFP4 {backend} variant {why}")).into())
+    };
     match backend {
         Backend::Trtllm => Ok(()),
-        Backend::Cutlass | Backend::Cudnn => candle_core::bail!(
-            "the NVFP4 {backend} variant is not built into this candiff yet; use --nvfp4-backend trtllm (the default)"
+        Backend::Cutlass if cfg!(candiff_cutlass) => Ok(()),
+        Backend::Cutlass => missing(
+            "was left out of this build (no CUTLASS headers): rebuild after `scripts/setup-cuda.sh --cutlass`, or use trtllm",
         ),
+        #[cfg(feature = "cudnn")]
+        Backend::Cudnn => cudnn::check_version(),
+        #[cfg(not(feature = "cudnn"))]
+        Backend::Cudnn => missing("needs a build with `--features cudnn`; or use trtllm"),
     }
 }
 
@@ -209,21 +251,46 @@ pub fn nvfp4_linear_fwd(
     };
     let w = view::<u8>(s2, l2, "weight")?;
     let sc = view::<u8>(s3, l3, "scale")?;
-    let layout = match op.kind {
-        LayoutKind::Trtllm => "trtllm",
-        LayoutKind::Cutlass => "cutlass",
-    };
     let stream = dev.cuda_stream();
-    let cfg = LaunchConfig {
-        grid_dim: ((op.n as u32).div_ceil(GEMM_TILE_N), (m as u32).div_ceil(GEMM_TILE_M), 1),
-        block_dim: (GEMM_THREADS, 1, 1),
-        shared_mem_bytes: 0,
+    let out_dtype = match s1.dtype() {
+        DType::F32 | DType::F16 => s1.dtype(),
+        _ => DType::BF16,
+    };
+    match op.backend {
+        Backend::Trtllm => {}
+        #[cfg(candiff_cutlass)]
+        Backend::Cutlass => {
+            return cutlass_gemm(op, &dev, &x, &w, &sc, m, out_dtype).map(|s| (s, Shape::from(out_dims)))
+        }
+        #[cfg(feature = "cudnn")]
+        Backend::Cudnn => {
+            return cudnn::matmul(op, &dev, &x, &w, &sc, m, out_dtype).map(|s| (s, Shape::from(out_dims)));
+        }
+        #[allow(unreachable_patterns)]
+        b => candle_core::bail!("the NVFP4 {b} variant is not in this build"),
+    }
+    debug_assert_eq!(op.kind(), LayoutKind::Trtllm);
+    let layout = "trtllm";
+    let (kernel, cfg) = if m <= GEMV_MAX_M {
+        let cfg = LaunchConfig {
+            grid_dim: ((op.n as u32).div_ceil(GEMV_WARPS), 1, 1),
+            block_dim: (GEMV_WARPS * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        ("gemv", cfg)
+    } else {
+        let cfg = LaunchConfig {
+            grid_dim: ((op.n as u32).div_ceil(GEMM_TILE_N), (m as u32).div_ceil(GEMM_TILE_M), 1),
+            block_dim: (GEMM_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        ("gemm", cfg)
     };
     let (m_i, n_i, k_i, rb, scols, alpha) =
         (m as i32, op.n as i32, op.k as i32, op.weight_row_bytes as i32, op.scale_cols as i32, op.alpha());
     macro_rules! run {
         ($t:ty, $suffix:literal, $variant:ident) => {{
-            let name = format!("nvfp4_gemm_{layout}_{}", $suffix);
+            let name = format!("nvfp4_{kernel}_{layout}_{}", $suffix);
             let f = function(&dev, &name)?;
             // SAFETY: every output element is written by the kernel (bounds-checked tiles).
             let mut y = unsafe { stream.alloc::<$t>(m * op.n) }.map_err(wrap("alloc"))?;
@@ -234,10 +301,49 @@ pub fn nvfp4_linear_fwd(
             CudaStorage { slice: CudaStorageSlice::$variant(y), device: dev.clone() }
         }};
     }
-    let out = match s1.dtype() {
+    let out = match out_dtype {
         DType::F32 => run!(f32, "f32", F32),
         DType::F16 => run!(f16, "f16", F16),
         _ => run!(bf16, "bf16", BF16),
     };
     Ok((out, Shape::from(out_dims)))
+}
+
+/// The cutlass variant: CuTe TiledMMA kernel on the cutlass layout.
+#[cfg(candiff_cutlass)]
+fn cutlass_gemm(
+    op: &Nvfp4Matmul,
+    dev: &CudaDevice,
+    x: &CudaSlice<bf16>,
+    w: &CudaView<u8>,
+    sc: &CudaView<u8>,
+    m: usize,
+    out_dtype: DType,
+) -> Result<CudaStorage> {
+    debug_assert_eq!(op.kind(), LayoutKind::Cutlass);
+    let stream = dev.cuda_stream();
+    let cfg = LaunchConfig {
+        grid_dim: ((op.n as u32).div_ceil(GEMM_TILE_N), (m as u32).div_ceil(GEMM_TILE_M), 1),
+        block_dim: (GEMM_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (m_i, n_i, k_i, rb, scols, alpha) =
+        (m as i32, op.n as i32, op.k as i32, op.weight_row_bytes as i32, op.scale_cols as i32, op.alpha());
+    macro_rules! run {
+        ($t:ty, $suffix:literal, $variant:ident) => {{
+            let f = function_in(dev, Kernels::Cutlass, concat!("nvfp4_cute_gemm_", $suffix))?;
+            // SAFETY: every output element is written by the kernel (bounds-checked tiles).
+            let mut y = unsafe { stream.alloc::<$t>(m * op.n) }.map_err(wrap("alloc"))?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(x).arg(w).arg(sc).arg(&mut y).arg(&m_i).arg(&n_i).arg(&k_i).arg(&rb).arg(&scols).arg(&alpha);
+            // SAFETY: argument types match the kernel signature.
+            unsafe { b.launch(cfg) }.map_err(wrap("nvfp4 cute gemm"))?;
+            CudaStorage { slice: CudaStorageSlice::$variant(y), device: dev.clone() }
+        }};
+    }
+    Ok(match out_dtype {
+        DType::F32 => run!(f32, "f32", F32),
+        DType::F16 => run!(f16, "f16", F16),
+        _ => run!(bf16, "bf16", BF16),
+    })
 }

@@ -118,7 +118,8 @@ impl std::str::FromStr for ActMode {
 /// The matmul `y = alpha * (x ⊗ W)` as a Candle op over (x, prepared weight, prepared scales).
 #[derive(Debug, Clone)]
 pub struct Nvfp4Matmul {
-    pub kind: LayoutKind,
+    /// The variant; its layout is `backend.layout()`.
+    pub backend: Backend,
     pub n: usize,
     pub k: usize,
     pub weight_row_bytes: usize,
@@ -129,6 +130,10 @@ pub struct Nvfp4Matmul {
 }
 
 impl Nvfp4Matmul {
+    pub fn kind(&self) -> LayoutKind {
+        self.backend.layout()
+    }
+
     /// `alpha` of the GEMM: `weight_scale_2` (w4a16) or `input_scale * weight_scale_2` (w4a4).
     pub fn alpha(&self) -> f32 {
         match self.mode {
@@ -151,7 +156,7 @@ impl Nvfp4Matmul {
     /// Block-scaled weight `e2m1 * s` as f32 `[n, k]`, read straight from the prepared layout.
     fn weight_f32(&self, w: &[u8], s: &[u8]) -> Vec<f32> {
         let view = PreparedView {
-            kind: self.kind,
+            kind: self.kind(),
             weight: w,
             row_bytes: self.weight_row_bytes,
             scale: s,
@@ -281,7 +286,6 @@ impl CustomOp3 for Nvfp4Matmul {
 #[derive(Debug, Clone)]
 pub struct Nvfp4Linear {
     op: Nvfp4Matmul,
-    backend: Backend,
     weight: Tensor,
     scale: Tensor,
     bias: Option<Tensor>,
@@ -298,12 +302,12 @@ impl Nvfp4Linear {
         mode: ActMode,
         device: &Device,
     ) -> Result<Self> {
-        crate::cuda_support::check_backend(backend, device)?;
+        crate::cuda_support::check_layer(backend, device, w.n, w.k)?;
         let p = PreparedLayout::prepare(w, backend.layout());
         let weight = Tensor::from_vec(p.weight, (p.weight_rows, p.weight_row_bytes), device)?;
         let scale = Tensor::from_vec(p.scale, (p.scale_rows, p.scale_cols), device)?;
         let op = Nvfp4Matmul {
-            kind: p.kind,
+            backend,
             n: w.n,
             k: w.k,
             weight_row_bytes: p.weight_row_bytes,
@@ -312,11 +316,11 @@ impl Nvfp4Linear {
             weight_scale_2: w.weight_scale_2,
             input_scale: input_scale.unwrap_or(1.0),
         };
-        Ok(Self { op, backend, weight, scale, bias })
+        Ok(Self { op, weight, scale, bias })
     }
 
     pub fn backend(&self) -> Backend {
-        self.backend
+        self.op.backend
     }
 
     pub fn mode(&self) -> ActMode {
@@ -347,7 +351,7 @@ impl Nvfp4Linear {
     /// Back to canonical form, read from the prepared buffers.
     pub fn to_canonical(&self) -> Result<Nvfp4Weight> {
         let p = PreparedLayout {
-            kind: self.op.kind,
+            kind: self.op.kind(),
             n: self.op.n,
             k: self.op.k,
             weight: self.weight.flatten_all()?.to_vec1::<u8>()?,

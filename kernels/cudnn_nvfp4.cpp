@@ -1,0 +1,194 @@
+// The `cudnn` NVFP4 variant: a cuDNN graph (block-scale dequantize of the FP4 weight with its
+// 128x4-reordered E4M3 scales, matmul with bf16 activations in f32, multiply by a device scalar
+// alpha). Built graphs are cached per shape and output type. Exposed to Rust through a small C API;
+// every failure returns a message instead of aborting.
+//
+// Compiled by build.rs only with `--features cudnn` (needs cudnn-frontend and cuDNN headers).
+
+#include <cudnn_frontend.h>
+
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+namespace fe = cudnn_frontend;
+
+namespace {
+
+// cuDNN reorders scales in tiles of 128 rows (N) by 4 columns (K blocks).
+constexpr int64_t kTileN = 128, kTileK = 4, kGroup = 16;
+
+struct Key {
+    int device;
+    int64_t m, n, k, row_elems;
+    int out;
+    bool operator<(const Key& o) const {
+        return std::tie(device, m, n, k, row_elems, out) < std::tie(o.device, o.m, o.n, o.k, o.row_elems, o.out);
+    }
+};
+
+struct Plan {
+    std::shared_ptr<fe::graph::Graph> graph;
+    std::shared_ptr<fe::graph::Tensor_attributes> x, w, ws, alpha, y;
+    int64_t workspace = 0;
+};
+
+struct State {
+    std::mutex mu;
+    std::map<int, cudnnHandle_t> handles;
+    std::map<Key, Plan> plans;
+    std::map<int, std::pair<void*, int64_t>> workspaces;
+};
+
+State& state() {
+    static State* s = new State();  // never destroyed: outlives every caller, including at exit
+    return *s;
+}
+
+void set_err(char* err, size_t len, const std::string& msg) {
+    if (err && len) {
+        std::snprintf(err, len, "%s", msg.c_str());
+    }
+}
+
+fe::DataType_t out_type(int out) {
+    switch (out) {
+        case 0: return fe::DataType_t::FLOAT;
+        case 1: return fe::DataType_t::BFLOAT16;
+        default: return fe::DataType_t::HALF;
+    }
+}
+
+// Builds (or finds) the plan; caller holds the lock.
+int get_plan(const Key& key, cudnnHandle_t handle, Plan** out, char* err, size_t errlen) {
+    State& s = state();
+    auto it = s.plans.find(key);
+    if (it != s.plans.end()) {
+        *out = &it->second;
+        return 0;
+    }
+    const int64_t m = key.m, n = key.n, k = key.k;
+    const int64_t sk = (k / kGroup + kTileK - 1) / kTileK * kTileK;
+    const int64_t sn = (n + kTileN - 1) / kTileN * kTileN;
+    Plan p;
+    p.graph = std::make_shared<fe::graph::Graph>();
+    auto& g = *p.graph;
+    g.set_intermediate_data_type(fe::DataType_t::FLOAT).set_compute_data_type(fe::DataType_t::FLOAT);
+    p.x = g.tensor(fe::graph::Tensor_attributes()
+                       .set_name("x")
+                       .set_data_type(fe::DataType_t::BFLOAT16)
+                       .set_dim({1, m, k})
+                       .set_stride({m * k, k, 1}));
+    // Weight rows are N, each `row_elems` codes long (K padded to 32): a K-major [K, N] operand.
+    p.w = g.tensor(fe::graph::Tensor_attributes()
+                       .set_name("w")
+                       .set_data_type(fe::DataType_t::FP4_E2M1)
+                       .set_dim({1, k, n})
+                       .set_stride({key.row_elems * n, 1, key.row_elems}));
+    p.ws = g.tensor(fe::graph::Tensor_attributes()
+                        .set_name("w_scale")
+                        .set_data_type(fe::DataType_t::FP8_E4M3)
+                        .set_dim({1, sk, sn})
+                        .set_stride({sk * sn, 1, sk})
+                        .set_reordering_type(fe::TensorReordering_t::F8_128x4));
+    p.alpha = g.tensor(fe::graph::Tensor_attributes()
+                           .set_name("alpha")
+                           .set_data_type(fe::DataType_t::FLOAT)
+                           .set_dim({1, 1, 1})
+                           .set_stride({1, 1, 1}));
+    auto deq = g.block_scale_dequantize(p.w, p.ws, fe::graph::Block_scale_dequantize_attributes().set_block_size({kGroup, 1}));
+    // Without an explicit type the dequantized operand stays f32 and cuDNN picks f32 math.
+    deq->set_data_type(fe::DataType_t::BFLOAT16);
+    auto mm = g.matmul(p.x, deq, fe::graph::Matmul_attributes().set_name("gemm").set_compute_data_type(fe::DataType_t::FLOAT));
+    mm->set_data_type(fe::DataType_t::FLOAT);
+    p.y = g.pointwise(mm, p.alpha, fe::graph::Pointwise_attributes().set_mode(fe::PointwiseMode_t::MUL).set_compute_data_type(fe::DataType_t::FLOAT));
+    p.y->set_output(true).set_data_type(out_type(key.out));
+
+    auto check = [&](fe::error_t e, const char* step) -> bool {
+        if (e.is_good()) return true;
+        set_err(err, errlen,
+                std::string("cuDNN ") + std::to_string(cudnnGetVersion()) + " cannot " + step +
+                    " the NVFP4 dequantize+matmul graph (M=" + std::to_string(m) + ", N=" + std::to_string(n) +
+                    ", K=" + std::to_string(k) + "): " + e.get_message());
+        return false;
+    };
+    if (!check(g.validate(), "validate")) return 1;
+    if (!check(g.build_operation_graph(handle), "build")) return 1;
+    if (!check(g.create_execution_plans({fe::HeurMode_t::A}), "find engines for")) return 1;
+    if (!check(g.check_support(), "support")) return 1;
+    if (!check(g.build_plans(fe::BuildPlanPolicy_t::HEURISTICS_CHOICE), "compile")) return 1;
+    if (!check(g.get_workspace_size(p.workspace), "size the workspace of")) return 1;
+    auto ins = s.plans.emplace(key, std::move(p));
+    *out = &ins.first->second;
+    return 0;
+}
+
+int handle_for(int device, cudaStream_t stream, cudnnHandle_t* h, char* err, size_t errlen) {
+    State& s = state();
+    auto it = s.handles.find(device);
+    if (it == s.handles.end()) {
+        cudnnHandle_t handle;
+        cudnnStatus_t st = cudnnCreate(&handle);
+        if (st != CUDNN_STATUS_SUCCESS) {
+            set_err(err, errlen, std::string("cudnnCreate failed: ") + cudnnGetErrorString(st));
+            return 1;
+        }
+        it = s.handles.emplace(device, handle).first;
+    }
+    cudnnSetStream(it->second, stream);
+    *h = it->second;
+    return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+size_t candiff_cudnn_version() { return cudnnGetVersion(); }
+
+// Builds the graph for this shape now (so an unsupported GPU / cuDNN fails at load time).
+int candiff_cudnn_nvfp4_prepare(int device, void* stream, int64_t m, int64_t n, int64_t k, int64_t row_elems, int out,
+                                char* err, size_t errlen) {
+    std::lock_guard<std::mutex> lock(state().mu);
+    cudnnHandle_t h;
+    if (handle_for(device, (cudaStream_t)stream, &h, err, errlen)) return 1;
+    Plan* p;
+    return get_plan(Key{device, m, n, k, row_elems, out}, h, &p, err, errlen);
+}
+
+// y[m, n] = alpha * x[m, k] . dequant(w)[k, n]; alpha is a device f32 scalar.
+int candiff_cudnn_nvfp4_matmul(int device, void* stream, int64_t m, int64_t n, int64_t k, int64_t row_elems, int out,
+                               const void* x, const void* w, const void* w_scale, const void* alpha, void* y,
+                               char* err, size_t errlen) {
+    std::lock_guard<std::mutex> lock(state().mu);
+    State& s = state();
+    cudnnHandle_t h;
+    if (handle_for(device, (cudaStream_t)stream, &h, err, errlen)) return 1;
+    Plan* p;
+    if (get_plan(Key{device, m, n, k, row_elems, out}, h, &p, err, errlen)) return 1;
+    auto& ws = s.workspaces[device];
+    if (ws.second < p->workspace) {
+        if (ws.first) cudaFree(ws.first);
+        if (cudaMalloc(&ws.first, p->workspace) != cudaSuccess) {
+            ws = {nullptr, 0};
+            set_err(err, errlen, "cudaMalloc of the cuDNN workspace failed");
+            return 1;
+        }
+        ws.second = p->workspace;
+    }
+    std::unordered_map<std::shared_ptr<fe::graph::Tensor_attributes>, void*> pack = {
+        {p->x, const_cast<void*>(x)},       {p->w, const_cast<void*>(w)}, {p->ws, const_cast<void*>(w_scale)},
+        {p->alpha, const_cast<void*>(alpha)}, {p->y, y}};
+    auto e = p->graph->execute(h, pack, ws.first);
+    if (!e.is_good()) {
+        set_err(err, errlen, std::string("cuDNN NVFP4 matmul failed: ") + e.get_message());
+        return 1;
+    }
+    return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,101 @@
+// Helpers shared by the NVFP4 kernels. Every conversion mirrors src/nvfp4/format.rs and
+// src/nvfp4/quant.rs operation for operation (IEEE division, no fast math), so GPU results are
+// bit-exact with the CPU reference where the reference is exact (codes, scales, dequantized values).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace nvfp4 {
+
+
+constexpr int kGroup = 16;        // elements per E4M3 block scale
+constexpr float kE2m1Max = 6.0f;  // largest E2M1 magnitude
+constexpr float kE4m3Max = 448.0f;
+
+__device__ __forceinline__ float e2m1_decode(uint32_t code) {
+    // Magnitudes of codes 0..7; bit 3 is the sign.
+    const float mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    float v = mag[code & 7];
+    return (code & 8) ? -v : v;
+}
+
+__device__ __forceinline__ uint32_t e2m1_encode(float v) {
+    uint32_t sign = signbit(v) ? 8u : 0u;
+    float a = fabsf(v);
+    uint32_t m;
+    if (isnan(a)) return 0;
+    // Round half to even on the code's mantissa bit (see format.rs).
+    if (a <= 0.25f) m = 0;
+    else if (a < 0.75f) m = 1;
+    else if (a <= 1.25f) m = 2;
+    else if (a < 1.75f) m = 3;
+    else if (a <= 2.5f) m = 4;
+    else if (a < 3.5f) m = 5;
+    else if (a <= 5.0f) m = 6;
+    else m = 7;
+    return sign | m;
+}
+
+__device__ __forceinline__ float e4m3_decode(uint32_t bits) {
+    uint32_t e = (bits >> 3) & 0xF, m = bits & 7;
+    float sign = (bits & 0x80) ? -1.0f : 1.0f;
+    if (e == 0xF && m == 7) return __int_as_float(0x7fc00000);
+    if (e == 0) return sign * (float)m * 0.001953125f;  // m * 2^-9
+    return sign * (1.0f + (float)m * 0.125f) * ldexpf(1.0f, (int)e - 7);
+}
+
+__device__ __forceinline__ uint32_t e4m3_encode(float v) {
+    if (isnan(v)) return 0x7F;
+    uint32_t sign = signbit(v) ? 0x80u : 0u;
+    float a = fabsf(v);
+    if (a >= kE4m3Max) return sign | 0x7E;
+    if (a < 0.015625f) {  // below 2^-6: subnormal grid m * 2^-9
+        return sign | (uint32_t)rintf(a * 512.0f);
+    }
+    int exp = (int)((__float_as_uint(a) >> 23) & 0xFF) - 127;
+    float mant = __uint_as_float((__float_as_uint(a) & 0x7FFFFFu) | 0x3F800000u);  // [1, 2)
+    int q = (int)rintf(__fsub_rn(mant, 1.0f) * 8.0f);
+    int e = exp + 7;
+    if (q == 8) { q = 0; e += 1; }
+    uint32_t bits = ((uint32_t)e << 3) | (uint32_t)q;
+    return sign | (bits < 0x7E ? bits : 0x7E);
+}
+
+// Offset of scale (r, c) in a 128x4-swizzled buffer with padded width cpad.
+__device__ __forceinline__ int swizzle_offset(int r, int c, int cpad) {
+    return (r / 128) * (cpad / 4) * 512 + (c / 4) * 512 + (r % 32) * 16 + ((r % 128) / 32) * 4 + (c % 4);
+}
+
+// Layout 0 = trtllm (rows shuffled within groups of 32), 1 = cutlass/cudnn (rows in order).
+template <int LAYOUT>
+__device__ __forceinline__ int physical_row(int n) {
+    if (LAYOUT == 0) return (n / 32) * 32 + (n % 4) * 8 + (n % 32) / 4;
+    return n;
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    int n = valid ? 16 : 0;  // zero-fill when out of range
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+// bf16x2 of the two E2M1 codes of a byte (low nibble first), for a 256-entry lookup table.
+__device__ __forceinline__ uint32_t e2m1x2_bf16x2(uint32_t byte) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(e2m1_decode(byte & 0xF), e2m1_decode(byte >> 4));
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+}  // namespace nvfp4

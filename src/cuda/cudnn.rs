@@ -1,0 +1,182 @@
+//! The `cudnn` variant: cuDNN graph API through the C++ shim in kernels/cudnn_nvfp4.cpp.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void};
+use std::sync::{Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId};
+use candle_core::{DType, Result};
+use half::{bf16, f16};
+
+use super::wrap;
+use crate::error::CandiffError;
+use crate::nvfp4::layout::{ceil_to, CUTLASS_ALIGN};
+use crate::nvfp4::linear::Nvfp4Matmul;
+
+/// Oldest cuDNN with general block-scale dequantize + matmul graphs (9.11.0).
+pub const MIN_CUDNN_VERSION: usize = 91100;
+const ERR_LEN: usize = 2048;
+
+extern "C" {
+    fn candiff_cudnn_version() -> usize;
+    fn candiff_cudnn_nvfp4_prepare(
+        device: c_int,
+        stream: *mut c_void,
+        m: i64,
+        n: i64,
+        k: i64,
+        row_elems: i64,
+        out: c_int,
+        err: *mut c_char,
+        errlen: usize,
+    ) -> c_int;
+    fn candiff_cudnn_nvfp4_matmul(
+        device: c_int,
+        stream: *mut c_void,
+        m: i64,
+        n: i64,
+        k: i64,
+        row_elems: i64,
+        out: c_int,
+        x: *const c_void,
+        w: *const c_void,
+        w_scale: *const c_void,
+        alpha: *const c_void,
+        y: *mut c_void,
+        err: *mut c_char,
+        errlen: usize,
+    ) -> c_int;
+}
+
+/// The loaded cuDNN's version as `major * 10000 + minor * 100 + patch`.
+pub fn version() -> usize {
+    // SAFETY: no arguments; cuDNN returns its compile-time constant.
+    unsafe { candiff_cudnn_version() }
+}
+
+pub fn version_string(v: usize) -> String {
+    format!("{}.{}.{}", v / 10000, (v % 10000) / 100, v % 100)
+}
+
+pub fn check_version() -> Result<()> {
+    let v = version();
+    if v < MIN_CUDNN_VERSION {
+        return Err(CandiffError::Unsupported(format!(
+            "the NVFP4 cudnn variant needs cuDNN {} or newer for block-scale dequantize graphs, found {}",
+            version_string(MIN_CUDNN_VERSION),
+            version_string(v)
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+fn out_code(dtype: DType) -> c_int {
+    match dtype {
+        DType::F32 => 0,
+        DType::BF16 => 1,
+        _ => 2,
+    }
+}
+
+fn message(buf: &[u8]) -> String {
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Builds the graph for a layer's shape now, so an unsupported GPU or cuDNN fails at load time.
+pub fn prepare(dev: &CudaDevice, m: usize, n: usize, k: usize, dtype: DType) -> Result<()> {
+    let stream = dev.cuda_stream();
+    let mut err = vec![0u8; ERR_LEN];
+    // SAFETY: plain values and an error buffer of the stated length.
+    let rc = unsafe {
+        candiff_cudnn_nvfp4_prepare(
+            stream.context().ordinal() as c_int,
+            stream.cu_stream() as *mut c_void,
+            m as i64,
+            n as i64,
+            k as i64,
+            ceil_to(k, CUTLASS_ALIGN) as i64,
+            out_code(dtype),
+            err.as_mut_ptr() as *mut c_char,
+            ERR_LEN,
+        )
+    };
+    if rc != 0 {
+        return Err(CandiffError::Unsupported(message(&err)).into());
+    }
+    Ok(())
+}
+
+/// Each distinct alpha lives once on each device (cuDNN reads it as a device scalar).
+fn alpha_on_device(dev: &CudaDevice, alpha: f32) -> Result<CudaSlice<f32>> {
+    type Cache = Mutex<HashMap<(DeviceId, u32), CudaSlice<f32>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let mut c = CACHE.get_or_init(Default::default).lock().expect("alpha cache poisoned");
+    if let Some(s) = c.get(&(dev.id(), alpha.to_bits())) {
+        return Ok(s.clone());
+    }
+    let s = dev.cuda_stream().clone_htod(&[alpha]).map_err(wrap("alpha upload"))?;
+    c.insert((dev.id(), alpha.to_bits()), s.clone());
+    Ok(s)
+}
+
+pub fn matmul(
+    op: &Nvfp4Matmul,
+    dev: &CudaDevice,
+    x: &CudaSlice<bf16>,
+    w: &CudaView<u8>,
+    sc: &CudaView<u8>,
+    m: usize,
+    out_dtype: DType,
+) -> Result<CudaStorage> {
+    let stream = dev.cuda_stream();
+    let alpha = alpha_on_device(dev, op.alpha())?;
+    let n = m * op.n;
+    // SAFETY: the graph writes every output element.
+    let y = unsafe {
+        match out_dtype {
+            DType::F32 => CudaStorageSlice::F32(stream.alloc::<f32>(n).map_err(wrap("alloc"))?),
+            DType::F16 => CudaStorageSlice::F16(stream.alloc::<f16>(n).map_err(wrap("alloc"))?),
+            _ => CudaStorageSlice::BF16(stream.alloc::<bf16>(n).map_err(wrap("alloc"))?),
+        }
+    };
+    let mut err = vec![0u8; ERR_LEN];
+    let rc = {
+        let (xp, _gx) = x.device_ptr(&stream);
+        let (wp, _gw) = w.device_ptr(&stream);
+        let (sp, _gs) = sc.device_ptr(&stream);
+        let (ap, _ga) = alpha.device_ptr(&stream);
+        let (yp, _gy) = match &y {
+            CudaStorageSlice::F32(s) => s.device_ptr(&stream),
+            CudaStorageSlice::F16(s) => s.device_ptr(&stream),
+            CudaStorageSlice::BF16(s) => s.device_ptr(&stream),
+            _ => unreachable!("allocated above"),
+        };
+        // SAFETY: every pointer is a live device buffer of the size the graph's shapes imply
+        // (prepared layout shapes were checked when the layer was built); the shim runs on `stream`.
+        unsafe {
+            candiff_cudnn_nvfp4_matmul(
+                stream.context().ordinal() as c_int,
+                stream.cu_stream() as *mut c_void,
+                m as i64,
+                op.n as i64,
+                op.k as i64,
+                ceil_to(op.k, CUTLASS_ALIGN) as i64,
+                out_code(out_dtype),
+                xp as *const c_void,
+                wp as *const c_void,
+                sp as *const c_void,
+                ap as *const c_void,
+                yp as *mut c_void,
+                err.as_mut_ptr() as *mut c_char,
+                ERR_LEN,
+            )
+        }
+    };
+    if rc != 0 {
+        return Err(CandiffError::Unsupported(message(&err)).into());
+    }
+    Ok(CudaStorage { slice: y, device: dev.clone() })
+}
