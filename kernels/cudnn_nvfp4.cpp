@@ -25,9 +25,10 @@ constexpr int64_t kTileN = 128, kTileK = 4, kGroup = 16;
 struct Key {
     int device;
     int64_t m, n, k, row_elems;
-    int out;
+    int linear_scales, out;
     bool operator<(const Key& o) const {
-        return std::tie(device, m, n, k, row_elems, out) < std::tie(o.device, o.m, o.n, o.k, o.row_elems, o.out);
+        return std::tie(device, m, n, k, row_elems, linear_scales, out) <
+               std::tie(o.device, o.m, o.n, o.k, o.row_elems, o.linear_scales, o.out);
     }
 };
 
@@ -89,12 +90,15 @@ int get_plan(const Key& key, cudnnHandle_t handle, Plan** out, char* err, size_t
                        .set_data_type(fe::DataType_t::FP4_E2M1)
                        .set_dim({1, k, n})
                        .set_stride({key.row_elems * n, 1, key.row_elems}));
-    p.ws = g.tensor(fe::graph::Tensor_attributes()
-                        .set_name("w_scale")
-                        .set_data_type(fe::DataType_t::FP8_E4M3)
-                        .set_dim({1, sk, sn})
-                        .set_stride({sk * sn, 1, sk})
-                        .set_reordering_type(fe::TensorReordering_t::F8_128x4));
+    auto ws = fe::graph::Tensor_attributes().set_name("w_scale").set_data_type(fe::DataType_t::FP8_E4M3);
+    if (key.linear_scales) {
+        // [N, K/16] row-major: what cuDNN's engines take on GPUs without FP4 tensor cores.
+        const int64_t kb = k / kGroup;
+        ws.set_dim({1, kb, n}).set_stride({kb * n, 1, kb});
+    } else {
+        ws.set_dim({1, sk, sn}).set_stride({sk * sn, 1, sk}).set_reordering_type(fe::TensorReordering_t::F8_128x4);
+    }
+    p.ws = g.tensor(ws);
     p.alpha = g.tensor(fe::graph::Tensor_attributes()
                            .set_name("alpha")
                            .set_data_type(fe::DataType_t::FLOAT)
@@ -151,25 +155,25 @@ extern "C" {
 size_t candiff_cudnn_version() { return cudnnGetVersion(); }
 
 // Builds the graph for this shape now (so an unsupported GPU / cuDNN fails at load time).
-int candiff_cudnn_nvfp4_prepare(int device, void* stream, int64_t m, int64_t n, int64_t k, int64_t row_elems, int out,
-                                char* err, size_t errlen) {
+int candiff_cudnn_nvfp4_prepare(int device, void* stream, int64_t m, int64_t n, int64_t k, int64_t row_elems,
+                                int linear_scales, int out, char* err, size_t errlen) {
     std::lock_guard<std::mutex> lock(state().mu);
     cudnnHandle_t h;
     if (handle_for(device, (cudaStream_t)stream, &h, err, errlen)) return 1;
     Plan* p;
-    return get_plan(Key{device, m, n, k, row_elems, out}, h, &p, err, errlen);
+    return get_plan(Key{device, m, n, k, row_elems, linear_scales, out}, h, &p, err, errlen);
 }
 
 // y[m, n] = alpha * x[m, k] . dequant(w)[k, n]; alpha is a device f32 scalar.
-int candiff_cudnn_nvfp4_matmul(int device, void* stream, int64_t m, int64_t n, int64_t k, int64_t row_elems, int out,
-                               const void* x, const void* w, const void* w_scale, const void* alpha, void* y,
+int candiff_cudnn_nvfp4_matmul(int device, void* stream, int64_t m, int64_t n, int64_t k, int64_t row_elems,
+                               int linear_scales, int out, const void* x, const void* w, const void* w_scale, const void* alpha, void* y,
                                char* err, size_t errlen) {
     std::lock_guard<std::mutex> lock(state().mu);
     State& s = state();
     cudnnHandle_t h;
     if (handle_for(device, (cudaStream_t)stream, &h, err, errlen)) return 1;
     Plan* p;
-    if (get_plan(Key{device, m, n, k, row_elems, out}, h, &p, err, errlen)) return 1;
+    if (get_plan(Key{device, m, n, k, row_elems, linear_scales, out}, h, &p, err, errlen)) return 1;
     auto& ws = s.workspaces[device];
     if (ws.second < p->workspace) {
         if (ws.first) cudaFree(ws.first);

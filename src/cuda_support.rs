@@ -3,7 +3,7 @@
 
 use candle_core::{Device, Result};
 
-use crate::nvfp4::Backend;
+use crate::nvfp4::{Backend, LayoutKind};
 
 /// True when the crate was built with our CUDA kernels.
 pub const HAVE_CUDA_KERNELS: bool = cfg!(feature = "cuda");
@@ -16,10 +16,21 @@ pub fn check_layer(backend: Backend, device: &Device, n: usize, k: usize) -> Res
     check_backend(backend, device)?;
     #[cfg(feature = "cudnn")]
     if let (Backend::Cudnn, Device::Cuda(d)) = (backend, device) {
-        crate::cuda::cudnn::prepare(d, 1, n, k, candle_core::DType::BF16)?;
+        let linear = crate::cuda::layout_for(backend, d)? == LayoutKind::CutlassLinearScales;
+        crate::cuda::cudnn::prepare(d, 1, n, k, linear, candle_core::DType::BF16)?;
     }
     let _ = (n, k);
     Ok(())
+}
+
+/// The layout `backend` prepares weights in on `device` (the CPU reference reads every layout, and
+/// uses each variant's own).
+pub fn layout_for(backend: Backend, device: &Device) -> Result<LayoutKind> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::cuda::layout_for(backend, d),
+        _ => Ok(backend.layout()),
+    }
 }
 
 /// Errors (with what to do) if `backend` cannot run on `device`.

@@ -96,6 +96,11 @@ fn layouts_are_bit_exact_both_ways() {
         assert_bytes_eq(&u.weight, &raw(&f, &format!("{}cutlass_weight", c.p)), &format!("{}cutlass_weight", c.p));
         assert_bytes_eq(&u.scale, &sw, "cutlass scales");
         assert_eq!(u.to_canonical(w.weight_scale_2).unwrap(), w);
+        // cuDNN without FP4 tensor cores: cutlass weight padding, linear scales.
+        let l = PreparedLayout::prepare(&w, LayoutKind::CutlassLinearScales);
+        assert_bytes_eq(&l.weight, &raw(&f, &format!("{}cutlass_weight", c.p)), "cudnn weight");
+        assert_bytes_eq(&l.scale, &w.scales, "cudnn linear scales");
+        assert_eq!(l.to_canonical(w.weight_scale_2).unwrap(), w);
     }
 }
 
@@ -144,9 +149,24 @@ fn gemm_matches_references_for_every_backend_and_mode() {
                 assert!(d <= tol, "{} {backend} {mode}: max diff {d} > {tol}", c.p);
                 outs.push(y);
             }
-            // The three layouts hold the same numbers, so the reference gives identical outputs.
-            assert_eq!(outs[0], outs[1], "{} {mode}: trtllm vs cutlass", c.p);
-            assert_eq!(outs[0], outs[2], "{} {mode}: trtllm vs cudnn", c.p);
+            // The cudnn variant's layout on GPUs without FP4 tensor cores.
+            let l = Nvfp4Linear::with_layout(
+                &w,
+                Some(input_scale),
+                None,
+                Backend::Cudnn,
+                LayoutKind::CutlassLinearScales,
+                mode,
+                &Device::Cpu,
+            )
+            .unwrap();
+            let y: Vec<f32> = l.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert!(max_diff(&y, &want) <= tol, "{} cudnn-linear {mode}", c.p);
+            outs.push(y);
+            // Every layout holds the same numbers, so the reference gives identical outputs.
+            for (i, o) in outs.iter().enumerate().skip(1) {
+                assert_eq!(&outs[0], o, "{} {mode}: layout {i} differs from trtllm", c.p);
+            }
         }
     }
 }

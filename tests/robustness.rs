@@ -138,7 +138,7 @@ proptest! {
         // Any byte but the NaN codes is a valid scale for layout purposes.
         let scales: Vec<u8> = (0..n * kb).map(|_| (next() as u8) & 0x7E).collect();
         let w = Nvfp4Weight::new(n, k, packed, scales, 0.5).unwrap();
-        for kind in [LayoutKind::Trtllm, LayoutKind::Cutlass] {
+        for kind in [LayoutKind::Trtllm, LayoutKind::Cutlass, LayoutKind::CutlassLinearScales] {
             let p = PreparedLayout::prepare(&w, kind);
             prop_assert_eq!(p.to_canonical(0.5).unwrap(), w.clone());
             // Padding is zero.

@@ -11,7 +11,7 @@ use half::{bf16, f16};
 
 use super::wrap;
 use crate::error::CandiffError;
-use crate::nvfp4::layout::{ceil_to, CUTLASS_ALIGN};
+use crate::nvfp4::layout::{ceil_to, LayoutKind, CUTLASS_ALIGN};
 use crate::nvfp4::linear::Nvfp4Matmul;
 
 /// Oldest cuDNN with general block-scale dequantize + matmul graphs (9.11.0).
@@ -27,6 +27,7 @@ extern "C" {
         n: i64,
         k: i64,
         row_elems: i64,
+        linear_scales: c_int,
         out: c_int,
         err: *mut c_char,
         errlen: usize,
@@ -38,6 +39,7 @@ extern "C" {
         n: i64,
         k: i64,
         row_elems: i64,
+        linear_scales: c_int,
         out: c_int,
         x: *const c_void,
         w: *const c_void,
@@ -86,7 +88,7 @@ fn message(buf: &[u8]) -> String {
 }
 
 /// Builds the graph for a layer's shape now, so an unsupported GPU or cuDNN fails at load time.
-pub fn prepare(dev: &CudaDevice, m: usize, n: usize, k: usize, dtype: DType) -> Result<()> {
+pub fn prepare(dev: &CudaDevice, m: usize, n: usize, k: usize, linear_scales: bool, dtype: DType) -> Result<()> {
     let stream = dev.cuda_stream();
     let mut err = vec![0u8; ERR_LEN];
     // SAFETY: plain values and an error buffer of the stated length.
@@ -98,6 +100,7 @@ pub fn prepare(dev: &CudaDevice, m: usize, n: usize, k: usize, dtype: DType) -> 
             n as i64,
             k as i64,
             ceil_to(k, CUTLASS_ALIGN) as i64,
+            linear_scales as c_int,
             out_code(dtype),
             err.as_mut_ptr() as *mut c_char,
             ERR_LEN,
@@ -164,6 +167,7 @@ pub fn matmul(
                 op.n as i64,
                 op.k as i64,
                 ceil_to(op.k, CUTLASS_ALIGN) as i64,
+                (op.kind == LayoutKind::CutlassLinearScales) as c_int,
                 out_code(out_dtype),
                 xp as *const c_void,
                 wp as *const c_void,

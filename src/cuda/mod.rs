@@ -107,6 +107,16 @@ pub fn device_info(dev: &CudaDevice) -> Result<(String, i32, usize)> {
     Ok((name, v, mem))
 }
 
+/// The layout `backend` prepares weights in on this device.
+pub fn layout_for(backend: Backend, dev: &CudaDevice) -> Result<LayoutKind> {
+    let cc = compute_capability(dev)?;
+    Ok(match backend {
+        // cuDNN's engines without FP4 tensor cores only take linear block scales.
+        Backend::Cudnn if cc.0 < 10 => LayoutKind::CutlassLinearScales,
+        b => b.layout(),
+    })
+}
+
 /// Can `backend` run on this device with this build? Errors say what is missing.
 pub fn check_backend(backend: Backend, dev: &CudaDevice) -> Result<()> {
     let cc = compute_capability(dev)?;
@@ -269,7 +279,7 @@ pub fn nvfp4_linear_fwd(
         #[allow(unreachable_patterns)]
         b => candle_core::bail!("the NVFP4 {b} variant is not in this build"),
     }
-    debug_assert_eq!(op.kind(), LayoutKind::Trtllm);
+    debug_assert_eq!(op.kind, LayoutKind::Trtllm);
     let layout = "trtllm";
     let (kernel, cfg) = if m <= GEMV_MAX_M {
         let cfg = LaunchConfig {
@@ -320,7 +330,7 @@ fn cutlass_gemm(
     m: usize,
     out_dtype: DType,
 ) -> Result<CudaStorage> {
-    debug_assert_eq!(op.kind(), LayoutKind::Cutlass);
+    debug_assert_eq!(op.kind, LayoutKind::Cutlass);
     let stream = dev.cuda_stream();
     let cfg = LaunchConfig {
         grid_dim: ((op.n as u32).div_ceil(GEMM_TILE_N), (m as u32).div_ceil(GEMM_TILE_M), 1),

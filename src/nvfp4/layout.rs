@@ -155,6 +155,26 @@ pub enum LayoutKind {
     Trtllm,
     /// N and K padded to 32, 128x4 scales (shared by the cutlass and cudnn variants).
     Cutlass,
+    /// The cutlass weight padding with linear `[N, K/16]` scales: cuDNN's engines on GPUs without
+    /// FP4 tensor cores reject 128x4-reordered scales, so the cudnn variant uses this there.
+    CutlassLinearScales,
+}
+
+impl LayoutKind {
+    /// Whether scales are 128x4-swizzled (else linear rows of `scale_cols`).
+    pub fn swizzled_scales(self) -> bool {
+        !matches!(self, LayoutKind::CutlassLinearScales)
+    }
+
+    /// Offset of scale (physical row `p`, block `b`) in a buffer `scale_cols` wide.
+    #[inline]
+    pub fn scale_offset(self, p: usize, b: usize, scale_cols: usize) -> usize {
+        if self.swizzled_scales() {
+            swizzle_offset(p, b, scale_cols)
+        } else {
+            p * scale_cols + b
+        }
+    }
 }
 
 /// A weight in one backend's layout, ready for its kernel.
@@ -179,7 +199,7 @@ impl PreparedLayout {
     pub fn physical_row(kind: LayoutKind, n: usize) -> usize {
         match kind {
             LayoutKind::Trtllm => trtllm_shuffled_row(n),
-            LayoutKind::Cutlass => n,
+            LayoutKind::Cutlass | LayoutKind::CutlassLinearScales => n,
         }
     }
 
@@ -214,7 +234,7 @@ impl PreparedLayout {
                     scale_cols,
                 }
             }
-            LayoutKind::Cutlass => {
+            LayoutKind::Cutlass | LayoutKind::CutlassLinearScales => {
                 let rows = ceil_to(w.n, CUTLASS_ALIGN);
                 let row_bytes = ceil_to(w.k, CUTLASS_ALIGN) / 2;
                 let mut weight = vec![0u8; rows * row_bytes];
@@ -222,8 +242,12 @@ impl PreparedLayout {
                     weight[r * row_bytes..r * row_bytes + half_k]
                         .copy_from_slice(&w.packed[r * half_k..(r + 1) * half_k]);
                 }
-                let (scale_rows, scale_cols) = swizzled_shape(w.n, kb);
-                let scale = swizzle_scales(&w.scales, w.n, kb);
+                let (scale_rows, scale_cols, scale) = if kind.swizzled_scales() {
+                    let (r, c) = swizzled_shape(w.n, kb);
+                    (r, c, swizzle_scales(&w.scales, w.n, kb))
+                } else {
+                    (w.n, kb, w.scales.clone())
+                };
                 Self {
                     kind,
                     n: w.n,
@@ -250,7 +274,7 @@ impl PreparedLayout {
             packed[r * half_k..(r + 1) * half_k]
                 .copy_from_slice(&self.weight[p * self.weight_row_bytes..p * self.weight_row_bytes + half_k]);
             for c in 0..kb {
-                scales[r * kb + c] = self.scale[swizzle_offset(p, c, self.scale_cols)];
+                scales[r * kb + c] = self.scale[self.kind.scale_offset(p, c, self.scale_cols)];
             }
         }
         Nvfp4Weight::new(self.n, self.k, packed, scales, weight_scale_2)
@@ -267,7 +291,7 @@ impl PreparedLayout {
     #[inline]
     pub fn scale_byte(&self, n: usize, b: usize) -> u8 {
         let p = Self::physical_row(self.kind, n);
-        self.scale[swizzle_offset(p, b, self.scale_cols)]
+        self.scale[self.kind.scale_offset(p, b, self.scale_cols)]
     }
 }
 

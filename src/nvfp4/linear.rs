@@ -118,8 +118,9 @@ impl std::str::FromStr for ActMode {
 /// The matmul `y = alpha * (x ⊗ W)` as a Candle op over (x, prepared weight, prepared scales).
 #[derive(Debug, Clone)]
 pub struct Nvfp4Matmul {
-    /// The variant; its layout is `backend.layout()`.
     pub backend: Backend,
+    /// The layout the weight was prepared in (the backend's, adapted to the device).
+    pub kind: LayoutKind,
     pub n: usize,
     pub k: usize,
     pub weight_row_bytes: usize,
@@ -130,10 +131,6 @@ pub struct Nvfp4Matmul {
 }
 
 impl Nvfp4Matmul {
-    pub fn kind(&self) -> LayoutKind {
-        self.backend.layout()
-    }
-
     /// `alpha` of the GEMM: `weight_scale_2` (w4a16) or `input_scale * weight_scale_2` (w4a4).
     pub fn alpha(&self) -> f32 {
         match self.mode {
@@ -156,7 +153,7 @@ impl Nvfp4Matmul {
     /// Block-scaled weight `e2m1 * s` as f32 `[n, k]`, read straight from the prepared layout.
     fn weight_f32(&self, w: &[u8], s: &[u8]) -> Vec<f32> {
         let view = PreparedView {
-            kind: self.kind(),
+            kind: self.kind,
             weight: w,
             row_bytes: self.weight_row_bytes,
             scale: s,
@@ -195,7 +192,7 @@ impl PreparedView<'_> {
     #[inline]
     fn scale(&self, n: usize, b: usize) -> u8 {
         let p = PreparedLayout::physical_row(self.kind, n);
-        self.scale[super::layout::swizzle_offset(p, b, self.scale_cols)]
+        self.scale[self.kind.scale_offset(p, b, self.scale_cols)]
     }
 }
 
@@ -303,11 +300,27 @@ impl Nvfp4Linear {
         device: &Device,
     ) -> Result<Self> {
         crate::cuda_support::check_layer(backend, device, w.n, w.k)?;
-        let p = PreparedLayout::prepare(w, backend.layout());
+        let kind = crate::cuda_support::layout_for(backend, device)?;
+        Self::with_layout(w, input_scale, bias, backend, kind, mode, device)
+    }
+
+    /// As [`Nvfp4Linear::new`] with an explicit layout (no device checks): for tests and tools
+    /// that exercise a layout on a device that would not pick it.
+    pub fn with_layout(
+        w: &Nvfp4Weight,
+        input_scale: Option<f32>,
+        bias: Option<Tensor>,
+        backend: Backend,
+        kind: LayoutKind,
+        mode: ActMode,
+        device: &Device,
+    ) -> Result<Self> {
+        let p = PreparedLayout::prepare(w, kind);
         let weight = Tensor::from_vec(p.weight, (p.weight_rows, p.weight_row_bytes), device)?;
         let scale = Tensor::from_vec(p.scale, (p.scale_rows, p.scale_cols), device)?;
         let op = Nvfp4Matmul {
             backend,
+            kind: p.kind,
             n: w.n,
             k: w.k,
             weight_row_bytes: p.weight_row_bytes,
@@ -351,7 +364,7 @@ impl Nvfp4Linear {
     /// Back to canonical form, read from the prepared buffers.
     pub fn to_canonical(&self) -> Result<Nvfp4Weight> {
         let p = PreparedLayout {
-            kind: self.op.kind(),
+            kind: self.op.kind,
             n: self.op.n,
             k: self.op.k,
             weight: self.weight.flatten_all()?.to_vec1::<u8>()?,
