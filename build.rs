@@ -53,6 +53,43 @@ fn env_path(var: &str, what: &str) -> String {
     })
 }
 
+/// CUTLASS's block-scaled NVFP4 GEMM for sm_100a (host launcher + kernel) as a static library; it
+/// uses the CUDA runtime, so libcudart is linked too.
+fn build_sm100(nvcc: &Path, cutlass_include: &str, out: &Path) {
+    let obj = out.join("nvfp4_sm100.o");
+    let output = Command::new(nvcc)
+        .args(["-c", "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC"])
+        .arg(format!("-I{cutlass_include}"))
+        .arg("-gencode=arch=compute_100a,code=sm_100a")
+        .arg("-o")
+        .arg(&obj)
+        .arg("kernels/nvfp4_sm100.cu")
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {}: {e}", nvcc.display()));
+    if !output.status.success() {
+        panic!("nvcc failed on kernels/nvfp4_sm100.cu:\n{}", String::from_utf8_lossy(&output.stderr));
+    }
+    archive(&obj, &out.join("libcandiff_sm100.a"));
+    println!("cargo:rustc-link-search=native={}", out.display());
+    println!("cargo:rustc-link-lib=static=candiff_sm100");
+    link_cudart();
+}
+
+fn archive(obj: &Path, lib: &Path) {
+    let _ = std::fs::remove_file(lib);
+    let status = Command::new("ar").arg("crs").arg(lib).arg(obj).status().expect("ar");
+    assert!(status.success(), "ar failed");
+}
+
+fn link_cudart() {
+    let cuda =
+        std::env::var("CUDA_ROOT").or_else(|_| std::env::var("CUDA_PATH")).unwrap_or_else(|_| "/usr/local/cuda".into());
+    println!("cargo:rustc-link-search=native={cuda}/lib");
+    println!("cargo:rustc-link-search=native={cuda}/lib64");
+    println!("cargo:rustc-link-lib=dylib=cudart");
+    println!("cargo:rustc-link-lib=dylib=stdc++");
+}
+
 /// The cuDNN variant's C++ shim over cudnn-frontend, as a static library.
 fn build_cudnn_shim(out: &Path) {
     let fe = env_path("CUDNN_FRONTEND_INCLUDE", "cudnn-frontend headers");
@@ -72,26 +109,21 @@ fn build_cudnn_shim(out: &Path) {
         .status()
         .unwrap_or_else(|e| panic!("could not run {cxx}: {e}"));
     assert!(status.success(), "compiling kernels/cudnn_nvfp4.cpp failed");
-    let lib = out.join("libcandiff_cudnn.a");
-    let _ = std::fs::remove_file(&lib);
-    let status = Command::new("ar").arg("crs").arg(&lib).arg(&obj).status().expect("ar");
-    assert!(status.success(), "ar failed");
+    archive(&obj, &out.join("libcandiff_cudnn.a"));
     println!("cargo:rustc-link-search=native={}", out.display());
     println!("cargo:rustc-link-lib=static=candiff_cudnn");
     if let Ok(dir) = std::env::var("CUDNN_LIB") {
         println!("cargo:rustc-link-search=native={dir}");
     }
-    println!("cargo:rustc-link-search=native={cuda}/lib");
-    println!("cargo:rustc-link-search=native={cuda}/lib64");
     println!("cargo:rustc-link-lib=dylib=cudnn");
-    println!("cargo:rustc-link-lib=dylib=cudart");
-    println!("cargo:rustc-link-lib=dylib=stdc++");
+    link_cudart();
 }
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo::rustc-check-cfg=cfg(candiff_cutlass)");
+    println!("cargo::rustc-check-cfg=cfg(candiff_sm100)");
     for var in [
         "CUDA_ROOT",
         "CUDA_PATH",
@@ -121,8 +153,10 @@ fn main() {
     compile_fatbin(&nvcc, "nvfp4", &[], &out);
     match std::env::var("CUTLASS_INCLUDE") {
         Ok(inc) => {
-            compile_fatbin(&nvcc, "nvfp4_cutlass", &[inc], &out);
+            compile_fatbin(&nvcc, "nvfp4_cutlass", std::slice::from_ref(&inc), &out);
             println!("cargo:rustc-cfg=candiff_cutlass");
+            build_sm100(&nvcc, &inc, &out);
+            println!("cargo:rustc-cfg=candiff_sm100");
         }
         Err(_) => println!(
             "cargo:warning=CUTLASS_INCLUDE is not set: the `cutlass` NVFP4 variant is left out (scripts/setup-cuda.sh --cutlass installs the headers)"

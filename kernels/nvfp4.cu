@@ -180,12 +180,13 @@ __device__ __forceinline__ void nvfp4_gemv_w4a16(
 // ---------------------------------------------------------------------------------------------
 // Activation quantization (FlashInfer's rule): per 16-element block of a row,
 // s = e4m3(amax / 6 * gs), code = e2m1(x / (s / gs)), gs = 1 / input_scale; codes 0 where s == 0.
-// Writes low-first packed codes [M, K/2] and 128x4-swizzled scales (zero-initialised by the caller)
+// Writes low-first packed codes (rows `packed_row_bytes` apart, so K can be padded) and 128x4-swizzled
+// scales (both zero-initialised by the caller)
 // when `packed` is non-null, and the block-scaled values e2m1 * s as bf16 [M, K] (exact) when `deq`
 // is non-null: the latter feeds the bf16 tensor-core GEMM with alpha = input_scale * weight_scale_2.
 __device__ __forceinline__ void nvfp4_quantize_act(const __nv_bfloat16* __restrict__ x, int M, int K, float input_scale,
-                                   uint8_t* __restrict__ packed, uint8_t* __restrict__ scales, int scale_cols,
-                                   __nv_bfloat16* __restrict__ deq) {
+                                   uint8_t* __restrict__ packed, int packed_row_bytes, uint8_t* __restrict__ scales,
+                                   int scale_cols, __nv_bfloat16* __restrict__ deq) {
     int blocks_per_row = K / kGroup;
     int id = blockIdx.x * blockDim.x + threadIdx.x;
     if (id >= M * blocks_per_row) return;
@@ -211,7 +212,7 @@ __device__ __forceinline__ void nvfp4_quantize_act(const __nv_bfloat16* __restri
         for (int i = 0; i < kGroup; i++) codes[i] = e2m1_encode(__fdiv_rn(v[i], step));
     }
     if (packed) {
-        uint8_t* dst = packed + (size_t)r * (K / 2) + b * (kGroup / 2);
+        uint8_t* dst = packed + (size_t)r * packed_row_bytes + b * (kGroup / 2);
 #pragma unroll
         for (int j = 0; j < kGroup / 2; j++) dst[j] = (uint8_t)(codes[2 * j] | (codes[2 * j + 1] << 4));
         scales[swizzle_offset(r, b, scale_cols)] = (uint8_t)sbits;
@@ -252,9 +253,18 @@ GEMM(1, cutlass, __nv_bfloat16, bf16)
 GEMM(1, cutlass, __half, f16)
 
 extern "C" __global__ void nvfp4_quantize_act_bf16(const __nv_bfloat16* x, int M, int K, float input_scale,
-                                                   uint8_t* packed, uint8_t* scales, int scale_cols,
-                                                   __nv_bfloat16* deq) {
-    nvfp4_quantize_act(x, M, K, input_scale, packed, scales, scale_cols, deq);
+                                                   uint8_t* packed, int packed_row_bytes, uint8_t* scales,
+                                                   int scale_cols, __nv_bfloat16* deq) {
+    nvfp4_quantize_act(x, M, K, input_scale, packed, packed_row_bytes, scales, scale_cols, deq);
+}
+
+// Keeps the first `dst_cols` of each row (output of a GEMM run on a padded N).
+extern "C" __global__ void crop_cols(const uint8_t* src, uint8_t* dst, int rows, int src_cols, int dst_cols,
+                                     int elem_bytes) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)rows * dst_cols) return;
+    size_t r = i / dst_cols, c = i % dst_cols;
+    for (int b = 0; b < elem_bytes; b++) dst[i * elem_bytes + b] = src[(r * src_cols + c) * elem_bytes + b];
 }
 
 extern "C" __global__ void f32_to_bf16(const float* src, __nv_bfloat16* dst, size_t n) { to_bf16<float>(src, dst, n); }

@@ -78,6 +78,10 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
             (driver % 1000) / 10,
             env!("CANDIFF_NVCC_VERSION")
         );
+        #[cfg(feature = "cudnn")]
+        println!("cuDNN {}", crate::cuda::cudnn::version_string(crate::cuda::cudnn::version()));
+        #[cfg(not(feature = "cudnn"))]
+        println!("cuDNN: not used by this build (build with --features cudnn for the cudnn variant)");
         println!(
             "FP4 tensor cores: {}",
             if cc.0 >= 10 { "yes (Blackwell)" } else { "no: NVFP4 runs through candiff's dequantizing kernels" }

@@ -25,6 +25,8 @@ static CUTLASS_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nvfp4_c
 
 #[cfg(feature = "cudnn")]
 pub mod cudnn;
+#[cfg(candiff_sm100)]
+pub mod sm100;
 
 /// The compiled kernel modules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -86,8 +88,19 @@ fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
     function_in(dev, Kernels::Nvfp4, name)
 }
 
-/// (major, minor) compute capability.
+/// (major, minor) compute capability (queried once per device).
 pub fn compute_capability(dev: &CudaDevice) -> Result<(i32, i32)> {
+    static CACHE: OnceLock<Mutex<HashMap<DeviceId, (i32, i32)>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(cc) = cache.lock().expect("cc cache poisoned").get(&dev.id()) {
+        return Ok(*cc);
+    }
+    let cc = query_compute_capability(dev)?;
+    cache.lock().expect("cc cache poisoned").insert(dev.id(), cc);
+    Ok(cc)
+}
+
+fn query_compute_capability(dev: &CudaDevice) -> Result<(i32, i32)> {
     let ctx = dev.cuda_stream().context().clone();
     let major =
         ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).map_err(wrap("cc"))?;
@@ -203,25 +216,40 @@ pub fn quantize_activations(
     codes: bool,
     deq: bool,
 ) -> Result<(Option<(CudaSlice<u8>, CudaSlice<u8>)>, Option<CudaSlice<bf16>>)> {
+    quantize_activations_padded(dev, x, m, k, k, input_scale, codes, deq)
+}
+
+/// As [`quantize_activations`], with code rows `k_pad / 2` bytes apart (zero padding past K).
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_activations_padded(
+    dev: &CudaDevice,
+    x: &CudaSlice<bf16>,
+    m: usize,
+    k: usize,
+    k_pad: usize,
+    input_scale: f32,
+    codes: bool,
+    deq: bool,
+) -> Result<(Option<(CudaSlice<u8>, CudaSlice<u8>)>, Option<CudaSlice<bf16>>)> {
     let stream = dev.cuda_stream();
     let kb = k / 16;
     let scale_cols = kb.div_ceil(4) * 4;
     let scale_rows = m.div_ceil(128) * 128;
-    let mut packed = if codes { Some(stream.alloc_zeros::<u8>(m * k / 2).map_err(wrap("alloc"))?) } else { None };
+    let mut packed = if codes { Some(stream.alloc_zeros::<u8>(m * k_pad / 2).map_err(wrap("alloc"))?) } else { None };
     let mut scales =
         if codes { Some(stream.alloc_zeros::<u8>(scale_rows * scale_cols).map_err(wrap("alloc"))?) } else { None };
     let mut out = if deq { Some(stream.alloc_zeros::<bf16>(m * k).map_err(wrap("alloc"))?) } else { None };
     let f = function(dev, "nvfp4_quantize_act_bf16")?;
-    let (m_i, k_i, sc_i) = (m as i32, k as i32, scale_cols as i32);
+    let (m_i, k_i, sc_i, row_i) = (m as i32, k as i32, scale_cols as i32, (k_pad / 2) as i32);
     let null = 0u64;
     let mut b = stream.launch_builder(&f);
     b.arg(x).arg(&m_i).arg(&k_i).arg(&input_scale);
     match (&mut packed, &mut scales) {
         (Some(p), Some(s)) => {
-            b.arg(p).arg(s);
+            b.arg(p).arg(&row_i).arg(s);
         }
         _ => {
-            b.arg(&null).arg(&null);
+            b.arg(&null).arg(&row_i).arg(&null);
         }
     }
     b.arg(&sc_i);
@@ -253,6 +281,14 @@ pub fn nvfp4_linear_fwd(
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("non-empty") = op.n;
     let x = input_bf16(s1, l1)?;
+    #[cfg(candiff_sm100)]
+    if op.backend == Backend::Cutlass && op.mode == ActMode::W4A4 && compute_capability(&dev)? == sm100::SM100 {
+        // FP4 tensor cores: activations quantized to codes, CUTLASS's block-scaled GEMM.
+        let out_dtype = if s1.dtype() == DType::F32 { DType::F32 } else { DType::BF16 };
+        let w = view::<u8>(s2, l2, "weight")?;
+        let sc = view::<u8>(s3, l3, "scale")?;
+        return sm100::fp4_gemm(op, &dev, &x, &w, &sc, m, out_dtype).map(|s| (s, Shape::from(out_dims)));
+    }
     let x = match op.mode {
         ActMode::W4A16 => x,
         ActMode::W4A4 => {
