@@ -3,53 +3,57 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{CResult, CandiffError};
-use crate::nvfp4::{Checkpoint, Overrides};
+use crate::hub;
+use crate::nvfp4::checkpoint::{declared_configs, weight_files};
+use crate::nvfp4::config::{self, DeclaredConfig};
+use crate::nvfp4::Overrides;
+use crate::safetensors::{read_header, Header};
 
-/// Module naming convention of a transformer checkpoint.
-pub fn naming(ckpt: &Checkpoint) -> &'static str {
-    let keys = || ckpt.files.iter().flat_map(|f| f.header.tensors.keys());
-    if keys().any(|k| k.contains("double_blocks.") || k.contains("single_blocks.")) {
+/// Module naming convention of a transformer checkpoint, from its tensor names.
+pub fn naming<'a>(mut keys: impl Iterator<Item = &'a String> + Clone) -> &'static str {
+    if keys.clone().any(|k| k.contains("double_blocks.") || k.contains("single_blocks.")) {
         "BFL (double_blocks / single_blocks)"
-    } else if keys().any(|k| k.contains("transformer_blocks.") || k.starts_with("blocks.")) {
+    } else if keys.any(|k| k.contains("transformer_blocks.") || k.starts_with("blocks.")) {
         "diffusers"
     } else {
         "other"
     }
 }
 
-/// Where the Hugging Face cache lives (`HF_HUB_CACHE`, `HF_HOME/hub`, `~/.cache/huggingface/hub`).
-pub fn hf_cache_dir() -> PathBuf {
-    if let Ok(p) = std::env::var("HF_HUB_CACHE") {
-        return PathBuf::from(p);
-    }
-    if let Ok(p) = std::env::var("HF_HOME") {
-        return PathBuf::from(p).join("hub");
-    }
-    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
-    PathBuf::from(home).join(".cache/huggingface/hub")
+/// What `inspect` was pointed at.
+pub enum Target {
+    Local(PathBuf),
+    /// A repository that is not in the local cache: read over HTTP, headers only.
+    Remote {
+        repo: String,
+        subfolder: String,
+        revision: String,
+    },
 }
 
-/// A local folder or file as is; `org/name` from the local Hugging Face cache (snapshot of `main`).
-pub fn resolve_target(target: &str) -> CResult<PathBuf> {
+/// A local folder or file as is; `org/name[/subfolder]` from the local Hugging Face cache, else
+/// from the Hub (unless `HF_HUB_OFFLINE=1`).
+pub fn resolve_target(target: &str, revision: &str) -> CResult<Target> {
     let p = Path::new(target);
     if p.exists() {
-        return Ok(p.to_path_buf());
+        return Ok(Target::Local(p.to_path_buf()));
     }
     let parts: Vec<&str> = target.split('/').collect();
-    if parts.len() >= 2 && !target.starts_with('.') && !target.starts_with('/') {
+    if parts.len() >= 2 && !target.starts_with('.') && !target.starts_with('/') && parts.iter().all(|p| !p.is_empty()) {
         let (repo, sub) = (format!("{}/{}", parts[0], parts[1]), parts[2..].join("/"));
-        let dir = hf_cache_dir().join(format!("models--{}", repo.replace('/', "--")));
-        let rev = std::fs::read_to_string(dir.join("refs/main")).ok();
-        if let Some(rev) = rev {
-            let snap = dir.join("snapshots").join(rev.trim()).join(&sub);
-            if snap.exists() {
-                return Ok(snap);
+        if let Some(snap) = hub::cached_snapshot(&repo, revision) {
+            let path = snap.join(&sub);
+            if path.exists() {
+                return Ok(Target::Local(path));
             }
         }
-        return Err(CandiffError::Unsupported(format!(
-            "`{target}` is neither a local path nor a repository in the Hugging Face cache ({}). Download it first (e.g. `huggingface-cli download {repo}`), or pass a local folder or .safetensors file.",
-            hf_cache_dir().display()
-        )));
+        if hub::offline() {
+            return Err(CandiffError::Unsupported(format!(
+                "`{target}` is neither a local path nor in the Hugging Face cache ({}), and HF_HUB_OFFLINE is set. Download it first, unset HF_HUB_OFFLINE, or pass a local folder or .safetensors file.",
+                hub::cache_dir().display()
+            )));
+        }
+        return Ok(Target::Remote { repo, subfolder: sub, revision: revision.to_string() });
     }
     Err(CandiffError::io(p, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")))
 }
@@ -128,10 +132,86 @@ pub struct QuantReport {
     pub excluded: Vec<String>,
 }
 
-pub fn inspect(path: &Path, overrides: &Overrides) -> CResult<Report> {
-    let ckpt = Checkpoint::open(path, overrides)?;
-    let bytes = ckpt.files.iter().map(|f| std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0)).sum();
-    let quantization = ckpt.plan.as_ref().map(|p| {
+/// The headers and declarations of one checkpoint, however they were read.
+pub struct HeaderSet {
+    pub label: String,
+    pub headers: Vec<(String, Header)>,
+    pub bytes: u64,
+    pub declared: Vec<DeclaredConfig>,
+}
+
+impl HeaderSet {
+    /// A local file or model folder (headers only; no tensor data is read).
+    pub fn local(path: &Path) -> CResult<Self> {
+        let (files, declared) = if path.is_dir() {
+            (weight_files(path)?, declared_configs(path)?.1)
+        } else {
+            (vec![path.to_path_buf()], Vec::new())
+        };
+        let mut headers = Vec::new();
+        let mut bytes = 0;
+        for f in &files {
+            headers.push((f.display().to_string(), read_header(f)?));
+            bytes += std::fs::metadata(f).map_err(|e| CandiffError::io(f, e))?.len();
+        }
+        Ok(Self { label: path.display().to_string(), headers, bytes, declared })
+    }
+
+    /// The checkpoints of a remote repository (or one subfolder of it): one set per folder that
+    /// holds safetensors files, read with range requests.
+    pub fn remote(repo: &str, subfolder: &str, revision: &str) -> CResult<Vec<Self>> {
+        let remote = hub::Remote::new(repo, revision);
+        let files = remote.files()?;
+        let prefix = if subfolder.is_empty() { String::new() } else { format!("{}/", subfolder.trim_end_matches('/')) };
+        let mut folders: Vec<String> = files
+            .iter()
+            .filter(|f| f.starts_with(&prefix) && f.ends_with(".safetensors"))
+            .map(|f| f.rsplit_once('/').map(|(d, _)| d.to_string()).unwrap_or_default())
+            .collect();
+        folders.sort();
+        folders.dedup();
+        if folders.is_empty() {
+            return Err(CandiffError::bad_config(
+                format!("{repo}/{subfolder}"),
+                "holds no .safetensors files",
+                "Name the folder of a model component, e.g. org/name/transformer.",
+            ));
+        }
+        let mut sets = Vec::new();
+        for dir in folders {
+            let join = |name: &str| if dir.is_empty() { name.to_string() } else { format!("{dir}/{name}") };
+            let mut declared = Vec::new();
+            if files.contains(&join("config.json")) {
+                let label = format!("{repo}/{}", join("config.json"));
+                if let Some(d) = config::parse_model_config(&remote.json(&join("config.json"))?, &label)? {
+                    declared.push(d);
+                }
+            }
+            if files.contains(&join("hf_quant_config.json")) {
+                let label = format!("{repo}/{}", join("hf_quant_config.json"));
+                declared.push(config::parse_hf_quant_config(&remote.json(&join("hf_quant_config.json"))?, &label)?);
+            }
+            let mut headers = Vec::new();
+            let mut bytes = 0u64;
+            for f in files
+                .iter()
+                .filter(|f| f.ends_with(".safetensors") && f.rsplit_once('/').map(|(d, _)| d).unwrap_or("") == dir)
+            {
+                let h = remote.header(f)?;
+                bytes += h.data_start as u64 + h.tensors.values().map(|t| t.end as u64).max().unwrap_or(0);
+                headers.push((format!("{repo}/{f}"), h));
+            }
+            sets.push(Self { label: format!("{repo}/{dir} (remote, {revision})"), headers, bytes, declared });
+        }
+        Ok(sets)
+    }
+}
+
+pub fn report(set: &HeaderSet, overrides: &Overrides) -> CResult<Report> {
+    let refs: Vec<(String, &Header)> = set.headers.iter().map(|(n, h)| (n.clone(), h)).collect();
+    let inferred = config::infer(&refs)?;
+    let plan = config::resolve(&set.declared, &inferred, overrides)?;
+    let quantization = plan.as_ref().map(|p| {
         let (inp, ws2) = p.missing_scales();
         QuantReport {
             format: p.format.to_string(),
@@ -148,13 +228,18 @@ pub fn inspect(path: &Path, overrides: &Overrides) -> CResult<Report> {
         }
     });
     Ok(Report {
-        path: path.display().to_string(),
-        files: ckpt.files.len(),
-        bytes,
-        tensors: ckpt.files.iter().map(|f| f.header.tensors.len()).sum(),
-        naming: naming(&ckpt),
+        path: set.label.clone(),
+        files: set.headers.len(),
+        bytes: set.bytes,
+        tensors: set.headers.iter().map(|(_, h)| h.tensors.len()).sum(),
+        naming: naming(set.headers.iter().flat_map(|(_, h)| h.tensors.keys())),
         quantization,
     })
+}
+
+/// Inspects a local file or folder.
+pub fn inspect(path: &Path, overrides: &Overrides) -> CResult<Report> {
+    report(&HeaderSet::local(path)?, overrides)
 }
 
 impl std::fmt::Display for Report {

@@ -6,6 +6,7 @@ pub mod cuda;
 pub mod cuda_support;
 pub mod doctor;
 pub mod error;
+pub mod hub;
 pub mod inspect;
 pub mod linear;
 pub mod nvfp4;

@@ -5,7 +5,16 @@ mod common;
 use std::process::Command;
 
 fn inspect(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_candiff")).arg("inspect").args(args).output().unwrap();
+    inspect_env(args, &[])
+}
+
+fn inspect_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_candiff"));
+    cmd.arg("inspect").args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
@@ -45,6 +54,25 @@ fn reports_layout_decisions_and_counts() {
 fn bad_targets_fail_with_a_message() {
     let (ok, _, err) = inspect(&["/nonexistent/model.safetensors"]);
     assert!(!ok && err.contains("error:") && err.contains("/nonexistent/model.safetensors"), "{err}");
-    let (ok, _, err) = inspect(&["some-org/some-model-that-is-not-cached"]);
-    assert!(!ok && err.contains("Hugging Face cache"), "{err}");
+    let (ok, _, err) = inspect_env(&["some-org/some-model-that-is-not-cached"], &[("HF_HUB_OFFLINE", "1")]);
+    assert!(!ok && err.contains("Hugging Face cache") && err.contains("HF_HUB_OFFLINE"), "{err}");
+}
+
+#[test]
+fn hub_repo_ids_resolve_through_the_local_cache() {
+    // The standard cache layout: models--org--name/refs/main -> snapshots/<commit>/...
+    let cache = std::env::temp_dir().join(format!("candiff-hf-cache-{}", std::process::id()));
+    let snap = cache.join("models--some-org--tiny-flux/snapshots/0123abcd/transformer");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(cache.join("models--some-org--tiny-flux/refs")).unwrap();
+    std::fs::write(cache.join("models--some-org--tiny-flux/refs/main"), "0123abcd").unwrap();
+    let src = common::fixtures().join("flux1_tiny/transformer_nvfp4_modelopt");
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(src.join(f), snap.join(f)).unwrap();
+    }
+    let env = [("HF_HUB_CACHE", cache.to_str().unwrap()), ("HF_HUB_OFFLINE", "1")];
+    let (ok, out, err) = inspect_env(&["some-org/tiny-flux/transformer"], &env);
+    let _ = std::fs::remove_dir_all(&cache);
+    assert!(ok, "{err}");
+    assert!(out.contains("ModelOpt NVFP4") && out.contains("scale layout: linear"), "{out}");
 }

@@ -22,7 +22,7 @@ pub struct Checkpoint {
     pub plan: Option<Nvfp4Plan>,
 }
 
-fn read_json(path: &Path) -> CResult<Value> {
+pub fn read_json(path: &Path) -> CResult<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| CandiffError::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| {
         CandiffError::bad_config(path.display(), format!("not valid JSON ({e})"), "Re-download or fix the file.")
@@ -31,7 +31,7 @@ fn read_json(path: &Path) -> CResult<Value> {
 
 /// The safetensors files of a folder: the index's shards if there is an index, else every
 /// `*.safetensors` in it (sorted).
-fn weight_files(dir: &Path) -> CResult<Vec<PathBuf>> {
+pub fn weight_files(dir: &Path) -> CResult<Vec<PathBuf>> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| CandiffError::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -48,6 +48,26 @@ fn weight_files(dir: &Path) -> CResult<Vec<PathBuf>> {
         return Ok(shards);
     }
     Ok(entries.into_iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect())
+}
+
+/// A folder's `config.json` (returned whole) and the NVFP4 declarations in it and in
+/// `hf_quant_config.json`.
+pub fn declared_configs(dir: &Path) -> CResult<(Option<Value>, Vec<DeclaredConfig>)> {
+    let mut declared = Vec::new();
+    let mut config = None;
+    let cfg_path = dir.join("config.json");
+    if cfg_path.is_file() {
+        let v = read_json(&cfg_path)?;
+        if let Some(d) = config::parse_model_config(&v, &cfg_path.display().to_string())? {
+            declared.push(d);
+        }
+        config = Some(v);
+    }
+    let hq = dir.join("hf_quant_config.json");
+    if hq.is_file() {
+        declared.push(config::parse_hf_quant_config(&read_json(&hq)?, &hq.display().to_string())?);
+    }
+    Ok((config, declared))
 }
 
 impl Checkpoint {
@@ -73,22 +93,7 @@ impl Checkpoint {
         }
         let files = paths.iter().map(|p| MappedFile::open(p)).collect::<CResult<Vec<_>>>()?;
         // A single file next to another model's config must not borrow it: only folders read configs.
-        let mut declared = Vec::new();
-        let mut config = None;
-        if path.is_dir() {
-            let cfg_path = root.join("config.json");
-            if cfg_path.is_file() {
-                let v = read_json(&cfg_path)?;
-                if let Some(d) = config::parse_model_config(&v, &cfg_path.display().to_string())? {
-                    declared.push(d);
-                }
-                config = Some(v);
-            }
-            let hq = root.join("hf_quant_config.json");
-            if hq.is_file() {
-                declared.push(config::parse_hf_quant_config(&read_json(&hq)?, &hq.display().to_string())?);
-            }
-        }
+        let (config, declared) = if path.is_dir() { declared_configs(&root)? } else { (None, Vec::new()) };
         let headers: Vec<(String, &crate::safetensors::Header)> = files.iter().map(|f| (f.name(), &f.header)).collect();
         let inferred = config::infer(&headers)?;
         let plan = config::resolve(&declared, &inferred, overrides)?;
