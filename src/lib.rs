@@ -9,6 +9,7 @@ pub mod error;
 pub mod hub;
 pub mod inspect;
 pub mod linear;
+pub mod models;
 pub mod nvfp4;
 pub mod rng;
 pub mod safetensors;

@@ -1,0 +1,8 @@
+//! FLUX.1: the MMDiT transformer (`FluxTransformer2DModel`), its config, RoPE and sampling helpers.
+
+pub mod config;
+pub mod model;
+pub mod sampling;
+
+pub use config::FluxConfig;
+pub use model::{FluxTransformer, Naming};

@@ -1,0 +1,451 @@
+//! The FLUX.1 transformer, one body for every weight format: dense layers and NVFP4 layers come
+//! from [`WeightBuilder::linear`]. Loads diffusers names and BFL names (fused `qkv` / `linear1`,
+//! `[shift; scale]` final modulation); field names follow diffusers.
+//!
+//! Shapes: `img` `[B, S_img, in_channels]` (packed latents), `txt` `[B, S_txt, joint_attention_dim]`,
+//! `pooled` `[B, pooled_projection_dim]`, `timestep` / `guidance` `[B]` in [0, 1] (multiplied by 1000
+//! inside), `img_ids` `[S_img, 3]`, `txt_ids` `[S_txt, 3]`; output `[B, S_img, out_channels]`.
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+
+use super::config::FluxConfig;
+use crate::linear::{Linear, WeightBuilder};
+use crate::models::ops::{attention, gelu_tanh, layer_norm_no_affine, modulate, timestep_embedding, RmsNorm};
+
+/// Norm epsilon of every LayerNorm and q/k RMSNorm in FLUX.
+const EPS: f64 = 1e-6;
+/// Channels of the sinusoidal timestep / guidance embedding.
+const TIME_DIM: usize = 256;
+/// Timesteps and guidance arrive in [0, 1]; the model was trained on 1000x.
+const TIME_SCALE: f64 = 1000.0;
+const ROPE_THETA: f64 = 10_000.0;
+/// Longest period of the sinusoidal time embedding.
+const TIME_MAX_PERIOD: f64 = 10_000.0;
+/// FLUX's MLP widening.
+const MLP_RATIO: usize = 4;
+
+/// Which key names a checkpoint uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Naming {
+    Diffusers,
+    /// BFL / Comfy single files.
+    Bfl,
+}
+
+impl Naming {
+    /// From the tensor names: `double_blocks.` means BFL.
+    pub fn detect<'a>(mut keys: impl Iterator<Item = &'a String>) -> Self {
+        if keys.any(|k| k.starts_with("double_blocks.") || k.contains(".double_blocks.")) {
+            Naming::Bfl
+        } else {
+            Naming::Diffusers
+        }
+    }
+}
+
+/// One projection producing several outputs: fused in BFL files, separate in diffusers ones.
+#[derive(Debug, Clone)]
+enum Proj {
+    Fused(Linear, Vec<usize>),
+    Split(Vec<Linear>),
+}
+
+impl Proj {
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Proj::Split(ls) => ls.iter().map(|l| l.forward(x)).collect(),
+            Proj::Fused(l, sizes) => {
+                let y = l.forward(x)?;
+                let mut out = Vec::with_capacity(sizes.len());
+                let mut start = 0;
+                for &s in sizes {
+                    out.push(y.narrow(D::Minus1, start, s)?);
+                    start += s;
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// `linear_2(silu(linear_1(x)))` (BFL: `in_layer` / `out_layer`).
+#[derive(Debug, Clone)]
+struct Embedder {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl Embedder {
+    fn new(wb: &WeightBuilder, naming: Naming, in_dim: usize, dim: usize) -> Result<Self> {
+        let (a, b) = match naming {
+            Naming::Diffusers => ("linear_1", "linear_2"),
+            Naming::Bfl => ("in_layer", "out_layer"),
+        };
+        Ok(Self { linear_1: wb.pp(a).linear(in_dim, dim, true)?, linear_2: wb.pp(b).linear(dim, dim, true)? })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
+    }
+}
+
+fn chunks(t: &Tensor, n: usize) -> Result<Vec<Tensor>> {
+    t.chunk(n, D::Minus1)
+}
+
+fn rms(wb: &WeightBuilder, name: &str) -> Result<RmsNorm> {
+    Ok(RmsNorm::new(wb.vb().get_unchecked(name)?, EPS))
+}
+
+/// `[B, S, H*D]` -> `[B, H, S, D]`.
+fn heads(x: &Tensor, h: usize) -> Result<Tensor> {
+    let (b, s, hd) = x.dims3()?;
+    x.reshape((b, s, h, hd / h))?.transpose(1, 2)
+}
+
+/// `[B, H, S, D]` -> `[B, S, H*D]`.
+fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, s, d) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, s, h * d))
+}
+
+/// Rotary embedding on interleaved pairs `(x[2i], x[2i+1])`; `cos`/`sin` are `[S, D/2]`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, h, s, d) = x.dims4()?;
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?.reshape((b, h, s, d / 2, 2))?;
+    let x0 = x.narrow(4, 0, 1)?.squeeze(4)?;
+    let x1 = x.narrow(4, 1, 1)?.squeeze(4)?;
+    let (cos, sin) = (cos.unsqueeze(0)?.unsqueeze(0)?, sin.unsqueeze(0)?.unsqueeze(0)?);
+    let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+    let y1 = (x1.broadcast_mul(&cos)? + x0.broadcast_mul(&sin)?)?;
+    Tensor::stack(&[y0, y1], 4)?.reshape((b, h, s, d))?.to_dtype(dtype)
+}
+
+/// RoPE tables for position ids `[S, n_axes]`: per axis `d_a / 2` frequencies `theta^(-2i/d_a)`,
+/// angles in f64, then `cos`/`sin` as f32 `[S, sum(d_a) / 2]`.
+pub fn rope_tables(ids: &Tensor, axes: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
+    let ids: Vec<Vec<f32>> = ids.to_dtype(DType::F32)?.to_vec2()?;
+    let half: usize = axes.iter().sum::<usize>() / 2;
+    let mut cos = Vec::with_capacity(ids.len() * half);
+    let mut sin = Vec::with_capacity(ids.len() * half);
+    for row in &ids {
+        for (a, &d) in axes.iter().enumerate() {
+            let pos = row[a] as f64;
+            for i in 0..d / 2 {
+                let freq = 1.0 / ROPE_THETA.powf((2 * i) as f64 / d as f64);
+                let angle = pos * freq;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+    }
+    let s = ids.len();
+    Ok((Tensor::from_vec(cos, (s, half), device)?, Tensor::from_vec(sin, (s, half), device)?))
+}
+
+#[derive(Debug, Clone)]
+struct DoubleBlock {
+    norm1: Linear,
+    norm1_context: Linear,
+    qkv: Proj,
+    add_qkv: Proj,
+    norm_q: RmsNorm,
+    norm_k: RmsNorm,
+    norm_added_q: RmsNorm,
+    norm_added_k: RmsNorm,
+    to_out: Linear,
+    to_add_out: Linear,
+    ff: (Linear, Linear),
+    ff_context: (Linear, Linear),
+    heads: usize,
+}
+
+impl DoubleBlock {
+    fn new(wb: &WeightBuilder, naming: Naming, cfg: &FluxConfig) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        let hidden = dim * MLP_RATIO;
+        Ok(match naming {
+            Naming::Diffusers => {
+                let attn = wb.pp("attn");
+                let split = |names: [&str; 3]| -> Result<Proj> {
+                    Ok(Proj::Split(names.iter().map(|n| attn.pp(n).linear(dim, dim, true)).collect::<Result<_>>()?))
+                };
+                Self {
+                    norm1: wb.pp("norm1").pp("linear").linear(dim, 6 * dim, true)?,
+                    norm1_context: wb.pp("norm1_context").pp("linear").linear(dim, 6 * dim, true)?,
+                    qkv: split(["to_q", "to_k", "to_v"])?,
+                    add_qkv: split(["add_q_proj", "add_k_proj", "add_v_proj"])?,
+                    norm_q: rms(&attn.pp("norm_q"), "weight")?,
+                    norm_k: rms(&attn.pp("norm_k"), "weight")?,
+                    norm_added_q: rms(&attn.pp("norm_added_q"), "weight")?,
+                    norm_added_k: rms(&attn.pp("norm_added_k"), "weight")?,
+                    to_out: attn.pp("to_out").pp(0).linear(dim, dim, true)?,
+                    to_add_out: attn.pp("to_add_out").linear(dim, dim, true)?,
+                    ff: (
+                        wb.pp("ff").pp("net").pp(0).pp("proj").linear(dim, hidden, true)?,
+                        wb.pp("ff").pp("net").pp(2).linear(hidden, dim, true)?,
+                    ),
+                    ff_context: (
+                        wb.pp("ff_context").pp("net").pp(0).pp("proj").linear(dim, hidden, true)?,
+                        wb.pp("ff_context").pp("net").pp(2).linear(hidden, dim, true)?,
+                    ),
+                    heads: cfg.num_attention_heads,
+                }
+            }
+            Naming::Bfl => {
+                let stream = |s: &str| -> Result<(Linear, Proj, RmsNorm, RmsNorm, Linear, (Linear, Linear))> {
+                    let attn = wb.pp(format!("{s}_attn"));
+                    let norm = attn.pp("norm");
+                    Ok((
+                        wb.pp(format!("{s}_mod")).pp("lin").linear(dim, 6 * dim, true)?,
+                        Proj::Fused(attn.pp("qkv").linear(dim, 3 * dim, true)?, vec![dim; 3]),
+                        rms(&norm.pp("query_norm"), "scale")?,
+                        rms(&norm.pp("key_norm"), "scale")?,
+                        attn.pp("proj").linear(dim, dim, true)?,
+                        (
+                            wb.pp(format!("{s}_mlp")).pp(0).linear(dim, hidden, true)?,
+                            wb.pp(format!("{s}_mlp")).pp(2).linear(hidden, dim, true)?,
+                        ),
+                    ))
+                };
+                let (norm1, qkv, norm_q, norm_k, to_out, ff) = stream("img")?;
+                let (norm1_context, add_qkv, norm_added_q, norm_added_k, to_add_out, ff_context) = stream("txt")?;
+                Self {
+                    norm1,
+                    norm1_context,
+                    qkv,
+                    add_qkv,
+                    norm_q,
+                    norm_k,
+                    norm_added_q,
+                    norm_added_k,
+                    to_out,
+                    to_add_out,
+                    ff,
+                    ff_context,
+                    heads: cfg.num_attention_heads,
+                }
+            }
+        })
+    }
+
+    fn forward(&self, img: &Tensor, txt: &Tensor, temb: &Tensor, rope: &(Tensor, Tensor)) -> Result<(Tensor, Tensor)> {
+        let m = chunks(&self.norm1.forward(&temb.silu()?)?, 6)?;
+        let c = chunks(&self.norm1_context.forward(&temb.silu()?)?, 6)?;
+        let img_n = modulate(&layer_norm_no_affine(img, EPS)?, &m[0], &m[1])?;
+        let txt_n = modulate(&layer_norm_no_affine(txt, EPS)?, &c[0], &c[1])?;
+        let iq = self.qkv.forward(&img_n)?;
+        let tq = self.add_qkv.forward(&txt_n)?;
+        let h = self.heads;
+        let q_i = self.norm_q.forward(&heads(&iq[0], h)?)?;
+        let k_i = self.norm_k.forward(&heads(&iq[1], h)?)?;
+        let q_t = self.norm_added_q.forward(&heads(&tq[0], h)?)?;
+        let k_t = self.norm_added_k.forward(&heads(&tq[1], h)?)?;
+        // Joint attention over [txt, img].
+        let q = apply_rope(&Tensor::cat(&[q_t, q_i], 2)?, &rope.0, &rope.1)?;
+        let k = apply_rope(&Tensor::cat(&[k_t, k_i], 2)?, &rope.0, &rope.1)?;
+        let v = Tensor::cat(&[heads(&tq[2], h)?, heads(&iq[2], h)?], 2)?;
+        let o = merge_heads(&attention(&q, &k, &v)?)?;
+        let s_txt = txt.dim(1)?;
+        let o_txt = o.narrow(1, 0, s_txt)?;
+        let o_img = o.narrow(1, s_txt, o.dim(1)? - s_txt)?;
+
+        let img = (img + self.to_out.forward(&o_img)?.broadcast_mul(&m[2].unsqueeze(1)?)?)?;
+        let img_n = modulate(&layer_norm_no_affine(&img, EPS)?, &m[3], &m[4])?;
+        let ff = self.ff.1.forward(&gelu_tanh(&self.ff.0.forward(&img_n)?)?)?;
+        let img = (img + ff.broadcast_mul(&m[5].unsqueeze(1)?)?)?;
+
+        let txt = (txt + self.to_add_out.forward(&o_txt)?.broadcast_mul(&c[2].unsqueeze(1)?)?)?;
+        let txt_n = modulate(&layer_norm_no_affine(&txt, EPS)?, &c[3], &c[4])?;
+        let ff = self.ff_context.1.forward(&gelu_tanh(&self.ff_context.0.forward(&txt_n)?)?)?;
+        let txt = (txt + ff.broadcast_mul(&c[5].unsqueeze(1)?)?)?;
+        Ok((img, txt))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct SingleBlock {
+    norm: Linear,
+    /// q, k, v, mlp-in (BFL `linear1`; diffusers `attn.to_q/k/v` + `proj_mlp`).
+    qkv_mlp: Proj,
+    norm_q: RmsNorm,
+    norm_k: RmsNorm,
+    /// BFL `linear2`.
+    proj_out: Linear,
+    heads: usize,
+}
+
+impl SingleBlock {
+    fn new(wb: &WeightBuilder, naming: Naming, cfg: &FluxConfig) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        let hidden = dim * MLP_RATIO;
+        Ok(match naming {
+            Naming::Diffusers => {
+                let attn = wb.pp("attn");
+                Self {
+                    norm: wb.pp("norm").pp("linear").linear(dim, 3 * dim, true)?,
+                    qkv_mlp: Proj::Split(vec![
+                        attn.pp("to_q").linear(dim, dim, true)?,
+                        attn.pp("to_k").linear(dim, dim, true)?,
+                        attn.pp("to_v").linear(dim, dim, true)?,
+                        wb.pp("proj_mlp").linear(dim, hidden, true)?,
+                    ]),
+                    norm_q: rms(&attn.pp("norm_q"), "weight")?,
+                    norm_k: rms(&attn.pp("norm_k"), "weight")?,
+                    proj_out: wb.pp("proj_out").linear(dim + hidden, dim, true)?,
+                    heads: cfg.num_attention_heads,
+                }
+            }
+            Naming::Bfl => Self {
+                norm: wb.pp("modulation").pp("lin").linear(dim, 3 * dim, true)?,
+                qkv_mlp: Proj::Fused(
+                    wb.pp("linear1").linear(dim, 3 * dim + hidden, true)?,
+                    vec![dim, dim, dim, hidden],
+                ),
+                norm_q: rms(&wb.pp("norm").pp("query_norm"), "scale")?,
+                norm_k: rms(&wb.pp("norm").pp("key_norm"), "scale")?,
+                proj_out: wb.pp("linear2").linear(dim + hidden, dim, true)?,
+                heads: cfg.num_attention_heads,
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor, temb: &Tensor, rope: &(Tensor, Tensor)) -> Result<Tensor> {
+        let m = chunks(&self.norm.forward(&temb.silu()?)?, 3)?;
+        let xn = modulate(&layer_norm_no_affine(x, EPS)?, &m[0], &m[1])?;
+        let p = self.qkv_mlp.forward(&xn)?;
+        let h = self.heads;
+        let q = apply_rope(&self.norm_q.forward(&heads(&p[0], h)?)?, &rope.0, &rope.1)?;
+        let k = apply_rope(&self.norm_k.forward(&heads(&p[1], h)?)?, &rope.0, &rope.1)?;
+        let o = merge_heads(&attention(&q, &k, &heads(&p[2], h)?)?)?;
+        let mlp = gelu_tanh(&p[3])?;
+        let y = self.proj_out.forward(&Tensor::cat(&[o, mlp], D::Minus1)?)?;
+        x + y.broadcast_mul(&m[2].unsqueeze(1)?)?
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FluxTransformer {
+    cfg: FluxConfig,
+    naming: Naming,
+    x_embedder: Linear,
+    context_embedder: Linear,
+    timestep_embedder: Embedder,
+    guidance_embedder: Option<Embedder>,
+    text_embedder: Embedder,
+    transformer_blocks: Vec<DoubleBlock>,
+    single_transformer_blocks: Vec<SingleBlock>,
+    /// `norm_out.linear`: diffusers `[scale; shift]`, BFL `final_layer.adaLN_modulation.1` `[shift; scale]`.
+    norm_out: Linear,
+    proj_out: Linear,
+}
+
+impl FluxTransformer {
+    /// `wb` is rooted at the transformer's tensors (any prefix already applied).
+    pub fn new(cfg: &FluxConfig, wb: &WeightBuilder, naming: Naming) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        let p = cfg.patch_size * cfg.patch_size;
+        let (x_emb, ctx_emb, time, guid, text, double, single, norm_out, proj_out) = match naming {
+            Naming::Diffusers => (
+                "x_embedder",
+                "context_embedder",
+                wb.pp("time_text_embed").pp("timestep_embedder"),
+                wb.pp("time_text_embed").pp("guidance_embedder"),
+                wb.pp("time_text_embed").pp("text_embedder"),
+                "transformer_blocks",
+                "single_transformer_blocks",
+                wb.pp("norm_out").pp("linear"),
+                wb.pp("proj_out"),
+            ),
+            Naming::Bfl => (
+                "img_in",
+                "txt_in",
+                wb.pp("time_in"),
+                wb.pp("guidance_in"),
+                wb.pp("vector_in"),
+                "double_blocks",
+                "single_blocks",
+                wb.pp("final_layer").pp("adaLN_modulation").pp(1),
+                wb.pp("final_layer").pp("linear"),
+            ),
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            naming,
+            x_embedder: wb.pp(x_emb).linear(cfg.in_channels * p, dim, true)?,
+            context_embedder: wb.pp(ctx_emb).linear(cfg.joint_attention_dim, dim, true)?,
+            timestep_embedder: Embedder::new(&time, naming, TIME_DIM, dim)?,
+            guidance_embedder: if cfg.guidance_embeds {
+                Some(Embedder::new(&guid, naming, TIME_DIM, dim)?)
+            } else {
+                None
+            },
+            text_embedder: Embedder::new(&text, naming, cfg.pooled_projection_dim, dim)?,
+            transformer_blocks: (0..cfg.num_layers)
+                .map(|i| DoubleBlock::new(&wb.pp(double).pp(i), naming, cfg))
+                .collect::<Result<_>>()?,
+            single_transformer_blocks: (0..cfg.num_single_layers)
+                .map(|i| SingleBlock::new(&wb.pp(single).pp(i), naming, cfg))
+                .collect::<Result<_>>()?,
+            norm_out: norm_out.linear(dim, 2 * dim, true)?,
+            proj_out: proj_out.linear(dim, p * cfg.out_channels(), true)?,
+        })
+    }
+
+    pub fn config(&self) -> &FluxConfig {
+        &self.cfg
+    }
+
+    /// The conditioning vector `temb` `[B, inner]` in the model dtype.
+    fn temb(&self, timestep: &Tensor, guidance: Option<&Tensor>, pooled: &Tensor, dtype: DType) -> Result<Tensor> {
+        let t = timestep_embedding(&(timestep.to_dtype(DType::F32)? * TIME_SCALE)?, TIME_DIM, TIME_MAX_PERIOD)?;
+        let mut temb = self.timestep_embedder.forward(&t.to_dtype(dtype)?)?;
+        if let Some(g_emb) = &self.guidance_embedder {
+            let g = guidance.ok_or_else(|| {
+                candle_core::Error::Msg(
+                    "this FLUX transformer embeds guidance (FLUX.1-dev): pass a guidance value".into(),
+                )
+            })?;
+            let g = timestep_embedding(&(g.to_dtype(DType::F32)? * TIME_SCALE)?, TIME_DIM, TIME_MAX_PERIOD)?;
+            temb = (temb + g_emb.forward(&g.to_dtype(dtype)?)?)?;
+        }
+        temb + self.text_embedder.forward(&pooled.to_dtype(dtype)?)?
+    }
+
+    /// The modulation dtype follows the weights: the model runs in `dtype`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        pooled: &Tensor,
+        timestep: &Tensor,
+        guidance: Option<&Tensor>,
+        img_ids: &Tensor,
+        txt_ids: &Tensor,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let device = img.device();
+        let ids = Tensor::cat(&[txt_ids, img_ids], 0)?;
+        let rope = rope_tables(&ids, &self.cfg.axes_dims_rope, device)?;
+        let temb = self.temb(timestep, guidance, pooled, dtype)?;
+        let mut img = self.x_embedder.forward(&img.to_dtype(dtype)?)?;
+        let mut txt = self.context_embedder.forward(&txt.to_dtype(dtype)?)?;
+        for b in &self.transformer_blocks {
+            (img, txt) = b.forward(&img, &txt, &temb, &rope)?;
+        }
+        let s_txt = txt.dim(1)?;
+        let mut x = Tensor::cat(&[txt, img], 1)?;
+        for b in &self.single_transformer_blocks {
+            x = b.forward(&x, &temb, &rope)?;
+        }
+        let img = x.narrow(1, s_txt, x.dim(1)? - s_txt)?;
+        let mods = chunks(&self.norm_out.forward(&temb.silu()?)?, 2)?;
+        let (shift, scale) = match self.naming {
+            Naming::Diffusers => (&mods[1], &mods[0]),
+            Naming::Bfl => (&mods[0], &mods[1]),
+        };
+        self.proj_out.forward(&modulate(&layer_norm_no_affine(&img, EPS)?, shift, scale)?)
+    }
+}

@@ -1,0 +1,5 @@
+//! Model bodies. Each is one struct tree named after its checkpoint's keys, built through
+//! [`crate::linear::WeightBuilder`], so bf16 and NVFP4 share the same code.
+
+pub mod flux;
+pub mod ops;
