@@ -3,6 +3,7 @@
 pub mod config;
 pub mod model;
 pub mod sampling;
+pub mod vae;
 
 pub use config::FluxConfig;
 pub use model::{FluxTransformer, Naming};
