@@ -3,3 +3,4 @@
 
 pub mod flux;
 pub mod ops;
+pub mod text;

@@ -1,0 +1,4 @@
+//! Text encoders, wrapping candle-transformers' implementations where they match the references.
+
+pub mod clip;
+pub mod t5;
