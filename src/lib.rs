@@ -9,8 +9,10 @@ pub mod error;
 pub mod hub;
 pub mod inspect;
 pub mod linear;
+pub mod manifest;
 pub mod models;
 pub mod nvfp4;
+pub mod pipelines;
 pub mod rng;
 pub mod safetensors;
 

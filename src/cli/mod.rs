@@ -3,6 +3,8 @@
 pub mod bench;
 pub mod doctor;
 pub mod inspect;
+pub mod models;
+pub mod t2i;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -21,6 +23,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Text to image (FLUX.1).
+    T2i(Box<t2i::T2iArgs>),
+    /// List the supported models.
+    Models(models::ModelsArgs),
     /// Show what a checkpoint holds and how it will be loaded.
     Inspect(inspect::InspectArgs),
     /// Report the GPU and check every NVFP4 variant against the CPU reference.

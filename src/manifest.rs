@@ -1,0 +1,105 @@
+//! Model manifests (`models/*.toml`): where each supported checkpoint's components live and the
+//! defaults of a run. They are compiled into the binary, so `candiff models` works anywhere.
+
+use serde::Deserialize;
+
+use crate::error::{CResult, CandiffError};
+
+/// The manifests shipped with candiff, (file name, text).
+const BUILTIN: &[(&str, &str)] = &[
+    ("flux.1-dev.toml", include_str!("../models/flux.1-dev.toml")),
+    ("flux.1-schnell.toml", include_str!("../models/flux.1-schnell.toml")),
+    ("flux.1-dev-nvfp4.toml", include_str!("../models/flux.1-dev-nvfp4.toml")),
+    ("flux.1-tiny.toml", include_str!("../models/flux.1-tiny.toml")),
+];
+
+/// Where one component comes from: a Hub repository (or a local folder) and a subfolder or file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Source {
+    /// `org/name` on the Hub, or a folder (relative paths are tried from the current directory,
+    /// then from the candiff source tree).
+    pub repo: String,
+    #[serde(default)]
+    pub subfolder: Option<String>,
+    /// A single file inside the repository instead of a subfolder.
+    #[serde(default)]
+    pub file: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Defaults {
+    pub steps: usize,
+    pub guidance: f64,
+    pub width: usize,
+    pub height: usize,
+    pub max_sequence_length: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Family {
+    Flux1,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub name: String,
+    pub description: String,
+    pub family: Family,
+    /// The base repository (diffusers layout) every component defaults to.
+    pub repo: String,
+    #[serde(default = "main_rev")]
+    pub revision: String,
+    /// Overrides the transformer's source (e.g. an NVFP4 export in another repository).
+    #[serde(default)]
+    pub transformer: Option<Source>,
+    /// Where CLIP's `tokenizer.json` comes from when the base repository ships only vocab/merges.
+    #[serde(default)]
+    pub clip_tokenizer: Option<Source>,
+    pub defaults: Defaults,
+}
+
+fn main_rev() -> String {
+    "main".into()
+}
+
+impl Manifest {
+    pub fn parse(text: &str, file: &str) -> CResult<Self> {
+        toml::from_str(text)
+            .map_err(|e| CandiffError::bad_config(file, format!("invalid manifest: {e}"), "Fix the TOML."))
+    }
+
+    /// Every built-in manifest.
+    pub fn all() -> CResult<Vec<Self>> {
+        BUILTIN.iter().map(|(f, t)| Self::parse(t, f)).collect()
+    }
+
+    /// The built-in manifest `name`, or an error listing the known ones.
+    pub fn find(name: &str) -> CResult<Self> {
+        let all = Self::all()?;
+        let names: Vec<String> = all.iter().map(|m| m.name.clone()).collect();
+        all.into_iter().find(|m| m.name == name).ok_or_else(|| {
+            CandiffError::Unsupported(format!(
+                "unknown model `{name}`; known models: {} (see `candiff models`)",
+                names.join(", ")
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_manifests_parse_and_have_unique_names() {
+        let all = Manifest::all().unwrap();
+        let mut names: Vec<_> = all.iter().map(|m| m.name.clone()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), all.len());
+        assert!(Manifest::find("nope").unwrap_err().to_string().contains("flux.1-dev"));
+        let n = Manifest::find("flux.1-dev-nvfp4").unwrap();
+        assert_eq!(n.transformer.unwrap().repo, "lmsys/flux1-dev-modelopt-nvfp4-sglang-transformer");
+    }
+}

@@ -1,0 +1,272 @@
+//! FLUX.1 text-to-image from a diffusers-layout repository (local folder or Hub snapshot), with an
+//! optional transformer override (folder or single file, diffusers or BFL names, bf16 or NVFP4).
+//!
+//! Memory: each text encoder is loaded, run and dropped before the transformer loads.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::error::CandiffError;
+use crate::linear::{Nvfp4Options, WeightBuilder};
+use crate::models::flux::sampling::{
+    euler_step, image_ids, initial_noise, pack_latents, unpack_latents, SchedulerConfig,
+};
+use crate::models::flux::vae::{to_unit_images, FluxVae, VaeConfig};
+use crate::models::flux::{FluxConfig, FluxTransformer, Naming};
+use crate::models::text::clip::{ClipConfig, ClipText};
+use crate::models::text::t5::{T5Config, T5Encoder};
+use crate::nvfp4::{Checkpoint, Overrides};
+
+/// CLIP's context length in every FLUX.1 release (the position table may be smaller in toy models).
+const CLIP_MAX_TOKENS: usize = 77;
+
+/// Where each component lives.
+#[derive(Debug, Clone)]
+pub struct FluxFiles {
+    pub root: PathBuf,
+    /// Transformer folder (with config.json) or single `.safetensors` file.
+    pub transformer: PathBuf,
+    /// The transformer's config (from the base repository when the override has none).
+    pub transformer_config: PathBuf,
+    /// CLIP's tokenizer.json.
+    pub clip_tokenizer: PathBuf,
+}
+
+impl FluxFiles {
+    pub fn new(root: &Path, transformer: Option<&Path>) -> Self {
+        let base_tr = root.join("transformer");
+        let transformer = transformer.map(Path::to_path_buf).unwrap_or_else(|| base_tr.clone());
+        let own = if transformer.is_dir() { transformer.join("config.json") } else { PathBuf::new() };
+        let transformer_config = if own.is_file() { own } else { base_tr.join("config.json") };
+        let clip_tokenizer = root.join("tokenizer/tokenizer.json");
+        Self { root: root.to_path_buf(), transformer, transformer_config, clip_tokenizer }
+    }
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct T2iRequest {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    /// True classifier-free guidance scale (used with a negative prompt; 1 disables it).
+    pub true_cfg: f64,
+    pub seed: u64,
+    pub batch: usize,
+    pub max_sequence_length: usize,
+}
+
+/// Timings and memory of a run.
+#[derive(Debug, Clone, Default)]
+pub struct RunStats {
+    pub encode_s: f64,
+    pub load_s: f64,
+    pub step_s: Vec<f64>,
+    pub decode_s: f64,
+    pub total_s: f64,
+    pub peak_gpu_bytes: Option<usize>,
+}
+
+fn tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
+    tokenizers::Tokenizer::from_file(path).map_err(|e| {
+        CandiffError::bad_config(
+            path.display(),
+            format!("not a readable tokenizer.json: {e}"),
+            "Re-download the tokenizer files.",
+        )
+        .into()
+    })
+}
+
+/// Token ids `[1, len]`: the tokenizer's own special tokens, truncated to `len` (keeping the
+/// final EOS), padded with `pad`.
+fn encode(tok: &tokenizers::Tokenizer, text: &str, len: usize, pad: u32, device: &Device) -> Result<Tensor> {
+    let enc = tok.encode(text, true).map_err(|e| candle_core::Error::Msg(format!("tokenizer: {e}")))?;
+    let mut ids: Vec<u32> = enc.get_ids().to_vec();
+    if ids.len() > len {
+        let last = *ids.last().expect("non-empty");
+        ids.truncate(len);
+        ids[len - 1] = last;
+    }
+    ids.resize(len, pad);
+    Tensor::new(ids, device)?.unsqueeze(0)
+}
+
+fn pad_id(tok: &tokenizers::Tokenizer, candidates: &[&str]) -> Result<u32> {
+    candidates
+        .iter()
+        .find_map(|t| tok.token_to_id(t))
+        .ok_or_else(|| candle_core::Error::Msg(format!("the tokenizer has none of the padding tokens {candidates:?}")))
+}
+
+fn json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| CandiffError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| {
+        CandiffError::bad_config(path.display(), format!("unexpected config: {e}"), "Check the repository layout.")
+            .into()
+    })
+}
+
+fn safetensors_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(crate::nvfp4::checkpoint::weight_files(dir)?)
+}
+
+fn vb<'a>(dir: &Path, dtype: DType, device: &Device) -> Result<candle_nn::VarBuilder<'a>> {
+    let files = safetensors_in(dir)?;
+    if files.is_empty() {
+        return Err(CandiffError::bad_config(
+            dir.display(),
+            "holds no .safetensors files",
+            "Download the component (or check the path).",
+        )
+        .into());
+    }
+    // SAFETY: read-only mapping of checkpoint files.
+    unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
+}
+
+/// Prompt embeddings: (T5 `[1, L, 4096]`, CLIP pooled `[1, 768]`), each encoder freed after use.
+pub fn encode_prompt(
+    files: &FluxFiles,
+    prompt: &str,
+    max_len: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let root = &files.root;
+    let clip_cfg: ClipConfig = json(&root.join("text_encoder/config.json"))?;
+    let pooled = {
+        let tok = tokenizer(&files.clip_tokenizer)?;
+        let pad = pad_id(&tok, &["<|endoftext|>"])?;
+        let ids = encode(&tok, prompt, CLIP_MAX_TOKENS.min(clip_cfg.max_position_embeddings), pad, device)?;
+        let clip = ClipText::new(&clip_cfg, vb(&root.join("text_encoder"), dtype, device)?)?;
+        clip.forward(&ids)?.1
+    };
+    let t5_dtype = if dtype == DType::F16 { DType::BF16 } else { dtype };
+    let embeds = {
+        let tok = tokenizer(&root.join("tokenizer_2/tokenizer.json"))?;
+        let pad = pad_id(&tok, &["<pad>"])?;
+        let ids = encode(&tok, prompt, max_len, pad, device)?;
+        let cfg: T5Config = json(&root.join("text_encoder_2/config.json"))?;
+        let mut t5 = T5Encoder::new(&cfg, vb(&root.join("text_encoder_2"), t5_dtype, device)?)?;
+        t5.forward(&ids)?
+    };
+    Ok((embeds, pooled))
+}
+
+pub struct FluxRun<'a> {
+    pub files: &'a FluxFiles,
+    pub dtype: DType,
+    pub device: &'a Device,
+    pub nvfp4: Nvfp4Options,
+    pub nvfp4_overrides: Overrides,
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_used(device: &Device) -> Option<usize> {
+    match device {
+        Device::Cuda(d) => d.cuda_stream().context().mem_get_info().ok().map(|(free, total)| total - free),
+        _ => None,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_used(_: &Device) -> Option<usize> {
+    None
+}
+
+impl FluxRun<'_> {
+    /// Generates `req.batch` images `[B, H, W, 3]` in [0, 1]; `on_step(i, n)` after every step.
+    pub fn generate(&self, req: &T2iRequest, mut on_step: impl FnMut(usize, usize)) -> Result<(Tensor, RunStats)> {
+        let t0 = Instant::now();
+        let mut stats = RunStats::default();
+        let mut peak = gpu_used(self.device);
+        let mut track = |d: &Device| {
+            if let (Some(p), Some(now)) = (peak.as_mut(), gpu_used(d)) {
+                *p = (*p).max(now);
+            }
+        };
+        let root = &self.files.root;
+        let vae_cfg = VaeConfig::from_file(&root.join("vae/config.json"))?;
+        let down = vae_cfg.downscale() * 2; // VAE downscale, then 2x2 packing
+        if req.width % down != 0 || req.height % down != 0 || req.width == 0 || req.height == 0 {
+            return Err(CandiffError::Unsupported(format!(
+                "width and height must be positive multiples of {down} for this model, found {}x{}",
+                req.width, req.height
+            ))
+            .into());
+        }
+        let (embeds, pooled) =
+            encode_prompt(self.files, &req.prompt, req.max_sequence_length, self.dtype, self.device)?;
+        let negative = match (&req.negative_prompt, req.true_cfg > 1.0) {
+            (Some(n), true) => Some(encode_prompt(self.files, n, req.max_sequence_length, self.dtype, self.device)?),
+            _ => None,
+        };
+        track(self.device);
+        stats.encode_s = t0.elapsed().as_secs_f64();
+
+        let t1 = Instant::now();
+        let cfg = FluxConfig::from_file(&self.files.transformer_config)?;
+        let ckpt = Arc::new(Checkpoint::open(&self.files.transformer, &self.nvfp4_overrides)?);
+        if let Some(plan) = &ckpt.plan {
+            for w in &plan.warnings {
+                log::warn!("{w}");
+            }
+        }
+        let naming = Naming::detect(ckpt.files.iter().flat_map(|f| f.header.tensors.keys()));
+        let wb = WeightBuilder::new(ckpt, self.dtype, self.device, self.nvfp4)?;
+        let model = FluxTransformer::new(&cfg, &wb, naming)?;
+        track(self.device);
+        stats.load_s = t1.elapsed().as_secs_f64();
+
+        let sched = SchedulerConfig::from_file(&root.join("scheduler/scheduler_config.json"))?;
+        let (lh, lw) = (req.height / vae_cfg.downscale(), req.width / vae_cfg.downscale());
+        let channels = cfg.in_channels / 4;
+        let b = req.batch.max(1);
+        let mut x = pack_latents(&initial_noise(req.seed, (b, channels, lh, lw), self.device)?)?;
+        let ids = image_ids(lh, lw, self.device)?;
+        let txt_ids = Tensor::zeros((embeds.dim(1)?, 3), DType::F32, self.device)?;
+        let mu = sched.use_dynamic_shifting.then(|| sched.mu(ids.dim(0).unwrap_or(0)));
+        let (sigmas, timesteps) = sched.schedule(req.steps, mu);
+        let rep = |t: &Tensor| t.repeat((b, 1, 1));
+        let (embeds, pooled) = (rep(&embeds)?, pooled.repeat((b, 1))?);
+        let negative = match negative {
+            Some((e, p)) => Some((rep(&e)?, p.repeat((b, 1))?)),
+            None => None,
+        };
+        let guidance = cfg.guidance_embeds.then(|| Tensor::full(req.guidance as f32, b, self.device)).transpose()?;
+        for i in 0..timesteps.len() {
+            let ts = Instant::now();
+            let t = Tensor::full(timesteps[i] / 1000.0, b, self.device)?;
+            let run =
+                |e: &Tensor, p: &Tensor| model.forward(&x, e, p, &t, guidance.as_ref(), &ids, &txt_ids, self.dtype);
+            let mut v = run(&embeds, &pooled)?;
+            if let Some((ne, np)) = &negative {
+                let nv = run(ne, np)?;
+                v = (&nv + ((v - &nv)? * req.true_cfg)?)?;
+            }
+            x = euler_step(&x, &v, sigmas[i], sigmas[i + 1])?;
+            self.device.synchronize()?;
+            track(self.device);
+            stats.step_s.push(ts.elapsed().as_secs_f64());
+            on_step(i + 1, timesteps.len());
+        }
+        drop(model);
+
+        let t2 = Instant::now();
+        let vae = FluxVae::new(&vae_cfg, vb(&root.join("vae"), self.dtype, self.device)?)?;
+        let z = vae.denormalize(&unpack_latents(&x, lh, lw)?)?;
+        let images = to_unit_images(&vae.decode(&z, self.dtype)?)?;
+        track(self.device);
+        stats.decode_s = t2.elapsed().as_secs_f64();
+        stats.total_s = t0.elapsed().as_secs_f64();
+        stats.peak_gpu_bytes = peak;
+        Ok((images, stats))
+    }
+}

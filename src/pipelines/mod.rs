@@ -1,0 +1,3 @@
+//! End-to-end pipelines: text encoders, transformer, sampler, VAE.
+
+pub mod flux;
