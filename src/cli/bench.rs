@@ -10,6 +10,31 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// NVFP4 GEMM variants next to cuBLAS bf16 at FLUX / Wan shapes, measured in the same run.
     Gemm(GemmArgs),
+    /// One denoising step of a full-size FLUX.1-dev transformer with random weights.
+    FluxStep(FluxStepArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_long_help = "Example:\n  candiff bench flux-step --variants bf16,nvfp4:trtllm:w4a16 --width 1024 --height 1024"
+)]
+pub struct FluxStepArgs {
+    /// `bf16` or `nvfp4:<backend>:<mode>` (every linear of the blocks NVFP4, as in the ModelOpt exports).
+    #[arg(long, value_delimiter = ',', default_value = "bf16,nvfp4:trtllm:w4a16")]
+    pub variants: Vec<String>,
+    #[arg(long, default_value_t = 1024)]
+    pub width: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub height: usize,
+    /// T5 tokens (512 for FLUX.1-dev).
+    #[arg(long, default_value_t = 512)]
+    pub txt_tokens: usize,
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    #[arg(long, default_value = "cuda:0")]
+    pub device: String,
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -40,7 +65,66 @@ pub struct GemmArgs {
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match &args.what {
         BenchWhat::Gemm(g) => gemm(g),
+        BenchWhat::FluxStep(f) => flux_step(f),
     }
+}
+
+fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
+    use std::time::Instant;
+
+    use candle_core::{DType, Tensor};
+
+    use crate::linear::{Nvfp4Options, WeightBuilder};
+    use crate::models::flux::sampling::image_ids;
+    use crate::models::flux::{FluxConfig, FluxTransformer, Naming};
+    use crate::nvfp4::{ActMode, Backend};
+
+    let device = super::t2i::parse_device(Some(&a.device))?;
+    let cfg = FluxConfig::default();
+    let (lh, lw) = (a.height / 8, a.width / 8);
+    let img = Tensor::randn(0f32, 1.0, (1, (lh / 2) * (lw / 2), cfg.in_channels), &device)?.to_dtype(DType::BF16)?;
+    let txt = Tensor::randn(0f32, 1.0, (1, a.txt_tokens, cfg.joint_attention_dim), &device)?.to_dtype(DType::BF16)?;
+    let pooled = Tensor::randn(0f32, 1.0, (1, cfg.pooled_projection_dim), &device)?.to_dtype(DType::BF16)?;
+    let t = Tensor::new(&[0.5f32], &device)?;
+    let g = Tensor::new(&[3.5f32], &device)?;
+    let ids = image_ids(lh, lw, &device)?;
+    let txt_ids = Tensor::zeros((a.txt_tokens, 3), DType::F32, &device)?;
+    let mut rows = Vec::new();
+    for v in &a.variants {
+        let (paths, opts) = match v.split(':').collect::<Vec<_>>()[..] {
+            ["bf16"] => (Vec::new(), Nvfp4Options::default()),
+            ["nvfp4", b, m] => {
+                let backend = Backend::from_name(b).ok_or_else(|| anyhow::anyhow!("unknown backend `{b}`"))?;
+                let mode: ActMode = m.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+                (vec!["transformer_blocks.".to_string()], Nvfp4Options { backend, mode })
+            }
+            _ => anyhow::bail!("variant `{v}`: use bf16 or nvfp4:<backend>:<mode>"),
+        };
+        let t0 = Instant::now();
+        let wb = WeightBuilder::synthetic(DType::BF16, &device, paths, opts);
+        let model = FluxTransformer::new(&cfg, &wb, Naming::Diffusers)?;
+        device.synchronize()?;
+        let build_s = t0.elapsed().as_secs_f64();
+        let step = || model.forward(&img, &txt, &pooled, &t, Some(&g), &ids, &txt_ids, DType::BF16);
+        step()?;
+        device.synchronize()?;
+        let t1 = Instant::now();
+        for _ in 0..a.iters {
+            step()?;
+        }
+        device.synchronize()?;
+        let ms = t1.elapsed().as_secs_f64() * 1e3 / a.iters as f64;
+        println!(
+            "{v:<24} {:>9.1} ms/step  ({}x{}, {} txt tokens; built in {build_s:.1}s)",
+            ms, a.width, a.height, a.txt_tokens
+        );
+        rows.push(serde_json::json!({"variant": v, "ms_per_step": ms, "width": a.width, "height": a.height, "txt_tokens": a.txt_tokens}));
+        drop(model);
+    }
+    if let Some(out) = &a.out {
+        std::fs::write(out, serde_json::to_string_pretty(&rows)?)?;
+    }
+    Ok(())
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -93,8 +93,8 @@ fn chunks(t: &Tensor, n: usize) -> Result<Vec<Tensor>> {
     t.chunk(n, D::Minus1)
 }
 
-fn rms(wb: &WeightBuilder, name: &str) -> Result<RmsNorm> {
-    Ok(RmsNorm::new(wb.vb().get_unchecked(name)?, EPS))
+fn rms(wb: &WeightBuilder, name: &str, dim: usize) -> Result<RmsNorm> {
+    Ok(RmsNorm::new(wb.vb().get(dim, name)?, EPS))
 }
 
 /// `[B, S, H*D]` -> `[B, H, S, D]`.
@@ -176,10 +176,10 @@ impl DoubleBlock {
                     norm1_context: wb.pp("norm1_context").pp("linear").linear(dim, 6 * dim, true)?,
                     qkv: split(["to_q", "to_k", "to_v"])?,
                     add_qkv: split(["add_q_proj", "add_k_proj", "add_v_proj"])?,
-                    norm_q: rms(&attn.pp("norm_q"), "weight")?,
-                    norm_k: rms(&attn.pp("norm_k"), "weight")?,
-                    norm_added_q: rms(&attn.pp("norm_added_q"), "weight")?,
-                    norm_added_k: rms(&attn.pp("norm_added_k"), "weight")?,
+                    norm_q: rms(&attn.pp("norm_q"), "weight", cfg.attention_head_dim)?,
+                    norm_k: rms(&attn.pp("norm_k"), "weight", cfg.attention_head_dim)?,
+                    norm_added_q: rms(&attn.pp("norm_added_q"), "weight", cfg.attention_head_dim)?,
+                    norm_added_k: rms(&attn.pp("norm_added_k"), "weight", cfg.attention_head_dim)?,
                     to_out: attn.pp("to_out").pp(0).linear(dim, dim, true)?,
                     to_add_out: attn.pp("to_add_out").linear(dim, dim, true)?,
                     ff: (
@@ -200,8 +200,8 @@ impl DoubleBlock {
                     Ok((
                         wb.pp(format!("{s}_mod")).pp("lin").linear(dim, 6 * dim, true)?,
                         Proj::Fused(attn.pp("qkv").linear(dim, 3 * dim, true)?, vec![dim; 3]),
-                        rms(&norm.pp("query_norm"), "scale")?,
-                        rms(&norm.pp("key_norm"), "scale")?,
+                        rms(&norm.pp("query_norm"), "scale", cfg.attention_head_dim)?,
+                        rms(&norm.pp("key_norm"), "scale", cfg.attention_head_dim)?,
                         attn.pp("proj").linear(dim, dim, true)?,
                         (
                             wb.pp(format!("{s}_mlp")).pp(0).linear(dim, hidden, true)?,
@@ -291,8 +291,8 @@ impl SingleBlock {
                         attn.pp("to_v").linear(dim, dim, true)?,
                         wb.pp("proj_mlp").linear(dim, hidden, true)?,
                     ]),
-                    norm_q: rms(&attn.pp("norm_q"), "weight")?,
-                    norm_k: rms(&attn.pp("norm_k"), "weight")?,
+                    norm_q: rms(&attn.pp("norm_q"), "weight", cfg.attention_head_dim)?,
+                    norm_k: rms(&attn.pp("norm_k"), "weight", cfg.attention_head_dim)?,
                     proj_out: wb.pp("proj_out").linear(dim + hidden, dim, true)?,
                     heads: cfg.num_attention_heads,
                 }
@@ -303,8 +303,8 @@ impl SingleBlock {
                     wb.pp("linear1").linear(dim, 3 * dim + hidden, true)?,
                     vec![dim, dim, dim, hidden],
                 ),
-                norm_q: rms(&wb.pp("norm").pp("query_norm"), "scale")?,
-                norm_k: rms(&wb.pp("norm").pp("key_norm"), "scale")?,
+                norm_q: rms(&wb.pp("norm").pp("query_norm"), "scale", cfg.attention_head_dim)?,
+                norm_k: rms(&wb.pp("norm").pp("key_norm"), "scale", cfg.attention_head_dim)?,
                 proj_out: wb.pp("linear2").linear(dim + hidden, dim, true)?,
                 heads: cfg.num_attention_heads,
             },
