@@ -37,7 +37,13 @@ txt = torch.randn(1, a.txt_tokens, 4096, device=dev, dtype=dt)
 pooled = torch.randn(1, 768, device=dev, dtype=dt)
 t = torch.tensor([0.5], device=dev, dtype=dt)
 g = torch.tensor([3.5], device=dev, dtype=dt)
-img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h), torch.arange(w), indexing="ij"), -1).reshape(-1, 3).to(dev)
+
+
+def ar(n):
+    return torch.arange(n, dtype=torch.float32)
+
+
+img_ids = torch.stack(torch.meshgrid(torch.zeros(1), ar(h), ar(w), indexing="ij"), -1).reshape(-1, 3).to(dev)
 txt_ids = torch.zeros(a.txt_tokens, 3, device=dev)
 
 
