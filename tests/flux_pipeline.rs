@@ -94,3 +94,54 @@ fn three_steps_then_decode_match_the_pipeline() {
     let d = max_diff(&v(&img), &v(&p["image"]));
     assert!(d <= 1e-5, "image: {d}");
 }
+
+#[test]
+fn bf16_pipeline_within_the_bf16_tolerances() {
+    // The bf16 column of the fixtures: latents 0.1, image 0.03 (f32 scheduler, f32 time embedding).
+    let f = fixtures().join("flux1_tiny");
+    let p = candle_core::safetensors::load(f.join("pipeline.safetensors"), &Device::Cpu).unwrap();
+    let cfg = FluxConfig::from_file(&f.join("transformer/config.json")).unwrap();
+    let ckpt = Arc::new(Checkpoint::open(&f.join("transformer"), &Overrides::default()).unwrap());
+    let wb = WeightBuilder::new(ckpt, DType::BF16, &Device::Cpu, Nvfp4Options::default()).unwrap();
+    let model = FluxTransformer::new(&cfg, &wb, Naming::Diffusers).unwrap();
+    let sched = SchedulerConfig::from_file(&f.join("scheduler/scheduler_config.json")).unwrap();
+    let (h, w) = (p["vae_latents"].dim(2).unwrap(), p["vae_latents"].dim(3).unwrap());
+    let steps = p["timesteps"].dim(0).unwrap();
+    let (sigmas, timesteps) = sched.schedule(steps, Some(sched.mu(p["img_ids"].dim(0).unwrap())));
+    let mut x = p["latents_init"].clone();
+    for i in 0..steps {
+        let t = Tensor::new(&[timesteps[i] / 1000.0], &Device::Cpu).unwrap();
+        let pred = model
+            .forward(
+                &x,
+                &p["prompt_embeds"],
+                &p["pooled_prompt_embeds"],
+                &t,
+                Some(&p["guidance"]),
+                &p["img_ids"],
+                &p["txt_ids"],
+                DType::BF16,
+            )
+            .unwrap();
+        x = euler_step(&x, &pred, sigmas[i], sigmas[i + 1]).unwrap();
+        let d = max_diff(&v(&x), &v(&p["latents_steps"].get(i).unwrap()));
+        assert!(d <= 0.1, "step {i} latents: {d}");
+    }
+    // Candle has no bf16 CPU matmul for the VAE: it decodes in f32 on the CPU, as the pipeline does.
+    const VAE_DTYPE: DType = DType::F32;
+    assert_eq!(FluxVae::dtype_on(&Device::Cpu, DType::BF16), VAE_DTYPE);
+    let vae_cfg = VaeConfig::from_file(&f.join("vae/config.json")).unwrap();
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[f.join("vae/diffusion_pytorch_model.safetensors")],
+            VAE_DTYPE,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let vae = FluxVae::new(&vae_cfg, vb).unwrap();
+    let z = vae.denormalize(&unpack_latents(&x, h, w).unwrap()).unwrap();
+    let img = to_unit_images(&vae.decode(&z, VAE_DTYPE).unwrap()).unwrap().squeeze(0).unwrap();
+    let d = max_diff(&v(&img), &v(&p["image"]));
+    assert!(d <= 0.03, "image: {d}");
+}

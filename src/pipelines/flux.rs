@@ -260,9 +260,10 @@ impl FluxRun<'_> {
         drop(model);
 
         let t2 = Instant::now();
-        let vae = FluxVae::new(&vae_cfg, vb(&root.join("vae"), self.dtype, self.device)?)?;
+        let vae_dtype = FluxVae::dtype_on(self.device, self.dtype);
+        let vae = FluxVae::new(&vae_cfg, vb(&root.join("vae"), vae_dtype, self.device)?)?;
         let z = vae.denormalize(&unpack_latents(&x, lh, lw)?)?;
-        let images = to_unit_images(&vae.decode(&z, self.dtype)?)?;
+        let images = to_unit_images(&vae.decode(&z, vae_dtype)?)?;
         track(self.device);
         stats.decode_s = t2.elapsed().as_secs_f64();
         stats.total_s = t0.elapsed().as_secs_f64();

@@ -75,6 +75,16 @@ impl FluxVae {
         Ok(Self { cfg: cfg.clone(), inner: AutoEncoderKL::new(vb, cfg.in_channels, cfg.in_channels, c)? })
     }
 
+    /// The dtype the decoder runs in: `dtype`, except bf16/f16 on the CPU, where Candle's
+    /// convolutions lack half-precision matmuls and f32 is used instead.
+    pub fn dtype_on(device: &candle_core::Device, dtype: DType) -> DType {
+        if device.is_cpu() {
+            DType::F32
+        } else {
+            dtype
+        }
+    }
+
     /// Sampler latents `[B, C, h, w]` to what the decoder takes: `x / scaling + shift`.
     pub fn denormalize(&self, latents: &Tensor) -> Result<Tensor> {
         (latents / self.cfg.scaling_factor)? + self.cfg.shift_factor
