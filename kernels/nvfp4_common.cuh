@@ -98,4 +98,19 @@ __device__ __forceinline__ uint32_t e2m1x2_bf16x2(uint32_t byte) {
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// Dequantizes one 16-element block (8 code bytes `src`, block scale `s`) to bf16 at `dst` (16-byte
+// aligned), through the 256-entry byte -> bf16x2 table `lut` (see e2m1x2_bf16x2). e2m1 * s is exact.
+__device__ __forceinline__ void dequant_block_bf16(const uint8_t* src, float s, const uint32_t* lut, __nv_bfloat16* dst) {
+    __nv_bfloat162 s2 = __floats2bfloat162_rn(s, s);
+    uint32_t out[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        uint32_t v = lut[src[j]];
+        __nv_bfloat162 p = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&v), s2);
+        out[j] = *reinterpret_cast<uint32_t*>(&p);
+    }
+    uint4* d = reinterpret_cast<uint4*>(dst);
+    d[0] = make_uint4(out[0], out[1], out[2], out[3]);
+    d[1] = make_uint4(out[4], out[5], out[6], out[7]);
+}
 }  // namespace nvfp4

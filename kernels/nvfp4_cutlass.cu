@@ -66,18 +66,7 @@ __device__ __forceinline__ void cute_nvfp4_w4a16(const __nv_bfloat16* __restrict
         {
             int kb = kt * 2 + dq_blk;
             float s = dq_n < N && kb * kGroup < K ? e4m3_decode(sc[swizzle_offset(dq_n, kb, scale_cols)]) : 0.0f;
-            __nv_bfloat162 s2 = __floats2bfloat162_rn(s, s);
-            const uint8_t* src = &braw[st][dq_row * 16 + dq_blk * 8];
-            uint32_t out[8];
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                uint32_t v = lut[src[j]];
-                __nv_bfloat162 p = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&v), s2);
-                out[j] = *reinterpret_cast<uint32_t*>(&p);
-            }
-            uint4* dst = reinterpret_cast<uint4*>(&smB[dq_row * LD + dq_blk * kGroup]);
-            dst[0] = make_uint4(out[0], out[1], out[2], out[3]);
-            dst[1] = make_uint4(out[4], out[5], out[6], out[7]);
+            dequant_block_bf16(&braw[st][dq_row * 16 + dq_blk * 8], s, lut, reinterpret_cast<__nv_bfloat16*>(&smB[dq_row * LD + dq_blk * kGroup]));
         }
         __syncthreads();
         Tensor sA = make_tensor(make_smem_ptr(&smA[st][0]), sA_layout);

@@ -69,3 +69,15 @@ impl From<CandiffError> for candle_core::Error {
         candle_core::Error::Wrapped(Box::new(e))
     }
 }
+
+/// Reads a JSON config file into `T`; `what` names the expected file in the error.
+pub fn read_json_config<T: serde::de::DeserializeOwned>(path: &std::path::Path, what: &str) -> CResult<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| CandiffError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| {
+        CandiffError::bad_config(
+            path.display(),
+            format!("not a valid {what}: {e}"),
+            format!("Point at the model's {what}."),
+        )
+    })
+}

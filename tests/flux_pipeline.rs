@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use candiff::linear::{Nvfp4Options, WeightBuilder};
@@ -38,39 +39,41 @@ fn schedule_matches_the_scheduler() {
     assert_eq!(v(&image_ids(h, w, &Device::Cpu).unwrap()), v(&p["img_ids"]));
 }
 
+/// Runs the fixture's sampling loop in `dtype`: (noise prediction, latents) after every step.
+fn denoise(p: &HashMap<String, Tensor>, dtype: DType) -> Vec<(Tensor, Tensor)> {
+    let f = fixtures().join("flux1_tiny");
+    let cfg = FluxConfig::from_file(&f.join("transformer/config.json")).unwrap();
+    let ckpt = Arc::new(Checkpoint::open(&f.join("transformer"), &Overrides::default()).unwrap());
+    let wb = WeightBuilder::new(ckpt, dtype, &Device::Cpu, Nvfp4Options::default()).unwrap();
+    let model = FluxTransformer::new(&cfg, &wb, Naming::Diffusers).unwrap();
+    let sched = SchedulerConfig::from_file(&f.join("scheduler/scheduler_config.json")).unwrap();
+    let steps = p["timesteps"].dim(0).unwrap();
+    let (sigmas, timesteps) = sched.schedule(steps, Some(sched.mu(p["img_ids"].dim(0).unwrap())));
+    let mut x = p["latents_init"].clone();
+    let mut out = Vec::new();
+    for i in 0..steps {
+        let t = Tensor::new(&[timesteps[i] / 1000.0], &Device::Cpu).unwrap();
+        let (e, pooled, g) = (&p["prompt_embeds"], &p["pooled_prompt_embeds"], &p["guidance"]);
+        let pred = model.forward(&x, e, pooled, &t, Some(g), &p["img_ids"], &p["txt_ids"], dtype).unwrap();
+        x = euler_step(&x, &pred, sigmas[i], sigmas[i + 1]).unwrap();
+        out.push((pred, x.clone()));
+    }
+    out
+}
+
 #[test]
 fn three_steps_then_decode_match_the_pipeline() {
     let f = fixtures().join("flux1_tiny");
     let p = candle_core::safetensors::load(f.join("pipeline.safetensors"), &Device::Cpu).unwrap();
-    let cfg = FluxConfig::from_file(&f.join("transformer/config.json")).unwrap();
-    let ckpt = Arc::new(Checkpoint::open(&f.join("transformer"), &Overrides::default()).unwrap());
-    let wb = WeightBuilder::new(ckpt, DType::F32, &Device::Cpu, Nvfp4Options::default()).unwrap();
-    let model = FluxTransformer::new(&cfg, &wb, Naming::Diffusers).unwrap();
-    let sched = SchedulerConfig::from_file(&f.join("scheduler/scheduler_config.json")).unwrap();
     let (h, w) = (p["vae_latents"].dim(2).unwrap(), p["vae_latents"].dim(3).unwrap());
-    let steps = p["timesteps"].dim(0).unwrap();
-    let (sigmas, timesteps) = sched.schedule(steps, Some(sched.mu(p["img_ids"].dim(0).unwrap())));
-    let mut x = p["latents_init"].clone();
-    for i in 0..steps {
-        let t = Tensor::new(&[timesteps[i] / 1000.0], &Device::Cpu).unwrap();
-        let pred = model
-            .forward(
-                &x,
-                &p["prompt_embeds"],
-                &p["pooled_prompt_embeds"],
-                &t,
-                Some(&p["guidance"]),
-                &p["img_ids"],
-                &p["txt_ids"],
-                DType::F32,
-            )
-            .unwrap();
-        let d = max_diff(&v(&pred), &v(&p["noise_pred"].get(i).unwrap()));
+    let trace = denoise(&p, DType::F32);
+    for (i, (pred, x)) in trace.iter().enumerate() {
+        let d = max_diff(&v(pred), &v(&p["noise_pred"].get(i).unwrap()));
         assert!(d <= F32_TOL, "step {i} noise_pred: {d}");
-        x = euler_step(&x, &pred, sigmas[i], sigmas[i + 1]).unwrap();
-        let d = max_diff(&v(&x), &v(&p["latents_steps"].get(i).unwrap()));
+        let d = max_diff(&v(x), &v(&p["latents_steps"].get(i).unwrap()));
         assert!(d <= F32_TOL, "step {i} latents: {d}");
     }
+    let x = trace.last().unwrap().1.clone();
     let vae_cfg = VaeConfig::from_file(&f.join("vae/config.json")).unwrap();
     let vb = unsafe {
         candle_nn::VarBuilder::from_mmaped_safetensors(
@@ -100,33 +103,13 @@ fn bf16_pipeline_within_the_bf16_tolerances() {
     // The bf16 column of the fixtures: latents 0.1, image 0.03 (f32 scheduler, f32 time embedding).
     let f = fixtures().join("flux1_tiny");
     let p = candle_core::safetensors::load(f.join("pipeline.safetensors"), &Device::Cpu).unwrap();
-    let cfg = FluxConfig::from_file(&f.join("transformer/config.json")).unwrap();
-    let ckpt = Arc::new(Checkpoint::open(&f.join("transformer"), &Overrides::default()).unwrap());
-    let wb = WeightBuilder::new(ckpt, DType::BF16, &Device::Cpu, Nvfp4Options::default()).unwrap();
-    let model = FluxTransformer::new(&cfg, &wb, Naming::Diffusers).unwrap();
-    let sched = SchedulerConfig::from_file(&f.join("scheduler/scheduler_config.json")).unwrap();
     let (h, w) = (p["vae_latents"].dim(2).unwrap(), p["vae_latents"].dim(3).unwrap());
-    let steps = p["timesteps"].dim(0).unwrap();
-    let (sigmas, timesteps) = sched.schedule(steps, Some(sched.mu(p["img_ids"].dim(0).unwrap())));
-    let mut x = p["latents_init"].clone();
-    for i in 0..steps {
-        let t = Tensor::new(&[timesteps[i] / 1000.0], &Device::Cpu).unwrap();
-        let pred = model
-            .forward(
-                &x,
-                &p["prompt_embeds"],
-                &p["pooled_prompt_embeds"],
-                &t,
-                Some(&p["guidance"]),
-                &p["img_ids"],
-                &p["txt_ids"],
-                DType::BF16,
-            )
-            .unwrap();
-        x = euler_step(&x, &pred, sigmas[i], sigmas[i + 1]).unwrap();
-        let d = max_diff(&v(&x), &v(&p["latents_steps"].get(i).unwrap()));
+    let trace = denoise(&p, DType::BF16);
+    for (i, (_, x)) in trace.iter().enumerate() {
+        let d = max_diff(&v(x), &v(&p["latents_steps"].get(i).unwrap()));
         assert!(d <= 0.1, "step {i} latents: {d}");
     }
+    let x = trace.last().unwrap().1.clone();
     // Candle has no bf16 CPU matmul for the VAE: it decodes in f32 on the CPU, as the pipeline does.
     const VAE_DTYPE: DType = DType::F32;
     assert_eq!(FluxVae::dtype_on(&Device::Cpu, DType::BF16), VAE_DTYPE);

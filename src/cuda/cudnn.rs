@@ -9,7 +9,7 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, Devic
 use candle_core::{DType, Result};
 use half::{bf16, f16};
 
-use super::wrap;
+use super::{ffi_message, wrap};
 use crate::error::CandiffError;
 use crate::nvfp4::layout::{ceil_to, LayoutKind, CUTLASS_ALIGN};
 use crate::nvfp4::linear::Nvfp4Matmul;
@@ -82,11 +82,6 @@ fn out_code(dtype: DType) -> c_int {
     }
 }
 
-fn message(buf: &[u8]) -> String {
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
-}
-
 /// Builds the graph for a layer's shape now, so an unsupported GPU or cuDNN fails at load time.
 pub fn prepare(dev: &CudaDevice, m: usize, n: usize, k: usize, linear_scales: bool, dtype: DType) -> Result<()> {
     let stream = dev.cuda_stream();
@@ -107,7 +102,7 @@ pub fn prepare(dev: &CudaDevice, m: usize, n: usize, k: usize, linear_scales: bo
         )
     };
     if rc != 0 {
-        return Err(CandiffError::Unsupported(message(&err)).into());
+        return Err(CandiffError::Unsupported(ffi_message(&err)).into());
     }
     Ok(())
 }
@@ -180,7 +175,7 @@ pub fn matmul(
         }
     };
     if rc != 0 {
-        return Err(CandiffError::Unsupported(message(&err)).into());
+        return Err(CandiffError::Unsupported(ffi_message(&err)).into());
     }
     Ok(CudaStorage { slice: y, device: dev.clone() })
 }

@@ -66,6 +66,12 @@ fn modules() -> &'static ModuleCache {
     M.get_or_init(Default::default)
 }
 
+/// The NUL-terminated message a C++ shim wrote into `buf`.
+pub(crate) fn ffi_message(buf: &[u8]) -> String {
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
 pub(crate) fn wrap<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> candle_core::Error + '_ {
     move |e| candle_core::Error::Msg(format!("{what}: {e}"))
 }

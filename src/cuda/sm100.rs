@@ -8,7 +8,7 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::{DType, Result};
 use half::bf16;
 
-use super::{function, quantize_activations_padded, wrap};
+use super::{ffi_message, function, quantize_activations_padded, wrap};
 use crate::error::CandiffError;
 use crate::nvfp4::layout::{ceil_to, CUTLASS_ALIGN};
 use crate::nvfp4::linear::Nvfp4Matmul;
@@ -91,8 +91,7 @@ pub fn fp4_gemm(
                 }
             };
             if rc != 0 {
-                let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
-                return Err(CandiffError::Unsupported(String::from_utf8_lossy(&err[..end]).into_owned()).into());
+                return Err(CandiffError::Unsupported(ffi_message(&err)).into());
             }
             let d = if n_pad == op.n {
                 d

@@ -106,11 +106,7 @@ fn pad_id(tok: &tokenizers::Tokenizer, candidates: &[&str]) -> Result<u32> {
 }
 
 fn json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| CandiffError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| {
-        CandiffError::bad_config(path.display(), format!("unexpected config: {e}"), "Check the repository layout.")
-            .into()
-    })
+    Ok(crate::error::read_json_config(path, "config.json")?)
 }
 
 fn safetensors_in(dir: &Path) -> Result<Vec<PathBuf>> {

@@ -47,14 +47,6 @@ impl FluxConfig {
 
     /// Reads a `config.json`.
     pub fn from_file(path: &std::path::Path) -> candle_core::Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| crate::error::CandiffError::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| {
-            crate::error::CandiffError::bad_config(
-                path.display(),
-                format!("not a FLUX transformer config: {e}"),
-                "Point at the transformer's config.json.",
-            )
-            .into()
-        })
+        Ok(crate::error::read_json_config(path, "FLUX transformer config.json")?)
     }
 }

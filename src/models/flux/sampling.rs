@@ -34,15 +34,7 @@ impl Default for SchedulerConfig {
 
 impl SchedulerConfig {
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| crate::error::CandiffError::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| {
-            crate::error::CandiffError::bad_config(
-                path.display(),
-                format!("not a flow-matching scheduler config: {e}"),
-                "Point at scheduler/scheduler_config.json.",
-            )
-            .into()
-        })
+        Ok(crate::error::read_json_config(path, "scheduler_config.json")?)
     }
 
     /// The resolution-dependent shift `mu`: linear in the image token count between

@@ -40,15 +40,7 @@ impl Default for VaeConfig {
 
 impl VaeConfig {
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| crate::error::CandiffError::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| {
-            crate::error::CandiffError::bad_config(
-                path.display(),
-                format!("not an AutoencoderKL config: {e}"),
-                "Point at vae/config.json.",
-            )
-            .into()
-        })
+        Ok(crate::error::read_json_config(path, "AutoencoderKL config.json")?)
     }
 
     /// Pixels per latent along each side.
