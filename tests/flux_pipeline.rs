@@ -14,8 +14,9 @@ use candiff::nvfp4::{Checkpoint, Overrides};
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, max_diff};
 
-/// As in flux_transformer.rs: the 1e-5 of the fixtures' README is not reachable through the
-/// guidance sinusoid (3500 rad here) with a different f32 `exp`; measured 2e-5 at most.
+/// As in flux_transformer.rs: the reference's CPU `exp` rounds 3 sinusoid frequencies one ulp away
+/// from the correctly rounded value, which the guidance sinusoid (3500 rad here) amplifies to 2e-5;
+/// with those three values the pipeline matches within 1e-5.
 const F32_TOL: f32 = 3e-5;
 
 fn v(t: &Tensor) -> Vec<f32> {

@@ -116,10 +116,13 @@ fn nvfp4_checkpoints_match_their_references() {
     }
 }
 
-/// The fixtures state 1e-5 for an f32 implementation; we measure 1.9e-5. This random model is
-/// hypersensitive to the sinusoidal embedding of guidance * 1000 = 4000 rad (a 5e-7 change of the
-/// guidance moves the output by 3.6e-4), so a one-ulp difference between f32 `exp` implementations
-/// in one frequency shows at this level. Every known bug moves the output by 0.1 or more.
+/// The fixtures state 1e-5 for an f32 implementation; we measure 1.9e-5. The cause is pinned: the
+/// reference's CPU `torch.exp` (torch 2.11 on the GPU machine, checked) differs by one ulp from the
+/// correctly rounded exp in 3 of the 128 sinusoid frequencies (i = 13, 44, 119), and this random
+/// model is hypersensitive to the guidance sinusoid (4000 rad: a 5e-7 change of the guidance moves
+/// the output by 3.6e-4). With torch's three values substituted the difference drops to 2.1e-6. We
+/// keep the correctly rounded exp rather than copy one library's rounding. Known bugs move the
+/// output by 0.1 or more.
 const F32_TOL: f32 = 3e-5;
 
 #[test]
