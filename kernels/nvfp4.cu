@@ -15,9 +15,9 @@ using namespace nvfp4;
 // its prepared layout and dequantized to bf16 in shared memory (exact: e2m1 * e4m3 fits bf16's
 // 8-bit mantissa), bf16 tensor cores (WMMA 16x16x16) with f32 accumulation. Activations and raw
 // weight bytes are double-buffered with cp.async so loads overlap dequantization and MMA.
-constexpr int BM = 128, BN = 128, BK = 32;
+constexpr int BM = kTileM, BN = kTileN, BK = kTileK;
 constexpr int PAD = 8;  // bf16 elements of row padding against shared-memory bank conflicts
-constexpr int THREADS = 256;
+constexpr int THREADS = kTileThreads;
 constexpr int LDS = BK + PAD;
 
 template <typename OutT>
@@ -54,16 +54,7 @@ __device__ __forceinline__ void nvfp4_gemm_w4a16(
     const int dq_prow = dq_n < N ? physical_row<LAYOUT>(dq_n) : 0;
 
     auto load = [&](int k0, int st) {
-#pragma unroll
-        for (int it = 0; it < 2; it++) {  // A: 128 x 32 bf16 = 512 chunks of 16 bytes
-            int idx = tid + it * THREADS;
-            int r = idx / 4, c = (idx % 4) * 8;
-            int gm = m0 + r, gk = k0 + c;
-            bool ok = gm < M && gk < K;
-            cp_async16(&As[st][r * LDS + c], ok ? x + (size_t)gm * K + gk : x, ok);
-        }
-        if (tid < BN) cp_async16(&Braw[st][tid * 16], copy_ok ? copy_src + k0 / 2 : w, copy_ok);
-        cp_async_commit();
+        load_tile_async(x, M, K, m0, k0, &As[st][0], LDS, copy_ok ? copy_src : nullptr, &Braw[st][0], x, tid);
     };
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];

@@ -113,4 +113,25 @@ __device__ __forceinline__ void dequant_block_bf16(const uint8_t* src, float s, 
     d[0] = make_uint4(out[0], out[1], out[2], out[3]);
     d[1] = make_uint4(out[4], out[5], out[6], out[7]);
 }
+// Tile geometry shared by the tiled W4A16 GEMMs (trtllm and cutlass variants).
+constexpr int kTileM = 128, kTileN = 128, kTileK = 32, kTileThreads = 256;
+
+// Issues the cp.async copies of one K tile and commits them as a group: activations (kTileM x kTileK
+// bf16 from row m0, column k0; rows `lda` elements apart in `a_smem`, zero past M and K) and, for
+// threads below kTileN, 16 raw code bytes of weight row `w_row` (null: out of range, zero-filled).
+// `any` is any valid global address (cp.async needs one even when it copies nothing).
+__device__ __forceinline__ void load_tile_async(const __nv_bfloat16* x, int M, int K, int m0, int k0,
+                                                __nv_bfloat16* a_smem, int lda, const uint8_t* w_row,
+                                                uint8_t* b_smem, const void* any, int tid) {
+#pragma unroll
+    for (int it = 0; it < kTileM * kTileK / 8 / kTileThreads; it++) {
+        int idx = tid + it * kTileThreads;
+        int r = idx / (kTileK / 8), c = (idx % (kTileK / 8)) * 8;
+        int gm = m0 + r, gk = k0 + c;
+        bool ok = gm < M && gk < K;
+        cp_async16(&a_smem[r * lda + c], ok ? (const void*)(x + (size_t)gm * K + gk) : any, ok);
+    }
+    if (tid < kTileN) cp_async16(&b_smem[tid * 16], w_row ? (const void*)(w_row + k0 / 2) : any, w_row != nullptr);
+    cp_async_commit();
+}
 }  // namespace nvfp4

@@ -11,9 +11,9 @@ namespace {
 using namespace cute;
 using namespace nvfp4;
 
-constexpr int BM = 128, BN = 128, BK = 32;
+constexpr int BM = kTileM, BN = kTileN, BK = kTileK;
 constexpr int LD = BK + 8;  // padded smem row (bf16 elements) against bank conflicts
-constexpr int THREADS = 256;
+constexpr int THREADS = kTileThreads;
 
 template <class OutT>
 __device__ __forceinline__ void cute_nvfp4_w4a16(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w,
@@ -44,16 +44,8 @@ __device__ __forceinline__ void cute_nvfp4_w4a16(const __nv_bfloat16* __restrict
     const int dq_row = tid / 2, dq_blk = tid % 2, dq_n = n0 + dq_row;
 
     auto load = [&](int k0, int st) {
-#pragma unroll
-        for (int it = 0; it < 2; it++) {
-            int idx = tid + it * THREADS;
-            int r = idx / 4, c = (idx % 4) * 8;
-            int gm = m0 + r, gk = k0 + c;
-            bool ok = gm < M && gk < K;
-            cp_async16(&smA[st][r * LD + c], ok ? x + (size_t)gm * K + gk : x, ok);
-        }
-        if (tid < BN) cp_async16(&braw[st][tid * 16], copy_ok ? copy_src + k0 / 2 : w, copy_ok);
-        cp_async_commit();
+        load_tile_async(x, M, K, m0, k0, reinterpret_cast<__nv_bfloat16*>(&smA[st][0]), LD, copy_ok ? copy_src : nullptr,
+                        &braw[st][0], x, tid);
     };
 
     const int ktiles = (K + BK - 1) / BK;

@@ -4,15 +4,14 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::{Mutex, OnceLock};
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId};
 use candle_core::{DType, Result};
 use half::{bf16, f16};
 
-use super::{ffi_message, wrap};
+use super::{ffi_message, wrap, GemmCall};
 use crate::error::CandiffError;
 use crate::nvfp4::layout::{ceil_to, LayoutKind, CUTLASS_ALIGN};
-use crate::nvfp4::linear::Nvfp4Matmul;
 
 /// Oldest cuDNN with general block-scale dequantize + matmul graphs (9.11.0).
 pub const MIN_CUDNN_VERSION: usize = 91100;
@@ -120,15 +119,8 @@ fn alpha_on_device(dev: &CudaDevice, alpha: f32) -> Result<CudaSlice<f32>> {
     Ok(s)
 }
 
-pub fn matmul(
-    op: &Nvfp4Matmul,
-    dev: &CudaDevice,
-    x: &CudaSlice<bf16>,
-    w: &CudaView<u8>,
-    sc: &CudaView<u8>,
-    m: usize,
-    out_dtype: DType,
-) -> Result<CudaStorage> {
+pub(crate) fn matmul(call: &GemmCall) -> Result<CudaStorage> {
+    let GemmCall { op, dev, x, w, sc, m, out_dtype } = *call;
     let stream = dev.cuda_stream();
     let alpha = alpha_on_device(dev, op.alpha())?;
     let n = m * op.n;

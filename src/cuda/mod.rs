@@ -268,6 +268,19 @@ pub fn quantize_activations_padded(
     Ok((packed.zip(scales), out))
 }
 
+/// One GEMM as every variant's entry point takes it: bf16 activations `[m, k]`, the prepared weight
+/// and scales, and the output dtype.
+#[derive(Clone, Copy)]
+pub(crate) struct GemmCall<'a> {
+    pub op: &'a Nvfp4Matmul,
+    pub dev: &'a CudaDevice,
+    pub x: &'a CudaSlice<bf16>,
+    pub w: &'a CudaView<'a, u8>,
+    pub sc: &'a CudaView<'a, u8>,
+    pub m: usize,
+    pub out_dtype: DType,
+}
+
 /// `y = alpha * (x ⊗ W)` on the GPU for a prepared NVFP4 weight.
 pub fn nvfp4_linear_fwd(
     op: &Nvfp4Matmul,
@@ -293,7 +306,8 @@ pub fn nvfp4_linear_fwd(
         let out_dtype = if s1.dtype() == DType::F32 { DType::F32 } else { DType::BF16 };
         let w = view::<u8>(s2, l2, "weight")?;
         let sc = view::<u8>(s3, l3, "scale")?;
-        return sm100::fp4_gemm(op, &dev, &x, &w, &sc, m, out_dtype).map(|s| (s, Shape::from(out_dims)));
+        let call = GemmCall { op, dev: &dev, x: &x, w: &w, sc: &sc, m, out_dtype };
+        return sm100::fp4_gemm(&call).map(|s| (s, Shape::from(out_dims)));
     }
     let x = match op.mode {
         ActMode::W4A16 => x,
@@ -312,11 +326,13 @@ pub fn nvfp4_linear_fwd(
         Backend::Trtllm => {}
         #[cfg(candiff_cutlass)]
         Backend::Cutlass => {
-            return cutlass_gemm(op, &dev, &x, &w, &sc, m, out_dtype).map(|s| (s, Shape::from(out_dims)))
+            let call = GemmCall { op, dev: &dev, x: &x, w: &w, sc: &sc, m, out_dtype };
+            return cutlass_gemm(&call).map(|s| (s, Shape::from(out_dims)));
         }
         #[cfg(feature = "cudnn")]
         Backend::Cudnn => {
-            return cudnn::matmul(op, &dev, &x, &w, &sc, m, out_dtype).map(|s| (s, Shape::from(out_dims)));
+            let call = GemmCall { op, dev: &dev, x: &x, w: &w, sc: &sc, m, out_dtype };
+            return cudnn::matmul(&call).map(|s| (s, Shape::from(out_dims)));
         }
         #[allow(unreachable_patterns)]
         b => candle_core::bail!("the NVFP4 {b} variant is not in this build"),
@@ -363,15 +379,8 @@ pub fn nvfp4_linear_fwd(
 
 /// The cutlass variant: CuTe TiledMMA kernel on the cutlass layout.
 #[cfg(candiff_cutlass)]
-fn cutlass_gemm(
-    op: &Nvfp4Matmul,
-    dev: &CudaDevice,
-    x: &CudaSlice<bf16>,
-    w: &CudaView<u8>,
-    sc: &CudaView<u8>,
-    m: usize,
-    out_dtype: DType,
-) -> Result<CudaStorage> {
+fn cutlass_gemm(call: &GemmCall) -> Result<CudaStorage> {
+    let GemmCall { op, dev, x, w, sc, m, out_dtype } = *call;
     debug_assert_eq!(op.kind, LayoutKind::Cutlass);
     let stream = dev.cuda_stream();
     let cfg = LaunchConfig {

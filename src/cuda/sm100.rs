@@ -3,15 +3,14 @@
 
 use std::ffi::{c_char, c_int, c_void};
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice};
 use candle_core::{DType, Result};
 use half::bf16;
 
-use super::{ffi_message, function, quantize_activations_padded, wrap};
+use super::{ffi_message, function, quantize_activations_padded, wrap, GemmCall};
 use crate::error::CandiffError;
 use crate::nvfp4::layout::{ceil_to, CUTLASS_ALIGN};
-use crate::nvfp4::linear::Nvfp4Matmul;
 
 /// The only compute capability the sm_100a cubin runs on.
 pub const SM100: (i32, i32) = (10, 0);
@@ -35,15 +34,8 @@ extern "C" {
     ) -> c_int;
 }
 
-pub fn fp4_gemm(
-    op: &Nvfp4Matmul,
-    dev: &CudaDevice,
-    x: &CudaSlice<bf16>,
-    w: &CudaView<u8>,
-    sc: &CudaView<u8>,
-    m: usize,
-    out_dtype: DType,
-) -> Result<CudaStorage> {
+pub(crate) fn fp4_gemm(call: &GemmCall) -> Result<CudaStorage> {
+    let GemmCall { op, dev, x, w, sc, m, out_dtype } = *call;
     let stream = dev.cuda_stream();
     let (elem, out_f32) = match out_dtype {
         DType::F32 => (4usize, true),
