@@ -1,6 +1,6 @@
 //! Small numerics shared by the transformers. Norms run in f32 whatever the activation dtype.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 /// LayerNorm over the last dimension without affine parameters.
 pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> Result<Tensor> {
@@ -59,13 +59,76 @@ pub fn timestep_embedding(t: &Tensor, dim: usize, max_period: f64) -> Result<Ten
     Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)
 }
 
+/// f32 elements of one block of attention scores: queries are processed in chunks so that long
+/// video sequences (30k+ tokens) never materialize the full `[B, H, S, S]` score matrix.
+const ATTN_SCORE_BLOCK: usize = 1 << 28;
+
 /// Scaled dot-product attention over `[B, H, S, D]`, scores in f32.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let dtype = q.dtype();
-    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let q = (q.to_dtype(DType::F32)? * scale)?;
-    let k = k.to_dtype(DType::F32)?;
-    let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    probs.matmul(&v.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(dtype)
+    let (b, h, sq, d) = q.dims4()?;
+    let sk = k.dim(2)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let kt = k.to_dtype(DType::F32)?.t()?.contiguous()?;
+    let v = v.to_dtype(DType::F32)?.contiguous()?;
+    let rows = (ATTN_SCORE_BLOCK / (b * h * sk).max(1)).clamp(1, sq);
+    let mut outs = Vec::with_capacity(sq.div_ceil(rows));
+    for start in (0..sq).step_by(rows) {
+        let n = rows.min(sq - start);
+        let qc = (q.narrow(2, start, n)?.to_dtype(DType::F32)? * scale)?.contiguous()?;
+        let probs = candle_nn::ops::softmax_last_dim(&qc.matmul(&kt)?)?;
+        outs.push(probs.matmul(&v)?.to_dtype(dtype)?);
+    }
+    if outs.len() == 1 {
+        return Ok(outs.remove(0));
+    }
+    Tensor::cat(&outs, 2)
 }
+
+/// `[B, S, H*D]` -> `[B, H, S, D]`.
+pub fn heads(x: &Tensor, h: usize) -> Result<Tensor> {
+    let (b, s, hd) = x.dims3()?;
+    x.reshape((b, s, h, hd / h))?.transpose(1, 2)
+}
+
+/// `[B, H, S, D]` -> `[B, S, H*D]`.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, s, d) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, s, h * d))
+}
+
+/// Rotary embedding on interleaved pairs `(x[2i], x[2i+1])`; `cos`/`sin` are `[S, D/2]`.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, h, s, d) = x.dims4()?;
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?.reshape((b, h, s, d / 2, 2))?;
+    let x0 = x.narrow(4, 0, 1)?.squeeze(4)?;
+    let x1 = x.narrow(4, 1, 1)?.squeeze(4)?;
+    let (cos, sin) = (cos.unsqueeze(0)?.unsqueeze(0)?, sin.unsqueeze(0)?.unsqueeze(0)?);
+    let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+    let y1 = (x1.broadcast_mul(&cos)? + x0.broadcast_mul(&sin)?)?;
+    Tensor::stack(&[y0, y1], 4)?.reshape((b, h, s, d))?.to_dtype(dtype)
+}
+
+/// RoPE tables for position ids `[S, n_axes]`: per axis `d_a / 2` frequencies `theta^(-2i/d_a)`,
+/// angles in f64, then `cos`/`sin` as f32 `[S, sum(d_a) / 2]`.
+pub fn rope_tables(ids: &Tensor, axes: &[usize], theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
+    let ids: Vec<Vec<f32>> = ids.to_dtype(DType::F32)?.to_vec2()?;
+    let half: usize = axes.iter().sum::<usize>() / 2;
+    let mut cos = Vec::with_capacity(ids.len() * half);
+    let mut sin = Vec::with_capacity(ids.len() * half);
+    for row in &ids {
+        for (a, &d) in axes.iter().enumerate() {
+            let pos = row[a] as f64;
+            for i in 0..d / 2 {
+                let freq = 1.0 / theta.powf((2 * i) as f64 / d as f64);
+                let angle = pos * freq;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+    }
+    let s = ids.len();
+    Ok((Tensor::from_vec(cos, (s, half), device)?, Tensor::from_vec(sin, (s, half), device)?))
+}
+

@@ -6,11 +6,14 @@
 //! `pooled` `[B, pooled_projection_dim]`, `timestep` / `guidance` `[B]` in [0, 1] (multiplied by 1000
 //! inside), `img_ids` `[S_img, 3]`, `txt_ids` `[S_txt, 3]`; output `[B, S_img, out_channels]`.
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 
 use super::config::FluxConfig;
 use crate::linear::{Linear, WeightBuilder};
-use crate::models::ops::{attention, gelu_tanh, layer_norm_no_affine, modulate, timestep_embedding, RmsNorm};
+use crate::models::ops::{
+    apply_rope, attention, gelu_tanh, heads, layer_norm_no_affine, merge_heads, modulate, rope_tables, timestep_embedding,
+    RmsNorm,
+};
 
 /// Norm epsilon of every LayerNorm and q/k RMSNorm in FLUX.
 const EPS: f64 = 1e-6;
@@ -18,6 +21,7 @@ const EPS: f64 = 1e-6;
 const TIME_DIM: usize = 256;
 /// Timesteps and guidance arrive in [0, 1]; the model was trained on 1000x.
 const TIME_SCALE: f64 = 1000.0;
+/// RoPE base of every axis.
 const ROPE_THETA: f64 = 10_000.0;
 /// Longest period of the sinusoidal time embedding.
 const TIME_MAX_PERIOD: f64 = 10_000.0;
@@ -95,53 +99,6 @@ fn chunks(t: &Tensor, n: usize) -> Result<Vec<Tensor>> {
 
 fn rms(wb: &WeightBuilder, name: &str, dim: usize) -> Result<RmsNorm> {
     Ok(RmsNorm::new(wb.vb().get(dim, name)?, EPS))
-}
-
-/// `[B, S, H*D]` -> `[B, H, S, D]`.
-fn heads(x: &Tensor, h: usize) -> Result<Tensor> {
-    let (b, s, hd) = x.dims3()?;
-    x.reshape((b, s, h, hd / h))?.transpose(1, 2)
-}
-
-/// `[B, H, S, D]` -> `[B, S, H*D]`.
-fn merge_heads(x: &Tensor) -> Result<Tensor> {
-    let (b, h, s, d) = x.dims4()?;
-    x.transpose(1, 2)?.reshape((b, s, h * d))
-}
-
-/// Rotary embedding on interleaved pairs `(x[2i], x[2i+1])`; `cos`/`sin` are `[S, D/2]`.
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (b, h, s, d) = x.dims4()?;
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?.reshape((b, h, s, d / 2, 2))?;
-    let x0 = x.narrow(4, 0, 1)?.squeeze(4)?;
-    let x1 = x.narrow(4, 1, 1)?.squeeze(4)?;
-    let (cos, sin) = (cos.unsqueeze(0)?.unsqueeze(0)?, sin.unsqueeze(0)?.unsqueeze(0)?);
-    let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
-    let y1 = (x1.broadcast_mul(&cos)? + x0.broadcast_mul(&sin)?)?;
-    Tensor::stack(&[y0, y1], 4)?.reshape((b, h, s, d))?.to_dtype(dtype)
-}
-
-/// RoPE tables for position ids `[S, n_axes]`: per axis `d_a / 2` frequencies `theta^(-2i/d_a)`,
-/// angles in f64, then `cos`/`sin` as f32 `[S, sum(d_a) / 2]`.
-pub fn rope_tables(ids: &Tensor, axes: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
-    let ids: Vec<Vec<f32>> = ids.to_dtype(DType::F32)?.to_vec2()?;
-    let half: usize = axes.iter().sum::<usize>() / 2;
-    let mut cos = Vec::with_capacity(ids.len() * half);
-    let mut sin = Vec::with_capacity(ids.len() * half);
-    for row in &ids {
-        for (a, &d) in axes.iter().enumerate() {
-            let pos = row[a] as f64;
-            for i in 0..d / 2 {
-                let freq = 1.0 / ROPE_THETA.powf((2 * i) as f64 / d as f64);
-                let angle = pos * freq;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
-    }
-    let s = ids.len();
-    Ok((Tensor::from_vec(cos, (s, half), device)?, Tensor::from_vec(sin, (s, half), device)?))
 }
 
 #[derive(Debug, Clone)]
@@ -428,7 +385,7 @@ impl FluxTransformer {
     ) -> Result<Tensor> {
         let device = img.device();
         let ids = Tensor::cat(&[txt_ids, img_ids], 0)?;
-        let rope = rope_tables(&ids, &self.cfg.axes_dims_rope, device)?;
+        let rope = rope_tables(&ids, &self.cfg.axes_dims_rope, ROPE_THETA, device)?;
         let temb = self.temb(timestep, guidance, pooled, dtype)?;
         let mut img = self.x_embedder.forward(&img.to_dtype(dtype)?)?;
         let mut txt = self.context_embedder.forward(&txt.to_dtype(dtype)?)?;

@@ -2,3 +2,4 @@
 
 pub mod clip;
 pub mod t5;
+pub mod umt5;

@@ -1,0 +1,352 @@
+//! `WanTransformer3DModel` (Wan2.1/2.2 text-to-video: A14B experts and TI2V-5B), diffusers names.
+//!
+//! One body for bf16 and NVFP4: every projection is a [`crate::linear::Linear`]. Norms,
+//! modulation and residual gating run in f32 as in the reference; the time embedder is kept in
+//! f32 (diffusers' `_keep_in_fp32_modules`).
+
+use candle_core::{DType, Module, Result, Tensor};
+
+use super::config::WanConfig;
+use crate::linear::{Linear, WeightBuilder};
+use crate::models::ops::{
+    apply_rope, attention, gelu_tanh, heads, layer_norm_no_affine, merge_heads, rope_tables, timestep_embedding,
+    RmsNorm,
+};
+
+/// RoPE base of the three axes.
+const ROPE_THETA: f64 = 10_000.0;
+/// Longest period of the sinusoidal timestep embedding.
+const TIME_MAX_PERIOD: f64 = 10_000.0;
+/// Per-block modulation vectors: shift, scale, gate of self-attention, then of the FFN.
+const BLOCK_MODS: usize = 6;
+
+/// Intermediates the reference exposes, for tests and debugging.
+#[derive(Debug, Default)]
+pub struct WanTrace {
+    pub temb: Option<Tensor>,
+    pub timestep_proj: Option<Tensor>,
+    pub text_embeds: Option<Tensor>,
+    pub block_outputs: Vec<Tensor>,
+}
+
+/// Self- or cross-attention with RMS q/k norms over all heads (`rms_norm_across_heads`).
+#[derive(Debug, Clone)]
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    norm_q: RmsNorm,
+    norm_k: RmsNorm,
+    heads: usize,
+}
+
+impl Attention {
+    fn new(wb: &WeightBuilder, cfg: &WanConfig, kv_dim: usize) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        let norm = |n: &str| -> Result<RmsNorm> { Ok(RmsNorm::new(wb.pp(n).vb().get(dim, "weight")?, cfg.eps)) };
+        Ok(Self {
+            to_q: wb.pp("to_q").linear(dim, dim, true)?,
+            to_k: wb.pp("to_k").linear(kv_dim, dim, true)?,
+            to_v: wb.pp("to_v").linear(kv_dim, dim, true)?,
+            to_out: wb.pp("to_out").pp(0).linear(dim, dim, true)?,
+            norm_q: norm("norm_q")?,
+            norm_k: norm("norm_k")?,
+            heads: cfg.num_attention_heads,
+        })
+    }
+
+    /// `x` `[B, S, dim]`; `ctx` the key/value source for cross-attention; RoPE for self-attention.
+    fn forward(&self, x: &Tensor, ctx: Option<&Tensor>, rope: Option<&(Tensor, Tensor)>) -> Result<Tensor> {
+        let kv = ctx.unwrap_or(x);
+        let q = heads(&self.norm_q.forward(&self.to_q.forward(x)?)?, self.heads)?;
+        let k = heads(&self.norm_k.forward(&self.to_k.forward(kv)?)?, self.heads)?;
+        let v = heads(&self.to_v.forward(kv)?, self.heads)?;
+        let (q, k) = match rope {
+            Some((cos, sin)) => (apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?),
+            None => (q, k),
+        };
+        self.to_out.forward(&merge_heads(&attention(&q, &k, &v)?)?)
+    }
+}
+
+/// LayerNorm with affine parameters, computed in f32.
+#[derive(Debug, Clone)]
+struct AffineNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl AffineNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = layer_norm_no_affine(&x.to_dtype(DType::F32)?, self.eps)?;
+        y.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?.to_dtype(x.dtype())
+    }
+}
+
+/// Modulation `norm(x) * (1 + scale) + shift` in f32, result in `x`'s dtype.
+fn modulated_norm(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    let y = layer_norm_no_affine(&x.to_dtype(DType::F32)?, eps)?;
+    y.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?.to_dtype(x.dtype())
+}
+
+/// `x + y * gate` in f32, result in `x`'s dtype.
+fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    x.to_dtype(DType::F32)?.add(&y.to_dtype(DType::F32)?.broadcast_mul(gate)?)?.to_dtype(x.dtype())
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn1: Attention,
+    attn2: Attention,
+    norm2: Option<AffineNorm>,
+    ffn_in: Linear,
+    ffn_out: Linear,
+    /// `[1, 1, 6, dim]` f32.
+    scale_shift_table: Tensor,
+    eps: f64,
+}
+
+impl Block {
+    fn new(wb: &WeightBuilder, cfg: &WanConfig) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        let norm2 = if cfg.cross_attn_norm {
+            let vb = wb.pp("norm2");
+            let vb = vb.vb();
+            Some(AffineNorm {
+                weight: vb.get(dim, "weight")?.to_dtype(DType::F32)?,
+                bias: vb.get(dim, "bias")?.to_dtype(DType::F32)?,
+                eps: cfg.eps,
+            })
+        } else {
+            None
+        };
+        let ffn = wb.pp("ffn").pp("net");
+        Ok(Self {
+            attn1: Attention::new(&wb.pp("attn1"), cfg, dim)?,
+            attn2: Attention::new(&wb.pp("attn2"), cfg, dim)?,
+            norm2,
+            ffn_in: ffn.pp(0).pp("proj").linear(dim, cfg.ffn_dim, true)?,
+            ffn_out: ffn.pp(2).linear(cfg.ffn_dim, dim, true)?,
+            scale_shift_table: wb
+                .vb()
+                .get((1, BLOCK_MODS, dim), "scale_shift_table")?
+                .to_dtype(DType::F32)?
+                .unsqueeze(0)?,
+            eps: cfg.eps,
+        })
+    }
+
+    /// `tproj` `[B, L', 6, dim]` f32 with L' = 1 (one timestep per sample) or the token count.
+    fn forward(&self, x: &Tensor, ctx: &Tensor, tproj: &Tensor, rope: &(Tensor, Tensor)) -> Result<Tensor> {
+        let mods = self.scale_shift_table.broadcast_add(tproj)?;
+        let m = |i: usize| -> Result<Tensor> { mods.narrow(2, i, 1)?.squeeze(2) };
+        let (shift, scale, gate) = (m(0)?, m(1)?, m(2)?);
+        let (c_shift, c_scale, c_gate) = (m(3)?, m(4)?, m(5)?);
+
+        let h = modulated_norm(x, &shift, &scale, self.eps)?;
+        let x = gated_residual(x, &self.attn1.forward(&h, None, Some(rope))?, &gate)?;
+
+        let h = match &self.norm2 {
+            Some(n) => n.forward(&x)?,
+            None => x.clone(),
+        };
+        let x = (&x + self.attn2.forward(&h, Some(ctx), None)?)?;
+
+        let h = modulated_norm(&x, &c_shift, &c_scale, self.eps)?;
+        let ff = self.ffn_out.forward(&gelu_tanh(&self.ffn_in.forward(&h)?)?)?;
+        gated_residual(&x, &ff, &c_gate)
+    }
+}
+
+/// A linear whose dense weights are held in f32 (modules the reference keeps in f32).
+fn f32_linear(wb: &WeightBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
+    Ok(match wb.linear(in_dim, out_dim, true)? {
+        Linear::Dense(l) => Linear::Dense(candle_nn::Linear::new(
+            l.weight().to_dtype(DType::F32)?,
+            l.bias().map(|b| b.to_dtype(DType::F32)).transpose()?,
+        )),
+        other => other,
+    })
+}
+
+pub struct WanTransformer {
+    cfg: WanConfig,
+    /// The 3D patch embedding, a convolution with kernel = stride = patch, as a linear over
+    /// flattened `(C, pt, ph, pw)` patches.
+    patch_embedding: candle_nn::Linear,
+    time_1: Linear,
+    time_2: Linear,
+    time_proj: Linear,
+    text_1: Linear,
+    text_2: Linear,
+    blocks: Vec<Block>,
+    /// `[1, 1, 2, dim]` f32: (shift, scale) of the output head.
+    scale_shift_table: Tensor,
+    proj_out: Linear,
+}
+
+impl WanTransformer {
+    pub fn new(cfg: &WanConfig, wb: &WeightBuilder) -> Result<Self> {
+        if cfg.image_dim.is_some() || cfg.added_kv_proj_dim.is_some() {
+            candle_core::bail!(
+                "this Wan transformer takes image conditioning (I2V: image_dim/added_kv_proj_dim set); candiff runs the text-to-video models (T2V-A14B, TI2V-5B)"
+            );
+        }
+        match cfg.qk_norm.as_deref() {
+            Some("rms_norm_across_heads") => {}
+            other => candle_core::bail!(
+                "Wan transformer config: qk_norm {other:?} is not supported (expected \"rms_norm_across_heads\")"
+            ),
+        }
+        let dim = cfg.inner_dim();
+        let [pt, ph, pw] = cfg.patch_size;
+        let patch_in = cfg.in_channels * pt * ph * pw;
+        let pe = wb.pp("patch_embedding");
+        let pe_w = pe.vb().get((dim, cfg.in_channels, pt, ph, pw), "weight")?.reshape((dim, patch_in))?;
+        let patch_embedding = candle_nn::Linear::new(pe_w, Some(pe.vb().get(dim, "bias")?));
+        let ce = wb.pp("condition_embedder");
+        let te = ce.pp("time_embedder");
+        let tx = ce.pp("text_embedder");
+        let blocks = (0..cfg.num_layers).map(|i| Block::new(&wb.pp("blocks").pp(i), cfg)).collect::<Result<_>>()?;
+        Ok(Self {
+            patch_embedding,
+            time_1: f32_linear(&te.pp("linear_1"), cfg.freq_dim, dim)?,
+            time_2: f32_linear(&te.pp("linear_2"), dim, dim)?,
+            time_proj: ce.pp("time_proj").linear(dim, BLOCK_MODS * dim, true)?,
+            text_1: tx.pp("linear_1").linear(cfg.text_dim, dim, true)?,
+            text_2: tx.pp("linear_2").linear(dim, dim, true)?,
+            blocks,
+            scale_shift_table: wb.vb().get((1, 2, dim), "scale_shift_table")?.to_dtype(DType::F32)?.unsqueeze(0)?,
+            proj_out: wb.pp("proj_out").linear(dim, cfg.out_channels() * pt * ph * pw, true)?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &WanConfig {
+        &self.cfg
+    }
+
+    /// Tokens of a latent `[C, F, H, W]` after patching.
+    pub fn grid(&self, f: usize, h: usize, w: usize) -> Result<(usize, usize, usize)> {
+        let [pt, ph, pw] = self.cfg.patch_size;
+        if f % pt != 0 || h % ph != 0 || w % pw != 0 {
+            candle_core::bail!("latent {f}x{h}x{w} is not divisible by the patch size {pt}x{ph}x{pw}");
+        }
+        Ok((f / pt, h / ph, w / pw))
+    }
+
+    /// RoPE tables for a token grid, `[L, head_dim / 2]` each.
+    fn rope(&self, (f, h, w): (usize, usize, usize), device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+        let mut ids = Vec::with_capacity(f * h * w * 3);
+        for i in 0..f {
+            for j in 0..h {
+                for k in 0..w {
+                    ids.extend_from_slice(&[i as f32, j as f32, k as f32]);
+                }
+            }
+        }
+        let ids = Tensor::from_vec(ids, (f * h * w, 3), &candle_core::Device::Cpu)?;
+        rope_tables(&ids, &self.cfg.rope_axes(), ROPE_THETA, device)
+    }
+
+    /// `x` `[B, C, F, H, W]` -> `[B, L, C*pt*ph*pw]` with tokens in (f, h, w) order.
+    fn patchify(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, f, h, w) = x.dims5()?;
+        let [pt, ph, pw] = self.cfg.patch_size;
+        let (gf, gh, gw) = self.grid(f, h, w)?;
+        x.reshape(vec![b, c, gf, pt, gh, ph, gw, pw])?
+            .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
+            .reshape((b, gf * gh * gw, c * pt * ph * pw))
+    }
+
+    /// `[B, L, pt*ph*pw*C]` (C fastest) -> `[B, C, F, H, W]`.
+    fn unpatchify(&self, y: &Tensor, (gf, gh, gw): (usize, usize, usize)) -> Result<Tensor> {
+        let b = y.dim(0)?;
+        let [pt, ph, pw] = self.cfg.patch_size;
+        let c = self.cfg.out_channels();
+        y.reshape(vec![b, gf, gh, gw, pt, ph, pw, c])?.permute(vec![0, 7, 1, 4, 2, 5, 3, 6])?.reshape((
+            b,
+            c,
+            gf * pt,
+            gh * ph,
+            gw * pw,
+        ))
+    }
+
+    /// Noise prediction `[B, C, F, H, W]` (f32) for latents `x`, timesteps `[B]` (one per sample)
+    /// or `[B, L]` (one per token, TI2V's `expand_timesteps`), text embeddings `[B, S, text_dim]`.
+    pub fn forward(&self, x: &Tensor, timestep: &Tensor, ctx: &Tensor, dtype: DType) -> Result<Tensor> {
+        self.forward_traced(x, timestep, ctx, dtype, None)
+    }
+
+    pub fn forward_traced(
+        &self,
+        x: &Tensor,
+        timestep: &Tensor,
+        ctx: &Tensor,
+        dtype: DType,
+        mut trace: Option<&mut WanTrace>,
+    ) -> Result<Tensor> {
+        let device = x.device();
+        let (b, _, f, h, w) = x.dims5()?;
+        let grid = self.grid(f, h, w)?;
+        let tokens = grid.0 * grid.1 * grid.2;
+        let rope = self.rope(grid, device)?;
+        let dim = self.cfg.inner_dim();
+
+        let per_token = match timestep.rank() {
+            1 => 1,
+            2 if timestep.dim(1)? == tokens => tokens,
+            _ => candle_core::bail!(
+                "timestep must be [B] or [B, {tokens}] (one per token), found {:?}",
+                timestep.dims()
+            ),
+        };
+        let t = timestep.to_dtype(DType::F32)?.flatten_all()?;
+        let sinus = timestep_embedding(&t, self.cfg.freq_dim, TIME_MAX_PERIOD)?;
+        let temb = self.time_2.forward(&self.time_1.forward(&sinus)?.silu()?)?.to_dtype(dtype)?;
+        let tproj = self.time_proj.forward(&temb.silu()?)?;
+        if let Some(tr) = trace.as_deref_mut() {
+            tr.temb = Some(temb.to_dtype(DType::F32)?);
+            tr.timestep_proj = Some(tproj.to_dtype(DType::F32)?);
+        }
+        let tproj = tproj.to_dtype(DType::F32)?.reshape((b, per_token, BLOCK_MODS, dim))?;
+        let temb = temb.to_dtype(DType::F32)?.reshape((b, per_token, 1, dim))?;
+
+        let ctx = self.text_2.forward(&gelu_tanh(&self.text_1.forward(&ctx.to_dtype(dtype)?)?)?)?;
+        if let Some(tr) = trace.as_deref_mut() {
+            tr.text_embeds = Some(ctx.to_dtype(DType::F32)?);
+        }
+
+        let mut hs = self.patch_embedding.forward(&self.patchify(&x.to_dtype(dtype)?)?)?;
+        for block in &self.blocks {
+            hs = block.forward(&hs, &ctx, &tproj, &rope)?;
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.block_outputs.push(hs.to_dtype(DType::F32)?);
+            }
+        }
+        let mods = self.scale_shift_table.broadcast_add(&temb)?;
+        let shift = mods.narrow(2, 0, 1)?.squeeze(2)?;
+        let scale = mods.narrow(2, 1, 1)?.squeeze(2)?;
+        let hs = modulated_norm(&hs, &shift, &scale, self.cfg.eps)?;
+        let out = self.proj_out.forward(&hs)?;
+        self.unpatchify(&out.to_dtype(DType::F32)?, grid)?.contiguous()
+    }
+}
+
+/// Maps a `[B, L]` per-token timestep to `[B]` when every token of a sample shares it (the
+/// text-to-video case), which is exactly equivalent and cheaper.
+pub fn collapse_uniform_timesteps(t: &Tensor) -> Result<Tensor> {
+    if t.rank() != 2 {
+        return Ok(t.clone());
+    }
+    let rows: Vec<Vec<f32>> = t.to_dtype(DType::F32)?.to_vec2()?;
+    if rows.iter().all(|r| r.iter().all(|v| *v == r[0])) {
+        let firsts: Vec<f32> = rows.iter().map(|r| r[0]).collect();
+        return Tensor::new(firsts, t.device());
+    }
+    Ok(t.clone())
+}
+
