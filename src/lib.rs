@@ -15,5 +15,6 @@ pub mod nvfp4;
 pub mod pipelines;
 pub mod rng;
 pub mod safetensors;
+pub mod video;
 
 pub use error::CandiffError;

@@ -66,6 +66,12 @@ impl candle_nn::var_builder::SimpleBackend for RandomBackend {
     }
 }
 
+/// A `VarBuilder` of random Normal(0, 0.02) tensors for any name (benchmarks of full-size
+/// components without downloads).
+pub fn random_var_builder(dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomBackend), dtype, device.clone())
+}
+
 /// Builds a model's modules from one checkpoint: `pp` walks the module tree like a `VarBuilder`
 /// (checkpoint names), `linear` returns the right kind of layer for the current path.
 #[derive(Clone)]

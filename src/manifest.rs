@@ -11,6 +11,10 @@ const BUILTIN: &[(&str, &str)] = &[
     ("flux.1-schnell.toml", include_str!("../models/flux.1-schnell.toml")),
     ("flux.1-dev-nvfp4.toml", include_str!("../models/flux.1-dev-nvfp4.toml")),
     ("flux.1-tiny.toml", include_str!("../models/flux.1-tiny.toml")),
+    ("wan2.2-t2v-a14b.toml", include_str!("../models/wan2.2-t2v-a14b.toml")),
+    ("wan2.2-t2v-a14b-nvfp4.toml", include_str!("../models/wan2.2-t2v-a14b-nvfp4.toml")),
+    ("wan2.2-ti2v-5b.toml", include_str!("../models/wan2.2-ti2v-5b.toml")),
+    ("wan2.2-tiny.toml", include_str!("../models/wan2.2-tiny.toml")),
 ];
 
 /// Where one component comes from: a Hub repository (or a local folder) and a subfolder or file.
@@ -33,12 +37,25 @@ pub struct Defaults {
     pub width: usize,
     pub height: usize,
     pub max_sequence_length: usize,
+    /// Video: guidance of the low-noise expert (two-expert models).
+    #[serde(default)]
+    pub guidance_2: Option<f64>,
+    /// Video: expert boundary as a fraction of the training timesteps (when the repository's
+    /// `model_index.json` gives none).
+    #[serde(default)]
+    pub boundary: Option<f64>,
+    #[serde(default)]
+    pub frames: Option<usize>,
+    #[serde(default)]
+    pub fps: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Family {
     Flux1,
+    /// Wan2.2 text-to-video (A14B two-expert, TI2V-5B).
+    Wan22,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -53,6 +70,9 @@ pub struct Manifest {
     /// Overrides the transformer's source (e.g. an NVFP4 export in another repository).
     #[serde(default)]
     pub transformer: Option<Source>,
+    /// Overrides the second (low-noise) expert's source.
+    #[serde(default)]
+    pub transformer_2: Option<Source>,
     /// Where CLIP's `tokenizer.json` comes from when the base repository ships only vocab/merges.
     #[serde(default)]
     pub clip_tokenizer: Option<Source>,
@@ -101,5 +121,17 @@ mod tests {
         assert!(Manifest::find("nope").unwrap_err().to_string().contains("flux.1-dev"));
         let n = Manifest::find("flux.1-dev-nvfp4").unwrap();
         assert_eq!(n.transformer.unwrap().repo, "lmsys/flux1-dev-modelopt-nvfp4-sglang-transformer");
+        let w = Manifest::find("wan2.2-t2v-a14b").unwrap();
+        assert_eq!(
+            (w.family, w.defaults.steps, w.defaults.guidance, w.defaults.guidance_2),
+            (Family::Wan22, 40, 4.0, Some(3.0))
+        );
+        assert_eq!((w.defaults.boundary, w.defaults.frames, w.defaults.fps), (Some(0.875), Some(81), Some(16)));
+        let t = Manifest::find("wan2.2-ti2v-5b").unwrap();
+        assert_eq!(
+            (t.defaults.width, t.defaults.height, t.defaults.frames, t.defaults.fps),
+            (1280, 704, Some(121), Some(24))
+        );
+        assert_eq!((t.defaults.steps, t.defaults.guidance), (50, 5.0));
     }
 }

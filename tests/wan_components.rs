@@ -118,7 +118,8 @@ fn transformers_match_diffusers_with_intermediates() {
 fn ti2v_per_token_timesteps_match() {
     let io = load("io_transformers.safetensors");
     let m = transformer("transformer_ti2v", DType::F32);
-    let out = m.forward(&io["ti2v/hidden_states"], &io["ti2v/timestep_tokens"], &io["encoder_hidden_states"], DType::F32);
+    let out =
+        m.forward(&io["ti2v/hidden_states"], &io["ti2v/timestep_tokens"], &io["encoder_hidden_states"], DType::F32);
     assert_close(&out.unwrap(), &io["ti2v/output_tokens"], F32_COMPONENT, "ti2v output_tokens");
     // The per-token form with every token at the sample's t is the per-sample model exactly.
     let t = &io["ti2v/timestep"];
@@ -152,10 +153,8 @@ fn vaes_decode_and_encode_like_diffusers() {
 
 /// Step counts present in the trace file for one scheduler.
 fn trace_steps(t: &HashMap<String, Tensor>, sched: &str) -> Vec<usize> {
-    let mut n: Vec<usize> = t
-        .keys()
-        .filter_map(|k| k.strip_prefix(&format!("{sched}/n"))?.split('/').next()?.parse().ok())
-        .collect();
+    let mut n: Vec<usize> =
+        t.keys().filter_map(|k| k.strip_prefix(&format!("{sched}/n"))?.split('/').next()?.parse().ok()).collect();
     n.sort();
     n.dedup();
     n

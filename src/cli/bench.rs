@@ -12,6 +12,58 @@ pub enum BenchWhat {
     Gemm(GemmArgs),
     /// One denoising step of a full-size FLUX.1-dev transformer with random weights.
     FluxStep(FluxStepArgs),
+    /// One transformer call of a full-size Wan2.2 model (A14B expert or TI2V-5B), random weights.
+    WanStep(WanStepArgs),
+    /// A full-size Wan VAE decode with random weights (time and peak memory).
+    WanDecode(WanDecodeArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_long_help = "Examples:
+  candiff bench wan-step --model a14b --width 832 --height 480 --frames 81
+  candiff bench wan-step --model ti2v-5b --width 1280 --height 704 --frames 121 --variants bf16,nvfp4:trtllm:w4a16")]
+pub struct WanStepArgs {
+    /// `a14b` (one expert) or `ti2v-5b`.
+    #[arg(long, default_value = "ti2v-5b")]
+    pub model: String,
+    /// `bf16` or `nvfp4:<backend>:<mode>` (every linear of the blocks NVFP4).
+    #[arg(long, value_delimiter = ',', default_value = "bf16,nvfp4:trtllm:w4a16")]
+    pub variants: Vec<String>,
+    #[arg(long, default_value_t = 1280)]
+    pub width: usize,
+    #[arg(long, default_value_t = 704)]
+    pub height: usize,
+    #[arg(long, default_value_t = 121)]
+    pub frames: usize,
+    /// UMT5 tokens.
+    #[arg(long, default_value_t = 512)]
+    pub txt_tokens: usize,
+    #[arg(long, default_value_t = 2)]
+    pub iters: usize,
+    #[arg(long, default_value = "cuda:0")]
+    pub device: String,
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+#[command(after_long_help = "Example:\n  candiff bench wan-decode --vae wan22 --width 1280 --height 704 --frames 121")]
+pub struct WanDecodeArgs {
+    /// `wan22` (TI2V-5B's, z 48, 16x) or `wan21` (A14B's, z 16, 8x).
+    #[arg(long, default_value = "wan22")]
+    pub vae: String,
+    #[arg(long, default_value_t = 1280)]
+    pub width: usize,
+    #[arg(long, default_value_t = 704)]
+    pub height: usize,
+    #[arg(long, default_value_t = 121)]
+    pub frames: usize,
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    #[arg(long, default_value = "cuda:0")]
+    pub device: String,
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -66,7 +118,125 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match &args.what {
         BenchWhat::Gemm(g) => gemm(g),
         BenchWhat::FluxStep(f) => flux_step(f),
+        BenchWhat::WanStep(w) => wan_step(w),
+        BenchWhat::WanDecode(w) => wan_decode(w),
     }
+}
+
+/// Parses `bf16` / `nvfp4:<backend>:<mode>` into (NVFP4 module paths, options).
+fn variant(v: &str, nvfp4_paths: &str) -> anyhow::Result<(Vec<String>, crate::linear::Nvfp4Options)> {
+    use crate::nvfp4::{ActMode, Backend};
+    Ok(match v.split(':').collect::<Vec<_>>()[..] {
+        ["bf16"] => (Vec::new(), crate::linear::Nvfp4Options::default()),
+        ["nvfp4", b, m] => {
+            let backend = Backend::from_name(b).ok_or_else(|| anyhow::anyhow!("unknown backend `{b}`"))?;
+            let mode: ActMode = m.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            (vec![nvfp4_paths.to_string()], crate::linear::Nvfp4Options { backend, mode })
+        }
+        _ => anyhow::bail!("variant `{v}`: use bf16 or nvfp4:<backend>:<mode>"),
+    })
+}
+
+fn gib(b: Option<usize>) -> String {
+    b.map(|b| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into())
+}
+
+fn wan_step(a: &WanStepArgs) -> anyhow::Result<()> {
+    use std::time::Instant;
+
+    use candle_core::{DType, Tensor};
+
+    use crate::linear::WeightBuilder;
+    use crate::models::wan::{WanConfig, WanTransformer};
+
+    let device = super::t2i::parse_device(Some(&a.device))?;
+    let (cfg, spatial) = match a.model.as_str() {
+        "a14b" => (WanConfig::a14b(), 8),
+        "ti2v-5b" => (WanConfig::ti2v_5b(), 16),
+        o => anyhow::bail!("unknown --model `{o}` (a14b or ti2v-5b)"),
+    };
+    anyhow::ensure!((a.frames - 1) % 4 == 0, "--frames must be 4k+1");
+    let (f, h, w) = ((a.frames - 1) / 4 + 1, a.height / spatial, a.width / spatial);
+    let x = Tensor::randn(0f32, 1.0, (1, cfg.in_channels, f, h, w), &device)?;
+    let ctx = Tensor::randn(0f32, 1.0, (1, a.txt_tokens, cfg.text_dim), &device)?.to_dtype(DType::BF16)?;
+    let t = Tensor::new(&[900f32], &device)?;
+    let tokens = f * (h / 2) * (w / 2);
+    let mut rows = Vec::new();
+    for v in &a.variants {
+        let (paths, opts) = variant(v, "blocks.")?;
+        let t0 = Instant::now();
+        let wb = WeightBuilder::synthetic(DType::BF16, &device, paths, opts);
+        let model = WanTransformer::new(&cfg, &wb)?;
+        device.synchronize()?;
+        let build_s = t0.elapsed().as_secs_f64();
+        let step = || model.forward(&x, &t, &ctx, DType::BF16);
+        step()?;
+        device.synchronize()?;
+        let t1 = Instant::now();
+        for _ in 0..a.iters {
+            step()?;
+        }
+        device.synchronize()?;
+        let ms = t1.elapsed().as_secs_f64() * 1e3 / a.iters as f64;
+        let mem = crate::pipelines::gpu_used(&device);
+        println!(
+            "wan {} {v:<22} {ms:>9.1} ms/call  ({}x{}x{} frames = {tokens} tokens, {} txt; built in {build_s:.1}s; GPU in use {})",
+            a.model, a.width, a.height, a.frames, a.txt_tokens, gib(mem)
+        );
+        rows.push(serde_json::json!({"model": a.model, "variant": v, "ms_per_call": ms, "width": a.width,
+            "height": a.height, "frames": a.frames, "tokens": tokens, "txt_tokens": a.txt_tokens}));
+        drop(model);
+    }
+    if let Some(out) = &a.out {
+        std::fs::write(out, serde_json::to_string_pretty(&rows)?)?;
+    }
+    Ok(())
+}
+
+fn wan_decode(a: &WanDecodeArgs) -> anyhow::Result<()> {
+    use std::time::Instant;
+
+    use candle_core::{DType, Tensor};
+
+    use crate::models::wan::vae::WanVae;
+    use crate::models::wan::WanVaeConfig;
+
+    let device = super::t2i::parse_device(Some(&a.device))?;
+    let dtype = super::t2i::parse_dtype(Some(&a.dtype), &device)?;
+    let cfg = match a.vae.as_str() {
+        "wan22" => WanVaeConfig::wan22(),
+        "wan21" => WanVaeConfig::wan21(),
+        o => anyhow::bail!("unknown --vae `{o}` (wan22 or wan21)"),
+    };
+    anyhow::ensure!((a.frames - 1) % 4 == 0, "--frames must be 4k+1");
+    let s = cfg.spatial_factor();
+    let (f, h, w) = ((a.frames - 1) / 4 + 1, a.height / s, a.width / s);
+    let vb = crate::linear::random_var_builder(dtype, &device);
+    let vae = WanVae::new(&cfg, vb, false)?;
+    let z = Tensor::randn(0f32, 1.0, (1, cfg.z_dim, f, h, w), &device)?.to_dtype(dtype)?;
+    let before = crate::pipelines::gpu_used(&device);
+    let mut peak = before;
+    let t0 = Instant::now();
+    let video = vae.decode(&z, |_, _| {
+        if let (Some(p), Some(now)) = (peak.as_mut(), crate::pipelines::gpu_used(&device)) {
+            *p = (*p).max(now);
+        }
+    })?;
+    device.synchronize()?;
+    let secs = t0.elapsed().as_secs_f64();
+    let dims = video.dims().to_vec();
+    anyhow::ensure!(dims[2] == a.frames && dims[3] == a.height && dims[4] == a.width, "decoded {dims:?}");
+    let finite = video.to_dtype(DType::F32)?.abs()?.max_all()?.to_scalar::<f32>()?.is_finite();
+    println!(
+        "wan decode {} {:?}: {}x{}x{} frames in {secs:.1}s; GPU in use before {}, peak sampled after each latent frame {}; output finite: {finite}",
+        a.vae, dtype, a.width, a.height, a.frames, gib(before), gib(peak)
+    );
+    if let Some(out) = &a.out {
+        let row = serde_json::json!({"vae": a.vae, "dtype": format!("{dtype:?}"), "width": a.width, "height": a.height,
+            "frames": a.frames, "seconds": secs, "gpu_before_bytes": before, "gpu_peak_sampled_bytes": peak});
+        std::fs::write(out, serde_json::to_string_pretty(&row)?)?;
+    }
+    Ok(())
 }
 
 fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {

@@ -5,6 +5,7 @@ pub mod doctor;
 pub mod inspect;
 pub mod models;
 pub mod t2i;
+pub mod t2v;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -25,6 +26,8 @@ pub struct Cli {
 pub enum Command {
     /// Text to image (FLUX.1).
     T2i(Box<t2i::T2iArgs>),
+    /// Text to video (Wan2.2).
+    T2v(Box<t2v::T2vArgs>),
     /// List the supported models.
     Models(models::ModelsArgs),
     /// Show what a checkpoint holds and how it will be loaded.

@@ -64,7 +64,7 @@ pub struct T2iArgs {
     pub nvfp4: Nvfp4ReadArgs,
 }
 
-fn parse_backend(s: &str) -> Result<Backend, String> {
+pub(crate) fn parse_backend(s: &str) -> Result<Backend, String> {
     Ok(Backend::from_name(s).unwrap_or_else(|| {
         log::warn!("`{s}` is not an NVFP4 backend (trtllm, cutlass, cudnn); using trtllm");
         Backend::default()
@@ -90,6 +90,18 @@ pub fn parse_device(s: Option<&str>) -> anyhow::Result<candle_core::Device> {
     candle_core::Device::new_cuda(ordinal).with_context(|| format!("no usable CUDA device {ordinal}"))
 }
 
+/// `--dtype`: bf16, f16 or f32; by default bf16 on a GPU, f32 on the CPU.
+pub(crate) fn parse_dtype(s: Option<&str>, device: &candle_core::Device) -> anyhow::Result<candle_core::DType> {
+    Ok(match s {
+        Some("bf16") => candle_core::DType::BF16,
+        Some("f16") => candle_core::DType::F16,
+        Some("f32") => candle_core::DType::F32,
+        Some(o) => anyhow::bail!("unknown --dtype `{o}` (bf16, f16 or f32)"),
+        None if device.is_cpu() => candle_core::DType::F32,
+        None => candle_core::DType::BF16,
+    })
+}
+
 /// A repository as a local folder: a folder on disk (relative to the working directory or to the
 /// candiff source tree), else a Hub snapshot with the files `patterns` name.
 pub fn local_repo(repo: &str, revision: &str, patterns: &[String]) -> anyhow::Result<PathBuf> {
@@ -102,11 +114,11 @@ pub fn local_repo(repo: &str, revision: &str, patterns: &[String]) -> anyhow::Re
     Ok(crate::hub::snapshot(repo, revision, patterns)?)
 }
 
-fn component_patterns(dir: &str) -> Vec<String> {
+pub(crate) fn component_patterns(dir: &str) -> Vec<String> {
     vec![format!("{dir}/*.json"), format!("{dir}/*.safetensors")]
 }
 
-fn source_path(src: &Source, revision: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn source_path(src: &Source, revision: &str) -> anyhow::Result<PathBuf> {
     let patterns = match (&src.file, &src.subfolder) {
         (Some(f), _) => vec![f.clone()],
         (None, Some(d)) => component_patterns(d),
@@ -145,20 +157,16 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
         anyhow::bail!("the prompt is empty: pass --prompt \"...\"");
     }
     let m = Manifest::find(&a.model)?;
+    if m.family != crate::manifest::Family::Flux1 {
+        anyhow::bail!("`{}` is a video model: use `candiff t2v --model {}`", m.name, m.name);
+    }
     let d = &m.defaults;
     let (width, height) = (a.width.unwrap_or(d.width), a.height.unwrap_or(d.height));
     if width % 16 != 0 || height % 16 != 0 {
         anyhow::bail!("--width and --height must be multiples of 16, found {width}x{height}");
     }
     let device = parse_device(a.device.as_deref())?;
-    let dtype = match a.dtype.as_deref() {
-        Some("bf16") => candle_core::DType::BF16,
-        Some("f16") => candle_core::DType::F16,
-        Some("f32") => candle_core::DType::F32,
-        Some(o) => anyhow::bail!("unknown --dtype `{o}` (bf16, f16 or f32)"),
-        None if device.is_cpu() => candle_core::DType::F32,
-        None => candle_core::DType::BF16,
-    };
+    let dtype = parse_dtype(a.dtype.as_deref(), &device)?;
     if let Some(parent) = a.output.parent().filter(|p| !p.as_os_str().is_empty()) {
         anyhow::ensure!(parent.is_dir(), "the output folder {} does not exist", parent.display());
     }

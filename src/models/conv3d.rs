@@ -102,7 +102,11 @@ pub fn conv3d_reference(
                             for dt in 0..kt {
                                 for dy in 0..kh {
                                     for dx in 0..kw {
-                                        let (ty, yy, xx) = (ti * st + dt, (yi * ss + dy) as isize - pad as isize, (xi * ss + dx) as isize - pad as isize);
+                                        let (ty, yy, xx) = (
+                                            ti * st + dt,
+                                            (yi * ss + dy) as isize - pad as isize,
+                                            (xi * ss + dx) as isize - pad as isize,
+                                        );
                                         if yy < 0 || xx < 0 || yy >= h as isize || xx >= wd as isize {
                                             continue;
                                         }

@@ -63,20 +63,48 @@ pub fn timestep_embedding(t: &Tensor, dim: usize, max_period: f64) -> Result<Ten
 /// video sequences (30k+ tokens) never materialize the full `[B, H, S, S]` score matrix.
 const ATTN_SCORE_BLOCK: usize = 1 << 28;
 
-/// Scaled dot-product attention over `[B, H, S, D]`, scores in f32.
+/// Lets cuBLAS run f32 GEMMs on TF32 tensor cores while alive, restoring the previous setting.
+/// Used only where the f32 operands hold bf16/f16 values: TF32 keeps 10 mantissa bits, so those
+/// products are exact and only the accumulation order changes.
+struct Tf32Scope(Option<bool>);
+
+impl Tf32Scope {
+    fn new(enable: bool) -> Self {
+        if !enable {
+            return Self(None);
+        }
+        let prev = candle_core::cuda::gemm_reduced_precision_f32();
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+        Self(Some(prev))
+    }
+}
+
+impl Drop for Tf32Scope {
+    fn drop(&mut self) {
+        if let Some(prev) = self.0 {
+            candle_core::cuda::set_gemm_reduced_precision_f32(prev);
+        }
+    }
+}
+
+/// Scaled dot-product attention over `[B, H, S, D]`, scores and softmax in f32. The scale is
+/// applied to the scores (not to q) so that half-precision q/k stay exactly representable.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let dtype = q.dtype();
     let (b, h, sq, d) = q.dims4()?;
     let sk = k.dim(2)?;
     let scale = 1.0 / (d as f64).sqrt();
+    // Half-precision runs on the GPU: TF32 for the score and value GEMMs (QK^T is exact there;
+    // the probabilities lose f32 bits, well inside bf16 tolerances).
+    let _tf32 = Tf32Scope::new(dtype != DType::F32 && q.device().is_cuda());
     let kt = k.to_dtype(DType::F32)?.t()?.contiguous()?;
     let v = v.to_dtype(DType::F32)?.contiguous()?;
     let rows = (ATTN_SCORE_BLOCK / (b * h * sk).max(1)).clamp(1, sq);
     let mut outs = Vec::with_capacity(sq.div_ceil(rows));
     for start in (0..sq).step_by(rows) {
         let n = rows.min(sq - start);
-        let qc = (q.narrow(2, start, n)?.to_dtype(DType::F32)? * scale)?.contiguous()?;
-        let probs = candle_nn::ops::softmax_last_dim(&qc.matmul(&kt)?)?;
+        let qc = q.narrow(2, start, n)?.to_dtype(DType::F32)?.contiguous()?;
+        let probs = candle_nn::ops::softmax_last_dim(&(qc.matmul(&kt)? * scale)?)?;
         outs.push(probs.matmul(&v)?.to_dtype(dtype)?);
     }
     if outs.len() == 1 {
@@ -131,4 +159,3 @@ pub fn rope_tables(ids: &Tensor, axes: &[usize], theta: f64, device: &Device) ->
     let s = ids.len();
     Ok((Tensor::from_vec(cos, (s, half), device)?, Tensor::from_vec(sin, (s, half), device)?))
 }
-

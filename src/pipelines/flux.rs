@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use super::{gpu_used, tokenizer, vb};
 use crate::error::CandiffError;
 use crate::linear::{Nvfp4Options, WeightBuilder};
 use crate::models::flux::sampling::{
@@ -73,17 +74,6 @@ pub struct RunStats {
     pub peak_gpu_bytes: Option<usize>,
 }
 
-fn tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
-    tokenizers::Tokenizer::from_file(path).map_err(|e| {
-        CandiffError::bad_config(
-            path.display(),
-            format!("not a readable tokenizer.json: {e}"),
-            "Re-download the tokenizer files.",
-        )
-        .into()
-    })
-}
-
 /// Token ids `[1, len]`: the tokenizer's own special tokens, truncated to `len` (keeping the
 /// final EOS), padded with `pad`.
 fn encode(tok: &tokenizers::Tokenizer, text: &str, len: usize, pad: u32, device: &Device) -> Result<Tensor> {
@@ -107,24 +97,6 @@ fn pad_id(tok: &tokenizers::Tokenizer, candidates: &[&str]) -> Result<u32> {
 
 fn json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     Ok(crate::error::read_json_config(path, "config.json")?)
-}
-
-fn safetensors_in(dir: &Path) -> Result<Vec<PathBuf>> {
-    Ok(crate::nvfp4::checkpoint::weight_files(dir)?)
-}
-
-fn vb<'a>(dir: &Path, dtype: DType, device: &Device) -> Result<candle_nn::VarBuilder<'a>> {
-    let files = safetensors_in(dir)?;
-    if files.is_empty() {
-        return Err(CandiffError::bad_config(
-            dir.display(),
-            "holds no .safetensors files",
-            "Download the component (or check the path).",
-        )
-        .into());
-    }
-    // SAFETY: read-only mapping of checkpoint files.
-    unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
 }
 
 /// Prompt embeddings: (T5 `[1, L, 4096]`, CLIP pooled `[1, 768]`), each encoder freed after use.
@@ -162,19 +134,6 @@ pub struct FluxRun<'a> {
     pub device: &'a Device,
     pub nvfp4: Nvfp4Options,
     pub nvfp4_overrides: Overrides,
-}
-
-#[cfg(feature = "cuda")]
-fn gpu_used(device: &Device) -> Option<usize> {
-    match device {
-        Device::Cuda(d) => d.cuda_stream().context().mem_get_info().ok().map(|(free, total)| total - free),
-        _ => None,
-    }
-}
-
-#[cfg(not(feature = "cuda"))]
-fn gpu_used(_: &Device) -> Option<usize> {
-    None
 }
 
 impl FluxRun<'_> {

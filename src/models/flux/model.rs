@@ -11,8 +11,8 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use super::config::FluxConfig;
 use crate::linear::{Linear, WeightBuilder};
 use crate::models::ops::{
-    apply_rope, attention, gelu_tanh, heads, layer_norm_no_affine, merge_heads, modulate, rope_tables, timestep_embedding,
-    RmsNorm,
+    apply_rope, attention, gelu_tanh, heads, layer_norm_no_affine, merge_heads, modulate, rope_tables,
+    timestep_embedding, RmsNorm,
 };
 
 /// Norm epsilon of every LayerNorm and q/k RMSNorm in FLUX.

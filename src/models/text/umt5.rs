@@ -89,7 +89,8 @@ impl Umt5Encoder {
         let lin = |vb: VarBuilder, i: usize, o: usize| -> Result<candle_nn::Linear> {
             Ok(candle_nn::Linear::new(vb.get((o, i), "weight")?, None))
         };
-        let norm = |vb: VarBuilder| -> Result<RmsNorm> { Ok(RmsNorm::new(vb.get(d, "weight")?, cfg.layer_norm_epsilon)) };
+        let norm =
+            |vb: VarBuilder| -> Result<RmsNorm> { Ok(RmsNorm::new(vb.get(d, "weight")?, cfg.layer_norm_epsilon)) };
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let b = enc.pp("block").pp(i).pp("layer");
@@ -120,10 +121,8 @@ impl Umt5Encoder {
         for q in 0..s {
             for k in 0..s {
                 let rel = k as i64 - q as i64;
-                v.push(
-                    bucket(rel, self.cfg.relative_attention_num_buckets, self.cfg.relative_attention_max_distance)
-                        as u32,
-                );
+                v.push(bucket(rel, self.cfg.relative_attention_num_buckets, self.cfg.relative_attention_max_distance)
+                    as u32);
             }
         }
         Tensor::from_vec(v, (s, s), device)

@@ -145,6 +145,27 @@ impl WanVaeConfig {
         self.scale_factor_temporal
     }
 
+    /// The Wan2.1 VAE of T2V-A14B (z 16, 8x spatial), for benchmarks.
+    pub fn wan21() -> Self {
+        Self {
+            base_dim: 96,
+            decoder_base_dim: None,
+            z_dim: 16,
+            dim_mult: vec![1, 2, 4, 4],
+            num_res_blocks: 2,
+            attn_scales: vec![],
+            temperal_downsample: vec![false, true, true],
+            latents_mean: vec![0.0; 16],
+            latents_std: vec![1.0; 16],
+            is_residual: false,
+            in_channels: 3,
+            out_channels: 3,
+            patch_size: None,
+            scale_factor_temporal: 4,
+            scale_factor_spatial: 8,
+        }
+    }
+
     /// The Wan2.2 VAE of TI2V-5B (z 48, patchified, 16x spatial), for benchmarks.
     pub fn wan22() -> Self {
         Self {

@@ -256,9 +256,11 @@ impl WanTransformer {
         let (b, c, f, h, w) = x.dims5()?;
         let [pt, ph, pw] = self.cfg.patch_size;
         let (gf, gh, gw) = self.grid(f, h, w)?;
-        x.reshape(vec![b, c, gf, pt, gh, ph, gw, pw])?
-            .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
-            .reshape((b, gf * gh * gw, c * pt * ph * pw))
+        x.reshape(vec![b, c, gf, pt, gh, ph, gw, pw])?.permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?.reshape((
+            b,
+            gf * gh * gw,
+            c * pt * ph * pw,
+        ))
     }
 
     /// `[B, L, pt*ph*pw*C]` (C fastest) -> `[B, C, F, H, W]`.
@@ -299,10 +301,9 @@ impl WanTransformer {
         let per_token = match timestep.rank() {
             1 => 1,
             2 if timestep.dim(1)? == tokens => tokens,
-            _ => candle_core::bail!(
-                "timestep must be [B] or [B, {tokens}] (one per token), found {:?}",
-                timestep.dims()
-            ),
+            _ => {
+                candle_core::bail!("timestep must be [B] or [B, {tokens}] (one per token), found {:?}", timestep.dims())
+            }
         };
         let t = timestep.to_dtype(DType::F32)?.flatten_all()?;
         let sinus = timestep_embedding(&t, self.cfg.freq_dim, TIME_MAX_PERIOD)?;
@@ -349,4 +350,3 @@ pub fn collapse_uniform_timesteps(t: &Tensor) -> Result<Tensor> {
     }
     Ok(t.clone())
 }
-

@@ -69,7 +69,14 @@ struct CausalConv {
 }
 
 impl CausalConv {
-    fn new(vb: VarBuilder, cin: usize, cout: usize, k: (usize, usize), stride_t: usize, pad: (usize, usize)) -> Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        k: (usize, usize),
+        stride_t: usize,
+        pad: (usize, usize),
+    ) -> Result<Self> {
         let (kt, ks) = k;
         let w = vb.get((cout, cin, kt, ks, ks), "weight")?;
         let b = vb.get(cout, "bias")?;
@@ -180,7 +187,14 @@ struct AttentionBlock {
     proj: candle_nn::Conv2d,
 }
 
-fn conv2d(vb: VarBuilder, cin: usize, cout: usize, k: usize, padding: usize, stride: usize) -> Result<candle_nn::Conv2d> {
+fn conv2d(
+    vb: VarBuilder,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    padding: usize,
+    stride: usize,
+) -> Result<candle_nn::Conv2d> {
     let cfg = candle_nn::Conv2dConfig { padding, stride, ..Default::default() };
     candle_nn::conv2d(cin, cout, k, cfg, vb)
 }
@@ -327,10 +341,13 @@ impl AvgDown {
         let (b, c, t, h, w) = x.dims5()?;
         let (t2, h2, w2) = (t / ft, h / fs, w / fs);
         let factor = ft * fs * fs;
-        let x = x
-            .reshape(vec![b, c, t2, ft, h2, fs, w2, fs])?
-            .permute(vec![0, 1, 3, 5, 7, 2, 4, 6])?
-            .reshape((b, c * factor, t2, h2, w2))?;
+        let x = x.reshape(vec![b, c, t2, ft, h2, fs, w2, fs])?.permute(vec![0, 1, 3, 5, 7, 2, 4, 6])?.reshape((
+            b,
+            c * factor,
+            t2,
+            h2,
+            w2,
+        ))?;
         let group = c * factor / self.cout;
         x.reshape(vec![b, self.cout, group, t2, h2, w2])?.mean(2)
     }
@@ -392,7 +409,11 @@ enum EncStage {
     Attn(AttentionBlock),
     Resample(Resample),
     /// Wan2.2: residual blocks + optional downsampler, plus the averaging shortcut.
-    ResidualDown { resnets: Vec<ResidualBlock>, down: Option<Resample>, avg: AvgDown },
+    ResidualDown {
+        resnets: Vec<ResidualBlock>,
+        down: Option<Resample>,
+        avg: AvgDown,
+    },
 }
 
 #[derive(Debug, Clone)]
