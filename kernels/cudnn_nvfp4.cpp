@@ -1,12 +1,14 @@
-// The `cudnn` NVFP4 variant: a cuDNN graph (block-scale dequantize of the FP4 weight with its
-// 128x4-reordered E4M3 scales, matmul with bf16 activations in f32, multiply by a device scalar
-// alpha). Built graphs are cached per shape and output type. Exposed to Rust through a small C API;
-// every failure returns a message instead of aborting.
+// cuDNN graphs behind a small C API: the `cudnn` NVFP4 variant (block-scale dequantize of the FP4
+// weight with its 128x4-reordered E4M3 scales, matmul with bf16 activations in f32, multiply by a
+// device scalar alpha) and fused scaled-dot-product attention (cuDNN's flash-attention engine: the
+// score matrix is never materialized). Built graphs are cached per shape; every failure returns a
+// message instead of aborting.
 //
 // Compiled by build.rs only with `--features cudnn` (needs cudnn-frontend and cuDNN headers).
 
 #include <cudnn_frontend.h>
 
+#include <array>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -38,10 +40,30 @@ struct Plan {
     int64_t workspace = 0;
 };
 
+// Fused attention over [B, H, S, D] views with arbitrary strides (Q, K, V, O).
+struct SdpaKey {
+    int device;
+    int64_t b, h, sq, sk, d;
+    std::array<int64_t, 16> strides;  // q, k, v, o: 4 each
+    int half;                         // 0 = bf16, 1 = f16
+    uint32_t scale_bits;
+    bool operator<(const SdpaKey& o) const {
+        return std::tie(device, b, h, sq, sk, d, strides, half, scale_bits) <
+               std::tie(o.device, o.b, o.h, o.sq, o.sk, o.d, o.strides, o.half, o.scale_bits);
+    }
+};
+
+struct SdpaPlan {
+    std::shared_ptr<fe::graph::Graph> graph;
+    std::shared_ptr<fe::graph::Tensor_attributes> q, k, v, o;
+    int64_t workspace = 0;
+};
+
 struct State {
     std::mutex mu;
     std::map<int, cudnnHandle_t> handles;
     std::map<Key, Plan> plans;
+    std::map<SdpaKey, SdpaPlan> sdpa_plans;
     std::map<int, std::pair<void*, int64_t>> workspaces;
 };
 
@@ -148,9 +170,96 @@ int handle_for(int device, cudaStream_t stream, cudnnHandle_t* h, char* err, siz
     return 0;
 }
 
+int ensure_workspace(int device, int64_t bytes, void** out, char* err, size_t errlen) {
+    auto& ws = state().workspaces[device];
+    if (ws.second < bytes) {
+        if (ws.first) cudaFree(ws.first);
+        if (cudaMalloc(&ws.first, bytes) != cudaSuccess) {
+            ws = {nullptr, 0};
+            set_err(err, errlen, "cudaMalloc of the cuDNN workspace failed");
+            return 1;
+        }
+        ws.second = bytes;
+    }
+    *out = ws.first;
+    return 0;
+}
+
+int get_sdpa_plan(const SdpaKey& key, float scale, cudnnHandle_t handle, SdpaPlan** out, char* err, size_t errlen) {
+    State& s = state();
+    auto it = s.sdpa_plans.find(key);
+    if (it != s.sdpa_plans.end()) {
+        *out = &it->second;
+        return 0;
+    }
+    const auto io = key.half ? fe::DataType_t::HALF : fe::DataType_t::BFLOAT16;
+    SdpaPlan p;
+    p.graph = std::make_shared<fe::graph::Graph>();
+    auto& g = *p.graph;
+    g.set_io_data_type(io).set_intermediate_data_type(fe::DataType_t::FLOAT).set_compute_data_type(fe::DataType_t::FLOAT);
+    auto view = [&](const char* name, int64_t seq, int at) {
+        const auto& st = key.strides;
+        return g.tensor(fe::graph::Tensor_attributes()
+                            .set_name(name)
+                            .set_dim({key.b, key.h, seq, key.d})
+                            .set_stride({st[at], st[at + 1], st[at + 2], st[at + 3]}));
+    };
+    p.q = view("Q", key.sq, 0);
+    p.k = view("K", key.sk, 4);
+    p.v = view("V", key.sk, 8);
+    auto opts = fe::graph::SDPA_attributes().set_name("sdpa").set_generate_stats(false).set_attn_scale(scale);
+    auto outs = g.sdpa(p.q, p.k, p.v, opts);
+    p.o = outs[0];
+    const auto& st = key.strides;
+    p.o->set_output(true).set_dim({key.b, key.h, key.sq, key.d}).set_stride({st[12], st[13], st[14], st[15]});
+    auto check = [&](fe::error_t e, const char* step) -> bool {
+        if (e.is_good()) return true;
+        set_err(err, errlen,
+                std::string("cuDNN ") + std::to_string(cudnnGetVersion()) + " cannot " + step +
+                    " the fused attention graph (B=" + std::to_string(key.b) + ", H=" + std::to_string(key.h) +
+                    ", Sq=" + std::to_string(key.sq) + ", Sk=" + std::to_string(key.sk) +
+                    ", D=" + std::to_string(key.d) + "): " + e.get_message() +
+                    " (CANDIFF_ATTENTION=reference selects the unfused attention)");
+        return false;
+    };
+    if (!check(g.validate(), "validate")) return 1;
+    if (!check(g.build_operation_graph(handle), "build")) return 1;
+    if (!check(g.create_execution_plans({fe::HeurMode_t::A}), "find engines for")) return 1;
+    if (!check(g.check_support(), "support")) return 1;
+    if (!check(g.build_plans(fe::BuildPlanPolicy_t::HEURISTICS_CHOICE), "compile")) return 1;
+    if (!check(g.get_workspace_size(p.workspace), "size the workspace of")) return 1;
+    auto ins = s.sdpa_plans.emplace(key, std::move(p));
+    *out = &ins.first->second;
+    return 0;
+}
+
 }  // namespace
 
 extern "C" {
+
+// o = softmax(scale * q k^T) v over [B, H, S, D] views; strides = q, k, v, o (4 each, elements).
+int candiff_cudnn_sdpa(int device, void* stream, int64_t b, int64_t h, int64_t sq, int64_t sk, int64_t d,
+                       const int64_t* strides, int half, float scale, const void* q, const void* k, const void* v,
+                       void* o, char* err, size_t errlen) {
+    std::lock_guard<std::mutex> lock(state().mu);
+    cudnnHandle_t hd;
+    if (handle_for(device, (cudaStream_t)stream, &hd, err, errlen)) return 1;
+    SdpaKey key{device, b, h, sq, sk, d, {}, half, 0};
+    std::memcpy(key.strides.data(), strides, sizeof(int64_t) * 16);
+    std::memcpy(&key.scale_bits, &scale, sizeof(float));
+    SdpaPlan* p;
+    if (get_sdpa_plan(key, scale, hd, &p, err, errlen)) return 1;
+    void* ws;
+    if (ensure_workspace(device, p->workspace, &ws, err, errlen)) return 1;
+    std::unordered_map<std::shared_ptr<fe::graph::Tensor_attributes>, void*> pack = {
+        {p->q, const_cast<void*>(q)}, {p->k, const_cast<void*>(k)}, {p->v, const_cast<void*>(v)}, {p->o, o}};
+    auto e = p->graph->execute(hd, pack, ws);
+    if (!e.is_good()) {
+        set_err(err, errlen, std::string("cuDNN fused attention failed: ") + e.get_message());
+        return 1;
+    }
+    return 0;
+}
 
 size_t candiff_cudnn_version() { return cudnnGetVersion(); }
 
@@ -169,25 +278,16 @@ int candiff_cudnn_nvfp4_matmul(int device, void* stream, int64_t m, int64_t n, i
                                int linear_scales, int out, const void* x, const void* w, const void* w_scale, const void* alpha, void* y,
                                char* err, size_t errlen) {
     std::lock_guard<std::mutex> lock(state().mu);
-    State& s = state();
     cudnnHandle_t h;
     if (handle_for(device, (cudaStream_t)stream, &h, err, errlen)) return 1;
     Plan* p;
     if (get_plan(Key{device, m, n, k, row_elems, linear_scales, out}, h, &p, err, errlen)) return 1;
-    auto& ws = s.workspaces[device];
-    if (ws.second < p->workspace) {
-        if (ws.first) cudaFree(ws.first);
-        if (cudaMalloc(&ws.first, p->workspace) != cudaSuccess) {
-            ws = {nullptr, 0};
-            set_err(err, errlen, "cudaMalloc of the cuDNN workspace failed");
-            return 1;
-        }
-        ws.second = p->workspace;
-    }
+    void* ws;
+    if (ensure_workspace(device, p->workspace, &ws, err, errlen)) return 1;
     std::unordered_map<std::shared_ptr<fe::graph::Tensor_attributes>, void*> pack = {
         {p->x, const_cast<void*>(x)},       {p->w, const_cast<void*>(w)}, {p->ws, const_cast<void*>(w_scale)},
         {p->alpha, const_cast<void*>(alpha)}, {p->y, y}};
-    auto e = p->graph->execute(h, pack, ws.first);
+    auto e = p->graph->execute(h, pack, ws);
     if (!e.is_good()) {
         set_err(err, errlen, std::string("cuDNN NVFP4 matmul failed: ") + e.get_message());
         return 1;

@@ -212,3 +212,38 @@ pub fn check_activation_quantizer(device: &Device, problems: &[Problem]) -> cand
     }
     Ok(results)
 }
+
+/// Max |diff| / max |reference| allowed for half-precision fused attention against the f32
+/// reference on the same bf16 inputs (bf16 output rounding is 2^-8 relative).
+pub const ATTENTION_TOL: f32 = 0.02;
+
+/// Fused attention (whatever `ops::attention` dispatches to on `device`) against the f32 reference
+/// on fresh random inputs: self- and cross-attention shapes, the strided views the models pass,
+/// FLUX/Wan head dims.
+pub fn check_attention(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
+    use crate::models::ops::{attention, attention_reference};
+    // (batch, heads, q tokens, kv tokens, head dim)
+    const SHAPES: [(usize, usize, usize, usize, usize); 4] =
+        [(1, 4, 1000, 1000, 128), (2, 3, 777, 512, 128), (1, 2, 333, 333, 64), (1, 24, 4608, 4608, 128)];
+    let mut out = Vec::new();
+    for (b, h, sq, sk, d) in SHAPES {
+        // [B, S, H, D] buffers viewed as [B, H, S, D], as the models produce them.
+        let mk = |s: usize| -> candle_core::Result<Tensor> {
+            Tensor::randn(0f32, 1.0, (b, s, h, d), device)?.to_dtype(DType::BF16)?.transpose(1, 2)
+        };
+        let (q, k, v) = (mk(sq)?, mk(sk)?, mk(sk)?);
+        // One case with D not innermost in memory (the VAE's channel-first attention).
+        let q = if d == 64 { q.transpose(2, 3)?.contiguous()?.transpose(2, 3)? } else { q };
+        let got = attention(&q, &k, &v)?.to_dtype(DType::F32)?;
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let want = attention_reference(&f(&q)?, &f(&k)?, &f(&v)?)?;
+        let g: Vec<f32> = got.flatten_all()?.to_vec1()?;
+        let w: Vec<f32> = want.flatten_all()?.to_vec1()?;
+        out.push(CheckResult::new(
+            format!("attention B{b} H{h} Sq{sq} Sk{sk} D{d}"),
+            rel_max_err(&g, &w),
+            ATTENTION_TOL,
+        ));
+    }
+    Ok(out)
+}

@@ -134,6 +134,17 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
             failed += print_results(&r);
             all.extend(r);
         }
+        println!(
+            "attention ({:?}; CANDIFF_ATTENTION selects) vs the f32 reference (max |diff| / max |y|):",
+            if cfg!(feature = "cudnn") {
+                crate::models::ops::attention_impl()
+            } else {
+                crate::models::ops::AttentionImpl::Reference
+            }
+        );
+        let r = crate::doctor::check_attention(&device)?;
+        failed += print_results(&r);
+        all.extend(r);
         if let Some(p) = &args.json {
             std::fs::write(p, serde_json::to_string_pretty(&all)?)?;
         }

@@ -171,3 +171,147 @@ pub(crate) fn matmul(call: &GemmCall) -> Result<CudaStorage> {
     }
     Ok(CudaStorage { slice: y, device: dev.clone() })
 }
+
+extern "C" {
+    fn candiff_cudnn_sdpa(
+        device: c_int,
+        stream: *mut c_void,
+        b: i64,
+        h: i64,
+        sq: i64,
+        sk: i64,
+        d: i64,
+        strides: *const i64,
+        half: c_int,
+        scale: f32,
+        q: *const c_void,
+        k: *const c_void,
+        v: *const c_void,
+        o: *mut c_void,
+        err: *mut c_char,
+        errlen: usize,
+    ) -> c_int;
+}
+
+/// Largest head dimension of cuDNN's fused attention engines.
+pub const SDPA_MAX_HEAD_DIM: usize = 256;
+/// Head dimensions must be a multiple of this (16-byte rows of bf16/f16).
+pub const SDPA_HEAD_DIM_ALIGN: usize = 8;
+
+/// Fused attention: `q` `[B, H, Sq, D]`, `k`/`v` `[B, H, Sk, D]` (any strides with a unit last
+/// stride, bf16 or f16) -> `[B, Sq, H, D]` contiguous, so merging heads needs no copy.
+pub struct Sdpa {
+    pub scale: f32,
+}
+
+fn half_slice<'a>(
+    s: &'a CudaStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> Result<(candle_core::cuda_backend::cudarc::driver::sys::CUdeviceptr, Vec<i64>, DType)> {
+    let stream = s.device.cuda_stream();
+    let (ptr, dtype, elem) = match &s.slice {
+        CudaStorageSlice::BF16(x) => (x.device_ptr(&stream).0, DType::BF16, 2u64),
+        CudaStorageSlice::F16(x) => (x.device_ptr(&stream).0, DType::F16, 2u64),
+        _ => candle_core::bail!(
+            "fused attention takes bf16 or f16 {what}, found {:?}",
+            candle_core::backend::BackendStorage::dtype(s)
+        ),
+    };
+    let st = l.stride();
+    if l.dims().len() != 4 || st[3] != 1 {
+        candle_core::bail!(
+            "fused attention: {what} must be [B, H, S, D] with unit stride on D, found {:?} / {st:?}",
+            l.dims()
+        );
+    }
+    Ok((ptr + l.start_offset() as u64 * elem, st.iter().map(|v| *v as i64).collect(), dtype))
+}
+
+impl candle_core::CustomOp3 for Sdpa {
+    fn name(&self) -> &'static str {
+        "cudnn-sdpa"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("cuDNN attention runs on CUDA devices only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        ql: &candle_core::Layout,
+        k: &CudaStorage,
+        kl: &candle_core::Layout,
+        v: &CudaStorage,
+        vl: &candle_core::Layout,
+    ) -> Result<(CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (qp, qs, dtype) = half_slice(q, ql, "q")?;
+        let (kp, ks, kd) = half_slice(k, kl, "k")?;
+        let (vp, vs, vd) = half_slice(v, vl, "v")?;
+        if kd != dtype || vd != dtype {
+            candle_core::bail!("fused attention: q, k, v must share a dtype");
+        }
+        let (b, h, sq, d) = ql.shape().dims4()?;
+        let sk = kl.dims()[2];
+        if kl.dims() != [b, h, sk, d] || vl.dims() != [b, h, sk, d] {
+            candle_core::bail!("fused attention: k {:?} / v {:?} do not match q {:?}", kl.dims(), vl.dims(), ql.dims());
+        }
+        let dev = q.device().clone();
+        let stream = dev.cuda_stream();
+        let n = b * sq * h * d;
+        // SAFETY: the graph writes every output element.
+        let o = unsafe {
+            match dtype {
+                DType::F16 => CudaStorageSlice::F16(stream.alloc::<f16>(n).map_err(wrap("alloc"))?),
+                _ => CudaStorageSlice::BF16(stream.alloc::<bf16>(n).map_err(wrap("alloc"))?),
+            }
+        };
+        // Output [B, Sq, H, D] seen as [B, H, Sq, D].
+        let os = [(sq * h * d) as i64, d as i64, (h * d) as i64, 1];
+        let strides: Vec<i64> = [qs, ks, vs, os.to_vec()].concat();
+        let mut err = vec![0u8; ERR_LEN];
+        let rc = {
+            let (op, _g) = match &o {
+                CudaStorageSlice::F16(s) => s.device_ptr(&stream),
+                CudaStorageSlice::BF16(s) => s.device_ptr(&stream),
+                _ => unreachable!("allocated above"),
+            };
+            // SAFETY: q/k/v point into live device buffers laid out as their layouts say (checked
+            // above), `o` holds B*Sq*H*D elements; the shim runs on `stream`.
+            unsafe {
+                candiff_cudnn_sdpa(
+                    stream.context().ordinal() as c_int,
+                    stream.cu_stream() as *mut c_void,
+                    b as i64,
+                    h as i64,
+                    sq as i64,
+                    sk as i64,
+                    d as i64,
+                    strides.as_ptr(),
+                    (dtype == DType::F16) as c_int,
+                    self.scale,
+                    qp as *const c_void,
+                    kp as *const c_void,
+                    vp as *const c_void,
+                    op as *mut c_void,
+                    err.as_mut_ptr() as *mut c_char,
+                    ERR_LEN,
+                )
+            }
+        };
+        if rc != 0 {
+            return Err(CandiffError::Unsupported(ffi_message(&err)).into());
+        }
+        Ok((CudaStorage { slice: o, device: dev }, candle_core::Shape::from((b, sq, h, d))))
+    }
+}

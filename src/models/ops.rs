@@ -87,9 +87,77 @@ impl Drop for Tf32Scope {
     }
 }
 
-/// Scaled dot-product attention over `[B, H, S, D]`, scores and softmax in f32. The scale is
-/// applied to the scores (not to q) so that half-precision q/k stay exactly representable.
+/// Which attention implementation runs half-precision attention on the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionImpl {
+    /// cuDNN's fused flash-attention graph (builds with the `cudnn` feature).
+    Cudnn,
+    /// The unfused reference below (f32 score blocks).
+    Reference,
+}
+
+/// `CANDIFF_ATTENTION=reference` forces the unfused attention; otherwise cuDNN's fused kernel is
+/// used wherever it applies (CUDA, bf16/f16, head dim <= 256 and a multiple of 8, cudnn build).
+pub fn attention_impl() -> AttentionImpl {
+    static CHOICE: std::sync::OnceLock<AttentionImpl> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| match std::env::var("CANDIFF_ATTENTION").as_deref() {
+        Ok("reference") => AttentionImpl::Reference,
+        Ok("cudnn") | Ok("") | Err(_) => AttentionImpl::Cudnn,
+        Ok(other) => {
+            log::warn!("CANDIFF_ATTENTION={other} is not `cudnn` or `reference`; using cudnn where it applies");
+            AttentionImpl::Cudnn
+        }
+    })
+}
+
+#[cfg(feature = "cudnn")]
+fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Result<Tensor>> {
+    use crate::cuda::cudnn::{Sdpa, SDPA_HEAD_DIM_ALIGN, SDPA_MAX_HEAD_DIM};
+    let d = q.dim(D::Minus1).ok()?;
+    let applies = attention_impl() == AttentionImpl::Cudnn
+        && q.device().is_cuda()
+        && matches!(q.dtype(), DType::BF16 | DType::F16)
+        && d <= SDPA_MAX_HEAD_DIM
+        && d % SDPA_HEAD_DIM_ALIGN == 0;
+    if !applies {
+        return None;
+    }
+    let op = Sdpa { scale: (1.0 / (d as f64).sqrt()) as f32 };
+    // cuDNN takes any strides with unit stride along D; other views (e.g. channel-first VAE
+    // attention) are copied once.
+    let unit_d = |t: &Tensor| -> Result<Tensor> {
+        let t = t.to_dtype(q.dtype())?;
+        if t.stride()[3] == 1 {
+            Ok(t)
+        } else {
+            t.contiguous()
+        }
+    };
+    let run = || -> Result<Tensor> {
+        let out = unit_d(q)?.apply_op3_no_bwd(&unit_d(k)?, &unit_d(v)?, &op)?;
+        // [B, Sq, H, D] -> [B, H, Sq, D] view (merging heads afterwards is free).
+        out.transpose(1, 2)
+    };
+    Some(run())
+}
+
+#[cfg(not(feature = "cudnn"))]
+fn fused_attention(_: &Tensor, _: &Tensor, _: &Tensor) -> Option<Result<Tensor>> {
+    None
+}
+
+/// Scaled dot-product attention over `[B, H, S, D]`: cuDNN's fused kernel where it applies (see
+/// [`attention_impl`]), else the reference with scores and softmax in f32. The reference applies
+/// the scale to the scores (not to q) so that half-precision q/k stay exactly representable.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    match fused_attention(q, k, v) {
+        Some(out) => out,
+        None => attention_reference(q, k, v),
+    }
+}
+
+/// The unfused attention: f32 score blocks of at most `ATTN_SCORE_BLOCK` elements.
+pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let dtype = q.dtype();
     let (b, h, sq, d) = q.dims4()?;
     let sk = k.dim(2)?;
