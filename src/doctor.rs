@@ -247,3 +247,40 @@ pub fn check_attention(device: &Device) -> candle_core::Result<Vec<CheckResult>>
     }
     Ok(out)
 }
+
+/// Max |diff| / max |reference| of the fused element-wise kernels against their CPU reference on
+/// the same inputs: both compute in f32, so only the final rounding and summation order differ.
+pub const FUSED_TOL: f32 = 1e-2;
+
+/// The fused element-wise kernels (kernels/fused.cu) against their CPU reference on fresh random
+/// inputs, per-sample and per-token modulation, bf16 and f32 storage.
+pub fn check_fused(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
+    use crate::models::fused::{gated_add, ln_modulate};
+    let mut out = Vec::new();
+    // (batch, tokens, channels, modulation rows per sample)
+    for (b, s, c, per_token) in
+        [(2, 333, 3072, false), (1, 4608, 3072, false), (1, 1000, 5120, true), (2, 77, 40, true)]
+    {
+        for dtype in [DType::BF16, DType::F32] {
+            let x = (Tensor::randn(0f32, 3.0, (b, s, c), device)? + 0.5)?.to_dtype(dtype)?;
+            let u = Tensor::randn(0f32, 1.0, (b, s, c), device)?.to_dtype(dtype)?;
+            let ms = if per_token { s } else { 1 };
+            let shift = Tensor::randn(0f32, 1.0, (b, ms, c), device)?;
+            let scale = Tensor::randn(0f32, 1.0, (b, ms, c), device)?;
+            let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
+            let cmp = |got: &Tensor, want: &Tensor| -> candle_core::Result<f32> {
+                let g: Vec<f32> = got.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+                let w: Vec<f32> = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                Ok(rel_max_err(&g, &w))
+            };
+            let label = format!("B{b} S{s} C{c} {} {dtype:?}", if per_token { "per-token" } else { "per-sample" });
+            let got = ln_modulate(&x, &shift, &scale, 1e-6)?;
+            let want = ln_modulate(&cpu(&x)?, &cpu(&shift)?, &cpu(&scale)?, 1e-6)?;
+            out.push(CheckResult::new(format!("ln_modulate {label}"), cmp(&got, &want)?, FUSED_TOL));
+            let got = gated_add(&x, &u, &scale)?;
+            let want = gated_add(&cpu(&x)?, &cpu(&u)?, &cpu(&scale)?)?;
+            out.push(CheckResult::new(format!("gated_add {label}"), cmp(&got, &want)?, FUSED_TOL));
+        }
+    }
+    Ok(out)
+}

@@ -145,6 +145,10 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
         let r = crate::doctor::check_attention(&device)?;
         failed += print_results(&r);
         all.extend(r);
+        println!("fused element-wise kernels vs their CPU reference (max |diff| / max |y|):");
+        let r = crate::doctor::check_fused(&device)?;
+        failed += print_results(&r);
+        all.extend(r);
         if let Some(p) = &args.json {
             std::fs::write(p, serde_json::to_string_pretty(&all)?)?;
         }

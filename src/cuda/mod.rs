@@ -20,11 +20,13 @@ use crate::nvfp4::linear::Nvfp4Matmul;
 use crate::nvfp4::{ActMode, Backend};
 
 static NVFP4_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nvfp4.fatbin"));
+static FUSED_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused.fatbin"));
 #[cfg(candiff_cutlass)]
 static CUTLASS_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nvfp4_cutlass.fatbin"));
 
 #[cfg(feature = "cudnn")]
 pub mod cudnn;
+pub mod fused;
 #[cfg(candiff_sm100)]
 pub mod sm100;
 
@@ -33,6 +35,8 @@ pub mod sm100;
 enum Kernels {
     /// trtllm variant, activation quantizer, conversions (kernels/nvfp4.cu).
     Nvfp4,
+    /// Fused element-wise kernels of the transformer blocks (kernels/fused.cu).
+    Fused,
     /// cutlass variant, CuTe (kernels/nvfp4_cutlass.cu).
     #[cfg(candiff_cutlass)]
     Cutlass,
@@ -42,6 +46,7 @@ impl Kernels {
     fn image(self) -> &'static [u8] {
         match self {
             Kernels::Nvfp4 => NVFP4_FATBIN,
+            Kernels::Fused => FUSED_FATBIN,
             #[cfg(candiff_cutlass)]
             Kernels::Cutlass => CUTLASS_FATBIN,
         }

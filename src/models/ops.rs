@@ -26,17 +26,11 @@ impl RmsNorm {
 }
 
 impl Module for RmsNorm {
+    /// Candle's fused RMSNorm: f32 accumulation, one rounding to `x`'s dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
-        xf.broadcast_div(&rms)?.broadcast_mul(&self.weight.to_dtype(DType::F32)?)?.to_dtype(dtype)
+        let w = self.weight.to_dtype(x.dtype())?;
+        candle_nn::ops::rms_norm(&x.contiguous()?, &w, self.eps as f32)
     }
-}
-
-/// `x * (1 + scale) + shift` with per-sample modulation `[B, C]` over `[B, S, C]`.
-pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
 }
 
 /// tanh-approximated GELU.
@@ -195,15 +189,9 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 
 /// Rotary embedding on interleaved pairs `(x[2i], x[2i+1])`; `cos`/`sin` are `[S, D/2]`.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (b, h, s, d) = x.dims4()?;
+    // Candle's fused interleaved rotation, in f32 (the references rotate in f32).
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?.reshape((b, h, s, d / 2, 2))?;
-    let x0 = x.narrow(4, 0, 1)?.squeeze(4)?;
-    let x1 = x.narrow(4, 1, 1)?.squeeze(4)?;
-    let (cos, sin) = (cos.unsqueeze(0)?.unsqueeze(0)?, sin.unsqueeze(0)?.unsqueeze(0)?);
-    let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
-    let y1 = (x1.broadcast_mul(&cos)? + x0.broadcast_mul(&sin)?)?;
-    Tensor::stack(&[y0, y1], 4)?.reshape((b, h, s, d))?.to_dtype(dtype)
+    candle_nn::rotary_emb::rope_i(&x.to_dtype(DType::F32)?.contiguous()?, cos, sin)?.to_dtype(dtype)
 }
 
 /// RoPE tables for position ids `[S, n_axes]`: per axis `d_a / 2` frequencies `theta^(-2i/d_a)`,

@@ -10,9 +10,9 @@ use candle_core::{DType, Module, Result, Tensor, D};
 
 use super::config::FluxConfig;
 use crate::linear::{Linear, WeightBuilder};
+use crate::models::fused::{gated_add, ln_modulate};
 use crate::models::ops::{
-    apply_rope, attention, gelu_tanh, heads, layer_norm_no_affine, merge_heads, modulate, rope_tables,
-    timestep_embedding, RmsNorm,
+    apply_rope, attention, gelu_tanh, heads, merge_heads, rope_tables, timestep_embedding, RmsNorm,
 };
 
 /// Norm epsilon of every LayerNorm and q/k RMSNorm in FLUX.
@@ -190,8 +190,8 @@ impl DoubleBlock {
     fn forward(&self, img: &Tensor, txt: &Tensor, temb: &Tensor, rope: &(Tensor, Tensor)) -> Result<(Tensor, Tensor)> {
         let m = chunks(&self.norm1.forward(&temb.silu()?)?, 6)?;
         let c = chunks(&self.norm1_context.forward(&temb.silu()?)?, 6)?;
-        let img_n = modulate(&layer_norm_no_affine(img, EPS)?, &m[0], &m[1])?;
-        let txt_n = modulate(&layer_norm_no_affine(txt, EPS)?, &c[0], &c[1])?;
+        let img_n = ln_modulate(img, &m[0], &m[1], EPS)?;
+        let txt_n = ln_modulate(txt, &c[0], &c[1], EPS)?;
         let iq = self.qkv.forward(&img_n)?;
         let tq = self.add_qkv.forward(&txt_n)?;
         let h = self.heads;
@@ -208,15 +208,15 @@ impl DoubleBlock {
         let o_txt = o.narrow(1, 0, s_txt)?;
         let o_img = o.narrow(1, s_txt, o.dim(1)? - s_txt)?;
 
-        let img = (img + self.to_out.forward(&o_img)?.broadcast_mul(&m[2].unsqueeze(1)?)?)?;
-        let img_n = modulate(&layer_norm_no_affine(&img, EPS)?, &m[3], &m[4])?;
+        let img = gated_add(img, &self.to_out.forward(&o_img)?, &m[2])?;
+        let img_n = ln_modulate(&img, &m[3], &m[4], EPS)?;
         let ff = self.ff.1.forward(&gelu_tanh(&self.ff.0.forward(&img_n)?)?)?;
-        let img = (img + ff.broadcast_mul(&m[5].unsqueeze(1)?)?)?;
+        let img = gated_add(&img, &ff, &m[5])?;
 
-        let txt = (txt + self.to_add_out.forward(&o_txt)?.broadcast_mul(&c[2].unsqueeze(1)?)?)?;
-        let txt_n = modulate(&layer_norm_no_affine(&txt, EPS)?, &c[3], &c[4])?;
+        let txt = gated_add(txt, &self.to_add_out.forward(&o_txt)?, &c[2])?;
+        let txt_n = ln_modulate(&txt, &c[3], &c[4], EPS)?;
         let ff = self.ff_context.1.forward(&gelu_tanh(&self.ff_context.0.forward(&txt_n)?)?)?;
-        let txt = (txt + ff.broadcast_mul(&c[5].unsqueeze(1)?)?)?;
+        let txt = gated_add(&txt, &ff, &c[5])?;
         Ok((img, txt))
     }
 }
@@ -270,7 +270,7 @@ impl SingleBlock {
 
     fn forward(&self, x: &Tensor, temb: &Tensor, rope: &(Tensor, Tensor)) -> Result<Tensor> {
         let m = chunks(&self.norm.forward(&temb.silu()?)?, 3)?;
-        let xn = modulate(&layer_norm_no_affine(x, EPS)?, &m[0], &m[1])?;
+        let xn = ln_modulate(x, &m[0], &m[1], EPS)?;
         let p = self.qkv_mlp.forward(&xn)?;
         let h = self.heads;
         let q = apply_rope(&self.norm_q.forward(&heads(&p[0], h)?)?, &rope.0, &rope.1)?;
@@ -278,7 +278,7 @@ impl SingleBlock {
         let o = merge_heads(&attention(&q, &k, &heads(&p[2], h)?)?)?;
         let mlp = gelu_tanh(&p[3])?;
         let y = self.proj_out.forward(&Tensor::cat(&[o, mlp], D::Minus1)?)?;
-        x + y.broadcast_mul(&m[2].unsqueeze(1)?)?
+        gated_add(x, &y, &m[2])
     }
 }
 
@@ -403,6 +403,6 @@ impl FluxTransformer {
             Naming::Diffusers => (&mods[1], &mods[0]),
             Naming::Bfl => (&mods[0], &mods[1]),
         };
-        self.proj_out.forward(&modulate(&layer_norm_no_affine(&img, EPS)?, shift, scale)?)
+        self.proj_out.forward(&ln_modulate(&img, shift, scale, EPS)?)
     }
 }

@@ -8,9 +8,9 @@ use candle_core::{DType, Module, Result, Tensor};
 
 use super::config::WanConfig;
 use crate::linear::{Linear, WeightBuilder};
+use crate::models::fused::{gated_add, ln_modulate};
 use crate::models::ops::{
-    apply_rope, attention, gelu_tanh, heads, layer_norm_no_affine, merge_heads, rope_tables, timestep_embedding,
-    RmsNorm,
+    apply_rope, attention, gelu_tanh, heads, merge_heads, rope_tables, timestep_embedding, RmsNorm,
 };
 
 /// RoPE base of the three axes.
@@ -70,30 +70,31 @@ impl Attention {
     }
 }
 
-/// LayerNorm with affine parameters, computed in f32.
+/// LayerNorm with affine parameters, in f32: the fused modulated norm with `scale = weight - 1`.
 #[derive(Debug, Clone)]
 struct AffineNorm {
-    weight: Tensor,
+    /// `weight - 1`, f32 `[C]`.
+    scale: Tensor,
     bias: Tensor,
     eps: f64,
 }
 
 impl AffineNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = layer_norm_no_affine(&x.to_dtype(DType::F32)?, self.eps)?;
-        y.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?.to_dtype(x.dtype())
+        let (b, _, c) = x.dims3()?;
+        let per_sample = |t: &Tensor| t.unsqueeze(0)?.broadcast_as((b, c))?.contiguous();
+        ln_modulate(x, &per_sample(&self.bias)?, &per_sample(&self.scale)?, self.eps)
     }
 }
 
 /// Modulation `norm(x) * (1 + scale) + shift` in f32, result in `x`'s dtype.
 fn modulated_norm(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
-    let y = layer_norm_no_affine(&x.to_dtype(DType::F32)?, eps)?;
-    y.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?.to_dtype(x.dtype())
+    ln_modulate(x, shift, scale, eps)
 }
 
 /// `x + y * gate` in f32, result in `x`'s dtype.
 fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
-    x.to_dtype(DType::F32)?.add(&y.to_dtype(DType::F32)?.broadcast_mul(gate)?)?.to_dtype(x.dtype())
+    gated_add(x, y, gate)
 }
 
 #[derive(Debug, Clone)]
@@ -115,7 +116,7 @@ impl Block {
             let vb = wb.pp("norm2");
             let vb = vb.vb();
             Some(AffineNorm {
-                weight: vb.get(dim, "weight")?.to_dtype(DType::F32)?,
+                scale: (vb.get(dim, "weight")?.to_dtype(DType::F32)? - 1.0)?,
                 bias: vb.get(dim, "bias")?.to_dtype(DType::F32)?,
                 eps: cfg.eps,
             })

@@ -1,0 +1,227 @@
+//! Fused element-wise ops of the transformer blocks, as Candle custom ops: a CPU reference (plain
+//! f32 loops, used on the CPU) and a CUDA kernel (kernels/fused.cu). Both compute in f32 and return
+//! the activation's dtype.
+//!
+//! - [`ln_modulate`]: `LayerNorm(x) * (1 + scale) + shift` (LayerNorm without affine)
+//! - [`gated_add`]: `x + u * gate`
+//!
+//! `x`/`u` are `[B, S, C]`; `shift`/`scale`/`gate` are `[B, C]` (one per sample) or `[B, S, C]`
+//! (one per token), any float dtype (used as f32).
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+/// (rows, C, S, Sm) of a `[B, S, C]` activation with `[B, Sm, C]` modulation.
+fn dims(x: &Tensor, m: &Tensor) -> Result<(usize, usize, usize, usize, Tensor)> {
+    let (b, s, c) = x.dims3()?;
+    let m = m.to_dtype(DType::F32)?;
+    let m = match m.rank() {
+        2 => m.unsqueeze(1)?,
+        _ => m,
+    };
+    let (mb, sm, mc) = m.dims3()?;
+    if mb != b || mc != c || (sm != 1 && sm != s) {
+        candle_core::bail!("fused op: modulation {:?} does not fit activations {:?}", m.dims(), x.dims());
+    }
+    Ok((b * s, c, s, sm, m.contiguous()?))
+}
+
+fn f32s(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
+    let (a, b) =
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("fused op: non-contiguous input".into()))?;
+    Ok(match s {
+        CpuStorage::F32(v) => v[a..b].to_vec(),
+        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::F16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
+        _ => candle_core::bail!("fused ops take f32, bf16 or f16"),
+    })
+}
+
+fn store(v: Vec<f32>, like: &CpuStorage) -> CpuStorage {
+    match like {
+        CpuStorage::BF16(_) => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+        CpuStorage::F16(_) => CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect()),
+        _ => CpuStorage::F32(v),
+    }
+}
+
+/// Row of the modulation for activation row `r`.
+fn mod_row(r: usize, s: usize, sm: usize) -> usize {
+    if sm == 1 {
+        r / s
+    } else {
+        r
+    }
+}
+
+struct LnModulate {
+    rows: usize,
+    c: usize,
+    s: usize,
+    sm: usize,
+    eps: f32,
+}
+
+impl CustomOp3 for LnModulate {
+    fn name(&self) -> &'static str {
+        "ln-modulate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        shift: &CpuStorage,
+        shl: &Layout,
+        scale: &CpuStorage,
+        scl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (xv, sh, sc) = (f32s(x, xl)?, f32s(shift, shl)?, f32s(scale, scl)?);
+        let c = self.c;
+        let mut y = vec![0f32; self.rows * c];
+        for r in 0..self.rows {
+            let row = &xv[r * c..(r + 1) * c];
+            let mean = row.iter().sum::<f32>() / c as f32;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+            let rstd = 1.0 / (var + self.eps).sqrt();
+            let m = mod_row(r, self.s, self.sm) * c;
+            for i in 0..c {
+                y[r * c + i] = (row[i] - mean) * rstd * (1.0 + sc[m + i]) + sh[m + i];
+            }
+        }
+        Ok((store(y, x), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        shift: &candle_core::CudaStorage,
+        shl: &Layout,
+        scale: &candle_core::CudaStorage,
+        scl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = crate::cuda::fused::ln_modulate(
+            x,
+            xl,
+            shift,
+            shl,
+            scale,
+            scl,
+            (self.rows, self.c, self.s, self.sm),
+            self.eps,
+        )?;
+        Ok((y, xl.shape().clone()))
+    }
+}
+
+struct GatedAdd {
+    rows: usize,
+    c: usize,
+    s: usize,
+    sm: usize,
+}
+
+impl CustomOp3 for GatedAdd {
+    fn name(&self) -> &'static str {
+        "gated-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        u: &CpuStorage,
+        ul: &Layout,
+        gate: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (xv, uv, g) = (f32s(x, xl)?, f32s(u, ul)?, f32s(gate, gl)?);
+        let c = self.c;
+        let y = (0..self.rows * c)
+            .map(|i| {
+                let (r, col) = (i / c, i % c);
+                xv[i] + uv[i] * g[mod_row(r, self.s, self.sm) * c + col]
+            })
+            .collect();
+        Ok((store(y, x), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        u: &candle_core::CudaStorage,
+        ul: &Layout,
+        gate: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = crate::cuda::fused::gated_add(x, xl, u, ul, gate, gl, (self.rows, self.c, self.s, self.sm))?;
+        Ok((y, xl.shape().clone()))
+    }
+}
+
+/// `LayerNorm(x) * (1 + scale) + shift`, f32 math, in `x`'s dtype.
+pub fn ln_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    let (rows, c, s, sm, shift) = dims(x, shift)?;
+    let (_, _, _, _, scale) = dims(x, scale)?;
+    let op = LnModulate { rows, c, s, sm, eps: eps as f32 };
+    x.contiguous()?.apply_op3_no_bwd(&shift, &scale, &op)
+}
+
+/// `x + u * gate`, f32 math, in `x`'s dtype (`u` is converted to it).
+pub fn gated_add(x: &Tensor, u: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    let (rows, c, s, sm, gate) = dims(x, gate)?;
+    if u.dims() != x.dims() {
+        candle_core::bail!("gated_add: u {:?} does not match x {:?}", u.dims(), x.dims());
+    }
+    let u = u.to_dtype(x.dtype())?.contiguous()?;
+    x.contiguous()?.apply_op3_no_bwd(&u, &gate, &GatedAdd { rows, c, s, sm })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The loops against the same math in Candle ops (f32).
+    #[test]
+    fn references_match_candle_ops() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 2.0, (2, 5, 48), &dev).unwrap();
+        for m in [Shape::from((2, 48)), Shape::from((2, 5, 48))] {
+            let shift = Tensor::randn(0f32, 1.0, m.clone(), &dev).unwrap();
+            let scale = Tensor::randn(0f32, 1.0, m.clone(), &dev).unwrap();
+            let b = |t: &Tensor| if t.rank() == 2 { t.unsqueeze(1).unwrap() } else { t.clone() };
+            let want = crate::models::ops::layer_norm_no_affine(&x, 1e-6)
+                .unwrap()
+                .broadcast_mul(&(b(&scale) + 1.0).unwrap())
+                .unwrap()
+                .broadcast_add(&b(&shift))
+                .unwrap();
+            let got = ln_modulate(&x, &shift, &scale, 1e-6).unwrap();
+            let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "ln_modulate {m:?}: {d}");
+            let u = Tensor::randn(0f32, 1.0, (2, 5, 48), &dev).unwrap();
+            let want = (&x + u.broadcast_mul(&b(&scale)).unwrap()).unwrap();
+            let got = gated_add(&x, &u, &scale).unwrap();
+            let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-6, "gated_add {m:?}: {d}");
+        }
+        // bf16 storage: f32 math, one rounding at the end.
+        let xb = x.to_dtype(DType::BF16).unwrap();
+        let g = Tensor::ones((2, 48), DType::F32, &dev).unwrap();
+        let y = gated_add(&xb, &xb, &g).unwrap();
+        assert_eq!(y.dtype(), DType::BF16);
+        let d = (y.to_dtype(DType::F32).unwrap() - (xb.to_dtype(DType::F32).unwrap() * 2.0).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0);
+    }
+}
