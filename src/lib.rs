@@ -1,6 +1,7 @@
 //! candiff: diffusion inference on Candle, in bf16 and NVFP4.
 
 pub mod cli;
+pub mod compare;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod cuda_support;

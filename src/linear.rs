@@ -13,6 +13,8 @@ use crate::safetensors::MappedFile;
 pub enum Linear {
     Dense(candle_nn::Linear),
     Nvfp4(Nvfp4Linear),
+    /// A layer under observation (calibration, per-layer error diagnosis); see [`Probe`].
+    Probed(Box<Probed>),
 }
 
 impl Module for Linear {
@@ -20,14 +22,116 @@ impl Module for Linear {
         match self {
             Linear::Dense(l) => l.forward(x),
             Linear::Nvfp4(l) => l.forward(x),
+            Linear::Probed(p) => p.forward(x),
         }
     }
 }
 
 impl Linear {
-    pub fn is_nvfp4(&self) -> bool {
-        matches!(self, Linear::Nvfp4(_))
+    /// The dense layer, seen through a probe wrapper.
+    pub fn as_dense(&self) -> Option<&candle_nn::Linear> {
+        match self {
+            Linear::Dense(d) => Some(d),
+            Linear::Probed(p) => p.inner.as_dense(),
+            Linear::Nvfp4(_) => None,
+        }
     }
+
+    pub fn is_nvfp4(&self) -> bool {
+        match self {
+            Linear::Nvfp4(_) => true,
+            Linear::Probed(p) => p.inner.is_nvfp4(),
+            Linear::Dense(_) => false,
+        }
+    }
+}
+
+/// What a [`Probe`] gathered for one linear.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LayerStats {
+    /// max |input| over every call (calibration of `input_scale`).
+    pub input_amax: f32,
+    /// Sum over calls of |y - y_ref|^2 and |y_ref|^2 (NVFP4 layers with a dense twin).
+    pub err_sq: f64,
+    pub ref_sq: f64,
+    pub calls: usize,
+}
+
+impl LayerStats {
+    /// Relative L2 error of the layer's output against its dense twin, over all calls.
+    pub fn rel_l2(&self) -> Option<f64> {
+        (self.ref_sq > 0.0).then(|| (self.err_sq / self.ref_sq).sqrt())
+    }
+}
+
+/// Observes linears while a model runs: input ranges (to calibrate NVFP4 activation scales from a
+/// reference run) and, for NVFP4 layers built with a dense twin, the error of each output against
+/// the dense layer on the same real activations. Costs a device sync per call: diagnosis only.
+#[derive(Debug, Default)]
+pub struct Probe {
+    pub layers: std::sync::Mutex<std::collections::BTreeMap<String, LayerStats>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Probed {
+    name: String,
+    inner: Linear,
+    dense_twin: Option<candle_nn::Linear>,
+    probe: Arc<Probe>,
+}
+
+impl Probed {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.inner.forward(x)?;
+        let amax = x.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let (mut e, mut r) = (0.0, 0.0);
+        if let Some(d) = &self.dense_twin {
+            let yr = d.forward(x)?.to_dtype(DType::F32)?;
+            e = (y.to_dtype(DType::F32)? - &yr)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            r = yr.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        let mut layers = self.probe.layers.lock().expect("probe poisoned");
+        let s = layers.entry(self.name.clone()).or_default();
+        s.input_amax = s.input_amax.max(amax);
+        s.err_sq += e;
+        s.ref_sq += r;
+        s.calls += 1;
+        Ok(y)
+    }
+}
+
+/// NVFP4 amax target of the ModelOpt rule (E2M1 max 6 x E4M3 max 448): `input_scale = amax / 2688`.
+const NVFP4_AMAX: f32 = 2688.0;
+
+/// Quantizes dense linears to NVFP4 while loading (the ModelOpt weight rule), for comparing
+/// precisions on a bf16 checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct QuantizeSpec {
+    /// Module paths containing one of these are quantized (e.g. `transformer_blocks.`).
+    pub include: Vec<String>,
+    /// ... unless they match one of these (substring, or `*` wildcards).
+    pub exclude: Vec<String>,
+    /// Calibrated input amax per module (W4A4 needs it).
+    pub input_amax: std::collections::BTreeMap<String, f32>,
+    /// Keep each quantized layer's dense weight to measure its output error (needs a probe).
+    pub keep_dense_twin: bool,
+}
+
+impl QuantizeSpec {
+    pub fn matches(&self, module: &str) -> bool {
+        self.include.iter().any(|p| module.contains(p.as_str()))
+            && !self
+                .exclude
+                .iter()
+                .any(|p| crate::nvfp4::config::pattern_matches(p, module) || module.contains(p.as_str()))
+    }
+}
+
+/// Optional load-time behaviour of a [`WeightBuilder`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadHooks {
+    pub quantize: Option<Arc<QuantizeSpec>>,
+    pub probe: Option<Arc<Probe>>,
 }
 
 /// How NVFP4 layers are executed.
@@ -80,6 +184,7 @@ pub struct WeightBuilder<'a> {
     source: WeightSource,
     borrow: Option<Arc<MappedFile>>,
     opts: Nvfp4Options,
+    hooks: LoadHooks,
 }
 
 impl<'a> WeightBuilder<'a> {
@@ -87,19 +192,31 @@ impl<'a> WeightBuilder<'a> {
     pub fn new(ckpt: Arc<Checkpoint>, dtype: DType, device: &Device, opts: Nvfp4Options) -> Result<Self> {
         // SAFETY: read-only mapping of checkpoint files (see `MappedFile::open`).
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&ckpt.file_paths(), dtype, device)? };
-        Ok(Self { vb, source: WeightSource::Checkpoint(ckpt), borrow: None, opts })
+        Ok(Self { vb, source: WeightSource::Checkpoint(ckpt), borrow: None, opts, hooks: LoadHooks::default() })
     }
 
     /// Random weights; linears whose path contains one of `nvfp4_paths` become NVFP4 layers
     /// (random codes and scales, prepared for `opts.backend`).
     pub fn synthetic(dtype: DType, device: &Device, nvfp4_paths: Vec<String>, opts: Nvfp4Options) -> Self {
         let vb = VarBuilder::from_backend(Box::new(RandomBackend), dtype, device.clone());
-        Self { vb, source: WeightSource::Synthetic { nvfp4: Arc::new(nvfp4_paths) }, borrow: None, opts }
+        Self {
+            vb,
+            source: WeightSource::Synthetic { nvfp4: Arc::new(nvfp4_paths) },
+            borrow: None,
+            opts,
+            hooks: LoadHooks::default(),
+        }
     }
 
     /// Supplies missing `input_scale` / `weight_scale_2` tensors from a sibling file.
     pub fn with_borrowed_scales(mut self, file: Arc<MappedFile>) -> Self {
         self.borrow = Some(file);
+        self
+    }
+
+    /// On-the-fly quantization and probes (see [`LoadHooks`]).
+    pub fn with_hooks(mut self, hooks: LoadHooks) -> Self {
+        self.hooks = hooks;
         self
     }
 
@@ -114,6 +231,40 @@ impl<'a> WeightBuilder<'a> {
     /// The linear at the current path (`weight` `[out, in]`, optional `bias`).
     pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
         let module = self.vb.prefix();
+        let mut twin = None;
+        let mut l = self.load_linear(&module, in_dim, out_dim, bias)?;
+        if let (Linear::Dense(d), Some(q)) = (&l, &self.hooks.quantize) {
+            if q.matches(&module) && in_dim % crate::nvfp4::format::GROUP_SIZE == 0 {
+                let w: Vec<f32> = d.weight().to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+                let qw = crate::nvfp4::quant::quantize_weight(&w, out_dim, in_dim)?;
+                let input_scale = q.input_amax.get(&module).filter(|a| **a > 0.0).map(|a| a / NVFP4_AMAX);
+                if self.opts.mode == ActMode::W4A4 && input_scale.is_none() {
+                    candle_core::bail!(
+                        "`{module}`: W4A4 needs the layer's input range; run a calibrating reference first (candiff compare does)"
+                    );
+                }
+                let nl = Nvfp4Linear::new(
+                    &qw,
+                    input_scale,
+                    d.bias().cloned(),
+                    self.opts.backend,
+                    self.opts.mode,
+                    self.vb.device(),
+                )?;
+                if q.keep_dense_twin {
+                    twin = Some(d.clone());
+                }
+                l = Linear::Nvfp4(nl);
+            }
+        }
+        Ok(match &self.hooks.probe {
+            Some(p) => Linear::Probed(Box::new(Probed { name: module, inner: l, dense_twin: twin, probe: p.clone() })),
+            None => l,
+        })
+    }
+
+    fn load_linear(&self, module: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+        let module = module.to_string();
         let ckpt = match &self.source {
             WeightSource::Checkpoint(c) => c,
             WeightSource::Synthetic { nvfp4 } => {

@@ -9,6 +9,7 @@ fn main() {
         Command::Inspect(a) => cli::inspect::run(a),
         Command::T2i(a) => cli::t2i::run(a),
         Command::T2v(a) => cli::t2v::run(a),
+        Command::Compare(a) => cli::compare::run(a),
         Command::Models(a) => cli::models::run(a),
         Command::Doctor(a) => cli::doctor::run(a),
         Command::Bench(a) => cli::bench::run(a),

@@ -51,6 +51,7 @@ fn check(name: &str, dtype: DType) {
         device: &Device::Cpu,
         nvfp4: Nvfp4Options::default(),
         nvfp4_overrides: Overrides::default(),
+        hooks: Default::default(),
     };
     let req = T2vRequest {
         prompt: String::new(),

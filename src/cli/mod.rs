@@ -1,6 +1,7 @@
 //! Command-line interface: one module per subcommand.
 
 pub mod bench;
+pub mod compare;
 pub mod doctor;
 pub mod inspect;
 pub mod models;
@@ -28,6 +29,8 @@ pub enum Command {
     T2i(Box<t2i::T2iArgs>),
     /// Text to video (Wan2.2).
     T2v(Box<t2v::T2vArgs>),
+    /// Quality of NVFP4 variants against bf16 on the same prompts and seeds, with reports.
+    Compare(Box<compare::CompareArgs>),
     /// List the supported models.
     Models(models::ModelsArgs),
     /// Show what a checkpoint holds and how it will be loaded.

@@ -202,6 +202,7 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
         device: &device,
         nvfp4: Nvfp4Options { backend, mode: a.nvfp4_mode },
         nvfp4_overrides: a.nvfp4.overrides(),
+        hooks: Default::default(),
     };
     let req = T2iRequest {
         prompt: a.prompt.clone(),
@@ -221,7 +222,7 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
         indicatif::ProgressStyle::with_template("step {pos}/{len} {bar:30} {elapsed} eta {eta}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let (images, stats) = run.generate(&req, |i, _| bar.set_position(i as u64))?;
+    let (images, stats) = run.generate(&req, |i, _, _| bar.set_position(i as u64))?;
     bar.finish_and_clear();
 
     let meta = [

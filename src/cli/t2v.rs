@@ -127,6 +127,7 @@ pub fn run(a: &T2vArgs) -> anyhow::Result<()> {
         device: &device,
         nvfp4: Nvfp4Options { backend, mode: a.nvfp4_mode },
         nvfp4_overrides: a.nvfp4.overrides(),
+        hooks: Default::default(),
     };
     let req = T2vRequest {
         prompt: a.prompt.clone(),

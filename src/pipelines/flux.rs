@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::{gpu_used, tokenizer, vb};
 use crate::error::CandiffError;
-use crate::linear::{Nvfp4Options, WeightBuilder};
+use crate::linear::{LoadHooks, Nvfp4Options, WeightBuilder};
 use crate::models::flux::sampling::{
     euler_step, image_ids, initial_noise, pack_latents, unpack_latents, SchedulerConfig,
 };
@@ -134,11 +134,18 @@ pub struct FluxRun<'a> {
     pub device: &'a Device,
     pub nvfp4: Nvfp4Options,
     pub nvfp4_overrides: Overrides,
+    /// On-the-fly quantization and probes (`candiff compare`).
+    pub hooks: LoadHooks,
 }
 
 impl FluxRun<'_> {
-    /// Generates `req.batch` images `[B, H, W, 3]` in [0, 1]; `on_step(i, n)` after every step.
-    pub fn generate(&self, req: &T2iRequest, mut on_step: impl FnMut(usize, usize)) -> Result<(Tensor, RunStats)> {
+    /// Generates `req.batch` images `[B, H, W, 3]` in [0, 1]; `on_step(i, n, packed latents)` after
+    /// every step.
+    pub fn generate(
+        &self,
+        req: &T2iRequest,
+        mut on_step: impl FnMut(usize, usize, &Tensor),
+    ) -> Result<(Tensor, RunStats)> {
         let t0 = Instant::now();
         let mut stats = RunStats::default();
         let mut peak = gpu_used(self.device);
@@ -175,7 +182,7 @@ impl FluxRun<'_> {
             }
         }
         let naming = Naming::detect(ckpt.files.iter().flat_map(|f| f.header.tensors.keys()));
-        let wb = WeightBuilder::new(ckpt, self.dtype, self.device, self.nvfp4)?;
+        let wb = WeightBuilder::new(ckpt, self.dtype, self.device, self.nvfp4)?.with_hooks(self.hooks.clone());
         let model = FluxTransformer::new(&cfg, &wb, naming)?;
         track(self.device);
         stats.load_s = t1.elapsed().as_secs_f64();
@@ -210,7 +217,7 @@ impl FluxRun<'_> {
             self.device.synchronize()?;
             track(self.device);
             stats.step_s.push(ts.elapsed().as_secs_f64());
-            on_step(i + 1, timesteps.len());
+            on_step(i + 1, timesteps.len(), &x);
         }
         drop(model);
 

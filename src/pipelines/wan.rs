@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use super::{gpu_used, tokenizer, vb};
 use crate::error::CandiffError;
-use crate::linear::{Nvfp4Options, WeightBuilder};
+use crate::linear::{LoadHooks, Nvfp4Options, WeightBuilder};
 use crate::models::text::umt5::{Umt5Config, Umt5Encoder};
 use crate::models::wan::scheduler::{Sampler, SchedulerConfig};
 use crate::models::wan::vae::WanVae;
@@ -166,6 +166,8 @@ pub struct WanRun<'a> {
     pub device: &'a Device,
     pub nvfp4: Nvfp4Options,
     pub nvfp4_overrides: Overrides,
+    /// On-the-fly quantization and probes (`candiff compare`).
+    pub hooks: LoadHooks,
 }
 
 /// Whitespace cleanup of the reference's prompt cleaning.
@@ -244,7 +246,7 @@ impl WanRun<'_> {
                 log::warn!("{w}");
             }
         }
-        let wb = WeightBuilder::new(ckpt, self.dtype, self.device, self.nvfp4)?;
+        let wb = WeightBuilder::new(ckpt, self.dtype, self.device, self.nvfp4)?.with_hooks(self.hooks.clone());
         WanTransformer::new(&cfg, &wb)
     }
 

@@ -163,12 +163,13 @@ impl Block {
 
 /// A linear whose dense weights are held in f32 (modules the reference keeps in f32).
 fn f32_linear(wb: &WeightBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
-    Ok(match wb.linear(in_dim, out_dim, true)? {
-        Linear::Dense(l) => Linear::Dense(candle_nn::Linear::new(
-            l.weight().to_dtype(DType::F32)?,
-            l.bias().map(|b| b.to_dtype(DType::F32)).transpose()?,
+    let l = wb.linear(in_dim, out_dim, true)?;
+    Ok(match l.as_dense() {
+        Some(d) => Linear::Dense(candle_nn::Linear::new(
+            d.weight().to_dtype(DType::F32)?,
+            d.bias().map(|b| b.to_dtype(DType::F32)).transpose()?,
         )),
-        other => other,
+        None => l,
     })
 }
 

@@ -1,0 +1,178 @@
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+
+use super::t2i::{component_patterns, local_repo, parse_device, source_path};
+use crate::compare::run::{parse_prompts, Engine, Runner, Settings, Variant, BUILTIN_PROMPTS};
+use crate::manifest::{Family, Manifest};
+use crate::nvfp4::{Checkpoint, Overrides};
+use crate::pipelines::flux::FluxFiles;
+use crate::pipelines::wan::{WanFiles, FRAMES_PER_LATENT};
+
+#[derive(Debug, Args)]
+#[command(after_long_help = "Examples:
+  candiff compare --model tiny --variants bf16,nvfp4:trtllm:w4a16,nvfp4:trtllm:w4a4 --max-prompts 3   (CPU, offline)
+  candiff compare --model flux.1-dev --seeds 0,1 --variants bf16,nvfp4:trtllm:w4a16,nvfp4:cudnn:w4a4 --out cmp
+  candiff compare --model wan-tiny --prompts my-prompts.jsonl --exclude proj_out
+
+NVFP4 variants quantize the bf16 checkpoint at load with the ModelOpt rule; W4A4 activation scales
+come from the reference run (calibration on the same prompts). An interrupted run resumes from --out.")]
+pub struct CompareArgs {
+    /// A manifest name (`candiff models`) of a bf16 checkpoint, image or video.
+    #[arg(long, default_value = "flux.1-dev")]
+    pub model: String,
+    /// One prompt per line, or JSONL {"prompt": ..., "seeds": [..]}; default: the built-in set.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Use only the first N prompts.
+    #[arg(long)]
+    pub max_prompts: Option<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    pub seeds: Vec<u64>,
+    /// `bf16` or `nvfp4:<trtllm|cutlass|cudnn>:<w4a16|w4a4>`.
+    #[arg(long, value_delimiter = ',', default_value = "bf16,nvfp4:trtllm:w4a16,nvfp4:trtllm:w4a4")]
+    pub variants: Vec<String>,
+    /// The variant the others are measured against.
+    #[arg(long, default_value = "bf16")]
+    pub reference: String,
+    /// Output folder (resumable). Default: compare-<model>.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub steps: Option<usize>,
+    #[arg(long)]
+    pub width: Option<usize>,
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Video models: frames (4k+1).
+    #[arg(long)]
+    pub frames: Option<usize>,
+    /// Keep layers matching this in bf16 in the NVFP4 variants (substring or `*` wildcards; repeatable).
+    #[arg(long)]
+    pub exclude: Vec<String>,
+    /// Skip the per-layer error diagnosis (one extra dense pass per layer on the first output).
+    #[arg(long)]
+    pub no_diagnose: bool,
+    #[arg(long)]
+    pub device: Option<String>,
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+}
+
+fn writable(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the output folder {}", dir.display()))?;
+    let probe = dir.join(".candiff-write-test");
+    std::fs::write(&probe, b"").with_context(|| format!("the output folder {} is not writable", dir.display()))?;
+    std::fs::remove_file(&probe).ok();
+    Ok(())
+}
+
+pub fn run(a: &CompareArgs) -> anyhow::Result<()> {
+    // Everything checkable is checked before any model loads.
+    let m = Manifest::find(&a.model)?;
+    let variants: Vec<Variant> = a.variants.iter().map(|v| Variant::parse(v)).collect::<Result<_, _>>()?;
+    let mut labels: Vec<&str> = variants.iter().map(|v| v.label.as_str()).collect();
+    labels.sort();
+    labels.dedup();
+    anyhow::ensure!(labels.len() == variants.len(), "--variants lists a variant twice");
+    let reference = Variant::parse(&a.reference)?;
+    let ref_idx = variants
+        .iter()
+        .position(|v| v.label == reference.label)
+        .with_context(|| format!("--reference {} is not one of --variants ({})", a.reference, a.variants.join(",")))?;
+    let (text, name) = match &a.prompts {
+        Some(p) => (
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+            p.display().to_string(),
+        ),
+        None => (BUILTIN_PROMPTS.to_string(), "built-in prompts".into()),
+    };
+    let mut prompts = parse_prompts(&text, &name)?;
+    if let Some(n) = a.max_prompts {
+        anyhow::ensure!(n > 0, "--max-prompts must be positive");
+        prompts.truncate(n);
+    }
+    anyhow::ensure!(!a.seeds.is_empty(), "--seeds is empty");
+    let items: Vec<(String, u64)> = prompts
+        .iter()
+        .flat_map(|p| {
+            p.seeds.clone().unwrap_or_else(|| a.seeds.clone()).into_iter().map(move |s| (p.prompt.clone(), s))
+        })
+        .collect();
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("compare-{}", m.name)));
+    writable(&out)?;
+    let device = parse_device(a.device.as_deref())?;
+    let d = &m.defaults;
+    let (width, height, steps) = (a.width.unwrap_or(d.width), a.height.unwrap_or(d.height), a.steps.unwrap_or(d.steps));
+
+    let (engine, frames) = match m.family {
+        Family::Flux1 => {
+            anyhow::ensure!(a.frames.is_none(), "--frames is for video models; {} makes images", m.name);
+            anyhow::ensure!(
+                width % 16 == 0 && height % 16 == 0,
+                "--width and --height must be multiples of 16, found {width}x{height}"
+            );
+            let mut base = vec!["scheduler/*.json".to_string(), "model_index.json".into(), "tokenizer_2/*.json".into()];
+            for c in ["vae", "text_encoder", "text_encoder_2", "transformer"] {
+                base.extend(component_patterns(c));
+            }
+            anyhow::ensure!(
+                m.transformer.is_none(),
+                "{} has an NVFP4 transformer; compare quantizes a bf16 checkpoint itself: use its bf16 model (e.g. flux.1-dev)",
+                m.name
+            );
+            let root = local_repo(&m.repo, &a.revision, &base)?;
+            let mut files = FluxFiles::new(&root, None);
+            if let Some(tok) = &m.clip_tokenizer {
+                if !files.clip_tokenizer.is_file() {
+                    files.clip_tokenizer = source_path(tok, "main")?;
+                }
+            }
+            (Engine::Flux { files, guidance: d.guidance, max_seq: d.max_sequence_length }, None)
+        }
+        Family::Wan22 => {
+            let frames = a.frames.or(d.frames).unwrap_or(FRAMES_PER_LATENT + 1);
+            anyhow::ensure!(
+                frames > 0 && (frames - 1) % FRAMES_PER_LATENT == 0,
+                "--frames must be 4k+1, found {frames}"
+            );
+            anyhow::ensure!(
+                m.transformer.is_none() && m.transformer_2.is_none(),
+                "{} has NVFP4 experts; compare quantizes a bf16 checkpoint itself: use its bf16 model",
+                m.name
+            );
+            let mut pats = vec!["model_index.json".to_string(), "scheduler/*.json".into(), "tokenizer/*".into()];
+            for c in ["text_encoder", "vae", "transformer", "transformer_2"] {
+                pats.extend(component_patterns(c));
+            }
+            let root = local_repo(&m.repo, &a.revision, &pats)?;
+            let files = WanFiles::new(&root, None, None)?;
+            let engine = Engine::Wan {
+                files,
+                guidance: d.guidance,
+                guidance_2: d.guidance_2,
+                frames,
+                fps: d.fps.unwrap_or(16),
+                max_seq: d.max_sequence_length,
+            };
+            (engine, Some(frames))
+        }
+    };
+    let transformer = match &engine {
+        Engine::Flux { files, .. } => files.transformer.clone(),
+        Engine::Wan { files, .. } => files.transformer.clone(),
+    };
+    anyhow::ensure!(
+        Checkpoint::open(&transformer, &Overrides::default())?.plan.is_none(),
+        "{} is already NVFP4; compare needs the bf16 checkpoint it quantizes",
+        transformer.display()
+    );
+    let settings = Settings { model: m.name.clone(), steps, width, height, frames, items, exclude: a.exclude.clone() };
+    let runner = Runner { engine: &engine, settings, device: &device, out: out.clone() };
+    let report = runner.run(&variants, ref_idx, !a.no_diagnose, |msg| eprintln!("{msg}"))?;
+    crate::compare::report::write_all(&report, &out)?;
+    println!("{}", crate::compare::report::markdown(&report));
+    println!("reports: {0}/report.md, {0}/report.html, {0}/report.json", out.display());
+    Ok(())
+}

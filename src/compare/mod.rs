@@ -1,0 +1,5 @@
+//! Model-quality comparison runs (`candiff compare`).
+
+pub mod metrics;
+pub mod report;
+pub mod run;
