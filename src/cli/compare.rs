@@ -54,6 +54,9 @@ pub struct CompareArgs {
     /// Skip the per-layer error diagnosis (one extra dense pass per layer on the first output).
     #[arg(long)]
     pub no_diagnose: bool,
+    /// Write the reports from the outputs already in --out (e.g. while a long run goes on).
+    #[arg(long)]
+    pub report_only: bool,
     #[arg(long)]
     pub device: Option<String>,
     #[arg(long, default_value = "main")]
@@ -169,7 +172,7 @@ pub fn run(a: &CompareArgs) -> anyhow::Result<()> {
         transformer.display()
     );
     let settings = Settings { model: m.name.clone(), steps, width, height, frames, items, exclude: a.exclude.clone() };
-    let runner = Runner { engine: &engine, settings, device: &device, out: out.clone() };
+    let runner = Runner { engine: &engine, settings, device: &device, out: out.clone(), report_only: a.report_only };
     let report = runner.run(&variants, ref_idx, !a.no_diagnose, |msg| eprintln!("{msg}"))?;
     crate::compare::report::write_all(&report, &out)?;
     println!("{}", crate::compare::report::markdown(&report));

@@ -147,15 +147,16 @@ fn chart(r: &Report) -> String {
         let tmax = pts.iter().map(|p| p.1).fold(0f64, f64::max).max(1e-9) * 1.1;
         let (pmin, pmax) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.2), b.max(p.2)));
         let (pmin, pmax) = (pmin - 2.0, pmax + 2.0);
-        for (label, t, p) in &pts {
+        // Points are numbered (labels of coinciding variants would overlap); the legend follows.
+        for (k, (_, t, p)) in pts.iter().enumerate() {
             let x = x0 + (x1 - x0) * t / tmax;
             let y = y0 - (y0 - y1) * (p - pmin) / (pmax - pmin);
+            let dy = -8.0 - 10.0 * (k % 3) as f64;
             let _ = write!(
                 s,
-                r##"<circle cx="{x:.1}" cy="{y:.1}" r="5" fill="#2a6fdb"/><text x="{:.1}" y="{:.1}" font-size="11">{} ({t:.2}s, {p:.1} dB)</text>"##,
-                x + 8.0,
-                y - 6.0,
-                esc(label)
+                r##"<circle cx="{x:.1}" cy="{y:.1}" r="5" fill="#2a6fdb"/><text x="{x:.1}" y="{:.1}" font-size="11" text-anchor="middle">{}</text>"##,
+                y + dy,
+                k + 1
             );
         }
         let _ = write!(
@@ -172,7 +173,11 @@ fn chart(r: &Report) -> String {
             y1 + 4.0
         );
     }
-    s.push_str("</svg>");
+    s.push_str("</svg><ol>");
+    for (label, t, p) in &pts {
+        let _ = write!(s, "<li>{} — {t:.2} s per output, mean PSNR {p:.2} dB</li>", esc(label));
+    }
+    s.push_str("</ol>");
     s
 }
 

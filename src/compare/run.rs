@@ -208,6 +208,15 @@ pub struct Runner<'a> {
     pub settings: Settings,
     pub device: &'a Device,
     pub out: PathBuf,
+    /// Write the reports from what is on disk; generate nothing.
+    pub report_only: bool,
+}
+
+/// `run.json`: the shared settings and the device the comparison runs on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RunFile {
+    settings: Settings,
+    device: String,
 }
 
 impl Runner<'_> {
@@ -358,17 +367,27 @@ impl Runner<'_> {
     ) -> candle_core::Result<Report> {
         std::fs::create_dir_all(&self.out).map_err(|e| CandiffError::io(&self.out, e))?;
         let settings_path = self.out.join("run.json");
+        let mut device = device_name(self.device);
         if settings_path.exists() {
-            let prev: Settings = crate::error::read_json_config(&settings_path, "run.json")?;
-            if prev != self.settings {
+            let prev: RunFile = crate::error::read_json_config(&settings_path, "run.json")?;
+            if prev.settings != self.settings {
                 return Err(CandiffError::Unsupported(format!(
                     "{} holds a comparison with other settings (model, steps, sizes, prompts, seeds or exclusions); pass another --out or delete it",
                     self.out.display()
                 ))
                 .into());
             }
+            if prev.device != device && !self.report_only {
+                progress(&format!(
+                    "warning: {} was started on {}; outputs added now come from {device} (timings are per device)",
+                    self.out.display(),
+                    prev.device
+                ));
+            }
+            device = prev.device;
         }
-        std::fs::write(&settings_path, serde_json::to_string_pretty(&self.settings).expect("serializable"))
+        let run_file = RunFile { settings: self.settings.clone(), device: device.clone() };
+        std::fs::write(&settings_path, serde_json::to_string_pretty(&run_file).expect("serializable"))
             .map_err(|e| CandiffError::io(&settings_path, e))?;
 
         let refv = &variants[reference];
@@ -400,6 +419,9 @@ impl Runner<'_> {
                 let json = dir.join(format!("{stem}.json"));
                 if json.exists() {
                     items.push(crate::error::read_json_config(&json, "item result")?);
+                    continue;
+                }
+                if self.report_only {
                     continue;
                 }
                 progress(&format!("{}: {} (seed {seed})", v.label, pi_prompt));
@@ -481,12 +503,7 @@ impl Runner<'_> {
         }
         // Report order = the order the user gave.
         reports.sort_by_key(|r| variants.iter().position(|v| v.label == r.variant.label));
-        Ok(Report {
-            settings: self.settings.clone(),
-            reference: refv.label.clone(),
-            device: format!("{:?}", self.device),
-            variants: reports,
-        })
+        Ok(Report { settings: self.settings.clone(), reference: refv.label.clone(), device, variants: reports })
     }
 
     fn score(&self, r: &mut ItemResult, ref_dir: &Path, stem: &str, out: &Output) -> candle_core::Result<()> {
@@ -549,5 +566,19 @@ fn summarize(v: &Variant, status: String, items: Vec<ItemResult>, layers: Vec<(S
         max_peak_gpu_bytes: items.iter().filter_map(|i| i.peak_gpu_bytes).max(),
         worst_layers: layers.into_iter().take(REPORT_TOP_LAYERS).collect(),
         items,
+    }
+}
+
+/// "CPU" or the GPU's name.
+fn device_name(device: &Device) -> String {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        if let Ok((name, _, _)) = crate::cuda::device_info(d) {
+            return name;
+        }
+    }
+    match device {
+        Device::Cpu => "CPU".into(),
+        d => format!("{d:?}"),
     }
 }
