@@ -86,6 +86,25 @@ fe::DataType_t out_type(int out) {
     }
 }
 
+// Validates and compiles a graph (heuristics' first choice); `what` names it in the error message.
+int compile_graph(fe::graph::Graph& g, cudnnHandle_t handle, const std::string& what, int64_t* workspace, char* err,
+                  size_t errlen) {
+    auto check = [&](fe::error_t e, const char* step) -> bool {
+        if (e.is_good()) return true;
+        set_err(err, errlen,
+                std::string("cuDNN ") + std::to_string(cudnnGetVersion()) + " cannot " + step + " " + what + ": " +
+                    e.get_message());
+        return false;
+    };
+    if (!check(g.validate(), "validate")) return 1;
+    if (!check(g.build_operation_graph(handle), "build")) return 1;
+    if (!check(g.create_execution_plans({fe::HeurMode_t::A}), "find engines for")) return 1;
+    if (!check(g.check_support(), "support")) return 1;
+    if (!check(g.build_plans(fe::BuildPlanPolicy_t::HEURISTICS_CHOICE), "compile")) return 1;
+    if (!check(g.get_workspace_size(*workspace), "size the workspace of")) return 1;
+    return 0;
+}
+
 // Builds (or finds) the plan; caller holds the lock.
 int get_plan(const Key& key, cudnnHandle_t handle, Plan** out, char* err, size_t errlen) {
     State& s = state();
@@ -134,20 +153,9 @@ int get_plan(const Key& key, cudnnHandle_t handle, Plan** out, char* err, size_t
     p.y = g.pointwise(mm, p.alpha, fe::graph::Pointwise_attributes().set_mode(fe::PointwiseMode_t::MUL).set_compute_data_type(fe::DataType_t::FLOAT));
     p.y->set_output(true).set_data_type(out_type(key.out));
 
-    auto check = [&](fe::error_t e, const char* step) -> bool {
-        if (e.is_good()) return true;
-        set_err(err, errlen,
-                std::string("cuDNN ") + std::to_string(cudnnGetVersion()) + " cannot " + step +
-                    " the NVFP4 dequantize+matmul graph (M=" + std::to_string(m) + ", N=" + std::to_string(n) +
-                    ", K=" + std::to_string(k) + "): " + e.get_message());
-        return false;
-    };
-    if (!check(g.validate(), "validate")) return 1;
-    if (!check(g.build_operation_graph(handle), "build")) return 1;
-    if (!check(g.create_execution_plans({fe::HeurMode_t::A}), "find engines for")) return 1;
-    if (!check(g.check_support(), "support")) return 1;
-    if (!check(g.build_plans(fe::BuildPlanPolicy_t::HEURISTICS_CHOICE), "compile")) return 1;
-    if (!check(g.get_workspace_size(p.workspace), "size the workspace of")) return 1;
+    const std::string what = "the NVFP4 dequantize+matmul graph (M=" + std::to_string(m) + ", N=" + std::to_string(n) +
+                             ", K=" + std::to_string(k) + ")";
+    if (compile_graph(g, handle, what, &p.workspace, err, errlen)) return 1;
     auto ins = s.plans.emplace(key, std::move(p));
     *out = &ins.first->second;
     return 0;
@@ -212,22 +220,10 @@ int get_sdpa_plan(const SdpaKey& key, float scale, cudnnHandle_t handle, SdpaPla
     p.o = outs[0];
     const auto& st = key.strides;
     p.o->set_output(true).set_dim({key.b, key.h, key.sq, key.d}).set_stride({st[12], st[13], st[14], st[15]});
-    auto check = [&](fe::error_t e, const char* step) -> bool {
-        if (e.is_good()) return true;
-        set_err(err, errlen,
-                std::string("cuDNN ") + std::to_string(cudnnGetVersion()) + " cannot " + step +
-                    " the fused attention graph (B=" + std::to_string(key.b) + ", H=" + std::to_string(key.h) +
-                    ", Sq=" + std::to_string(key.sq) + ", Sk=" + std::to_string(key.sk) +
-                    ", D=" + std::to_string(key.d) + "): " + e.get_message() +
-                    " (CANDIFF_ATTENTION=reference selects the unfused attention)");
-        return false;
-    };
-    if (!check(g.validate(), "validate")) return 1;
-    if (!check(g.build_operation_graph(handle), "build")) return 1;
-    if (!check(g.create_execution_plans({fe::HeurMode_t::A}), "find engines for")) return 1;
-    if (!check(g.check_support(), "support")) return 1;
-    if (!check(g.build_plans(fe::BuildPlanPolicy_t::HEURISTICS_CHOICE), "compile")) return 1;
-    if (!check(g.get_workspace_size(p.workspace), "size the workspace of")) return 1;
+    const std::string what = "the fused attention graph (B=" + std::to_string(key.b) + ", H=" + std::to_string(key.h) +
+                             ", Sq=" + std::to_string(key.sq) + ", Sk=" + std::to_string(key.sk) +
+                             ", D=" + std::to_string(key.d) + "; CANDIFF_ATTENTION=reference selects the unfused attention)";
+    if (compile_graph(g, handle, what, &p.workspace, err, errlen)) return 1;
     auto ins = s.sdpa_plans.emplace(key, std::move(p));
     *out = &ins.first->second;
     return 0;

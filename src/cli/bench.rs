@@ -16,6 +16,24 @@ pub enum BenchWhat {
     WanStep(WanStepArgs),
     /// A full-size Wan VAE decode with random weights (time and peak memory).
     WanDecode(WanDecodeArgs),
+    /// Attention (`ops::attention`: cuDNN's fused kernel where it applies) at FLUX / Wan sizes.
+    Attention(AttentionArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_long_help = "Example:\n  candiff bench attention --shapes 24x4608,24x27280,40x32760")]
+pub struct AttentionArgs {
+    /// HEADSxTOKENS (batch 1, head dim --head-dim, self-attention).
+    #[arg(long, value_delimiter = ',', default_value = "24x4608,24x27280,40x32760")]
+    pub shapes: Vec<String>,
+    #[arg(long, default_value_t = 128)]
+    pub head_dim: usize,
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    #[arg(long, default_value = "cuda:0")]
+    pub device: String,
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -120,6 +138,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         BenchWhat::FluxStep(f) => flux_step(f),
         BenchWhat::WanStep(w) => wan_step(w),
         BenchWhat::WanDecode(w) => wan_decode(w),
+        BenchWhat::Attention(a) => attention(a),
     }
 }
 
@@ -382,6 +401,42 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
     }
     if let Some(out) = &args.out {
         std::fs::write(out, serde_json::to_string_pretty(&serde_json::json!({"gpu": name, "rows": rows}))?)?;
+    }
+    Ok(())
+}
+
+fn attention(a: &AttentionArgs) -> anyhow::Result<()> {
+    use std::time::Instant;
+
+    use candle_core::{DType, Tensor};
+
+    let device = super::t2i::parse_device(Some(&a.device))?;
+    let mut rows = Vec::new();
+    for shape in &a.shapes {
+        let (h, s) = shape
+            .split_once('x')
+            .and_then(|(h, s)| Some((h.parse::<usize>().ok()?, s.parse::<usize>().ok()?)))
+            .ok_or_else(|| anyhow::anyhow!("shape `{shape}`: use HEADSxTOKENS"))?;
+        // [B, S, H, D] buffers viewed as [B, H, S, D], as the models pass them.
+        let mk = || -> candle_core::Result<Tensor> {
+            Tensor::randn(0f32, 1.0, (1, s, h, a.head_dim), &device)?.to_dtype(DType::BF16)?.transpose(1, 2)
+        };
+        let (q, k, v) = (mk()?, mk()?, mk()?);
+        crate::models::ops::attention(&q, &k, &v)?;
+        device.synchronize()?;
+        let t0 = Instant::now();
+        for _ in 0..a.iters {
+            crate::models::ops::attention(&q, &k, &v)?;
+        }
+        device.synchronize()?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3 / a.iters as f64;
+        let tflops = 4.0 * (h * s * s * a.head_dim) as f64 / (ms * 1e-3) / 1e12;
+        println!("attention {h} heads x {s} tokens x {}: {ms:8.3} ms  {tflops:6.1} TFLOP/s", a.head_dim);
+        rows.push(serde_json::json!({"heads": h, "tokens": s, "head_dim": a.head_dim, "ms": ms, "tflops": tflops,
+            "impl": format!("{:?}", crate::models::ops::attention_impl())}));
+    }
+    if let Some(out) = &a.out {
+        std::fs::write(out, serde_json::to_string_pretty(&rows)?)?;
     }
     Ok(())
 }
