@@ -41,6 +41,26 @@ pub enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// Flags every generating command shares: where and how to run, and how NVFP4 layers execute.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// bf16 (default on GPU), f16 or f32 (default on CPU).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// `cpu`, `cuda` or `cuda:N` (default: cuda:0 when built with CUDA, else cpu).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Revision of the Hub repositories.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+    #[arg(long, env = "CANDIFF_NVFP4_BACKEND", value_parser = t2i::parse_backend)]
+    pub nvfp4_backend: Option<crate::nvfp4::Backend>,
+    #[arg(long, default_value = "w4a16")]
+    pub nvfp4_mode: crate::nvfp4::ActMode,
+    #[command(flatten)]
+    pub nvfp4: Nvfp4ReadArgs,
+}
+
 /// How to read NVFP4 checkpoints whose own description is missing or wrong.
 #[derive(Debug, Clone, Default, Args)]
 pub struct Nvfp4ReadArgs {

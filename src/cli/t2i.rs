@@ -3,10 +3,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 
-use super::Nvfp4ReadArgs;
 use crate::linear::Nvfp4Options;
 use crate::manifest::{Manifest, Source};
-use crate::nvfp4::{ActMode, Backend};
+use crate::nvfp4::Backend;
 use crate::pipelines::flux::{FluxFiles, FluxRun, T2iRequest};
 
 #[derive(Debug, Args)]
@@ -41,27 +40,14 @@ pub struct T2iArgs {
     pub batch: usize,
     #[arg(long, default_value = "out.png")]
     pub output: PathBuf,
-    /// bf16 (default on GPU), f16 or f32 (default on CPU).
-    #[arg(long)]
-    pub dtype: Option<String>,
-    /// `cpu`, `cuda` or `cuda:N` (default: cuda:0 when built with CUDA, else cpu).
-    #[arg(long)]
-    pub device: Option<String>,
     /// A transformer repo id, folder or single .safetensors file (diffusers or BFL names).
     #[arg(long)]
     pub transformer_path: Option<String>,
-    /// Revision of the Hub repositories.
-    #[arg(long, default_value = "main")]
-    pub revision: String,
-    #[arg(long, env = "CANDIFF_NVFP4_BACKEND", value_parser = parse_backend)]
-    pub nvfp4_backend: Option<Backend>,
-    #[arg(long, default_value = "w4a16")]
-    pub nvfp4_mode: ActMode,
     /// Text tokens for T5 (default from the manifest: 512 for dev, 256 for schnell).
     #[arg(long)]
     pub max_sequence_length: Option<usize>,
     #[command(flatten)]
-    pub nvfp4: Nvfp4ReadArgs,
+    pub run: super::RunArgs,
 }
 
 pub(crate) fn parse_backend(s: &str) -> Result<Backend, String> {
@@ -165,8 +151,8 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
     if width % 16 != 0 || height % 16 != 0 {
         anyhow::bail!("--width and --height must be multiples of 16, found {width}x{height}");
     }
-    let device = parse_device(a.device.as_deref())?;
-    let dtype = parse_dtype(a.dtype.as_deref(), &device)?;
+    let device = parse_device(a.run.device.as_deref())?;
+    let dtype = parse_dtype(a.run.dtype.as_deref(), &device)?;
     if let Some(parent) = a.output.parent().filter(|p| !p.as_os_str().is_empty()) {
         anyhow::ensure!(parent.is_dir(), "the output folder {} does not exist", parent.display());
     }
@@ -182,11 +168,11 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
     } else {
         base.push("transformer/config.json".into());
     }
-    let root = local_repo(&m.repo, &a.revision, &base)?;
+    let root = local_repo(&m.repo, &a.run.revision, &base)?;
     let transformer = match (&a.transformer_path, &m.transformer) {
         (Some(p), _) if Path::new(p).exists() => Some(PathBuf::from(p)),
-        (Some(p), _) => Some(source_path(&Source { repo: p.clone(), subfolder: None, file: None }, &a.revision)?),
-        (None, Some(src)) => Some(source_path(src, &a.revision)?),
+        (Some(p), _) => Some(source_path(&Source { repo: p.clone(), subfolder: None, file: None }, &a.run.revision)?),
+        (None, Some(src)) => Some(source_path(src, &a.run.revision)?),
         (None, None) => None,
     };
     let mut files = FluxFiles::new(&root, transformer.as_deref());
@@ -195,13 +181,13 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
             files.clip_tokenizer = source_path(tok, "main")?;
         }
     }
-    let backend = Backend::resolve(a.nvfp4_backend);
+    let backend = Backend::resolve(a.run.nvfp4_backend);
     let run = FluxRun {
         files: &files,
         dtype,
         device: &device,
-        nvfp4: Nvfp4Options { backend, mode: a.nvfp4_mode },
-        nvfp4_overrides: a.nvfp4.overrides(),
+        nvfp4: Nvfp4Options { backend, mode: a.run.nvfp4_mode },
+        nvfp4_overrides: a.run.nvfp4.overrides(),
         hooks: Default::default(),
     };
     let req = T2iRequest {
@@ -231,7 +217,7 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
         ("model", m.name.clone()),
         ("steps", req.steps.to_string()),
         ("guidance", req.guidance.to_string()),
-        ("backend", format!("{dtype:?}; NVFP4 layers (if any): {backend} {}", a.nvfp4_mode)),
+        ("backend", format!("{dtype:?}; NVFP4 layers (if any): {backend} {}", a.run.nvfp4_mode)),
         ("software", format!("candiff {}", env!("CARGO_PKG_VERSION"))),
     ];
     let n = images.dim(0)?;

@@ -2,11 +2,10 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use super::t2i::{component_patterns, local_repo, parse_backend, parse_device, parse_dtype, source_path};
-use super::Nvfp4ReadArgs;
+use super::t2i::{component_patterns, local_repo, parse_device, parse_dtype, source_path};
 use crate::linear::Nvfp4Options;
 use crate::manifest::{Family, Manifest, Source};
-use crate::nvfp4::{ActMode, Backend};
+use crate::nvfp4::Backend;
 use crate::pipelines::wan::{T2vRequest, WanFiles, WanRun, FRAMES_PER_LATENT};
 use crate::video::{Format, Video};
 
@@ -54,28 +53,16 @@ pub struct T2vArgs {
     /// .mp4 (H.264), .gif, or .png (one numbered PNG per frame).
     #[arg(long, default_value = "out.mp4")]
     pub output: PathBuf,
-    /// bf16 (default on GPU), f16 or f32 (default on CPU).
-    #[arg(long)]
-    pub dtype: Option<String>,
-    /// `cpu`, `cuda` or `cuda:N` (default: cuda:0 when built with CUDA, else cpu).
-    #[arg(long)]
-    pub device: Option<String>,
     /// Replaces the (first) transformer: a repo id or folder (diffusers layout).
     #[arg(long)]
     pub transformer_path: Option<String>,
     /// Replaces the second (low-noise) expert.
     #[arg(long)]
     pub transformer_2_path: Option<String>,
-    #[arg(long, default_value = "main")]
-    pub revision: String,
-    #[arg(long, env = "CANDIFF_NVFP4_BACKEND", value_parser = parse_backend)]
-    pub nvfp4_backend: Option<Backend>,
-    #[arg(long, default_value = "w4a16")]
-    pub nvfp4_mode: ActMode,
     #[arg(long)]
     pub max_sequence_length: Option<usize>,
     #[command(flatten)]
-    pub nvfp4: Nvfp4ReadArgs,
+    pub run: super::RunArgs,
 }
 
 fn override_path(p: &Option<String>, manifest: &Option<Source>, revision: &str) -> anyhow::Result<Option<PathBuf>> {
@@ -110,23 +97,23 @@ pub fn run(a: &T2vArgs) -> anyhow::Result<()> {
     if let Some(b) = a.boundary {
         anyhow::ensure!((0.0..=1.0).contains(&b), "--boundary is a fraction in [0, 1], found {b}");
     }
-    let device = parse_device(a.device.as_deref())?;
-    let dtype = parse_dtype(a.dtype.as_deref(), &device)?;
+    let device = parse_device(a.run.device.as_deref())?;
+    let dtype = parse_dtype(a.run.dtype.as_deref(), &device)?;
 
     let t0 = std::time::Instant::now();
     // Configs first (a few KB): sizes are validated before the weights are fetched.
     let configs: Vec<String> = vec!["model_index.json".into(), "*/config.json".into(), "scheduler/*.json".into()];
-    let root = local_repo(&m.repo, &a.revision, &configs)?;
-    let t1 = override_path(&a.transformer_path, &m.transformer, &a.revision)?;
-    let t2 = override_path(&a.transformer_2_path, &m.transformer_2, &a.revision)?;
+    let root = local_repo(&m.repo, &a.run.revision, &configs)?;
+    let t1 = override_path(&a.transformer_path, &m.transformer, &a.run.revision)?;
+    let t2 = override_path(&a.transformer_2_path, &m.transformer_2, &a.run.revision)?;
     let files = WanFiles::new(&root, t1.as_deref(), t2.as_deref())?;
-    let backend = Backend::resolve(a.nvfp4_backend);
+    let backend = Backend::resolve(a.run.nvfp4_backend);
     let run = WanRun {
         files: &files,
         dtype,
         device: &device,
-        nvfp4: Nvfp4Options { backend, mode: a.nvfp4_mode },
-        nvfp4_overrides: a.nvfp4.overrides(),
+        nvfp4: Nvfp4Options { backend, mode: a.run.nvfp4_mode },
+        nvfp4_overrides: a.run.nvfp4.overrides(),
         hooks: Default::default(),
     };
     let req = T2vRequest {
@@ -154,7 +141,7 @@ pub fn run(a: &T2vArgs) -> anyhow::Result<()> {
     if t2.is_none() && files.transformer_2.is_some() {
         weights.extend(component_patterns("transformer_2"));
     }
-    local_repo(&m.repo, &a.revision, &weights)?;
+    local_repo(&m.repo, &a.run.revision, &weights)?;
     let fetch_s = t0.elapsed().as_secs_f64();
 
     let bar = indicatif::ProgressBar::new(req.steps as u64);
@@ -206,7 +193,7 @@ pub fn run(a: &T2vArgs) -> anyhow::Result<()> {
         ("steps", req.steps.to_string()),
         ("guidance", guidance),
         ("size", format!("{w}x{h}, {f} frames at {fps} fps")),
-        ("backend", format!("{dtype:?}; NVFP4 layers (if any): {backend} {}", a.nvfp4_mode)),
+        ("backend", format!("{dtype:?}; NVFP4 layers (if any): {backend} {}", a.run.nvfp4_mode)),
         ("software", format!("candiff {}", env!("CARGO_PKG_VERSION"))),
     ];
     let written = crate::video::write(&a.output, &video, &meta)?;

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
 
+pub use super::RunStats;
 use super::{gpu_used, tokenizer, vb};
 use crate::error::CandiffError;
 use crate::linear::{LoadHooks, Nvfp4Options, WeightBuilder};
@@ -61,17 +62,6 @@ pub struct T2iRequest {
     pub seed: u64,
     pub batch: usize,
     pub max_sequence_length: usize,
-}
-
-/// Timings and memory of a run.
-#[derive(Debug, Clone, Default)]
-pub struct RunStats {
-    pub encode_s: f64,
-    pub load_s: f64,
-    pub step_s: Vec<f64>,
-    pub decode_s: f64,
-    pub total_s: f64,
-    pub peak_gpu_bytes: Option<usize>,
 }
 
 /// Token ids `[1, len]`: the tokenizer's own special tokens, truncated to `len` (keeping the

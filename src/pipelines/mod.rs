@@ -9,6 +9,19 @@ use candle_core::{DType, Device, Result};
 
 use crate::error::CandiffError;
 
+/// Timings and memory of a pipeline run.
+#[derive(Debug, Clone, Default)]
+pub struct RunStats {
+    pub encode_s: f64,
+    pub load_s: f64,
+    pub step_s: Vec<f64>,
+    pub decode_s: f64,
+    pub total_s: f64,
+    pub peak_gpu_bytes: Option<usize>,
+    /// Two-expert models: the experts used, in order.
+    pub experts: Vec<usize>,
+}
+
 pub(crate) fn tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
     tokenizers::Tokenizer::from_file(path).map_err(|e| {
         CandiffError::bad_config(

@@ -13,6 +13,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Result, Tensor};
 use serde::Deserialize;
 
+pub use super::RunStats;
 use super::{gpu_used, tokenizer, vb};
 use crate::error::CandiffError;
 use crate::linear::{LoadHooks, Nvfp4Options, WeightBuilder};
@@ -146,18 +147,6 @@ pub struct StepReport<'a> {
     pub cond: &'a Tensor,
     pub uncond: Option<&'a Tensor>,
     pub latents: &'a Tensor,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct RunStats {
-    pub encode_s: f64,
-    pub load_s: f64,
-    pub step_s: Vec<f64>,
-    pub decode_s: f64,
-    pub total_s: f64,
-    pub peak_gpu_bytes: Option<usize>,
-    /// Experts used, in order.
-    pub experts: Vec<usize>,
 }
 
 pub struct WanRun<'a> {
