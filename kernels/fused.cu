@@ -84,3 +84,37 @@ __device__ void gated_add(const T* __restrict__ x, const T* __restrict__ u, cons
 FUSED(float, f32)
 FUSED(__nv_bfloat16, bf16)
 FUSED(__half, f16)
+
+// Channel RMS norm of the Wan VAE: for x [B, C, P] (P = frames x pixels, contiguous), each position
+// p gets y[:, p] = x[:, p] / max(||x[:, p]||_2, eps) * sqrt(C) * gamma, then SiLU when `silu`.
+// One thread per (b, p): the loop over C reads P-strided elements, coalesced across the warp.
+template <typename T>
+__device__ void channel_rms(const T* __restrict__ x, const float* __restrict__ gamma, T* __restrict__ y, int c,
+                            long long p, long long total, float eps, int silu) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        const long long b = i / p, pos = i % p;
+        const T* xb = x + b * c * p + pos;
+        float ss = 0.f;
+        for (int ch = 0; ch < c; ++ch) {
+            const float v = to_f(xb[ch * p]);
+            ss += v * v;
+        }
+        const float inv = sqrtf((float)c) / fmaxf(sqrtf(ss), eps);
+        T* yb = y + b * c * p + pos;
+        for (int ch = 0; ch < c; ++ch) {
+            float v = to_f(xb[ch * p]) * inv * gamma[ch];
+            if (silu) v = v / (1.f + __expf(-v));
+            yb[ch * p] = from_f<T>(v);
+        }
+    }
+}
+
+#define CHANNEL_RMS(T, SUF)                                                                                      \
+    extern "C" __global__ void channel_rms_##SUF(const T* x, const float* gamma, T* y, int c, long long p,         \
+                                                 long long total, float eps, int silu) {                          \
+        channel_rms<T>(x, gamma, y, c, p, total, eps, silu);                                                      \
+    }
+
+CHANNEL_RMS(float, f32)
+CHANNEL_RMS(__nv_bfloat16, bf16)
+CHANNEL_RMS(__half, f16)

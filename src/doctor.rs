@@ -282,5 +282,26 @@ pub fn check_fused(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
             out.push(CheckResult::new(format!("gated_add {label}"), cmp(&got, &want)?, FUSED_TOL));
         }
     }
+    // The VAE's channel RMS norm (+ SiLU) over [B, C, T, H, W].
+    for (shape, silu) in [((1, 96, 2, 30, 52), true), ((2, 20, 3, 7, 9), false)] {
+        for dtype in [DType::BF16, DType::F32] {
+            let x = Tensor::randn(0f32, 2.0, shape, device)?.to_dtype(dtype)?;
+            let gamma = Tensor::randn(0f32, 1.0, shape.1, device)?;
+            let got = crate::models::fused::channel_rms(&x, &gamma, 1e-12, silu)?;
+            let want = crate::models::fused::channel_rms(
+                &x.to_device(&Device::Cpu)?,
+                &gamma.to_device(&Device::Cpu)?,
+                1e-12,
+                silu,
+            )?;
+            let g: Vec<f32> = got.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+            let w: Vec<f32> = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            out.push(CheckResult::new(
+                format!("channel_rms {shape:?} silu={silu} {dtype:?}"),
+                rel_max_err(&g, &w),
+                FUSED_TOL,
+            ));
+        }
+    }
     Ok(out)
 }

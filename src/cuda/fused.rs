@@ -137,3 +137,40 @@ pub fn gated_add(
     });
     Ok(CudaStorage { slice: y, device: dev.clone() })
 }
+
+/// Channel RMS norm over `[B, C, P]` (optionally followed by SiLU), f32 `gamma` `[C]`.
+pub fn channel_rms(
+    x: &CudaStorage,
+    xl: &Layout,
+    gamma: &CudaStorage,
+    gl: &Layout,
+    (b, c, p): (usize, usize, usize),
+    eps: f32,
+    silu: bool,
+) -> Result<CudaStorage> {
+    let dtype = x.dtype();
+    let name = format!("channel_rms_{}", suffix(dtype)?);
+    let dev = &x.device;
+    let f = function_in(dev, Kernels::Fused, &name)?;
+    let stream = dev.cuda_stream();
+    let mut y = alloc(x, dtype, b * c * p)?;
+    let gv = view::<f32>(gamma, gl, "gamma")?;
+    let total = (b * p) as u64;
+    let (c_i, p_i, t_i, s_i) = (c as i32, p as i64, total as i64, silu as i32);
+    let blocks = total.div_ceil(EW_THREADS as u64).clamp(1, EW_MAX_BLOCKS) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (EW_THREADS, 1, 1), shared_mem_bytes: 0 };
+    with_view!(dtype, x, xl, "x", |xv| {
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&xv).arg(&gv);
+        match &mut y {
+            CudaStorageSlice::F32(o) => bld.arg(o),
+            CudaStorageSlice::BF16(o) => bld.arg(o),
+            CudaStorageSlice::F16(o) => bld.arg(o),
+            _ => unreachable!("allocated above"),
+        };
+        bld.arg(&c_i).arg(&p_i).arg(&t_i).arg(&eps).arg(&s_i);
+        // SAFETY: argument types match the kernel; b*c*p bounds x and y, gamma holds c values.
+        unsafe { bld.launch(cfg) }.map_err(wrap("channel_rms"))?;
+    });
+    Ok(CudaStorage { slice: y, device: dev.clone() })
+}

@@ -162,6 +162,63 @@ impl CustomOp3 for GatedAdd {
     }
 }
 
+struct ChannelRms {
+    b: usize,
+    c: usize,
+    p: usize,
+    eps: f32,
+    silu: bool,
+}
+
+impl candle_core::CustomOp2 for ChannelRms {
+    fn name(&self) -> &'static str {
+        "channel-rms"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, gamma: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (xv, g) = (f32s(x, xl)?, f32s(gamma, gl)?);
+        let (c, p) = (self.c, self.p);
+        let mut y = vec![0f32; xv.len()];
+        for b in 0..self.b {
+            for pos in 0..p {
+                let at = |ch: usize| b * c * p + ch * p + pos;
+                let ss: f32 = (0..c).map(|ch| xv[at(ch)] * xv[at(ch)]).sum();
+                let inv = (c as f32).sqrt() / ss.sqrt().max(self.eps);
+                for ch in 0..c {
+                    let v = xv[at(ch)] * inv * g[ch];
+                    y[at(ch)] = if self.silu { v / (1.0 + (-v).exp()) } else { v };
+                }
+            }
+        }
+        Ok((store(y, x), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        gamma: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = crate::cuda::fused::channel_rms(x, xl, gamma, gl, (self.b, self.c, self.p), self.eps, self.silu)?;
+        Ok((y, xl.shape().clone()))
+    }
+}
+
+/// The Wan VAE's channel RMS norm: `x / max(||x||_2 over dim 1, eps) * sqrt(C) * gamma`, then SiLU
+/// when `silu`; `x` is `[B, C, ...]`, `gamma` `[C]` (any float dtype); f32 math, `x`'s dtype out.
+pub fn channel_rms(x: &Tensor, gamma: &Tensor, eps: f64, silu: bool) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 2 || gamma.elem_count() != dims[1] {
+        candle_core::bail!("channel_rms: gamma of {} values for activations {:?}", gamma.elem_count(), dims);
+    }
+    let (b, c) = (dims[0], dims[1]);
+    let p = dims[2..].iter().product();
+    let g = gamma.to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
+    x.contiguous()?.apply_op2_no_bwd(&g, &ChannelRms { b, c, p, eps: eps as f32, silu })
+}
+
 /// `LayerNorm(x) * (1 + scale) + shift`, f32 math, in `x`'s dtype.
 pub fn ln_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
     let (rows, c, s, sm, shift) = dims(x, shift)?;
@@ -208,6 +265,20 @@ mod tests {
             let got = gated_add(&x, &u, &scale).unwrap();
             let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-6, "gated_add {m:?}: {d}");
+        }
+        // Channel RMS (+ SiLU) against Candle ops.
+        let v = Tensor::randn(0f32, 1.0, (2, 6, 3, 4, 5), &dev).unwrap();
+        let gamma = Tensor::randn(0f32, 1.0, 6, &dev).unwrap();
+        let norm = v.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap().maximum(1e-12).unwrap();
+        let want = (v.broadcast_div(&norm).unwrap() * 6f64.sqrt())
+            .unwrap()
+            .broadcast_mul(&gamma.reshape((1, 6, 1, 1, 1)).unwrap())
+            .unwrap();
+        for silu in [false, true] {
+            let w = if silu { want.silu().unwrap() } else { want.clone() };
+            let got = channel_rms(&v, &gamma, 1e-12, silu).unwrap();
+            let d = (got - w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "channel_rms silu={silu}: {d}");
         }
         // bf16 storage: f32 math, one rounding at the end.
         let xb = x.to_dtype(DType::BF16).unwrap();

@@ -130,21 +130,24 @@ impl CausalConv {
 /// `F.normalize` over channels (dim 1) times sqrt(C) times `gamma`, in f32.
 #[derive(Debug, Clone)]
 struct RmsNorm {
+    /// `[C]` f32 (the checkpoint's `[C, 1, 1(, 1)]`).
     gamma: Tensor,
-    scale: f64,
 }
 
 impl RmsNorm {
     /// `images`: gamma is `[C, 1, 1]` (per-frame 4D inputs), else `[C, 1, 1, 1]`.
     fn new(vb: VarBuilder, dim: usize, images: bool) -> Result<Self> {
         let gamma = if images { vb.get((dim, 1, 1), "gamma")? } else { vb.get((dim, 1, 1, 1), "gamma")? };
-        Ok(Self { gamma: gamma.to_dtype(DType::F32)?, scale: (dim as f64).sqrt() })
+        Ok(Self { gamma: gamma.to_dtype(DType::F32)?.flatten_all()? })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let xf = x.to_dtype(DType::F32)?;
-        let norm = xf.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(NORM_EPS)?;
-        (xf.broadcast_div(&norm)? * self.scale)?.broadcast_mul(&self.gamma)?.to_dtype(x.dtype())
+        crate::models::fused::channel_rms(x, &self.gamma, NORM_EPS, false)
+    }
+
+    /// The norm followed by SiLU, in one pass.
+    fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        crate::models::fused::channel_rms(x, &self.gamma, NORM_EPS, true)
     }
 }
 
@@ -173,8 +176,8 @@ impl ResidualBlock {
             Some(s) => s.forward(x, None)?,
             None => x.clone(),
         };
-        let y = self.conv1.cached(&self.norm1.forward(x)?.silu()?, cache)?;
-        let y = self.conv2.cached(&self.norm2.forward(&y)?.silu()?, cache)?;
+        let y = self.conv1.cached(&self.norm1.forward_silu(x)?, cache)?;
+        let y = self.conv2.cached(&self.norm2.forward_silu(&y)?, cache)?;
         y + h
     }
 }
@@ -500,7 +503,7 @@ impl Encoder {
             };
         }
         let x = self.mid.forward(&x, cache)?;
-        self.conv_out.cached(&self.norm_out.forward(&x)?.silu()?, cache)
+        self.conv_out.cached(&self.norm_out.forward_silu(&x)?, cache)
     }
 }
 
@@ -581,7 +584,7 @@ impl Decoder {
                 x = (x + d.forward(&input, first_chunk)?)?;
             }
         }
-        self.conv_out.cached(&self.norm_out.forward(&x)?.silu()?, cache)
+        self.conv_out.cached(&self.norm_out.forward_silu(&x)?, cache)
     }
 }
 
