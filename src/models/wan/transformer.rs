@@ -338,17 +338,3 @@ impl WanTransformer {
         self.unpatchify(&out.to_dtype(DType::F32)?, grid)?.contiguous()
     }
 }
-
-/// Maps a `[B, L]` per-token timestep to `[B]` when every token of a sample shares it (the
-/// text-to-video case), which is exactly equivalent and cheaper.
-pub fn collapse_uniform_timesteps(t: &Tensor) -> Result<Tensor> {
-    if t.rank() != 2 {
-        return Ok(t.clone());
-    }
-    let rows: Vec<Vec<f32>> = t.to_dtype(DType::F32)?.to_vec2()?;
-    if rows.iter().all(|r| r.iter().all(|v| *v == r[0])) {
-        let firsts: Vec<f32> = rows.iter().map(|r| r[0]).collect();
-        return Tensor::new(firsts, t.device());
-    }
-    Ok(t.clone())
-}
