@@ -263,10 +263,9 @@ fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
 
     use candle_core::{DType, Tensor};
 
-    use crate::linear::{Nvfp4Options, WeightBuilder};
+    use crate::linear::WeightBuilder;
     use crate::models::flux::sampling::image_ids;
     use crate::models::flux::{FluxConfig, FluxTransformer, Naming};
-    use crate::nvfp4::{ActMode, Backend};
 
     let device = super::t2i::parse_device(Some(&a.device))?;
     let cfg = FluxConfig::default();
@@ -280,15 +279,7 @@ fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
     let txt_ids = Tensor::zeros((a.txt_tokens, 3), DType::F32, &device)?;
     let mut rows = Vec::new();
     for v in &a.variants {
-        let (paths, opts) = match v.split(':').collect::<Vec<_>>()[..] {
-            ["bf16"] => (Vec::new(), Nvfp4Options::default()),
-            ["nvfp4", b, m] => {
-                let backend = Backend::from_name(b).ok_or_else(|| anyhow::anyhow!("unknown backend `{b}`"))?;
-                let mode: ActMode = m.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-                (vec!["transformer_blocks.".to_string()], Nvfp4Options { backend, mode })
-            }
-            _ => anyhow::bail!("variant `{v}`: use bf16 or nvfp4:<backend>:<mode>"),
-        };
+        let (paths, opts) = variant(v, "transformer_blocks.")?;
         let t0 = Instant::now();
         let wb = WeightBuilder::synthetic(DType::BF16, &device, paths, opts);
         let model = FluxTransformer::new(&cfg, &wb, Naming::Diffusers)?;

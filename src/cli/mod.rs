@@ -61,6 +61,16 @@ pub struct RunArgs {
     pub nvfp4: Nvfp4ReadArgs,
 }
 
+impl RunArgs {
+    /// How NVFP4 layers execute (flag, else `CANDIFF_NVFP4_BACKEND`, else the default backend).
+    pub fn nvfp4_options(&self) -> crate::linear::Nvfp4Options {
+        crate::linear::Nvfp4Options {
+            backend: crate::nvfp4::Backend::resolve(self.nvfp4_backend),
+            mode: self.nvfp4_mode,
+        }
+    }
+}
+
 /// How to read NVFP4 checkpoints whose own description is missing or wrong.
 #[derive(Debug, Clone, Default, Args)]
 pub struct Nvfp4ReadArgs {

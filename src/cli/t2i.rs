@@ -3,7 +3,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 
-use crate::linear::Nvfp4Options;
 use crate::manifest::{Manifest, Source};
 use crate::nvfp4::Backend;
 use crate::pipelines::flux::{FluxFiles, FluxRun, T2iRequest};
@@ -181,12 +180,13 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
             files.clip_tokenizer = source_path(tok, "main")?;
         }
     }
-    let backend = Backend::resolve(a.run.nvfp4_backend);
+    let nvfp4 = a.run.nvfp4_options();
+    let backend = nvfp4.backend;
     let run = FluxRun {
         files: &files,
         dtype,
         device: &device,
-        nvfp4: Nvfp4Options { backend, mode: a.run.nvfp4_mode },
+        nvfp4,
         nvfp4_overrides: a.run.nvfp4.overrides(),
         hooks: Default::default(),
     };

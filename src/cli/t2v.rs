@@ -3,9 +3,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use super::t2i::{component_patterns, local_repo, parse_device, parse_dtype, source_path};
-use crate::linear::Nvfp4Options;
 use crate::manifest::{Family, Manifest, Source};
-use crate::nvfp4::Backend;
 use crate::pipelines::wan::{T2vRequest, WanFiles, WanRun, FRAMES_PER_LATENT};
 use crate::video::{Format, Video};
 
@@ -107,12 +105,13 @@ pub fn run(a: &T2vArgs) -> anyhow::Result<()> {
     let t1 = override_path(&a.transformer_path, &m.transformer, &a.run.revision)?;
     let t2 = override_path(&a.transformer_2_path, &m.transformer_2, &a.run.revision)?;
     let files = WanFiles::new(&root, t1.as_deref(), t2.as_deref())?;
-    let backend = Backend::resolve(a.run.nvfp4_backend);
+    let nvfp4 = a.run.nvfp4_options();
+    let backend = nvfp4.backend;
     let run = WanRun {
         files: &files,
         dtype,
         device: &device,
-        nvfp4: Nvfp4Options { backend, mode: a.run.nvfp4_mode },
+        nvfp4,
         nvfp4_overrides: a.run.nvfp4.overrides(),
         hooks: Default::default(),
     };
