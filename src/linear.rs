@@ -132,6 +132,9 @@ impl QuantizeSpec {
 pub struct LoadHooks {
     pub quantize: Option<Arc<QuantizeSpec>>,
     pub probe: Option<Arc<Probe>>,
+    /// A sibling NVFP4 file supplying `input_scale` / `weight_scale_2` tensors the checkpoint
+    /// lacks (`--nvfp4-scales-from`; e.g. the official FLUX.2 `-mixed` file).
+    pub borrow_scales: Option<Arc<MappedFile>>,
 }
 
 /// How NVFP4 layers are executed.
@@ -216,6 +219,9 @@ impl<'a> WeightBuilder<'a> {
 
     /// On-the-fly quantization and probes (see [`LoadHooks`]).
     pub fn with_hooks(mut self, hooks: LoadHooks) -> Self {
+        if let Some(b) = &hooks.borrow_scales {
+            self.borrow = Some(b.clone());
+        }
         self.hooks = hooks;
         self
     }

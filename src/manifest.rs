@@ -11,6 +11,15 @@ const BUILTIN: &[(&str, &str)] = &[
     ("flux.1-schnell.toml", include_str!("../models/flux.1-schnell.toml")),
     ("flux.1-dev-nvfp4.toml", include_str!("../models/flux.1-dev-nvfp4.toml")),
     ("flux.1-tiny.toml", include_str!("../models/flux.1-tiny.toml")),
+    ("flux.2-dev.toml", include_str!("../models/flux.2-dev.toml")),
+    ("flux.2-dev-nvfp4.toml", include_str!("../models/flux.2-dev-nvfp4.toml")),
+    ("flux.2-dev-nvfp4-mixed.toml", include_str!("../models/flux.2-dev-nvfp4-mixed.toml")),
+    ("flux.2-klein-4b.toml", include_str!("../models/flux.2-klein-4b.toml")),
+    ("flux.2-klein-4b-nvfp4.toml", include_str!("../models/flux.2-klein-4b-nvfp4.toml")),
+    ("flux.2-klein-9b.toml", include_str!("../models/flux.2-klein-9b.toml")),
+    ("flux.2-klein-9b-nvfp4.toml", include_str!("../models/flux.2-klein-9b-nvfp4.toml")),
+    ("flux.2-tiny.toml", include_str!("../models/flux.2-tiny.toml")),
+    ("flux.2-klein-tiny.toml", include_str!("../models/flux.2-klein-tiny.toml")),
     ("wan2.2-t2v-a14b.toml", include_str!("../models/wan2.2-t2v-a14b.toml")),
     ("wan2.2-t2v-a14b-nvfp4.toml", include_str!("../models/wan2.2-t2v-a14b-nvfp4.toml")),
     ("wan2.2-ti2v-5b.toml", include_str!("../models/wan2.2-ti2v-5b.toml")),
@@ -48,12 +57,17 @@ pub struct Defaults {
     pub frames: Option<usize>,
     #[serde(default)]
     pub fps: Option<u32>,
+    /// Image: guidance-distilled without an embedded scale (FLUX.2 klein): no CFG pass.
+    #[serde(default)]
+    pub distilled: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Family {
     Flux1,
+    /// FLUX.2 dev and klein.
+    Flux2,
     /// Wan2.2 text-to-video (A14B two-expert, TI2V-5B).
     Wan22,
 }
@@ -76,6 +90,10 @@ pub struct Manifest {
     /// Where CLIP's `tokenizer.json` comes from when the base repository ships only vocab/merges.
     #[serde(default)]
     pub clip_tokenizer: Option<Source>,
+    /// A sibling NVFP4 file to borrow missing scale tensors from, used only when it is already
+    /// present beside the transformer file.
+    #[serde(default)]
+    pub scales_from: Option<Source>,
     pub defaults: Defaults,
 }
 
@@ -133,5 +151,11 @@ mod tests {
             (1280, 704, Some(121), Some(24))
         );
         assert_eq!((t.defaults.steps, t.defaults.guidance), (50, 5.0));
+        let k = Manifest::find("flux.2-klein-4b-nvfp4").unwrap();
+        assert_eq!((k.family, k.defaults.steps, k.defaults.distilled), (Family::Flux2, 4, true));
+        assert_eq!(k.transformer.unwrap().file.as_deref(), Some("flux-2-klein-4b-nvfp4.safetensors"));
+        let d = Manifest::find("flux.2-dev-nvfp4-mixed").unwrap();
+        assert_eq!(d.scales_from.unwrap().file.as_deref(), Some("flux2-dev-nvfp4.safetensors"));
+        assert!(!Manifest::find("flux.2-dev").unwrap().defaults.distilled);
     }
 }

@@ -308,3 +308,9 @@ mod tests {
         assert!(parse_header(&f, Some(f.len() as u64), "t").is_err());
     }
 }
+
+impl std::fmt::Debug for MappedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedFile").field("path", &self.path).field("tensors", &self.header.tensors.len()).finish()
+    }
+}

@@ -134,6 +134,28 @@ pub fn run(a: &CompareArgs) -> anyhow::Result<()> {
             }
             (Engine::Flux { files, guidance: d.guidance, max_seq: d.max_sequence_length }, None)
         }
+        Family::Flux2 => {
+            anyhow::ensure!(a.frames.is_none(), "--frames is for video models; {} makes images", m.name);
+            anyhow::ensure!(
+                m.transformer.is_none(),
+                "{} has an NVFP4 transformer; compare quantizes a bf16 checkpoint itself: use its bf16 model (e.g. flux.2-dev)",
+                m.name
+            );
+            let (files, _) = super::t2i::flux2_files(&m, &a.revision, None)?;
+            let tok = files.transformer_config.parent().and_then(|p| p.parent()).map(|r| r.join("vae/config.json"));
+            let size = tok
+                .and_then(|p| crate::models::flux2::vae::Flux2VaeConfig::from_file(&p).ok())
+                .map(|c| c.token_size())
+                .unwrap_or(16);
+            anyhow::ensure!(
+                width % size == 0 && height % size == 0,
+                "--width and --height must be multiples of {size}, found {width}x{height}"
+            );
+            (
+                Engine::Flux2 { files, guidance: d.guidance, distilled: d.distilled, max_seq: d.max_sequence_length },
+                None,
+            )
+        }
         Family::Wan22 => {
             let frames = a.frames.or(d.frames).unwrap_or(FRAMES_PER_LATENT + 1);
             anyhow::ensure!(
@@ -164,6 +186,7 @@ pub fn run(a: &CompareArgs) -> anyhow::Result<()> {
     };
     let transformer = match &engine {
         Engine::Flux { files, .. } => files.transformer.clone(),
+        Engine::Flux2 { files, .. } => files.transformer.clone(),
         Engine::Wan { files, .. } => files.transformer.clone(),
     };
     anyhow::ensure!(

@@ -81,10 +81,23 @@ pub struct Nvfp4ReadArgs {
     /// Which nibble holds element 2i (`low` or `high`), whatever the checkpoint says.
     #[arg(long, value_name = "ORDER")]
     pub nvfp4_nibbles: Option<NibbleOrder>,
+    /// A sibling NVFP4 .safetensors file to take missing `input_scale` / `weight_scale_2`
+    /// tensors from (e.g. the full FLUX.2 NVFP4 file for the `-mixed` one).
+    #[arg(long, value_name = "FILE")]
+    pub nvfp4_scales_from: Option<std::path::PathBuf>,
 }
 
 impl Nvfp4ReadArgs {
     pub fn overrides(&self) -> Overrides {
         Overrides { scale_layout: self.nvfp4_scale_layout, nibbles: self.nvfp4_nibbles }
+    }
+
+    /// Load hooks carrying `--nvfp4-scales-from` (checked to open before any model loads).
+    pub fn hooks(&self) -> anyhow::Result<crate::linear::LoadHooks> {
+        let borrow_scales = match &self.nvfp4_scales_from {
+            Some(p) => Some(std::sync::Arc::new(crate::safetensors::MappedFile::open(p)?)),
+            None => None,
+        };
+        Ok(crate::linear::LoadHooks { borrow_scales, ..Default::default() })
     }
 }

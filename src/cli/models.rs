@@ -11,7 +11,7 @@ pub fn run(_: &ModelsArgs) -> anyhow::Result<()> {
         println!("{:<22} {}", m.name, m.description);
         let tr = m.transformer.as_ref().map(|t| format!(", transformer from {}", t.repo)).unwrap_or_default();
         let cmd = match m.family {
-            Family::Flux1 => "t2i",
+            Family::Flux1 | Family::Flux2 => "t2i",
             Family::Wan22 => "t2v",
         };
         let video = match (d.frames, d.fps) {

@@ -6,13 +6,16 @@ use clap::Args;
 use crate::manifest::{Manifest, Source};
 use crate::nvfp4::Backend;
 use crate::pipelines::flux::{FluxFiles, FluxRun, T2iRequest};
+use crate::pipelines::flux2::{EncoderMode, Flux2Files, Flux2Request, Flux2Run};
 
 #[derive(Debug, Args)]
 #[command(after_long_help = "Examples:
   candiff t2i --model tiny --prompt \"a red fox\"                    (offline, CPU, seconds)
   candiff t2i --model flux.1-dev --prompt \"a red fox in snow\" --device cuda:0
   candiff t2i --model flux.1-dev-nvfp4 --nvfp4-backend trtllm --prompt \"...\" --output fox.png
-  candiff t2i --model flux.1-dev --transformer-path flux1-dev-nvfp4.safetensors --prompt \"...\"")]
+  candiff t2i --model flux.1-dev --transformer-path flux1-dev-nvfp4.safetensors --prompt \"...\"
+  candiff t2i --model flux.2-tiny --prompt \"a red fox\"                (FLUX.2, offline, CPU)
+  candiff t2i --model flux.2-dev-nvfp4 --text-encoder nvfp4 --prompt \"...\" --device cuda:0")]
 pub struct T2iArgs {
     /// A manifest name (`candiff models`).
     #[arg(long, default_value = "flux.1-dev")]
@@ -42,9 +45,14 @@ pub struct T2iArgs {
     /// A transformer repo id, folder or single .safetensors file (diffusers or BFL names).
     #[arg(long)]
     pub transformer_path: Option<String>,
-    /// Text tokens for T5 (default from the manifest: 512 for dev, 256 for schnell).
+    /// Text tokens for the text encoder (default from the manifest: 512 for FLUX.1-dev / FLUX.2,
+    /// 256 for schnell).
     #[arg(long)]
     pub max_sequence_length: Option<usize>,
+    /// FLUX.2 text encoder: `native` (the run's dtype and device), `nvfp4` (decoder linears
+    /// quantized at load: the 24B Mistral in ~14 GB instead of ~48 GB) or `cpu` (f32).
+    #[arg(long, default_value = "native")]
+    pub text_encoder: EncoderMode,
     #[command(flatten)]
     pub run: super::RunArgs,
 }
@@ -136,13 +144,157 @@ fn write_png(path: &Path, img: &candle_core::Tensor, meta: &[(&str, String)]) ->
     Ok(())
 }
 
+/// A FLUX.2 manifest's files (downloading what is missing) and, for a single-file transformer
+/// whose manifest names a sibling to borrow scales from, that sibling if it is already on disk.
+pub(crate) fn flux2_files(
+    m: &Manifest,
+    revision: &str,
+    transformer_path: Option<&str>,
+) -> anyhow::Result<(Flux2Files, Option<PathBuf>)> {
+    let mut base = vec!["scheduler/*.json".to_string(), "model_index.json".into(), "tokenizer/*".into()];
+    for c in ["vae", "text_encoder"] {
+        base.extend(component_patterns(c));
+    }
+    if m.transformer.is_none() && transformer_path.is_none() {
+        base.extend(component_patterns("transformer"));
+    } else {
+        base.push("transformer/config.json".into());
+    }
+    let root = local_repo(&m.repo, revision, &base)?;
+    let transformer = match (transformer_path, &m.transformer) {
+        (Some(p), _) if Path::new(p).exists() => Some(PathBuf::from(p)),
+        (Some(p), _) => Some(source_path(&Source { repo: p.to_string(), subfolder: None, file: None }, revision)?),
+        (None, Some(src)) => Some(source_path(src, revision)?),
+        (None, None) => None,
+    };
+    let sibling = match (&m.scales_from, &transformer) {
+        (Some(src), Some(t)) if transformer_path.is_none() => {
+            let name = src.file.as_deref().unwrap_or_default();
+            let p = t.parent().map(|d| d.join(name)).filter(|p| p.is_file());
+            if p.is_none() {
+                log::warn!(
+                    "{} lacks some NVFP4 input scales; {name} (from {}) is not downloaded beside it, so W4A4 uses 1.0 for those layers. Download it, or pass --nvfp4-scales-from FILE.",
+                    t.display(),
+                    src.repo
+                );
+            }
+            p
+        }
+        _ => None,
+    };
+    Ok((Flux2Files::new(&root, transformer.as_deref()), sibling))
+}
+
+fn run_flux2(a: &T2iArgs, m: &Manifest, device: &candle_core::Device, dtype: candle_core::DType) -> anyhow::Result<()> {
+    let d = &m.defaults;
+    let t0 = std::time::Instant::now();
+    let (files, sibling) = flux2_files(m, &a.run.revision, a.transformer_path.as_deref())?;
+    let vae = crate::models::flux2::vae::Flux2VaeConfig::from_file(&files.root.join("vae/config.json"))?;
+    let (width, height) = (a.width.unwrap_or(d.width), a.height.unwrap_or(d.height));
+    let tok = vae.token_size();
+    anyhow::ensure!(
+        width % tok == 0 && height % tok == 0,
+        "--width and --height must be multiples of {tok} for {}, found {width}x{height}",
+        m.name
+    );
+    let mut hooks = a.run.nvfp4.hooks()?;
+    if hooks.borrow_scales.is_none() {
+        if let Some(p) = &sibling {
+            hooks.borrow_scales = Some(std::sync::Arc::new(crate::safetensors::MappedFile::open(p)?));
+        }
+    }
+    let nvfp4 = a.run.nvfp4_options();
+    let run = Flux2Run {
+        files: &files,
+        dtype,
+        device,
+        nvfp4,
+        nvfp4_overrides: a.run.nvfp4.overrides(),
+        hooks,
+        encoder: a.text_encoder,
+        distilled: d.distilled,
+    };
+    let req = Flux2Request {
+        prompt: a.prompt.clone(),
+        negative_prompt: a.negative_prompt.clone(),
+        width,
+        height,
+        steps: a.steps.unwrap_or(d.steps),
+        guidance: a.guidance.unwrap_or(d.guidance),
+        seed: a.seed,
+        batch: a.batch,
+        max_sequence_length: a.max_sequence_length.unwrap_or(d.max_sequence_length),
+    };
+    let fetch_s = t0.elapsed().as_secs_f64();
+    let bar = progress_bar(req.steps);
+    let (images, stats) = run.generate(&req, |i, _, _| bar.set_position(i as u64))?;
+    bar.finish_and_clear();
+    let meta = vec![
+        ("prompt", req.prompt.clone()),
+        ("seed", req.seed.to_string()),
+        ("model", m.name.clone()),
+        ("steps", req.steps.to_string()),
+        ("guidance", req.guidance.to_string()),
+        ("backend", format!("{dtype:?}; NVFP4 layers (if any): {} {}", nvfp4.backend, a.run.nvfp4_mode)),
+        ("text_encoder", stats.text_encoder.clone().unwrap_or_default()),
+        ("software", format!("candiff {}", env!("CARGO_PKG_VERSION"))),
+    ];
+    write_images(&a.output, &images, &meta)?;
+    println!("text encoder: {}", stats.text_encoder.as_deref().unwrap_or("?"));
+    print_summary(fetch_s, &stats);
+    Ok(())
+}
+
+fn progress_bar(steps: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("step {pos}/{len} {bar:30} {elapsed} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// One PNG per image (`out-<i>.png` for batches), metadata in iTXt chunks.
+fn write_images(output: &Path, images: &candle_core::Tensor, meta: &[(&str, String)]) -> anyhow::Result<()> {
+    let n = images.dim(0)?;
+    for i in 0..n {
+        let path = if n == 1 {
+            output.to_path_buf()
+        } else {
+            let stem = output.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
+            output.with_file_name(format!("{stem}-{i}.png"))
+        };
+        let mut meta = meta.to_vec();
+        if n > 1 {
+            meta[1].1 = format!("{} (image {i} of a batch of {n})", meta[1].1);
+        }
+        write_png(&path, &images.get(i)?, &meta)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn print_summary(fetch_s: f64, stats: &crate::pipelines::RunStats) {
+    let per_step = stats.step_s.iter().sum::<f64>() / stats.step_s.len().max(1) as f64;
+    println!(
+        "files {fetch_s:.1}s, text encoders {:.1}s, transformer load {:.1}s, {} steps at {:.3}s, decode {:.1}s, total {:.1}s{}",
+        stats.encode_s,
+        stats.load_s,
+        stats.step_s.len(),
+        per_step,
+        stats.decode_s,
+        stats.total_s + fetch_s,
+        stats.peak_gpu_bytes.map(|b| format!(", peak GPU memory {:.1} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or_default()
+    );
+}
+
 pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
     // Everything that can be checked cheaply is checked before any weight is read.
     if a.prompt.trim().is_empty() {
         anyhow::bail!("the prompt is empty: pass --prompt \"...\"");
     }
     let m = Manifest::find(&a.model)?;
-    if m.family != crate::manifest::Family::Flux1 {
+    if m.family == crate::manifest::Family::Wan22 {
         anyhow::bail!("`{}` is a video model: use `candiff t2v --model {}`", m.name, m.name);
     }
     let d = &m.defaults;
@@ -154,6 +306,9 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
     let dtype = parse_dtype(a.run.dtype.as_deref(), &device)?;
     if let Some(parent) = a.output.parent().filter(|p| !p.as_os_str().is_empty()) {
         anyhow::ensure!(parent.is_dir(), "the output folder {} does not exist", parent.display());
+    }
+    if m.family == crate::manifest::Family::Flux2 {
+        return run_flux2(a, &m, &device, dtype);
     }
 
     let t0 = std::time::Instant::now();
@@ -188,7 +343,7 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
         device: &device,
         nvfp4,
         nvfp4_overrides: a.run.nvfp4.overrides(),
-        hooks: Default::default(),
+        hooks: a.run.nvfp4.hooks()?,
     };
     let req = T2iRequest {
         prompt: a.prompt.clone(),
@@ -203,15 +358,10 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
         max_sequence_length: a.max_sequence_length.unwrap_or(d.max_sequence_length),
     };
     let fetch_s = t0.elapsed().as_secs_f64();
-    let bar = indicatif::ProgressBar::new(req.steps as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("step {pos}/{len} {bar:30} {elapsed} eta {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = progress_bar(req.steps);
     let (images, stats) = run.generate(&req, |i, _, _| bar.set_position(i as u64))?;
     bar.finish_and_clear();
-
-    let meta = [
+    let meta = vec![
         ("prompt", req.prompt.clone()),
         ("seed", req.seed.to_string()),
         ("model", m.name.clone()),
@@ -220,31 +370,7 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
         ("backend", format!("{dtype:?}; NVFP4 layers (if any): {backend} {}", a.run.nvfp4_mode)),
         ("software", format!("candiff {}", env!("CARGO_PKG_VERSION"))),
     ];
-    let n = images.dim(0)?;
-    for i in 0..n {
-        let path = if n == 1 {
-            a.output.clone()
-        } else {
-            let stem = a.output.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
-            a.output.with_file_name(format!("{stem}-{i}.png"))
-        };
-        let mut meta = meta.to_vec();
-        if n > 1 {
-            meta[1].1 = format!("{} (image {i} of a batch of {n})", req.seed);
-        }
-        write_png(&path, &images.get(i)?, &meta)?;
-        println!("wrote {}", path.display());
-    }
-    let per_step = stats.step_s.iter().sum::<f64>() / stats.step_s.len().max(1) as f64;
-    println!(
-        "files {fetch_s:.1}s, text encoders {:.1}s, transformer load {:.1}s, {} steps at {:.3}s, decode {:.1}s, total {:.1}s{}",
-        stats.encode_s,
-        stats.load_s,
-        stats.step_s.len(),
-        per_step,
-        stats.decode_s,
-        stats.total_s + fetch_s,
-        stats.peak_gpu_bytes.map(|b| format!(", peak GPU memory {:.1} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or_default()
-    );
+    write_images(&a.output, &images, &meta)?;
+    print_summary(fetch_s, &stats);
     Ok(())
 }

@@ -113,7 +113,7 @@ pub fn run(a: &T2vArgs) -> anyhow::Result<()> {
         device: &device,
         nvfp4,
         nvfp4_overrides: a.run.nvfp4.overrides(),
-        hooks: Default::default(),
+        hooks: a.run.nvfp4.hooks()?,
     };
     let req = T2vRequest {
         prompt: a.prompt.clone(),

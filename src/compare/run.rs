@@ -16,6 +16,7 @@ use crate::error::{CResult, CandiffError};
 use crate::linear::{LayerStats, LoadHooks, Nvfp4Options, Probe, QuantizeSpec};
 use crate::nvfp4::{ActMode, Backend, Overrides};
 use crate::pipelines::flux::{FluxFiles, FluxRun, T2iRequest};
+use crate::pipelines::flux2::{EncoderMode, Flux2Files, Flux2Request, Flux2Run};
 use crate::pipelines::wan::{T2vRequest, WanFiles, WanRun};
 use crate::video::Video;
 
@@ -114,15 +115,33 @@ pub const BUILTIN_PROMPTS: &str = include_str!("../../assets/prompts.txt");
 
 /// What a run generates with, per family.
 pub enum Engine {
-    Flux { files: FluxFiles, guidance: f64, max_seq: usize },
-    Wan { files: WanFiles, guidance: f64, guidance_2: Option<f64>, frames: usize, fps: u32, max_seq: usize },
+    Flux {
+        files: FluxFiles,
+        guidance: f64,
+        max_seq: usize,
+    },
+    /// FLUX.2: `distilled` klein models run without CFG.
+    Flux2 {
+        files: Flux2Files,
+        guidance: f64,
+        distilled: bool,
+        max_seq: usize,
+    },
+    Wan {
+        files: WanFiles,
+        guidance: f64,
+        guidance_2: Option<f64>,
+        frames: usize,
+        fps: u32,
+        max_seq: usize,
+    },
 }
 
 impl Engine {
     /// Module paths of the transformer blocks (what NVFP4 exports quantize).
     fn block_patterns(&self) -> Vec<String> {
         match self {
-            Engine::Flux { .. } => {
+            Engine::Flux { .. } | Engine::Flux2 { .. } => {
                 ["transformer_blocks.", "single_transformer_blocks.", "double_blocks.", "single_blocks."]
             }
             Engine::Wan { .. } => ["blocks.", "", "", ""],
@@ -246,6 +265,35 @@ impl Runner<'_> {
                     steps: s.steps,
                     guidance: *guidance,
                     true_cfg: 1.0,
+                    seed,
+                    batch: 1,
+                    max_sequence_length: *max_seq,
+                };
+                let (img, stats) = run.generate(&req, |_, _, x| {
+                    if let Ok(v) = x.to_dtype(DType::F32).and_then(|x| x.flatten_all()?.to_vec1()) {
+                        latents.push(v);
+                    }
+                })?;
+                (img, stats.peak_gpu_bytes, 1)
+            }
+            Engine::Flux2 { files, guidance, distilled, max_seq } => {
+                let run = Flux2Run {
+                    files,
+                    dtype: DType::BF16,
+                    device: self.device,
+                    nvfp4,
+                    nvfp4_overrides: Overrides::default(),
+                    hooks,
+                    encoder: EncoderMode::Native,
+                    distilled: *distilled,
+                };
+                let req = Flux2Request {
+                    prompt: prompt.into(),
+                    negative_prompt: None,
+                    width: s.width,
+                    height: s.height,
+                    steps: s.steps,
+                    guidance: *guidance,
                     seed,
                     batch: 1,
                     max_sequence_length: *max_seq,
@@ -437,7 +485,8 @@ impl Runner<'_> {
                     })),
                     VariantKind::Bf16 => None,
                 };
-                let hooks = LoadHooks { quantize, probe: (is_ref || twin).then(|| probe.clone()) };
+                let hooks =
+                    LoadHooks { quantize, probe: (is_ref || twin).then(|| probe.clone()), ..Default::default() };
                 let out = self.generate(v, hooks, pi_prompt, *seed)?;
                 let meta = [("prompt", pi_prompt.clone()), ("seed", seed.to_string()), ("variant", v.label.clone())];
                 let file = self.save(&dir, &stem, &out, &meta)?;

@@ -3,6 +3,7 @@
 
 pub mod conv3d;
 pub mod flux;
+pub mod flux2;
 pub mod fused;
 pub mod ops;
 pub mod text;

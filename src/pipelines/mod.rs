@@ -1,6 +1,7 @@
 //! End-to-end pipelines: text encoders, transformer, sampler, VAE.
 
 pub mod flux;
+pub mod flux2;
 pub mod wan;
 
 use std::path::{Path, PathBuf};
@@ -20,6 +21,8 @@ pub struct RunStats {
     pub peak_gpu_bytes: Option<usize>,
     /// Two-expert models: the experts used, in order.
     pub experts: Vec<usize>,
+    /// How the text encoder ran, where a pipeline offers choices (FLUX.2).
+    pub text_encoder: Option<String>,
 }
 
 pub(crate) fn tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {

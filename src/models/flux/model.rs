@@ -49,13 +49,13 @@ impl Naming {
 
 /// One projection producing several outputs: fused in BFL files, separate in diffusers ones.
 #[derive(Debug, Clone)]
-enum Proj {
+pub(crate) enum Proj {
     Fused(Linear, Vec<usize>),
     Split(Vec<Linear>),
 }
 
 impl Proj {
-    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         match self {
             Proj::Split(ls) => ls.iter().map(|l| l.forward(x)).collect(),
             Proj::Fused(l, sizes) => {
@@ -74,26 +74,26 @@ impl Proj {
 
 /// `linear_2(silu(linear_1(x)))` (BFL: `in_layer` / `out_layer`).
 #[derive(Debug, Clone)]
-struct Embedder {
+pub(crate) struct Embedder {
     linear_1: Linear,
     linear_2: Linear,
 }
 
 impl Embedder {
-    fn new(wb: &WeightBuilder, naming: Naming, in_dim: usize, dim: usize) -> Result<Self> {
+    pub(crate) fn new(wb: &WeightBuilder, naming: Naming, in_dim: usize, dim: usize, bias: bool) -> Result<Self> {
         let (a, b) = match naming {
             Naming::Diffusers => ("linear_1", "linear_2"),
             Naming::Bfl => ("in_layer", "out_layer"),
         };
-        Ok(Self { linear_1: wb.pp(a).linear(in_dim, dim, true)?, linear_2: wb.pp(b).linear(dim, dim, true)? })
+        Ok(Self { linear_1: wb.pp(a).linear(in_dim, dim, bias)?, linear_2: wb.pp(b).linear(dim, dim, bias)? })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
     }
 }
 
-fn chunks(t: &Tensor, n: usize) -> Result<Vec<Tensor>> {
+pub(crate) fn chunks(t: &Tensor, n: usize) -> Result<Vec<Tensor>> {
     t.chunk(n, D::Minus1)
 }
 
@@ -332,13 +332,13 @@ impl FluxTransformer {
             naming,
             x_embedder: wb.pp(x_emb).linear(cfg.in_channels * p, dim, true)?,
             context_embedder: wb.pp(ctx_emb).linear(cfg.joint_attention_dim, dim, true)?,
-            timestep_embedder: Embedder::new(&time, naming, TIME_DIM, dim)?,
+            timestep_embedder: Embedder::new(&time, naming, TIME_DIM, dim, true)?,
             guidance_embedder: if cfg.guidance_embeds {
-                Some(Embedder::new(&guid, naming, TIME_DIM, dim)?)
+                Some(Embedder::new(&guid, naming, TIME_DIM, dim, true)?)
             } else {
                 None
             },
-            text_embedder: Embedder::new(&text, naming, cfg.pooled_projection_dim, dim)?,
+            text_embedder: Embedder::new(&text, naming, cfg.pooled_projection_dim, dim, true)?,
             transformer_blocks: (0..cfg.num_layers)
                 .map(|i| DoubleBlock::new(&wb.pp(double).pp(i), naming, cfg))
                 .collect::<Result<_>>()?,
