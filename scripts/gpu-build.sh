@@ -10,6 +10,9 @@ ENV_SH=$(bash scripts/setup-cuda.sh ${CANDIFF_SETUP_ARGS:-} | tail -1)
 source "$ENV_SH"
 cargo build --release --features "$FEATURES" --bin candiff
 mkdir -p .gpu
-cp target/release/candiff .gpu/candiff
+# Compressed: the tree that travels to a GPU machine is size-limited (the fatbins compress ~7x);
+# run.sh unpacks it there.
+rm -f .gpu/candiff
+xz -T2 -6 -c target/release/candiff > .gpu/candiff.xz
 cp scripts/gpu-run.sh .gpu/run.sh
-ls -la .gpu/candiff >&2
+ls -la .gpu/candiff.xz >&2

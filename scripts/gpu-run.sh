@@ -7,4 +7,8 @@ for d in /usr/local/cuda-13.0/targets/x86_64-linux/lib /usr/local/cuda/lib64 \
          /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cudnn/lib; do
   [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
-exec "$HERE/candiff" "$@"
+BIN="$HERE/candiff"
+if [ ! -x "$BIN" ] || [ "$HERE/candiff.xz" -nt "$BIN" ]; then
+  xz -dc "$HERE/candiff.xz" > "$BIN.tmp" && chmod +x "$BIN.tmp" && mv "$BIN.tmp" "$BIN"
+fi
+exec "$BIN" "$@"

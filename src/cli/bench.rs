@@ -86,9 +86,13 @@ pub struct WanDecodeArgs {
 
 #[derive(Debug, Args)]
 #[command(
-    after_long_help = "Example:\n  candiff bench flux-step --variants bf16,nvfp4:trtllm:w4a16 --width 1024 --height 1024"
+    after_long_help = "Examples:\n  candiff bench flux-step --variants bf16,nvfp4:trtllm:w4a16 --width 1024 --height 1024\n  candiff bench flux-step --model flux.2-dev --variants nvfp4:trtllm:w4a16"
 )]
 pub struct FluxStepArgs {
+    /// `flux.1-dev`, `flux.2-dev`, `flux.2-klein-4b` or `flux.2-klein-9b` (full-size configs,
+    /// random weights).
+    #[arg(long, default_value = "flux.1-dev")]
+    pub model: String,
     /// `bf16` or `nvfp4:<backend>:<mode>` (every linear of the blocks NVFP4, as in the ModelOpt exports).
     #[arg(long, value_delimiter = ',', default_value = "bf16,nvfp4:trtllm:w4a16")]
     pub variants: Vec<String>,
@@ -96,7 +100,7 @@ pub struct FluxStepArgs {
     pub width: usize,
     #[arg(long, default_value_t = 1024)]
     pub height: usize,
-    /// T5 tokens (512 for FLUX.1-dev).
+    /// Text tokens (512 for FLUX.1-dev's T5 and FLUX.2's encoders).
     #[arg(long, default_value_t = 512)]
     pub txt_tokens: usize,
     #[arg(long, default_value_t = 5)]
@@ -264,30 +268,62 @@ fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
     use candle_core::{DType, Tensor};
 
     use crate::linear::WeightBuilder;
-    use crate::models::flux::sampling::image_ids;
-    use crate::models::flux::{FluxConfig, FluxTransformer, Naming};
+    use crate::models::flux::Naming;
+    use crate::models::flux2::Flux2Config;
 
     let device = super::t2i::parse_device(Some(&a.device))?;
-    let cfg = FluxConfig::default();
-    let (lh, lw) = (a.height / 8, a.width / 8);
-    let img = Tensor::randn(0f32, 1.0, (1, (lh / 2) * (lw / 2), cfg.in_channels), &device)?.to_dtype(DType::BF16)?;
-    let txt = Tensor::randn(0f32, 1.0, (1, a.txt_tokens, cfg.joint_attention_dim), &device)?.to_dtype(DType::BF16)?;
-    let pooled = Tensor::randn(0f32, 1.0, (1, cfg.pooled_projection_dim), &device)?.to_dtype(DType::BF16)?;
+    // Both families pack 16x16 pixels into one token at full size.
+    let (lh, lw) = (a.height / 16, a.width / 16);
+    anyhow::ensure!(lh * 16 == a.height && lw * 16 == a.width, "--width and --height must be multiples of 16");
     let t = Tensor::new(&[0.5f32], &device)?;
     let g = Tensor::new(&[3.5f32], &device)?;
-    let ids = image_ids(lh, lw, &device)?;
-    let txt_ids = Tensor::zeros((a.txt_tokens, 3), DType::F32, &device)?;
+    let randn = |shape: (usize, usize, usize)| -> candle_core::Result<Tensor> {
+        Tensor::randn(0f32, 1.0, shape, &device)?.to_dtype(DType::BF16)
+    };
+    // One boxed step per model family.
+    type Step<'a> = Box<dyn Fn() -> candle_core::Result<Tensor> + 'a>;
+    let build = |wb: &WeightBuilder| -> anyhow::Result<Step> {
+        Ok(match a.model.as_str() {
+            "flux.1-dev" => {
+                let cfg = crate::models::flux::FluxConfig::default();
+                let model = crate::models::flux::FluxTransformer::new(&cfg, wb, Naming::Diffusers)?;
+                let img = randn((1, lh * lw, cfg.in_channels))?;
+                let txt = randn((1, a.txt_tokens, cfg.joint_attention_dim))?;
+                let pooled = Tensor::randn(0f32, 1.0, (1, cfg.pooled_projection_dim), &device)?.to_dtype(DType::BF16)?;
+                let ids = crate::models::flux::sampling::image_ids(lh * 2, lw * 2, &device)?;
+                let txt_ids = Tensor::zeros((a.txt_tokens, 3), DType::F32, &device)?;
+                let (t, g) = (t.clone(), g.clone());
+                Box::new(move || model.forward(&img, &txt, &pooled, &t, Some(&g), &ids, &txt_ids, DType::BF16))
+            }
+            name => {
+                let cfg = match name {
+                    "flux.2-dev" => Flux2Config::default(),
+                    "flux.2-klein-4b" => Flux2Config::klein_4b(),
+                    "flux.2-klein-9b" => Flux2Config::klein_9b(),
+                    other => anyhow::bail!("unknown --model {other} (flux.1-dev, flux.2-dev, flux.2-klein-4b, flux.2-klein-9b)"),
+                };
+                let model = crate::models::flux2::Flux2Transformer::new(&cfg, wb, Naming::Diffusers)?;
+                let img = randn((1, lh * lw, cfg.in_channels))?;
+                let txt = randn((1, a.txt_tokens, cfg.joint_attention_dim))?;
+                let ids = crate::models::flux2::sampling::image_ids(lh, lw, &device)?;
+                let txt_ids = crate::models::flux2::sampling::text_ids(a.txt_tokens, &device)?;
+                let g = cfg.guidance_embeds.then(|| g.clone());
+                let t = t.clone();
+                Box::new(move || model.forward(&img, &txt, &t, g.as_ref(), &ids, &txt_ids, DType::BF16))
+            }
+        })
+    };
     let mut rows = Vec::new();
     for v in &a.variants {
         let (paths, opts) = variant(v, "transformer_blocks.")?;
         let t0 = Instant::now();
         let wb = WeightBuilder::synthetic(DType::BF16, &device, paths, opts);
-        let model = FluxTransformer::new(&cfg, &wb, Naming::Diffusers)?;
+        let step = build(&wb)?;
         device.synchronize()?;
         let build_s = t0.elapsed().as_secs_f64();
-        let step = || model.forward(&img, &txt, &pooled, &t, Some(&g), &ids, &txt_ids, DType::BF16);
         step()?;
         device.synchronize()?;
+        let peak = crate::pipelines::gpu_used(&device);
         let t1 = Instant::now();
         for _ in 0..a.iters {
             step()?;
@@ -295,11 +331,17 @@ fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
         device.synchronize()?;
         let ms = t1.elapsed().as_secs_f64() * 1e3 / a.iters as f64;
         println!(
-            "{v:<24} {:>9.1} ms/step  ({}x{}, {} txt tokens; built in {build_s:.1}s)",
-            ms, a.width, a.height, a.txt_tokens
+            "{} {v:<24} {:>9.1} ms/step  ({}x{}, {} txt tokens; built in {build_s:.1}s{})",
+            a.model,
+            ms,
+            a.width,
+            a.height,
+            a.txt_tokens,
+            peak.map(|b| format!(", GPU memory in use {:.1} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or_default()
         );
-        rows.push(serde_json::json!({"variant": v, "ms_per_step": ms, "width": a.width, "height": a.height, "txt_tokens": a.txt_tokens}));
-        drop(model);
+        rows.push(serde_json::json!({"model": a.model, "variant": v, "ms_per_step": ms, "width": a.width,
+            "height": a.height, "txt_tokens": a.txt_tokens, "gpu_used_bytes": peak}));
+        drop(step);
     }
     if let Some(out) = &a.out {
         std::fs::write(out, serde_json::to_string_pretty(&rows)?)?;
