@@ -152,6 +152,7 @@ fn main() {
     println!("cargo:rustc-env=CANDIFF_NVCC_VERSION={}", version.unwrap_or_else(|| "unknown".into()));
     compile_fatbin(&nvcc, "nvfp4", &[], &out);
     compile_fatbin(&nvcc, "fused", &[], &out);
+    compile_fatbin(&nvcc, "fp8", &[], &out);
     match std::env::var("CUTLASS_INCLUDE") {
         Ok(inc) => {
             compile_fatbin(&nvcc, "nvfp4_cutlass", std::slice::from_ref(&inc), &out);

@@ -189,6 +189,46 @@ pub fn check_backend(
     Ok((results, outs))
 }
 
+/// FP8 mode on `device` against its CPU reference: the converted weight (E4M3 bytes and row
+/// scales) bit for bit, the output in f32 and bf16; and the extra error of FP8 against W4A16.
+pub fn check_fp8(device: &Device, problems: &[Problem]) -> candle_core::Result<Vec<CheckResult>> {
+    let mut results = Vec::new();
+    for p in problems {
+        let cpu = p.layer(Backend::Trtllm, ActMode::Fp8, &Device::Cpu)?;
+        let gpu = p.layer(Backend::Trtllm, ActMode::Fp8, device)?;
+        let bytes = |l: &Nvfp4Linear| -> candle_core::Result<(Vec<u8>, Vec<f32>)> {
+            let (w, s) = l.prepared();
+            Ok((w.flatten_all()?.to_vec1()?, s.to_device(&Device::Cpu)?.to_vec1()?))
+        };
+        let (cw, cs) = bytes(&cpu)?;
+        let (gw, gs) = bytes(&gpu)?;
+        let diff = cw.iter().zip(&gw).filter(|(a, b)| a != b).count()
+            + cs.iter().zip(&gs).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        results.push(CheckResult::new(
+            format!("fp8 weight conversion {} (differing values)", p.label),
+            diff as f32,
+            0.0,
+        ));
+        let want = p.run(&cpu, DType::F32, &Device::Cpu)?;
+        let got = p.run(&gpu, DType::F32, device)?;
+        results.push(CheckResult::new(format!("fp8 f32 {}", p.label), rel_max_err(&got, &want), F32_TOL));
+        let got16 = p.run(&gpu, DType::BF16, device)?;
+        results.push(CheckResult::new(format!("fp8 bf16 {}", p.label), rel_max_err(&got16, &want), BF16_TOL));
+        // Informational bound: FP8 (3 mantissa bits for weights and activations) against W4A16.
+        let w16 = p.run(&p.layer(Backend::Trtllm, ActMode::W4A16, &Device::Cpu)?, DType::F32, &Device::Cpu)?;
+        results.push(CheckResult::new(
+            format!("fp8 vs w4a16 rel L2 {}", p.label),
+            rel_l2(&want, &w16),
+            FP8_VS_W4A16_TOL,
+        ));
+    }
+    Ok(results)
+}
+
+/// FP8 against W4A16 on random problems: E4M3 keeps 3 mantissa bits (2^-4 relative per value) on
+/// both operands; errors average out over K, measured ~2-3e-2 rel L2 (tests/nvfp4_fp8.rs).
+pub const FP8_VS_W4A16_TOL: f32 = 0.06;
+
 /// Bit-exactness of the GPU activation quantizer (codes and swizzled scales) on `problems`.
 #[cfg(feature = "cuda")]
 pub fn check_activation_quantizer(device: &Device, problems: &[Problem]) -> candle_core::Result<Vec<CheckResult>> {

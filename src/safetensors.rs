@@ -286,6 +286,12 @@ pub fn serialize(tensors: &[(&str, &str, Vec<usize>, Vec<u8>)], metadata: Option
     out
 }
 
+impl std::fmt::Debug for MappedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedFile").field("path", &self.path).field("tensors", &self.header.tensors.len()).finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,11 +312,5 @@ mod tests {
         // Size mismatch.
         let f = serialize(&[("a", "F32", vec![3], vec![0; 8])], None);
         assert!(parse_header(&f, Some(f.len() as u64), "t").is_err());
-    }
-}
-
-impl std::fmt::Debug for MappedFile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MappedFile").field("path", &self.path).field("tensors", &self.header.tensors.len()).finish()
     }
 }

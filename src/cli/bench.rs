@@ -289,7 +289,8 @@ fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
                 let model = crate::models::flux::FluxTransformer::new(&cfg, wb, Naming::Diffusers)?;
                 let img = randn((1, lh * lw, cfg.in_channels))?;
                 let txt = randn((1, a.txt_tokens, cfg.joint_attention_dim))?;
-                let pooled = Tensor::randn(0f32, 1.0, (1, cfg.pooled_projection_dim), &device)?.to_dtype(DType::BF16)?;
+                let pooled =
+                    Tensor::randn(0f32, 1.0, (1, cfg.pooled_projection_dim), &device)?.to_dtype(DType::BF16)?;
                 let ids = crate::models::flux::sampling::image_ids(lh * 2, lw * 2, &device)?;
                 let txt_ids = Tensor::zeros((a.txt_tokens, 3), DType::F32, &device)?;
                 let (t, g) = (t.clone(), g.clone());
@@ -300,7 +301,9 @@ fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
                     "flux.2-dev" => Flux2Config::default(),
                     "flux.2-klein-4b" => Flux2Config::klein_4b(),
                     "flux.2-klein-9b" => Flux2Config::klein_9b(),
-                    other => anyhow::bail!("unknown --model {other} (flux.1-dev, flux.2-dev, flux.2-klein-4b, flux.2-klein-9b)"),
+                    other => anyhow::bail!(
+                        "unknown --model {other} (flux.1-dev, flux.2-dev, flux.2-klein-4b, flux.2-klein-9b)"
+                    ),
                 };
                 let model = crate::models::flux2::Flux2Transformer::new(&cfg, wb, Naming::Diffusers)?;
                 let img = randn((1, lh * lw, cfg.in_channels))?;

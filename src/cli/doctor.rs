@@ -123,6 +123,14 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
             all.extend(r);
             outputs.push((*b, outs));
         }
+        if cc >= crate::cuda::fp8::MIN_FP8_CAPABILITY {
+            println!("fp8 mode (cuBLASLt FP8) vs CPU reference:");
+            let r = crate::doctor::check_fp8(&device, &problems)?;
+            failed += print_results(&r);
+            all.extend(r);
+        } else {
+            println!("fp8 mode: unavailable (no FP8 tensor cores on this GPU)");
+        }
         if outputs.len() > 1 {
             println!("variants against each other (rel L2):");
             let mut r = Vec::new();

@@ -21,11 +21,13 @@ use crate::nvfp4::{ActMode, Backend};
 
 static NVFP4_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nvfp4.fatbin"));
 static FUSED_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused.fatbin"));
+static FP8_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fp8.fatbin"));
 #[cfg(candiff_cutlass)]
 static CUTLASS_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nvfp4_cutlass.fatbin"));
 
 #[cfg(feature = "cudnn")]
 pub mod cudnn;
+pub mod fp8;
 pub mod fused;
 #[cfg(candiff_sm100)]
 pub mod sm100;
@@ -37,6 +39,8 @@ enum Kernels {
     Nvfp4,
     /// Fused element-wise kernels of the transformer blocks (kernels/fused.cu).
     Fused,
+    /// FP8-mode conversions (kernels/fp8.cu).
+    Fp8,
     /// cutlass variant, CuTe (kernels/nvfp4_cutlass.cu).
     #[cfg(candiff_cutlass)]
     Cutlass,
@@ -47,6 +51,7 @@ impl Kernels {
         match self {
             Kernels::Nvfp4 => NVFP4_FATBIN,
             Kernels::Fused => FUSED_FATBIN,
+            Kernels::Fp8 => FP8_FATBIN,
             #[cfg(candiff_cutlass)]
             Kernels::Cutlass => CUTLASS_FATBIN,
         }
@@ -296,6 +301,9 @@ pub fn nvfp4_linear_fwd(
     s3: &CudaStorage,
     l3: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
+    if op.mode == ActMode::Fp8 {
+        return fp8::linear_fwd(op, s1, l1, s2, l2, s3, l3);
+    }
     let dev = s1.device().clone();
     let dims = l1.shape().dims();
     if dims.last() != Some(&op.k) {
@@ -319,6 +327,7 @@ pub fn nvfp4_linear_fwd(
         ActMode::W4A4 => {
             quantize_activations(&dev, &x, m, op.k, op.input_scale, false, true)?.1.expect("deq requested")
         }
+        ActMode::Fp8 => unreachable!("handled above"),
     };
     let w = view::<u8>(s2, l2, "weight")?;
     let sc = view::<u8>(s3, l3, "scale")?;

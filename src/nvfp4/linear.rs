@@ -93,6 +93,9 @@ pub enum ActMode {
     W4A16,
     /// Activations quantized to NVFP4 with the layer's `input_scale` (Blackwell numerics).
     W4A4,
+    /// Weights converted at load to FP8 E4M3 with per-row scales, activations quantized to FP8
+    /// per token, FP8 tensor cores (cuBLASLt); the backend's NVFP4 layout is not used.
+    Fp8,
 }
 
 impl std::fmt::Display for ActMode {
@@ -100,6 +103,7 @@ impl std::fmt::Display for ActMode {
         f.write_str(match self {
             ActMode::W4A16 => "w4a16",
             ActMode::W4A4 => "w4a4",
+            ActMode::Fp8 => "fp8",
         })
     }
 }
@@ -110,7 +114,8 @@ impl std::str::FromStr for ActMode {
         match s.to_ascii_lowercase().as_str() {
             "w4a16" => Ok(ActMode::W4A16),
             "w4a4" => Ok(ActMode::W4A4),
-            _ => Err(format!("unknown activation mode `{s}` (expected w4a16 or w4a4)")),
+            "fp8" => Ok(ActMode::Fp8),
+            _ => Err(format!("unknown activation mode `{s}` (expected w4a16, w4a4 or fp8)")),
         }
     }
 }
@@ -136,6 +141,8 @@ impl Nvfp4Matmul {
         match self.mode {
             ActMode::W4A16 => self.weight_scale_2,
             ActMode::W4A4 => self.input_scale * self.weight_scale_2,
+            // The per-row scales carry everything.
+            ActMode::Fp8 => 1.0,
         }
     }
 
@@ -172,6 +179,45 @@ impl Nvfp4Matmul {
             }
         }
         out
+    }
+}
+
+impl Nvfp4Matmul {
+    /// FP8 reference: per-token E4M3 activations times the per-row E4M3 weight, products of the
+    /// decoded FP8 values summed in f32, then both scales applied (the GEMM's order).
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_fp8(
+        &self,
+        x: &[f32],
+        dtype: DType,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+        out_shape: Shape,
+    ) -> Result<(CpuStorage, Shape)> {
+        let w = contiguous_u8(s2, l2, "fp8 weight")?;
+        let sw = match (s3, l3.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("nvfp4 linear (fp8): row scales must be contiguous f32"),
+        };
+        let m = x.len() / self.k;
+        let mut xq = vec![0u8; x.len()];
+        let mut sa = vec![0f32; m];
+        for (i, (row, q)) in x.chunks_exact(self.k).zip(xq.chunks_exact_mut(self.k)).enumerate() {
+            sa[i] = super::fp8::quantize_row(row, q);
+        }
+        let xt = Tensor::from_vec(super::fp8::decode(&xq), (m, self.k), &Device::Cpu)?;
+        let wt = Tensor::from_vec(super::fp8::decode(w), (self.n, self.k), &Device::Cpu)?;
+        let sa = Tensor::from_vec(sa, (m, 1), &Device::Cpu)?;
+        let sw = Tensor::from_vec(sw.to_vec(), (1, self.n), &Device::Cpu)?;
+        let y = xt.matmul(&wt.t()?)?.broadcast_mul(&sa)?.broadcast_mul(&sw)?.to_dtype(dtype)?;
+        let (st, _) = y.storage_and_layout();
+        let out = match &*st {
+            candle_core::Storage::Cpu(c) => c.clone(),
+            _ => unreachable!("CPU tensor"),
+        };
+        Ok((out, out_shape))
     }
 }
 
@@ -236,9 +282,12 @@ impl CustomOp3 for Nvfp4Matmul {
     ) -> Result<(CpuStorage, Shape)> {
         let out_shape = self.out_shape(l1)?;
         let (mut x, dtype) = input_rows(s1, l1)?;
+        let m = x.len() / self.k;
+        if self.mode == ActMode::Fp8 {
+            return self.cpu_fp8(&x, dtype, s2, l2, s3, l3, out_shape);
+        }
         let w = contiguous_u8(s2, l2, "weight")?;
         let s = contiguous_u8(s3, l3, "scale")?;
-        let m = x.len() / self.k;
         if self.mode == ActMode::W4A4 {
             // Codes times block scales; `input_scale` goes into alpha like on the hardware.
             let gs = 1.0 / self.input_scale;
@@ -299,6 +348,10 @@ impl Nvfp4Linear {
         mode: ActMode,
         device: &Device,
     ) -> Result<Self> {
+        if mode == ActMode::Fp8 {
+            // One cuBLASLt path whatever the backend; its own checks run at conversion.
+            return Self::fp8(w, bias, backend, backend.layout(), device);
+        }
         crate::cuda_support::check_layer(backend, device, w.n, w.k)?;
         let kind = crate::cuda_support::layout_for(backend, device)?;
         Self::with_layout(w, input_scale, bias, backend, kind, mode, device)
@@ -315,6 +368,9 @@ impl Nvfp4Linear {
         mode: ActMode,
         device: &Device,
     ) -> Result<Self> {
+        if mode == ActMode::Fp8 {
+            return Self::fp8(w, bias, backend, kind, device);
+        }
         let p = PreparedLayout::prepare(w, kind);
         let weight = Tensor::from_vec(p.weight, (p.weight_rows, p.weight_row_bytes), device)?;
         let scale = Tensor::from_vec(p.scale, (p.scale_rows, p.scale_cols), device)?;
@@ -332,6 +388,31 @@ impl Nvfp4Linear {
         Ok(Self { op, weight, scale, bias })
     }
 
+    /// FP8 mode: E4M3 `[n, k]` and f32 row scales `[n]`, converted on the GPU when the layer
+    /// lives there (the CPU loop is the reference and would take minutes on a 32B model).
+    fn fp8(w: &Nvfp4Weight, bias: Option<Tensor>, backend: Backend, kind: LayoutKind, device: &Device) -> Result<Self> {
+        let (weight, scale) = match device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => crate::cuda::fp8::weight_to_fp8(w, device)?,
+            _ => {
+                let (q, s) = super::fp8::weight_to_fp8(w);
+                (Tensor::from_vec(q, (w.n, w.k), device)?, Tensor::from_vec(s, w.n, device)?)
+            }
+        };
+        let op = Nvfp4Matmul {
+            backend,
+            kind,
+            n: w.n,
+            k: w.k,
+            weight_row_bytes: w.k,
+            scale_cols: 1,
+            mode: ActMode::Fp8,
+            weight_scale_2: w.weight_scale_2,
+            input_scale: 1.0,
+        };
+        Ok(Self { op, weight, scale, bias })
+    }
+
     pub fn backend(&self) -> Backend {
         self.op.backend
     }
@@ -340,8 +421,14 @@ impl Nvfp4Linear {
         self.op.mode
     }
 
-    pub fn set_mode(&mut self, mode: ActMode) {
+    /// Switches between W4A16 and W4A4 (same buffers); FP8 layers hold other buffers and are
+    /// built in FP8 mode from the start.
+    pub fn set_mode(&mut self, mode: ActMode) -> Result<()> {
+        if (mode == ActMode::Fp8) != (self.op.mode == ActMode::Fp8) {
+            candle_core::bail!("an NVFP4 layer cannot switch to or from fp8 mode after loading; rebuild it");
+        }
         self.op.mode = mode;
+        Ok(())
     }
 
     pub fn in_features(&self) -> usize {
@@ -363,6 +450,9 @@ impl Nvfp4Linear {
 
     /// Back to canonical form, read from the prepared buffers.
     pub fn to_canonical(&self) -> Result<Nvfp4Weight> {
+        if self.op.mode == ActMode::Fp8 {
+            candle_core::bail!("an fp8-mode layer holds E4M3 weights, not NVFP4 ones");
+        }
         let p = PreparedLayout {
             kind: self.op.kind,
             n: self.op.n,

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod format;
+pub mod fp8;
 pub mod layout;
 pub mod linear;
 pub mod quant;

@@ -83,7 +83,7 @@ mod tests {
 
     #[test]
     fn patchify_round_trips_and_orders_channels() {
-        let x = Tensor::arange(0f32, 2.0 * 3.0 * 4.0 * 6.0, &Device::Cpu).unwrap().reshape((1, 2, 4, 6)).unwrap();
+        let x = Tensor::arange(0f32, 2.0 * 4.0 * 6.0, &Device::Cpu).unwrap().reshape((1, 2, 4, 6)).unwrap();
         let p = patchify(&x).unwrap();
         assert_eq!(p.dims(), &[1, 8, 2, 3]);
         // Channel c*4 + dy*2 + dx at (i, j) is x[c, 2i+dy, 2j+dx].

@@ -1,0 +1,115 @@
+// FP8 execution of NVFP4 checkpoints (`--nvfp4-mode fp8`), the conversions around cuBLASLt's FP8
+// GEMM (tensor cores on sm_89+):
+//   nvfp4_to_fp8_weight: canonical NVFP4 (low nibble first, linear [N, K/16] E4M3 block scales,
+//                        weight_scale_2) -> E4M3 [N, K] with one f32 scale per output row
+//                        (row amax / 448), once at load.
+//   fp8_quant_rows:      bf16 activations [M, K] -> E4M3 [M, K] with one f32 scale per row (token).
+//   fp8_scale_out:       y[m, n] = acc[m, n] * sa[m] * sw[n], for cuBLASLt builds without
+//                        per-row/per-column scale vectors.
+// Every value is decoded/encoded in the same f32 operation order as the CPU reference
+// (src/nvfp4/fp8.rs), so the FP8 bytes and scales match it bit for bit.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int kThreads = 256;  // threads per row block
+constexpr int kWarp = 32;
+constexpr float kFp8Max = 448.f;  // largest finite E4M3 value
+constexpr int kGroup = 16;        // NVFP4 block size along K
+
+__device__ float block_max(float v) {
+    __shared__ float partial[kThreads / kWarp];
+    for (int o = kWarp / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < kThreads / kWarp ? partial[lane] : 0.f;
+    for (int o = kWarp / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
+__device__ __forceinline__ float e2m1(uint8_t code) {
+    const float mag[8] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
+    const float v = mag[code & 7];
+    return (code & 8) ? -v : v;
+}
+
+__device__ __forceinline__ float e4m3_to_f(uint8_t b) {
+    __nv_fp8_e4m3 v;
+    v.__x = b;
+    return float(v);
+}
+
+__device__ __forceinline__ uint8_t f_to_e4m3(float v) {
+    return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+}
+
+// The row scale: amax / 448, or 1 for an all-zero row (its codes are all 0 either way).
+__device__ __forceinline__ float row_scale(float amax) { return amax > 0.f ? __fdiv_rn(amax, kFp8Max) : 1.f; }
+
+__device__ __forceinline__ float nvfp4_value(const uint8_t* packed, const uint8_t* scales, int k, float ws2) {
+    const uint8_t byte = packed[k / 2];
+    const uint8_t code = (k & 1) ? (byte >> 4) : (byte & 0xF);
+    return __fmul_rn(__fmul_rn(e2m1(code), e4m3_to_f(scales[k / kGroup])), ws2);
+}
+
+}  // namespace
+
+// One block per weight row.
+extern "C" __global__ void nvfp4_to_fp8_weight(const uint8_t* __restrict__ packed, const uint8_t* __restrict__ scales,
+                                               float ws2, int K, uint8_t* __restrict__ out,
+                                               float* __restrict__ row_scales) {
+    const long long r = blockIdx.x;
+    const uint8_t* p = packed + r * (K / 2);
+    const uint8_t* s = scales + r * (K / kGroup);
+    float amax = 0.f;
+    for (int k = threadIdx.x; k < K; k += kThreads) amax = fmaxf(amax, fabsf(nvfp4_value(p, s, k, ws2)));
+    const float scale = row_scale(block_max(amax));
+    for (int k = threadIdx.x; k < K; k += kThreads) out[r * K + k] = f_to_e4m3(__fdiv_rn(nvfp4_value(p, s, k, ws2), scale));
+    if (threadIdx.x == 0) row_scales[r] = scale;
+}
+
+// One block per activation row; x is bf16 (inputs of other dtypes are rounded to bf16 first).
+extern "C" __global__ void fp8_quant_rows(const __nv_bfloat16* __restrict__ x, int K, uint8_t* __restrict__ out,
+                                          float* __restrict__ row_scales) {
+    const long long r = blockIdx.x;
+    const __nv_bfloat16* xr = x + r * K;
+    float amax = 0.f;
+    for (int k = threadIdx.x; k < K; k += kThreads) amax = fmaxf(amax, fabsf(__bfloat162float(xr[k])));
+    const float scale = row_scale(block_max(amax));
+    for (int k = threadIdx.x; k < K; k += kThreads) out[r * K + k] = f_to_e4m3(__fdiv_rn(__bfloat162float(xr[k]), scale));
+    if (threadIdx.x == 0) row_scales[r] = scale;
+}
+
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
+
+template <typename T>
+__device__ void scale_out(const float* __restrict__ acc, const float* __restrict__ sa, const float* __restrict__ sw,
+                          T* __restrict__ y, long long M, int N) {
+    const long long total = M * N;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        const long long m = i / N;
+        const int n = i % N;
+        y[i] = from_f<T>(__fmul_rn(__fmul_rn(acc[i], sa[m]), sw[n]));
+    }
+}
+
+extern "C" __global__ void fp8_scale_out_f32(const float* acc, const float* sa, const float* sw, float* y, long long M, int N) {
+    scale_out(acc, sa, sw, y, M, N);
+}
+extern "C" __global__ void fp8_scale_out_bf16(const float* acc, const float* sa, const float* sw, __nv_bfloat16* y,
+                                              long long M, int N) {
+    scale_out(acc, sa, sw, y, M, N);
+}
+extern "C" __global__ void fp8_scale_out_f16(const float* acc, const float* sa, const float* sw, __half* y, long long M,
+                                             int N) {
+    scale_out(acc, sa, sw, y, M, N);
+}

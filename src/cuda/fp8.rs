@@ -1,0 +1,361 @@
+//! FP8 mode on the GPU: NVFP4 -> E4M3 weight conversion at load, per-token activation
+//! quantization, and cuBLASLt's FP8 GEMM (Hopper needs the "TN" layout: both operands K-major,
+//! which is exactly how weights `[N, K]` and activations `[M, K]` are stored).
+//!
+//! Scales: cuBLASLt applies one f32 per weight row and one per token through its outer-vector scale
+//! mode (`CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F`). Where the library has no such kernel for
+//! the shape, the GEMM runs unscaled into f32 and `fp8_scale_out` applies both vectors (slower,
+//! same result up to accumulation order); which one ran is logged once per process.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Mutex, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys as ltsys};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId};
+use candle_core::{DType, Device, Layout, Result, Shape, Tensor};
+use half::{bf16, f16};
+
+use super::{function_in, input_bf16, view, wrap, Kernels};
+use crate::nvfp4::linear::Nvfp4Matmul;
+use crate::nvfp4::Nvfp4Weight;
+
+/// Threads per row block (`kThreads` in kernels/fp8.cu).
+const ROW_THREADS: u32 = 256;
+/// cuBLASLt workspace per device (what its FP8 kernels ask for at these shapes, with margin).
+const WORKSPACE_BYTES: usize = 32 << 20;
+/// FP8 tensor cores exist from Ada (sm_89) on.
+pub const MIN_FP8_CAPABILITY: (i32, i32) = (8, 9);
+/// `cublasOperation_t` values (an int32 attribute; the enum lives in cuBLAS's own header).
+const CUBLAS_OP_N: i32 = 0;
+const CUBLAS_OP_T: i32 = 1;
+/// cuBLASLt needs 16-byte aligned leading dimensions: K (E4M3 bytes) and N (output elements).
+const ALIGN_BYTES: usize = 16;
+
+fn ensure_fp8(dev: &CudaDevice) -> Result<()> {
+    let cc = super::compute_capability(dev)?;
+    if cc < MIN_FP8_CAPABILITY {
+        candle_core::bail!(
+            "--nvfp4-mode fp8 needs FP8 tensor cores (compute capability 8.9 or newer); this GPU is {}.{}: use w4a16",
+            cc.0,
+            cc.1
+        );
+    }
+    Ok(())
+}
+
+/// E4M3 `[n, k]` and f32 row scales `[n]` from a canonical NVFP4 weight, converted on `device`.
+pub fn weight_to_fp8(w: &Nvfp4Weight, device: &Device) -> Result<(Tensor, Tensor)> {
+    let Device::Cuda(dev) = device else { candle_core::bail!("weight_to_fp8: not a CUDA device") };
+    ensure_fp8(dev)?;
+    if w.k % ALIGN_BYTES != 0 {
+        candle_core::bail!("fp8 mode needs K to be a multiple of {ALIGN_BYTES}, found {}", w.k);
+    }
+    let stream = dev.cuda_stream();
+    let packed = stream.clone_htod(&w.packed).map_err(wrap("upload"))?;
+    let scales = stream.clone_htod(&w.scales).map_err(wrap("upload"))?;
+    // SAFETY: the kernel writes every element of both outputs.
+    let mut out = unsafe { stream.alloc::<u8>(w.n * w.k) }.map_err(wrap("alloc"))?;
+    let mut row = unsafe { stream.alloc::<f32>(w.n) }.map_err(wrap("alloc"))?;
+    let f = function_in(dev, Kernels::Fp8, "nvfp4_to_fp8_weight")?;
+    let (ws2, k) = (w.weight_scale_2, w.k as i32);
+    let mut b = stream.launch_builder(&f);
+    b.arg(&packed).arg(&scales).arg(&ws2).arg(&k).arg(&mut out).arg(&mut row);
+    let cfg = LaunchConfig { grid_dim: (w.n as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: argument types match the kernel; one block per row of K elements.
+    unsafe { b.launch(cfg) }.map_err(wrap("nvfp4_to_fp8_weight"))?;
+    let weight = CudaStorage { slice: CudaStorageSlice::U8(out), device: dev.clone() };
+    let scale = CudaStorage { slice: CudaStorageSlice::F32(row), device: dev.clone() };
+    let none = candle_core::op::BackpropOp::none;
+    let weight = Tensor::from_storage(candle_core::Storage::Cuda(weight), (w.n, w.k), none(), false);
+    let scale = Tensor::from_storage(candle_core::Storage::Cuda(scale), w.n, none(), false);
+    Ok((weight, scale))
+}
+
+/// One cuBLASLt handle and workspace per device.
+struct Lt {
+    handle: ltsys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+    /// (m, n, k, out dtype, outer-vector scales) -> algorithm, or None when unsupported.
+    algos: HashMap<(usize, usize, usize, DType, bool), Option<ltsys::cublasLtMatmulAlgo_t>>,
+}
+
+// SAFETY: the handle is used only under the mutex below, on the device's own stream.
+unsafe impl Send for Lt {}
+
+fn lts() -> &'static Mutex<HashMap<DeviceId, Lt>> {
+    static M: OnceLock<Mutex<HashMap<DeviceId, Lt>>> = OnceLock::new();
+    M.get_or_init(Default::default)
+}
+
+fn cuda_type(d: DType) -> ltsys::cudaDataType {
+    match d {
+        DType::F32 => ltsys::cudaDataType::CUDA_R_32F,
+        DType::F16 => ltsys::cudaDataType::CUDA_R_16F,
+        _ => ltsys::cudaDataType::CUDA_R_16BF,
+    }
+}
+
+/// Descriptors of one FP8 GEMM `D[n x m] = op(A)[n x k] * B[k x m]` in cuBLAS's column-major
+/// terms (A = weight `[N, K]` row-major, transposed; B = activations `[M, K]` row-major).
+struct Descs {
+    matmul: ltsys::cublasLtMatmulDesc_t,
+    a: ltsys::cublasLtMatrixLayout_t,
+    b: ltsys::cublasLtMatrixLayout_t,
+    d: ltsys::cublasLtMatrixLayout_t,
+}
+
+impl Drop for Descs {
+    fn drop(&mut self) {
+        // SAFETY: created below, destroyed once.
+        unsafe {
+            let _ = lt::destroy_matrix_layout(self.a);
+            let _ = lt::destroy_matrix_layout(self.b);
+            let _ = lt::destroy_matrix_layout(self.d);
+            let _ = lt::destroy_matmul_desc(self.matmul);
+        }
+    }
+}
+
+fn set<T>(desc: ltsys::cublasLtMatmulDesc_t, attr: ltsys::cublasLtMatmulDescAttributes_t, v: &T) -> Result<()> {
+    // SAFETY: `v` is a live value of the attribute's type.
+    unsafe { lt::set_matmul_desc_attribute(desc, attr, v as *const T as *const c_void, std::mem::size_of::<T>()) }
+        .map_err(wrap("cublasLtMatmulDescSetAttribute"))
+}
+
+fn descs(m: usize, n: usize, k: usize, out: DType, outer_vec: bool) -> Result<Descs> {
+    use ltsys::cublasLtMatmulDescAttributes_t as A;
+    let matmul =
+        lt::create_matmul_desc(ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F, ltsys::cudaDataType::CUDA_R_32F)
+            .map_err(wrap("cublasLtMatmulDescCreate"))?;
+    let e4m3 = ltsys::cudaDataType::CUDA_R_8F_E4M3;
+    let descs = Descs {
+        matmul,
+        a: lt::create_matrix_layout(e4m3, k as u64, n as u64, k as i64).map_err(wrap("layout A"))?,
+        b: lt::create_matrix_layout(e4m3, k as u64, m as u64, k as i64).map_err(wrap("layout B"))?,
+        d: lt::create_matrix_layout(cuda_type(out), n as u64, m as u64, n as i64).map_err(wrap("layout D"))?,
+    };
+    set(matmul, A::CUBLASLT_MATMUL_DESC_TRANSA, &CUBLAS_OP_T)?;
+    set(matmul, A::CUBLASLT_MATMUL_DESC_TRANSB, &CUBLAS_OP_N)?;
+    if outer_vec {
+        let mode = ltsys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+        set(matmul, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode)?;
+        set(matmul, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode)?;
+    }
+    Ok(descs)
+}
+
+fn heuristic(lt_: &Lt, d: &Descs) -> Option<ltsys::cublasLtMatmulAlgo_t> {
+    let pref = lt::create_matmul_pref().ok()?;
+    let ws = WORKSPACE_BYTES;
+    // SAFETY: valid descriptors; `ws` outlives the call.
+    let r = unsafe {
+        let _ = lt::set_matmul_pref_attribute(
+            pref,
+            ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            &ws as *const usize as *const c_void,
+            std::mem::size_of::<usize>(),
+        );
+        let r = lt::get_matmul_algo_heuristic(lt_.handle, d.matmul, d.a, d.b, d.d, d.d, pref);
+        let _ = lt::destroy_matmul_pref(pref);
+        r
+    };
+    r.ok().map(|h| h.algo)
+}
+
+/// Which scaling ran, reported once.
+fn note_path(outer_vec: bool) {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        if outer_vec {
+            log::info!("fp8 mode: cuBLASLt FP8 GEMM with per-row/per-token scale vectors");
+        } else {
+            log::warn!("fp8 mode: this cuBLASLt has no outer-vector FP8 scaling here; scaling in a separate pass");
+        }
+    });
+}
+
+/// `y = x W^T` in FP8 for an fp8-mode layer: `s2` E4M3 weight `[n, k]`, `s3` f32 row scales.
+pub fn linear_fwd(
+    op: &Nvfp4Matmul,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let dims = l1.shape().dims();
+    let (n, k) = (op.n, op.k);
+    if dims.last() != Some(&k) {
+        candle_core::bail!("fp8 linear: input {dims:?} must end in K = {k}");
+    }
+    let m = l1.shape().elem_count() / k;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("non-empty") = n;
+    let out_dtype = match s1.dtype() {
+        DType::F32 | DType::F16 => s1.dtype(),
+        _ => DType::BF16,
+    };
+    if n * out_dtype.size_in_bytes() % ALIGN_BYTES != 0 {
+        candle_core::bail!(
+            "fp8 mode needs N x {} bytes to be a multiple of {ALIGN_BYTES}, found N = {n}",
+            out_dtype.size_in_bytes()
+        );
+    }
+    let stream = dev.cuda_stream();
+    // Activations: bf16, then E4M3 with one scale per token.
+    let x = input_bf16(s1, l1)?;
+    // SAFETY: the kernel writes every element.
+    let mut xq = unsafe { stream.alloc::<u8>(m * k) }.map_err(wrap("alloc"))?;
+    let mut sa = unsafe { stream.alloc::<f32>(m) }.map_err(wrap("alloc"))?;
+    {
+        let f = function_in(&dev, Kernels::Fp8, "fp8_quant_rows")?;
+        let k_i = k as i32;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&k_i).arg(&mut xq).arg(&mut sa);
+        let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: argument types match the kernel; one block per row.
+        unsafe { b.launch(cfg) }.map_err(wrap("fp8_quant_rows"))?;
+    }
+    let w = view::<u8>(s2, l2, "fp8 weight")?;
+    let sw = view::<f32>(s3, l3, "fp8 row scales")?;
+
+    let mut guard = lts().lock().expect("cublasLt cache poisoned");
+    if !guard.contains_key(&dev.id()) {
+        let handle = lt::create_handle().map_err(wrap("cublasLtCreate"))?;
+        // SAFETY: cuBLASLt may leave the workspace uninitialized.
+        let workspace = unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }.map_err(wrap("alloc"))?;
+        guard.insert(dev.id(), Lt { handle, workspace, algos: HashMap::new() });
+    }
+    let ltd = guard.get_mut(&dev.id()).expect("inserted");
+    // Outer-vector scaling first; the unscaled f32 GEMM otherwise.
+    let mut plan = None;
+    for outer_vec in [true, false] {
+        let gemm_out = if outer_vec { out_dtype } else { DType::F32 };
+        let key = (m, n, k, gemm_out, outer_vec);
+        let d = descs(m, n, k, gemm_out, outer_vec)?;
+        let algo = match ltd.algos.get(&key) {
+            Some(a) => *a,
+            None => {
+                let a = heuristic(ltd, &d);
+                ltd.algos.insert(key, a);
+                a
+            }
+        };
+        if let Some(a) = algo {
+            plan = Some((outer_vec, d, a));
+            break;
+        }
+    }
+    let Some((outer_vec, d, algo)) = plan else {
+        candle_core::bail!("cuBLASLt has no FP8 GEMM for M = {m}, N = {n}, K = {k} on this GPU; use --nvfp4-mode w4a16")
+    };
+    note_path(outer_vec);
+    let cu_stream = stream.cu_stream() as ltsys::cudaStream_t;
+    let (alpha, beta) = (1f32, 0f32);
+    let (xq_ptr, _g1) = xq.device_ptr(&stream);
+    let (w_ptr, _g2) = w.device_ptr(&stream);
+    let ws_len = ltd.workspace.len();
+    let (ws_ptr, _g3) = ltd.workspace.device_ptr_mut(&stream);
+    if outer_vec {
+        use ltsys::cublasLtMatmulDescAttributes_t as A;
+        let (sw_ptr, _g4) = sw.device_ptr(&stream);
+        let (sa_ptr, _g5) = sa.device_ptr(&stream);
+        set(d.matmul, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sw_ptr)?;
+        set(d.matmul, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sa_ptr)?;
+        macro_rules! run {
+            ($t:ty, $variant:ident) => {{
+                // SAFETY: the GEMM writes every element of D.
+                let mut y = unsafe { stream.alloc::<$t>(m * n) }.map_err(wrap("alloc"))?;
+                {
+                    let (y_ptr, _g6) = y.device_ptr_mut(&stream);
+                    // SAFETY: descriptors match the buffers' types, shapes and leading dimensions.
+                    unsafe {
+                        lt::matmul(
+                            ltd.handle,
+                            d.matmul,
+                            &alpha as *const f32 as *const c_void,
+                            &beta as *const f32 as *const c_void,
+                            w_ptr as *const c_void,
+                            d.a,
+                            xq_ptr as *const c_void,
+                            d.b,
+                            y_ptr as *const c_void,
+                            d.d,
+                            y_ptr as *mut c_void,
+                            d.d,
+                            &algo,
+                            ws_ptr as *mut c_void,
+                            ws_len,
+                            cu_stream,
+                        )
+                    }
+                    .map_err(wrap("cublasLtMatmul (fp8)"))?;
+                }
+                CudaStorageSlice::$variant(y)
+            }};
+        }
+        let slice = match out_dtype {
+            DType::F32 => run!(f32, F32),
+            DType::F16 => run!(f16, F16),
+            _ => run!(bf16, BF16),
+        };
+        return Ok((CudaStorage { slice, device: dev.clone() }, Shape::from(out_dims)));
+    }
+    // Unscaled GEMM into f32, then y = acc * sa[m] * sw[n].
+    // SAFETY: the GEMM writes every element.
+    let mut acc = unsafe { stream.alloc::<f32>(m * n) }.map_err(wrap("alloc"))?;
+    {
+        let (acc_ptr, _g6) = acc.device_ptr_mut(&stream);
+        // SAFETY: as above.
+        unsafe {
+            lt::matmul(
+                ltd.handle,
+                d.matmul,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                w_ptr as *const c_void,
+                d.a,
+                xq_ptr as *const c_void,
+                d.b,
+                acc_ptr as *const c_void,
+                d.d,
+                acc_ptr as *mut c_void,
+                d.d,
+                &algo,
+                ws_ptr as *mut c_void,
+                ws_len,
+                cu_stream,
+            )
+        }
+        .map_err(wrap("cublasLtMatmul (fp8)"))?;
+    }
+    let (m_i, n_i) = (m as i64, n as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (((m * n) as u64).div_ceil(ROW_THREADS as u64).min(65_535) as u32, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    macro_rules! scale {
+        ($t:ty, $name:literal, $variant:ident) => {{
+            let f = function_in(&dev, Kernels::Fp8, $name)?;
+            // SAFETY: the kernel writes every element.
+            let mut y = unsafe { stream.alloc::<$t>(m * n) }.map_err(wrap("alloc"))?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&acc).arg(&sa).arg(&sw).arg(&mut y).arg(&m_i).arg(&n_i);
+            // SAFETY: argument types match the kernel; grid-stride over M x N.
+            unsafe { b.launch(cfg) }.map_err(wrap($name))?;
+            CudaStorageSlice::$variant(y)
+        }};
+    }
+    let slice = match out_dtype {
+        DType::F32 => scale!(f32, "fp8_scale_out_f32", F32),
+        DType::F16 => scale!(f16, "fp8_scale_out_f16", F16),
+        _ => scale!(bf16, "fp8_scale_out_bf16", BF16),
+    };
+    Ok((CudaStorage { slice, device: dev }, Shape::from(out_dims)))
+}
