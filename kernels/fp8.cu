@@ -4,7 +4,7 @@
 //                        weight_scale_2) -> E4M3 [N, K] with one f32 scale per output row
 //                        (row amax / 448), once at load.
 //   fp8_quant_rows:      bf16 activations [M, K] -> E4M3 [M, K] with one f32 scale per row (token).
-//   fp8_scale_out:       y[m, n] = acc[m, n] * sa[m] * sw[n], for cuBLASLt builds without
+//   fp8_scale_out:       y[m, n] *= sa[m] * sw[n] in place, where cuBLASLt has no kernel with
 //                        per-row/per-column scale vectors.
 // Every value is decoded/encoded in the same f32 operation order as the CPU reference
 // (src/nvfp4/fp8.rs), so the FP8 bytes and scales match it bit for bit.
@@ -86,30 +86,32 @@ extern "C" __global__ void fp8_quant_rows(const __nv_bfloat16* __restrict__ x, i
     if (threadIdx.x == 0) row_scales[r] = scale;
 }
 
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
 template <typename T> __device__ __forceinline__ T from_f(float v);
 template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
 
+// In place: y[m, n] = acc[m, n] * sa[m] * sw[n] over the unscaled GEMM output.
 template <typename T>
-__device__ void scale_out(const float* __restrict__ acc, const float* __restrict__ sa, const float* __restrict__ sw,
-                          T* __restrict__ y, long long M, int N) {
+__device__ void scale_out(T* y, const float* __restrict__ sa, const float* __restrict__ sw, long long M, int N) {
     const long long total = M * N;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
         const long long m = i / N;
         const int n = i % N;
-        y[i] = from_f<T>(__fmul_rn(__fmul_rn(acc[i], sa[m]), sw[n]));
+        y[i] = from_f<T>(__fmul_rn(__fmul_rn(to_f<T>(y[i]), sa[m]), sw[n]));
     }
 }
 
-extern "C" __global__ void fp8_scale_out_f32(const float* acc, const float* sa, const float* sw, float* y, long long M, int N) {
-    scale_out(acc, sa, sw, y, M, N);
+extern "C" __global__ void fp8_scale_out_f32(float* y, const float* sa, const float* sw, long long M, int N) {
+    scale_out(y, sa, sw, M, N);
 }
-extern "C" __global__ void fp8_scale_out_bf16(const float* acc, const float* sa, const float* sw, __nv_bfloat16* y,
-                                              long long M, int N) {
-    scale_out(acc, sa, sw, y, M, N);
+extern "C" __global__ void fp8_scale_out_bf16(__nv_bfloat16* y, const float* sa, const float* sw, long long M, int N) {
+    scale_out(y, sa, sw, M, N);
 }
-extern "C" __global__ void fp8_scale_out_f16(const float* acc, const float* sa, const float* sw, __half* y, long long M,
-                                             int N) {
-    scale_out(acc, sa, sw, y, M, N);
+extern "C" __global__ void fp8_scale_out_f16(__half* y, const float* sa, const float* sw, long long M, int N) {
+    scale_out(y, sa, sw, M, N);
 }

@@ -118,3 +118,109 @@ __device__ void channel_rms(const T* __restrict__ x, const float* __restrict__ g
 CHANNEL_RMS(float, f32)
 CHANNEL_RMS(__nv_bfloat16, bf16)
 CHANNEL_RMS(__half, f16)
+
+// bias_act: y[r, c] = act(x[r, c] + bias[c]) with act = identity or tanh-GELU, one pass (replaces a
+// broadcast add and a separate activation pass after a GEMM). `bias` is f32 [C].
+__device__ __forceinline__ float gelu_tanh(float v) {
+    constexpr float kSqrt2OverPi = 0.7978845608028654f;  // sqrt(2 / pi)
+    constexpr float kCubic = 0.044715f;                  // tanh-GELU's cubic coefficient
+    return 0.5f * v * (1.f + tanhf(kSqrt2OverPi * v * (1.f + kCubic * v * v)));
+}
+
+template <typename T>
+__device__ void bias_act(const T* __restrict__ x, const float* __restrict__ bias, T* __restrict__ y, long long n, int c,
+                         int gelu) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float v = to_f(x[i]) + bias[i % c];
+        if (gelu) v = gelu_tanh(v);
+        y[i] = from_f<T>(v);
+    }
+}
+
+// qk_norm_rope: per-head RMSNorm (learned weight) then interleaved-pair RoPE, from a strided view
+// of q or k to a contiguous [B, S, H, D]. Element (b, s, h, d) of x sits at b*sb + s*ss + h*D + d
+// (heads contiguous within a token, any token/batch stride: a slice of a fused qkv output is read
+// in place). The normalized value is rounded to T before the rotation, as the unfused ops do.
+// One warp per (b, s, h) row of D = 2 * pairs elements.
+template <typename T>
+__device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss, const float* __restrict__ w,
+                             const float* __restrict__ cos, const float* __restrict__ sin, T* __restrict__ y, int s_len,
+                             int heads, int d, long long rows, float eps) {
+    const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / kWarp;
+    const int lane = threadIdx.x % kWarp;
+    if (warp >= rows) return;
+    const int h = warp % heads;
+    const long long bs = warp / heads;
+    const int s = bs % s_len;
+    const long long b = bs / s_len;
+    const T* xr = x + b * sb + s * ss + (long long)h * d;
+    float sq = 0.f;
+    for (int i = lane; i < d; i += kWarp) {
+        const float v = to_f(xr[i]);
+        sq += v * v;
+    }
+    for (int o = kWarp / 2; o > 0; o /= 2) sq += __shfl_xor_sync(0xffffffff, sq, o);
+    const float rstd = rsqrtf(sq / d + eps);
+    T* yr = y + warp * d;
+    const int half = d / 2;
+    for (int i = lane; i < half; i += kWarp) {
+        const float n0 = to_f(from_f<T>(to_f(xr[2 * i]) * rstd * w[2 * i]));
+        const float n1 = to_f(from_f<T>(to_f(xr[2 * i + 1]) * rstd * w[2 * i + 1]));
+        const float c = cos[(long long)s * half + i], sn = sin[(long long)s * half + i];
+        yr[2 * i] = from_f<T>(n0 * c - n1 * sn);
+        yr[2 * i + 1] = from_f<T>(n0 * sn + n1 * c);
+    }
+}
+
+#define BLOCK_OPS(T, SUF)                                                                                            \
+    extern "C" __global__ void bias_act_##SUF(const T* x, const float* bias, T* y, long long n, int c, int gelu) {   \
+        bias_act<T>(x, bias, y, n, c, gelu);                                                                          \
+    }                                                                                                                 \
+    extern "C" __global__ void qk_norm_rope_##SUF(const T* x, long long sb, long long ss, const float* w,            \
+                                                  const float* cos, const float* sin, T* y, int s_len, int heads,     \
+                                                  int d, long long rows, float eps) {                                 \
+        qk_norm_rope<T>(x, sb, ss, w, cos, sin, y, s_len, heads, d, rows, eps);                                       \
+    }
+
+BLOCK_OPS(float, f32)
+BLOCK_OPS(__nv_bfloat16, bf16)
+BLOCK_OPS(__half, f16)
+
+// cat_act: y[r] = [o[r] (c values), act(m[r])] in one pass, for the parallel (single-stream) blocks
+// whose output projection takes cat(attention, mlp): act = tanh-GELU (w values of m) or SwiGLU
+// (silu(first w of m) * next w). c may be 0 (the activation alone). m rows are `m_stride` apart
+// (a slice of the fused projection output, read in place); o and y are contiguous.
+template <typename T>
+__device__ void cat_act(const T* __restrict__ o, const T* __restrict__ m, long long m_stride, T* __restrict__ y,
+                        long long rows, int c, int w, int swiglu) {
+    const long long width = c + w;
+    const long long n = rows * width;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / width;
+        const int j = i % width;
+        float v;
+        if (j < c) {
+            v = to_f(o[r * c + j]);
+        } else {
+            const T* mr = m + r * m_stride;
+            const int k = j - c;
+            if (swiglu) {
+                const float g = to_f(mr[k]);
+                v = g / (1.f + __expf(-g)) * to_f(mr[w + k]);
+            } else {
+                v = gelu_tanh(to_f(mr[k]));
+            }
+        }
+        y[i] = from_f<T>(v);
+    }
+}
+
+#define CAT_ACT(T, SUF)                                                                                           \
+    extern "C" __global__ void cat_act_##SUF(const T* o, const T* m, long long m_stride, T* y, long long rows,    \
+                                             int c, int w, int swiglu) {                                          \
+        cat_act<T>(o, m, m_stride, y, rows, c, w, swiglu);                                                        \
+    }
+
+CAT_ACT(float, f32)
+CAT_ACT(__nv_bfloat16, bf16)
+CAT_ACT(__half, f16)

@@ -19,15 +19,45 @@ pub enum Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Linear::Dense(l) => l.forward(x),
-            Linear::Nvfp4(l) => l.forward(x),
-            Linear::Probed(p) => p.forward(x),
+        self.forward_act(x, false)
+    }
+}
+
+/// `x W^T + b` for a dense layer, with the bias (and GELU when `gelu`) in one fused pass on the
+/// GPU, where Candle's broadcast add alone costs two thirds of a 3072x3072 GEMM.
+fn dense_forward(l: &candle_nn::Linear, x: &Tensor, gelu: bool) -> Result<Tensor> {
+    match l.bias() {
+        Some(b) if x.device().is_cuda() => {
+            let y = candle_nn::Linear::new(l.weight().clone(), None).forward(x)?;
+            crate::models::fused::bias_act(&y, b, gelu)
+        }
+        _ => {
+            let y = l.forward(x)?;
+            if gelu {
+                crate::models::ops::gelu_tanh(&y)
+            } else {
+                Ok(y)
+            }
         }
     }
 }
 
 impl Linear {
+    /// The layer followed by tanh-GELU (fused with the bias add on the GPU).
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, true)
+    }
+
+    fn forward_act(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+        let gelu_after = |y: Tensor| if gelu { crate::models::ops::gelu_tanh(&y) } else { Ok(y) };
+        match self {
+            Linear::Dense(l) => dense_forward(l, x, gelu),
+            Linear::Nvfp4(l) => l.forward_act(x, gelu),
+            // Probes observe the plain linear output.
+            Linear::Probed(p) => gelu_after(p.forward(x)?),
+        }
+    }
+
     /// The dense layer, seen through a probe wrapper.
     pub fn as_dense(&self) -> Option<&candle_nn::Linear> {
         match self {

@@ -18,6 +18,24 @@ pub enum BenchWhat {
     WanDecode(WanDecodeArgs),
     /// Attention (`ops::attention`: cuDNN's fused kernel where it applies) at FLUX / Wan sizes.
     Attention(AttentionArgs),
+    /// Each non-GEMM op of a FLUX block alone at full size (where a step's time goes besides the
+    /// GEMMs and attention), with the count per step.
+    Ops(OpsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct OpsArgs {
+    /// Image + text tokens (FLUX 1024²: 4096 + 512).
+    #[arg(long, default_value_t = 4608)]
+    pub tokens: usize,
+    #[arg(long, default_value_t = 24)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    #[arg(long, default_value = "cuda:0")]
+    pub device: String,
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -143,6 +161,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         BenchWhat::WanStep(w) => wan_step(w),
         BenchWhat::WanDecode(w) => wan_decode(w),
         BenchWhat::Attention(a) => attention(a),
+        BenchWhat::Ops(o) => ops(o),
     }
 }
 
@@ -389,14 +408,14 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
         Backend::ALL.into_iter().filter(|b| crate::cuda_support::check_backend(*b, &device).is_ok()).collect();
     println!("GPU: {name}");
     println!(
-        "| M | K x N | cuBLAS bf16 ms (TFLOP/s) | {} |",
+        "| M | K x N | cuBLAS bf16 ms (TFLOP/s) | {} | fp8 ms (x bf16) |",
         backends
             .iter()
             .flat_map(|b| [format!("{b} w4a16 ms (x bf16)"), format!("{b} w4a4 ms (x bf16)")])
             .collect::<Vec<_>>()
             .join(" | ")
     );
-    println!("|---|---|---|{}", "---|".repeat(2 * backends.len()));
+    println!("|---|---|---|{}---|", "---|".repeat(2 * backends.len()));
     let mut rows = Vec::new();
     for shape in &args.shapes {
         let (k, n) = shape.split_once('x').ok_or_else(|| anyhow::anyhow!("shape `{shape}` must be KxN"))?;
@@ -410,23 +429,30 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
             let t_ref = time(&mut || x.matmul(&w.t()?).map(|_| ()))?;
             let mut cells = vec![format!("{:.3} ({:.0})", t_ref * 1e3, flops / t_ref / 1e12)];
             let mut entry = serde_json::json!({"m": m, "k": k, "n": n, "cublas_bf16_s": t_ref});
-            for b in &backends {
-                for mode in [ActMode::W4A16, ActMode::W4A4] {
+            // FP8 mode runs one cuBLASLt path whatever the backend: one column.
+            let runs = backends
+                .iter()
+                .flat_map(|b| [(*b, ActMode::W4A16), (*b, ActMode::W4A4)])
+                .chain(std::iter::once((Backend::Trtllm, ActMode::Fp8)));
+            for (b, mode) in runs {
+                let b = &b;
+                {
                     let measured = p
                         .layer(*b, mode, &device)
                         .map_err(anyhow::Error::from)
                         .and_then(|l| time(&mut || l.forward(&x).map(|_| ())));
+                    let key = if mode == ActMode::Fp8 { "fp8".to_string() } else { format!("{b}_{mode}") };
                     match measured {
                         Ok(t) => {
                             cells.push(format!("{:.3} ({:.2}x)", t * 1e3, t_ref / t));
-                            entry[format!("{b}_{mode}_s")] = serde_json::json!(t);
+                            entry[format!("{key}_s")] = serde_json::json!(t);
                         }
                         Err(e) => {
                             // A variant that cannot run this shape is reported, and the table goes on.
                             let first = e.to_string().lines().next().unwrap_or_default().to_string();
                             eprintln!("{b} {mode} at M={m} {k}x{n}: {e}");
                             cells.push("unsupported".into());
-                            entry[format!("{b}_{mode}_error")] = serde_json::json!(first);
+                            entry[format!("{key}_error")] = serde_json::json!(first);
                         }
                     }
                 }
@@ -471,6 +497,94 @@ fn attention(a: &AttentionArgs) -> anyhow::Result<()> {
         rows.push(serde_json::json!({"heads": h, "tokens": s, "head_dim": a.head_dim, "ms": ms, "tflops": tflops,
             "impl": format!("{:?}", crate::models::ops::attention_impl())}));
     }
+    if let Some(out) = &a.out {
+        std::fs::write(out, serde_json::to_string_pretty(&rows)?)?;
+    }
+    Ok(())
+}
+
+/// Times the element-wise and data-movement ops of a FLUX.1 block one by one (bf16, batch 1).
+fn ops(a: &OpsArgs) -> anyhow::Result<()> {
+    use std::time::Instant;
+
+    use candle_core::{DType, Module, Tensor, D};
+
+    use crate::models::ops::{apply_rope, gelu_tanh, heads, merge_heads, rope_tables, RmsNorm};
+
+    let device = super::t2i::parse_device(Some(&a.device))?;
+    let (s, h, d) = (a.tokens, a.heads, 128usize);
+    let c = h * d;
+    let bf = |t: Tensor| t.to_dtype(DType::BF16);
+    let x = bf(Tensor::randn(0f32, 1.0, (1, s, c), &device)?)?;
+    let x3 = bf(Tensor::randn(0f32, 1.0, (1, s, 3 * c), &device)?)?;
+    let mlp = bf(Tensor::randn(0f32, 1.0, (1, s, 4 * c), &device)?)?;
+    let w = bf(Tensor::randn(0f32, 0.02, (c, c), &device)?)?;
+    let bias = bf(Tensor::randn(0f32, 0.02, c, &device)?)?;
+    let bias4 = bf(Tensor::randn(0f32, 0.02, 4 * c, &device)?)?;
+    let lin = candle_nn::Linear::new(w.clone(), Some(bias.clone()));
+    let lin_nb = candle_nn::Linear::new(w.clone(), None);
+    let shift = Tensor::randn(0f32, 1.0, (1, c), &device)?;
+    let norm = RmsNorm::new(Tensor::ones(d, DType::BF16, &device)?, 1e-6);
+    let ids = Tensor::zeros((s, 3), DType::F32, &device)?;
+    let (cos, sin) = rope_tables(&ids, &[16, 56, 56], 10_000.0, &device)?;
+    let qh = heads(&x, h)?;
+    let qn = norm.forward(&qh)?;
+    let part = x3.narrow(D::Minus1, 0, c)?;
+    let half = x.narrow(1, 0, s / 2)?;
+    // (name, count per FLUX.1-dev step of 19 double + 38 single blocks, op)
+    type Op<'a> = Box<dyn Fn() -> candle_core::Result<Tensor> + 'a>;
+    let cases: Vec<(&str, usize, Op)> = vec![
+        ("linear 3072x3072 + bias (3D input)", 19 * 8 + 38 * 3, Box::new(|| lin.forward(&x))),
+        ("linear 3072x3072, no bias", 0, Box::new(|| lin_nb.forward(&x))),
+        ("matmul 2D 3072x3072 (reference)", 0, Box::new(|| x.squeeze(0)?.matmul(&w.t()?))),
+        ("heads (reshape+transpose view) + RmsNorm", 19 * 4 + 38 * 2, Box::new(|| norm.forward(&heads(&x, h)?))),
+        ("heads of a narrowed qkv slice + RmsNorm", 38 * 2, Box::new(|| norm.forward(&heads(&part, h)?))),
+        ("apply_rope (f32 round trip)", 19 * 2 + 38 * 2, Box::new(|| apply_rope(&qn, &cos, &sin))),
+        ("cat [txt, img] along seq (3 per double)", 19 * 3, Box::new(|| Tensor::cat(&[&half, &half], 1))),
+        ("merge_heads (transpose + reshape copy)", 57, Box::new(|| merge_heads(&qh))),
+        ("gelu_tanh on [S, 4C]", 19 * 2 + 38, Box::new(|| gelu_tanh(&mlp))),
+        ("cat [attn, mlp] (single block)", 38, Box::new(|| Tensor::cat(&[&x, &mlp], D::Minus1))),
+        ("ln_modulate", 19 * 4 + 38, Box::new(|| crate::models::fused::ln_modulate(&x, &shift, &shift, 1e-6))),
+        ("gated_add", 19 * 4 + 38, Box::new(|| crate::models::fused::gated_add(&x, &x, &shift))),
+        ("bias broadcast_add alone", 0, Box::new(|| x.broadcast_add(&bias))),
+        ("contiguous copy of a [B,S,H,D]->[B,H,S,D] view", 0, Box::new(|| qh.contiguous())),
+        (
+            "fused qk_norm_rope (replaces heads+norm+rope)",
+            19 * 4 + 38 * 2,
+            Box::new(|| norm.norm_rope(&part, h, &cos, &sin)),
+        ),
+        (
+            "fused bias_act (replaces the bias add)",
+            19 * 8 + 38 * 3,
+            Box::new(|| crate::models::fused::bias_act(&x, &bias, false)),
+        ),
+        ("fused bias_act + gelu on [S, 4C]", 19 * 2, Box::new(|| crate::models::fused::bias_act(&mlp, &bias4, true))),
+        (
+            "fused cat_act (replaces gelu + cat in single blocks)",
+            38,
+            Box::new(|| crate::models::fused::cat_act(Some(&x), &mlp, crate::models::fused::MlpAct::GeluTanh)),
+        ),
+    ];
+    let mut rows = Vec::new();
+    let mut total = 0.0;
+    println!("{:<48} {:>10} {:>8} {:>12}", "op (bf16)", "ms", "count", "ms per step");
+    for (name, count, op) in &cases {
+        op()?;
+        device.synchronize()?;
+        let t0 = Instant::now();
+        for _ in 0..a.iters {
+            op()?;
+        }
+        device.synchronize()?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3 / a.iters as f64;
+        let per_step = ms * *count as f64;
+        if *count > 0 && !name.starts_with("linear") && !name.starts_with("fused") {
+            total += per_step;
+        }
+        println!("{name:<48} {ms:>10.3} {count:>8} {per_step:>12.1}");
+        rows.push(serde_json::json!({"op": name, "ms": ms, "count_per_step": count, "ms_per_step": per_step}));
+    }
+    println!("non-GEMM ops listed above: {total:.1} ms per FLUX.1-dev step (excluding linears and attention)");
     if let Some(out) = &a.out {
         std::fs::write(out, serde_json::to_string_pretty(&rows)?)?;
     }

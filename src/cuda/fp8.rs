@@ -31,8 +31,10 @@ pub const MIN_FP8_CAPABILITY: (i32, i32) = (8, 9);
 /// `cublasOperation_t` values (an int32 attribute; the enum lives in cuBLAS's own header).
 const CUBLAS_OP_N: i32 = 0;
 const CUBLAS_OP_T: i32 = 1;
-/// cuBLASLt needs 16-byte aligned leading dimensions: K (E4M3 bytes) and N (output elements).
+/// cuBLASLt needs 16-byte aligned leading dimensions: K (E4M3 bytes); N is padded at load.
 const ALIGN_BYTES: usize = 16;
+/// Grid cap of the grid-stride scaling pass.
+const SCALE_MAX_BLOCKS: u64 = 65_535;
 
 fn ensure_fp8(dev: &CudaDevice) -> Result<()> {
     let cc = super::compute_capability(dev)?;
@@ -147,8 +149,8 @@ fn descs(m: usize, n: usize, k: usize, out: DType, outer_vec: bool) -> Result<De
     Ok(descs)
 }
 
-fn heuristic(lt_: &Lt, d: &Descs) -> Option<ltsys::cublasLtMatmulAlgo_t> {
-    let pref = lt::create_matmul_pref().ok()?;
+fn heuristic(lt_: &Lt, d: &Descs) -> std::result::Result<ltsys::cublasLtMatmulAlgo_t, String> {
+    let pref = lt::create_matmul_pref().map_err(|e| e.to_string())?;
     let ws = WORKSPACE_BYTES;
     // SAFETY: valid descriptors; `ws` outlives the call.
     let r = unsafe {
@@ -162,17 +164,17 @@ fn heuristic(lt_: &Lt, d: &Descs) -> Option<ltsys::cublasLtMatmulAlgo_t> {
         let _ = lt::destroy_matmul_pref(pref);
         r
     };
-    r.ok().map(|h| h.algo)
+    r.map(|h| h.algo).map_err(|e| e.to_string())
 }
 
 /// Which scaling ran, reported once.
-fn note_path(outer_vec: bool) {
+fn note_path(outer_vec: bool, why: &str) {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
         if outer_vec {
             log::info!("fp8 mode: cuBLASLt FP8 GEMM with per-row/per-token scale vectors");
         } else {
-            log::warn!("fp8 mode: this cuBLASLt has no outer-vector FP8 scaling here; scaling in a separate pass");
+            log::warn!("fp8 mode: cuBLASLt has no outer-vector FP8 scaling here ({why}); scaling in a separate pass");
         }
     });
 }
@@ -207,8 +209,10 @@ pub fn linear_fwd(
         );
     }
     let stream = dev.cuda_stream();
-    // Activations: bf16, then E4M3 with one scale per token.
-    let x = input_bf16(s1, l1)?;
+    // Activations: bf16 (read in place when they are bf16 already), then E4M3 with one scale per
+    // token.
+    let converted;
+    let in_place;
     // SAFETY: the kernel writes every element.
     let mut xq = unsafe { stream.alloc::<u8>(m * k) }.map_err(wrap("alloc"))?;
     let mut sa = unsafe { stream.alloc::<f32>(m) }.map_err(wrap("alloc"))?;
@@ -216,13 +220,26 @@ pub fn linear_fwd(
         let f = function_in(&dev, Kernels::Fp8, "fp8_quant_rows")?;
         let k_i = k as i32;
         let mut b = stream.launch_builder(&f);
-        b.arg(&x).arg(&k_i).arg(&mut xq).arg(&mut sa);
+        if s1.dtype() == DType::BF16 {
+            in_place = view::<bf16>(s1, l1, "input")?;
+            b.arg(&in_place);
+        } else {
+            converted = input_bf16(s1, l1)?;
+            b.arg(&converted);
+        }
+        b.arg(&k_i).arg(&mut xq).arg(&mut sa);
         let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: argument types match the kernel; one block per row.
         unsafe { b.launch(cfg) }.map_err(wrap("fp8_quant_rows"))?;
     }
     let w = view::<u8>(s2, l2, "fp8 weight")?;
     let sw = view::<f32>(s3, l3, "fp8 row scales")?;
+    // SAFETY: the GEMM writes every element of D.
+    let mut y = match out_dtype {
+        DType::F32 => CudaStorageSlice::F32(unsafe { stream.alloc::<f32>(m * n) }.map_err(wrap("alloc"))?),
+        DType::F16 => CudaStorageSlice::F16(unsafe { stream.alloc::<f16>(m * n) }.map_err(wrap("alloc"))?),
+        _ => CudaStorageSlice::BF16(unsafe { stream.alloc::<bf16>(m * n) }.map_err(wrap("alloc"))?),
+    };
 
     let mut guard = lts().lock().expect("cublasLt cache poisoned");
     if !guard.contains_key(&dev.id()) {
@@ -232,16 +249,26 @@ pub fn linear_fwd(
         guard.insert(dev.id(), Lt { handle, workspace, algos: HashMap::new() });
     }
     let ltd = guard.get_mut(&dev.id()).expect("inserted");
-    // Outer-vector scaling first; the unscaled f32 GEMM otherwise.
+    let (xq_ptr, _g1) = xq.device_ptr(&stream);
+    let (w_ptr, _g2) = w.device_ptr(&stream);
+    let (sw_ptr, _g4) = sw.device_ptr(&stream);
+    let (sa_ptr, _g5) = sa.device_ptr(&stream);
+    // Outer-vector scaling first (the scale pointers are part of what the heuristic checks);
+    // otherwise the unscaled GEMM plus the in-place scaling pass.
     let mut plan = None;
+    let mut why = String::new();
     for outer_vec in [true, false] {
-        let gemm_out = if outer_vec { out_dtype } else { DType::F32 };
-        let key = (m, n, k, gemm_out, outer_vec);
-        let d = descs(m, n, k, gemm_out, outer_vec)?;
+        let d = descs(m, n, k, out_dtype, outer_vec)?;
+        if outer_vec {
+            use ltsys::cublasLtMatmulDescAttributes_t as A;
+            set(d.matmul, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sw_ptr)?;
+            set(d.matmul, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sa_ptr)?;
+        }
+        let key = (m, n, k, out_dtype, outer_vec);
         let algo = match ltd.algos.get(&key) {
             Some(a) => *a,
             None => {
-                let a = heuristic(ltd, &d);
+                let a = heuristic(ltd, &d).map_err(|e| why = e).ok();
                 ltd.algos.insert(key, a);
                 a
             }
@@ -252,66 +279,24 @@ pub fn linear_fwd(
         }
     }
     let Some((outer_vec, d, algo)) = plan else {
-        candle_core::bail!("cuBLASLt has no FP8 GEMM for M = {m}, N = {n}, K = {k} on this GPU; use --nvfp4-mode w4a16")
+        candle_core::bail!(
+            "cuBLASLt has no FP8 GEMM for M = {m}, N = {n}, K = {k} on this GPU ({why}); use --nvfp4-mode w4a16"
+        )
     };
-    note_path(outer_vec);
+    note_path(outer_vec, &why);
     let cu_stream = stream.cu_stream() as ltsys::cudaStream_t;
     let (alpha, beta) = (1f32, 0f32);
-    let (xq_ptr, _g1) = xq.device_ptr(&stream);
-    let (w_ptr, _g2) = w.device_ptr(&stream);
     let ws_len = ltd.workspace.len();
-    let (ws_ptr, _g3) = ltd.workspace.device_ptr_mut(&stream);
-    if outer_vec {
-        use ltsys::cublasLtMatmulDescAttributes_t as A;
-        let (sw_ptr, _g4) = sw.device_ptr(&stream);
-        let (sa_ptr, _g5) = sa.device_ptr(&stream);
-        set(d.matmul, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sw_ptr)?;
-        set(d.matmul, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sa_ptr)?;
-        macro_rules! run {
-            ($t:ty, $variant:ident) => {{
-                // SAFETY: the GEMM writes every element of D.
-                let mut y = unsafe { stream.alloc::<$t>(m * n) }.map_err(wrap("alloc"))?;
-                {
-                    let (y_ptr, _g6) = y.device_ptr_mut(&stream);
-                    // SAFETY: descriptors match the buffers' types, shapes and leading dimensions.
-                    unsafe {
-                        lt::matmul(
-                            ltd.handle,
-                            d.matmul,
-                            &alpha as *const f32 as *const c_void,
-                            &beta as *const f32 as *const c_void,
-                            w_ptr as *const c_void,
-                            d.a,
-                            xq_ptr as *const c_void,
-                            d.b,
-                            y_ptr as *const c_void,
-                            d.d,
-                            y_ptr as *mut c_void,
-                            d.d,
-                            &algo,
-                            ws_ptr as *mut c_void,
-                            ws_len,
-                            cu_stream,
-                        )
-                    }
-                    .map_err(wrap("cublasLtMatmul (fp8)"))?;
-                }
-                CudaStorageSlice::$variant(y)
-            }};
-        }
-        let slice = match out_dtype {
-            DType::F32 => run!(f32, F32),
-            DType::F16 => run!(f16, F16),
-            _ => run!(bf16, BF16),
-        };
-        return Ok((CudaStorage { slice, device: dev.clone() }, Shape::from(out_dims)));
-    }
-    // Unscaled GEMM into f32, then y = acc * sa[m] * sw[n].
-    // SAFETY: the GEMM writes every element.
-    let mut acc = unsafe { stream.alloc::<f32>(m * n) }.map_err(wrap("alloc"))?;
     {
-        let (acc_ptr, _g6) = acc.device_ptr_mut(&stream);
-        // SAFETY: as above.
+        let (ws_ptr, _g3) = ltd.workspace.device_ptr_mut(&stream);
+        let (y_ptr, _g6) = match &mut y {
+            CudaStorageSlice::F32(v) => v.device_ptr_mut(&stream),
+            CudaStorageSlice::F16(v) => v.device_ptr_mut(&stream),
+            CudaStorageSlice::BF16(v) => v.device_ptr_mut(&stream),
+            _ => unreachable!("allocated above"),
+        };
+        // SAFETY: descriptors match the buffers' types, shapes and leading dimensions; C = D with
+        // beta = 0.
         unsafe {
             lt::matmul(
                 ltd.handle,
@@ -322,9 +307,9 @@ pub fn linear_fwd(
                 d.a,
                 xq_ptr as *const c_void,
                 d.b,
-                acc_ptr as *const c_void,
+                y_ptr as *const c_void,
                 d.d,
-                acc_ptr as *mut c_void,
+                y_ptr as *mut c_void,
                 d.d,
                 &algo,
                 ws_ptr as *mut c_void,
@@ -334,28 +319,30 @@ pub fn linear_fwd(
         }
         .map_err(wrap("cublasLtMatmul (fp8)"))?;
     }
-    let (m_i, n_i) = (m as i64, n as i32);
-    let cfg = LaunchConfig {
-        grid_dim: (((m * n) as u64).div_ceil(ROW_THREADS as u64).min(65_535) as u32, 1, 1),
-        block_dim: (ROW_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    macro_rules! scale {
-        ($t:ty, $name:literal, $variant:ident) => {{
-            let f = function_in(&dev, Kernels::Fp8, $name)?;
-            // SAFETY: the kernel writes every element.
-            let mut y = unsafe { stream.alloc::<$t>(m * n) }.map_err(wrap("alloc"))?;
-            let mut b = stream.launch_builder(&f);
-            b.arg(&acc).arg(&sa).arg(&sw).arg(&mut y).arg(&m_i).arg(&n_i);
-            // SAFETY: argument types match the kernel; grid-stride over M x N.
-            unsafe { b.launch(cfg) }.map_err(wrap($name))?;
-            CudaStorageSlice::$variant(y)
-        }};
+    if !outer_vec {
+        let (m_i, n_i) = (m as i64, n as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (((m * n) as u64).div_ceil(ROW_THREADS as u64).min(SCALE_MAX_BLOCKS) as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let name = match out_dtype {
+            DType::F32 => "fp8_scale_out_f32",
+            DType::F16 => "fp8_scale_out_f16",
+            _ => "fp8_scale_out_bf16",
+        };
+        let f = function_in(&dev, Kernels::Fp8, name)?;
+        let mut b = stream.launch_builder(&f);
+        match &mut y {
+            CudaStorageSlice::F32(v) => b.arg(v),
+            CudaStorageSlice::F16(v) => b.arg(v),
+            CudaStorageSlice::BF16(v) => b.arg(v),
+            _ => unreachable!("allocated above"),
+        };
+        b.arg(&sa).arg(&sw).arg(&m_i).arg(&n_i);
+        // SAFETY: argument types match the kernel; grid-stride over M x N.
+        unsafe { b.launch(cfg) }.map_err(wrap(name))?;
     }
-    let slice = match out_dtype {
-        DType::F32 => scale!(f32, "fp8_scale_out_f32", F32),
-        DType::F16 => scale!(f16, "fp8_scale_out_f16", F16),
-        _ => scale!(bf16, "fp8_scale_out_bf16", BF16),
-    };
-    Ok((CudaStorage { slice, device: dev }, Shape::from(out_dims)))
+    drop(guard);
+    Ok((CudaStorage { slice: y, device: dev }, Shape::from(out_dims)))
 }

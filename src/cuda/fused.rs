@@ -174,3 +174,145 @@ pub fn channel_rms(
     });
     Ok(CudaStorage { slice: y, device: dev.clone() })
 }
+
+/// `y = act(x + bias)` over rows of `c` (f32 `bias`), `act` = identity or tanh-GELU.
+pub fn bias_act(
+    x: &CudaStorage,
+    xl: &Layout,
+    bias: &CudaStorage,
+    bl: &Layout,
+    c: usize,
+    gelu: bool,
+) -> Result<CudaStorage> {
+    let dtype = x.dtype();
+    let name = format!("bias_act_{}", suffix(dtype)?);
+    let dev = &x.device;
+    let f = function_in(dev, Kernels::Fused, &name)?;
+    let stream = dev.cuda_stream();
+    let n = xl.shape().elem_count();
+    let mut y = alloc(x, dtype, n)?;
+    let bv = view::<f32>(bias, bl, "bias")?;
+    let (n_i, c_i, g_i) = (n as i64, c as i32, gelu as i32);
+    let blocks = (n as u64).div_ceil(EW_THREADS as u64).clamp(1, EW_MAX_BLOCKS) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (EW_THREADS, 1, 1), shared_mem_bytes: 0 };
+    with_view!(dtype, x, xl, "x", |xv| {
+        let mut b = stream.launch_builder(&f);
+        b.arg(&xv).arg(&bv);
+        match &mut y {
+            CudaStorageSlice::F32(o) => b.arg(o),
+            CudaStorageSlice::BF16(o) => b.arg(o),
+            CudaStorageSlice::F16(o) => b.arg(o),
+            _ => unreachable!("allocated above"),
+        };
+        b.arg(&n_i).arg(&c_i).arg(&g_i);
+        // SAFETY: argument types match the kernel; n bounds x and y, bias holds c values.
+        unsafe { b.launch(cfg) }.map_err(wrap("bias_act"))?;
+    });
+    Ok(CudaStorage { slice: y, device: dev.clone() })
+}
+
+/// Threads per block of `qk_norm_rope` (one warp per head row).
+const QK_THREADS: u32 = 256;
+
+/// Per-head RMSNorm + interleaved RoPE from the strided `[B, S, H, D]` view described by
+/// (`start`, `sb`, `ss`) into a contiguous `[B, S, H, D]`.
+#[allow(clippy::too_many_arguments)]
+pub fn qk_norm_rope(
+    x: &CudaStorage,
+    (start, sb, ss): (usize, usize, usize),
+    (b, s, h, d): (usize, usize, usize, usize),
+    w: &CudaStorage,
+    wl: &Layout,
+    cos: &CudaStorage,
+    cl: &Layout,
+    sin: &CudaStorage,
+    sl: &Layout,
+    eps: f32,
+) -> Result<CudaStorage> {
+    let dtype = x.dtype();
+    let name = format!("qk_norm_rope_{}", suffix(dtype)?);
+    let dev = &x.device;
+    let f = function_in(dev, Kernels::Fused, &name)?;
+    let stream = dev.cuda_stream();
+    let rows = b * s * h;
+    let mut y = alloc(x, dtype, rows * d)?;
+    let (wv, cv, sv) = (view::<f32>(w, wl, "norm weight")?, view::<f32>(cos, cl, "cos")?, view::<f32>(sin, sl, "sin")?);
+    let (sb_i, ss_i, s_i, h_i, d_i, rows_i) = (sb as i64, ss as i64, s as i32, h as i32, d as i32, rows as i64);
+    let warps_per_block = (QK_THREADS / 32) as u64;
+    let blocks = (rows as u64).div_ceil(warps_per_block) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (QK_THREADS, 1, 1), shared_mem_bytes: 0 };
+    macro_rules! go {
+        ($t:ty) => {{
+            let all = x.as_cuda_slice::<$t>()?;
+            let xv = all.slice(start..);
+            let mut bld = stream.launch_builder(&f);
+            bld.arg(&xv).arg(&sb_i).arg(&ss_i).arg(&wv).arg(&cv).arg(&sv);
+            match &mut y {
+                CudaStorageSlice::F32(o) => bld.arg(o),
+                CudaStorageSlice::BF16(o) => bld.arg(o),
+                CudaStorageSlice::F16(o) => bld.arg(o),
+                _ => unreachable!("allocated above"),
+            };
+            bld.arg(&s_i).arg(&h_i).arg(&d_i).arg(&rows_i).arg(&eps);
+            // SAFETY: argument types match the kernel; the caller checked that every (b, s, h, d)
+            // offset lies inside x, and cos/sin hold s rows of d/2.
+            unsafe { bld.launch(cfg) }.map_err(wrap("qk_norm_rope"))?;
+        }};
+    }
+    match dtype {
+        DType::F32 => go!(f32),
+        DType::BF16 => go!(bf16),
+        _ => go!(f16),
+    }
+    Ok(CudaStorage { slice: y, device: dev.clone() })
+}
+
+/// `y = [o, act(m)]` per row (see kernels/fused.cu `cat_act`); `m` is read at `m_start` with rows
+/// `m_stride` apart; `o` (may be empty when `c` = 0) contiguous.
+#[allow(clippy::too_many_arguments)]
+pub fn cat_act(
+    o: Option<(&CudaStorage, &Layout)>,
+    m: &CudaStorage,
+    (m_start, m_stride): (usize, usize),
+    (rows, c, w): (usize, usize, usize),
+    swiglu: bool,
+) -> Result<CudaStorage> {
+    let dtype = m.dtype();
+    let name = format!("cat_act_{}", suffix(dtype)?);
+    let dev = &m.device;
+    let f = function_in(dev, Kernels::Fused, &name)?;
+    let stream = dev.cuda_stream();
+    let n = rows * (c + w);
+    let mut y = alloc(m, dtype, n)?;
+    let (ms_i, rows_i, c_i, w_i, sw_i) = (m_stride as i64, rows as i64, c as i32, w as i32, swiglu as i32);
+    let blocks = (n as u64).div_ceil(EW_THREADS as u64).clamp(1, EW_MAX_BLOCKS) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (EW_THREADS, 1, 1), shared_mem_bytes: 0 };
+    macro_rules! go {
+        ($t:ty) => {{
+            let mv = m.as_cuda_slice::<$t>()?.slice(m_start..);
+            // An empty `o` still needs a valid pointer argument: `m` stands in (never read).
+            let ov = match o {
+                Some((os, ol)) => view::<$t>(os, ol, "o")?,
+                None => m.as_cuda_slice::<$t>()?.slice(m_start..),
+            };
+            let mut b = stream.launch_builder(&f);
+            b.arg(&ov).arg(&mv).arg(&ms_i);
+            match &mut y {
+                CudaStorageSlice::F32(v) => b.arg(v),
+                CudaStorageSlice::BF16(v) => b.arg(v),
+                CudaStorageSlice::F16(v) => b.arg(v),
+                _ => unreachable!("allocated above"),
+            };
+            b.arg(&rows_i).arg(&c_i).arg(&w_i).arg(&sw_i);
+            // SAFETY: argument types match the kernel; the caller checked that rows x (c + w) fit
+            // y, rows x c fit o, and every m row (w or 2w values) lies inside m's buffer.
+            unsafe { b.launch(cfg) }.map_err(wrap("cat_act"))?;
+        }};
+    }
+    match dtype {
+        DType::F32 => go!(f32),
+        DType::BF16 => go!(bf16),
+        _ => go!(f16),
+    }
+    Ok(CudaStorage { slice: y, device: dev.clone() })
+}

@@ -242,6 +242,18 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    #[test]
+    fn bias_act_reference_matches_the_unfused_ops() {
+        let x = Tensor::randn(0f32, 2.0, (2, 5, 24), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 24, &Device::Cpu).unwrap();
+        let plain = x.broadcast_add(&b).unwrap();
+        for (gelu, want) in [(false, plain.clone()), (true, plain.gelu().unwrap())] {
+            let got = bias_act(&x, &b, gelu).unwrap();
+            let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d <= 1e-6, "gelu={gelu}: {d}");
+        }
+    }
+
     /// The loops against the same math in Candle ops (f32).
     #[test]
     fn references_match_candle_ops() {
@@ -294,5 +306,192 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert_eq!(d, 0.0);
+    }
+}
+
+/// tanh-approximated GELU in f32, in Candle's operation order (the CPU reference of the fused pass).
+fn gelu_tanh_f32(v: f32) -> f32 {
+    const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+    const CUBIC: f32 = 0.044715;
+    0.5 * v * (1.0 + (SQRT_TWO_OVER_PI * v * (1.0 + CUBIC * v * v)).tanh())
+}
+
+struct BiasAct {
+    c: usize,
+    gelu: bool,
+}
+
+impl candle_core::CustomOp2 for BiasAct {
+    fn name(&self) -> &'static str {
+        "bias-act"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, b: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (xv, bv) = (f32s(x, xl)?, f32s(b, bl)?);
+        let y = xv
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let v = v + bv[i % self.c];
+                if self.gelu {
+                    gelu_tanh_f32(v)
+                } else {
+                    v
+                }
+            })
+            .collect();
+        Ok((store(y, x), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda::fused::bias_act(x, xl, b, bl, self.c, self.gelu)?, xl.shape().clone()))
+    }
+}
+
+/// `act(x + bias)` over the last dimension in one pass (`act` = identity or tanh-GELU when
+/// `gelu`); f32 math, `x`'s dtype out.
+pub fn bias_act(x: &Tensor, bias: &Tensor, gelu: bool) -> Result<Tensor> {
+    let c = x.dim(candle_core::D::Minus1)?;
+    if bias.elem_count() != c {
+        candle_core::bail!("bias_act: bias of {} values for activations {:?}", bias.elem_count(), x.dims());
+    }
+    let b = bias.to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
+    x.contiguous()?.apply_op2_no_bwd(&b, &BiasAct { c, gelu })
+}
+
+/// Per-head RMSNorm (weight `[D]`, `eps`) then interleaved-pair RoPE (`cos`/`sin` `[S, D/2]` f32)
+/// of `x` `[B, S, H*D]` (any token stride: e.g. a slice of a fused qkv output), returned as a
+/// contiguous `[B, S, H, D]`. The CUDA kernel reads the strided view in place; elsewhere this is
+/// the unfused composition (its reference).
+pub fn qk_norm_rope(x: &Tensor, heads: usize, weight: &Tensor, eps: f64, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, s, hd) = x.dims3()?;
+    let d = hd / heads;
+    if d * heads != hd || weight.elem_count() != d || cos.dims() != [s, d / 2] || sin.dims() != [s, d / 2] {
+        candle_core::bail!(
+            "qk_norm_rope: x {:?} with {heads} heads, weight {:?}, cos {:?}, sin {:?} do not fit",
+            x.dims(),
+            weight.dims(),
+            cos.dims(),
+            sin.dims()
+        );
+    }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && x.stride()[2] == 1 {
+        let w = weight.to_dtype(DType::F32)?.contiguous()?;
+        let (cos, sin) = (cos.to_dtype(DType::F32)?.contiguous()?, sin.to_dtype(DType::F32)?.contiguous()?);
+        let (st, xl) = x.storage_and_layout();
+        let (sb, ss) = (x.stride()[0], x.stride()[1]);
+        let candle_core::Storage::Cuda(xs) = &*st else { unreachable!("cuda tensor") };
+        let (ws, wl) = w.storage_and_layout();
+        let (cs, cl) = cos.storage_and_layout();
+        let (ss_, sl) = sin.storage_and_layout();
+        let (candle_core::Storage::Cuda(ws), candle_core::Storage::Cuda(cs), candle_core::Storage::Cuda(sns)) =
+            (&*ws, &*cs, &*ss_)
+        else {
+            unreachable!("cuda tensors")
+        };
+        let y = crate::cuda::fused::qk_norm_rope(
+            xs,
+            (xl.start_offset(), sb, ss),
+            (b, s, heads, d),
+            ws,
+            wl,
+            cs,
+            cl,
+            sns,
+            sl,
+            eps as f32,
+        )?;
+        return Ok(Tensor::from_storage(
+            candle_core::Storage::Cuda(y),
+            (b, s, heads, d),
+            candle_core::op::BackpropOp::none(),
+            false,
+        ));
+    }
+    let _ = b;
+    let norm = crate::models::ops::RmsNorm::new(weight.clone(), eps);
+    let xh = crate::models::ops::heads(x, heads)?;
+    use candle_core::Module;
+    crate::models::ops::apply_rope(&norm.forward(&xh)?, cos, sin)?.transpose(1, 2)?.contiguous()
+}
+
+/// The activation of [`cat_act`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlpAct {
+    /// tanh-GELU of `w` values (FLUX.1).
+    GeluTanh,
+    /// `silu(first half) * second half` of `2w` values (FLUX.2).
+    SwiGlu,
+}
+
+/// `[o, act(m)]` along the last dimension in one pass (`o` `[B, S, C]`, optional: `None` gives
+/// `act(m)` alone). `m` `[B, S, W or 2W]` may be a column slice of a wider tensor (read in place on
+/// the GPU). Elsewhere the unfused composition.
+pub fn cat_act(o: Option<&Tensor>, m: &Tensor, act: MlpAct) -> Result<Tensor> {
+    let (b, s, mw) = m.dims3()?;
+    let w = match act {
+        MlpAct::GeluTanh => mw,
+        MlpAct::SwiGlu => mw / 2,
+    };
+    let c = match o {
+        Some(o) => {
+            let (ob, os, oc) = o.dims3()?;
+            if (ob, os) != (b, s) || o.dtype() != m.dtype() {
+                candle_core::bail!(
+                    "cat_act: o {:?} {:?} does not fit m {:?} {:?}",
+                    o.dims(),
+                    o.dtype(),
+                    m.dims(),
+                    m.dtype()
+                );
+            }
+            oc
+        }
+        None => 0,
+    };
+    #[cfg(feature = "cuda")]
+    if m.device().is_cuda() && m.stride()[2] == 1 && (b == 1 || m.stride()[0] == s * m.stride()[1]) {
+        let o = o.map(|o| o.contiguous()).transpose()?;
+        let (ms, ml) = m.storage_and_layout();
+        let candle_core::Storage::Cuda(ms) = &*ms else { unreachable!("cuda tensor") };
+        let guard = o.as_ref().map(|o| o.storage_and_layout());
+        let o_arg = match &guard {
+            Some((st, ol)) => match &**st {
+                candle_core::Storage::Cuda(os) => Some((os, *ol)),
+                _ => unreachable!("cuda tensor"),
+            },
+            None => None,
+        };
+        let y = crate::cuda::fused::cat_act(
+            o_arg,
+            ms,
+            (ml.start_offset(), m.stride()[1]),
+            (b * s, c, w),
+            act == MlpAct::SwiGlu,
+        )?;
+        drop(guard);
+        return Ok(Tensor::from_storage(
+            candle_core::Storage::Cuda(y),
+            (b, s, c + w),
+            candle_core::op::BackpropOp::none(),
+            false,
+        ));
+    }
+    let _ = c;
+    let a = match act {
+        MlpAct::GeluTanh => m.gelu()?,
+        MlpAct::SwiGlu => (m.narrow(2, 0, w)?.silu()? * m.narrow(2, w, w)?)?,
+    };
+    match o {
+        Some(o) => Tensor::cat(&[o, &a], 2),
+        None => Ok(a),
     }
 }

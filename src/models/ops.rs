@@ -23,6 +23,12 @@ impl RmsNorm {
     pub fn new(weight: Tensor, eps: f64) -> Self {
         Self { weight, eps }
     }
+
+    /// Per-head norm then RoPE of `x` `[B, S, H*D]` (see [`crate::models::fused::qk_norm_rope`]),
+    /// returned as `[B, H, S, D]` (a transposed view of a contiguous `[B, S, H, D]`).
+    pub fn norm_rope(&self, x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        crate::models::fused::qk_norm_rope(x, heads, &self.weight, self.eps, cos, sin)?.transpose(1, 2)
+    }
 }
 
 impl Module for RmsNorm {

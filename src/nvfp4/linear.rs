@@ -335,7 +335,12 @@ pub struct Nvfp4Linear {
     weight: Tensor,
     scale: Tensor,
     bias: Option<Tensor>,
+    /// Output features (the op's `n` may include FP8 padding rows).
+    n_out: usize,
 }
+
+/// FP8 weights get rows padded to this multiple (16-byte aligned outputs in every dtype).
+pub const FP8_ROW_ALIGN: usize = 16;
 
 impl Nvfp4Linear {
     /// Prepares `w` for `backend` (once) and uploads it to `device`. A missing `input_scale` is 1.0
@@ -385,24 +390,38 @@ impl Nvfp4Linear {
             weight_scale_2: w.weight_scale_2,
             input_scale: input_scale.unwrap_or(1.0),
         };
-        Ok(Self { op, weight, scale, bias })
+        Ok(Self { op, weight, scale, bias, n_out: w.n })
     }
 
     /// FP8 mode: E4M3 `[n, k]` and f32 row scales `[n]`, converted on the GPU when the layer
-    /// lives there (the CPU loop is the reference and would take minutes on a 32B model).
+    /// lives there (the CPU loop is the reference and would take minutes on a 32B model). Rows are
+    /// padded with zeros to a multiple of [`FP8_ROW_ALIGN`] (cuBLASLt's 16-byte leading
+    /// dimensions); the output is narrowed back.
     fn fp8(w: &Nvfp4Weight, bias: Option<Tensor>, backend: Backend, kind: LayoutKind, device: &Device) -> Result<Self> {
+        let n_pad = w.n.next_multiple_of(FP8_ROW_ALIGN);
+        let padded;
+        let w_in = if n_pad == w.n {
+            w
+        } else {
+            let mut packed = w.packed.clone();
+            packed.resize(n_pad * w.k / 2, 0);
+            let mut scales = w.scales.clone();
+            scales.resize(n_pad * (w.k / GROUP_SIZE), 0);
+            padded = Nvfp4Weight::new(n_pad, w.k, packed, scales, w.weight_scale_2)?;
+            &padded
+        };
         let (weight, scale) = match device {
             #[cfg(feature = "cuda")]
-            Device::Cuda(_) => crate::cuda::fp8::weight_to_fp8(w, device)?,
+            Device::Cuda(_) => crate::cuda::fp8::weight_to_fp8(w_in, device)?,
             _ => {
-                let (q, s) = super::fp8::weight_to_fp8(w);
-                (Tensor::from_vec(q, (w.n, w.k), device)?, Tensor::from_vec(s, w.n, device)?)
+                let (q, s) = super::fp8::weight_to_fp8(w_in);
+                (Tensor::from_vec(q, (n_pad, w.k), device)?, Tensor::from_vec(s, n_pad, device)?)
             }
         };
         let op = Nvfp4Matmul {
             backend,
             kind,
-            n: w.n,
+            n: n_pad,
             k: w.k,
             weight_row_bytes: w.k,
             scale_cols: 1,
@@ -410,7 +429,7 @@ impl Nvfp4Linear {
             weight_scale_2: w.weight_scale_2,
             input_scale: 1.0,
         };
-        Ok(Self { op, weight, scale, bias })
+        Ok(Self { op, weight, scale, bias, n_out: w.n })
     }
 
     pub fn backend(&self) -> Backend {
@@ -436,7 +455,7 @@ impl Nvfp4Linear {
     }
 
     pub fn out_features(&self) -> usize {
-        self.op.n
+        self.n_out
     }
 
     pub fn op(&self) -> &Nvfp4Matmul {
@@ -470,10 +489,29 @@ impl Nvfp4Linear {
 
 impl Module for Nvfp4Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, false)
+    }
+}
+
+impl Nvfp4Linear {
+    /// The layer, then tanh-GELU when `gelu`; on the GPU the bias add and GELU are one fused pass.
+    pub fn forward_act(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
         let x = x.contiguous()?;
-        let y = x.apply_op3_no_bwd(&self.weight, &self.scale, &self.op)?;
+        let mut y = x.apply_op3_no_bwd(&self.weight, &self.scale, &self.op)?;
+        if self.op.n != self.n_out {
+            y = y.narrow(candle_core::D::Minus1, 0, self.n_out)?;
+        }
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+            Some(b) if y.device().is_cuda() => crate::models::fused::bias_act(&y, b, gelu),
+            Some(b) => {
+                let y = y.broadcast_add(&b.to_dtype(y.dtype())?)?;
+                if gelu {
+                    crate::models::ops::gelu_tanh(&y)
+                } else {
+                    Ok(y)
+                }
+            }
+            None if gelu => crate::models::ops::gelu_tanh(&y),
             None => Ok(y),
         }
     }

@@ -10,10 +10,8 @@ use candle_core::{DType, Module, Result, Tensor, D};
 
 use super::config::FluxConfig;
 use crate::linear::{Linear, WeightBuilder};
-use crate::models::fused::{gated_add, ln_modulate};
-use crate::models::ops::{
-    apply_rope, attention, gelu_tanh, heads, merge_heads, rope_tables, timestep_embedding, RmsNorm,
-};
+use crate::models::fused::{cat_act, gated_add, ln_modulate, MlpAct};
+use crate::models::ops::{attention, heads, merge_heads, rope_tables, timestep_embedding, RmsNorm};
 
 /// Norm epsilon of every LayerNorm and q/k RMSNorm in FLUX.
 const EPS: f64 = 1e-6;
@@ -91,6 +89,13 @@ impl Embedder {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
     }
+}
+
+/// The RoPE table rows of the first `n` tokens and of the rest.
+pub(crate) type Rope = (Tensor, Tensor);
+pub(crate) fn split_rope(rope: &Rope, n: usize) -> Result<(Rope, Rope)> {
+    let rest = rope.0.dim(0)? - n;
+    Ok(((rope.0.narrow(0, 0, n)?, rope.1.narrow(0, 0, n)?), (rope.0.narrow(0, n, rest)?, rope.1.narrow(0, n, rest)?)))
 }
 
 pub(crate) fn chunks(t: &Tensor, n: usize) -> Result<Vec<Tensor>> {
@@ -195,27 +200,28 @@ impl DoubleBlock {
         let iq = self.qkv.forward(&img_n)?;
         let tq = self.add_qkv.forward(&txt_n)?;
         let h = self.heads;
-        let q_i = self.norm_q.forward(&heads(&iq[0], h)?)?;
-        let k_i = self.norm_k.forward(&heads(&iq[1], h)?)?;
-        let q_t = self.norm_added_q.forward(&heads(&tq[0], h)?)?;
-        let k_t = self.norm_added_k.forward(&heads(&tq[1], h)?)?;
-        // Joint attention over [txt, img].
-        let q = apply_rope(&Tensor::cat(&[q_t, q_i], 2)?, &rope.0, &rope.1)?;
-        let k = apply_rope(&Tensor::cat(&[k_t, k_i], 2)?, &rope.0, &rope.1)?;
-        let v = Tensor::cat(&[heads(&tq[2], h)?, heads(&iq[2], h)?], 2)?;
-        let o = merge_heads(&attention(&q, &k, &v)?)?;
         let s_txt = txt.dim(1)?;
+        // Joint attention over [txt, img]: each stream's q/k normed and rotated with its rows of
+        // the RoPE table (one fused pass each), then joined along the sequence.
+        let (rope_t, rope_i) = split_rope(rope, s_txt)?;
+        let qk = |t: &Tensor, n: &RmsNorm, i: &Tensor, m: &RmsNorm| -> Result<Tensor> {
+            Tensor::cat(&[n.norm_rope(t, h, &rope_t.0, &rope_t.1)?, m.norm_rope(i, h, &rope_i.0, &rope_i.1)?], 2)
+        };
+        let q = qk(&tq[0], &self.norm_added_q, &iq[0], &self.norm_q)?;
+        let k = qk(&tq[1], &self.norm_added_k, &iq[1], &self.norm_k)?;
+        let v = heads(&Tensor::cat(&[&tq[2], &iq[2]], 1)?, h)?;
+        let o = merge_heads(&attention(&q, &k, &v)?)?;
         let o_txt = o.narrow(1, 0, s_txt)?;
         let o_img = o.narrow(1, s_txt, o.dim(1)? - s_txt)?;
 
         let img = gated_add(img, &self.to_out.forward(&o_img)?, &m[2])?;
         let img_n = ln_modulate(&img, &m[3], &m[4], EPS)?;
-        let ff = self.ff.1.forward(&gelu_tanh(&self.ff.0.forward(&img_n)?)?)?;
+        let ff = self.ff.1.forward(&self.ff.0.forward_gelu(&img_n)?)?;
         let img = gated_add(&img, &ff, &m[5])?;
 
         let txt = gated_add(txt, &self.to_add_out.forward(&o_txt)?, &c[2])?;
         let txt_n = ln_modulate(&txt, &c[3], &c[4], EPS)?;
-        let ff = self.ff_context.1.forward(&gelu_tanh(&self.ff_context.0.forward(&txt_n)?)?)?;
+        let ff = self.ff_context.1.forward(&self.ff_context.0.forward_gelu(&txt_n)?)?;
         let txt = gated_add(&txt, &ff, &c[5])?;
         Ok((img, txt))
     }
@@ -273,11 +279,11 @@ impl SingleBlock {
         let xn = ln_modulate(x, &m[0], &m[1], EPS)?;
         let p = self.qkv_mlp.forward(&xn)?;
         let h = self.heads;
-        let q = apply_rope(&self.norm_q.forward(&heads(&p[0], h)?)?, &rope.0, &rope.1)?;
-        let k = apply_rope(&self.norm_k.forward(&heads(&p[1], h)?)?, &rope.0, &rope.1)?;
+        let q = self.norm_q.norm_rope(&p[0], h, &rope.0, &rope.1)?;
+        let k = self.norm_k.norm_rope(&p[1], h, &rope.0, &rope.1)?;
         let o = merge_heads(&attention(&q, &k, &heads(&p[2], h)?)?)?;
-        let mlp = gelu_tanh(&p[3])?;
-        let y = self.proj_out.forward(&Tensor::cat(&[o, mlp], D::Minus1)?)?;
+        // cat(attention, gelu(mlp)) in one pass.
+        let y = self.proj_out.forward(&cat_act(Some(&o), &p[3], MlpAct::GeluTanh)?)?;
         gated_add(x, &y, &m[2])
     }
 }

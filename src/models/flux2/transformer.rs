@@ -14,20 +14,19 @@ use candle_core::{DType, Module, Result, Tensor, D};
 
 use super::config::Flux2Config;
 use crate::linear::{Linear, WeightBuilder};
-use crate::models::flux::model::{chunks, Embedder, Proj};
+use crate::models::flux::model::{chunks, split_rope, Embedder, Proj};
 use crate::models::flux::Naming;
-use crate::models::fused::{gated_add, ln_modulate};
-use crate::models::ops::{apply_rope, attention, heads, merge_heads, rope_tables, timestep_embedding, RmsNorm};
+use crate::models::fused::{cat_act, gated_add, ln_modulate, MlpAct};
+use crate::models::ops::{attention, heads, merge_heads, rope_tables, timestep_embedding, RmsNorm};
 
 /// Timesteps and guidance arrive in [0, 1] / as the raw scale; the model was trained on 1000x.
 const TIME_SCALE: f64 = 1000.0;
 /// Longest period of the sinusoidal time embedding.
 const TIME_MAX_PERIOD: f64 = 10_000.0;
 
-/// `silu(first half) * second half` of the last dimension.
+/// `silu(first half) * second half` of the last dimension (one fused pass on the GPU).
 fn swiglu(x: &Tensor) -> Result<Tensor> {
-    let h = x.dim(D::Minus1)? / 2;
-    x.narrow(D::Minus1, 0, h)?.silu()? * x.narrow(D::Minus1, h, h)?
+    cat_act(None, x, MlpAct::SwiGlu)
 }
 
 fn rms(wb: &WeightBuilder, name: &str, cfg: &Flux2Config) -> Result<RmsNorm> {
@@ -120,17 +119,26 @@ impl DoubleBlock {
         let (h, eps) = (self.heads, self.eps);
         let iq = self.img.qkv.forward(&ln_modulate(img, &m[0], &m[1], eps)?)?;
         let tq = self.txt.qkv.forward(&ln_modulate(txt, &c[0], &c[1], eps)?)?;
-        let q_i = self.img.norm_q.forward(&heads(&iq[0], h)?)?;
-        let k_i = self.img.norm_k.forward(&heads(&iq[1], h)?)?;
-        let q_t = self.txt.norm_q.forward(&heads(&tq[0], h)?)?;
-        let k_t = self.txt.norm_k.forward(&heads(&tq[1], h)?)?;
         // Joint attention over [txt, img], no mask (padding text rows are attended to, as in
-        // the reference).
-        let q = apply_rope(&Tensor::cat(&[q_t, q_i], 2)?, &rope.0, &rope.1)?;
-        let k = apply_rope(&Tensor::cat(&[k_t, k_i], 2)?, &rope.0, &rope.1)?;
-        let v = Tensor::cat(&[heads(&tq[2], h)?, heads(&iq[2], h)?], 2)?;
-        let o = merge_heads(&attention(&q, &k, &v)?)?;
+        // the reference); q/k normed and rotated per stream with its rows of the RoPE table.
         let s_txt = txt.dim(1)?;
+        let (rope_t, rope_i) = split_rope(rope, s_txt)?;
+        let q = Tensor::cat(
+            &[
+                self.txt.norm_q.norm_rope(&tq[0], h, &rope_t.0, &rope_t.1)?,
+                self.img.norm_q.norm_rope(&iq[0], h, &rope_i.0, &rope_i.1)?,
+            ],
+            2,
+        )?;
+        let k = Tensor::cat(
+            &[
+                self.txt.norm_k.norm_rope(&tq[1], h, &rope_t.0, &rope_t.1)?,
+                self.img.norm_k.norm_rope(&iq[1], h, &rope_i.0, &rope_i.1)?,
+            ],
+            2,
+        )?;
+        let v = heads(&Tensor::cat(&[&tq[2], &iq[2]], 1)?, h)?;
+        let o = merge_heads(&attention(&q, &k, &v)?)?;
         let o_txt = o.narrow(1, 0, s_txt)?;
         let o_img = o.narrow(1, s_txt, o.dim(1)? - s_txt)?;
 
@@ -187,11 +195,12 @@ impl SingleBlock {
         let (h, dim) = (self.heads, self.dim);
         let p = self.to_qkv_mlp_proj.forward(&ln_modulate(x, &m[0], &m[1], self.eps)?)?;
         let part = |i: usize| p.narrow(D::Minus1, i * dim, dim);
-        let q = apply_rope(&self.norm_q.forward(&heads(&part(0)?, h)?)?, &rope.0, &rope.1)?;
-        let k = apply_rope(&self.norm_k.forward(&heads(&part(1)?, h)?)?, &rope.0, &rope.1)?;
+        let q = self.norm_q.norm_rope(&part(0)?, h, &rope.0, &rope.1)?;
+        let k = self.norm_k.norm_rope(&part(1)?, h, &rope.0, &rope.1)?;
         let o = merge_heads(&attention(&q, &k, &heads(&part(2)?, h)?)?)?;
-        let mlp = swiglu(&p.narrow(D::Minus1, 3 * dim, p.dim(D::Minus1)? - 3 * dim)?)?;
-        let y = self.to_out.forward(&Tensor::cat(&[o, mlp], D::Minus1)?)?;
+        // cat(attention, swiglu(mlp)) in one pass, reading the projection's MLP columns in place.
+        let mlp = p.narrow(D::Minus1, 3 * dim, p.dim(D::Minus1)? - 3 * dim)?;
+        let y = self.to_out.forward(&cat_act(Some(&o), &mlp, MlpAct::SwiGlu)?)?;
         gated_add(x, &y, &m[2])
     }
 }
