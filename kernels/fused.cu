@@ -145,7 +145,7 @@ __device__ void bias_act(const T* __restrict__ x, const float* __restrict__ bias
 template <typename T>
 __device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss, const float* __restrict__ w,
                              const float* __restrict__ cos, const float* __restrict__ sin, T* __restrict__ y, int s_len,
-                             int heads, int d, long long rows, float eps) {
+                             int heads, int d, long long rows, float eps, int norm) {
     const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / kWarp;
     const int lane = threadIdx.x % kWarp;
     if (warp >= rows) return;
@@ -160,12 +160,13 @@ __device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss
         sq += v * v;
     }
     for (int o = kWarp / 2; o > 0; o /= 2) sq += __shfl_xor_sync(0xffffffff, sq, o);
-    const float rstd = rsqrtf(sq / d + eps);
+    // norm = 0: RoPE alone (the model normalized already); the values pass through unchanged.
+    const float rstd = norm ? rsqrtf(sq / d + eps) : 1.f;
     T* yr = y + warp * d;
     const int half = d / 2;
     for (int i = lane; i < half; i += kWarp) {
-        const float n0 = to_f(from_f<T>(to_f(xr[2 * i]) * rstd * w[2 * i]));
-        const float n1 = to_f(from_f<T>(to_f(xr[2 * i + 1]) * rstd * w[2 * i + 1]));
+        const float n0 = norm ? to_f(from_f<T>(to_f(xr[2 * i]) * rstd * w[2 * i])) : to_f(xr[2 * i]);
+        const float n1 = norm ? to_f(from_f<T>(to_f(xr[2 * i + 1]) * rstd * w[2 * i + 1])) : to_f(xr[2 * i + 1]);
         const float c = cos[(long long)s * half + i], sn = sin[(long long)s * half + i];
         yr[2 * i] = from_f<T>(n0 * c - n1 * sn);
         yr[2 * i + 1] = from_f<T>(n0 * sn + n1 * c);
@@ -178,8 +179,8 @@ __device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss
     }                                                                                                                 \
     extern "C" __global__ void qk_norm_rope_##SUF(const T* x, long long sb, long long ss, const float* w,            \
                                                   const float* cos, const float* sin, T* y, int s_len, int heads,     \
-                                                  int d, long long rows, float eps) {                                 \
-        qk_norm_rope<T>(x, sb, ss, w, cos, sin, y, s_len, heads, d, rows, eps);                                       \
+                                                  int d, long long rows, float eps, int norm) {                       \
+        qk_norm_rope<T>(x, sb, ss, w, cos, sin, y, s_len, heads, d, rows, eps, norm);                                 \
     }
 
 BLOCK_OPS(float, f32)

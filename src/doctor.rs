@@ -390,6 +390,13 @@ pub fn check_fused(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
                 rel_max_err(&host(&got)?, &host(&want)?),
                 if dtype == DType::F32 { FUSED_TOL } else { TWO_ROUNDINGS_TOL },
             ));
+            let got = crate::models::fused::rope_heads(&x, h, &cos, &sin)?;
+            let want = crate::models::fused::rope_heads(&cpu(&x)?, h, &cpu(&cos)?, &cpu(&sin)?)?;
+            out.push(CheckResult::new(
+                format!("rope_heads B{b} S{s} H{h} D{d} strided {dtype:?}"),
+                rel_max_err(&host(&got)?, &host(&want)?),
+                FUSED_TOL,
+            ));
         }
     }
     // cat(o, act(m)) with m a column slice of a fused projection, and the activation alone.

@@ -214,7 +214,7 @@ pub fn bias_act(
 /// Threads per block of `qk_norm_rope` (one warp per head row).
 const QK_THREADS: u32 = 256;
 
-/// Per-head RMSNorm + interleaved RoPE from the strided `[B, S, H, D]` view described by
+/// Per-head RMSNorm (skipped when `!norm`; `w` is then unread) + interleaved RoPE from the strided `[B, S, H, D]` view described by
 /// (`start`, `sb`, `ss`) into a contiguous `[B, S, H, D]`.
 #[allow(clippy::too_many_arguments)]
 pub fn qk_norm_rope(
@@ -228,6 +228,7 @@ pub fn qk_norm_rope(
     sin: &CudaStorage,
     sl: &Layout,
     eps: f32,
+    norm: bool,
 ) -> Result<CudaStorage> {
     let dtype = x.dtype();
     let name = format!("qk_norm_rope_{}", suffix(dtype)?);
@@ -253,7 +254,8 @@ pub fn qk_norm_rope(
                 CudaStorageSlice::F16(o) => bld.arg(o),
                 _ => unreachable!("allocated above"),
             };
-            bld.arg(&s_i).arg(&h_i).arg(&d_i).arg(&rows_i).arg(&eps);
+            let norm_i = norm as i32;
+            bld.arg(&s_i).arg(&h_i).arg(&d_i).arg(&rows_i).arg(&eps).arg(&norm_i);
             // SAFETY: argument types match the kernel; the caller checked that every (b, s, h, d)
             // offset lies inside x, and cos/sin hold s rows of d/2.
             unsafe { bld.launch(cfg) }.map_err(wrap("qk_norm_rope"))?;

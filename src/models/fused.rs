@@ -371,20 +371,44 @@ pub fn bias_act(x: &Tensor, bias: &Tensor, gelu: bool) -> Result<Tensor> {
 /// contiguous `[B, S, H, D]`. The CUDA kernel reads the strided view in place; elsewhere this is
 /// the unfused composition (its reference).
 pub fn qk_norm_rope(x: &Tensor, heads: usize, weight: &Tensor, eps: f64, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    norm_rope_impl(x, heads, Some((weight, eps)), cos, sin)
+}
+
+/// Interleaved-pair RoPE alone of `x` `[B, S, H*D]` into a contiguous `[B, S, H, D]` (one pass on
+/// the GPU instead of an f32 round trip of a strided view); models whose q/k norm spans all heads
+/// (Wan) normalize first.
+pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    norm_rope_impl(x, heads, None, cos, sin)
+}
+
+fn norm_rope_impl(
+    x: &Tensor,
+    heads: usize,
+    norm: Option<(&Tensor, f64)>,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
     let (b, s, hd) = x.dims3()?;
     let d = hd / heads;
-    if d * heads != hd || weight.elem_count() != d || cos.dims() != [s, d / 2] || sin.dims() != [s, d / 2] {
+    if d * heads != hd
+        || norm.is_some_and(|(w, _)| w.elem_count() != d)
+        || cos.dims() != [s, d / 2]
+        || sin.dims() != [s, d / 2]
+    {
         candle_core::bail!(
-            "qk_norm_rope: x {:?} with {heads} heads, weight {:?}, cos {:?}, sin {:?} do not fit",
+            "qk_norm_rope: x {:?} with {heads} heads, cos {:?}, sin {:?} do not fit",
             x.dims(),
-            weight.dims(),
             cos.dims(),
             sin.dims()
         );
     }
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && x.stride()[2] == 1 {
-        let w = weight.to_dtype(DType::F32)?.contiguous()?;
+        // Without a norm the weight is never read; the cos table stands in as a valid pointer.
+        let (w, eps) = match norm {
+            Some((w, eps)) => (w.to_dtype(DType::F32)?.contiguous()?, eps),
+            None => (cos.to_dtype(DType::F32)?.contiguous()?, 0.0),
+        };
         let (cos, sin) = (cos.to_dtype(DType::F32)?.contiguous()?, sin.to_dtype(DType::F32)?.contiguous()?);
         let (st, xl) = x.storage_and_layout();
         let (sb, ss) = (x.stride()[0], x.stride()[1]);
@@ -408,6 +432,7 @@ pub fn qk_norm_rope(x: &Tensor, heads: usize, weight: &Tensor, eps: f64, cos: &T
             sns,
             sl,
             eps as f32,
+            norm.is_some(),
         )?;
         return Ok(Tensor::from_storage(
             candle_core::Storage::Cuda(y),
@@ -417,10 +442,15 @@ pub fn qk_norm_rope(x: &Tensor, heads: usize, weight: &Tensor, eps: f64, cos: &T
         ));
     }
     let _ = b;
-    let norm = crate::models::ops::RmsNorm::new(weight.clone(), eps);
     let xh = crate::models::ops::heads(x, heads)?;
-    use candle_core::Module;
-    crate::models::ops::apply_rope(&norm.forward(&xh)?, cos, sin)?.transpose(1, 2)?.contiguous()
+    let xh = match norm {
+        Some((w, eps)) => {
+            use candle_core::Module;
+            crate::models::ops::RmsNorm::new(w.clone(), eps).forward(&xh)?
+        }
+        None => xh,
+    };
+    crate::models::ops::apply_rope(&xh, cos, sin)?.transpose(1, 2)?.contiguous()
 }
 
 /// The activation of [`cat_act`].

@@ -8,10 +8,8 @@ use candle_core::{DType, Module, Result, Tensor};
 
 use super::config::WanConfig;
 use crate::linear::{Linear, WeightBuilder};
-use crate::models::fused::{gated_add, ln_modulate};
-use crate::models::ops::{
-    apply_rope, attention, gelu_tanh, heads, merge_heads, rope_tables, timestep_embedding, RmsNorm,
-};
+use crate::models::fused::{gated_add, ln_modulate, rope_heads};
+use crate::models::ops::{attention, gelu_tanh, heads, merge_heads, rope_tables, timestep_embedding, RmsNorm};
 
 /// RoPE base of the three axes.
 const ROPE_THETA: f64 = 10_000.0;
@@ -59,12 +57,16 @@ impl Attention {
     /// `x` `[B, S, dim]`; `ctx` the key/value source for cross-attention; RoPE for self-attention.
     fn forward(&self, x: &Tensor, ctx: Option<&Tensor>, rope: Option<&(Tensor, Tensor)>) -> Result<Tensor> {
         let kv = ctx.unwrap_or(x);
-        let q = heads(&self.norm_q.forward(&self.to_q.forward(x)?)?, self.heads)?;
-        let k = heads(&self.norm_k.forward(&self.to_k.forward(kv)?)?, self.heads)?;
+        let q = self.norm_q.forward(&self.to_q.forward(x)?)?;
+        let k = self.norm_k.forward(&self.to_k.forward(kv)?)?;
         let v = heads(&self.to_v.forward(kv)?, self.heads)?;
         let (q, k) = match rope {
-            Some((cos, sin)) => (apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?),
-            None => (q, k),
+            // RoPE per head in one pass into [B, S, H, D], seen as [B, H, S, D].
+            Some((cos, sin)) => (
+                rope_heads(&q, self.heads, cos, sin)?.transpose(1, 2)?,
+                rope_heads(&k, self.heads, cos, sin)?.transpose(1, 2)?,
+            ),
+            None => (heads(&q, self.heads)?, heads(&k, self.heads)?),
         };
         self.to_out.forward(&merge_heads(&attention(&q, &k, &v)?)?)
     }
@@ -156,7 +158,7 @@ impl Block {
         let x = (&x + self.attn2.forward(&h, Some(ctx), None)?)?;
 
         let h = modulated_norm(&x, &c_shift, &c_scale, self.eps)?;
-        let ff = self.ffn_out.forward(&gelu_tanh(&self.ffn_in.forward(&h)?)?)?;
+        let ff = self.ffn_out.forward(&self.ffn_in.forward_gelu(&h)?)?;
         gated_residual(&x, &ff, &c_gate)
     }
 }
