@@ -226,23 +226,51 @@ fn run_flux2(a: &T2iArgs, m: &Manifest, device: &candle_core::Device, dtype: can
         max_sequence_length: a.max_sequence_length.unwrap_or(d.max_sequence_length),
     };
     let fetch_s = t0.elapsed().as_secs_f64();
-    let bar = progress_bar(req.steps);
-    let (images, stats) = run.generate(&req, |i, _, _| bar.set_position(i as u64))?;
-    bar.finish_and_clear();
-    let meta = vec![
-        ("prompt", req.prompt.clone()),
-        ("seed", req.seed.to_string()),
-        ("model", m.name.clone()),
-        ("steps", req.steps.to_string()),
-        ("guidance", req.guidance.to_string()),
-        ("backend", format!("{dtype:?}; NVFP4 layers (if any): {} {}", nvfp4.backend, a.run.nvfp4_mode)),
-        ("text_encoder", stats.text_encoder.clone().unwrap_or_default()),
-        ("software", format!("candiff {}", env!("CARGO_PKG_VERSION"))),
-    ];
-    write_images(&a.output, &images, &meta)?;
-    println!("text encoder: {}", stats.text_encoder.as_deref().unwrap_or("?"));
-    print_summary(fetch_s, &stats);
+    let out = Output { a, m, steps: req.steps, guidance: req.guidance, backend: nvfp4.backend, dtype, fetch_s };
+    out.write(|bar| run.generate(&req, |i, _, _| bar.set_position(i as u64)))?;
     Ok(())
+}
+
+/// What every text-to-image run ends with: progress while generating, the PNGs with their metadata,
+/// and the summary line.
+struct Output<'a> {
+    a: &'a T2iArgs,
+    m: &'a Manifest,
+    steps: usize,
+    guidance: f64,
+    backend: Backend,
+    dtype: candle_core::DType,
+    fetch_s: f64,
+}
+
+impl Output<'_> {
+    fn write(
+        &self,
+        generate: impl FnOnce(
+            &indicatif::ProgressBar,
+        ) -> candle_core::Result<(candle_core::Tensor, crate::pipelines::RunStats)>,
+    ) -> anyhow::Result<()> {
+        let bar = progress_bar(self.steps);
+        let (images, stats) = generate(&bar)?;
+        bar.finish_and_clear();
+        let a = self.a;
+        let mut meta = vec![
+            ("prompt", a.prompt.clone()),
+            ("seed", a.seed.to_string()),
+            ("model", self.m.name.clone()),
+            ("steps", self.steps.to_string()),
+            ("guidance", self.guidance.to_string()),
+            ("backend", format!("{:?}; NVFP4 layers (if any): {} {}", self.dtype, self.backend, a.run.nvfp4_mode)),
+        ];
+        if let Some(t) = &stats.text_encoder {
+            meta.push(("text_encoder", t.clone()));
+            println!("text encoder: {t}");
+        }
+        meta.push(("software", format!("candiff {}", env!("CARGO_PKG_VERSION"))));
+        write_images(&a.output, &images, &meta)?;
+        print_summary(self.fetch_s, &stats);
+        Ok(())
+    }
 }
 
 fn progress_bar(steps: usize) -> indicatif::ProgressBar {
@@ -358,19 +386,7 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
         max_sequence_length: a.max_sequence_length.unwrap_or(d.max_sequence_length),
     };
     let fetch_s = t0.elapsed().as_secs_f64();
-    let bar = progress_bar(req.steps);
-    let (images, stats) = run.generate(&req, |i, _, _| bar.set_position(i as u64))?;
-    bar.finish_and_clear();
-    let meta = vec![
-        ("prompt", req.prompt.clone()),
-        ("seed", req.seed.to_string()),
-        ("model", m.name.clone()),
-        ("steps", req.steps.to_string()),
-        ("guidance", req.guidance.to_string()),
-        ("backend", format!("{dtype:?}; NVFP4 layers (if any): {backend} {}", a.run.nvfp4_mode)),
-        ("software", format!("candiff {}", env!("CARGO_PKG_VERSION"))),
-    ];
-    write_images(&a.output, &images, &meta)?;
-    print_summary(fetch_s, &stats);
+    let out = Output { a, m: &m, steps: req.steps, guidance: req.guidance, backend, dtype, fetch_s };
+    out.write(|bar| run.generate(&req, |i, _, _| bar.set_position(i as u64)))?;
     Ok(())
 }

@@ -4,23 +4,21 @@
 //! Memory: each text encoder is loaded, run and dropped before the transformer loads.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
 
 pub use super::RunStats;
-use super::{gpu_used, tokenizer, vb};
-use crate::error::CandiffError;
-use crate::linear::{LoadHooks, Nvfp4Options, WeightBuilder};
+use super::{tokenizer, vb};
+use crate::linear::{LoadHooks, Nvfp4Options};
 use crate::models::flux::sampling::{
     euler_step, image_ids, initial_noise, pack_latents, unpack_latents, SchedulerConfig,
 };
 use crate::models::flux::vae::{to_unit_images, FluxVae, VaeConfig};
-use crate::models::flux::{FluxConfig, FluxTransformer, Naming};
+use crate::models::flux::{FluxConfig, FluxTransformer};
 use crate::models::text::clip::{ClipConfig, ClipText};
 use crate::models::text::t5::{T5Config, T5Encoder};
-use crate::nvfp4::{Checkpoint, Overrides};
+use crate::nvfp4::Overrides;
 
 /// CLIP's context length in every FLUX.1 release (the position table may be smaller in toy models).
 const CLIP_MAX_TOKENS: usize = 77;
@@ -138,43 +136,32 @@ impl FluxRun<'_> {
     ) -> Result<(Tensor, RunStats)> {
         let t0 = Instant::now();
         let mut stats = RunStats::default();
-        let mut peak = gpu_used(self.device);
-        let mut track = |d: &Device| {
-            if let (Some(p), Some(now)) = (peak.as_mut(), gpu_used(d)) {
-                *p = (*p).max(now);
-            }
-        };
+        let mut peak = super::PeakMemory::start(self.device);
         let root = &self.files.root;
         let vae_cfg = VaeConfig::from_file(&root.join("vae/config.json"))?;
-        let down = vae_cfg.downscale() * 2; // VAE downscale, then 2x2 packing
-        if req.width % down != 0 || req.height % down != 0 || req.width == 0 || req.height == 0 {
-            return Err(CandiffError::Unsupported(format!(
-                "width and height must be positive multiples of {down} for this model, found {}x{}",
-                req.width, req.height
-            ))
-            .into());
-        }
+        // VAE downscale, then 2x2 packing.
+        super::check_size(req.width, req.height, vae_cfg.downscale() * 2)?;
         let (embeds, pooled) =
             encode_prompt(self.files, &req.prompt, req.max_sequence_length, self.dtype, self.device)?;
         let negative = match (&req.negative_prompt, req.true_cfg > 1.0) {
             (Some(n), true) => Some(encode_prompt(self.files, n, req.max_sequence_length, self.dtype, self.device)?),
             _ => None,
         };
-        track(self.device);
+        peak.sample(self.device);
         stats.encode_s = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
         let cfg = FluxConfig::from_file(&self.files.transformer_config)?;
-        let ckpt = Arc::new(Checkpoint::open(&self.files.transformer, &self.nvfp4_overrides)?);
-        if let Some(plan) = &ckpt.plan {
-            for w in &plan.warnings {
-                log::warn!("{w}");
-            }
-        }
-        let naming = Naming::detect(ckpt.files.iter().flat_map(|f| f.header.tensors.keys()));
-        let wb = WeightBuilder::new(ckpt, self.dtype, self.device, self.nvfp4)?.with_hooks(self.hooks.clone());
+        let (wb, naming) = super::transformer_weights(
+            &self.files.transformer,
+            &self.nvfp4_overrides,
+            self.dtype,
+            self.device,
+            self.nvfp4,
+            &self.hooks,
+        )?;
         let model = FluxTransformer::new(&cfg, &wb, naming)?;
-        track(self.device);
+        peak.sample(self.device);
         stats.load_s = t1.elapsed().as_secs_f64();
 
         let sched = SchedulerConfig::from_file(&root.join("scheduler/scheduler_config.json"))?;
@@ -205,7 +192,7 @@ impl FluxRun<'_> {
             }
             x = euler_step(&x, &v, sigmas[i], sigmas[i + 1])?;
             self.device.synchronize()?;
-            track(self.device);
+            peak.sample(self.device);
             stats.step_s.push(ts.elapsed().as_secs_f64());
             on_step(i + 1, timesteps.len(), &x);
         }
@@ -216,10 +203,10 @@ impl FluxRun<'_> {
         let vae = FluxVae::new(&vae_cfg, vb(&root.join("vae"), vae_dtype, self.device)?)?;
         let z = vae.denormalize(&unpack_latents(&x, lh, lw)?)?;
         let images = to_unit_images(&vae.decode(&z, vae_dtype)?)?;
-        track(self.device);
+        peak.sample(self.device);
         stats.decode_s = t2.elapsed().as_secs_f64();
         stats.total_s = t0.elapsed().as_secs_f64();
-        stats.peak_gpu_bytes = peak;
+        stats.peak_gpu_bytes = peak.get();
         Ok((images, stats))
     }
 }

@@ -12,12 +12,11 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use super::tokenizer;
 pub use super::RunStats;
-use super::{gpu_used, tokenizer};
 use crate::error::CandiffError;
 use crate::linear::{LoadHooks, Nvfp4Options, QuantizeSpec, WeightBuilder};
 use crate::models::flux::sampling::{euler_step, initial_noise, SchedulerConfig};
-use crate::models::flux::Naming;
 use crate::models::flux2::sampling::{empirical_mu, image_ids, model_timestep, pack, text_ids, unpack};
 use crate::models::flux2::vae::{Flux2Vae, Flux2VaeConfig};
 use crate::models::flux2::{Flux2Config, Flux2Transformer};
@@ -341,23 +340,12 @@ impl Flux2Run<'_> {
     ) -> Result<(Tensor, RunStats)> {
         let t0 = Instant::now();
         let mut stats = RunStats::default();
-        let mut peak = gpu_used(self.device);
-        let mut track = |d: &Device| {
-            if let (Some(p), Some(now)) = (peak.as_mut(), gpu_used(d)) {
-                *p = (*p).max(now);
-            }
-        };
+        let mut peak = super::PeakMemory::start(self.device);
         let root = &self.files.root;
         let vae_cfg = Flux2VaeConfig::from_file(&root.join("vae/config.json"))?;
         let cfg = Flux2Config::from_file(&self.files.transformer_config)?;
         let tok = vae_cfg.token_size();
-        if req.width % tok != 0 || req.height % tok != 0 || req.width == 0 || req.height == 0 {
-            return Err(CandiffError::Unsupported(format!(
-                "width and height must be positive multiples of {tok} for this model, found {}x{}",
-                req.width, req.height
-            ))
-            .into());
-        }
+        super::check_size(req.width, req.height, tok)?;
         let guidance = if cfg.guidance_embeds {
             Guidance::Embedded(req.guidance as f32)
         } else if self.distilled || req.guidance <= 1.0 {
@@ -380,23 +368,20 @@ impl Flux2Run<'_> {
         )?;
         log::info!("text encoder: {how}");
         stats.text_encoder = Some(how);
-        track(self.device);
+        peak.sample(self.device);
         stats.encode_s = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
-        let ckpt = Arc::new(Checkpoint::open(&self.files.transformer, &self.nvfp4_overrides)?);
-        if let Some(plan) = &ckpt.plan {
-            for w in &plan.warnings {
-                // Missing scales are supplied when a sibling file is given.
-                if self.hooks.borrow_scales.is_none() || !w.contains("--nvfp4-scales-from") {
-                    log::warn!("{w}");
-                }
-            }
-        }
-        let naming = Naming::detect(ckpt.files.iter().flat_map(|f| f.header.tensors.keys()));
-        let wb = WeightBuilder::new(ckpt, self.dtype, self.device, self.nvfp4)?.with_hooks(self.hooks.clone());
+        let (wb, naming) = super::transformer_weights(
+            &self.files.transformer,
+            &self.nvfp4_overrides,
+            self.dtype,
+            self.device,
+            self.nvfp4,
+            &self.hooks,
+        )?;
         let model = Flux2Transformer::new(&cfg, &wb, naming)?;
-        track(self.device);
+        peak.sample(self.device);
         stats.load_s = t1.elapsed().as_secs_f64();
 
         let sched = SchedulerConfig::from_file(&root.join("scheduler/scheduler_config.json"))?;
@@ -410,7 +395,7 @@ impl Flux2Run<'_> {
         let mut t_step = Instant::now();
         let x = sample(&model, x, &cond, neg.as_ref(), &ids, &sigmas, &timesteps, guidance, self.dtype, |s| {
             let _ = self.device.synchronize();
-            track(self.device);
+            peak.sample(self.device);
             stats.step_s.push(t_step.elapsed().as_secs_f64());
             t_step = Instant::now();
             on_step(s.index, s.steps, s.latents);
@@ -422,10 +407,10 @@ impl Flux2Run<'_> {
         let vae = Flux2Vae::new(&vae_cfg, super::vb(&root.join("vae"), vae_dtype, self.device)?)?;
         let decoded = vae.decode(&unpack(&x, lh, lw)?, vae_dtype)?;
         let images = crate::models::flux::vae::to_unit_images(&decoded)?;
-        track(self.device);
+        peak.sample(self.device);
         stats.decode_s = t2.elapsed().as_secs_f64();
         stats.total_s = t0.elapsed().as_secs_f64();
-        stats.peak_gpu_bytes = peak;
+        stats.peak_gpu_bytes = peak.get();
         Ok((images, stats))
     }
 }

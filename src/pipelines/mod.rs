@@ -25,6 +25,60 @@ pub struct RunStats {
     pub text_encoder: Option<String>,
 }
 
+/// Device memory in use, sampled where a pipeline calls [`PeakMemory::sample`]; the largest kept.
+pub(crate) struct PeakMemory(Option<usize>);
+
+impl PeakMemory {
+    pub(crate) fn start(device: &Device) -> Self {
+        Self(gpu_used(device))
+    }
+
+    pub(crate) fn sample(&mut self, device: &Device) {
+        if let (Some(p), Some(now)) = (self.0.as_mut(), gpu_used(device)) {
+            *p = (*p).max(now);
+        }
+    }
+
+    pub(crate) fn get(&self) -> Option<usize> {
+        self.0
+    }
+}
+
+/// Errors unless the image size is a positive multiple of `multiple` pixels on both sides.
+pub(crate) fn check_size(width: usize, height: usize, multiple: usize) -> Result<()> {
+    if width % multiple != 0 || height % multiple != 0 || width == 0 || height == 0 {
+        return Err(CandiffError::Unsupported(format!(
+            "width and height must be positive multiples of {multiple} for this model, found {width}x{height}"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// A transformer checkpoint opened for loading: its NVFP4 plan's warnings logged (those about missing
+/// scales only when no sibling file supplies them), the builder with the run's hooks, and the key
+/// naming it uses.
+pub(crate) fn transformer_weights<'a>(
+    path: &Path,
+    overrides: &crate::nvfp4::Overrides,
+    dtype: DType,
+    device: &Device,
+    nvfp4: crate::linear::Nvfp4Options,
+    hooks: &crate::linear::LoadHooks,
+) -> Result<(crate::linear::WeightBuilder<'a>, crate::models::flux::Naming)> {
+    let ckpt = std::sync::Arc::new(crate::nvfp4::Checkpoint::open(path, overrides)?);
+    if let Some(plan) = &ckpt.plan {
+        for w in &plan.warnings {
+            if hooks.borrow_scales.is_none() || !w.contains("--nvfp4-scales-from") {
+                log::warn!("{w}");
+            }
+        }
+    }
+    let naming = crate::models::flux::Naming::detect(ckpt.files.iter().flat_map(|f| f.header.tensors.keys()));
+    let wb = crate::linear::WeightBuilder::new(ckpt, dtype, device, nvfp4)?.with_hooks(hooks.clone());
+    Ok((wb, naming))
+}
+
 pub(crate) fn tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
     tokenizers::Tokenizer::from_file(path).map_err(|e| {
         CandiffError::bad_config(

@@ -7,7 +7,6 @@
 //! is loaded when first needed and dropped when the other takes over; one resides at a time.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -16,12 +15,12 @@ use serde::Deserialize;
 pub use super::RunStats;
 use super::{gpu_used, tokenizer, vb};
 use crate::error::CandiffError;
-use crate::linear::{LoadHooks, Nvfp4Options, WeightBuilder};
+use crate::linear::{LoadHooks, Nvfp4Options};
 use crate::models::text::umt5::{Umt5Config, Umt5Encoder};
 use crate::models::wan::scheduler::{Sampler, SchedulerConfig};
 use crate::models::wan::vae::WanVae;
 use crate::models::wan::{WanConfig, WanTransformer, WanVaeConfig};
-use crate::nvfp4::{Checkpoint, Overrides};
+use crate::nvfp4::Overrides;
 
 /// Frames per latent frame after the first (both Wan VAEs).
 pub const FRAMES_PER_LATENT: usize = 4;
@@ -229,13 +228,8 @@ impl WanRun<'_> {
 
     fn load_expert(&self, dir: &Path) -> Result<WanTransformer> {
         let cfg = WanConfig::from_file(&self.files.transformer_config(dir))?;
-        let ckpt = Arc::new(Checkpoint::open(dir, &self.nvfp4_overrides)?);
-        if let Some(plan) = &ckpt.plan {
-            for w in &plan.warnings {
-                log::warn!("{w}");
-            }
-        }
-        let wb = WeightBuilder::new(ckpt, self.dtype, self.device, self.nvfp4)?.with_hooks(self.hooks.clone());
+        let (wb, _) =
+            super::transformer_weights(dir, &self.nvfp4_overrides, self.dtype, self.device, self.nvfp4, &self.hooks)?;
         WanTransformer::new(&cfg, &wb)
     }
 
