@@ -120,7 +120,8 @@ CHANNEL_RMS(__nv_bfloat16, bf16)
 CHANNEL_RMS(__half, f16)
 
 // bias_act: y[r, c] = act(x[r, c] + bias[c]) with act = identity or tanh-GELU, one pass (replaces a
-// broadcast add and a separate activation pass after a GEMM). `bias` is f32 [C].
+// broadcast add and a separate activation pass after a GEMM). `bias` is [C] in the activations'
+// type (the model's own weight, read as stored: no per-call conversion).
 __device__ __forceinline__ float gelu_tanh(float v) {
     constexpr float kSqrt2OverPi = 0.7978845608028654f;  // sqrt(2 / pi)
     constexpr float kCubic = 0.044715f;                  // tanh-GELU's cubic coefficient
@@ -128,10 +129,10 @@ __device__ __forceinline__ float gelu_tanh(float v) {
 }
 
 template <typename T>
-__device__ void bias_act(const T* __restrict__ x, const float* __restrict__ bias, T* __restrict__ y, long long n, int c,
+__device__ void bias_act(const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y, long long n, int c,
                          int gelu) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        float v = to_f(x[i]) + bias[i % c];
+        float v = to_f(x[i]) + to_f(bias[i % c]);
         if (gelu) v = gelu_tanh(v);
         y[i] = from_f<T>(v);
     }
@@ -143,7 +144,7 @@ __device__ void bias_act(const T* __restrict__ x, const float* __restrict__ bias
 // in place). The normalized value is rounded to T before the rotation, as the unfused ops do.
 // One warp per (b, s, h) row of D = 2 * pairs elements.
 template <typename T>
-__device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss, const float* __restrict__ w,
+__device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss, const T* __restrict__ w,
                              const float* __restrict__ cos, const float* __restrict__ sin, T* __restrict__ y, int s_len,
                              int heads, int d, long long rows, float eps, int norm) {
     const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / kWarp;
@@ -165,8 +166,8 @@ __device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss
     T* yr = y + warp * d;
     const int half = d / 2;
     for (int i = lane; i < half; i += kWarp) {
-        const float n0 = norm ? to_f(from_f<T>(to_f(xr[2 * i]) * rstd * w[2 * i])) : to_f(xr[2 * i]);
-        const float n1 = norm ? to_f(from_f<T>(to_f(xr[2 * i + 1]) * rstd * w[2 * i + 1])) : to_f(xr[2 * i + 1]);
+        const float n0 = norm ? to_f(from_f<T>(to_f(xr[2 * i]) * rstd * to_f(w[2 * i]))) : to_f(xr[2 * i]);
+        const float n1 = norm ? to_f(from_f<T>(to_f(xr[2 * i + 1]) * rstd * to_f(w[2 * i + 1]))) : to_f(xr[2 * i + 1]);
         const float c = cos[(long long)s * half + i], sn = sin[(long long)s * half + i];
         yr[2 * i] = from_f<T>(n0 * c - n1 * sn);
         yr[2 * i + 1] = from_f<T>(n0 * sn + n1 * c);
@@ -174,10 +175,10 @@ __device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss
 }
 
 #define BLOCK_OPS(T, SUF)                                                                                            \
-    extern "C" __global__ void bias_act_##SUF(const T* x, const float* bias, T* y, long long n, int c, int gelu) {   \
+    extern "C" __global__ void bias_act_##SUF(const T* x, const T* bias, T* y, long long n, int c, int gelu) {       \
         bias_act<T>(x, bias, y, n, c, gelu);                                                                          \
     }                                                                                                                 \
-    extern "C" __global__ void qk_norm_rope_##SUF(const T* x, long long sb, long long ss, const float* w,            \
+    extern "C" __global__ void qk_norm_rope_##SUF(const T* x, long long sb, long long ss, const T* w,                \
                                                   const float* cos, const float* sin, T* y, int s_len, int heads,     \
                                                   int d, long long rows, float eps, int norm) {                       \
         qk_norm_rope<T>(x, sb, ss, w, cos, sin, y, s_len, heads, d, rows, eps, norm);                                 \

@@ -175,7 +175,7 @@ pub fn channel_rms(
     Ok(CudaStorage { slice: y, device: dev.clone() })
 }
 
-/// `y = act(x + bias)` over rows of `c` (f32 `bias`), `act` = identity or tanh-GELU.
+/// `y = act(x + bias)` over rows of `c` (`bias` in x's dtype), `act` = identity or tanh-GELU.
 pub fn bias_act(
     x: &CudaStorage,
     xl: &Layout,
@@ -190,23 +190,27 @@ pub fn bias_act(
     let f = function_in(dev, Kernels::Fused, &name)?;
     let stream = dev.cuda_stream();
     let n = xl.shape().elem_count();
+    if bias.dtype() != dtype {
+        candle_core::bail!("bias_act: x is {dtype:?}, bias is {:?}", bias.dtype());
+    }
     let mut y = alloc(x, dtype, n)?;
-    let bv = view::<f32>(bias, bl, "bias")?;
     let (n_i, c_i, g_i) = (n as i64, c as i32, gelu as i32);
     let blocks = (n as u64).div_ceil(EW_THREADS as u64).clamp(1, EW_MAX_BLOCKS) as u32;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (EW_THREADS, 1, 1), shared_mem_bytes: 0 };
     with_view!(dtype, x, xl, "x", |xv| {
-        let mut b = stream.launch_builder(&f);
-        b.arg(&xv).arg(&bv);
-        match &mut y {
-            CudaStorageSlice::F32(o) => b.arg(o),
-            CudaStorageSlice::BF16(o) => b.arg(o),
-            CudaStorageSlice::F16(o) => b.arg(o),
-            _ => unreachable!("allocated above"),
-        };
-        b.arg(&n_i).arg(&c_i).arg(&g_i);
-        // SAFETY: argument types match the kernel; n bounds x and y, bias holds c values.
-        unsafe { b.launch(cfg) }.map_err(wrap("bias_act"))?;
+        with_view!(dtype, bias, bl, "bias", |bv| {
+            let mut b = stream.launch_builder(&f);
+            b.arg(&xv).arg(&bv);
+            match &mut y {
+                CudaStorageSlice::F32(o) => b.arg(o),
+                CudaStorageSlice::BF16(o) => b.arg(o),
+                CudaStorageSlice::F16(o) => b.arg(o),
+                _ => unreachable!("allocated above"),
+            };
+            b.arg(&n_i).arg(&c_i).arg(&g_i);
+            // SAFETY: argument types match the kernel; n bounds x and y, bias holds c values.
+            unsafe { b.launch(cfg) }.map_err(wrap("bias_act"))?;
+        })
     });
     Ok(CudaStorage { slice: y, device: dev.clone() })
 }
@@ -221,8 +225,7 @@ pub fn qk_norm_rope(
     x: &CudaStorage,
     (start, sb, ss): (usize, usize, usize),
     (b, s, h, d): (usize, usize, usize, usize),
-    w: &CudaStorage,
-    wl: &Layout,
+    w: Option<(&CudaStorage, &Layout)>,
     cos: &CudaStorage,
     cl: &Layout,
     sin: &CudaStorage,
@@ -237,7 +240,7 @@ pub fn qk_norm_rope(
     let stream = dev.cuda_stream();
     let rows = b * s * h;
     let mut y = alloc(x, dtype, rows * d)?;
-    let (wv, cv, sv) = (view::<f32>(w, wl, "norm weight")?, view::<f32>(cos, cl, "cos")?, view::<f32>(sin, sl, "sin")?);
+    let (cv, sv) = (view::<f32>(cos, cl, "cos")?, view::<f32>(sin, sl, "sin")?);
     let (sb_i, ss_i, s_i, h_i, d_i, rows_i) = (sb as i64, ss as i64, s as i32, h as i32, d as i32, rows as i64);
     let warps_per_block = (QK_THREADS / 32) as u64;
     let blocks = (rows as u64).div_ceil(warps_per_block) as u32;
@@ -246,6 +249,11 @@ pub fn qk_norm_rope(
         ($t:ty) => {{
             let all = x.as_cuda_slice::<$t>()?;
             let xv = all.slice(start..);
+            // Without a norm the weight is never read: x stands in as a valid pointer.
+            let wv = match w {
+                Some((ws, wl)) => view::<$t>(ws, wl, "norm weight")?,
+                None => all.slice(start..),
+            };
             let mut bld = stream.launch_builder(&f);
             bld.arg(&xv).arg(&sb_i).arg(&ss_i).arg(&wv).arg(&cv).arg(&sv);
             match &mut y {

@@ -362,7 +362,8 @@ pub fn bias_act(x: &Tensor, bias: &Tensor, gelu: bool) -> Result<Tensor> {
     if bias.elem_count() != c {
         candle_core::bail!("bias_act: bias of {} values for activations {:?}", bias.elem_count(), x.dims());
     }
-    let b = bias.to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
+    // A no-op for the model's own bias (already in the activations' dtype).
+    let b = bias.to_dtype(x.dtype())?.flatten_all()?.contiguous()?;
     x.contiguous()?.apply_op2_no_bwd(&b, &BiasAct { c, gelu })
 }
 
@@ -404,29 +405,33 @@ fn norm_rope_impl(
     }
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && x.stride()[2] == 1 {
-        // Without a norm the weight is never read; the cos table stands in as a valid pointer.
+        // The norm weight in x's dtype: a no-op for the model's own weight.
         let (w, eps) = match norm {
-            Some((w, eps)) => (w.to_dtype(DType::F32)?.contiguous()?, eps),
-            None => (cos.to_dtype(DType::F32)?.contiguous()?, 0.0),
+            Some((w, eps)) => (Some(w.to_dtype(x.dtype())?.contiguous()?), eps),
+            None => (None, 0.0),
         };
         let (cos, sin) = (cos.to_dtype(DType::F32)?.contiguous()?, sin.to_dtype(DType::F32)?.contiguous()?);
         let (st, xl) = x.storage_and_layout();
         let (sb, ss) = (x.stride()[0], x.stride()[1]);
         let candle_core::Storage::Cuda(xs) = &*st else { unreachable!("cuda tensor") };
-        let (ws, wl) = w.storage_and_layout();
+        let w_guard = w.as_ref().map(|w| w.storage_and_layout());
+        let w_arg = match &w_guard {
+            Some((st, wl)) => match &**st {
+                candle_core::Storage::Cuda(ws) => Some((ws, *wl)),
+                _ => unreachable!("cuda tensor"),
+            },
+            None => None,
+        };
         let (cs, cl) = cos.storage_and_layout();
         let (ss_, sl) = sin.storage_and_layout();
-        let (candle_core::Storage::Cuda(ws), candle_core::Storage::Cuda(cs), candle_core::Storage::Cuda(sns)) =
-            (&*ws, &*cs, &*ss_)
-        else {
+        let (candle_core::Storage::Cuda(cs), candle_core::Storage::Cuda(sns)) = (&*cs, &*ss_) else {
             unreachable!("cuda tensors")
         };
         let y = crate::cuda::fused::qk_norm_rope(
             xs,
             (xl.start_offset(), sb, ss),
             (b, s, heads, d),
-            ws,
-            wl,
+            w_arg,
             cs,
             cl,
             sns,
