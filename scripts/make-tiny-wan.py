@@ -8,6 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from tiny_tokenizer import tokenizer  # noqa: E402  (scripts/ is on sys.path when run)
+
 src = Path(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures") / "wan22_tiny"
 dst = Path(__file__).resolve().parent.parent / "assets" / "wan22-tiny"
 for comp, folder in [("text_encoder", "text_encoder"), ("transformer", "transformer_a14b_high"),
@@ -21,31 +23,7 @@ WORDS = (
     "green blue purple black white golden bright dark small large old snow rain light water fire "
     "walking running flying slowly camera"
 ).split()
-specials = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-vocab = dict(specials)
-for w in WORDS:
-    vocab[w] = len(vocab)
-assert len(vocab) <= VOCAB_SIZE, len(vocab)
-tok = {
-    "version": "1.0",
-    "truncation": None,
-    "padding": None,
-    "added_tokens": [
-        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": True}
-        for t, i in specials.items()
-    ],
-    "normalizer": {"type": "Lowercase"},
-    "pre_tokenizer": {"type": "Whitespace"},
-    "post_processor": {
-        "type": "TemplateProcessing",
-        "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
-        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
-        "special_tokens": {"</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}},
-    },
-    "decoder": None,
-    "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
-}
+tok = tokenizer(VOCAB_SIZE, {"<pad>": 0, "</s>": 1, "<unk>": 2}, None, "</s>", "<unk>", WORDS)
 (dst / "tokenizer").mkdir(parents=True, exist_ok=True)
 (dst / "tokenizer" / "tokenizer.json").write_text(json.dumps(tok, indent=1))
 index = json.loads((src / "pipeline_a14b" / "model_index.json").read_text())

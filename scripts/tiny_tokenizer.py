@@ -10,10 +10,10 @@ WORDS = (
 ).split()
 
 
-def tokenizer(vocab_size, specials, bos, eos, unk):
+def tokenizer(vocab_size, specials, bos, eos, unk, words=WORDS):
     vocab = {tok: i for tok, i in specials.items()}
     nxt = max(specials.values()) + 1 if max(specials.values()) < 100 else 3
-    for w in WORDS:
+    for w in words:
         while nxt in vocab.values():
             nxt += 1
         vocab[w] = nxt
