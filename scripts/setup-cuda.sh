@@ -2,7 +2,7 @@
 # Installs a CUDA 13.0 build toolchain from the Python package index into a project-local folder,
 # so candiff's `cuda` feature builds on a machine with no CUDA installed (and no GPU).
 #
-#   scripts/setup-cuda.sh [--cudnn] [--cutlass]      then:   source .toolchain/cuda/env.sh
+#   scripts/setup-cuda.sh [--cudnn] [--cutlass] [--nccl]      then:   source .toolchain/cuda/env.sh
 #
 # Pinned to 13.0: the binaries must run on drivers from 580 (CUDA 13.0) up. Users with a system
 # CUDA >= 13.0 need none of this: put its nvcc on PATH and set CUDA_ROOT (see README).
@@ -13,11 +13,13 @@ DEST=${CANDIFF_CUDA_HOME:-$ROOT/.toolchain/cuda}
 PY=${PYTHON:-python3}
 WITH_CUDNN=0
 WITH_CUTLASS=0
+WITH_NCCL=0
 for a in "$@"; do
   case "$a" in
     --cudnn) WITH_CUDNN=1 ;;
     --cutlass) WITH_CUTLASS=1 ;;
-    *) echo "usage: $0 [--cudnn] [--cutlass]" >&2; exit 2 ;;
+    --nccl) WITH_NCCL=1 ;;
+    *) echo "usage: $0 [--cudnn] [--cutlass] [--nccl]" >&2; exit 2 ;;
   esac
 done
 
@@ -82,6 +84,16 @@ if [ ! -f "$STUB/libcuda.so" ]; then
     | awk '{printf "int %s(void) { return 999; }\n", $1}' > "$STUB/cuda_stub.c"
   cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$STUB/libcuda.so" "$STUB/cuda_stub.c"
   ln -sf libcuda.so "$STUB/libcuda.so.1"
+fi
+
+# `--nccl`: a stub libnccl.so (soname libnccl.so.2) with the nccl* symbols cudarc declares, so the
+# `nccl` feature links here; at run time the machine's NCCL (system, or the nvidia-nccl wheel's
+# lib folder on LD_LIBRARY_PATH) is loaded.
+if [ "$WITH_NCCL" = 1 ] && [ ! -f "$STUB/libnccl.so" ]; then
+  CUDARC_SRC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | sort -V | tail -1)
+  grep -rhoE '\bfn nccl[A-Za-z0-9_]*\(' "$CUDARC_SRC/src/nccl/sys" | sed -e 's/^fn //' -e 's/($//' | sort -u \
+    | awk '{printf "int %s(void) { return 1; }\n", $1}' > "$STUB/nccl_stub.c"
+  cc -shared -fPIC -Wl,-soname,libnccl.so.2 -o "$STUB/libnccl.so" "$STUB/nccl_stub.c"
 fi
 
 cat > "$DEST/env.sh" <<ENV

@@ -31,6 +31,9 @@ pub enum CandiffError {
     /// A requested option cannot be satisfied on this build or machine.
     #[error("{0}")]
     Unsupported(String),
+    /// A multi-rank run that cannot start or could not finish (names the rank at fault).
+    #[error("{0}")]
+    Parallel(String),
 }
 
 impl CandiffError {

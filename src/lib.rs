@@ -13,6 +13,7 @@ pub mod linear;
 pub mod manifest;
 pub mod models;
 pub mod nvfp4;
+pub mod parallel;
 pub mod pipelines;
 pub mod rng;
 pub mod safetensors;

@@ -192,7 +192,15 @@ const SYNTHETIC_STD: f64 = 0.02;
 struct RandomBackend;
 
 impl candle_nn::var_builder::SimpleBackend for RandomBackend {
-    fn get(&self, s: candle_core::Shape, _: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+    /// On a GPU each tensor is drawn from a generator seeded by its name, so every device and
+    /// every thread (ranks of a multi-GPU benchmark, in any order) builds the same weights.
+    fn get(&self, s: candle_core::Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        if dev.is_cuda() {
+            static DRAW: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _one_at_a_time = DRAW.lock().unwrap_or_else(|p| p.into_inner());
+            dev.set_seed(name_seed(name))?;
+            return Tensor::randn(0f32, SYNTHETIC_STD as f32, s, dev)?.to_dtype(dtype);
+        }
         Tensor::randn(0f32, SYNTHETIC_STD as f32, s, dev)?.to_dtype(dtype)
     }
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
@@ -201,6 +209,13 @@ impl candle_nn::var_builder::SimpleBackend for RandomBackend {
     fn contains_tensor(&self, _: &str) -> bool {
         true
     }
+}
+
+/// FNV-1a of a tensor name: the seed of its synthetic values.
+fn name_seed(name: &str) -> u64 {
+    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0100_0000_01b3;
+    name.bytes().fold(FNV_OFFSET, |h, b| (h ^ b as u64).wrapping_mul(FNV_PRIME))
 }
 
 /// A `VarBuilder` of random Normal(0, 0.02) tensors for any name (benchmarks of full-size

@@ -5,6 +5,8 @@ use candiff::cli::{self, Cli, Command};
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
     let cli = Cli::parse();
+    // A rank stuck in a collective after another failed must not keep the command alive.
+    candiff::parallel::exit_when_stuck(true);
     let result = match &cli.command {
         Command::Inspect(a) => cli::inspect::run(a),
         Command::T2i(a) => cli::t2i::run(a),

@@ -345,6 +345,7 @@ fn pipelines_match_step_by_step_dev_and_klein() {
             &timesteps,
             guidance,
             DType::F32,
+            &candiff::parallel::Plan::single(),
             |s| {
                 let i = s.index - 1;
                 let check = |got: &Tensor, key: &str| {

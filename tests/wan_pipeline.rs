@@ -52,6 +52,7 @@ fn check(name: &str, dtype: DType) {
         nvfp4: Nvfp4Options::default(),
         nvfp4_overrides: Overrides::default(),
         hooks: Default::default(),
+        world: None,
     };
     let req = T2vRequest {
         prompt: String::new(),

@@ -1,4 +1,7 @@
+use candle_core::Device;
 use clap::{Args, Subcommand};
+
+use crate::parallel::{Group, Plan};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -76,6 +79,14 @@ pub struct WanStepArgs {
     pub txt_tokens: usize,
     #[arg(long, default_value_t = 2)]
     pub iters: usize,
+    /// GPU counts to run a guided step (conditional + unconditional call) on, e.g. `1,2,4`:
+    /// step time, scaling and the output's distance from the 1-GPU one (needs `nccl`).
+    #[arg(long, value_delimiter = ',')]
+    pub gpus: Vec<usize>,
+    /// With --gpus: run the ranks on GPU 0 together (in-process exchange) instead of one per
+    /// GPU: checks the sharded outputs where fewer GPUs exist; the times are not a scaling measure.
+    #[arg(long)]
+    pub shared: bool,
     #[arg(long, default_value = "cuda:0")]
     pub device: String,
     #[arg(long)]
@@ -123,6 +134,14 @@ pub struct FluxStepArgs {
     pub txt_tokens: usize,
     #[arg(long, default_value_t = 5)]
     pub iters: usize,
+    /// GPU counts to run the step on, e.g. `1,2,4` (FLUX.1): step time, scaling and the
+    /// output's distance from the 1-GPU one (needs `nccl`).
+    #[arg(long, value_delimiter = ',')]
+    pub gpus: Vec<usize>,
+    /// With --gpus: run the ranks on GPU 0 together (in-process exchange) instead of one per
+    /// GPU: checks the sharded outputs where fewer GPUs exist; the times are not a scaling measure.
+    #[arg(long)]
+    pub shared: bool,
     #[arg(long, default_value = "cuda:0")]
     pub device: String,
     #[arg(long)]
@@ -179,6 +198,139 @@ fn variant(v: &str, nvfp4_paths: &str) -> anyhow::Result<(Vec<String>, crate::li
     })
 }
 
+/// Guidance of the benchmarked Wan step (any value > 1: both branches run).
+const WAN_BENCH_GUIDANCE: f64 = 5.0;
+
+/// One step of a benchmarked model, built on a rank.
+type Step = Box<dyn Fn() -> candle_core::Result<candle_core::Tensor>>;
+
+/// Bytes of each all-to-all piece of the bandwidth probe.
+const PROBE_BYTES: usize = 64 << 20;
+const PROBE_ITERS: usize = 5;
+
+/// Bytes each rank sends per second in an all-to-all of `PROBE_BYTES` pieces (what the
+/// sequence-parallel exchanges can expect on this machine's GPU links).
+fn probe_bandwidth(world: &crate::parallel::Group, device: &candle_core::Device) -> candle_core::Result<f64> {
+    let n = world.size();
+    let elems = PROBE_BYTES / 2;
+    let piece = candle_core::Tensor::zeros(elems, candle_core::DType::BF16, device)?;
+    let pieces = vec![piece; n];
+    let shapes = vec![vec![elems]; n];
+    world.all_to_all(&pieces, &shapes)?;
+    world.fence()?;
+    let t0 = std::time::Instant::now();
+    for _ in 0..PROBE_ITERS {
+        world.all_to_all(&pieces, &shapes)?;
+    }
+    world.fence()?;
+    Ok((PROBE_BYTES * (n - 1) * PROBE_ITERS) as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// Normal(0, 1) data drawn on the host from `seed` (the same on every device).
+fn host_randn(
+    shape: &[usize],
+    seed: u64,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+) -> candle_core::Result<candle_core::Tensor> {
+    let mut rng = crate::rng::Rng::new(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+    candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+}
+
+/// A step on 1, 2, ... GPUs (`make` builds it on a rank: the same weights and inputs everywhere):
+/// time per step, speed-up and efficiency against 1 GPU, and the output's relative L2 distance
+/// from the 1-GPU output. The first entry of `gpus` is the baseline (normally 1).
+fn scaling(
+    what: &str,
+    variant: &str,
+    gpus: &[usize],
+    shared: bool,
+    iters: usize,
+    make: impl Fn(&candle_core::Device, Option<&crate::parallel::Group>) -> candle_core::Result<Step> + Sync,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    use std::time::Instant;
+
+    use crate::parallel::{launch, Placement, DEFAULT_TIMEOUT};
+
+    let time = |step: &Step, fence: &dyn Fn() -> candle_core::Result<()>| -> candle_core::Result<(f64, Vec<f32>)> {
+        let t0 = Instant::now();
+        let out = step()?;
+        fence()?;
+        log::info!("first step (warm-up) in {:.1}s", t0.elapsed().as_secs_f64());
+        let out: Vec<f32> = out.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        let t0 = Instant::now();
+        for _ in 0..iters.max(1) {
+            step()?;
+        }
+        // Host time to enqueue the steps: near the step time means the host, not the GPU, sets
+        // the pace.
+        let host_ms = t0.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64;
+        fence()?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64;
+        log::info!("host enqueue {host_ms:.1} ms/step of {ms:.1}");
+        Ok((ms, out))
+    };
+    let mut base: Option<(usize, f64, Vec<f32>)> = None;
+    let mut rows = Vec::new();
+    for &n in gpus {
+        let mut bandwidth: Option<f64> = None;
+        anyhow::ensure!(n >= 1, "--gpus counts must be at least 1");
+        let (ms, out) = if n == 1 {
+            let device = candle_core::Device::new_cuda(0)?;
+            let step = make(&device, None)?;
+            time(&step, &|| device.synchronize())?
+        } else if n == 0 {
+            anyhow::bail!("--gpus counts must be at least 1")
+        } else {
+            let placement =
+                if shared { Placement::Shared(n, candle_core::Device::new_cuda(0)?) } else { Placement::Gpus(n) };
+            let mut all = launch(&placement, DEFAULT_TIMEOUT, |rank| {
+                let t0 = Instant::now();
+                let step = make(&rank.device, Some(&rank.world))?;
+                log::info!("rank {} of {n}: built in {:.1}s", rank.index(), t0.elapsed().as_secs_f64());
+                let bw = probe_bandwidth(&rank.world, &rank.device)?;
+                let (ms, out) = time(&step, &|| rank.world.fence())?;
+                Ok((ms, out, bw))
+            })?;
+            let (ms, out, bw) = all.swap_remove(0);
+            println!("  {n} ranks: all-to-all of {} MiB pieces, {:.1} GB/s sent per rank", PROBE_BYTES >> 20, bw / 1e9);
+            bandwidth = Some(bw);
+            (ms, out)
+        };
+        let (speedup, eff, rel) = match &base {
+            Some((n0, ms0, out0)) => {
+                let s = ms0 / ms;
+                (Some(s), Some(s * *n0 as f64 / n as f64), Some(crate::doctor::rel_l2(&out, out0)))
+            }
+            None => (None, None, None),
+        };
+        let unit = match (n, shared) {
+            (1, _) => "1 GPU ".to_string(),
+            (_, true) => format!("{n} ranks on 1 GPU"),
+            _ => format!("{n} GPUs"),
+        };
+        println!(
+            "{what} {variant:<22} {unit} {ms:>9.1} ms/step{}",
+            match (speedup, eff, rel) {
+                (Some(s), Some(e), Some(r)) => format!(
+                    "  speed-up {s:.2}x, efficiency {:.0}%, rel. L2 vs {} GPU {r:.2e}",
+                    e * 100.0,
+                    base.as_ref().map(|b| b.0).unwrap_or(1)
+                ),
+                _ => String::new(),
+            }
+        );
+        rows.push(serde_json::json!({"what": what, "variant": variant, "ranks": n, "shared_gpu": shared && n > 1, "ms_per_step": ms,
+            "speedup": speedup, "efficiency": eff, "rel_l2_vs_base": rel, "all_to_all_bytes_per_s": bandwidth}));
+        if base.is_none() {
+            base = Some((n, ms, out));
+        }
+    }
+    Ok(rows)
+}
+
 fn gib(b: Option<usize>) -> String {
     b.map(|b| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into())
 }
@@ -191,7 +343,6 @@ fn wan_step(a: &WanStepArgs) -> anyhow::Result<()> {
     use crate::linear::WeightBuilder;
     use crate::models::wan::{WanConfig, WanTransformer};
 
-    let device = super::t2i::parse_device(Some(&a.device))?;
     let (cfg, spatial) = match a.model.as_str() {
         "a14b" => (WanConfig::a14b(), 8),
         "ti2v-5b" => (WanConfig::ti2v_5b(), 16),
@@ -199,6 +350,41 @@ fn wan_step(a: &WanStepArgs) -> anyhow::Result<()> {
     };
     anyhow::ensure!((a.frames - 1) % 4 == 0, "--frames must be 4k+1");
     let (f, h, w) = ((a.frames - 1) / 4 + 1, a.height / spatial, a.width / spatial);
+    if !a.gpus.is_empty() {
+        let what = format!("wan {} {}x{}x{} guided step", a.model, a.width, a.height, a.frames);
+        let mut rows = Vec::new();
+        for v in &a.variants {
+            let (paths, opts) = variant(v, "blocks.")?;
+            let make = |device: &Device, world: Option<&Group>| -> candle_core::Result<Step> {
+                let wb = WeightBuilder::synthetic(DType::BF16, device, paths.clone(), opts);
+                let model = WanTransformer::new(&cfg, &wb)?;
+                let x = host_randn(&[1, cfg.in_channels, f, h, w], 1, device, DType::F32)?;
+                let cond = host_randn(&[1, a.txt_tokens, cfg.text_dim], 2, device, DType::BF16)?;
+                let uncond = host_randn(&[1, a.txt_tokens, cfg.text_dim], 3, device, DType::BF16)?;
+                let t = Tensor::new(&[900f32], device)?;
+                let plan = Plan::of(world, cfg.num_attention_heads, true)?;
+                Ok(Box::new(move || {
+                    let (c, u) = plan.guided(true, |b| {
+                        model.forward_sharded(
+                            &x,
+                            &t,
+                            if b == 0 { &cond } else { &uncond },
+                            DType::BF16,
+                            plan.sp.as_ref(),
+                        )
+                    })?;
+                    let u = u.expect("guided");
+                    &u + ((c - &u)? * WAN_BENCH_GUIDANCE)?
+                }))
+            };
+            rows.extend(scaling(&what, v, &a.gpus, a.shared, a.iters, make)?);
+        }
+        if let Some(out) = &a.out {
+            std::fs::write(out, serde_json::to_string_pretty(&rows)?)?;
+        }
+        return Ok(());
+    }
+    let device = super::t2i::parse_device(Some(&a.device))?;
     let x = Tensor::randn(0f32, 1.0, (1, cfg.in_channels, f, h, w), &device)?;
     let ctx = Tensor::randn(0f32, 1.0, (1, a.txt_tokens, cfg.text_dim), &device)?.to_dtype(DType::BF16)?;
     let t = Tensor::new(&[900f32], &device)?;
@@ -290,10 +476,60 @@ fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
     use crate::models::flux::Naming;
     use crate::models::flux2::Flux2Config;
 
-    let device = super::t2i::parse_device(Some(&a.device))?;
     // Both families pack 16x16 pixels into one token at full size.
     let (lh, lw) = (a.height / 16, a.width / 16);
     anyhow::ensure!(lh * 16 == a.height && lw * 16 == a.width, "--width and --height must be multiples of 16");
+    if !a.gpus.is_empty() {
+        anyhow::ensure!(a.model == "flux.1-dev", "--gpus: the sharded step is FLUX.1's (flux.1-dev)");
+        let what = format!("flux.1-dev {}x{} step", a.width, a.height);
+        let cfg = crate::models::flux::FluxConfig::default();
+        let mut rows = Vec::new();
+        for v in &a.variants {
+            let (paths, opts) = variant(v, "transformer_blocks.")?;
+            let make = |device: &Device, world: Option<&Group>| -> candle_core::Result<Step> {
+                let wb = WeightBuilder::synthetic(DType::BF16, device, paths.clone(), opts);
+                let model = crate::models::flux::FluxTransformer::new(&cfg, &wb, Naming::Diffusers)?;
+                let img = host_randn(&[1, lh * lw, cfg.in_channels], 1, device, DType::BF16)?;
+                let txt = host_randn(&[1, a.txt_tokens, cfg.joint_attention_dim], 2, device, DType::BF16)?;
+                let pooled = host_randn(&[1, cfg.pooled_projection_dim], 3, device, DType::BF16)?;
+                let ids = crate::models::flux::sampling::image_ids(lh * 2, lw * 2, device)?;
+                let txt_ids = Tensor::zeros((a.txt_tokens, 3), DType::F32, device)?;
+                let (t, g) = (Tensor::new(&[0.5f32], device)?, Tensor::new(&[3.5f32], device)?);
+                let plan = Plan::of(world, cfg.num_attention_heads, false)?;
+                Ok(Box::new(move || {
+                    let sp = plan.sp.as_ref();
+                    model.forward_sharded(&img, &txt, &pooled, &t, Some(&g), &ids, &txt_ids, DType::BF16, sp)
+                }))
+            };
+            rows.extend(scaling(&what, v, &a.gpus, a.shared, a.iters, make)?);
+            // The rounding floor the sharded outputs are judged against: the same step at batch 2
+            // (other GEMM shapes, other accumulation orders) against batch 1, on one GPU.
+            let device = Device::new_cuda(0)?;
+            let wb = WeightBuilder::synthetic(DType::BF16, &device, paths.clone(), opts);
+            let model = crate::models::flux::FluxTransformer::new(&cfg, &wb, Naming::Diffusers)?;
+            let two = |t: Tensor| Tensor::cat(&[&t, &t], 0);
+            let img = host_randn(&[1, lh * lw, cfg.in_channels], 1, &device, DType::BF16)?;
+            let txt = host_randn(&[1, a.txt_tokens, cfg.joint_attention_dim], 2, &device, DType::BF16)?;
+            let pooled = host_randn(&[1, cfg.pooled_projection_dim], 3, &device, DType::BF16)?;
+            let ids = crate::models::flux::sampling::image_ids(lh * 2, lw * 2, &device)?;
+            let txt_ids = Tensor::zeros((a.txt_tokens, 3), DType::F32, &device)?;
+            let (t, g) = (Tensor::new(&[0.5f32], &device)?, Tensor::new(&[3.5f32], &device)?);
+            let f32v =
+                |t: Tensor| -> candle_core::Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1() };
+            let one = f32v(model.forward(&img, &txt, &pooled, &t, Some(&g), &ids, &txt_ids, DType::BF16)?)?;
+            let (t2, g2) = (two(t.clone())?, two(g.clone())?);
+            let both =
+                model.forward(&two(img)?, &two(txt)?, &two(pooled)?, &t2, Some(&g2), &ids, &txt_ids, DType::BF16)?;
+            let floor = crate::doctor::rel_l2(&f32v(both.get(0)?)?, &one);
+            println!("  rounding floor: the same 1-GPU step at batch 2 vs batch 1, rel. L2 {floor:.2e}");
+            rows.push(serde_json::json!({"what": what, "variant": v, "batch2_vs_batch1_rel_l2": floor}));
+        }
+        if let Some(out) = &a.out {
+            std::fs::write(out, serde_json::to_string_pretty(&rows)?)?;
+        }
+        return Ok(());
+    }
+    let device = super::t2i::parse_device(Some(&a.device))?;
     let t = Tensor::new(&[0.5f32], &device)?;
     let g = Tensor::new(&[3.5f32], &device)?;
     let randn = |shape: (usize, usize, usize)| -> candle_core::Result<Tensor> {

@@ -59,9 +59,50 @@ pub struct RunArgs {
     pub nvfp4_mode: crate::nvfp4::ActMode,
     #[command(flatten)]
     pub nvfp4: Nvfp4ReadArgs,
+    /// Generate on N GPUs (0..N-1) at once: each transformer call's tokens sharded over them
+    /// (Ulysses), the guidance branches on two halves when N is even. Needs a build with the
+    /// `nccl` feature; the attention heads must divide by N (N/2 with guidance).
+    #[arg(long, value_name = "N")]
+    pub gpus: Option<usize>,
+    /// Run N ranks on the one --device, exchanging in-process: the sharded code paths without
+    /// several GPUs (checks that a sharded run matches a single one; no speed-up).
+    #[arg(long, value_name = "N", conflicts_with = "gpus")]
+    pub ranks: Option<usize>,
+    /// Seconds a rank waits for its peers before declaring the run hung (a peer that fails
+    /// stops the others at once).
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub parallel_timeout: u64,
 }
 
 impl RunArgs {
+    /// Where the ranks of a multi-rank run go (`None`: one device, no ranks).
+    pub fn placement(&self, device: &candle_core::Device) -> anyhow::Result<Option<crate::parallel::Placement>> {
+        use crate::parallel::Placement;
+        match (self.gpus, self.ranks) {
+            (Some(0), _) | (_, Some(0)) => anyhow::bail!("--gpus / --ranks must be at least 1"),
+            (Some(1), _) | (_, Some(1)) | (None, None) => Ok(None),
+            (Some(n), _) => {
+                if !cfg!(feature = "nccl") {
+                    anyhow::bail!(
+                        "--gpus {n} needs NCCL and this binary was built without it: rebuild with `--features nccl` (see README), or use --ranks {n} to check the sharded code paths on one device"
+                    );
+                }
+                if device.is_cpu() {
+                    anyhow::bail!("--gpus {n} runs on CUDA devices 0..{}; drop --device cpu (or use --ranks {n} to shard on the CPU)", n - 1);
+                }
+                if let Some(d) = self.device.as_deref().filter(|d| !matches!(*d, "cuda" | "cuda:0")) {
+                    anyhow::bail!("--gpus {n} uses CUDA devices 0..{} (select others with CUDA_VISIBLE_DEVICES), not --device {d}", n - 1);
+                }
+                Ok(Some(Placement::Gpus(n)))
+            }
+            (None, Some(n)) => Ok(Some(Placement::Shared(n, device.clone()))),
+        }
+    }
+
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.parallel_timeout.max(1))
+    }
+
     /// How NVFP4 layers execute (flag, else `CANDIFF_NVFP4_BACKEND`, else the default backend).
     pub fn nvfp4_options(&self) -> crate::linear::Nvfp4Options {
         crate::linear::Nvfp4Options {

@@ -185,7 +185,13 @@ pub(crate) fn flux2_files(
     Ok((Flux2Files::new(&root, transformer.as_deref()), sibling))
 }
 
-fn run_flux2(a: &T2iArgs, m: &Manifest, device: &candle_core::Device, dtype: candle_core::DType) -> anyhow::Result<()> {
+fn run_flux2(
+    a: &T2iArgs,
+    m: &Manifest,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+    placement: Option<&crate::parallel::Placement>,
+) -> anyhow::Result<()> {
     let d = &m.defaults;
     let t0 = std::time::Instant::now();
     let (files, sibling) = flux2_files(m, &a.run.revision, a.transformer_path.as_deref())?;
@@ -213,6 +219,7 @@ fn run_flux2(a: &T2iArgs, m: &Manifest, device: &candle_core::Device, dtype: can
         hooks,
         encoder: a.text_encoder,
         distilled: d.distilled,
+        world: None,
     };
     let req = Flux2Request {
         prompt: a.prompt.clone(),
@@ -227,7 +234,16 @@ fn run_flux2(a: &T2iArgs, m: &Manifest, device: &candle_core::Device, dtype: can
     };
     let fetch_s = t0.elapsed().as_secs_f64();
     let out = Output { a, m, steps: req.steps, guidance: req.guidance, backend: nvfp4.backend, dtype, fetch_s };
-    out.write(|bar| run.generate(&req, |i, _, _| bar.set_position(i as u64)))?;
+    out.write(|bar| {
+        crate::parallel::run_on(placement, a.run.timeout(), device, |device, world| {
+            let run = Flux2Run { device, world, ..run.clone() };
+            run.generate(&req, |i, _, _| {
+                if crate::parallel::is_root(world) {
+                    bar.set_position(i as u64)
+                }
+            })
+        })
+    })?;
     Ok(())
 }
 
@@ -335,8 +351,9 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
     if let Some(parent) = a.output.parent().filter(|p| !p.as_os_str().is_empty()) {
         anyhow::ensure!(parent.is_dir(), "the output folder {} does not exist", parent.display());
     }
+    let placement = a.run.placement(&device)?;
     if m.family == crate::manifest::Family::Flux2 {
-        return run_flux2(a, &m, &device, dtype);
+        return run_flux2(a, &m, &device, dtype, placement.as_ref());
     }
 
     let t0 = std::time::Instant::now();
@@ -365,13 +382,15 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
     }
     let nvfp4 = a.run.nvfp4_options();
     let backend = nvfp4.backend;
+    let hooks = a.run.nvfp4.hooks()?;
     let run = FluxRun {
         files: &files,
         dtype,
         device: &device,
         nvfp4,
         nvfp4_overrides: a.run.nvfp4.overrides(),
-        hooks: a.run.nvfp4.hooks()?,
+        hooks,
+        world: None,
     };
     let req = T2iRequest {
         prompt: a.prompt.clone(),
@@ -385,8 +404,22 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
         batch: a.batch,
         max_sequence_length: a.max_sequence_length.unwrap_or(d.max_sequence_length),
     };
+    if let Some(p) = &placement {
+        let heads = crate::models::flux::FluxConfig::from_file(&files.transformer_config)?.num_attention_heads;
+        let cfg = req.negative_prompt.is_some() && req.true_cfg > 1.0;
+        crate::parallel::check_split(p.ranks(), heads, cfg)?;
+    }
     let fetch_s = t0.elapsed().as_secs_f64();
     let out = Output { a, m: &m, steps: req.steps, guidance: req.guidance, backend, dtype, fetch_s };
-    out.write(|bar| run.generate(&req, |i, _, _| bar.set_position(i as u64)))?;
+    out.write(|bar| {
+        crate::parallel::run_on(placement.as_ref(), a.run.timeout(), &device, |device, world| {
+            let run = FluxRun { device, world, ..run.clone() };
+            run.generate(&req, |i, _, _| {
+                if crate::parallel::is_root(world) {
+                    bar.set_position(i as u64)
+                }
+            })
+        })
+    })?;
     Ok(())
 }

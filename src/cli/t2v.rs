@@ -97,6 +97,7 @@ pub fn run(a: &T2vArgs) -> anyhow::Result<()> {
     }
     let device = parse_device(a.run.device.as_deref())?;
     let dtype = parse_dtype(a.run.dtype.as_deref(), &device)?;
+    let placement = a.run.placement(&device)?;
 
     let t0 = std::time::Instant::now();
     // Configs first (a few KB): sizes are validated before the weights are fetched.
@@ -107,13 +108,15 @@ pub fn run(a: &T2vArgs) -> anyhow::Result<()> {
     let files = WanFiles::new(&root, t1.as_deref(), t2.as_deref())?;
     let nvfp4 = a.run.nvfp4_options();
     let backend = nvfp4.backend;
+    let hooks = a.run.nvfp4.hooks()?;
     let run = WanRun {
         files: &files,
         dtype,
         device: &device,
         nvfp4,
         nvfp4_overrides: a.run.nvfp4.overrides(),
-        hooks: a.run.nvfp4.hooks()?,
+        hooks,
+        world: None,
     };
     let req = T2vRequest {
         prompt: a.prompt.clone(),
@@ -130,6 +133,12 @@ pub fn run(a: &T2vArgs) -> anyhow::Result<()> {
         max_sequence_length: a.max_sequence_length.unwrap_or(d.max_sequence_length),
     };
     run.geometry(&req)?;
+    if let Some(p) = &placement {
+        let heads = crate::models::wan::WanConfig::from_file(&files.transformer.join("config.json"))
+            .or_else(|_| crate::models::wan::WanConfig::from_file(&root.join("transformer/config.json")))?
+            .num_attention_heads;
+        crate::parallel::check_split(p.ranks(), heads, req.guidance > 1.0)?;
+    }
     let mut weights = vec!["tokenizer/*".to_string()];
     for c in ["text_encoder", "vae"] {
         weights.extend(component_patterns(c));
@@ -150,29 +159,44 @@ pub fn run(a: &T2vArgs) -> anyhow::Result<()> {
     );
     bar.set_message("encoding");
     let decode_bar = indicatif::ProgressBar::hidden();
-    let (frames_t, stats) = run.generate(
-        &req,
-        |s| {
-            bar.set_message(if files.transformer_2.is_some() {
-                ["high-noise expert", "low-noise expert"][s.expert].to_string()
-            } else {
-                "denoising".into()
-            });
-            bar.set_position(s.index as u64 + 1);
-        },
-        |i, n| {
-            if i == 1 {
-                bar.finish_and_clear();
-                decode_bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-                decode_bar.set_length(n as u64);
-                decode_bar.set_style(
-                    indicatif::ProgressStyle::with_template("decoding latent frame {pos}/{len} {bar:30} {elapsed}")
-                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-                );
-            }
-            decode_bar.set_position(i as u64);
-        },
-    )?;
+    let on_step = |s: &crate::pipelines::wan::StepReport| {
+        bar.set_message(if files.transformer_2.is_some() {
+            ["high-noise expert", "low-noise expert"][s.expert].to_string()
+        } else {
+            "denoising".into()
+        });
+        bar.set_position(s.index as u64 + 1);
+    };
+    let on_chunk = |i: usize, n: usize| {
+        if i == 1 {
+            bar.finish_and_clear();
+            decode_bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            decode_bar.set_length(n as u64);
+            decode_bar.set_style(
+                indicatif::ProgressStyle::with_template("decoding latent frame {pos}/{len} {bar:30} {elapsed}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+        }
+        decode_bar.set_position(i as u64);
+    };
+    // Every rank runs the pipeline; rank 0 reports progress, decodes and returns the frames.
+    let (frames_t, stats) = crate::parallel::run_on(placement.as_ref(), a.run.timeout(), &device, |device, world| {
+        let root = crate::parallel::is_root(world);
+        let run = WanRun { device, world, ..run.clone() };
+        run.generate(
+            &req,
+            |s| {
+                if root {
+                    on_step(s)
+                }
+            },
+            |i, n| {
+                if root {
+                    on_chunk(i, n)
+                }
+            },
+        )
+    })?;
     bar.finish_and_clear();
     decode_bar.finish_and_clear();
 

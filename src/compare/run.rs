@@ -256,6 +256,7 @@ impl Runner<'_> {
                     nvfp4,
                     nvfp4_overrides: Overrides::default(),
                     hooks,
+                    world: None,
                 };
                 let req = T2iRequest {
                     prompt: prompt.into(),
@@ -286,6 +287,7 @@ impl Runner<'_> {
                     hooks,
                     encoder: EncoderMode::Native,
                     distilled: *distilled,
+                    world: None,
                 };
                 let req = Flux2Request {
                     prompt: prompt.into(),
@@ -313,6 +315,7 @@ impl Runner<'_> {
                     nvfp4,
                     nvfp4_overrides: Overrides::default(),
                     hooks,
+                    world: None,
                 };
                 let req = T2vRequest {
                     prompt: prompt.into(),

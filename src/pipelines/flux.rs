@@ -19,6 +19,7 @@ use crate::models::flux::{FluxConfig, FluxTransformer};
 use crate::models::text::clip::{ClipConfig, ClipText};
 use crate::models::text::t5::{T5Config, T5Encoder};
 use crate::nvfp4::Overrides;
+use crate::parallel::{Group, Plan};
 
 /// CLIP's context length in every FLUX.1 release (the position table may be smaller in toy models).
 const CLIP_MAX_TOKENS: usize = 77;
@@ -116,6 +117,7 @@ pub fn encode_prompt(
     Ok((embeds, pooled))
 }
 
+#[derive(Clone)]
 pub struct FluxRun<'a> {
     pub files: &'a FluxFiles,
     pub dtype: DType,
@@ -124,11 +126,14 @@ pub struct FluxRun<'a> {
     pub nvfp4_overrides: Overrides,
     /// On-the-fly quantization and probes (`candiff compare`).
     pub hooks: LoadHooks,
+    /// The ranks sharing this run (`--gpus` / `--ranks`); absent for one device.
+    pub world: Option<&'a Group>,
 }
 
 impl FluxRun<'_> {
     /// Generates `req.batch` images `[B, H, W, 3]` in [0, 1]; `on_step(i, n, packed latents)` after
-    /// every step.
+    /// every step. In a run of several ranks only rank 0 decodes: the others return no images
+    /// (`[0, H, W, 3]`).
     pub fn generate(
         &self,
         req: &T2iRequest,
@@ -141,17 +146,31 @@ impl FluxRun<'_> {
         let vae_cfg = VaeConfig::from_file(&root.join("vae/config.json"))?;
         // VAE downscale, then 2x2 packing.
         super::check_size(req.width, req.height, vae_cfg.downscale() * 2)?;
+        let cfg = FluxConfig::from_file(&self.files.transformer_config)?;
+        let with_cfg = req.negative_prompt.is_some() && req.true_cfg > 1.0;
+        // How the ranks split the work, checked before anything loads.
+        let plan = Plan::of(self.world, cfg.num_attention_heads, with_cfg)?;
+        // Rank 0's embeddings everywhere: every rank must condition on the same values.
+        let agree = |t: Tensor| -> Result<Tensor> {
+            match self.world {
+                Some(w) => w.broadcast(&t.contiguous()?, 0),
+                None => Ok(t),
+            }
+        };
         let (embeds, pooled) =
             encode_prompt(self.files, &req.prompt, req.max_sequence_length, self.dtype, self.device)?;
-        let negative = match (&req.negative_prompt, req.true_cfg > 1.0) {
-            (Some(n), true) => Some(encode_prompt(self.files, n, req.max_sequence_length, self.dtype, self.device)?),
+        let (embeds, pooled) = (agree(embeds)?, agree(pooled)?);
+        let negative = match (&req.negative_prompt, with_cfg) {
+            (Some(n), true) => {
+                let (e, p) = encode_prompt(self.files, n, req.max_sequence_length, self.dtype, self.device)?;
+                Some((agree(e)?, agree(p)?))
+            }
             _ => None,
         };
         peak.sample(self.device);
         stats.encode_s = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
-        let cfg = FluxConfig::from_file(&self.files.transformer_config)?;
         let (wb, naming) = super::transformer_weights(
             &self.files.transformer,
             &self.nvfp4_overrides,
@@ -168,7 +187,7 @@ impl FluxRun<'_> {
         let (lh, lw) = (req.height / vae_cfg.downscale(), req.width / vae_cfg.downscale());
         let channels = cfg.in_channels / 4;
         let b = req.batch.max(1);
-        let mut x = pack_latents(&initial_noise(req.seed, (b, channels, lh, lw), self.device)?)?;
+        let mut x = agree(pack_latents(&initial_noise(req.seed, (b, channels, lh, lw), self.device)?)?)?;
         let ids = image_ids(lh, lw, self.device)?;
         let txt_ids = Tensor::zeros((embeds.dim(1)?, 3), DType::F32, self.device)?;
         let mu = sched.use_dynamic_shifting.then(|| sched.mu(ids.dim(0).unwrap_or(0)));
@@ -183,13 +202,19 @@ impl FluxRun<'_> {
         for i in 0..timesteps.len() {
             let ts = Instant::now();
             let t = Tensor::full(timesteps[i] / 1000.0, b, self.device)?;
-            let run =
-                |e: &Tensor, p: &Tensor| model.forward(&x, e, p, &t, guidance.as_ref(), &ids, &txt_ids, self.dtype);
-            let mut v = run(&embeds, &pooled)?;
-            if let Some((ne, np)) = &negative {
-                let nv = run(ne, np)?;
-                v = (&nv + ((v - &nv)? * req.true_cfg)?)?;
-            }
+            let (v, nv) = plan.guided(negative.is_some(), |branch| {
+                let (e, p) = match (branch, &negative) {
+                    (1, Some((ne, np))) => (ne, np),
+                    _ => (&embeds, &pooled),
+                };
+                let sp = plan.sp.as_ref();
+                model.forward_sharded(&x, e, p, &t, guidance.as_ref(), &ids, &txt_ids, self.dtype, sp)
+            })?;
+            let v = match nv {
+                Some(nv) => (&nv + ((v - &nv)? * req.true_cfg)?)?,
+                None => v,
+            };
+            plan.fence()?;
             x = euler_step(&x, &v, sigmas[i], sigmas[i + 1])?;
             self.device.synchronize()?;
             peak.sample(self.device);
@@ -197,6 +222,11 @@ impl FluxRun<'_> {
             on_step(i + 1, timesteps.len(), &x);
         }
         drop(model);
+        if self.world.is_some_and(|w| w.rank() != 0) {
+            stats.total_s = t0.elapsed().as_secs_f64();
+            stats.peak_gpu_bytes = peak.get();
+            return Ok((Tensor::zeros((0, req.height, req.width, 3), DType::F32, &Device::Cpu)?, stats));
+        }
 
         let t2 = Instant::now();
         let vae_dtype = FluxVae::dtype_on(self.device, self.dtype);

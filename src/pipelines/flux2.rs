@@ -22,6 +22,7 @@ use crate::models::flux2::vae::{Flux2Vae, Flux2VaeConfig};
 use crate::models::flux2::{Flux2Config, Flux2Transformer};
 use crate::models::text::llm::{detect_prefix, LlmConfig, LlmEncoder, MISTRAL_LAYERS, QWEN3_LAYERS};
 use crate::nvfp4::{Checkpoint, Overrides};
+use crate::parallel::{Group, Plan};
 
 /// FLUX.2-dev's system message for the Mistral chat template (from the reference pipeline).
 const MISTRAL_SYSTEM_MESSAGE: &str = "You are an AI that reasons about image descriptions. You give structured responses focusing on object relationships, object attribution and actions without speculation.";
@@ -278,6 +279,7 @@ pub fn sample(
     timesteps: &[f32],
     guidance: Guidance,
     dtype: DType,
+    plan: &Plan,
     mut on_step: impl FnMut(StepOut),
 ) -> Result<Tensor> {
     let (b, device) = (x.dim(0)?, x.device().clone());
@@ -289,15 +291,24 @@ pub fn sample(
     let neg_ids = negative.map(|n| text_ids(n.dim(1).unwrap_or(0), &device)).transpose()?;
     for (i, &ts) in timesteps.iter().enumerate() {
         let t = model_timestep(ts, b, &device)?;
-        let cond = model.forward(&x, embeds, &t, g.as_ref(), img_ids, &txt_ids, dtype)?.to_dtype(DType::F32)?;
-        let (v, uncond) = match (guidance, negative, &neg_ids) {
-            (Guidance::Cfg(scale), Some(neg), Some(nids)) => {
-                let u = model.forward(&x, neg, &t, None, img_ids, nids, dtype)?.to_dtype(DType::F32)?;
-                ((&u + ((&cond - &u)? * scale as f64)?)?, Some(u))
-            }
-            (Guidance::Cfg(_), _, _) => candle_core::bail!("CFG needs negative prompt embeddings"),
-            _ => (cond.clone(), None),
+        let with_cfg = matches!(guidance, Guidance::Cfg(_));
+        if with_cfg && (negative.is_none() || neg_ids.is_none()) {
+            candle_core::bail!("CFG needs negative prompt embeddings");
+        }
+        // The unconditional branch runs without embedded guidance, on its own text.
+        let (cond, uncond) = plan.guided(with_cfg, |branch| {
+            let sp = plan.sp.as_ref();
+            let y = match (branch, negative, &neg_ids) {
+                (1, Some(neg), Some(nids)) => model.forward_sharded(&x, neg, &t, None, img_ids, nids, dtype, sp)?,
+                _ => model.forward_sharded(&x, embeds, &t, g.as_ref(), img_ids, &txt_ids, dtype, sp)?,
+            };
+            y.to_dtype(DType::F32)
+        })?;
+        let v = match (&uncond, guidance) {
+            (Some(u), Guidance::Cfg(scale)) => (u + ((&cond - u)? * scale as f64)?)?,
+            _ => cond.clone(),
         };
+        plan.fence()?;
         x = euler_step(&x, &v, sigmas[i], sigmas[i + 1])?;
         on_step(StepOut { index: i + 1, steps: timesteps.len(), cond: &cond, uncond: uncond.as_ref(), latents: &x });
     }
@@ -319,6 +330,7 @@ pub struct Flux2Request {
     pub max_sequence_length: usize,
 }
 
+#[derive(Clone)]
 pub struct Flux2Run<'a> {
     pub files: &'a Flux2Files,
     pub dtype: DType,
@@ -329,10 +341,13 @@ pub struct Flux2Run<'a> {
     pub encoder: EncoderMode,
     /// Guidance-distilled klein: no CFG.
     pub distilled: bool,
+    /// The ranks sharing this run (`--gpus` / `--ranks`); absent for one device.
+    pub world: Option<&'a Group>,
 }
 
 impl Flux2Run<'_> {
-    /// Generates `req.batch` images `[B, H, W, 3]` in [0, 1]; `on_step(i, n, packed latents)`.
+    /// Generates `req.batch` images `[B, H, W, 3]` in [0, 1]; `on_step(i, n, packed latents)`. In a
+    /// run of several ranks only rank 0 decodes: the others return no images (`[0, H, W, 3]`).
     pub fn generate(
         &self,
         req: &Flux2Request,
@@ -353,6 +368,15 @@ impl Flux2Run<'_> {
         } else {
             Guidance::Cfg(req.guidance as f32)
         };
+        // How the ranks split the work, checked before anything loads.
+        let plan = Plan::of(self.world, cfg.num_attention_heads, matches!(guidance, Guidance::Cfg(_)))?;
+        // Rank 0's values everywhere: every rank must start from the same embeddings and noise.
+        let agree = |t: Tensor| -> Result<Tensor> {
+            match self.world {
+                Some(w) => w.broadcast(&t.contiguous()?, 0),
+                None => Ok(t),
+            }
+        };
         let mut texts = vec![req.prompt.as_str()];
         if matches!(guidance, Guidance::Cfg(_)) {
             texts.push(req.negative_prompt.as_deref().unwrap_or(""));
@@ -366,6 +390,7 @@ impl Flux2Run<'_> {
             self.device,
             self.nvfp4,
         )?;
+        let embeds = agree(embeds)?;
         log::info!("text encoder: {how}");
         stats.text_encoder = Some(how);
         peak.sample(self.device);
@@ -387,13 +412,13 @@ impl Flux2Run<'_> {
         let sched = SchedulerConfig::from_file(&root.join("scheduler/scheduler_config.json"))?;
         let (lh, lw) = (req.height / tok, req.width / tok);
         let b = req.batch.max(1);
-        let x = pack(&initial_noise(req.seed, (b, cfg.in_channels, lh, lw), self.device)?)?;
+        let x = agree(pack(&initial_noise(req.seed, (b, cfg.in_channels, lh, lw), self.device)?)?)?;
         let ids = image_ids(lh, lw, self.device)?;
         let (_, sigmas, timesteps) = schedule(&sched, lh * lw, req.steps);
         let cond = embeds.narrow(0, 0, 1)?.repeat((b, 1, 1))?;
         let neg = if embeds.dim(0)? > 1 { Some(embeds.narrow(0, 1, 1)?.repeat((b, 1, 1))?) } else { None };
         let mut t_step = Instant::now();
-        let x = sample(&model, x, &cond, neg.as_ref(), &ids, &sigmas, &timesteps, guidance, self.dtype, |s| {
+        let x = sample(&model, x, &cond, neg.as_ref(), &ids, &sigmas, &timesteps, guidance, self.dtype, &plan, |s| {
             let _ = self.device.synchronize();
             peak.sample(self.device);
             stats.step_s.push(t_step.elapsed().as_secs_f64());
@@ -401,6 +426,12 @@ impl Flux2Run<'_> {
             on_step(s.index, s.steps, s.latents);
         })?;
         drop(model);
+        if self.world.is_some_and(|w| w.rank() != 0) {
+            // Only rank 0 decodes and writes.
+            stats.total_s = t0.elapsed().as_secs_f64();
+            stats.peak_gpu_bytes = peak.get();
+            return Ok((Tensor::zeros((0, req.height, req.width, 3), DType::F32, &Device::Cpu)?, stats));
+        }
 
         let t2 = Instant::now();
         let vae_dtype = crate::models::flux::vae::FluxVae::dtype_on(self.device, self.dtype);

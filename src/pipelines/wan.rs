@@ -21,6 +21,7 @@ use crate::models::wan::scheduler::{Sampler, SchedulerConfig};
 use crate::models::wan::vae::WanVae;
 use crate::models::wan::{WanConfig, WanTransformer, WanVaeConfig};
 use crate::nvfp4::Overrides;
+use crate::parallel::{Group, Plan};
 
 /// Frames per latent frame after the first (both Wan VAEs).
 pub const FRAMES_PER_LATENT: usize = 4;
@@ -148,6 +149,7 @@ pub struct StepReport<'a> {
     pub latents: &'a Tensor,
 }
 
+#[derive(Clone)]
 pub struct WanRun<'a> {
     pub files: &'a WanFiles,
     pub dtype: DType,
@@ -156,6 +158,8 @@ pub struct WanRun<'a> {
     pub nvfp4_overrides: Overrides,
     /// On-the-fly quantization and probes (`candiff compare`).
     pub hooks: LoadHooks,
+    /// The ranks sharing this run (`--gpus` / `--ranks`); absent for one device.
+    pub world: Option<&'a Group>,
 }
 
 /// Whitespace cleanup of the reference's prompt cleaning.
@@ -252,6 +256,8 @@ impl WanRun<'_> {
         if do_cfg && uncond.is_none() {
             candle_core::bail!("guidance > 1 needs negative-prompt embeddings");
         }
+        let heads = WanConfig::from_file(&self.files.transformer_config(&self.files.transformer))?.num_attention_heads;
+        let plan = Plan::of(self.world, heads, do_cfg)?;
         let timesteps = sampler.timesteps().to_vec();
         let mut x = latents.to_dtype(DType::F32)?;
         let mut loaded: Option<(usize, WanTransformer)> = None;
@@ -277,13 +283,15 @@ impl WanRun<'_> {
             // TI2V's per-token timesteps are all `t` in text-to-video: the per-sample form is
             // the same computation.
             let tt = Tensor::new(&[t], self.device)?;
-            let cond_v = model.forward(&x, &tt, cond, self.dtype)?;
-            let (v, uncond_v) = if do_cfg {
-                let u = model.forward(&x, &tt, uncond.expect("checked"), self.dtype)?;
-                ((&u + ((&cond_v - &u)? * guidance)?)?, Some(u))
-            } else {
-                (cond_v.clone(), None)
+            let (cond_v, uncond_v) = plan.guided(do_cfg, |branch| {
+                let ctx = if branch == 1 { uncond.expect("checked") } else { cond };
+                model.forward_sharded(&x, &tt, ctx, self.dtype, plan.sp.as_ref())
+            })?;
+            let v = match &uncond_v {
+                Some(u) => (u + ((&cond_v - u)? * guidance)?)?,
+                None => cond_v.clone(),
             };
+            plan.fence()?;
             x = sampler.step(&v, &x)?;
             self.device.synchronize()?;
             if let (Some(p), Some(now)) = (peak.as_mut(), gpu_used(self.device)) {
@@ -320,7 +328,8 @@ impl WanRun<'_> {
         video.squeeze(0)?.permute((1, 2, 3, 0))?.to_device(&Device::Cpu)?.contiguous()
     }
 
-    /// Text to frames `[F, H, W, 3]` in [0, 1].
+    /// Text to frames `[F, H, W, 3]` in [0, 1] (in a run of several ranks, on rank 0; the others
+    /// return no frames).
     pub fn generate(
         &self,
         req: &T2vRequest,
@@ -332,15 +341,27 @@ impl WanRun<'_> {
         let mut stats = RunStats::default();
         let texts: Vec<&str> =
             if req.guidance > 1.0 { vec![&req.prompt, &req.negative_prompt] } else { vec![&req.prompt] };
+        // Rank 0's embeddings and noise everywhere: every rank must start from the same values.
+        let agree = |t: Tensor| -> Result<Tensor> {
+            match self.world {
+                Some(w) => w.broadcast(&t.contiguous()?, 0),
+                None => Ok(t),
+            }
+        };
         let mut embeds = self.encode(&texts, req.max_sequence_length)?.into_iter();
-        let cond = embeds.next().expect("one prompt");
-        let uncond = embeds.next();
+        let cond = agree(embeds.next().expect("one prompt"))?;
+        let uncond = embeds.next().map(agree).transpose()?;
         stats.encode_s = t0.elapsed().as_secs_f64();
         stats.peak_gpu_bytes = gpu_used(self.device);
 
-        let latents = initial_latents(req.seed, g, self.device)?;
+        let latents = agree(initial_latents(req.seed, g, self.device)?)?;
         let x = self.denoise(req, &cond, uncond.as_ref(), latents, &mut stats, on_step)?;
         drop((cond, uncond));
+        if self.world.is_some_and(|w| w.rank() != 0) {
+            // Only rank 0 decodes and writes.
+            stats.total_s = t0.elapsed().as_secs_f64();
+            return Ok((Tensor::zeros((0, req.height, req.width, 3), DType::F32, &Device::Cpu)?, stats));
+        }
 
         let t2 = Instant::now();
         let frames = self.decode(&x, on_chunk)?;

@@ -12,6 +12,7 @@ use super::config::FluxConfig;
 use crate::linear::{Linear, WeightBuilder};
 use crate::models::fused::{cat_act, gated_add, ln_modulate, MlpAct};
 use crate::models::ops::{attention, heads, merge_heads, rope_tables, timestep_embedding, RmsNorm};
+use crate::parallel::{attend, Group, SeqParallel};
 
 /// Norm epsilon of every LayerNorm and q/k RMSNorm in FLUX.
 const EPS: f64 = 1e-6;
@@ -192,7 +193,14 @@ impl DoubleBlock {
         })
     }
 
-    fn forward(&self, img: &Tensor, txt: &Tensor, temb: &Tensor, rope: &(Tensor, Tensor)) -> Result<(Tensor, Tensor)> {
+    fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+        sp: Option<&SeqParallel>,
+    ) -> Result<(Tensor, Tensor)> {
         let m = chunks(&self.norm1.forward(&temb.silu()?)?, 6)?;
         let c = chunks(&self.norm1_context.forward(&temb.silu()?)?, 6)?;
         let img_n = ln_modulate(img, &m[0], &m[1], EPS)?;
@@ -210,7 +218,7 @@ impl DoubleBlock {
         let q = qk(&tq[0], &self.norm_added_q, &iq[0], &self.norm_q)?;
         let k = qk(&tq[1], &self.norm_added_k, &iq[1], &self.norm_k)?;
         let v = heads(&Tensor::cat(&[&tq[2], &iq[2]], 1)?, h)?;
-        let o = merge_heads(&attention(&q, &k, &v)?)?;
+        let o = merge_heads(&attend(sp, &q, &k, &v, attention)?)?;
         let o_txt = o.narrow(1, 0, s_txt)?;
         let o_img = o.narrow(1, s_txt, o.dim(1)? - s_txt)?;
 
@@ -274,14 +282,14 @@ impl SingleBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, temb: &Tensor, rope: &(Tensor, Tensor)) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, temb: &Tensor, rope: &(Tensor, Tensor), sp: Option<&SeqParallel>) -> Result<Tensor> {
         let m = chunks(&self.norm.forward(&temb.silu()?)?, 3)?;
         let xn = ln_modulate(x, &m[0], &m[1], EPS)?;
         let p = self.qkv_mlp.forward(&xn)?;
         let h = self.heads;
         let q = self.norm_q.norm_rope(&p[0], h, &rope.0, &rope.1)?;
         let k = self.norm_k.norm_rope(&p[1], h, &rope.0, &rope.1)?;
-        let o = merge_heads(&attention(&q, &k, &heads(&p[2], h)?)?)?;
+        let o = merge_heads(&attend(sp, &q, &k, &heads(&p[2], h)?, attention)?)?;
         // cat(attention, gelu(mlp)) in one pass.
         let y = self.proj_out.forward(&cat_act(Some(&o), &p[3], MlpAct::GeluTanh)?)?;
         gated_add(x, &y, &m[2])
@@ -389,19 +397,45 @@ impl FluxTransformer {
         txt_ids: &Tensor,
         dtype: DType,
     ) -> Result<Tensor> {
+        self.forward_sharded(img, txt, pooled, timestep, guidance, img_ids, txt_ids, dtype, None)
+    }
+
+    /// [`Self::forward`] with the tokens sharded over `group` (Ulysses, as diffusers shards FLUX:
+    /// each rank holds a share of the text tokens and of the image tokens). Every member passes the
+    /// full inputs and gets the full output.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_sharded(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        pooled: &Tensor,
+        timestep: &Tensor,
+        guidance: Option<&Tensor>,
+        img_ids: &Tensor,
+        txt_ids: &Tensor,
+        dtype: DType,
+        group: Option<&Group>,
+    ) -> Result<Tensor> {
         let device = img.device();
         let ids = Tensor::cat(&[txt_ids, img_ids], 0)?;
         let rope = rope_tables(&ids, &self.cfg.axes_dims_rope, ROPE_THETA, device)?;
         let temb = self.temb(timestep, guidance, pooled, dtype)?;
+        let (s_txt, s_img) = (txt.dim(1)?, img.dim(1)?);
+        let sp = group.map(|g| SeqParallel::new(g.clone(), &[s_txt, s_img]));
+        let (txt, img, rope) = match &sp {
+            Some(sp) => sp.shard_joint(txt, img, &rope)?,
+            None => (txt.clone(), img.clone(), rope),
+        };
+        let sp = sp.as_ref();
         let mut img = self.x_embedder.forward(&img.to_dtype(dtype)?)?;
         let mut txt = self.context_embedder.forward(&txt.to_dtype(dtype)?)?;
         for b in &self.transformer_blocks {
-            (img, txt) = b.forward(&img, &txt, &temb, &rope)?;
+            (img, txt) = b.forward(&img, &txt, &temb, &rope, sp)?;
         }
         let s_txt = txt.dim(1)?;
         let mut x = Tensor::cat(&[txt, img], 1)?;
         for b in &self.single_transformer_blocks {
-            x = b.forward(&x, &temb, &rope)?;
+            x = b.forward(&x, &temb, &rope, sp)?;
         }
         let img = x.narrow(1, s_txt, x.dim(1)? - s_txt)?;
         let mods = chunks(&self.norm_out.forward(&temb.silu()?)?, 2)?;
@@ -409,6 +443,10 @@ impl FluxTransformer {
             Naming::Diffusers => (&mods[1], &mods[0]),
             Naming::Bfl => (&mods[0], &mods[1]),
         };
-        self.proj_out.forward(&ln_modulate(&img, shift, scale, EPS)?)
+        let out = self.proj_out.forward(&ln_modulate(&img, shift, scale, EPS)?)?;
+        match sp {
+            Some(sp) => sp.gather(&out, 1, 1),
+            None => Ok(out),
+        }
     }
 }

@@ -18,6 +18,7 @@ use crate::models::flux::model::{chunks, split_rope, Embedder, Proj};
 use crate::models::flux::Naming;
 use crate::models::fused::{cat_act, gated_add, ln_modulate, MlpAct};
 use crate::models::ops::{attention, heads, merge_heads, rope_tables, timestep_embedding, RmsNorm};
+use crate::parallel::{attend, Group, SeqParallel};
 
 /// Timesteps and guidance arrive in [0, 1] / as the raw scale; the model was trained on 1000x.
 const TIME_SCALE: f64 = 1000.0;
@@ -115,6 +116,7 @@ impl DoubleBlock {
         m: &[Tensor],
         c: &[Tensor],
         rope: &(Tensor, Tensor),
+        sp: Option<&SeqParallel>,
     ) -> Result<(Tensor, Tensor)> {
         let (h, eps) = (self.heads, self.eps);
         let iq = self.img.qkv.forward(&ln_modulate(img, &m[0], &m[1], eps)?)?;
@@ -138,7 +140,7 @@ impl DoubleBlock {
             2,
         )?;
         let v = heads(&Tensor::cat(&[&tq[2], &iq[2]], 1)?, h)?;
-        let o = merge_heads(&attention(&q, &k, &v)?)?;
+        let o = merge_heads(&attend(sp, &q, &k, &v, attention)?)?;
         let o_txt = o.narrow(1, 0, s_txt)?;
         let o_img = o.narrow(1, s_txt, o.dim(1)? - s_txt)?;
 
@@ -191,13 +193,13 @@ impl SingleBlock {
     }
 
     /// `m`: shift, scale, gate.
-    fn forward(&self, x: &Tensor, m: &[Tensor], rope: &(Tensor, Tensor)) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, m: &[Tensor], rope: &(Tensor, Tensor), sp: Option<&SeqParallel>) -> Result<Tensor> {
         let (h, dim) = (self.heads, self.dim);
         let p = self.to_qkv_mlp_proj.forward(&ln_modulate(x, &m[0], &m[1], self.eps)?)?;
         let part = |i: usize| p.narrow(D::Minus1, i * dim, dim);
         let q = self.norm_q.norm_rope(&part(0)?, h, &rope.0, &rope.1)?;
         let k = self.norm_k.norm_rope(&part(1)?, h, &rope.0, &rope.1)?;
-        let o = merge_heads(&attention(&q, &k, &heads(&part(2)?, h)?)?)?;
+        let o = merge_heads(&attend(sp, &q, &k, &heads(&part(2)?, h)?, attention)?)?;
         // cat(attention, swiglu(mlp)) in one pass, reading the projection's MLP columns in place.
         let mlp = p.narrow(D::Minus1, 3 * dim, p.dim(D::Minus1)? - 3 * dim)?;
         let y = self.to_out.forward(&cat_act(Some(&o), &mlp, MlpAct::SwiGlu)?)?;
@@ -318,6 +320,23 @@ impl Flux2Transformer {
         self.forward_traced(img, txt, timestep, guidance, img_ids, txt_ids, dtype, &mut |_, _| {})
     }
 
+    /// [`Self::forward`] with the tokens sharded over `group` (each rank holds a share of the text
+    /// and of the image tokens). Every member passes the full inputs and gets the full output.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_sharded(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        timestep: &Tensor,
+        guidance: Option<&Tensor>,
+        img_ids: &Tensor,
+        txt_ids: &Tensor,
+        dtype: DType,
+        group: Option<&Group>,
+    ) -> Result<Tensor> {
+        self.run(img, txt, timestep, guidance, img_ids, txt_ids, dtype, &mut |_, _| {}, group)
+    }
+
     /// [`Self::forward`], reporting intermediate tensors to `trace`.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_traced(
@@ -331,6 +350,22 @@ impl Flux2Transformer {
         dtype: DType,
         trace: Trace,
     ) -> Result<Tensor> {
+        self.run(img, txt, timestep, guidance, img_ids, txt_ids, dtype, trace, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        timestep: &Tensor,
+        guidance: Option<&Tensor>,
+        img_ids: &Tensor,
+        txt_ids: &Tensor,
+        dtype: DType,
+        trace: Trace,
+        group: Option<&Group>,
+    ) -> Result<Tensor> {
         let ids = Tensor::cat(&[txt_ids, img_ids], 0)?;
         let rope = rope_tables(&ids, &self.cfg.axes_dims_rope, self.cfg.rope_theta, img.device())?;
         let temb = self.temb(timestep, guidance, dtype)?;
@@ -340,17 +375,24 @@ impl Flux2Transformer {
         let c = chunks(&self.double_stream_modulation_txt.forward(&act)?, 6)?;
         let s = chunks(&self.single_stream_modulation.forward(&act)?, 3)?;
 
+        let totals = [txt.dim(1)?, img.dim(1)?];
+        let sp = group.map(|g| SeqParallel::new(g.clone(), &totals));
+        let (txt, img, rope) = match &sp {
+            Some(sp) => sp.shard_joint(txt, img, &rope)?,
+            None => (txt.clone(), img.clone(), rope),
+        };
+        let sp = sp.as_ref();
         let mut img = self.x_embedder.forward(&img.to_dtype(dtype)?)?;
         let mut txt = self.context_embedder.forward(&txt.to_dtype(dtype)?)?;
         for (i, b) in self.transformer_blocks.iter().enumerate() {
-            (img, txt) = b.forward(&img, &txt, &m, &c, &rope)?;
+            (img, txt) = b.forward(&img, &txt, &m, &c, &rope, sp)?;
             trace(&format!("double.{i}.img"), &img);
             trace(&format!("double.{i}.txt"), &txt);
         }
         let s_txt = txt.dim(1)?;
         let mut x = Tensor::cat(&[txt, img], 1)?;
         for (i, b) in self.single_transformer_blocks.iter().enumerate() {
-            x = b.forward(&x, &s, &rope)?;
+            x = b.forward(&x, &s, &rope, sp)?;
             trace(&format!("single.{i}"), &x);
         }
         let img = x.narrow(1, s_txt, x.dim(1)? - s_txt)?;
@@ -359,6 +401,10 @@ impl Flux2Transformer {
             Naming::Diffusers => (&mods[1], &mods[0]),
             Naming::Bfl => (&mods[0], &mods[1]),
         };
-        self.proj_out.forward(&ln_modulate(&img, shift, scale, self.cfg.eps)?)
+        let out = self.proj_out.forward(&ln_modulate(&img, shift, scale, self.cfg.eps)?)?;
+        match sp {
+            Some(sp) => sp.gather(&out, 1, 1),
+            None => Ok(out),
+        }
     }
 }

@@ -10,6 +10,7 @@ use super::config::WanConfig;
 use crate::linear::{Linear, WeightBuilder};
 use crate::models::fused::{gated_add, ln_modulate, rope_heads};
 use crate::models::ops::{attention, gelu_tanh, heads, merge_heads, rope_tables, timestep_embedding, RmsNorm};
+use crate::parallel::{attend, Group, SeqParallel};
 
 /// RoPE base of the three axes.
 const ROPE_THETA: f64 = 10_000.0;
@@ -55,7 +56,15 @@ impl Attention {
     }
 
     /// `x` `[B, S, dim]`; `ctx` the key/value source for cross-attention; RoPE for self-attention.
-    fn forward(&self, x: &Tensor, ctx: Option<&Tensor>, rope: Option<&(Tensor, Tensor)>) -> Result<Tensor> {
+    /// With sharded tokens, self-attention goes through `sp`; cross-attention stays local (every
+    /// rank holds the whole text).
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: Option<&Tensor>,
+        rope: Option<&(Tensor, Tensor)>,
+        sp: Option<&SeqParallel>,
+    ) -> Result<Tensor> {
         let kv = ctx.unwrap_or(x);
         let q = self.norm_q.forward(&self.to_q.forward(x)?)?;
         let k = self.norm_k.forward(&self.to_k.forward(kv)?)?;
@@ -68,7 +77,8 @@ impl Attention {
             ),
             None => (heads(&q, self.heads)?, heads(&k, self.heads)?),
         };
-        self.to_out.forward(&merge_heads(&attention(&q, &k, &v)?)?)
+        let sp = if ctx.is_none() { sp } else { None };
+        self.to_out.forward(&merge_heads(&attend(sp, &q, &k, &v, attention)?)?)
     }
 }
 
@@ -142,20 +152,27 @@ impl Block {
     }
 
     /// `tproj` `[B, L', 6, dim]` f32 with L' = 1 (one timestep per sample) or the token count.
-    fn forward(&self, x: &Tensor, ctx: &Tensor, tproj: &Tensor, rope: &(Tensor, Tensor)) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &Tensor,
+        tproj: &Tensor,
+        rope: &(Tensor, Tensor),
+        sp: Option<&SeqParallel>,
+    ) -> Result<Tensor> {
         let mods = self.scale_shift_table.broadcast_add(tproj)?;
         let m = |i: usize| -> Result<Tensor> { mods.narrow(2, i, 1)?.squeeze(2) };
         let (shift, scale, gate) = (m(0)?, m(1)?, m(2)?);
         let (c_shift, c_scale, c_gate) = (m(3)?, m(4)?, m(5)?);
 
         let h = modulated_norm(x, &shift, &scale, self.eps)?;
-        let x = gated_residual(x, &self.attn1.forward(&h, None, Some(rope))?, &gate)?;
+        let x = gated_residual(x, &self.attn1.forward(&h, None, Some(rope), sp)?, &gate)?;
 
         let h = match &self.norm2 {
             Some(n) => n.forward(&x)?,
             None => x.clone(),
         };
-        let x = (&x + self.attn2.forward(&h, Some(ctx), None)?)?;
+        let x = (&x + self.attn2.forward(&h, Some(ctx), None, None)?)?;
 
         let h = modulated_norm(&x, &c_shift, &c_scale, self.eps)?;
         let ff = self.ffn_out.forward(&self.ffn_in.forward_gelu(&h)?)?;
@@ -287,13 +304,39 @@ impl WanTransformer {
         self.forward_traced(x, timestep, ctx, dtype, None)
     }
 
+    /// [`Self::forward`] with the video tokens sharded over `group` (Ulysses self-attention, as
+    /// the Wan reference's sequence parallelism does; the text stays whole on every rank). Every
+    /// member passes the full inputs and gets the full output.
+    pub fn forward_sharded(
+        &self,
+        x: &Tensor,
+        timestep: &Tensor,
+        ctx: &Tensor,
+        dtype: DType,
+        group: Option<&Group>,
+    ) -> Result<Tensor> {
+        self.run(x, timestep, ctx, dtype, None, group)
+    }
+
     pub fn forward_traced(
         &self,
         x: &Tensor,
         timestep: &Tensor,
         ctx: &Tensor,
         dtype: DType,
+        trace: Option<&mut WanTrace>,
+    ) -> Result<Tensor> {
+        self.run(x, timestep, ctx, dtype, trace, None)
+    }
+
+    fn run(
+        &self,
+        x: &Tensor,
+        timestep: &Tensor,
+        ctx: &Tensor,
+        dtype: DType,
         mut trace: Option<&mut WanTrace>,
+        group: Option<&Group>,
     ) -> Result<Tensor> {
         let device = x.device();
         let (b, _, f, h, w) = x.dims5()?;
@@ -319,15 +362,32 @@ impl WanTransformer {
         }
         let tproj = tproj.to_dtype(DType::F32)?.reshape((b, per_token, BLOCK_MODS, dim))?;
         let temb = temb.to_dtype(DType::F32)?.reshape((b, per_token, 1, dim))?;
+        let sp = group.map(|g| SeqParallel::new(g.clone(), &[tokens]));
+        // Per-token rows (RoPE, per-token timesteps) of this rank's tokens.
+        let (rope, tproj, temb) = match &sp {
+            Some(sp) => {
+                let (o, l) = sp.local(0);
+                let rows =
+                    |t: &Tensor, d: usize| if per_token == 1 && d == 1 { Ok(t.clone()) } else { t.narrow(d, o, l) };
+                ((rows(&rope.0, 0)?, rows(&rope.1, 0)?), rows(&tproj, 1)?, rows(&temb, 1)?)
+            }
+            None => (rope, tproj, temb),
+        };
+        let sp = sp.as_ref();
 
         let ctx = self.text_2.forward(&gelu_tanh(&self.text_1.forward(&ctx.to_dtype(dtype)?)?)?)?;
         if let Some(tr) = trace.as_deref_mut() {
             tr.text_embeds = Some(ctx.to_dtype(DType::F32)?);
         }
 
-        let mut hs = self.patch_embedding.forward(&self.patchify(&x.to_dtype(dtype)?)?)?;
+        let patches = self.patchify(&x.to_dtype(dtype)?)?;
+        let patches = match sp {
+            Some(sp) => sp.shard(&patches, 1, 0)?,
+            None => patches,
+        };
+        let mut hs = self.patch_embedding.forward(&patches)?;
         for block in &self.blocks {
-            hs = block.forward(&hs, &ctx, &tproj, &rope)?;
+            hs = block.forward(&hs, &ctx, &tproj, &rope, sp)?;
             if let Some(tr) = trace.as_deref_mut() {
                 tr.block_outputs.push(hs.to_dtype(DType::F32)?);
             }
@@ -337,6 +397,10 @@ impl WanTransformer {
         let scale = mods.narrow(2, 1, 1)?.squeeze(2)?;
         let hs = modulated_norm(&hs, &shift, &scale, self.cfg.eps)?;
         let out = self.proj_out.forward(&hs)?;
+        let out = match sp {
+            Some(sp) => sp.gather(&out, 1, 0)?,
+            None => out,
+        };
         self.unpatchify(&out.to_dtype(DType::F32)?, grid)?.contiguous()
     }
 }

@@ -1,0 +1,664 @@
+//! Several ranks making one output: Ulysses sequence parallelism and CFG parallelism.
+//!
+//! Every rank runs the same pipeline code (SPMD) in its own thread, on its own device. The
+//! transformers shard their tokens over a [`Group`] ([`SeqParallel`]): all per-token work runs on
+//! the local tokens, and attention exchanges heads for tokens (all-to-all) so each rank attends
+//! over the whole sequence for `heads / n` of the heads. With classifier-free guidance and an even
+//! rank count, the conditional and unconditional branches run on two halves of the ranks
+//! ([`Plan`]). Ranks agree on noise and embeddings by broadcast from rank 0; each rank then
+//! steps the full latents identically, and only rank 0 writes output.
+//!
+//! Transports: [`nccl`] (one rank per GPU, the `nccl` feature) and [`local`] (all ranks on one
+//! device, in-process; the CPU tests and single-GPU checks of the sharded code paths).
+
+pub mod local;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Result, Tensor};
+
+use crate::error::CandiffError;
+
+/// Splits `n` items into `parts` contiguous runs, the first `n % parts` one longer.
+pub fn split_sizes(n: usize, parts: usize) -> Vec<usize> {
+    (0..parts).map(|i| n / parts + usize::from(i < n % parts)).collect()
+}
+
+/// The first failure of a run, seen by every rank: waits end with it instead of hanging. Also
+/// when each rank last made progress (an exchange or a fence), for the watchdog.
+#[derive(Debug, Default)]
+pub struct Health {
+    failed: Mutex<Option<(usize, String)>>,
+    beats: Mutex<Vec<Instant>>,
+}
+
+impl Health {
+    fn new(n: usize) -> Self {
+        Self { failed: Mutex::default(), beats: Mutex::new(vec![Instant::now(); n]) }
+    }
+
+    /// `rank` made progress.
+    pub fn beat(&self, rank: usize) {
+        if let Some(b) = self.beats.lock().unwrap_or_else(|p| p.into_inner()).get_mut(rank) {
+            *b = Instant::now();
+        }
+    }
+
+    /// The rank that has gone longest without progress, and for how long.
+    fn stalest(&self, done: &[AtomicBool]) -> Option<(usize, Duration)> {
+        let beats = self.beats.lock().unwrap_or_else(|p| p.into_inner());
+        beats
+            .iter()
+            .enumerate()
+            .filter(|(r, _)| !done[*r].load(Ordering::Acquire))
+            .map(|(r, b)| (r, b.elapsed()))
+            .max_by_key(|(_, d)| *d)
+    }
+
+    /// Records `rank`'s failure unless an earlier one is recorded (the root cause is kept).
+    pub fn fail(&self, rank: usize, why: impl Into<String>) {
+        let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some((rank, why.into()));
+        }
+    }
+
+    pub fn failure(&self) -> Option<(usize, String)> {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The error a waiting rank returns once a peer failed.
+    pub(crate) fn peer_error(&self, me: usize) -> Option<candle_core::Error> {
+        self.failure()
+            .map(|(r, why)| CandiffError::Parallel(format!("rank {me} stopped: rank {r} failed ({why})")).into())
+    }
+}
+
+/// Moves tensors between the ranks of one run.
+pub trait Transport: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// All-to-all among `members` (world ranks; this rank is one of them): `send` is 1-D and
+    /// holds `send_counts[i]` elements for `members[i]`, in member order; the result holds
+    /// `recv_counts[i]` elements from each, in member order. Every member calls it with the same
+    /// `members`, in the same order of calls.
+    fn all_to_all(
+        &self,
+        members: &[usize],
+        send: &Tensor,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<Tensor>;
+    /// Waits until this rank's queued work (communication included) is done, within the run's
+    /// timeout; errors naming the rank when a peer failed or the wait timed out.
+    fn fence(&self) -> Result<()>;
+    /// Ends this rank's communication at once (from any thread): pending and later exchanges
+    /// fail instead of waiting for a peer that will not come.
+    fn abort(&self) {}
+}
+
+/// A subset of the ranks that exchange data together, in a fixed member order.
+#[derive(Clone)]
+pub struct Group {
+    t: Arc<dyn Transport>,
+    members: Vec<usize>,
+    index: usize,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Group(members {:?}, me {})", self.members, self.members[self.index])
+    }
+}
+
+impl Group {
+    /// All ranks of the transport's run.
+    pub fn world(t: Arc<dyn Transport>) -> Self {
+        let index = t.rank();
+        Self { members: (0..t.world()).collect(), t, index }
+    }
+
+    /// The sub-group of `members` (world ranks, which must include this rank).
+    pub fn sub(&self, members: Vec<usize>) -> Result<Self> {
+        let me = self.t.rank();
+        let index = members
+            .iter()
+            .position(|&m| m == me)
+            .ok_or_else(|| candle_core::Error::Msg(format!("rank {me} is not in the group {members:?}")))?;
+        Ok(Self { t: self.t.clone(), members, index })
+    }
+
+    pub fn size(&self) -> usize {
+        self.members.len()
+    }
+
+    /// This rank's position in the group.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    pub fn rank(&self) -> usize {
+        self.t.rank()
+    }
+
+    pub fn fence(&self) -> Result<()> {
+        self.t.fence()
+    }
+
+    /// Sends `pieces[i]` to member `i` and returns what each member sent here, shaped
+    /// `shapes[i]` (all in the dtype of the pieces).
+    pub fn all_to_all(&self, pieces: &[Tensor], shapes: &[Vec<usize>]) -> Result<Vec<Tensor>> {
+        let n = self.size();
+        if pieces.len() != n || shapes.len() != n {
+            candle_core::bail!("all_to_all over {n} ranks needs {n} pieces and shapes");
+        }
+        if n == 1 {
+            return Ok(vec![pieces[0].clone()]);
+        }
+        let flat = pieces.iter().map(|p| p.flatten_all()).collect::<Result<Vec<_>>>()?;
+        let send = Tensor::cat(&flat, 0)?;
+        let send_counts: Vec<usize> = pieces.iter().map(|p| p.elem_count()).collect();
+        let recv_counts: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
+        let recv = self.t.all_to_all(&self.members, &send, &send_counts, &recv_counts)?;
+        let mut out = Vec::with_capacity(n);
+        let mut at = 0;
+        for (s, c) in shapes.iter().zip(&recv_counts) {
+            out.push(recv.narrow(0, at, *c)?.reshape(s.as_slice())?);
+            at += c;
+        }
+        Ok(out)
+    }
+
+    /// Concatenates every member's `x` along `dim`; member `i`'s extent there is `sizes[i]`.
+    pub fn all_gather(&self, x: &Tensor, dim: usize, sizes: &[usize]) -> Result<Tensor> {
+        if self.size() == 1 {
+            return Ok(x.clone());
+        }
+        let shapes: Vec<Vec<usize>> = sizes
+            .iter()
+            .map(|&s| {
+                let mut d = x.dims().to_vec();
+                d[dim] = s;
+                d
+            })
+            .collect();
+        let x = x.contiguous()?;
+        let pieces = vec![x; self.size()];
+        Tensor::cat(&self.all_to_all(&pieces, &shapes)?, dim)
+    }
+
+    /// Member `root`'s `x` on every member (`x` gives the shape on the others).
+    pub fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
+        if self.size() == 1 {
+            return Ok(x.clone());
+        }
+        let empty = x.flatten_all()?.narrow(0, 0, 0)?;
+        let pieces: Vec<Tensor> =
+            (0..self.size()).map(|_| if self.index == root { x.clone() } else { empty.clone() }).collect();
+        let shapes: Vec<Vec<usize>> =
+            (0..self.size()).map(|i| if i == root { x.dims().to_vec() } else { vec![0] }).collect();
+        Ok(self.all_to_all(&pieces, &shapes)?.swap_remove(root))
+    }
+}
+
+/// Ulysses sequence parallelism over a group: each member holds a contiguous share of every
+/// segment of the sequence (FLUX: text then image tokens; Wan: one segment of video tokens).
+#[derive(Debug, Clone)]
+pub struct SeqParallel {
+    group: Group,
+    /// `sizes[seg][member]`: tokens of segment `seg` held by `member`.
+    sizes: Vec<Vec<usize>>,
+}
+
+impl SeqParallel {
+    /// Shards segments of `totals` tokens evenly over the group.
+    pub fn new(group: Group, totals: &[usize]) -> Self {
+        let n = group.size();
+        Self { sizes: totals.iter().map(|&t| split_sizes(t, n)).collect(), group }
+    }
+
+    pub fn group(&self) -> &Group {
+        &self.group
+    }
+
+    /// (offset, length) of this rank's share of segment `seg`, in the segment's own positions.
+    pub fn local(&self, seg: usize) -> (usize, usize) {
+        let s = &self.sizes[seg];
+        let i = self.group.index();
+        (s[..i].iter().sum(), s[i])
+    }
+
+    /// This rank's share of segment `seg` of `x` along `dim` (where `x` holds that segment).
+    pub fn shard(&self, x: &Tensor, dim: usize, seg: usize) -> Result<Tensor> {
+        let (o, l) = self.local(seg);
+        x.narrow(dim, o, l)
+    }
+
+    /// The whole segment `seg` from every member's share along `dim`.
+    pub fn gather(&self, x: &Tensor, dim: usize, seg: usize) -> Result<Tensor> {
+        self.group.all_gather(x, dim, &self.sizes[seg])
+    }
+
+    /// A joint text-then-image sequence (FLUX): this rank's text tokens, image tokens (both
+    /// `[B, S, C]`, segments 0 and 1) and their rows of the RoPE tables of the full sequence.
+    pub fn shard_joint(&self, txt: &Tensor, img: &Tensor, rope: &(Tensor, Tensor)) -> Result<JointShard> {
+        let s_txt = txt.dim(1)?;
+        let ((to, tl), (io, il)) = (self.local(0), self.local(1));
+        let rows = |t: &Tensor| Tensor::cat(&[t.narrow(0, to, tl)?, t.narrow(0, s_txt + io, il)?], 0);
+        Ok((self.shard(txt, 1, 0)?, self.shard(img, 1, 1)?, (rows(&rope.0)?, rows(&rope.1)?)))
+    }
+
+    /// Tokens member `m` holds, over all segments.
+    fn held(&self, m: usize) -> usize {
+        self.sizes.iter().map(|s| s[m]).sum()
+    }
+
+    /// Start of member `m`'s share of segment `seg` in the full sequence (segments in order).
+    fn global_start(&self, seg: usize, m: usize) -> usize {
+        let before: usize = self.sizes[..seg].iter().map(|s| s.iter().sum::<usize>()).sum();
+        before + self.sizes[seg][..m].iter().sum::<usize>()
+    }
+
+    /// Attention of the local queries `[B, H, S_local, D]` over every rank's keys and values,
+    /// returned `[B, H, S_local, D]`: heads are traded for tokens (all-to-all), each rank runs
+    /// `attn` over the full sequence in the reference's token order for `H / n` heads, then the
+    /// outputs go back to the ranks that own the tokens. Built from few, large copies: each op
+    /// costs host time, and with the GPU work split n ways the host is what a rank waits on.
+    pub fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        attn: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let g = &self.group;
+        let n = g.size();
+        let (b, heads, s_loc, d) = q.dims4()?;
+        if heads % n != 0 {
+            return Err(CandiffError::Parallel(format!(
+                "sequence parallelism over {n} ranks needs the head count ({heads}) to divide by {n}"
+            ))
+            .into());
+        }
+        let h = heads / n;
+        // [3, S, B, H, D] (token-major) -> [n, 3, S, B, h, D]: member j's heads contiguous.
+        let tm = |t: &Tensor| t.permute((2, 0, 1, 3));
+        let qkv = Tensor::stack(&[tm(q)?, tm(k)?, tm(v)?], 0)?;
+        let send = qkv.reshape((3, s_loc, b, n, h, d))?.permute((3, 0, 1, 2, 4, 5))?.contiguous()?.flatten_all()?;
+        let per_token = 3 * b * h * d;
+        let send_counts = vec![s_loc * per_token; n];
+        let recv_counts: Vec<usize> = (0..n).map(|m| self.held(m) * per_token).collect();
+        let recv = if n == 1 { send } else { g.t.all_to_all(&g.members, &send, &send_counts, &recv_counts)? };
+        // Member m's [3, S_m, B, h, D], its rows placed in the single-rank token order
+        // (segment by segment, member by member) by one concatenation.
+        let mut at = 0;
+        let mut from = Vec::with_capacity(n);
+        for (m, c) in recv_counts.iter().enumerate() {
+            from.push(recv.narrow(0, at, *c)?.reshape((3, self.held(m), b, h, d))?);
+            at += c;
+        }
+        let mut rows = Vec::with_capacity(self.sizes.len() * n);
+        for (seg, sizes) in self.sizes.iter().enumerate() {
+            for (m, f) in from.iter().enumerate() {
+                let off: usize = self.sizes[..seg].iter().map(|s| s[m]).sum();
+                rows.push(f.narrow(1, off, sizes[m])?);
+            }
+        }
+        let qkv = Tensor::cat(&rows, 1)?;
+        // Each of q, k, v: contiguous [S, B, h, D], seen as [B, h, S, D] (the single-rank layout).
+        let pick = |t: usize| qkv.get(t)?.permute((1, 2, 0, 3));
+        let o = attn(&pick(0)?, &pick(1)?, &pick(2)?)?;
+        // Token-major [S, B, h, D], regrouped member by member, each member's tokens in one piece.
+        let os = o.permute((2, 0, 1, 3))?;
+        let mut back = Vec::with_capacity(self.sizes.len() * n);
+        for m in 0..n {
+            for seg in 0..self.sizes.len() {
+                back.push(os.narrow(0, self.global_start(seg, m), self.sizes[seg][m])?);
+            }
+        }
+        let send = Tensor::cat(&back, 0)?.flatten_all()?;
+        let per_token = b * h * d;
+        let send_counts: Vec<usize> = (0..n).map(|m| self.held(m) * per_token).collect();
+        let recv_counts = vec![s_loc * per_token; n];
+        let recv = if n == 1 { send } else { g.t.all_to_all(&g.members, &send, &send_counts, &recv_counts)? };
+        // [n (head groups), S_local, B, h, D] -> [S_local, B, H, D] -> [B, H, S_local, D].
+        recv.reshape((n, s_loc, b, h, d))?
+            .permute((1, 2, 0, 3, 4))?
+            .contiguous()?
+            .reshape((s_loc, b, heads, d))?
+            .permute((1, 2, 0, 3))
+    }
+}
+
+/// This rank's (text, image, RoPE rows) of a joint sequence.
+pub type JointShard = (Tensor, Tensor, (Tensor, Tensor));
+
+/// Attention through the group when the tokens are sharded, else `attn` directly.
+pub fn attend(
+    sp: Option<&SeqParallel>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    attn: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    match sp {
+        Some(sp) if sp.group.size() > 1 => sp.attention(q, k, v, attn),
+        _ => attn(q, k, v),
+    }
+}
+
+/// Errors unless `n` ranks can split a model of `heads` attention heads (`cfg`: the step runs a
+/// conditional and an unconditional branch, which go to two halves of the ranks when `n` is even).
+pub fn check_split(n: usize, heads: usize, cfg: bool) -> Result<()> {
+    let cfg_split = cfg && n % 2 == 0;
+    let sp_n = if cfg_split { n / 2 } else { n };
+    if n <= 1 || heads % sp_n == 0 {
+        return Ok(());
+    }
+    let ok: Vec<String> = (1..=heads)
+        .filter(|d| heads % d == 0)
+        .map(|d| if cfg_split { 2 * d } else { d })
+        .filter(|&d| d > 1)
+        .map(|d| d.to_string())
+        .collect();
+    Err(CandiffError::Parallel(format!(
+        "{n} ranks shard each transformer call over {sp_n} ranks{}, but the model's {heads} attention heads do not divide by {sp_n}; use one of: {}",
+        if cfg_split { " (the other half runs the unconditional branch)" } else { "" },
+        ok.join(", ")
+    ))
+    .into())
+}
+
+/// How a run's ranks divide the work of one denoising step.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The ranks sharing one transformer call's tokens (absent with one rank).
+    pub sp: Option<Group>,
+    /// With guidance on an even number of ranks: the partner holding the same tokens of the
+    /// other branch, and this rank's branch (0 conditional, 1 unconditional).
+    pub cfg: Option<(Group, usize)>,
+    world: Option<Group>,
+}
+
+impl Plan {
+    /// One rank: nothing shared.
+    pub fn single() -> Self {
+        Self { sp: None, cfg: None, world: None }
+    }
+
+    /// The plan of `world` (one rank without it).
+    pub fn of(world: Option<&Group>, heads: usize, cfg: bool) -> Result<Self> {
+        match world {
+            Some(w) => Self::new(w, heads, cfg),
+            None => Ok(Self::single()),
+        }
+    }
+
+    /// Waits for this rank's queued work and its exchanges (see [`Transport::fence`]); nothing to
+    /// do on one rank.
+    pub fn fence(&self) -> Result<()> {
+        match &self.world {
+            Some(w) => w.fence(),
+            None => Ok(()),
+        }
+    }
+
+    /// Splits the world for a model of `heads` attention heads; `cfg` when the step runs a
+    /// conditional and an unconditional branch.
+    pub fn new(world: &Group, heads: usize, cfg: bool) -> Result<Self> {
+        let n = world.size();
+        if n == 1 {
+            return Ok(Self::single());
+        }
+        let (sp_members, cfg_split) = if cfg && n % 2 == 0 {
+            let half = n / 2;
+            let branch = world.index() / half;
+            let mine = world.index() % half;
+            let sp: Vec<usize> = (branch * half..(branch + 1) * half).map(|i| world.members[i]).collect();
+            let pair = world.sub(vec![world.members[mine], world.members[mine + half]])?;
+            (sp, Some((pair, branch)))
+        } else {
+            (world.members.clone(), None)
+        };
+        check_split(n, heads, cfg)?;
+        let sp_n = sp_members.len();
+        let sp = (sp_n > 1).then(|| world.sub(sp_members)).transpose()?;
+        Ok(Self { sp, cfg: cfg_split, world: Some(world.clone()) })
+    }
+
+    /// The sequence-parallel context of one call over segments of `totals` tokens.
+    pub fn seq(&self, totals: &[usize]) -> Option<SeqParallel> {
+        self.sp.as_ref().map(|g| SeqParallel::new(g.clone(), totals))
+    }
+
+    /// The conditional and (with guidance) unconditional predictions: `branch(0)` and
+    /// `branch(1)`, on two halves of the ranks when the plan splits them, else one after the other.
+    pub fn guided(&self, with_cfg: bool, branch: impl Fn(usize) -> Result<Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+        if !with_cfg {
+            return Ok((branch(0)?, None));
+        }
+        match &self.cfg {
+            None => Ok((branch(0)?, Some(branch(1)?))),
+            Some((pair, mine)) => {
+                let y = branch(*mine)?.contiguous()?;
+                let shape = y.dims().to_vec();
+                let mut got = pair.all_to_all(&[y.clone(), y], &[shape.clone(), shape])?;
+                let uncond = got.pop().expect("two members");
+                Ok((got.pop().expect("two members"), Some(uncond)))
+            }
+        }
+    }
+}
+
+/// One rank of a run, handed to the function every rank runs.
+#[derive(Clone)]
+pub struct Rank {
+    pub device: Device,
+    pub world: Group,
+}
+
+impl Rank {
+    pub fn index(&self) -> usize {
+        self.world.rank()
+    }
+
+    pub fn size(&self) -> usize {
+        self.world.size()
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.index() == 0
+    }
+}
+
+/// How the ranks of a run are placed.
+#[derive(Debug, Clone)]
+pub enum Placement {
+    /// One rank per GPU `0..n`, NCCL between them.
+    Gpus(usize),
+    /// `n` ranks sharing one device, in-process exchange (checks of the sharded code paths;
+    /// no speed-up).
+    Shared(usize, Device),
+}
+
+impl Placement {
+    pub fn ranks(&self) -> usize {
+        match self {
+            Placement::Gpus(n) | Placement::Shared(n, _) => *n,
+        }
+    }
+}
+
+/// Default wait for a peer before a run is declared hung (covers a slow first step; a failed
+/// peer is noticed at once, not after this).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Set to a rank number, that rank fails on purpose a moment after starting (checks that the
+/// others stop with its error instead of hanging).
+pub const FAULT_ENV: &str = "CANDIFF_TEST_FAIL_RANK";
+/// How long an injected failure waits, so the other ranks are inside their work.
+const FAULT_DELAY: Duration = Duration::from_secs(2);
+/// How often the watchdog looks at the ranks.
+const WATCH_EVERY: Duration = Duration::from_millis(100);
+/// How long ranks get to stop after a failure before a command-line run gives up on them.
+const STUCK_GRACE: Duration = Duration::from_secs(20);
+/// Exit status of a command-line run whose ranks could not be stopped.
+const STUCK_EXIT_CODE: i32 = 1;
+static EXIT_WHEN_STUCK: AtomicBool = AtomicBool::new(false);
+
+/// Command-line programs: when a rank fails and another stays blocked in a collective that
+/// cannot be aborted, print the root cause and exit the process instead of waiting forever (a
+/// library caller keeps the default: wait, retrying the abort).
+pub fn exit_when_stuck(on: bool) {
+    EXIT_WHEN_STUCK.store(on, Ordering::Relaxed);
+}
+
+/// Runs `f` on every rank, each in its own thread, and returns the results in rank order. When
+/// any rank fails, the others stop at their next exchange or fence (a watchdog aborts their
+/// communication, which also frees a rank blocked in a copy that waits on it), and the error
+/// reported is the first failure (the root cause), naming its rank. A rank that makes no progress
+/// (no exchange or fence) for `timeout` fails the run the same way.
+pub fn launch<T: Send>(
+    placement: &Placement,
+    timeout: Duration,
+    f: impl Fn(Rank) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let n = placement.ranks();
+    if n == 0 {
+        return Err(CandiffError::Parallel("a run needs at least one rank".into()).into());
+    }
+    let health = Arc::new(Health::new(n));
+    let ranks: Vec<(Device, Arc<dyn Transport>)> = match placement {
+        Placement::Shared(_, device) => local::LocalTransport::create(n, health.clone(), timeout)
+            .into_iter()
+            .map(|t| (device.clone(), Arc::new(t) as Arc<dyn Transport>))
+            .collect(),
+        Placement::Gpus(_) => gpu_ranks(n, health.clone(), timeout)?,
+    };
+    let fault: Option<usize> = std::env::var(FAULT_ENV).ok().and_then(|v| v.parse().ok());
+    let transports: Vec<Arc<dyn Transport>> = ranks.iter().map(|(_, t)| t.clone()).collect();
+    let done: Vec<AtomicBool> = (0..n).map(|_| AtomicBool::new(false)).collect();
+    let results: Vec<Option<Result<T>>> = std::thread::scope(|s| {
+        let (health_w, done_w, transports) = (health.clone(), &done, &transports);
+        s.spawn(move || {
+            let mut failed_at: Option<Instant> = None;
+            loop {
+                std::thread::sleep(WATCH_EVERY);
+                if done_w.iter().all(|d| d.load(Ordering::Acquire)) {
+                    return;
+                }
+                if health_w.failure().is_none() {
+                    match health_w.stalest(done_w) {
+                        Some((r, d)) if d > timeout => health_w.fail(
+                            r,
+                            format!("made no progress for {d:.0?} (hung? raise --parallel-timeout if a step or a load takes that long)"),
+                        ),
+                        _ => continue,
+                    }
+                }
+                // A rank failed: end everyone's communication (retried: a rank inside an NCCL
+                // call holds its communicator until the call returns).
+                for t in transports {
+                    t.abort();
+                }
+                let since = *failed_at.get_or_insert_with(Instant::now);
+                if since.elapsed() > STUCK_GRACE && EXIT_WHEN_STUCK.load(Ordering::Relaxed) {
+                    let stuck: Vec<usize> =
+                        (0..done_w.len()).filter(|&r| !done_w[r].load(Ordering::Acquire)).collect();
+                    let (r, why) = health_w.failure().expect("recorded");
+                    eprintln!(
+                        "error: rank {r} of {} failed: {why}\nranks {stuck:?} did not stop within {STUCK_GRACE:?} (blocked in a collective); exiting",
+                        done_w.len()
+                    );
+                    std::process::exit(STUCK_EXIT_CODE);
+                }
+            }
+        });
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .enumerate()
+            .map(|(i, (device, t))| {
+                let (f, health, done) = (&f, health.clone(), &done[i]);
+                std::thread::Builder::new()
+                    .name(format!("rank-{i}"))
+                    .spawn_scoped(s, move || {
+                        let r = if fault == Some(i) {
+                            std::thread::sleep(FAULT_DELAY);
+                            Err(CandiffError::Parallel(format!("injected failure ({FAULT_ENV}={i})")).into())
+                        } else {
+                            // A panicking rank fails the run like an error (its peers must not wait for it).
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                f(Rank { device, world: Group::world(t) })
+                            }))
+                            .unwrap_or_else(|p| {
+                                let msg = p
+                                    .downcast_ref::<String>()
+                                    .cloned()
+                                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                                    .unwrap_or_default();
+                                Err(CandiffError::Parallel(format!("panicked: {msg}")).into())
+                            })
+                        };
+                        if let Err(e) = &r {
+                            health.fail(i, e.to_string());
+                        }
+                        done.store(true, Ordering::Release);
+                        r
+                    })
+                    .expect("spawning a rank thread")
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| match h.join() {
+                Ok(r) => Some(r),
+                Err(_) => {
+                    health.fail(i, "panicked");
+                    done[i].store(true, Ordering::Release);
+                    None
+                }
+            })
+            .collect()
+    });
+    if let Some((r, why)) = health.failure() {
+        return Err(CandiffError::Parallel(format!("rank {r} of {n} failed: {why}")).into());
+    }
+    results.into_iter().map(|r| r.expect("no failure recorded")).collect()
+}
+
+/// `f` on `device` alone, or on every rank of `placement` with rank 0's result returned (the
+/// others' results are dropped; they return no output).
+pub fn run_on<T: Send>(
+    placement: Option<&Placement>,
+    timeout: Duration,
+    device: &Device,
+    f: impl Fn(&Device, Option<&Group>) -> Result<T> + Sync,
+) -> Result<T> {
+    match placement {
+        None => f(device, None),
+        Some(p) => Ok(launch(p, timeout, |rank| f(&rank.device, Some(&rank.world)))?.swap_remove(0)),
+    }
+}
+
+/// Whether this is the rank that reports progress and writes output.
+pub fn is_root(world: Option<&Group>) -> bool {
+    world.is_none_or(|w| w.rank() == 0)
+}
+
+#[cfg(feature = "nccl")]
+fn gpu_ranks(n: usize, health: Arc<Health>, timeout: Duration) -> Result<Vec<(Device, Arc<dyn Transport>)>> {
+    nccl::NcclTransport::create(n, health, timeout)
+}
+
+#[cfg(not(feature = "nccl"))]
+fn gpu_ranks(n: usize, _: Arc<Health>, _: Duration) -> Result<Vec<(Device, Arc<dyn Transport>)>> {
+    Err(CandiffError::Unsupported(format!(
+        "--gpus {n} needs NCCL, and this binary was built without it; rebuild with `--features nccl` (see README), or use --ranks {n} to check the sharded code paths on one device"
+    ))
+    .into())
+}
