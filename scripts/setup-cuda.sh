@@ -90,7 +90,12 @@ fi
 # `nccl` feature links here; at run time the machine's NCCL (system, or the nvidia-nccl wheel's
 # lib folder on LD_LIBRARY_PATH) is loaded.
 if [ "$WITH_NCCL" = 1 ] && [ ! -f "$STUB/libnccl.so" ]; then
-  CUDARC_SRC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | sort -V | tail -1)
+  mkdir -p "$STUB"
+  CUDARC_SRC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | sort -V | tail -1 || true)
+  if [ -z "$CUDARC_SRC" ]; then
+    (cd "$ROOT" && cargo fetch --quiet)
+    CUDARC_SRC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | sort -V | tail -1)
+  fi
   grep -rhoE '\bfn nccl[A-Za-z0-9_]*\(' "$CUDARC_SRC/src/nccl/sys" | sed -e 's/^fn //' -e 's/($//' | sort -u \
     | awk '{printf "int %s(void) { return 1; }\n", $1}' > "$STUB/nccl_stub.c"
   cc -shared -fPIC -Wl,-soname,libnccl.so.2 -o "$STUB/libnccl.so" "$STUB/nccl_stub.c"
