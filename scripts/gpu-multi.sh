@@ -2,7 +2,7 @@
 # Several-GPU checks and scaling on a GPU machine (from the repository root, binary in .gpu/):
 # NCCL runs of the tiny models against the 1-GPU run, an injected rank failure, and the step
 # scaling of FLUX.1-dev 1024² and Wan2.2 A14B 480p with random full-size weights.
-# Usage: scripts/gpu-multi.sh OUT_DIR [checks|flux|wan|all|shared] [GPU counts, default 1,2]
+# Usage: scripts/gpu-multi.sh OUT_DIR [checks|flux|wan|all|host|timing|shared] [GPU counts, default 1,2]
 # `shared` runs the sharded code paths with all ranks on GPU 0 (machines with one GPU).
 # (parts fit the 10-minute command limit of the borrowed machines one by one)
 set -uo pipefail
@@ -38,6 +38,10 @@ fi
 if [ "$PART" = wan ] || [ "$PART" = all ]; then
 timeout 200 $R bench wan-step --model a14b --width 832 --height 480 --frames 81 --gpus "$GPUS" \
   --variants ${WAN_VARIANTS:-bf16} --iters 1 --out "$OUT/wan_a14b_scaling.json" 2>&1 | grep -v "^\s*$"
+fi
+if [ "$PART" = timing ]; then
+  # Where a sharded FLUX step's time goes: the device synchronized around each attention's parts.
+  CANDIFF_ATTN_TIMING=1 timeout 200 $R bench flux-step --gpus "$GPUS" --variants bf16 --iters 3 2>&1 | grep -E "ms/step|rank"
 fi
 if [ "$PART" = host ]; then
   # 256²: GPU work is small, so the step time is the host's (ops enqueued per step).

@@ -13,7 +13,7 @@ use candiff::linear::{Nvfp4Options, WeightBuilder};
 use candiff::models::flux::{FluxConfig, FluxTransformer, Naming};
 use candiff::nvfp4::{Checkpoint, Overrides};
 use candiff::parallel::{attend, launch, split_sizes, Placement, Plan, SeqParallel, DEFAULT_TIMEOUT};
-use candiff::pipelines::wan::{RunStats, T2vRequest, WanFiles, WanRun};
+use candiff::pipelines::wan::{RunStats, WanFiles, WanRun};
 use candle_core::{DType, Device, Tensor};
 use common::fixtures;
 
@@ -153,26 +153,8 @@ type Trajectory = Vec<(f32, usize, Vec<f32>, Vec<f32>, Vec<f32>)>;
 
 fn wan_trajectory(name: &str, ranks: usize) -> (Trajectory, HashMap<String, Tensor>) {
     let root = fixtures().join(format!("wan22_tiny/{name}"));
-    let r = load(&format!("wan22_tiny/{name}.safetensors"));
-    let meta: serde_json::Value =
-        serde_json::from_str(&common::open(&format!("wan22_tiny/{name}.safetensors")).header.metadata["wan22_tiny"])
-            .unwrap();
-    let num = |k: &str| meta[k].as_f64().unwrap();
+    let (req, r, _) = common::wan_fixture(name);
     let files = WanFiles::new(&root, None, None).unwrap();
-    let req = T2vRequest {
-        prompt: String::new(),
-        negative_prompt: String::new(),
-        width: num("width") as usize,
-        height: num("height") as usize,
-        frames: num("num_frames") as usize,
-        steps: num("num_inference_steps") as usize,
-        guidance: num("guidance_scale"),
-        guidance_2: meta.get("guidance_scale_2").and_then(|v| v.as_f64()),
-        boundary: None,
-        flow_shift: None,
-        seed: 0,
-        max_sequence_length: r["prompt_embeds"].dim(1).unwrap(),
-    };
     let base = WanRun {
         files: &files,
         dtype: DType::F32,
@@ -324,6 +306,41 @@ fn sharded_flux2_transformer_matches_diffusers_and_one_rank() {
                 "{folder} rank {r} vs one rank: {}",
                 common::max_diff(&o, &one)
             );
+        }
+    }
+}
+
+#[test]
+fn sharded_wan_transformers_match_diffusers_and_one_rank() {
+    use candiff::models::wan::{WanConfig, WanTransformer};
+    let io = load("wan22_tiny/io_transformers.safetensors");
+    let ctx = &io["encoder_hidden_states"];
+    // (model, fixture key, timestep key, output key): per-sample timesteps for all three, and
+    // TI2V's per-token timesteps (each rank takes its tokens' rows of the modulation).
+    let cases = [
+        ("transformer_a14b_high", "a14b_high", "timestep", "output"),
+        ("transformer_a14b_low", "a14b_low", "timestep", "output"),
+        ("transformer_ti2v", "ti2v", "timestep", "output"),
+        ("transformer_ti2v", "ti2v", "timestep_tokens", "output_tokens"),
+    ];
+    for (folder, key, t_key, out_key) in cases {
+        let dir = fixtures().join("wan22_tiny").join(folder);
+        let cfg = WanConfig::from_file(&dir.join("config.json")).unwrap();
+        let ckpt = Arc::new(Checkpoint::open(&dir, &Overrides::default()).unwrap());
+        let wb = WeightBuilder::new(ckpt, DType::F32, &Device::Cpu, Nvfp4Options::default()).unwrap();
+        let model = WanTransformer::new(&cfg, &wb).unwrap();
+        let g = |n: &str| io[&format!("{key}/{n}")].clone();
+        let fwd = |group: Option<&candiff::parallel::Group>| {
+            model.forward_sharded(&g("hidden_states"), &g(t_key), ctx, DType::F32, group)
+        };
+        let one = flat(&fwd(None).unwrap());
+        let want = flat(&g(out_key));
+        for (r, o) in launch(&cpu(2), DEFAULT_TIMEOUT, |rank| fwd(Some(&rank.world))).unwrap().iter().enumerate() {
+            let o = flat(o);
+            // Fixture README: f32 Wan components within 5e-5 of diffusers.
+            let d = common::max_diff(&o, &want);
+            assert!(d <= 5e-5, "{key} {t_key} rank {r} vs diffusers: {d}");
+            assert!(common::max_diff(&o, &one) <= 1e-5, "{key} {t_key} rank {r} vs one rank");
         }
     }
 }

@@ -6,11 +6,9 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use candiff::linear::Nvfp4Options;
 use candiff::nvfp4::Overrides;
-use candiff::pipelines::wan::{RunStats, T2vRequest, WanFiles, WanRun};
+use candiff::pipelines::wan::{RunStats, WanFiles, WanRun};
 use candle_core::{DType, Device, Tensor};
 use common::fixtures;
 
@@ -32,18 +30,9 @@ fn diff(got: &Tensor, want: &Tensor) -> (f32, f32) {
     (common::max_diff(&a, &b), mean)
 }
 
-fn meta(name: &str) -> serde_json::Value {
-    let f = common::open(&format!("wan22_tiny/{name}.safetensors"));
-    serde_json::from_str(&f.header.metadata["wan22_tiny"]).unwrap()
-}
-
 fn check(name: &str, dtype: DType) {
     let root = fixtures().join(format!("wan22_tiny/{name}"));
-    let r: HashMap<String, Tensor> =
-        candle_core::safetensors::load(fixtures().join(format!("wan22_tiny/{name}.safetensors")), &Device::Cpu)
-            .unwrap();
-    let m = meta(name);
-    let num = |k: &str| m[k].as_f64().unwrap_or_else(|| panic!("metadata {k}"));
+    let (req, r, _) = common::wan_fixture(name);
     let files = WanFiles::new(&root, None, None).unwrap();
     let run = WanRun {
         files: &files,
@@ -53,20 +42,6 @@ fn check(name: &str, dtype: DType) {
         nvfp4_overrides: Overrides::default(),
         hooks: Default::default(),
         world: None,
-    };
-    let req = T2vRequest {
-        prompt: String::new(),
-        negative_prompt: String::new(),
-        width: num("width") as usize,
-        height: num("height") as usize,
-        frames: num("num_frames") as usize,
-        steps: num("num_inference_steps") as usize,
-        guidance: num("guidance_scale"),
-        guidance_2: m.get("guidance_scale_2").and_then(|v| v.as_f64()),
-        boundary: None,
-        flow_shift: None,
-        seed: 0,
-        max_sequence_length: r["prompt_embeds"].dim(1).unwrap(),
     };
     let g = run.geometry(&req).unwrap();
     assert_eq!(g.frames, r["latents_init"].dim(2).unwrap(), "latent frames");

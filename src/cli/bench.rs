@@ -134,7 +134,7 @@ pub struct FluxStepArgs {
     pub txt_tokens: usize,
     #[arg(long, default_value_t = 5)]
     pub iters: usize,
-    /// GPU counts to run the step on, e.g. `1,2,4` (FLUX.1): step time, scaling and the
+    /// GPU counts to run the step on, e.g. `1,2,4`: step time, scaling and the
     /// output's distance from the 1-GPU one (needs `nccl`).
     #[arg(long, value_delimiter = ',')]
     pub gpus: Vec<usize>,
@@ -254,12 +254,17 @@ fn scaling(
 
     use crate::parallel::{launch, Placement, DEFAULT_TIMEOUT};
 
-    let time = |step: &Step, fence: &dyn Fn() -> candle_core::Result<()>| -> candle_core::Result<(f64, Vec<f32>)> {
+    let time = |step: &Step,
+                fence: &dyn Fn() -> candle_core::Result<()>,
+                rank: usize|
+     -> candle_core::Result<(f64, Vec<f32>)> {
         let t0 = Instant::now();
         let out = step()?;
         fence()?;
         log::info!("first step (warm-up) in {:.1}s", t0.elapsed().as_secs_f64());
         let out: Vec<f32> = out.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        // Warm-up excluded from the attention breakdown (CANDIFF_ATTN_TIMING=1).
+        let _ = crate::parallel::attention_timing(rank);
         let t0 = Instant::now();
         for _ in 0..iters.max(1) {
             step()?;
@@ -270,6 +275,16 @@ fn scaling(
         fence()?;
         let ms = t0.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64;
         log::info!("host enqueue {host_ms:.1} ms/step of {ms:.1}");
+        if let Some([a, b, c]) = crate::parallel::attention_timing(rank) {
+            let per = |x: f64| x * 1e3 / iters.max(1) as f64;
+            println!(
+                "  rank {rank}: per step {ms:.1} ms (synchronized around attention): exchange in {:.1} ms, attention {:.1} ms, exchange out {:.1} ms, rest {:.1} ms",
+                per(a),
+                per(b),
+                per(c),
+                ms - per(a) - per(b) - per(c)
+            );
+        }
         Ok((ms, out))
     };
     let mut base: Option<(usize, f64, Vec<f32>)> = None;
@@ -280,7 +295,7 @@ fn scaling(
         let (ms, out) = if n == 1 {
             let device = candle_core::Device::new_cuda(0)?;
             let step = make(&device, None)?;
-            time(&step, &|| device.synchronize())?
+            time(&step, &|| device.synchronize(), 0)?
         } else if n == 0 {
             anyhow::bail!("--gpus counts must be at least 1")
         } else {
@@ -291,7 +306,7 @@ fn scaling(
                 let step = make(&rank.device, Some(&rank.world))?;
                 log::info!("rank {} of {n}: built in {:.1}s", rank.index(), t0.elapsed().as_secs_f64());
                 let bw = probe_bandwidth(&rank.world, &rank.device)?;
-                let (ms, out) = time(&step, &|| rank.world.fence())?;
+                let (ms, out) = time(&step, &|| rank.world.fence(), rank.index())?;
                 Ok((ms, out, bw))
             })?;
             let (ms, out, bw) = all.swap_remove(0);
@@ -329,6 +344,17 @@ fn scaling(
         }
     }
     Ok(rows)
+}
+
+/// The full-size FLUX.2 config behind a `--model` name.
+fn flux2_config(name: &str) -> anyhow::Result<crate::models::flux2::Flux2Config> {
+    use crate::models::flux2::Flux2Config;
+    Ok(match name {
+        "flux.2-dev" => Flux2Config::default(),
+        "flux.2-klein-4b" => Flux2Config::klein_4b(),
+        "flux.2-klein-9b" => Flux2Config::klein_9b(),
+        other => anyhow::bail!("unknown --model {other} (flux.1-dev, flux.2-dev, flux.2-klein-4b, flux.2-klein-9b)"),
+    })
 }
 
 fn gib(b: Option<usize>) -> String {
@@ -474,55 +500,50 @@ fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
 
     use crate::linear::WeightBuilder;
     use crate::models::flux::Naming;
-    use crate::models::flux2::Flux2Config;
 
     // Both families pack 16x16 pixels into one token at full size.
     let (lh, lw) = (a.height / 16, a.width / 16);
     anyhow::ensure!(lh * 16 == a.height && lw * 16 == a.width, "--width and --height must be multiples of 16");
     if !a.gpus.is_empty() {
-        anyhow::ensure!(a.model == "flux.1-dev", "--gpus: the sharded step is FLUX.1's (flux.1-dev)");
-        let what = format!("flux.1-dev {}x{} step", a.width, a.height);
-        let cfg = crate::models::flux::FluxConfig::default();
+        if a.model != "flux.1-dev" {
+            flux2_config(&a.model)?;
+        }
+        let what = format!("{} {}x{} step", a.model, a.width, a.height);
         let mut rows = Vec::new();
         for v in &a.variants {
             let (paths, opts) = variant(v, "transformer_blocks.")?;
             let make = |device: &Device, world: Option<&Group>| -> candle_core::Result<Step> {
                 let wb = WeightBuilder::synthetic(DType::BF16, device, paths.clone(), opts);
-                let model = crate::models::flux::FluxTransformer::new(&cfg, &wb, Naming::Diffusers)?;
+                let t = Tensor::new(&[0.5f32], device)?;
+                let g = Tensor::new(&[3.5f32], device)?;
+                if a.model == "flux.1-dev" {
+                    let cfg = crate::models::flux::FluxConfig::default();
+                    let model = crate::models::flux::FluxTransformer::new(&cfg, &wb, Naming::Diffusers)?;
+                    let img = host_randn(&[1, lh * lw, cfg.in_channels], 1, device, DType::BF16)?;
+                    let txt = host_randn(&[1, a.txt_tokens, cfg.joint_attention_dim], 2, device, DType::BF16)?;
+                    let pooled = host_randn(&[1, cfg.pooled_projection_dim], 3, device, DType::BF16)?;
+                    let ids = crate::models::flux::sampling::image_ids(lh * 2, lw * 2, device)?;
+                    let txt_ids = Tensor::zeros((a.txt_tokens, 3), DType::F32, device)?;
+                    let plan = Plan::of(world, cfg.num_attention_heads, false)?;
+                    return Ok(Box::new(move || {
+                        let sp = plan.sp.as_ref();
+                        model.forward_sharded(&img, &txt, &pooled, &t, Some(&g), &ids, &txt_ids, DType::BF16, sp)
+                    }));
+                }
+                let cfg = flux2_config(&a.model).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                let model = crate::models::flux2::Flux2Transformer::new(&cfg, &wb, Naming::Diffusers)?;
                 let img = host_randn(&[1, lh * lw, cfg.in_channels], 1, device, DType::BF16)?;
                 let txt = host_randn(&[1, a.txt_tokens, cfg.joint_attention_dim], 2, device, DType::BF16)?;
-                let pooled = host_randn(&[1, cfg.pooled_projection_dim], 3, device, DType::BF16)?;
-                let ids = crate::models::flux::sampling::image_ids(lh * 2, lw * 2, device)?;
-                let txt_ids = Tensor::zeros((a.txt_tokens, 3), DType::F32, device)?;
-                let (t, g) = (Tensor::new(&[0.5f32], device)?, Tensor::new(&[3.5f32], device)?);
+                let ids = crate::models::flux2::sampling::image_ids(lh, lw, device)?;
+                let txt_ids = crate::models::flux2::sampling::text_ids(a.txt_tokens, device)?;
+                let g = cfg.guidance_embeds.then_some(g);
                 let plan = Plan::of(world, cfg.num_attention_heads, false)?;
                 Ok(Box::new(move || {
                     let sp = plan.sp.as_ref();
-                    model.forward_sharded(&img, &txt, &pooled, &t, Some(&g), &ids, &txt_ids, DType::BF16, sp)
+                    model.forward_sharded(&img, &txt, &t, g.as_ref(), &ids, &txt_ids, DType::BF16, sp)
                 }))
             };
             rows.extend(scaling(&what, v, &a.gpus, a.shared, a.iters, make)?);
-            // The rounding floor the sharded outputs are judged against: the same step at batch 2
-            // (other GEMM shapes, other accumulation orders) against batch 1, on one GPU.
-            let device = Device::new_cuda(0)?;
-            let wb = WeightBuilder::synthetic(DType::BF16, &device, paths.clone(), opts);
-            let model = crate::models::flux::FluxTransformer::new(&cfg, &wb, Naming::Diffusers)?;
-            let two = |t: Tensor| Tensor::cat(&[&t, &t], 0);
-            let img = host_randn(&[1, lh * lw, cfg.in_channels], 1, &device, DType::BF16)?;
-            let txt = host_randn(&[1, a.txt_tokens, cfg.joint_attention_dim], 2, &device, DType::BF16)?;
-            let pooled = host_randn(&[1, cfg.pooled_projection_dim], 3, &device, DType::BF16)?;
-            let ids = crate::models::flux::sampling::image_ids(lh * 2, lw * 2, &device)?;
-            let txt_ids = Tensor::zeros((a.txt_tokens, 3), DType::F32, &device)?;
-            let (t, g) = (Tensor::new(&[0.5f32], &device)?, Tensor::new(&[3.5f32], &device)?);
-            let f32v =
-                |t: Tensor| -> candle_core::Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1() };
-            let one = f32v(model.forward(&img, &txt, &pooled, &t, Some(&g), &ids, &txt_ids, DType::BF16)?)?;
-            let (t2, g2) = (two(t.clone())?, two(g.clone())?);
-            let both =
-                model.forward(&two(img)?, &two(txt)?, &two(pooled)?, &t2, Some(&g2), &ids, &txt_ids, DType::BF16)?;
-            let floor = crate::doctor::rel_l2(&f32v(both.get(0)?)?, &one);
-            println!("  rounding floor: the same 1-GPU step at batch 2 vs batch 1, rel. L2 {floor:.2e}");
-            rows.push(serde_json::json!({"what": what, "variant": v, "batch2_vs_batch1_rel_l2": floor}));
         }
         if let Some(out) = &a.out {
             std::fs::write(out, serde_json::to_string_pretty(&rows)?)?;
@@ -552,14 +573,7 @@ fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
                 Box::new(move || model.forward(&img, &txt, &pooled, &t, Some(&g), &ids, &txt_ids, DType::BF16))
             }
             name => {
-                let cfg = match name {
-                    "flux.2-dev" => Flux2Config::default(),
-                    "flux.2-klein-4b" => Flux2Config::klein_4b(),
-                    "flux.2-klein-9b" => Flux2Config::klein_9b(),
-                    other => anyhow::bail!(
-                        "unknown --model {other} (flux.1-dev, flux.2-dev, flux.2-klein-4b, flux.2-klein-9b)"
-                    ),
-                };
+                let cfg = flux2_config(name)?;
                 let model = crate::models::flux2::Flux2Transformer::new(&cfg, wb, Naming::Diffusers)?;
                 let img = randn((1, lh * lw, cfg.in_channels))?;
                 let txt = randn((1, a.txt_tokens, cfg.joint_attention_dim))?;

@@ -277,7 +277,7 @@ impl SeqParallel {
     ) -> Result<Tensor> {
         let g = &self.group;
         let n = g.size();
-        let (b, heads, s_loc, d) = q.dims4()?;
+        let (_, heads, s_loc, _) = q.dims4()?;
         if heads % n != 0 {
             return Err(CandiffError::Parallel(format!(
                 "sequence parallelism over {n} ranks needs the head count ({heads}) to divide by {n}"
@@ -285,6 +285,18 @@ impl SeqParallel {
             .into());
         }
         let h = heads / n;
+        let (rank, dev) = (g.rank(), q.device().clone());
+        let (q, k, v) = timed(rank, 0, &dev, || self.gather_heads(q, k, v, h))?;
+        let o = timed(rank, 1, &dev, || attn(&q, &k, &v))?;
+        timed(rank, 2, &dev, || self.scatter_heads(&o, s_loc))
+    }
+
+    /// The first exchange: local `[B, H, S_local, D]` q, k, v to this rank's `h` heads of the
+    /// whole sequence, `[B, h, S, D]` each (views of contiguous `[S, B, h, D]`).
+    fn gather_heads(&self, q: &Tensor, k: &Tensor, v: &Tensor, h: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let g = &self.group;
+        let n = g.size();
+        let (b, _, s_loc, d) = q.dims4()?;
         // [3, S, B, H, D] (token-major) -> [n, 3, S, B, h, D]: member j's heads contiguous.
         let tm = |t: &Tensor| t.permute((2, 0, 1, 3));
         let qkv = Tensor::stack(&[tm(q)?, tm(k)?, tm(v)?], 0)?;
@@ -311,7 +323,16 @@ impl SeqParallel {
         let qkv = Tensor::cat(&rows, 1)?;
         // Each of q, k, v: contiguous [S, B, h, D], seen as [B, h, S, D] (the single-rank layout).
         let pick = |t: usize| qkv.get(t)?.permute((1, 2, 0, 3));
-        let o = attn(&pick(0)?, &pick(1)?, &pick(2)?)?;
+        Ok((pick(0)?, pick(1)?, pick(2)?))
+    }
+
+    /// The second exchange: this rank's heads of the whole sequence's attention output
+    /// `[B, h, S, D]` back to the ranks owning the tokens; returns `[B, H, S_local, D]`.
+    fn scatter_heads(&self, o: &Tensor, s_loc: usize) -> Result<Tensor> {
+        let g = &self.group;
+        let n = g.size();
+        let (b, h, _, d) = o.dims4()?;
+        let heads = h * n;
         // Token-major [S, B, h, D], regrouped member by member, each member's tokens in one piece.
         let os = o.permute((2, 0, 1, 3))?;
         let mut back = Vec::with_capacity(self.sizes.len() * n);
@@ -337,6 +358,43 @@ impl SeqParallel {
 /// This rank's (text, image, RoPE rows) of a joint sequence.
 pub type JointShard = (Tensor, Tensor, (Tensor, Tensor));
 
+/// `CANDIFF_ATTN_TIMING=1`: each attention call synchronizes the device around its parts and
+/// adds their times (exchange in, attention, exchange out) to [`attention_timing`], per rank. A
+/// diagnostic: the synchronizations cost time themselves.
+pub const ATTN_TIMING_ENV: &str = "CANDIFF_ATTN_TIMING";
+
+type TimingTable = Mutex<std::collections::HashMap<usize, [f64; 3]>>;
+
+fn timing_table() -> &'static TimingTable {
+    static T: std::sync::OnceLock<TimingTable> = std::sync::OnceLock::new();
+    T.get_or_init(Default::default)
+}
+
+fn timing_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var(ATTN_TIMING_ENV).is_ok_and(|v| v == "1"))
+}
+
+/// Seconds spent so far by `rank` (0 on one device) in (exchange in, attention, exchange out),
+/// and resets them; `None` unless `CANDIFF_ATTN_TIMING=1`.
+pub fn attention_timing(rank: usize) -> Option<[f64; 3]> {
+    timing_on().then(|| timing_table().lock().unwrap_or_else(|p| p.into_inner()).remove(&rank).unwrap_or_default())
+}
+
+/// Times `f` (device synchronized before and after) into slot `part` of `rank`'s timings.
+fn timed<T>(rank: usize, part: usize, device: &Device, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    if !timing_on() {
+        return f();
+    }
+    device.synchronize()?;
+    let t0 = Instant::now();
+    let out = f()?;
+    device.synchronize()?;
+    timing_table().lock().unwrap_or_else(|p| p.into_inner()).entry(rank).or_default()[part] +=
+        t0.elapsed().as_secs_f64();
+    Ok(out)
+}
+
 /// Attention through the group when the tokens are sharded, else `attn` directly.
 pub fn attend(
     sp: Option<&SeqParallel>,
@@ -347,7 +405,7 @@ pub fn attend(
 ) -> Result<Tensor> {
     match sp {
         Some(sp) if sp.group.size() > 1 => sp.attention(q, k, v, attn),
-        _ => attn(q, k, v),
+        _ => timed(0, 1, q.device(), || attn(q, k, v)),
     }
 }
 

@@ -53,3 +53,33 @@ pub fn assert_bytes_eq(got: &[u8], want: &[u8], what: &str) {
         panic!("{what}: byte {i} is {:#04x}, expected {:#04x}", got[i], want[i]);
     }
 }
+
+/// A `wan22_tiny/{name}.safetensors` pipeline fixture: the request diffusers ran (prompt embeddings
+/// and initial latents are in the tensors), the tensors, and its metadata.
+pub fn wan_fixture(
+    name: &str,
+) -> (candiff::pipelines::wan::T2vRequest, std::collections::HashMap<String, candle_core::Tensor>, serde_json::Value) {
+    let r = candle_core::safetensors::load(
+        fixtures().join(format!("wan22_tiny/{name}.safetensors")),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&open(&format!("wan22_tiny/{name}.safetensors")).header.metadata["wan22_tiny"]).unwrap();
+    let num = |k: &str| meta[k].as_f64().unwrap_or_else(|| panic!("metadata {k}"));
+    let req = candiff::pipelines::wan::T2vRequest {
+        prompt: String::new(),
+        negative_prompt: String::new(),
+        width: num("width") as usize,
+        height: num("height") as usize,
+        frames: num("num_frames") as usize,
+        steps: num("num_inference_steps") as usize,
+        guidance: num("guidance_scale"),
+        guidance_2: meta.get("guidance_scale_2").and_then(|v| v.as_f64()),
+        boundary: None,
+        flow_shift: None,
+        seed: 0,
+        max_sequence_length: r["prompt_embeds"].dim(1).unwrap(),
+    };
+    (req, r, meta)
+}
