@@ -703,6 +703,24 @@ pub fn run_on<T: Send>(
     }
 }
 
+/// Rank 0's `t` on every rank of `world` (`t` itself without one): every rank must start from the
+/// same embeddings and noise.
+pub fn from_root(world: Option<&Group>, t: Tensor) -> Result<Tensor> {
+    match world {
+        Some(w) => w.broadcast(&t.contiguous()?, 0),
+        None => Ok(t),
+    }
+}
+
+/// What a rank other than 0 returns instead of images or frames (it decodes and writes nothing):
+/// `[0, height, width, 3]`; `None` on rank 0 or without ranks.
+pub fn no_output(world: Option<&Group>, height: usize, width: usize) -> Result<Option<Tensor>> {
+    if is_root(world) {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::zeros((0, height, width, 3), candle_core::DType::F32, &Device::Cpu)?))
+}
+
 /// Whether this is the rank that reports progress and writes output.
 pub fn is_root(world: Option<&Group>) -> bool {
     world.is_none_or(|w| w.rank() == 0)

@@ -150,13 +150,8 @@ impl FluxRun<'_> {
         let with_cfg = req.negative_prompt.is_some() && req.true_cfg > 1.0;
         // How the ranks split the work, checked before anything loads.
         let plan = Plan::of(self.world, cfg.num_attention_heads, with_cfg)?;
-        // Rank 0's embeddings everywhere: every rank must condition on the same values.
-        let agree = |t: Tensor| -> Result<Tensor> {
-            match self.world {
-                Some(w) => w.broadcast(&t.contiguous()?, 0),
-                None => Ok(t),
-            }
-        };
+        // Rank 0's values everywhere (see `from_root`).
+        let agree = |t: Tensor| crate::parallel::from_root(self.world, t);
         let (embeds, pooled) =
             encode_prompt(self.files, &req.prompt, req.max_sequence_length, self.dtype, self.device)?;
         let (embeds, pooled) = (agree(embeds)?, agree(pooled)?);
@@ -222,10 +217,11 @@ impl FluxRun<'_> {
             on_step(i + 1, timesteps.len(), &x);
         }
         drop(model);
-        if self.world.is_some_and(|w| w.rank() != 0) {
+        // Only rank 0 decodes and writes.
+        if let Some(none) = crate::parallel::no_output(self.world, req.height, req.width)? {
             stats.total_s = t0.elapsed().as_secs_f64();
             stats.peak_gpu_bytes = peak.get();
-            return Ok((Tensor::zeros((0, req.height, req.width, 3), DType::F32, &Device::Cpu)?, stats));
+            return Ok((none, stats));
         }
 
         let t2 = Instant::now();

@@ -370,13 +370,8 @@ impl Flux2Run<'_> {
         };
         // How the ranks split the work, checked before anything loads.
         let plan = Plan::of(self.world, cfg.num_attention_heads, matches!(guidance, Guidance::Cfg(_)))?;
-        // Rank 0's values everywhere: every rank must start from the same embeddings and noise.
-        let agree = |t: Tensor| -> Result<Tensor> {
-            match self.world {
-                Some(w) => w.broadcast(&t.contiguous()?, 0),
-                None => Ok(t),
-            }
-        };
+        // Rank 0's values everywhere (see `from_root`).
+        let agree = |t: Tensor| crate::parallel::from_root(self.world, t);
         let mut texts = vec![req.prompt.as_str()];
         if matches!(guidance, Guidance::Cfg(_)) {
             texts.push(req.negative_prompt.as_deref().unwrap_or(""));
@@ -426,11 +421,11 @@ impl Flux2Run<'_> {
             on_step(s.index, s.steps, s.latents);
         })?;
         drop(model);
-        if self.world.is_some_and(|w| w.rank() != 0) {
-            // Only rank 0 decodes and writes.
+        // Only rank 0 decodes and writes.
+        if let Some(none) = crate::parallel::no_output(self.world, req.height, req.width)? {
             stats.total_s = t0.elapsed().as_secs_f64();
             stats.peak_gpu_bytes = peak.get();
-            return Ok((Tensor::zeros((0, req.height, req.width, 3), DType::F32, &Device::Cpu)?, stats));
+            return Ok((none, stats));
         }
 
         let t2 = Instant::now();

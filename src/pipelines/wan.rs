@@ -341,13 +341,8 @@ impl WanRun<'_> {
         let mut stats = RunStats::default();
         let texts: Vec<&str> =
             if req.guidance > 1.0 { vec![&req.prompt, &req.negative_prompt] } else { vec![&req.prompt] };
-        // Rank 0's embeddings and noise everywhere: every rank must start from the same values.
-        let agree = |t: Tensor| -> Result<Tensor> {
-            match self.world {
-                Some(w) => w.broadcast(&t.contiguous()?, 0),
-                None => Ok(t),
-            }
-        };
+        // Rank 0's values everywhere (see `from_root`).
+        let agree = |t: Tensor| crate::parallel::from_root(self.world, t);
         let mut embeds = self.encode(&texts, req.max_sequence_length)?.into_iter();
         let cond = agree(embeds.next().expect("one prompt"))?;
         let uncond = embeds.next().map(agree).transpose()?;
@@ -357,10 +352,10 @@ impl WanRun<'_> {
         let latents = agree(initial_latents(req.seed, g, self.device)?)?;
         let x = self.denoise(req, &cond, uncond.as_ref(), latents, &mut stats, on_step)?;
         drop((cond, uncond));
-        if self.world.is_some_and(|w| w.rank() != 0) {
-            // Only rank 0 decodes and writes.
+        // Only rank 0 decodes and writes.
+        if let Some(none) = crate::parallel::no_output(self.world, req.height, req.width)? {
             stats.total_s = t0.elapsed().as_secs_f64();
-            return Ok((Tensor::zeros((0, req.height, req.width, 3), DType::F32, &Device::Cpu)?, stats));
+            return Ok((none, stats));
         }
 
         let t2 = Instant::now();
