@@ -39,13 +39,20 @@ fn flux_on_two_ranks_writes_the_single_device_image() {
     let out = |n: &str| dir.join(n).to_string_lossy().to_string();
     let base = ["--model", "tiny", "--prompt", "a red cat on a boat", "--seed", "7"];
     // Distilled guidance only (tokens sharded 2 ways), then true CFG (branches on one rank each).
-    for (tag, extra) in [("plain", vec![]), ("cfg", vec!["--negative-prompt", "blurry", "--true-cfg", "3"])] {
+    for (tag, extra, split) in [
+        ("plain", vec![], "2 ranks: tokens sharded 2 ways"),
+        (
+            "cfg",
+            vec!["--negative-prompt", "blurry", "--true-cfg", "3"],
+            "2 ranks: the guidance branches on one rank each",
+        ),
+    ] {
         let one = out(&format!("{tag}-1.png"));
         let two = out(&format!("{tag}-2.png"));
         let (ok, log) = candiff("t2i", &[&base[..], &extra, &["--output", &one]].concat());
         assert!(ok, "{log}");
         let (ok, log) = candiff("t2i", &[&base[..], &extra, &["--output", &two, "--ranks", "2"]].concat());
-        assert!(ok, "{log}");
+        assert!(ok && log.contains(split), "{log}");
         assert_same_image(&pixels(Path::new(&one)), &pixels(Path::new(&two)), tag);
     }
     let _ = std::fs::remove_dir_all(&dir);

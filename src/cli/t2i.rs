@@ -232,6 +232,12 @@ fn run_flux2(
         batch: a.batch,
         max_sequence_length: a.max_sequence_length.unwrap_or(d.max_sequence_length),
     };
+    if let Some(p) = placement {
+        let cfg = crate::models::flux2::Flux2Config::from_file(&files.transformer_config)?;
+        let with_cfg = !cfg.guidance_embeds && !d.distilled && req.guidance > 1.0;
+        crate::parallel::check_split(p.ranks(), cfg.num_attention_heads, with_cfg)?;
+        eprintln!("{}", crate::parallel::describe_split(p.ranks(), with_cfg, p.unit()));
+    }
     let fetch_s = t0.elapsed().as_secs_f64();
     let out = Output { a, m, steps: req.steps, guidance: req.guidance, backend: nvfp4.backend, dtype, fetch_s };
     out.write(|bar| {
@@ -408,6 +414,7 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
         let heads = crate::models::flux::FluxConfig::from_file(&files.transformer_config)?.num_attention_heads;
         let cfg = req.negative_prompt.is_some() && req.true_cfg > 1.0;
         crate::parallel::check_split(p.ranks(), heads, cfg)?;
+        eprintln!("{}", crate::parallel::describe_split(p.ranks(), cfg, p.unit()));
     }
     let fetch_s = t0.elapsed().as_secs_f64();
     let out = Output { a, m: &m, steps: req.steps, guidance: req.guidance, backend, dtype, fetch_s };

@@ -138,6 +138,7 @@ pub fn run(a: &T2vArgs) -> anyhow::Result<()> {
             .or_else(|_| crate::models::wan::WanConfig::from_file(&root.join("transformer/config.json")))?
             .num_attention_heads;
         crate::parallel::check_split(p.ranks(), heads, req.guidance > 1.0)?;
+        eprintln!("{}", crate::parallel::describe_split(p.ranks(), req.guidance > 1.0, p.unit()));
     }
     let mut weights = vec!["tokenizer/*".to_string()];
     for c in ["text_encoder", "vae"] {

@@ -431,6 +431,21 @@ pub fn check_split(n: usize, heads: usize, cfg: bool) -> Result<()> {
     .into())
 }
 
+/// How `n` ranks divide a step (for the user): e.g. "2 GPUs: the guidance branches on one GPU each".
+pub fn describe_split(n: usize, cfg: bool, unit: &str) -> String {
+    let cfg_split = cfg && n % 2 == 0;
+    let sp_n = if cfg_split { n / 2 } else { n };
+    let plural = |k: usize| if k == 1 { unit.to_string() } else { format!("{unit}s") };
+    match (cfg_split, sp_n) {
+        (true, 1) => format!("{n} {}: the guidance branches on one {unit} each", plural(n)),
+        (true, k) => {
+            format!("{n} {}: the guidance branches on {k} {} each, tokens sharded {k} ways", plural(n), plural(k))
+        }
+        (false, k) if cfg => format!("{n} {}: tokens sharded {k} ways, both guidance branches in turn", plural(n)),
+        (false, k) => format!("{n} {}: tokens sharded {k} ways", plural(n)),
+    }
+}
+
 /// How a run's ranks divide the work of one denoising step.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -547,6 +562,14 @@ impl Placement {
     pub fn ranks(&self) -> usize {
         match self {
             Placement::Gpus(n) | Placement::Shared(n, _) => *n,
+        }
+    }
+
+    /// What a rank is called in messages.
+    pub fn unit(&self) -> &'static str {
+        match self {
+            Placement::Gpus(_) => "GPU",
+            Placement::Shared(..) => "rank",
         }
     }
 }
