@@ -30,7 +30,7 @@ pub fn split_sizes(n: usize, parts: usize) -> Vec<usize> {
 
 /// The first failure of a run, seen by every rank: waits end with it instead of hanging. Also
 /// when each rank last made progress (an exchange or a fence), for the watchdog.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Health {
     failed: Mutex<Option<(usize, String)>>,
     beats: Mutex<Vec<Instant>>,
@@ -219,10 +219,6 @@ impl SeqParallel {
     pub fn new(group: Group, totals: &[usize]) -> Self {
         let n = group.size();
         Self { sizes: totals.iter().map(|&t| split_sizes(t, n)).collect(), group }
-    }
-
-    pub fn group(&self) -> &Group {
-        &self.group
     }
 
     /// (offset, length) of this rank's share of segment `seg`, in the segment's own positions.
@@ -537,14 +533,6 @@ pub struct Rank {
 impl Rank {
     pub fn index(&self) -> usize {
         self.world.rank()
-    }
-
-    pub fn size(&self) -> usize {
-        self.world.size()
-    }
-
-    pub fn is_root(&self) -> bool {
-        self.index() == 0
     }
 }
 
