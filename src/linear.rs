@@ -96,10 +96,43 @@ impl LayerStats {
 
 /// Observes linears while a model runs: input ranges (to calibrate NVFP4 activation scales from a
 /// reference run) and, for NVFP4 layers built with a dense twin, the error of each output against
-/// the dense layer on the same real activations. Costs a device sync per call: diagnosis only.
+/// the dense layer on the same real activations. The statistics stay on the device while the
+/// model runs (a reduction per call, no host sync, so probed runs keep their speed); [`Probe::stats`]
+/// reads them.
 #[derive(Debug, Default)]
 pub struct Probe {
-    pub layers: std::sync::Mutex<std::collections::BTreeMap<String, LayerStats>>,
+    running: std::sync::Mutex<std::collections::BTreeMap<String, Running>>,
+}
+
+/// Per-layer device scalars: max |input|, and the sums of |y - y_ref|^2 and |y_ref|^2.
+#[derive(Debug, Default)]
+struct Running {
+    amax: Option<Tensor>,
+    err_sq: Option<Tensor>,
+    ref_sq: Option<Tensor>,
+    calls: usize,
+}
+
+impl Probe {
+    /// The statistics so far, per layer (one device read per value).
+    pub fn stats(&self) -> Result<std::collections::BTreeMap<String, LayerStats>> {
+        let running = self.running.lock().expect("probe poisoned");
+        let read = |t: &Option<Tensor>| -> Result<f64> {
+            t.as_ref().map_or(Ok(0.0), |t| Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?))
+        };
+        running
+            .iter()
+            .map(|(n, r)| {
+                let s = LayerStats {
+                    input_amax: read(&r.amax)? as f32,
+                    err_sq: read(&r.err_sq)?,
+                    ref_sq: read(&r.ref_sq)?,
+                    calls: r.calls,
+                };
+                Ok((n.clone(), s))
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -113,19 +146,32 @@ pub struct Probed {
 impl Probed {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.inner.forward(x)?;
-        let amax = x.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        let (mut e, mut r) = (0.0, 0.0);
-        if let Some(d) = &self.dense_twin {
-            let yr = d.forward(x)?.to_dtype(DType::F32)?;
-            e = (y.to_dtype(DType::F32)? - &yr)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-            r = yr.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        // Row-wise first, then over rows: a whole-tensor reduction is one long serial one on the GPU.
+        let rows = |t: &Tensor| -> Result<Tensor> { t.flatten_to(candle_core::D::Minus2) };
+        let amax = rows(&x.abs()?)?.max(1)?.max(0)?.to_dtype(DType::F32)?;
+        let sum_sq = |t: &Tensor| -> Result<Tensor> { rows(&t.sqr()?)?.sum(1)?.sum(0) };
+        let twin = match &self.dense_twin {
+            Some(d) => {
+                let yr = d.forward(x)?.to_dtype(DType::F32)?;
+                Some((sum_sq(&(y.to_dtype(DType::F32)? - &yr)?)?, sum_sq(&yr)?))
+            }
+            None => None,
+        };
+        let mut running = self.probe.running.lock().expect("probe poisoned");
+        let r = running.entry(self.name.clone()).or_default();
+        let fold = |acc: Option<Tensor>, v: Tensor, max: bool| -> Result<Tensor> {
+            match acc {
+                Some(a) if max => a.maximum(&v),
+                Some(a) => a + v,
+                None => Ok(v),
+            }
+        };
+        r.amax = Some(fold(r.amax.take(), amax, true)?);
+        if let Some((e, rs)) = twin {
+            r.err_sq = Some(fold(r.err_sq.take(), e, false)?);
+            r.ref_sq = Some(fold(r.ref_sq.take(), rs, false)?);
         }
-        let mut layers = self.probe.layers.lock().expect("probe poisoned");
-        let s = layers.entry(self.name.clone()).or_default();
-        s.input_amax = s.input_amax.max(amax);
-        s.err_sq += e;
-        s.ref_sq += r;
-        s.calls += 1;
+        r.calls += 1;
         Ok(y)
     }
 }
@@ -145,6 +191,32 @@ pub struct QuantizeSpec {
     pub input_amax: std::collections::BTreeMap<String, f32>,
     /// Keep each quantized layer's dense weight to measure its output error (needs a probe).
     pub keep_dense_twin: bool,
+    /// Quantized weights by checkpoint and module path, shared by every load of one run: the ModelOpt rule
+    /// gives the same codes whatever the backend or mode, so a comparison quantizes each layer
+    /// once instead of once per (variant, output) (~10^10 values for a 12B model).
+    pub cache: QuantCache,
+}
+
+/// See [`QuantizeSpec::cache`].
+#[derive(Debug, Clone, Default)]
+pub struct QuantCache(Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<crate::nvfp4::Nvfp4Weight>>>>);
+
+impl QuantCache {
+    fn get_or_quantize(
+        &self,
+        module: &str,
+        dense: &Tensor,
+        n: usize,
+        k: usize,
+    ) -> Result<Arc<crate::nvfp4::Nvfp4Weight>> {
+        if let Some(w) = self.0.lock().expect("quant cache poisoned").get(module) {
+            return Ok(w.clone());
+        }
+        let w: Vec<f32> = dense.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let q = Arc::new(crate::nvfp4::quant::quantize_weight(&w, n, k)?);
+        self.0.lock().expect("quant cache poisoned").insert(module.to_string(), q.clone());
+        Ok(q)
+    }
 }
 
 impl QuantizeSpec {
@@ -192,16 +264,24 @@ const SYNTHETIC_STD: f64 = 0.02;
 struct RandomBackend;
 
 impl candle_nn::var_builder::SimpleBackend for RandomBackend {
-    /// On a GPU each tensor is drawn from a generator seeded by its name, so every device and
-    /// every thread (ranks of a multi-GPU benchmark, in any order) builds the same weights.
+    /// Each tensor is drawn from a generator seeded by its name, so every run, every thread
+    /// (ranks of a multi-GPU benchmark, in any order) and every variant of a comparison builds
+    /// the same weights on a device (the CPU and GPU generators differ).
+    /// Norm scales (1-D `weight` / `scale`) are 1 + noise, as trained ones are near 1: drawn
+    /// around 0 they would silence every normalized path (a constant image out of the VAE).
     fn get(&self, s: candle_core::Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let is_norm_scale = s.rank() == 1 && (name.ends_with("weight") || name.ends_with("scale"));
+        let offset = if is_norm_scale { 1.0 } else { 0.0 };
         if dev.is_cuda() {
             static DRAW: std::sync::Mutex<()> = std::sync::Mutex::new(());
             let _one_at_a_time = DRAW.lock().unwrap_or_else(|p| p.into_inner());
             dev.set_seed(name_seed(name))?;
-            return Tensor::randn(0f32, SYNTHETIC_STD as f32, s, dev)?.to_dtype(dtype);
+            return Tensor::randn(offset, SYNTHETIC_STD as f32, s, dev)?.to_dtype(dtype);
         }
-        Tensor::randn(0f32, SYNTHETIC_STD as f32, s, dev)?.to_dtype(dtype)
+        // The CPU generator cannot be seeded: draw from our own, seeded the same way.
+        let mut rng = crate::rng::Rng::new(name_seed(name));
+        let v: Vec<f32> = (0..s.elem_count()).map(|_| (offset as f64 + rng.normal() * SYNTHETIC_STD) as f32).collect();
+        Tensor::from_vec(v, s, dev)?.to_dtype(dtype)
     }
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
         candle_core::bail!("synthetic weights need a shape for `{name}`")
@@ -286,8 +366,12 @@ impl<'a> WeightBuilder<'a> {
         let mut l = self.load_linear(&module, in_dim, out_dim, bias)?;
         if let (Linear::Dense(d), Some(q)) = (&l, &self.hooks.quantize) {
             if q.matches(&module) && in_dim % crate::nvfp4::format::GROUP_SIZE == 0 {
-                let w: Vec<f32> = d.weight().to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
-                let qw = crate::nvfp4::quant::quantize_weight(&w, out_dim, in_dim)?;
+                // Keyed by checkpoint too: the experts of a two-expert model share module names.
+                let key = match &self.source {
+                    WeightSource::Checkpoint(c) => format!("{:?}:{module}", c.file_paths()),
+                    WeightSource::Synthetic { .. } => format!("random:{module}"),
+                };
+                let qw = q.cache.get_or_quantize(&key, d.weight(), out_dim, in_dim)?;
                 let input_scale = q.input_amax.get(&module).filter(|a| **a > 0.0).map(|a| a / NVFP4_AMAX);
                 if self.opts.mode == ActMode::W4A4 && input_scale.is_none() {
                     candle_core::bail!(

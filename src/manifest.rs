@@ -11,6 +11,7 @@ const BUILTIN: &[(&str, &str)] = &[
     ("flux.1-schnell.toml", include_str!("../models/flux.1-schnell.toml")),
     ("flux.1-dev-nvfp4.toml", include_str!("../models/flux.1-dev-nvfp4.toml")),
     ("flux.1-tiny.toml", include_str!("../models/flux.1-tiny.toml")),
+    ("flux.1-dev-random.toml", include_str!("../models/flux.1-dev-random.toml")),
     ("flux.2-dev.toml", include_str!("../models/flux.2-dev.toml")),
     ("flux.2-dev-nvfp4.toml", include_str!("../models/flux.2-dev-nvfp4.toml")),
     ("flux.2-dev-nvfp4-mixed.toml", include_str!("../models/flux.2-dev-nvfp4-mixed.toml")),
@@ -94,6 +95,10 @@ pub struct Manifest {
     /// present beside the transformer file.
     #[serde(default)]
     pub scales_from: Option<Source>,
+    /// The repository holds configs and tokenizers only: every weight is random, drawn per tensor
+    /// name (full-size runs of kernels and NVFP4 error without a download; the outputs are noise).
+    #[serde(default)]
+    pub random_weights: bool,
     pub defaults: Defaults,
 }
 

@@ -99,10 +99,53 @@ fn bad_inputs_fail_before_any_model_loads() {
         (vec!["--model", "tiny", "--frames", "9", "--out", &out], "video models"),
         (vec!["--model", "flux.1-dev-nvfp4", "--out", &out], "bf16 checkpoint"),
         (vec!["--model", "no-such-model"], "unknown model"),
+        (vec!["--model", "tiny", "--clip", "/no/such/clip", "--out", &out], "cannot load a CLIP model"),
+        (vec!["--model", "tiny", "--lpips", "Cargo.toml", "--out", &out], "not LPIPS AlexNet weights"),
+        (vec!["--model", "flux.2-tiny", "--random-weights", "--out", &out], "random weights are supported for FLUX.1"),
     ] {
         let (ok, log) = compare(&args);
-        assert!(!ok && log.contains(want), "{args:?}: {log}");
+        assert!(!ok && log.contains(want) && !log.contains("(seed "), "{args:?}: {log}");
     }
     let _ = std::fs::remove_file(&empty);
     let _ = std::fs::remove_dir_all(&out);
+}
+
+fn fixture(rel: &str) -> String {
+    let root = std::env::var("CANDIFF_FIXTURES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"));
+    root.join(rel).to_string_lossy().to_string()
+}
+
+/// LPIPS and CLIP (tiny random models from the fixtures) on the tiny Wan video: per-frame means,
+/// added to outputs generated without them, the reference scored against its prompt only.
+#[test]
+fn learned_metrics_are_added_to_finished_outputs() {
+    let dir = tmp("learned");
+    let out = dir.to_string_lossy().to_string();
+    let base = ["--model", "wan-tiny", "--max-prompts", "1", "--variants", "bf16,nvfp4:trtllm:fp8", "--out", &out];
+    let (ok, log) = compare(&[&base[..], &["--clip", "off"]].concat());
+    assert!(ok && !log.contains("warning: CLIP"), "{log}");
+    let report = |d: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("report.json")).unwrap()).unwrap()
+    };
+    let r = report(&dir);
+    assert!(r["variants"][1]["items"][0]["lpips"].is_null());
+    assert!(r["learned_metrics"].to_string().contains("LPIPS: not computed"), "{}", r["learned_metrics"]);
+    // Second run: nothing regenerated, the metrics filled in from the saved frames.
+    let (clip, lpips) = (fixture("metrics/clip_tiny"), fixture("metrics/lpips_alex_random.safetensors"));
+    let (ok, log) = compare(&[&base[..], &["--clip", &clip, "--lpips", &lpips]].concat());
+    assert!(ok && !log.contains("(seed ") && log.contains("learned metrics of output 0"), "{log}");
+    let r = report(&dir);
+    let (refv, q) = (&r["variants"][0], &r["variants"][1]);
+    assert!(refv["items"][0]["clip_score"].is_number() && refv["items"][0]["lpips"].is_null(), "{refv}");
+    let l = q["items"][0]["lpips"].as_f64().unwrap();
+    let sim = q["items"][0]["clip_image_sim"].as_f64().unwrap();
+    // Quantized: close to the reference but not identical.
+    assert!(l > 0.0 && l < 0.1, "lpips {l}");
+    assert!(sim > 0.9 && sim <= 1.0 + 1e-6, "clip image similarity {sim}");
+    assert_eq!(q["mean_lpips"].as_f64(), Some(l));
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    assert!(md.contains("LPIPS mean") && md.contains("- CLIP: "), "{md}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

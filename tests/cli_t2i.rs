@@ -60,3 +60,24 @@ fn bad_requests_fail_before_any_work() {
         assert!(!ok && log.contains(want), "{args:?}: {log}");
     }
 }
+
+/// `--random-weights`: no weight file is read, the weights are the same on every run (drawn per
+/// tensor name), and they are not the checkpoint's.
+#[test]
+fn random_weights_are_reproducible_and_not_the_checkpoint() {
+    let dir = std::env::temp_dir().join(format!("candiff-t2i-random-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = |n: &str| dir.join(n).to_string_lossy().to_string();
+    let run =
+        |extra: &[&str], name: &str| {
+            let (ok, log) =
+                t2i(&[&["--model", "tiny", "--prompt", "a red cat", "--seed", "3", "--output", &out(name)], extra]
+                    .concat());
+            assert!(ok, "{log}");
+            png(&dir.join(name)).1
+        };
+    let (a, b, real) = (run(&["--random-weights"], "a.png"), run(&["--random-weights"], "b.png"), run(&[], "c.png"));
+    assert_eq!(a, b);
+    assert_ne!(a, real);
+    let _ = std::fs::remove_dir_all(&dir);
+}

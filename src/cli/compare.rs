@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::Args;
 
 use super::t2i::{component_patterns, local_repo, parse_device, source_path};
-use crate::compare::run::{parse_prompts, Engine, Runner, Settings, Variant, BUILTIN_PROMPTS};
+use crate::compare::run::{parse_prompts, Engine, Learned, Runner, Settings, Variant, BUILTIN_PROMPTS};
 use crate::manifest::{Family, Manifest};
 use crate::nvfp4::{Checkpoint, Overrides};
 use crate::pipelines::flux::FluxFiles;
@@ -30,7 +30,7 @@ pub struct CompareArgs {
     pub max_prompts: Option<usize>,
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub seeds: Vec<u64>,
-    /// `bf16` or `nvfp4:<trtllm|cutlass|cudnn>:<w4a16|w4a4>`.
+    /// `bf16` or `nvfp4:<trtllm|cutlass|cudnn>:<w4a16|w4a4|fp8>`.
     #[arg(long, value_delimiter = ',', default_value = "bf16,nvfp4:trtllm:w4a16,nvfp4:trtllm:w4a4")]
     pub variants: Vec<String>,
     /// The variant the others are measured against.
@@ -57,6 +57,19 @@ pub struct CompareArgs {
     /// Write the reports from the outputs already in --out (e.g. while a long run goes on).
     #[arg(long)]
     pub report_only: bool,
+    /// CLIP for the CLIP score and image similarity: a hub repository or a folder (config.json,
+    /// model.safetensors, tokenizer.json, preprocessor_config.json), or `off`. When the default
+    /// cannot be had (offline, not cached) the run goes on without it and says so.
+    #[arg(long, default_value = crate::compare::learned::DEFAULT_CLIP)]
+    pub clip: String,
+    /// LPIPS (AlexNet) weights in the `lpips` package's names, as one .safetensors file
+    /// (scripts/export-lpips.py writes it); without it LPIPS is not computed.
+    #[arg(long)]
+    pub lpips: Option<PathBuf>,
+    /// FLUX.1: random weights for every component, only configs and tokenizers read (the NVFP4
+    /// error of full-size layers without downloading weights; the images are noise).
+    #[arg(long)]
+    pub random_weights: bool,
     #[arg(long)]
     pub device: Option<String>,
     #[arg(long, default_value = "main")]
@@ -69,6 +82,57 @@ fn writable(dir: &Path) -> anyhow::Result<()> {
     std::fs::write(&probe, b"").with_context(|| format!("the output folder {} is not writable", dir.display()))?;
     std::fs::remove_file(&probe).ok();
     Ok(())
+}
+
+/// The learned metric models, loaded (and so checked) before any generation.
+fn learned_metrics(a: &CompareArgs) -> anyhow::Result<Learned> {
+    use crate::compare::learned::{Clip, Lpips, CLIP_FILES, DEFAULT_CLIP};
+    if a.report_only {
+        let note = "learned metrics: as computed by the runs that made the outputs (--report-only computes none)";
+        return Ok(Learned { clip: None, lpips: None, notes: vec![note.into()] });
+    }
+    let mut notes = Vec::new();
+    let lpips = match &a.lpips {
+        Some(p) => {
+            // Loaded on the CPU here to check it before anything is generated; the metric
+            // pass loads it again onto the run's device.
+            Lpips::load(p, &candle_core::Device::Cpu).with_context(|| {
+                format!("--lpips {}: not LPIPS AlexNet weights (write them with scripts/export-lpips.py)", p.display())
+            })?;
+            notes.push(format!("LPIPS: AlexNet, v0.1 heads, from {}", p.display()));
+            Some(p.clone())
+        }
+        None => {
+            notes.push("LPIPS: not computed (pass --lpips FILE; scripts/export-lpips.py writes it)".into());
+            None
+        }
+    };
+    let clip = if a.clip == "off" {
+        notes.push("CLIP: not computed (--clip off)".into());
+        None
+    } else {
+        let patterns: Vec<String> = CLIP_FILES.iter().map(|f| f.to_string()).collect();
+        let found = local_repo(&a.clip, "main", &patterns).and_then(|dir| {
+            Clip::check(&dir)?;
+            Ok(dir)
+        });
+        match found {
+            Ok(dir) => {
+                notes.push(format!("CLIP: {} ({})", a.clip, dir.display()));
+                Some(dir)
+            }
+            Err(e) if a.clip == DEFAULT_CLIP => {
+                let why = format!("{e:#}");
+                eprintln!(
+                    "warning: CLIP metrics will not be computed: {why}\n         (download {DEFAULT_CLIP}, pass --clip DIR, or --clip off to silence this)"
+                );
+                notes.push(format!("CLIP: not computed ({DEFAULT_CLIP} unavailable: {why})"));
+                None
+            }
+            Err(e) => return Err(e.context(format!("--clip {}: cannot load a CLIP model", a.clip))),
+        }
+    };
+    Ok(Learned { clip, lpips, notes })
 }
 
 pub fn run(a: &CompareArgs) -> anyhow::Result<()> {
@@ -106,9 +170,16 @@ pub fn run(a: &CompareArgs) -> anyhow::Result<()> {
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("compare-{}", m.name)));
     writable(&out)?;
     let device = parse_device(a.device.as_deref())?;
+    let learned = learned_metrics(a)?;
     let d = &m.defaults;
     let (width, height, steps) = (a.width.unwrap_or(d.width), a.height.unwrap_or(d.height), a.steps.unwrap_or(d.steps));
 
+    let random = a.random_weights || m.random_weights;
+    anyhow::ensure!(
+        !random || m.family == Family::Flux1,
+        "random weights are supported for FLUX.1 models; {} is another family",
+        m.name
+    );
     let (engine, frames) = match m.family {
         Family::Flux1 => {
             anyhow::ensure!(a.frames.is_none(), "--frames is for video models; {} makes images", m.name);
@@ -125,8 +196,12 @@ pub fn run(a: &CompareArgs) -> anyhow::Result<()> {
                 "{} has an NVFP4 transformer; compare quantizes a bf16 checkpoint itself: use its bf16 model (e.g. flux.1-dev)",
                 m.name
             );
+            if random {
+                base.retain(|p| !p.ends_with(".safetensors"));
+            }
             let root = local_repo(&m.repo, &a.revision, &base)?;
             let mut files = FluxFiles::new(&root, None);
+            files.random_weights = random;
             if let Some(tok) = &m.clip_tokenizer {
                 if !files.clip_tokenizer.is_file() {
                     files.clip_tokenizer = source_path(tok, "main")?;
@@ -190,12 +265,28 @@ pub fn run(a: &CompareArgs) -> anyhow::Result<()> {
         Engine::Wan { files, .. } => files.transformer.clone(),
     };
     anyhow::ensure!(
-        Checkpoint::open(&transformer, &Overrides::default())?.plan.is_none(),
+        random || Checkpoint::open(&transformer, &Overrides::default())?.plan.is_none(),
         "{} is already NVFP4; compare needs the bf16 checkpoint it quantizes",
         transformer.display()
     );
-    let settings = Settings { model: m.name.clone(), steps, width, height, frames, items, exclude: a.exclude.clone() };
-    let runner = Runner { engine: &engine, settings, device: &device, out: out.clone(), report_only: a.report_only };
+    let settings = Settings {
+        model: m.name.clone(),
+        steps,
+        width,
+        height,
+        frames,
+        items,
+        exclude: a.exclude.clone(),
+        random_weights: random,
+    };
+    let runner = Runner {
+        engine: &engine,
+        learned: Some(&learned),
+        settings,
+        device: &device,
+        out: out.clone(),
+        report_only: a.report_only,
+    };
     let report = runner.run(&variants, ref_idx, !a.no_diagnose, |msg| eprintln!("{msg}"))?;
     crate::compare::report::write_all(&report, &out)?;
     println!("{}", crate::compare::report::markdown(&report));

@@ -53,6 +53,10 @@ pub struct T2iArgs {
     /// quantized at load: the 24B Mistral in ~14 GB instead of ~48 GB) or `cpu` (f32).
     #[arg(long, default_value = "native")]
     pub text_encoder: EncoderMode,
+    /// FLUX.1: random weights for every component, only configs and tokenizers read (full-size
+    /// kernel and NVFP4 runs without downloading weights; the image is noise).
+    #[arg(long)]
+    pub random_weights: bool,
     #[command(flatten)]
     pub run: super::RunArgs,
 }
@@ -358,7 +362,9 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
         anyhow::ensure!(parent.is_dir(), "the output folder {} does not exist", parent.display());
     }
     let placement = a.run.placement(&device)?;
+    let random = a.random_weights || m.random_weights;
     if m.family == crate::manifest::Family::Flux2 {
+        anyhow::ensure!(!random, "random weights are supported for FLUX.1 models; {} is FLUX.2", m.name);
         return run_flux2(a, &m, &device, dtype, placement.as_ref());
     }
 
@@ -373,6 +379,9 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
     } else {
         base.push("transformer/config.json".into());
     }
+    if random {
+        base.retain(|p| !p.ends_with(".safetensors"));
+    }
     let root = local_repo(&m.repo, &a.run.revision, &base)?;
     let transformer = match (&a.transformer_path, &m.transformer) {
         (Some(p), _) if Path::new(p).exists() => Some(PathBuf::from(p)),
@@ -381,6 +390,7 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
         (None, None) => None,
     };
     let mut files = FluxFiles::new(&root, transformer.as_deref());
+    files.random_weights = random;
     if let Some(tok) = &m.clip_tokenizer {
         if !files.clip_tokenizer.is_file() {
             files.clip_tokenizer = source_path(tok, "main")?;

@@ -48,7 +48,7 @@ fn base64(data: &[u8]) -> String {
     out
 }
 
-fn summary_rows(r: &Report) -> Vec<[String; 9]> {
+fn summary_rows(r: &Report) -> Vec<[String; 14]> {
     r.variants
         .iter()
         .map(|v: &VariantReport| {
@@ -59,7 +59,12 @@ fn summary_rows(r: &Report) -> Vec<[String; 9]> {
                 num(v.worst_psnr, 2),
                 num(v.mean_ssim, 4),
                 num(v.worst_ssim, 4),
+                num(v.mean_lpips, 4),
+                num(v.worst_lpips, 4),
+                num(v.mean_clip_image_sim, 4),
+                num(v.mean_clip_score, 2),
                 num(v.mean_final_latent_cosine, 5),
+                num(v.mean_step_ms, 1),
                 num(v.mean_seconds, 2),
                 gib(v.max_peak_gpu_bytes),
             ]
@@ -67,29 +72,38 @@ fn summary_rows(r: &Report) -> Vec<[String; 9]> {
         .collect()
 }
 
-const HEADERS: [&str; 9] = [
+const HEADERS: [&str; 14] = [
     "variant",
     "status",
     "PSNR mean (dB)",
     "PSNR worst",
     "SSIM mean",
     "SSIM worst",
+    "LPIPS mean",
+    "LPIPS worst",
+    "CLIP image sim.",
+    "CLIP score",
     "final latent cosine",
+    "ms / step",
     "s / output",
     "peak GPU",
 ];
+
+/// What the columns mean (below the table in both reports).
+const LEGEND: &str = "PSNR, SSIM and LPIPS against the reference (LPIPS: lower is closer); CLIP image sim.: cosine of the CLIP image embeddings of output and reference; CLIP score: 100 x cosine of the output's and the prompt's CLIP embeddings (the reference has one too); ms / step: median transformer step; s / output: the whole generation, loading and quantizing included; time and memory exclude the output that carried the per-layer diagnosis when there are others.";
 
 pub fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# candiff compare: {}\n", r.settings.model);
     let _ = writeln!(
         s,
-        "{} outputs per variant ({} steps, {}x{}{}), reference `{}`, device {}. Metrics are against the reference on the saved 8-bit outputs; video metrics are means over frames.\n",
+        "{} outputs per variant ({} steps, {}x{}{}){}, reference `{}`, device {}. Metrics are against the reference on the saved 8-bit outputs; video metrics are means over frames.\n",
         r.settings.items.len(),
         r.settings.steps,
         r.settings.width,
         r.settings.height,
         r.settings.frames.map(|f| format!(", {f} frames")).unwrap_or_default(),
+        if r.settings.random_weights { ", random weights (the outputs are noise; the metrics measure the NVFP4 error)" } else { "" },
         r.reference,
         r.device
     );
@@ -97,6 +111,10 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(s, "|{}", "---|".repeat(HEADERS.len()));
     for row in summary_rows(r) {
         let _ = writeln!(s, "| {} |", row.join(" | "));
+    }
+    let _ = writeln!(s, "\n{LEGEND}\n");
+    for n in &r.learned_metrics {
+        let _ = writeln!(s, "- {n}");
     }
     for v in &r.variants {
         if v.worst_layers.is_empty() {
@@ -117,11 +135,15 @@ pub fn markdown(r: &Report) -> String {
 }
 
 fn chart(r: &Report) -> String {
-    let pts: Vec<(String, f64, f64)> = r
-        .variants
-        .iter()
-        .filter(|v| v.variant.label != r.reference)
-        .filter_map(|v| Some((v.variant.label.clone(), v.mean_seconds?, v.mean_psnr?.min(PSNR_CAP))))
+    let others = || r.variants.iter().filter(|v| v.variant.label != r.reference && v.mean_psnr.is_some());
+    // Step time is the speed that matters; whole-output time where a variant lacks it.
+    let per_step = others().all(|v| v.mean_step_ms.is_some());
+    let (unit, axis) = if per_step { ("ms", "ms per step") } else { ("s", "seconds per output") };
+    let pts: Vec<(String, f64, f64)> = others()
+        .filter_map(|v| {
+            let t = if per_step { v.mean_step_ms? } else { v.mean_seconds? };
+            Some((v.variant.label.clone(), t, v.mean_psnr?.min(PSNR_CAP)))
+        })
         .collect();
     let mut s = format!(
         r#"<svg viewBox="0 0 {CHART_W} {CHART_H}" width="{CHART_W}" height="{CHART_H}" role="img" aria-label="speed versus quality">"#
@@ -133,7 +155,7 @@ fn chart(r: &Report) -> String {
     );
     let _ = write!(
         s,
-        r#"<text x="{}" y="{}" font-size="12" text-anchor="middle">seconds per output</text>"#,
+        r#"<text x="{}" y="{}" font-size="12" text-anchor="middle">{axis}</text>"#,
         (x0 + x1) / 2.0,
         CHART_H - 10.0
     );
@@ -161,7 +183,7 @@ fn chart(r: &Report) -> String {
         }
         let _ = write!(
             s,
-            r#"<text x="{x0}" y="{}" font-size="10">0</text><text x="{x1}" y="{}" font-size="10" text-anchor="end">{tmax:.2}s</text>"#,
+            r#"<text x="{x0}" y="{}" font-size="10">0</text><text x="{x1}" y="{}" font-size="10" text-anchor="end">{tmax:.2} {unit}</text>"#,
             y0 + 14.0,
             y0 + 14.0
         );
@@ -175,7 +197,12 @@ fn chart(r: &Report) -> String {
     }
     s.push_str("</svg><ol>");
     for (label, t, p) in &pts {
-        let _ = write!(s, "<li>{} — {t:.2} s per output, mean PSNR {p:.2} dB</li>", esc(label));
+        let _ = write!(
+            s,
+            "<li>{} — {t:.2} {unit} per {}, mean PSNR {p:.2} dB</li>",
+            esc(label),
+            if per_step { "step" } else { "output" }
+        );
     }
     s.push_str("</ol>");
     s
@@ -189,7 +216,11 @@ pub fn html(r: &Report, out: &Path) -> CResult<String> {
     for row in summary_rows(r) {
         let _ = write!(s, "<tr>{}</tr>", row.iter().map(|c| format!("<td>{}</td>", esc(c))).collect::<String>());
     }
-    s.push_str("</table><h2>Speed and quality</h2>");
+    let _ = write!(s, "</table><p><small>{}</small></p><ul>", esc(LEGEND));
+    for n in &r.learned_metrics {
+        let _ = write!(s, "<li>{}</li>", esc(n));
+    }
+    s.push_str("</ul><h2>Speed and quality</h2>");
     s.push_str(&chart(r));
     s.push_str("<h2>Outputs</h2><table class=\"grid\"><tr><th>prompt / seed</th>");
     for v in &r.variants {
@@ -204,10 +235,16 @@ pub fn html(r: &Report, out: &Path) -> CResult<String> {
                     let p = out.join(&v.variant.label).join(&it.file);
                     let data = std::fs::read(&p).map_err(|e| CandiffError::io(&p, e))?;
                     let mime = if it.file.ends_with(".gif") { "image/gif" } else { "image/png" };
-                    let cap = match (it.psnr, it.ssim) {
+                    let mut cap = match (it.psnr, it.ssim) {
                         (Some(p), Some(q)) => format!("PSNR {} / SSIM {q:.3}", num(Some(p), 1)),
                         _ => "reference".into(),
                     };
+                    if let Some(l) = it.lpips {
+                        let _ = write!(cap, " / LPIPS {l:.3}");
+                    }
+                    if let Some(c) = it.clip_score {
+                        let _ = write!(cap, " / CLIP {c:.1}");
+                    }
                     let _ = write!(
                         s,
                         "<td><img alt=\"{}\" src=\"data:{mime};base64,{}\"><small>{}</small></td>",

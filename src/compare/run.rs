@@ -11,9 +11,10 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::learned::{clip_score, cosine as cosine_t, Clip, Lpips, Rgb8};
 use super::metrics::{cosine, mean_std, psnr, ssim, Image};
 use crate::error::{CResult, CandiffError};
-use crate::linear::{LayerStats, LoadHooks, Nvfp4Options, Probe, QuantizeSpec};
+use crate::linear::{LayerStats, LoadHooks, Nvfp4Options, Probe, QuantCache, QuantizeSpec};
 use crate::nvfp4::{ActMode, Backend, Overrides};
 use crate::pipelines::flux::{FluxFiles, FluxRun, T2iRequest};
 use crate::pipelines::flux2::{EncoderMode, Flux2Files, Flux2Request, Flux2Run};
@@ -48,11 +49,11 @@ pub struct Variant {
 }
 
 impl Variant {
-    /// `bf16` or `nvfp4:<trtllm|cutlass|cudnn>:<w4a16|w4a4>`.
+    /// `bf16` or `nvfp4:<trtllm|cutlass|cudnn>:<w4a16|w4a4|fp8>`.
     pub fn parse(s: &str) -> CResult<Self> {
         let bad = |why: String| {
             CandiffError::Unsupported(format!(
-                "variant `{s}`: {why}; use bf16 or nvfp4:<trtllm|cutlass|cudnn>:<w4a16|w4a4> (the fp8 mode arrives with the Fast-on-Hopper kernels)"
+                "variant `{s}`: {why}; use bf16 or nvfp4:<trtllm|cutlass|cudnn>:<w4a16|w4a4|fp8>"
             ))
         };
         let kind = match s.split(':').collect::<Vec<_>>()[..] {
@@ -164,6 +165,9 @@ pub struct Settings {
     pub frames: Option<usize>,
     pub items: Vec<(String, u64)>,
     pub exclude: Vec<String>,
+    /// Every weight random (see `Manifest::random_weights`).
+    #[serde(default)]
+    pub random_weights: bool,
 }
 
 /// One generated output and its measurements against the reference.
@@ -173,8 +177,16 @@ pub struct ItemResult {
     pub item: usize,
     pub seed: u64,
     pub file: String,
+    /// The whole generation: encoders, loading (and quantizing), steps, decoding.
     pub seconds: f64,
+    /// Median transformer step time.
+    #[serde(default)]
+    pub step_ms: Option<f64>,
     pub peak_gpu_bytes: Option<usize>,
+    /// The per-layer diagnosis ran with this output (dense twins in memory: its time and
+    /// memory are not the variant's).
+    #[serde(default)]
+    pub diagnosed: bool,
     /// Against the reference (absent for the reference itself). Video: means over frames.
     pub psnr: Option<f64>,
     pub ssim: Option<f64>,
@@ -183,6 +195,15 @@ pub struct ItemResult {
     pub ssim_std: Option<f64>,
     /// Cosine similarity of the latents to the reference's after every step.
     pub latent_cosine: Vec<f64>,
+    /// LPIPS against the reference (video: mean over frames).
+    #[serde(default)]
+    pub lpips: Option<f64>,
+    /// CLIP score of the output against its prompt (video: mean over frames).
+    #[serde(default)]
+    pub clip_score: Option<f64>,
+    /// Cosine similarity of the output's CLIP image embedding to the reference's.
+    #[serde(default)]
+    pub clip_image_sim: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -196,7 +217,14 @@ pub struct VariantReport {
     pub mean_ssim: Option<f64>,
     pub worst_ssim: Option<f64>,
     pub mean_final_latent_cosine: Option<f64>,
+    pub mean_lpips: Option<f64>,
+    pub worst_lpips: Option<f64>,
+    pub mean_clip_score: Option<f64>,
+    pub mean_clip_image_sim: Option<f64>,
+    pub worst_clip_image_sim: Option<f64>,
+    /// Over the outputs generated without the per-layer diagnosis, where there are any.
     pub mean_seconds: Option<f64>,
+    pub mean_step_ms: Option<f64>,
     pub max_peak_gpu_bytes: Option<usize>,
     /// Worst layers by output error against their dense twin (first item), worst first.
     pub worst_layers: Vec<(String, f64)>,
@@ -208,6 +236,8 @@ pub struct Report {
     pub reference: String,
     pub device: String,
     pub variants: Vec<VariantReport>,
+    /// Which learned metrics ran (and with what), or why not.
+    pub learned_metrics: Vec<String>,
 }
 
 /// Generated pixels `[F, H, W, 3]` as u8, and the per-step latents.
@@ -215,15 +245,35 @@ struct Output {
     video: Video,
     latents: Vec<Vec<f32>>,
     seconds: f64,
+    step_ms: Option<f64>,
     peak: Option<usize>,
+}
+
+/// The median step time in ms (the first steps carry one-time warm-up).
+fn median_ms(steps: &[f64]) -> Option<f64> {
+    let mut v = steps.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).map(|s| s * 1e3)
 }
 
 fn to_u8(frames: &Tensor) -> candle_core::Result<Vec<u8>> {
     (frames * 255.0)?.round()?.clamp(0f32, 255f32)?.to_dtype(DType::U8)?.flatten_all()?.to_vec1()
 }
 
+/// The learned metric models of a run, and what the report says about them.
+pub struct Learned {
+    /// A CLIP folder (see [`Clip::load`]), loaded onto the run's device after generation.
+    pub clip: Option<PathBuf>,
+    /// LPIPS weights (see [`Lpips::load`]).
+    pub lpips: Option<PathBuf>,
+    /// One line per metric: the model used, or why it did not run.
+    pub notes: Vec<String>,
+}
+
 pub struct Runner<'a> {
     pub engine: &'a Engine,
+    /// LPIPS / CLIP, computed after generation; `None`: not at all.
+    pub learned: Option<&'a Learned>,
     pub settings: Settings,
     pub device: &'a Device,
     pub out: PathBuf,
@@ -247,7 +297,7 @@ impl Runner<'_> {
         let mut latents = Vec::new();
         let t0 = Instant::now();
         let s = &self.settings;
-        let (frames, peak, fps) = match self.engine {
+        let (frames, stats, fps) = match self.engine {
             Engine::Flux { files, guidance, max_seq } => {
                 let run = FluxRun {
                     files,
@@ -275,7 +325,7 @@ impl Runner<'_> {
                         latents.push(v);
                     }
                 })?;
-                (img, stats.peak_gpu_bytes, 1)
+                (img, stats, 1)
             }
             Engine::Flux2 { files, guidance, distilled, max_seq } => {
                 let run = Flux2Run {
@@ -305,7 +355,7 @@ impl Runner<'_> {
                         latents.push(v);
                     }
                 })?;
-                (img, stats.peak_gpu_bytes, 1)
+                (img, stats, 1)
             }
             Engine::Wan { files, guidance, guidance_2, frames, fps, max_seq } => {
                 let run = WanRun {
@@ -340,7 +390,7 @@ impl Runner<'_> {
                     },
                     |_, _| {},
                 )?;
-                (f, stats.peak_gpu_bytes, *fps)
+                (f, stats, *fps)
             }
         };
         // Images [1, H, W, 3], videos [F, H, W, 3].
@@ -349,7 +399,8 @@ impl Runner<'_> {
             video: Video { width: w, height: h, fps, rgb: to_u8(&frames)? },
             latents,
             seconds: t0.elapsed().as_secs_f64(),
-            peak,
+            step_ms: median_ms(&stats.step_s),
+            peak: stats.peak_gpu_bytes,
         })
     }
 
@@ -449,6 +500,7 @@ impl Runner<'_> {
         } else {
             BTreeMap::new()
         };
+        let quant_cache = QuantCache::default();
         let mut order: Vec<usize> = vec![reference];
         order.extend((0..variants.len()).filter(|i| *i != reference));
         let mut reports = Vec::new();
@@ -485,6 +537,7 @@ impl Runner<'_> {
                         exclude: self.settings.exclude.clone(),
                         input_amax: calib.clone(),
                         keep_dense_twin: twin,
+                        cache: quant_cache.clone(),
                     })),
                     VariantKind::Bf16 => None,
                 };
@@ -493,7 +546,7 @@ impl Runner<'_> {
                 let out = self.generate(v, hooks, pi_prompt, *seed)?;
                 let meta = [("prompt", pi_prompt.clone()), ("seed", seed.to_string()), ("variant", v.label.clone())];
                 let file = self.save(&dir, &stem, &out, &meta)?;
-                let layers = probe.layers.lock().expect("probe poisoned").clone();
+                let layers = probe.stats()?;
                 if is_ref {
                     for (name, s) in &layers {
                         let e = calib.entry(name.clone()).or_insert(0.0);
@@ -531,12 +584,17 @@ impl Runner<'_> {
                     seed: *seed,
                     file,
                     seconds: out.seconds,
+                    step_ms: out.step_ms,
                     peak_gpu_bytes: out.peak,
+                    diagnosed: twin,
                     psnr: None,
                     ssim: None,
                     psnr_std: None,
                     ssim_std: None,
                     latent_cosine: Vec::new(),
+                    lpips: None,
+                    clip_score: None,
+                    clip_image_sim: None,
                 };
                 if !is_ref {
                     self.score(&mut r, &ref_dir, &stem, &out)?;
@@ -555,7 +613,107 @@ impl Runner<'_> {
         }
         // Report order = the order the user gave.
         reports.sort_by_key(|r| variants.iter().position(|v| v.label == r.variant.label));
-        Ok(Report { settings: self.settings.clone(), reference: refv.label.clone(), device, variants: reports })
+        let learned_metrics = match self.learned {
+            Some(l) => {
+                self.learned_pass(l, &mut reports, &refv.label, &mut progress)?;
+                l.notes.clone()
+            }
+            None => vec!["learned metrics: not computed in this run".into()],
+        };
+        Ok(Report {
+            settings: self.settings.clone(),
+            reference: refv.label.clone(),
+            device,
+            variants: reports,
+            learned_metrics,
+        })
+    }
+
+    /// LPIPS and CLIP for every finished output that lacks them, from the saved files (after
+    /// generation, so the metric models never share the GPU with a variant being measured).
+    fn learned_pass(
+        &self,
+        l: &Learned,
+        reports: &mut [VariantReport],
+        reference: &str,
+        progress: &mut impl FnMut(&str),
+    ) -> candle_core::Result<()> {
+        let todo = |v: &VariantReport| {
+            let is_ref = v.variant.label == reference;
+            v.items.iter().any(|it| {
+                (l.clip.is_some() && (it.clip_score.is_none() || (!is_ref && it.clip_image_sim.is_none())))
+                    || (l.lpips.is_some() && !is_ref && it.lpips.is_none())
+            })
+        };
+        if !reports.iter().any(todo) {
+            return Ok(());
+        }
+        let clip = l.clip.as_deref().map(|d| Clip::load(d, self.device)).transpose()?;
+        let lpips = l.lpips.as_deref().map(|p| Lpips::load(p, self.device)).transpose()?;
+        let ref_dir = self.out.join(reference);
+        let mut texts: BTreeMap<usize, Tensor> = BTreeMap::new();
+        let mut ref_embeds: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
+        let mut ref_pixels: BTreeMap<usize, Vec<Vec<u8>>> = BTreeMap::new();
+        let (w, h) = (self.settings.width, self.settings.height);
+        for v in reports.iter_mut() {
+            let is_ref = v.variant.label == reference;
+            let dir = self.out.join(&v.variant.label);
+            let mut changed = false;
+            for it in v.items.iter_mut() {
+                let need_clip = clip.is_some() && (it.clip_score.is_none() || (!is_ref && it.clip_image_sim.is_none()));
+                let need_lpips = lpips.is_some() && !is_ref && it.lpips.is_none();
+                if !need_clip && !need_lpips {
+                    continue;
+                }
+                progress(&format!("{}: learned metrics of output {}", v.variant.label, it.item));
+                let stem = self.stem(it.item);
+                let frames = self.load_pixels(&dir, &stem)?;
+                if !ref_pixels.contains_key(&it.item) {
+                    ref_pixels.insert(it.item, self.load_pixels(&ref_dir, &stem)?);
+                }
+                let refs = &ref_pixels[&it.item];
+                if let Some(clip) = &clip {
+                    if !texts.contains_key(&it.item) {
+                        texts.insert(it.item, clip.text_embeds(&self.settings.items[it.item].0)?);
+                    }
+                    if !ref_embeds.contains_key(&it.item) {
+                        let e = refs
+                            .iter()
+                            .map(|f| clip.image_embeds(&Rgb8 { width: w, height: h, px: f }))
+                            .collect::<candle_core::Result<_>>()?;
+                        ref_embeds.insert(it.item, e);
+                    }
+                    let (mut score, mut sim) = (Vec::new(), Vec::new());
+                    for (k, f) in frames.iter().enumerate() {
+                        let e = clip.image_embeds(&Rgb8 { width: w, height: h, px: f })?;
+                        score.push(clip_score(&e, &texts[&it.item])?);
+                        sim.push(cosine_t(&e, &ref_embeds[&it.item][k])?);
+                    }
+                    it.clip_score = Some(mean_std(&score).0);
+                    if !is_ref {
+                        it.clip_image_sim = Some(mean_std(&sim).0);
+                    }
+                }
+                if let (Some(lp), false) = (&lpips, is_ref) {
+                    let d: Vec<f64> = frames
+                        .iter()
+                        .zip(refs)
+                        .map(|(f, r)| {
+                            lp.distance(&Rgb8 { width: w, height: h, px: f }, &Rgb8 { width: w, height: h, px: r })
+                        })
+                        .collect::<candle_core::Result<_>>()?;
+                    it.lpips = Some(mean_std(&d).0);
+                }
+                let json = dir.join(format!("{stem}.json"));
+                std::fs::write(&json, serde_json::to_string_pretty(&*it).expect("serializable"))
+                    .map_err(|e| CandiffError::io(&json, e))?;
+                changed = true;
+            }
+            if changed {
+                *v = summarize(&v.variant, v.status.clone(), std::mem::take(&mut v.items), v.worst_layers.clone());
+            }
+        }
+        Ok(())
     }
 
     fn score(&self, r: &mut ItemResult, ref_dir: &Path, stem: &str, out: &Output) -> candle_core::Result<()> {
@@ -605,7 +763,18 @@ fn summarize(v: &Variant, status: String, items: Vec<ItemResult>, layers: Vec<(S
     let fc: Vec<f64> = items.iter().filter_map(|i| i.latent_cosine.last().copied()).collect();
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     let min = |v: &[f64]| v.iter().copied().reduce(f64::min);
-    let secs: Vec<f64> = items.iter().map(|i| i.seconds).collect();
+    let max = |v: &[f64]| v.iter().copied().reduce(f64::max);
+    // Time and memory of the outputs made without the diagnosis's dense twins, where any.
+    let plain: Vec<&ItemResult> = if items.iter().any(|i| !i.diagnosed) {
+        items.iter().filter(|i| !i.diagnosed).collect()
+    } else {
+        items.iter().collect()
+    };
+    let secs: Vec<f64> = plain.iter().map(|i| i.seconds).collect();
+    let step: Vec<f64> = plain.iter().filter_map(|i| i.step_ms).collect();
+    let lp: Vec<f64> = items.iter().filter_map(|i| i.lpips).collect();
+    let cs: Vec<f64> = items.iter().filter_map(|i| i.clip_score).collect();
+    let ci: Vec<f64> = items.iter().filter_map(|i| i.clip_image_sim).collect();
     VariantReport {
         variant: v.clone(),
         status,
@@ -614,8 +783,14 @@ fn summarize(v: &Variant, status: String, items: Vec<ItemResult>, layers: Vec<(S
         mean_ssim: mean(&ss),
         worst_ssim: min(&ss),
         mean_final_latent_cosine: mean(&fc),
+        mean_lpips: mean(&lp),
+        worst_lpips: max(&lp),
+        mean_clip_score: mean(&cs),
+        mean_clip_image_sim: mean(&ci),
+        worst_clip_image_sim: min(&ci),
         mean_seconds: mean(&secs),
-        max_peak_gpu_bytes: items.iter().filter_map(|i| i.peak_gpu_bytes).max(),
+        mean_step_ms: mean(&step),
+        max_peak_gpu_bytes: plain.iter().filter_map(|i| i.peak_gpu_bytes).max(),
         worst_layers: layers.into_iter().take(REPORT_TOP_LAYERS).collect(),
         items,
     }

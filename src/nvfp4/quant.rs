@@ -61,6 +61,22 @@ pub fn fake_quantize_row(x: &mut [f32], input_scale: f32) {
     }
 }
 
+/// Below this many values one thread quantizes the whole weight (spawning costs more).
+const PARALLEL_MIN_VALUES: usize = 1 << 20;
+
+/// max |w|, over the cores for large weights.
+fn par_amax(w: &[f32]) -> f32 {
+    let fold = |c: &[f32]| c.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if w.len() < PARALLEL_MIN_VALUES {
+        return fold(w);
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    std::thread::scope(|sc| {
+        let parts: Vec<_> = w.chunks(w.len().div_ceil(threads)).map(|c| sc.spawn(move || fold(c))).collect();
+        parts.into_iter().map(|h| h.join().expect("amax thread")).fold(0f32, f32::max)
+    })
+}
+
 /// Quantizes a dense `[n, k]` weight as ModelOpt exports it: `gs = 2688 / amax(|W|)`,
 /// `weight_scale_2 = 1 / gs`.
 pub fn quantize_weight(w: &[f32], n: usize, k: usize) -> CResult<Nvfp4Weight> {
@@ -70,18 +86,28 @@ pub fn quantize_weight(w: &[f32], n: usize, k: usize) -> CResult<Nvfp4Weight> {
             w.len()
         )));
     }
-    let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let amax = par_amax(w);
     let gs = if amax > 0.0 { NVFP4_AMAX_TARGET / amax } else { 1.0 };
     let mut packed = vec![0u8; n * k / 2];
     let mut scales = vec![0u8; n * k / GROUP_SIZE];
-    for r in 0..n {
-        quantize_row(
-            &w[r * k..(r + 1) * k],
-            gs,
-            &mut packed[r * k / 2..(r + 1) * k / 2],
-            &mut scales[r * k / GROUP_SIZE..(r + 1) * k / GROUP_SIZE],
-        );
-    }
+    // Rows are independent: full-size layers (up to ~10^8 values, quantized at load by
+    // `compare`) are split over the cores in row bands.
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n.max(1));
+    let rows = if n * k < PARALLEL_MIN_VALUES { n.max(1) } else { n.div_ceil(threads) };
+    std::thread::scope(|sc| {
+        if w.is_empty() {
+            return;
+        }
+        let bands =
+            w.chunks(rows * k).zip(packed.chunks_mut(rows * k / 2)).zip(scales.chunks_mut(rows * k / GROUP_SIZE));
+        for ((wb, pb), sb) in bands {
+            sc.spawn(move || {
+                for ((wr, pr), sr) in wb.chunks(k).zip(pb.chunks_mut(k / 2)).zip(sb.chunks_mut(k / GROUP_SIZE)) {
+                    quantize_row(wr, gs, pr, sr);
+                }
+            });
+        }
+    });
     Nvfp4Weight::new(n, k, packed, scales, 1.0 / gs)
 }
 
@@ -128,6 +154,26 @@ pub fn concat_rows(parts: &[Nvfp4Weight], merge: ShardMerge) -> CResult<(Nvfp4We
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A weight large enough to be split over threads quantizes exactly as row by row.
+    #[test]
+    fn threaded_quantization_equals_serial() {
+        let (n, k) = (513, 2048);
+        assert!(n * k >= PARALLEL_MIN_VALUES);
+        let mut rng = crate::rng::Rng::new(11);
+        let w: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32 * 0.02).collect();
+        let q = quantize_weight(&w, n, k).unwrap();
+        let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let gs = NVFP4_AMAX_TARGET / amax;
+        let (mut packed, mut scales) = (vec![0u8; n * k / 2], vec![0u8; n * k / GROUP_SIZE]);
+        for r in 0..n {
+            let (p, sc) =
+                (&mut packed[r * k / 2..(r + 1) * k / 2], &mut scales[r * k / GROUP_SIZE..(r + 1) * k / GROUP_SIZE]);
+            quantize_row(&w[r * k..(r + 1) * k], gs, p, sc);
+        }
+        assert_eq!(q.weight_scale_2, 1.0 / gs);
+        assert!(q.packed == packed && q.scales == scales);
+    }
 
     #[test]
     fn zero_block_gives_zero_codes_and_scale() {

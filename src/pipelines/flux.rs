@@ -34,6 +34,8 @@ pub struct FluxFiles {
     pub transformer_config: PathBuf,
     /// CLIP's tokenizer.json.
     pub clip_tokenizer: PathBuf,
+    /// Random weights for every component (configs and tokenizers only are read).
+    pub random_weights: bool,
 }
 
 impl FluxFiles {
@@ -43,7 +45,15 @@ impl FluxFiles {
         let own = if transformer.is_dir() { transformer.join("config.json") } else { PathBuf::new() };
         let transformer_config = if own.is_file() { own } else { base_tr.join("config.json") };
         let clip_tokenizer = root.join("tokenizer/tokenizer.json");
-        Self { root: root.to_path_buf(), transformer, transformer_config, clip_tokenizer }
+        Self { root: root.to_path_buf(), transformer, transformer_config, clip_tokenizer, random_weights: false }
+    }
+
+    /// The weights of component `dir` (`text_encoder`, `vae`, ...).
+    fn weights<'a>(&self, dir: &str, dtype: DType, device: &Device) -> Result<candle_nn::VarBuilder<'a>> {
+        if self.random_weights {
+            return Ok(crate::linear::random_var_builder(dtype, device));
+        }
+        vb(&self.root.join(dir), dtype, device)
     }
 }
 
@@ -102,7 +112,7 @@ pub fn encode_prompt(
         let tok = tokenizer(&files.clip_tokenizer)?;
         let pad = pad_id(&tok, &["<|endoftext|>"])?;
         let ids = encode(&tok, prompt, CLIP_MAX_TOKENS.min(clip_cfg.max_position_embeddings), pad, device)?;
-        let clip = ClipText::new(&clip_cfg, vb(&root.join("text_encoder"), dtype, device)?)?;
+        let clip = ClipText::new(&clip_cfg, files.weights("text_encoder", dtype, device)?)?;
         clip.forward(&ids)?.1
     };
     let t5_dtype = if dtype == DType::F16 { DType::BF16 } else { dtype };
@@ -111,7 +121,7 @@ pub fn encode_prompt(
         let pad = pad_id(&tok, &["<pad>"])?;
         let ids = encode(&tok, prompt, max_len, pad, device)?;
         let cfg: T5Config = json(&root.join("text_encoder_2/config.json"))?;
-        let mut t5 = T5Encoder::new(&cfg, vb(&root.join("text_encoder_2"), t5_dtype, device)?)?;
+        let mut t5 = T5Encoder::new(&cfg, files.weights("text_encoder_2", t5_dtype, device)?)?;
         t5.forward(&ids)?
     };
     Ok((embeds, pooled))
@@ -166,14 +176,19 @@ impl FluxRun<'_> {
         stats.encode_s = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
-        let (wb, naming) = super::transformer_weights(
-            &self.files.transformer,
-            &self.nvfp4_overrides,
-            self.dtype,
-            self.device,
-            self.nvfp4,
-            &self.hooks,
-        )?;
+        let (wb, naming) = if self.files.random_weights {
+            let wb = crate::linear::WeightBuilder::synthetic(self.dtype, self.device, Vec::new(), self.nvfp4);
+            (wb.with_hooks(self.hooks.clone()), crate::models::flux::Naming::Diffusers)
+        } else {
+            super::transformer_weights(
+                &self.files.transformer,
+                &self.nvfp4_overrides,
+                self.dtype,
+                self.device,
+                self.nvfp4,
+                &self.hooks,
+            )?
+        };
         let model = FluxTransformer::new(&cfg, &wb, naming)?;
         peak.sample(self.device);
         stats.load_s = t1.elapsed().as_secs_f64();
@@ -226,7 +241,7 @@ impl FluxRun<'_> {
 
         let t2 = Instant::now();
         let vae_dtype = FluxVae::dtype_on(self.device, self.dtype);
-        let vae = FluxVae::new(&vae_cfg, vb(&root.join("vae"), vae_dtype, self.device)?)?;
+        let vae = FluxVae::new(&vae_cfg, self.files.weights("vae", vae_dtype, self.device)?)?;
         let z = vae.denormalize(&unpack_latents(&x, lh, lw)?)?;
         let images = to_unit_images(&vae.decode(&z, vae_dtype)?)?;
         peak.sample(self.device);
