@@ -147,5 +147,11 @@ fn learned_metrics_are_added_to_finished_outputs() {
     assert_eq!(q["mean_lpips"].as_f64(), Some(l));
     let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
     assert!(md.contains("LPIPS mean") && md.contains("- CLIP: "), "{md}");
+    // --report-only keeps the values and says which models made them.
+    let (ok, log) = compare(&[&base[..], &["--report-only"]].concat());
+    assert!(ok, "{log}");
+    let r = report(&dir);
+    assert_eq!(r["variants"][1]["items"][0]["lpips"].as_f64(), Some(l));
+    assert!(r["learned_metrics"].to_string().contains("LPIPS: AlexNet"), "{}", r["learned_metrics"]);
     let _ = std::fs::remove_dir_all(&dir);
 }

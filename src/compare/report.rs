@@ -90,7 +90,7 @@ const HEADERS: [&str; 14] = [
 ];
 
 /// What the columns mean (below the table in both reports).
-const LEGEND: &str = "PSNR, SSIM and LPIPS against the reference (LPIPS: lower is closer); CLIP image sim.: cosine of the CLIP image embeddings of output and reference; CLIP score: 100 x cosine of the output's and the prompt's CLIP embeddings (the reference has one too); ms / step: median transformer step; s / output: the whole generation, loading and quantizing included; time and memory exclude the output that carried the per-layer diagnosis when there are others.";
+const LEGEND: &str = "PSNR, SSIM and LPIPS against the reference (LPIPS: lower is closer); CLIP image sim.: cosine of the CLIP image embeddings of output and reference; CLIP score: 100 x cosine of the output's and the prompt's CLIP embeddings (the reference has one too); ms / step: median transformer step; s / output: the whole generation, loading and quantizing included; time and memory exclude the output that carried the per-layer diagnosis when there are others; the reference's include recording the activation ranges that calibrate W4A4.";
 
 pub fn markdown(r: &Report) -> String {
     let mut s = String::new();

@@ -613,9 +613,18 @@ impl Runner<'_> {
         }
         // Report order = the order the user gave.
         reports.sort_by_key(|r| variants.iter().position(|v| v.label == r.variant.label));
+        // What the last metric pass used, kept for `--report-only`.
+        let notes_path = self.out.join("learned.json");
         let learned_metrics = match self.learned {
+            _ if self.report_only && notes_path.exists() => {
+                crate::error::read_json_config(&notes_path, "learned.json")?
+            }
             Some(l) => {
-                self.learned_pass(l, &mut reports, &refv.label, &mut progress)?;
+                if !self.report_only {
+                    self.learned_pass(l, &mut reports, &refv.label, &mut progress)?;
+                    std::fs::write(&notes_path, serde_json::to_string_pretty(&l.notes).expect("serializable"))
+                        .map_err(|e| CandiffError::io(&notes_path, e))?;
+                }
                 l.notes.clone()
             }
             None => vec!["learned metrics: not computed in this run".into()],
