@@ -28,13 +28,14 @@ fn tiny_flux_comparison_reports_and_resumes() {
     let args = ["--model", "tiny", "--prompts", prompts.to_str().unwrap(), "--seeds", "1,2", "--out", &out];
     let (ok, log) = compare(&args);
     assert!(ok, "{log}");
-    // 2 seeds for the first prompt, its own seed for the second: 3 outputs x 3 variants.
-    assert_eq!(log.matches("(seed ").count(), 9, "{log}");
+    // 2 seeds for the first prompt, its own seed for the second: 3 outputs x 4 variants.
+    assert_eq!(log.matches("(seed ").count(), 12, "{log}");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["reference"], "bf16");
     let vs = report["variants"].as_array().unwrap();
-    assert_eq!(vs.len(), 3);
+    assert_eq!(vs.len(), 4);
+    assert_eq!(vs[3]["variant"]["label"], "nvfp4-trtllm-fp8");
     for v in &vs[1..] {
         assert_eq!(v["status"], "ok");
         let p = v["mean_psnr"].as_f64().unwrap();
