@@ -118,7 +118,7 @@ impl Probe {
     pub fn stats(&self) -> Result<std::collections::BTreeMap<String, LayerStats>> {
         let running = self.running.lock().expect("probe poisoned");
         let read = |t: &Option<Tensor>| -> Result<f64> {
-            t.as_ref().map_or(Ok(0.0), |t| Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?))
+            t.as_ref().map_or(Ok(0.0), |t| t.to_dtype(DType::F64)?.to_scalar::<f64>())
         };
         running
             .iter()
@@ -267,10 +267,12 @@ impl candle_nn::var_builder::SimpleBackend for RandomBackend {
     /// Each tensor is drawn from a generator seeded by its name, so every run, every thread
     /// (ranks of a multi-GPU benchmark, in any order) and every variant of a comparison builds
     /// the same weights on a device (the CPU and GPU generators differ).
-    /// Norm scales (1-D `weight` / `scale`) are 1 + noise, as trained ones are near 1: drawn
+    /// Norm scales (1-D `weight` / `scale`, `gamma`) are 1 + noise, as trained ones are near 1: drawn
     /// around 0 they would silence every normalized path (a constant image out of the VAE).
     fn get(&self, s: candle_core::Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let is_norm_scale = s.rank() == 1 && (name.ends_with("weight") || name.ends_with("scale"));
+        // Wan's RMS norms call theirs `gamma`, shaped [C, 1, 1(, 1)].
+        let is_norm_scale =
+            (s.rank() == 1 && (name.ends_with("weight") || name.ends_with("scale"))) || name.ends_with("gamma");
         let offset = if is_norm_scale { 1.0 } else { 0.0 };
         if dev.is_cuda() {
             static DRAW: std::sync::Mutex<()> = std::sync::Mutex::new(());

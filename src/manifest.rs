@@ -25,6 +25,7 @@ const BUILTIN: &[(&str, &str)] = &[
     ("wan2.2-t2v-a14b-nvfp4.toml", include_str!("../models/wan2.2-t2v-a14b-nvfp4.toml")),
     ("wan2.2-ti2v-5b.toml", include_str!("../models/wan2.2-ti2v-5b.toml")),
     ("wan2.2-tiny.toml", include_str!("../models/wan2.2-tiny.toml")),
+    ("wan2.2-t2v-a14b-random.toml", include_str!("../models/wan2.2-t2v-a14b-random.toml")),
 ];
 
 /// Where one component comes from: a Hub repository (or a local folder) and a subfolder or file.

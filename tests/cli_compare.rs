@@ -102,7 +102,10 @@ fn bad_inputs_fail_before_any_model_loads() {
         (vec!["--model", "no-such-model"], "unknown model"),
         (vec!["--model", "tiny", "--clip", "/no/such/clip", "--out", &out], "cannot load a CLIP model"),
         (vec!["--model", "tiny", "--lpips", "Cargo.toml", "--out", &out], "not LPIPS AlexNet weights"),
-        (vec!["--model", "flux.2-tiny", "--random-weights", "--out", &out], "random weights are supported for FLUX.1"),
+        (
+            vec!["--model", "flux.2-tiny", "--random-weights", "--out", &out],
+            "random weights are supported for FLUX.1 and Wan2.2",
+        ),
     ] {
         let (ok, log) = compare(&args);
         assert!(!ok && log.contains(want) && !log.contains("(seed "), "{args:?}: {log}");

@@ -72,3 +72,29 @@ fn bad_requests_fail_before_any_work() {
         assert!(!ok && log.contains(want), "{args:?}: {log}");
     }
 }
+
+/// `--random-weights`: reproducible (drawn per tensor name, each expert under its own folder's
+/// name), not the checkpoint's, and the two experts differ.
+#[test]
+fn random_weights_are_reproducible_and_not_the_checkpoint() {
+    let dir = std::env::temp_dir().join(format!("candiff-t2v-random-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = |n: &str| dir.join(n).to_string_lossy().to_string();
+    let run = |extra: &[&str], name: &str| {
+        let base = ["--model", "wan-tiny", "--prompt", "a red fox", "--seed", "3", "--output", &out(name)];
+        let (ok, log) = t2v(&[&base[..], extra].concat());
+        assert!(ok, "{log}");
+        png(&dir.join(name.replace(".png", "-00000.png"))).2
+    };
+    let a = run(&["--random-weights"], "a.png");
+    assert!(a == run(&["--random-weights"], "b.png"), "random weights differ between runs");
+    assert!(a != run(&[], "c.png"), "random weights give the checkpoint's frames");
+    // Not a constant image (random norm scales near 0 would silence the VAE).
+    assert!(a.chunks(3).any(|p| p != &a[..3]), "constant frame");
+    // Boundary 0 runs only the low-noise expert, 1 only the high-noise one: with distinct random
+    // experts the frames differ.
+    let lo = run(&["--random-weights", "--boundary", "0"], "lo.png");
+    let hi = run(&["--random-weights", "--boundary", "1"], "hi.png");
+    assert!(lo != hi, "the two random experts are the same");
+    let _ = std::fs::remove_dir_all(&dir);
+}

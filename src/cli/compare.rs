@@ -67,8 +67,8 @@ pub struct CompareArgs {
     /// (scripts/export-lpips.py writes it); without it LPIPS is not computed.
     #[arg(long)]
     pub lpips: Option<PathBuf>,
-    /// FLUX.1: random weights for every component, only configs and tokenizers read (the NVFP4
-    /// error of full-size layers without downloading weights; the images are noise).
+    /// FLUX.1 and Wan2.2: random weights for every component, only configs and tokenizers read
+    /// (the NVFP4 error of full-size layers without downloading weights; the outputs are noise).
     #[arg(long)]
     pub random_weights: bool,
     #[arg(long)]
@@ -177,8 +177,8 @@ pub fn run(a: &CompareArgs) -> anyhow::Result<()> {
 
     let random = a.random_weights || m.random_weights;
     anyhow::ensure!(
-        !random || m.family == Family::Flux1,
-        "random weights are supported for FLUX.1 models; {} is another family",
+        !random || m.family != Family::Flux2,
+        "random weights are supported for FLUX.1 and Wan2.2 models; {} is FLUX.2",
         m.name
     );
     let (engine, frames) = match m.family {
@@ -247,8 +247,12 @@ pub fn run(a: &CompareArgs) -> anyhow::Result<()> {
             for c in ["text_encoder", "vae", "transformer", "transformer_2"] {
                 pats.extend(component_patterns(c));
             }
+            if random {
+                pats.retain(|p| !p.ends_with(".safetensors"));
+            }
             let root = local_repo(&m.repo, &a.revision, &pats)?;
-            let files = WanFiles::new(&root, None, None)?;
+            let mut files = WanFiles::new(&root, None, None)?;
+            files.random_weights = random;
             let engine = Engine::Wan {
                 files,
                 guidance: d.guidance,

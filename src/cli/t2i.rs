@@ -364,7 +364,7 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
     let placement = a.run.placement(&device)?;
     let random = a.random_weights || m.random_weights;
     if m.family == crate::manifest::Family::Flux2 {
-        anyhow::ensure!(!random, "random weights are supported for FLUX.1 models; {} is FLUX.2", m.name);
+        anyhow::ensure!(!random, "random weights are supported for FLUX.1 and Wan2.2 models; {} is FLUX.2", m.name);
         return run_flux2(a, &m, &device, dtype, placement.as_ref());
     }
 

@@ -59,6 +59,10 @@ pub struct T2vArgs {
     pub transformer_2_path: Option<String>,
     #[arg(long)]
     pub max_sequence_length: Option<usize>,
+    /// Random weights for every component, only configs and the tokenizer read (full-size
+    /// kernel and NVFP4 runs without downloading weights; the video is noise).
+    #[arg(long)]
+    pub random_weights: bool,
     #[command(flatten)]
     pub run: super::RunArgs,
 }
@@ -105,7 +109,8 @@ pub fn run(a: &T2vArgs) -> anyhow::Result<()> {
     let root = local_repo(&m.repo, &a.run.revision, &configs)?;
     let t1 = override_path(&a.transformer_path, &m.transformer, &a.run.revision)?;
     let t2 = override_path(&a.transformer_2_path, &m.transformer_2, &a.run.revision)?;
-    let files = WanFiles::new(&root, t1.as_deref(), t2.as_deref())?;
+    let mut files = WanFiles::new(&root, t1.as_deref(), t2.as_deref())?;
+    files.random_weights = a.random_weights || m.random_weights;
     let nvfp4 = a.run.nvfp4_options();
     let backend = nvfp4.backend;
     let hooks = a.run.nvfp4.hooks()?;
@@ -149,6 +154,9 @@ pub fn run(a: &T2vArgs) -> anyhow::Result<()> {
     }
     if t2.is_none() && files.transformer_2.is_some() {
         weights.extend(component_patterns("transformer_2"));
+    }
+    if files.random_weights {
+        weights.retain(|p| !p.ends_with(".safetensors"));
     }
     local_repo(&m.repo, &a.run.revision, &weights)?;
     let fetch_s = t0.elapsed().as_secs_f64();

@@ -3,6 +3,7 @@
 //! (variant, prompt, seed) is stored on disk at once, so an interrupted run resumes where it
 //! stopped.
 
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -677,26 +678,29 @@ impl Runner<'_> {
                 progress(&format!("{}: learned metrics of output {}", v.variant.label, it.item));
                 let stem = self.stem(it.item);
                 let frames = self.load_pixels(&dir, &stem)?;
-                if !ref_pixels.contains_key(&it.item) {
-                    ref_pixels.insert(it.item, self.load_pixels(&ref_dir, &stem)?);
-                }
-                let refs = &ref_pixels[&it.item];
+                // The reference's frames and embeddings and the prompt's, once per output.
+                let refs = match ref_pixels.entry(it.item) {
+                    Entry::Occupied(e) => e.into_mut(),
+                    Entry::Vacant(e) => e.insert(self.load_pixels(&ref_dir, &stem)?),
+                };
                 if let Some(clip) = &clip {
-                    if !texts.contains_key(&it.item) {
-                        texts.insert(it.item, clip.text_embeds(&self.settings.items[it.item].0)?);
-                    }
-                    if !ref_embeds.contains_key(&it.item) {
-                        let e = refs
-                            .iter()
-                            .map(|f| clip.image_embeds(&Rgb8 { width: w, height: h, px: f }))
-                            .collect::<candle_core::Result<_>>()?;
-                        ref_embeds.insert(it.item, e);
-                    }
+                    let text = match texts.entry(it.item) {
+                        Entry::Occupied(e) => e.into_mut(),
+                        Entry::Vacant(e) => e.insert(clip.text_embeds(&self.settings.items[it.item].0)?),
+                    };
+                    let ref_e = match ref_embeds.entry(it.item) {
+                        Entry::Occupied(e) => e.into_mut(),
+                        Entry::Vacant(e) => e.insert(
+                            refs.iter()
+                                .map(|f| clip.image_embeds(&Rgb8 { width: w, height: h, px: f }))
+                                .collect::<candle_core::Result<_>>()?,
+                        ),
+                    };
                     let (mut score, mut sim) = (Vec::new(), Vec::new());
                     for (k, f) in frames.iter().enumerate() {
                         let e = clip.image_embeds(&Rgb8 { width: w, height: h, px: f })?;
-                        score.push(clip_score(&e, &texts[&it.item])?);
-                        sim.push(cosine_t(&e, &ref_embeds[&it.item][k])?);
+                        score.push(clip_score(&e, text)?);
+                        sim.push(cosine_t(&e, &ref_e[k])?);
                     }
                     it.clip_score = Some(mean_std(&score).0);
                     if !is_ref {

@@ -51,6 +51,8 @@ pub struct WanFiles {
     pub boundary_ratio: Option<f64>,
     /// TI2V: per-token timesteps.
     pub expand_timesteps: bool,
+    /// Random weights for every component (configs and the tokenizer only are read).
+    pub random_weights: bool,
 }
 
 /// A component folder; tolerates a plain file holding a relative link target (symlinks
@@ -92,6 +94,7 @@ impl WanFiles {
             scheduler: component(root, "scheduler").join("scheduler_config.json"),
             boundary_ratio: index.boundary_ratio,
             expand_timesteps: index.expand_timesteps,
+            random_weights: false,
         })
     }
 
@@ -213,7 +216,7 @@ impl WanRun<'_> {
         let cfg = Umt5Config::from_file(&dir.join("config.json"))?;
         let dtype = if self.dtype == DType::F16 { DType::BF16 } else { self.dtype };
         let tok = tokenizer(&self.files.tokenizer)?;
-        let enc = Umt5Encoder::new(&cfg, vb(dir, dtype, self.device)?)?;
+        let enc = Umt5Encoder::new(&cfg, self.weights(dir, dtype)?)?;
         texts
             .iter()
             .map(|t| {
@@ -230,10 +233,25 @@ impl WanRun<'_> {
             .collect()
     }
 
+    /// A component's weights: its folder's, or random ones.
+    fn weights<'a>(&self, dir: &Path, dtype: DType) -> Result<candle_nn::VarBuilder<'a>> {
+        if self.files.random_weights {
+            return Ok(crate::linear::random_var_builder(dtype, self.device));
+        }
+        vb(dir, dtype, self.device)
+    }
+
     fn load_expert(&self, dir: &Path) -> Result<WanTransformer> {
         let cfg = WanConfig::from_file(&self.files.transformer_config(dir))?;
-        let (wb, _) =
-            super::transformer_weights(dir, &self.nvfp4_overrides, self.dtype, self.device, self.nvfp4, &self.hooks)?;
+        let wb = if self.files.random_weights {
+            // Under the expert's folder name: the two experts share module names, and random
+            // weights are drawn per name.
+            let expert = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            let wb = crate::linear::WeightBuilder::synthetic(self.dtype, self.device, Vec::new(), self.nvfp4);
+            wb.with_hooks(self.hooks.clone()).pp(expert)
+        } else {
+            super::transformer_weights(dir, &self.nvfp4_overrides, self.dtype, self.device, self.nvfp4, &self.hooks)?.0
+        };
         WanTransformer::new(&cfg, &wb)
     }
 
@@ -320,7 +338,7 @@ impl WanRun<'_> {
     pub fn decode(&self, latents: &Tensor, on_chunk: impl FnMut(usize, usize)) -> Result<Tensor> {
         let cfg = WanVaeConfig::from_file(&self.files.vae.join("config.json"))?;
         let dtype = vae_dtype(self.device, self.dtype);
-        let vae = WanVae::new(&cfg, vb(&self.files.vae, dtype, self.device)?, false)?;
+        let vae = WanVae::new(&cfg, self.weights(&self.files.vae, dtype)?, false)?;
         let z = vae.denormalize(latents)?.to_dtype(dtype)?;
         let video = vae.decode(&z, on_chunk)?;
         // [1, 3, F, H, W] -> [F, H, W, 3], (v + 1) / 2 clamped.
