@@ -90,24 +90,26 @@ pub fn quantize_weight(w: &[f32], n: usize, k: usize) -> CResult<Nvfp4Weight> {
     let gs = if amax > 0.0 { NVFP4_AMAX_TARGET / amax } else { 1.0 };
     let mut packed = vec![0u8; n * k / 2];
     let mut scales = vec![0u8; n * k / GROUP_SIZE];
-    // Rows are independent: full-size layers (up to ~10^8 values, quantized at load by
-    // `compare`) are split over the cores in row bands.
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n.max(1));
-    let rows = if n * k < PARALLEL_MIN_VALUES { n.max(1) } else { n.div_ceil(threads) };
-    std::thread::scope(|sc| {
-        if w.is_empty() {
-            return;
+    let band = |wb: &[f32], pb: &mut [u8], sb: &mut [u8]| {
+        for ((wr, pr), sr) in wb.chunks(k).zip(pb.chunks_mut(k / 2)).zip(sb.chunks_mut(k / GROUP_SIZE)) {
+            quantize_row(wr, gs, pr, sr);
         }
-        let bands =
-            w.chunks(rows * k).zip(packed.chunks_mut(rows * k / 2)).zip(scales.chunks_mut(rows * k / GROUP_SIZE));
-        for ((wb, pb), sb) in bands {
-            sc.spawn(move || {
-                for ((wr, pr), sr) in wb.chunks(k).zip(pb.chunks_mut(k / 2)).zip(sb.chunks_mut(k / GROUP_SIZE)) {
-                    quantize_row(wr, gs, pr, sr);
-                }
-            });
-        }
-    });
+    };
+    if w.len() < PARALLEL_MIN_VALUES {
+        band(w, &mut packed, &mut scales);
+    } else {
+        // Rows are independent: full-size layers (up to ~10^8 values, quantized at load by
+        // `compare`) are split over the cores in row bands.
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n);
+        let rows = n.div_ceil(threads);
+        std::thread::scope(|sc| {
+            let bands =
+                w.chunks(rows * k).zip(packed.chunks_mut(rows * k / 2)).zip(scales.chunks_mut(rows * k / GROUP_SIZE));
+            for ((wb, pb), sb) in bands {
+                sc.spawn(move || band(wb, pb, sb));
+            }
+        });
+    }
     Nvfp4Weight::new(n, k, packed, scales, 1.0 / gs)
 }
 
