@@ -648,14 +648,12 @@ impl Runner<'_> {
         reference: &str,
         progress: &mut impl FnMut(&str),
     ) -> candle_core::Result<()> {
-        let todo = |v: &VariantReport| {
-            let is_ref = v.variant.label == reference;
-            v.items.iter().any(|it| {
-                (l.clip.is_some() && (it.clip_score.is_none() || (!is_ref && it.clip_image_sim.is_none())))
-                    || (l.lpips.is_some() && !is_ref && it.lpips.is_none())
-            })
+        // An output lacks a metric this run can compute (the reference has no LPIPS or image sim.).
+        let lacks = |it: &ItemResult, is_ref: bool| {
+            (l.clip.is_some() && (it.clip_score.is_none() || (!is_ref && it.clip_image_sim.is_none())))
+                || (l.lpips.is_some() && !is_ref && it.lpips.is_none())
         };
-        if !reports.iter().any(todo) {
+        if !reports.iter().any(|v| v.items.iter().any(|it| lacks(it, v.variant.label == reference))) {
             return Ok(());
         }
         let clip = l.clip.as_deref().map(|d| Clip::load(d, self.device)).transpose()?;
@@ -670,9 +668,7 @@ impl Runner<'_> {
             let dir = self.out.join(&v.variant.label);
             let mut changed = false;
             for it in v.items.iter_mut() {
-                let need_clip = clip.is_some() && (it.clip_score.is_none() || (!is_ref && it.clip_image_sim.is_none()));
-                let need_lpips = lpips.is_some() && !is_ref && it.lpips.is_none();
-                if !need_clip && !need_lpips {
+                if !lacks(it, is_ref) {
                     continue;
                 }
                 progress(&format!("{}: learned metrics of output {}", v.variant.label, it.item));
