@@ -47,6 +47,23 @@ fn compile_fatbin(nvcc: &Path, name: &str, includes: &[String], out: &Path) {
     }
 }
 
+/// The Hopper-only kernels (wgmma exists on sm_90a alone): SASS for sm_90a, nothing else. The
+/// host loads this module only on compute capability 9.0.
+fn compile_sm90(nvcc: &Path, out: &Path) {
+    let src = Path::new("kernels/nvfp4_sm90.cu");
+    let output = Command::new(nvcc)
+        .args(["-fatbin", "-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"])
+        .arg("-gencode=arch=compute_90a,code=sm_90a")
+        .arg("-o")
+        .arg(out.join("nvfp4_sm90.fatbin"))
+        .arg(src)
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {}: {e}", nvcc.display()));
+    if !output.status.success() {
+        panic!("nvcc failed on {}:\n{}", src.display(), String::from_utf8_lossy(&output.stderr));
+    }
+}
+
 fn env_path(var: &str, what: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
         panic!("{var} is not set: the {what} are needed. Run scripts/setup-cuda.sh --cudnn and `source .toolchain/cuda/env.sh`")
@@ -151,6 +168,7 @@ fn main() {
     });
     println!("cargo:rustc-env=CANDIFF_NVCC_VERSION={}", version.unwrap_or_else(|| "unknown".into()));
     compile_fatbin(&nvcc, "nvfp4", &[], &out);
+    compile_sm90(&nvcc, &out);
     compile_fatbin(&nvcc, "fused", &[], &out);
     compile_fatbin(&nvcc, "fp8", &[], &out);
     match std::env::var("CUTLASS_INCLUDE") {

@@ -34,9 +34,18 @@ impl Problem {
     }
 
     /// The shapes every doctor run checks: M = 1, M not a multiple of 128, N needing padding,
-    /// K/16 not a multiple of 4, plus `extra` fresh random shapes drawn from `seed`.
+    /// K/16 not a multiple of 4, M just past the GEMV path and past two 256-token tiles (the
+    /// Hopper kernel's tails), plus `extra` fresh random shapes drawn from `seed`.
     pub fn standard_set(seed: u64, extra: usize) -> candle_core::Result<Vec<Self>> {
-        let mut shapes = vec![(1, 3072, 64), (19, 80, 150), (130, 256, 200), (7, 96, 40), (300, 512, 384)];
+        let mut shapes = vec![
+            (1, 3072, 64),
+            (19, 80, 150),
+            (130, 256, 200),
+            (7, 96, 40),
+            (300, 512, 384),
+            (33, 4096, 256),
+            (517, 1024, 640),
+        ];
         let mut rng = Rng::new(seed);
         for _ in 0..extra {
             shapes.push((rng.range(1, 600), 16 * rng.range(1, 96), rng.range(1, 700)));

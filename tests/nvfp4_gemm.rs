@@ -191,3 +191,37 @@ fn gemm_handles_batched_inputs_and_bias() {
     let yb: Vec<f32> = yb.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert!(max_diff(&yb, &want) <= 2f32.powi(-8) * max_abs(&want));
 }
+
+/// The Hopper kernel (kernels/nvfp4_sm90.cu) dequantizes without a lookup table: a byte's two
+/// E2M1 codes are placed into bf16 bits (magnitude to bits 8:6, sign to 15: the code's value times
+/// 2^-126, the 0.5 code a subnormal) and multiplied by bf16(scale x 2^119). This mirrors that bit
+/// placement for every code byte and every finite E4M3 scale and checks that the product is
+/// exactly code x scale x 2^-7 and representable in bf16, so the kernel's bf16 multiply rounds
+/// nothing (the GPU side is checked against the CPU reference by `candiff doctor`).
+#[test]
+fn hopper_register_dequantization_is_exact() {
+    use candiff::nvfp4::format::{e2m1_decode, e4m3_decode};
+    use half::bf16;
+    const MAG_MUL: u32 = (1 << 6) | (1 << 18);
+    const SIGN_MUL: u32 = 0x0100_1000;
+    const KEEP: u32 = (7 << 6) | (7 << 22) | 0x8000_8000;
+    let place = |b: u32| (((b & 0x77) * MAG_MUL) | ((b & 0x88) * SIGN_MUL)) & KEEP;
+    let (bias, unbias) = (2f32.powi(119), 2f32.powi(-7));
+    for scale_bits in 0..=255u8 {
+        if scale_bits & 0x7F == 0x7F {
+            continue; // E4M3 NaN: never a block scale
+        }
+        let s = e4m3_decode(scale_bits);
+        let s2 = bf16::from_f32(s * bias);
+        assert_eq!(s2.to_f32(), s * bias, "scale {scale_bits:#x} x 2^119 must be exact in bf16");
+        for byte in 0..=255u32 {
+            let raw = place(byte);
+            for (half, code) in [(raw as u16, byte & 0xF), ((raw >> 16) as u16, byte >> 4)] {
+                let got = bf16::from_bits(half).to_f32() * s2.to_f32();
+                let want = e2m1_decode(code as u8) * s * unbias;
+                assert_eq!(got, want, "code {code:#x}, scale {scale_bits:#x}");
+                assert_eq!(bf16::from_f32(got).to_f32(), got, "code {code:#x}, scale {scale_bits:#x}: not a bf16");
+            }
+        }
+    }
+}

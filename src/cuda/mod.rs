@@ -22,6 +22,7 @@ use crate::nvfp4::{ActMode, Backend};
 static NVFP4_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nvfp4.fatbin"));
 static FUSED_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused.fatbin"));
 static FP8_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fp8.fatbin"));
+static SM90_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nvfp4_sm90.fatbin"));
 #[cfg(candiff_cutlass)]
 static CUTLASS_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nvfp4_cutlass.fatbin"));
 
@@ -41,6 +42,8 @@ enum Kernels {
     Fused,
     /// FP8-mode conversions (kernels/fp8.cu).
     Fp8,
+    /// trtllm variant's wgmma GEMM, sm_90a SASS only (kernels/nvfp4_sm90.cu).
+    Sm90,
     /// cutlass variant, CuTe (kernels/nvfp4_cutlass.cu).
     #[cfg(candiff_cutlass)]
     Cutlass,
@@ -52,6 +55,7 @@ impl Kernels {
             Kernels::Nvfp4 => NVFP4_FATBIN,
             Kernels::Fused => FUSED_FATBIN,
             Kernels::Fp8 => FP8_FATBIN,
+            Kernels::Sm90 => SM90_FATBIN,
             #[cfg(candiff_cutlass)]
             Kernels::Cutlass => CUTLASS_FATBIN,
         }
@@ -66,6 +70,16 @@ const GEMM_THREADS: u32 = 256;
 /// per output column and `GEMV_WARPS` warps per block.
 const GEMV_MAX_M: usize = 16;
 const GEMV_WARPS: u32 = 8;
+/// Output features per CTA of the sm_90 wgmma GEMM (`kRows`), its block size, its pipeline depth
+/// (`kStages`), the bytes one token takes in a 64-wide K tile, and the weight bytes of a tile (128
+/// rows x 32 code bytes + one 512-byte scale tile).
+const SM90_ROWS: u32 = 128;
+const SM90_THREADS: u32 = 256;
+const SM90_STAGES: u32 = 5;
+const SM90_TILE_BYTES_PER_TOKEN: u32 = 128;
+const SM90_WEIGHT_TILE_BYTES: u32 = 128 * 32 + 512;
+/// Slack to align the first stage to the 1024-byte period of the 128-byte swizzle.
+const SM90_ALIGN_SLACK: u32 = 1024;
 /// The oldest GPU our kernels are built for (bf16 tensor cores, sm_80).
 pub const MIN_COMPUTE_CAPABILITY: (i32, i32) = (8, 0);
 
@@ -352,6 +366,10 @@ pub fn nvfp4_linear_fwd(
         b => candle_core::bail!("the NVFP4 {b} variant is not in this build"),
     }
     debug_assert_eq!(op.kind, LayoutKind::Trtllm);
+    if m > GEMV_MAX_M && use_wgmma(&dev, op.k)? {
+        let call = GemmCall { op, dev: &dev, x: &x, w: &w, sc: &sc, m, out_dtype };
+        return sm90_gemm(&call).map(|s| (s, Shape::from(out_dims)));
+    }
     let layout = "trtllm";
     let (kernel, cfg) = if m <= GEMV_MAX_M {
         let cfg = LaunchConfig {
@@ -389,6 +407,106 @@ pub fn nvfp4_linear_fwd(
         _ => run!(bf16, "bf16", BF16),
     };
     Ok((out, Shape::from(out_dims)))
+}
+
+/// Which kernel runs the trtllm variant's tiled W4A16 GEMM (`CANDIFF_TRTLLM_GEMM`): `auto` (the
+/// wgmma kernel on compute capability 9.0 when K is a multiple of 8, else the mma.sync one),
+/// `wgmma` (that kernel or an error), `mma` (the portable kernel, for comparisons).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TrtllmGemm {
+    Auto,
+    Wgmma,
+    Mma,
+}
+
+fn trtllm_gemm_choice() -> Result<TrtllmGemm> {
+    match std::env::var("CANDIFF_TRTLLM_GEMM").as_deref() {
+        Err(_) | Ok("") | Ok("auto") => Ok(TrtllmGemm::Auto),
+        Ok("wgmma") => Ok(TrtllmGemm::Wgmma),
+        Ok("mma") => Ok(TrtllmGemm::Mma),
+        Ok(other) => {
+            Err(CandiffError::Unsupported(format!("CANDIFF_TRTLLM_GEMM={other}: expected auto, wgmma or mma")).into())
+        }
+    }
+}
+
+/// Does the wgmma kernel take this GEMM? (It needs sm_90 and 16-byte aligned activation rows.)
+fn use_wgmma(dev: &CudaDevice, k: usize) -> Result<bool> {
+    let fits = compute_capability(dev)? == (9, 0) && k.is_multiple_of(8);
+    match trtllm_gemm_choice()? {
+        TrtllmGemm::Auto => Ok(fits),
+        TrtllmGemm::Mma => Ok(false),
+        TrtllmGemm::Wgmma if fits => Ok(true),
+        TrtllmGemm::Wgmma => Err(CandiffError::Unsupported(format!(
+            "CANDIFF_TRTLLM_GEMM=wgmma needs compute capability 9.0 and K a multiple of 8; this GPU is {:?}, K = {k}. Unset it to pick the kernel automatically",
+            compute_capability(dev)?
+        ))
+        .into()),
+    }
+}
+
+/// Tokens per CTA of the wgmma kernel: 256 (more work per dequantized weight) when that still
+/// gives at least half as many CTAs as SMs, else 128 (measured on an H200, docs/PERF.md).
+/// `CANDIFF_SM90_TOKENS` = 128 or 256 overrides it.
+fn sm90_tokens_per_cta(dev: &CudaDevice, m: usize, n: usize) -> Result<u32> {
+    match std::env::var("CANDIFF_SM90_TOKENS").as_deref() {
+        Ok("128") => return Ok(128),
+        Ok("256") => return Ok(256),
+        Err(_) | Ok("") => {}
+        Ok(other) => {
+            return Err(CandiffError::Unsupported(format!("CANDIFF_SM90_TOKENS={other}: expected 128 or 256")).into())
+        }
+    }
+    let sms = dev
+        .cuda_stream()
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(wrap("SM count"))? as usize;
+    let ctas_256 = n.div_ceil(SM90_ROWS as usize) * m.div_ceil(256);
+    Ok(if 2 * ctas_256 >= sms { 256 } else { 128 })
+}
+
+/// The trtllm variant on Hopper: the weight dequantized in registers as wgmma's A operand.
+fn sm90_gemm(call: &GemmCall) -> Result<CudaStorage> {
+    let GemmCall { op, dev, x, w, sc, m, out_dtype } = *call;
+    let stream = dev.cuda_stream();
+    let rows = op.n.div_ceil(SM90_ROWS as usize) * SM90_ROWS as usize;
+    if w.len() < rows * op.weight_row_bytes || !op.weight_row_bytes.is_multiple_of(32) {
+        candle_core::bail!(
+            "nvfp4 sm90 gemm: the trtllm layout holds {rows} rows of whole 64-wide K tiles; found {} bytes with rows of {}",
+            w.len(),
+            op.weight_row_bytes
+        );
+    }
+    let bt = sm90_tokens_per_cta(dev, m, op.n)?;
+    let smem = SM90_STAGES * (bt * SM90_TILE_BYTES_PER_TOKEN + SM90_WEIGHT_TILE_BYTES) + SM90_ALIGN_SLACK;
+    let cfg = LaunchConfig {
+        grid_dim: ((op.n as u32).div_ceil(SM90_ROWS), (m as u32).div_ceil(bt), 1),
+        block_dim: (SM90_THREADS, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    let (m_i, n_i, k_i, rb, scols, alpha) =
+        (m as i32, op.n as i32, op.k as i32, op.weight_row_bytes as i32, op.scale_cols as i32, op.alpha());
+    macro_rules! run {
+        ($t:ty, $suffix:literal, $variant:ident) => {{
+            let f = function_in(dev, Kernels::Sm90, &format!("nvfp4_gemm_sm90_bt{bt}_{}", $suffix))?;
+            f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .map_err(wrap("sm90 gemm shared memory"))?;
+            // SAFETY: every output element is written by the kernel (bounds-checked tiles).
+            let mut y = unsafe { stream.alloc::<$t>(m * op.n) }.map_err(wrap("alloc"))?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(x).arg(w).arg(sc).arg(&mut y).arg(&m_i).arg(&n_i).arg(&k_i).arg(&rb).arg(&scols).arg(&alpha);
+            // SAFETY: argument types match the kernel signature; the weight holds ceil(N / 128)
+            // x 128 rows and whole 64-wide K tiles (trtllm layout), as the kernel reads them.
+            unsafe { b.launch(cfg) }.map_err(wrap("nvfp4 sm90 gemm"))?;
+            CudaStorage { slice: CudaStorageSlice::$variant(y), device: dev.clone() }
+        }};
+    }
+    Ok(match out_dtype {
+        DType::F32 => run!(f32, "f32", F32),
+        DType::F16 => run!(f16, "f16", F16),
+        _ => run!(bf16, "bf16", BF16),
+    })
 }
 
 /// The cutlass variant: CuTe TiledMMA kernel on the cutlass layout.
