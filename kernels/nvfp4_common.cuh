@@ -74,6 +74,12 @@ __device__ __forceinline__ int physical_row(int n) {
     if (LAYOUT == 0) return (n / 32) * 32 + (n % 4) * 8 + (n % 32) / 4;
     return n;
 }
+// Its inverse (layout.rs `trtllm_original_row`): the logical row stored at physical row p.
+template <int LAYOUT>
+__device__ __forceinline__ int logical_row(int p) {
+    if (LAYOUT == 0) return (p / 32) * 32 + (p % 8) * 4 + (p % 32) / 8;
+    return p;
+}
 
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }

@@ -116,16 +116,16 @@ __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, c
     // (rows read in order) and stores them at the row's logical slot, so that each warp later
     // reads 8 consecutive slots. Scales: the 512-byte 128x4 tile (n0 / 128, kt), by 32 threads.
     const int cp_p = tid / 2, cp_h = tid % 2;
-    const int cp_slot = (cp_p / 32) * 32 + (cp_p % 8) * 4 + (cp_p % 32) / 8;  // inverse row shuffle
+    const int cp_slot = logical_row<0>(cp_p);
     const uint8_t* code_src = w + (size_t)(n0 + cp_p) * row_bytes + cp_h * 16;
     const int code_dst = cp_slot * (kBK / 2) + cp_h * 16;
-    const uint8_t* scale_src = sc + (size_t)(n0 / kRows) * (scale_cols / 4) * 512 + tid * 16;
+    const uint8_t* scale_src = sc + swizzle_offset(n0, 0, scale_cols) + tid * 16;
 
     // This thread's two weight rows (CTA-local logical slots) and their scale words in a tile.
     const int r_lo = wg * 64 + wq * 16 + g, r_hi = r_lo + 8;
     const int n_lo = n0 + r_lo, n_hi = n0 + r_hi;
-    auto scale_word = [](int p) { return (p % 32) * 16 + ((p % 128) / 32) * 4; };
-    const int sw_lo = scale_word(physical_row<0>(r_lo)), sw_hi = scale_word(physical_row<0>(r_hi));
+    // (Rows below 128 sit in the first 128x4 tile: its offset for block 0 is the word's.)
+    const int sw_lo = swizzle_offset(physical_row<0>(r_lo), 0, 4), sw_hi = swizzle_offset(physical_row<0>(r_hi), 0, 4);
 
     // Activation tile kt: token r, 16-byte chunk c at r * 128 + ((c ^ (r % 8)) * 16). A thread
     // always copies chunk c = tid % 8 of tokens tid / 8 + 32 i.

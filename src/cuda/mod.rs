@@ -345,21 +345,19 @@ pub fn nvfp4_linear_fwd(
     };
     let w = view::<u8>(s2, l2, "weight")?;
     let sc = view::<u8>(s3, l3, "scale")?;
-    let stream = dev.cuda_stream();
     let out_dtype = match s1.dtype() {
         DType::F32 | DType::F16 => s1.dtype(),
         _ => DType::BF16,
     };
+    let call = GemmCall { op, dev: &dev, x: &x, w: &w, sc: &sc, m, out_dtype };
     match op.backend {
         Backend::Trtllm => {}
         #[cfg(candiff_cutlass)]
         Backend::Cutlass => {
-            let call = GemmCall { op, dev: &dev, x: &x, w: &w, sc: &sc, m, out_dtype };
             return cutlass_gemm(&call).map(|s| (s, Shape::from(out_dims)));
         }
         #[cfg(feature = "cudnn")]
         Backend::Cudnn => {
-            let call = GemmCall { op, dev: &dev, x: &x, w: &w, sc: &sc, m, out_dtype };
             return cudnn::matmul(&call).map(|s| (s, Shape::from(out_dims)));
         }
         #[allow(unreachable_patterns)]
@@ -367,7 +365,6 @@ pub fn nvfp4_linear_fwd(
     }
     debug_assert_eq!(op.kind, LayoutKind::Trtllm);
     if m > GEMV_MAX_M && use_wgmma(&dev, op.k)? {
-        let call = GemmCall { op, dev: &dev, x: &x, w: &w, sc: &sc, m, out_dtype };
         return sm90_gemm(&call).map(|s| (s, Shape::from(out_dims)));
     }
     let layout = "trtllm";
@@ -386,26 +383,8 @@ pub fn nvfp4_linear_fwd(
         };
         ("gemm", cfg)
     };
-    let (m_i, n_i, k_i, rb, scols, alpha) =
-        (m as i32, op.n as i32, op.k as i32, op.weight_row_bytes as i32, op.scale_cols as i32, op.alpha());
-    macro_rules! run {
-        ($t:ty, $suffix:literal, $variant:ident) => {{
-            let name = format!("nvfp4_{kernel}_{layout}_{}", $suffix);
-            let f = function(&dev, &name)?;
-            // SAFETY: every output element is written by the kernel (bounds-checked tiles).
-            let mut y = unsafe { stream.alloc::<$t>(m * op.n) }.map_err(wrap("alloc"))?;
-            let mut b = stream.launch_builder(&f);
-            b.arg(&x).arg(&w).arg(&sc).arg(&mut y).arg(&m_i).arg(&n_i).arg(&k_i).arg(&rb).arg(&scols).arg(&alpha);
-            // SAFETY: argument types match the kernel signature.
-            unsafe { b.launch(cfg) }.map_err(wrap("nvfp4 gemm"))?;
-            CudaStorage { slice: CudaStorageSlice::$variant(y), device: dev.clone() }
-        }};
-    }
-    let out = match out_dtype {
-        DType::F32 => run!(f32, "f32", F32),
-        DType::F16 => run!(f16, "f16", F16),
-        _ => run!(bf16, "bf16", BF16),
-    };
+    let out =
+        launch_gemm(&call, cfg, "nvfp4 gemm", |suffix| function(&dev, &format!("nvfp4_{kernel}_{layout}_{suffix}")))?;
     Ok((out, Shape::from(out_dims)))
 }
 
@@ -468,8 +447,7 @@ fn sm90_tokens_per_cta(dev: &CudaDevice, m: usize, n: usize) -> Result<u32> {
 
 /// The trtllm variant on Hopper: the weight dequantized in registers as wgmma's A operand.
 fn sm90_gemm(call: &GemmCall) -> Result<CudaStorage> {
-    let GemmCall { op, dev, x, w, sc, m, out_dtype } = *call;
-    let stream = dev.cuda_stream();
+    let GemmCall { op, dev, w, m, .. } = *call;
     let rows = op.n.div_ceil(SM90_ROWS as usize) * SM90_ROWS as usize;
     if w.len() < rows * op.weight_row_bytes || !op.weight_row_bytes.is_multiple_of(32) {
         candle_core::bail!(
@@ -485,20 +463,38 @@ fn sm90_gemm(call: &GemmCall) -> Result<CudaStorage> {
         block_dim: (SM90_THREADS, 1, 1),
         shared_mem_bytes: smem,
     };
+    // The weight holds ceil(N / 128) x 128 rows of whole 64-wide K tiles (checked above), as the
+    // kernel reads them.
+    launch_gemm(call, cfg, "nvfp4 sm90 gemm", |suffix| {
+        let f = function_in(dev, Kernels::Sm90, &format!("nvfp4_gemm_sm90_bt{bt}_{suffix}"))?;
+        f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .map_err(wrap("sm90 gemm shared memory"))?;
+        Ok(f)
+    })
+}
+
+/// Allocates y and launches a W4A16 GEMM kernel; they all take `(x, w, scales, y, M, N, K,
+/// row_bytes, scale_cols, alpha)` and write every element of y. `kernel(suffix)` gives the function
+/// for the output dtype (`f32`, `f16` or `bf16`).
+fn launch_gemm(
+    call: &GemmCall,
+    cfg: LaunchConfig,
+    what: &str,
+    kernel: impl Fn(&str) -> Result<CudaFunction>,
+) -> Result<CudaStorage> {
+    let GemmCall { op, dev, x, w, sc, m, out_dtype } = *call;
+    let stream = dev.cuda_stream();
     let (m_i, n_i, k_i, rb, scols, alpha) =
         (m as i32, op.n as i32, op.k as i32, op.weight_row_bytes as i32, op.scale_cols as i32, op.alpha());
     macro_rules! run {
         ($t:ty, $suffix:literal, $variant:ident) => {{
-            let f = function_in(dev, Kernels::Sm90, &format!("nvfp4_gemm_sm90_bt{bt}_{}", $suffix))?;
-            f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                .map_err(wrap("sm90 gemm shared memory"))?;
+            let f = kernel($suffix)?;
             // SAFETY: every output element is written by the kernel (bounds-checked tiles).
             let mut y = unsafe { stream.alloc::<$t>(m * op.n) }.map_err(wrap("alloc"))?;
             let mut b = stream.launch_builder(&f);
             b.arg(x).arg(w).arg(sc).arg(&mut y).arg(&m_i).arg(&n_i).arg(&k_i).arg(&rb).arg(&scols).arg(&alpha);
-            // SAFETY: argument types match the kernel signature; the weight holds ceil(N / 128)
-            // x 128 rows and whole 64-wide K tiles (trtllm layout), as the kernel reads them.
-            unsafe { b.launch(cfg) }.map_err(wrap("nvfp4 sm90 gemm"))?;
+            // SAFETY: argument types match the kernels' common signature.
+            unsafe { b.launch(cfg) }.map_err(wrap(what))?;
             CudaStorage { slice: CudaStorageSlice::$variant(y), device: dev.clone() }
         }};
     }
@@ -512,31 +508,14 @@ fn sm90_gemm(call: &GemmCall) -> Result<CudaStorage> {
 /// The cutlass variant: CuTe TiledMMA kernel on the cutlass layout.
 #[cfg(candiff_cutlass)]
 fn cutlass_gemm(call: &GemmCall) -> Result<CudaStorage> {
-    let GemmCall { op, dev, x, w, sc, m, out_dtype } = *call;
+    let GemmCall { op, dev, m, .. } = *call;
     debug_assert_eq!(op.kind, LayoutKind::Cutlass);
-    let stream = dev.cuda_stream();
     let cfg = LaunchConfig {
         grid_dim: ((op.n as u32).div_ceil(GEMM_TILE_N), (m as u32).div_ceil(GEMM_TILE_M), 1),
         block_dim: (GEMM_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (m_i, n_i, k_i, rb, scols, alpha) =
-        (m as i32, op.n as i32, op.k as i32, op.weight_row_bytes as i32, op.scale_cols as i32, op.alpha());
-    macro_rules! run {
-        ($t:ty, $suffix:literal, $variant:ident) => {{
-            let f = function_in(dev, Kernels::Cutlass, concat!("nvfp4_cute_gemm_", $suffix))?;
-            // SAFETY: every output element is written by the kernel (bounds-checked tiles).
-            let mut y = unsafe { stream.alloc::<$t>(m * op.n) }.map_err(wrap("alloc"))?;
-            let mut b = stream.launch_builder(&f);
-            b.arg(x).arg(w).arg(sc).arg(&mut y).arg(&m_i).arg(&n_i).arg(&k_i).arg(&rb).arg(&scols).arg(&alpha);
-            // SAFETY: argument types match the kernel signature.
-            unsafe { b.launch(cfg) }.map_err(wrap("nvfp4 cute gemm"))?;
-            CudaStorage { slice: CudaStorageSlice::$variant(y), device: dev.clone() }
-        }};
-    }
-    Ok(match out_dtype {
-        DType::F32 => run!(f32, "f32", F32),
-        DType::F16 => run!(f16, "f16", F16),
-        _ => run!(bf16, "bf16", BF16),
+    launch_gemm(call, cfg, "nvfp4 cute gemm", |suffix| {
+        function_in(dev, Kernels::Cutlass, &format!("nvfp4_cute_gemm_{suffix}"))
     })
 }
