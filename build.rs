@@ -1,6 +1,6 @@
-//! Compiles `kernels/*.cu` into one fatbin under the `cuda` feature (the default build needs no
+//! Compiles `kernels/*.cu` into fatbins under the `cuda` feature (the default build needs no
 //! CUDA). SASS for Ampere, Hopper and both Blackwell lines plus PTX for newer GPUs, so one binary
-//! runs everywhere from sm_80 up.
+//! runs everywhere from sm_80 up; the Hopper-only GEMM (`nvfp4_sm90.cu`) is sm_90a SASS alone.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,7 +23,18 @@ fn nvcc() -> PathBuf {
     PathBuf::from("nvcc")
 }
 
-fn compile_fatbin(nvcc: &Path, name: &str, includes: &[String], out: &Path) {
+/// `-gencode` flags of the portable kernels: every GENCODES pair plus PTX_ARCH.
+fn portable_gencodes() -> Vec<String> {
+    let mut v: Vec<String> = GENCODES.iter().map(|(virt, real)| format!("-gencode=arch={virt},code={real}")).collect();
+    v.push(format!("-gencode=arch={PTX_ARCH},code={PTX_ARCH}"));
+    v
+}
+
+/// Hopper-only kernels (wgmma exists on sm_90a alone): SASS for sm_90a and nothing else; the host
+/// loads them only on compute capability 9.0.
+const SM90A_GENCODE: &str = "-gencode=arch=compute_90a,code=sm_90a";
+
+fn compile_fatbin(nvcc: &Path, name: &str, includes: &[String], gencodes: &[String], out: &Path) {
     let src = Path::new("kernels").join(format!("{name}.cu"));
     let dst = out.join(format!("{name}.fatbin"));
     let mut cmd = Command::new(nvcc);
@@ -31,10 +42,7 @@ fn compile_fatbin(nvcc: &Path, name: &str, includes: &[String], out: &Path) {
     for inc in includes {
         cmd.arg(format!("-I{inc}"));
     }
-    for (virt, real) in GENCODES {
-        cmd.arg(format!("-gencode=arch={virt},code={real}"));
-    }
-    cmd.arg(format!("-gencode=arch={PTX_ARCH},code={PTX_ARCH}"));
+    cmd.args(gencodes);
     cmd.arg("-o").arg(&dst).arg(&src);
     let output = cmd.output().unwrap_or_else(|e| {
         panic!(
@@ -42,23 +50,6 @@ fn compile_fatbin(nvcc: &Path, name: &str, includes: &[String], out: &Path) {
             nvcc.display()
         )
     });
-    if !output.status.success() {
-        panic!("nvcc failed on {}:\n{}", src.display(), String::from_utf8_lossy(&output.stderr));
-    }
-}
-
-/// The Hopper-only kernels (wgmma exists on sm_90a alone): SASS for sm_90a, nothing else. The
-/// host loads this module only on compute capability 9.0.
-fn compile_sm90(nvcc: &Path, out: &Path) {
-    let src = Path::new("kernels/nvfp4_sm90.cu");
-    let output = Command::new(nvcc)
-        .args(["-fatbin", "-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"])
-        .arg("-gencode=arch=compute_90a,code=sm_90a")
-        .arg("-o")
-        .arg(out.join("nvfp4_sm90.fatbin"))
-        .arg(src)
-        .output()
-        .unwrap_or_else(|e| panic!("could not run {}: {e}", nvcc.display()));
     if !output.status.success() {
         panic!("nvcc failed on {}:\n{}", src.display(), String::from_utf8_lossy(&output.stderr));
     }
@@ -167,13 +158,14 @@ fn main() {
         text.split("release ").nth(1).and_then(|r| r.split(',').next()).map(str::to_string)
     });
     println!("cargo:rustc-env=CANDIFF_NVCC_VERSION={}", version.unwrap_or_else(|| "unknown".into()));
-    compile_fatbin(&nvcc, "nvfp4", &[], &out);
-    compile_sm90(&nvcc, &out);
-    compile_fatbin(&nvcc, "fused", &[], &out);
-    compile_fatbin(&nvcc, "fp8", &[], &out);
+    let portable = portable_gencodes();
+    compile_fatbin(&nvcc, "nvfp4", &[], &portable, &out);
+    compile_fatbin(&nvcc, "nvfp4_sm90", &[], &[SM90A_GENCODE.to_string()], &out);
+    compile_fatbin(&nvcc, "fused", &[], &portable, &out);
+    compile_fatbin(&nvcc, "fp8", &[], &portable, &out);
     match std::env::var("CUTLASS_INCLUDE") {
         Ok(inc) => {
-            compile_fatbin(&nvcc, "nvfp4_cutlass", std::slice::from_ref(&inc), &out);
+            compile_fatbin(&nvcc, "nvfp4_cutlass", std::slice::from_ref(&inc), &portable, &out);
             println!("cargo:rustc-cfg=candiff_cutlass");
             build_sm100(&nvcc, &inc, &out);
             println!("cargo:rustc-cfg=candiff_sm100");

@@ -118,25 +118,38 @@ fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
     function_in(dev, Kernels::Nvfp4, name)
 }
 
-/// (major, minor) compute capability (queried once per device).
-pub fn compute_capability(dev: &CudaDevice) -> Result<(i32, i32)> {
-    static CACHE: OnceLock<Mutex<HashMap<DeviceId, (i32, i32)>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    if let Some(cc) = cache.lock().expect("cc cache poisoned").get(&dev.id()) {
-        return Ok(*cc);
-    }
-    let cc = query_compute_capability(dev)?;
-    cache.lock().expect("cc cache poisoned").insert(dev.id(), cc);
-    Ok(cc)
+/// What the kernels' dispatch needs to know about a device, queried once per device.
+#[derive(Debug, Clone, Copy)]
+struct DeviceProps {
+    /// (major, minor) compute capability.
+    cc: (i32, i32),
+    /// Streaming multiprocessors.
+    sms: usize,
 }
 
-fn query_compute_capability(dev: &CudaDevice) -> Result<(i32, i32)> {
+fn device_props(dev: &CudaDevice) -> Result<DeviceProps> {
+    static CACHE: OnceLock<Mutex<HashMap<DeviceId, DeviceProps>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(p) = cache.lock().expect("device cache poisoned").get(&dev.id()) {
+        return Ok(*p);
+    }
     let ctx = dev.cuda_stream().context().clone();
-    let major =
-        ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).map_err(wrap("cc"))?;
-    let minor =
-        ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR).map_err(wrap("cc"))?;
-    Ok((major, minor))
+    let attr = |a, what| ctx.attribute(a).map_err(wrap(what));
+    use sys::CUdevice_attribute as A;
+    let props = DeviceProps {
+        cc: (
+            attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, "cc")?,
+            attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, "cc")?,
+        ),
+        sms: attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, "SM count")? as usize,
+    };
+    cache.lock().expect("device cache poisoned").insert(dev.id(), props);
+    Ok(props)
+}
+
+/// (major, minor) compute capability (queried once per device).
+pub fn compute_capability(dev: &CudaDevice) -> Result<(i32, i32)> {
+    Ok(device_props(dev)?.cc)
 }
 
 /// GPU name, driver version (e.g. 13000) and total memory in bytes.
@@ -398,15 +411,16 @@ enum TrtllmGemm {
     Mma,
 }
 
+/// `CANDIFF_TRTLLM_GEMM`, read once per process (it is consulted on every linear).
 fn trtllm_gemm_choice() -> Result<TrtllmGemm> {
-    match std::env::var("CANDIFF_TRTLLM_GEMM").as_deref() {
+    static CHOICE: OnceLock<std::result::Result<TrtllmGemm, String>> = OnceLock::new();
+    let choice = CHOICE.get_or_init(|| match std::env::var("CANDIFF_TRTLLM_GEMM").as_deref() {
         Err(_) | Ok("") | Ok("auto") => Ok(TrtllmGemm::Auto),
         Ok("wgmma") => Ok(TrtllmGemm::Wgmma),
         Ok("mma") => Ok(TrtllmGemm::Mma),
-        Ok(other) => {
-            Err(CandiffError::Unsupported(format!("CANDIFF_TRTLLM_GEMM={other}: expected auto, wgmma or mma")).into())
-        }
-    }
+        Ok(other) => Err(format!("CANDIFF_TRTLLM_GEMM={other}: expected auto, wgmma or mma")),
+    });
+    choice.clone().map_err(|e| CandiffError::Unsupported(e).into())
 }
 
 /// Does the wgmma kernel take this GEMM? (It needs sm_90 and 16-byte aligned activation rows.)
@@ -436,11 +450,7 @@ fn sm90_tokens_per_cta(dev: &CudaDevice, m: usize, n: usize) -> Result<u32> {
             return Err(CandiffError::Unsupported(format!("CANDIFF_SM90_TOKENS={other}: expected 128 or 256")).into())
         }
     }
-    let sms = dev
-        .cuda_stream()
-        .context()
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .map_err(wrap("SM count"))? as usize;
+    let sms = device_props(dev)?.sms;
     let ctas_256 = n.div_ceil(SM90_ROWS as usize) * m.div_ceil(256);
     Ok(if 2 * ctas_256 >= sms { 256 } else { 128 })
 }
@@ -466,9 +476,16 @@ fn sm90_gemm(call: &GemmCall) -> Result<CudaStorage> {
     // The weight holds ceil(N / 128) x 128 rows of whole 64-wide K tiles (checked above), as the
     // kernel reads them.
     launch_gemm(call, cfg, "nvfp4 sm90 gemm", |suffix| {
-        let f = function_in(dev, Kernels::Sm90, &format!("nvfp4_gemm_sm90_bt{bt}_{suffix}"))?;
-        f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-            .map_err(wrap("sm90 gemm shared memory"))?;
+        let name = format!("nvfp4_gemm_sm90_bt{bt}_{suffix}");
+        let f = function_in(dev, Kernels::Sm90, &name)?;
+        // More than the default 48 KiB of dynamic shared memory: allowed once per function.
+        static RAISED: OnceLock<Mutex<std::collections::HashSet<(DeviceId, String)>>> = OnceLock::new();
+        let mut raised = RAISED.get_or_init(Default::default).lock().expect("sm90 attribute cache poisoned");
+        if !raised.contains(&(dev.id(), name.clone())) {
+            f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .map_err(wrap("sm90 gemm shared memory"))?;
+            raised.insert((dev.id(), name));
+        }
         Ok(f)
     })
 }
