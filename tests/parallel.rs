@@ -14,6 +14,7 @@ use candiff::models::flux::{FluxConfig, FluxTransformer, Naming};
 use candiff::nvfp4::{Checkpoint, Overrides};
 use candiff::parallel::{attend, launch, split_sizes, Placement, Plan, SeqParallel, DEFAULT_TIMEOUT};
 use candiff::pipelines::wan::{RunStats, WanFiles, WanRun};
+use candiff::pipelines::RunOptions;
 use candle_core::{DType, Device, Tensor};
 use common::fixtures;
 
@@ -157,12 +158,14 @@ fn wan_trajectory(name: &str, ranks: usize) -> (Trajectory, HashMap<String, Tens
     let files = WanFiles::new(&root, None, None).unwrap();
     let base = WanRun {
         files: &files,
-        dtype: DType::F32,
-        device: &Device::Cpu,
-        nvfp4: Nvfp4Options::default(),
-        nvfp4_overrides: Overrides::default(),
-        hooks: Default::default(),
-        world: None,
+        opts: RunOptions {
+            dtype: DType::F32,
+            device: &Device::Cpu,
+            nvfp4: Nvfp4Options::default(),
+            nvfp4_overrides: Overrides::default(),
+            hooks: Default::default(),
+            world: None,
+        },
     };
     let run = |run: WanRun| -> candle_core::Result<Trajectory> {
         let mut steps = Vec::new();
@@ -179,9 +182,10 @@ fn wan_trajectory(name: &str, ranks: usize) -> (Trajectory, HashMap<String, Tens
     let traj = if ranks == 1 {
         run(base).unwrap()
     } else {
-        let mut all =
-            launch(&cpu(ranks), DEFAULT_TIMEOUT, |rank| run(WanRun { world: Some(&rank.world), ..base.clone() }))
-                .unwrap();
+        let mut all = launch(&cpu(ranks), DEFAULT_TIMEOUT, |rank| {
+            run(WanRun { opts: base.opts.on(base.opts.device, Some(&rank.world)), ..base.clone() })
+        })
+        .unwrap();
         // Every rank steps the same latents.
         for (i, t) in all.iter().enumerate().skip(1) {
             for (s, (a, b)) in t.iter().zip(&all[0]).enumerate() {

@@ -9,6 +9,7 @@ mod common;
 use candiff::linear::Nvfp4Options;
 use candiff::nvfp4::Overrides;
 use candiff::pipelines::wan::{RunStats, WanFiles, WanRun};
+use candiff::pipelines::RunOptions;
 use candle_core::{DType, Device, Tensor};
 use common::fixtures;
 
@@ -36,12 +37,14 @@ fn check(name: &str, dtype: DType) {
     let files = WanFiles::new(&root, None, None).unwrap();
     let run = WanRun {
         files: &files,
-        dtype,
-        device: &Device::Cpu,
-        nvfp4: Nvfp4Options::default(),
-        nvfp4_overrides: Overrides::default(),
-        hooks: Default::default(),
-        world: None,
+        opts: RunOptions {
+            dtype,
+            device: &Device::Cpu,
+            nvfp4: Nvfp4Options::default(),
+            nvfp4_overrides: Overrides::default(),
+            hooks: Default::default(),
+            world: None,
+        },
     };
     let g = run.geometry(&req).unwrap();
     assert_eq!(g.frames, r["latents_init"].dim(2).unwrap(), "latent frames");

@@ -7,6 +7,7 @@ use crate::manifest::{Manifest, Source};
 use crate::nvfp4::Backend;
 use crate::pipelines::flux::{FluxFiles, FluxRun, T2iRequest};
 use crate::pipelines::flux2::{EncoderMode, Flux2Files, Flux2Request, Flux2Run};
+use crate::pipelines::RunOptions;
 
 #[derive(Debug, Args)]
 #[command(after_long_help = "Examples:
@@ -216,14 +217,9 @@ fn run_flux2(
     let nvfp4 = a.run.nvfp4_options();
     let run = Flux2Run {
         files: &files,
-        dtype,
-        device,
-        nvfp4,
-        nvfp4_overrides: a.run.nvfp4.overrides(),
-        hooks,
+        opts: RunOptions { dtype, device, nvfp4, nvfp4_overrides: a.run.nvfp4.overrides(), hooks, world: None },
         encoder: a.text_encoder,
         distilled: d.distilled,
-        world: None,
     };
     let req = Flux2Request {
         prompt: a.prompt.clone(),
@@ -246,7 +242,7 @@ fn run_flux2(
     let out = Output { a, m, steps: req.steps, guidance: req.guidance, backend: nvfp4.backend, dtype, fetch_s };
     out.write(|bar| {
         crate::parallel::run_on(placement, a.run.timeout(), device, |device, world| {
-            let run = Flux2Run { device, world, ..run.clone() };
+            let run = Flux2Run { opts: run.opts.on(device, world), ..run.clone() };
             run.generate(&req, |i, _, _| {
                 if crate::parallel::is_root(world) {
                     bar.set_position(i as u64)
@@ -401,12 +397,14 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
     let hooks = a.run.nvfp4.hooks()?;
     let run = FluxRun {
         files: &files,
-        dtype,
-        device: &device,
-        nvfp4,
-        nvfp4_overrides: a.run.nvfp4.overrides(),
-        hooks,
-        world: None,
+        opts: RunOptions {
+            dtype,
+            device: &device,
+            nvfp4,
+            nvfp4_overrides: a.run.nvfp4.overrides(),
+            hooks,
+            world: None,
+        },
     };
     let req = T2iRequest {
         prompt: a.prompt.clone(),
@@ -430,7 +428,7 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
     let out = Output { a, m: &m, steps: req.steps, guidance: req.guidance, backend, dtype, fetch_s };
     out.write(|bar| {
         crate::parallel::run_on(placement.as_ref(), a.run.timeout(), &device, |device, world| {
-            let run = FluxRun { device, world, ..run.clone() };
+            let run = FluxRun { opts: run.opts.on(device, world), ..run.clone() };
             run.generate(&req, |i, _, _| {
                 if crate::parallel::is_root(world) {
                     bar.set_position(i as u64)

@@ -5,6 +5,7 @@ use clap::Args;
 use super::t2i::{component_patterns, local_repo, parse_device, parse_dtype, source_path};
 use crate::manifest::{Family, Manifest, Source};
 use crate::pipelines::wan::{T2vRequest, WanFiles, WanRun, FRAMES_PER_LATENT};
+use crate::pipelines::RunOptions;
 use crate::video::{Format, Video};
 
 #[derive(Debug, Args)]
@@ -116,12 +117,14 @@ pub fn run(a: &T2vArgs) -> anyhow::Result<()> {
     let hooks = a.run.nvfp4.hooks()?;
     let run = WanRun {
         files: &files,
-        dtype,
-        device: &device,
-        nvfp4,
-        nvfp4_overrides: a.run.nvfp4.overrides(),
-        hooks,
-        world: None,
+        opts: RunOptions {
+            dtype,
+            device: &device,
+            nvfp4,
+            nvfp4_overrides: a.run.nvfp4.overrides(),
+            hooks,
+            world: None,
+        },
     };
     let req = T2vRequest {
         prompt: a.prompt.clone(),
@@ -191,7 +194,7 @@ pub fn run(a: &T2vArgs) -> anyhow::Result<()> {
     // Every rank runs the pipeline; rank 0 reports progress, decodes and returns the frames.
     let (frames_t, stats) = crate::parallel::run_on(placement.as_ref(), a.run.timeout(), &device, |device, world| {
         let root = crate::parallel::is_root(world);
-        let run = WanRun { device, world, ..run.clone() };
+        let run = WanRun { opts: run.opts.on(device, world), ..run.clone() };
         run.generate(
             &req,
             |s| {

@@ -20,6 +20,7 @@ use crate::nvfp4::{ActMode, Backend, Overrides};
 use crate::pipelines::flux::{FluxFiles, FluxRun, T2iRequest};
 use crate::pipelines::flux2::{EncoderMode, Flux2Files, Flux2Request, Flux2Run};
 use crate::pipelines::wan::{T2vRequest, WanFiles, WanRun};
+use crate::pipelines::RunOptions;
 use crate::video::Video;
 
 /// Layers listed per variant in the reports (the full list is in its JSON file).
@@ -302,12 +303,14 @@ impl Runner<'_> {
             Engine::Flux { files, guidance, max_seq } => {
                 let run = FluxRun {
                     files,
-                    dtype: DType::BF16,
-                    device: self.device,
-                    nvfp4,
-                    nvfp4_overrides: Overrides::default(),
-                    hooks,
-                    world: None,
+                    opts: RunOptions {
+                        dtype: DType::BF16,
+                        device: self.device,
+                        nvfp4,
+                        nvfp4_overrides: Overrides::default(),
+                        hooks,
+                        world: None,
+                    },
                 };
                 let req = T2iRequest {
                     prompt: prompt.into(),
@@ -331,14 +334,16 @@ impl Runner<'_> {
             Engine::Flux2 { files, guidance, distilled, max_seq } => {
                 let run = Flux2Run {
                     files,
-                    dtype: DType::BF16,
-                    device: self.device,
-                    nvfp4,
-                    nvfp4_overrides: Overrides::default(),
-                    hooks,
+                    opts: RunOptions {
+                        dtype: DType::BF16,
+                        device: self.device,
+                        nvfp4,
+                        nvfp4_overrides: Overrides::default(),
+                        hooks,
+                        world: None,
+                    },
                     encoder: EncoderMode::Native,
                     distilled: *distilled,
-                    world: None,
                 };
                 let req = Flux2Request {
                     prompt: prompt.into(),
@@ -361,12 +366,14 @@ impl Runner<'_> {
             Engine::Wan { files, guidance, guidance_2, frames, fps, max_seq } => {
                 let run = WanRun {
                     files,
-                    dtype: DType::BF16,
-                    device: self.device,
-                    nvfp4,
-                    nvfp4_overrides: Overrides::default(),
-                    hooks,
-                    world: None,
+                    opts: RunOptions {
+                        dtype: DType::BF16,
+                        device: self.device,
+                        nvfp4,
+                        nvfp4_overrides: Overrides::default(),
+                        hooks,
+                        world: None,
+                    },
                 };
                 let req = T2vRequest {
                     prompt: prompt.into(),

@@ -9,8 +9,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Result, Tensor};
 
 pub use super::RunStats;
-use super::{tokenizer, vb};
-use crate::linear::{LoadHooks, Nvfp4Options};
+use super::{tokenizer, vb, RunOptions};
 use crate::models::flux::sampling::{
     euler_step, image_ids, initial_noise, pack_latents, unpack_latents, SchedulerConfig,
 };
@@ -18,8 +17,7 @@ use crate::models::flux::vae::{to_unit_images, FluxVae, VaeConfig};
 use crate::models::flux::{FluxConfig, FluxTransformer};
 use crate::models::text::clip::{ClipConfig, ClipText};
 use crate::models::text::t5::{T5Config, T5Encoder};
-use crate::nvfp4::Overrides;
-use crate::parallel::{Group, Plan};
+use crate::parallel::Plan;
 
 /// CLIP's context length in every FLUX.1 release (the position table may be smaller in toy models).
 const CLIP_MAX_TOKENS: usize = 77;
@@ -130,14 +128,7 @@ pub fn encode_prompt(
 #[derive(Clone)]
 pub struct FluxRun<'a> {
     pub files: &'a FluxFiles,
-    pub dtype: DType,
-    pub device: &'a Device,
-    pub nvfp4: Nvfp4Options,
-    pub nvfp4_overrides: Overrides,
-    /// On-the-fly quantization and probes (`candiff compare`).
-    pub hooks: LoadHooks,
-    /// The ranks sharing this run (`--gpus` / `--ranks`); absent for one device.
-    pub world: Option<&'a Group>,
+    pub opts: RunOptions<'a>,
 }
 
 impl FluxRun<'_> {
@@ -151,7 +142,7 @@ impl FluxRun<'_> {
     ) -> Result<(Tensor, RunStats)> {
         let t0 = Instant::now();
         let mut stats = RunStats::default();
-        let mut peak = super::PeakMemory::start(self.device);
+        let mut peak = super::PeakMemory::start(self.opts.device);
         let root = &self.files.root;
         let vae_cfg = VaeConfig::from_file(&root.join("vae/config.json"))?;
         // VAE downscale, then 2x2 packing.
@@ -159,47 +150,41 @@ impl FluxRun<'_> {
         let cfg = FluxConfig::from_file(&self.files.transformer_config)?;
         let with_cfg = req.negative_prompt.is_some() && req.true_cfg > 1.0;
         // How the ranks split the work, checked before anything loads.
-        let plan = Plan::of(self.world, cfg.num_attention_heads, with_cfg)?;
+        let plan = Plan::of(self.opts.world, cfg.num_attention_heads, with_cfg)?;
         // Rank 0's values everywhere (see `from_root`).
-        let agree = |t: Tensor| crate::parallel::from_root(self.world, t);
+        let agree = |t: Tensor| crate::parallel::from_root(self.opts.world, t);
         let (embeds, pooled) =
-            encode_prompt(self.files, &req.prompt, req.max_sequence_length, self.dtype, self.device)?;
+            encode_prompt(self.files, &req.prompt, req.max_sequence_length, self.opts.dtype, self.opts.device)?;
         let (embeds, pooled) = (agree(embeds)?, agree(pooled)?);
         let negative = match (&req.negative_prompt, with_cfg) {
             (Some(n), true) => {
-                let (e, p) = encode_prompt(self.files, n, req.max_sequence_length, self.dtype, self.device)?;
+                let (e, p) = encode_prompt(self.files, n, req.max_sequence_length, self.opts.dtype, self.opts.device)?;
                 Some((agree(e)?, agree(p)?))
             }
             _ => None,
         };
-        peak.sample(self.device);
+        peak.sample(self.opts.device);
         stats.encode_s = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
         let (wb, naming) = if self.files.random_weights {
-            let wb = crate::linear::WeightBuilder::synthetic(self.dtype, self.device, Vec::new(), self.nvfp4);
-            (wb.with_hooks(self.hooks.clone()), crate::models::flux::Naming::Diffusers)
+            let wb =
+                crate::linear::WeightBuilder::synthetic(self.opts.dtype, self.opts.device, Vec::new(), self.opts.nvfp4);
+            (wb.with_hooks(self.opts.hooks.clone()), crate::models::flux::Naming::Diffusers)
         } else {
-            super::transformer_weights(
-                &self.files.transformer,
-                &self.nvfp4_overrides,
-                self.dtype,
-                self.device,
-                self.nvfp4,
-                &self.hooks,
-            )?
+            self.opts.transformer_weights(&self.files.transformer)?
         };
         let model = FluxTransformer::new(&cfg, &wb, naming)?;
-        peak.sample(self.device);
+        peak.sample(self.opts.device);
         stats.load_s = t1.elapsed().as_secs_f64();
 
         let sched = SchedulerConfig::from_file(&root.join("scheduler/scheduler_config.json"))?;
         let (lh, lw) = (req.height / vae_cfg.downscale(), req.width / vae_cfg.downscale());
         let channels = cfg.in_channels / 4;
         let b = req.batch.max(1);
-        let mut x = agree(pack_latents(&initial_noise(req.seed, (b, channels, lh, lw), self.device)?)?)?;
-        let ids = image_ids(lh, lw, self.device)?;
-        let txt_ids = Tensor::zeros((embeds.dim(1)?, 3), DType::F32, self.device)?;
+        let mut x = agree(pack_latents(&initial_noise(req.seed, (b, channels, lh, lw), self.opts.device)?)?)?;
+        let ids = image_ids(lh, lw, self.opts.device)?;
+        let txt_ids = Tensor::zeros((embeds.dim(1)?, 3), DType::F32, self.opts.device)?;
         let mu = sched.use_dynamic_shifting.then(|| sched.mu(ids.dim(0).unwrap_or(0)));
         let (sigmas, timesteps) = sched.schedule(req.steps, mu);
         let rep = |t: &Tensor| t.repeat((b, 1, 1));
@@ -208,17 +193,18 @@ impl FluxRun<'_> {
             Some((e, p)) => Some((rep(&e)?, p.repeat((b, 1))?)),
             None => None,
         };
-        let guidance = cfg.guidance_embeds.then(|| Tensor::full(req.guidance as f32, b, self.device)).transpose()?;
+        let guidance =
+            cfg.guidance_embeds.then(|| Tensor::full(req.guidance as f32, b, self.opts.device)).transpose()?;
         for i in 0..timesteps.len() {
             let ts = Instant::now();
-            let t = Tensor::full(timesteps[i] / 1000.0, b, self.device)?;
+            let t = Tensor::full(timesteps[i] / 1000.0, b, self.opts.device)?;
             let (v, nv) = plan.guided(negative.is_some(), |branch| {
                 let (e, p) = match (branch, &negative) {
                     (1, Some((ne, np))) => (ne, np),
                     _ => (&embeds, &pooled),
                 };
                 let sp = plan.sp.as_ref();
-                model.forward_sharded(&x, e, p, &t, guidance.as_ref(), &ids, &txt_ids, self.dtype, sp)
+                model.forward_sharded(&x, e, p, &t, guidance.as_ref(), &ids, &txt_ids, self.opts.dtype, sp)
             })?;
             let v = match nv {
                 Some(nv) => (&nv + ((v - &nv)? * req.true_cfg)?)?,
@@ -226,25 +212,25 @@ impl FluxRun<'_> {
             };
             plan.fence()?;
             x = euler_step(&x, &v, sigmas[i], sigmas[i + 1])?;
-            self.device.synchronize()?;
-            peak.sample(self.device);
+            self.opts.device.synchronize()?;
+            peak.sample(self.opts.device);
             stats.step_s.push(ts.elapsed().as_secs_f64());
             on_step(i + 1, timesteps.len(), &x);
         }
         drop(model);
         // Only rank 0 decodes and writes.
-        if let Some(none) = crate::parallel::no_output(self.world, req.height, req.width)? {
+        if let Some(none) = crate::parallel::no_output(self.opts.world, req.height, req.width)? {
             stats.total_s = t0.elapsed().as_secs_f64();
             stats.peak_gpu_bytes = peak.get();
             return Ok((none, stats));
         }
 
         let t2 = Instant::now();
-        let vae_dtype = FluxVae::dtype_on(self.device, self.dtype);
-        let vae = FluxVae::new(&vae_cfg, self.files.weights("vae", vae_dtype, self.device)?)?;
+        let vae_dtype = FluxVae::dtype_on(self.opts.device, self.opts.dtype);
+        let vae = FluxVae::new(&vae_cfg, self.files.weights("vae", vae_dtype, self.opts.device)?)?;
         let z = vae.denormalize(&unpack_latents(&x, lh, lw)?)?;
         let images = to_unit_images(&vae.decode(&z, vae_dtype)?)?;
-        peak.sample(self.device);
+        peak.sample(self.opts.device);
         stats.decode_s = t2.elapsed().as_secs_f64();
         stats.total_s = t0.elapsed().as_secs_f64();
         stats.peak_gpu_bytes = peak.get();

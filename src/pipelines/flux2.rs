@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::tokenizer;
 pub use super::RunStats;
+use super::{tokenizer, RunOptions};
 use crate::error::CandiffError;
 use crate::linear::{LoadHooks, Nvfp4Options, QuantizeSpec, WeightBuilder};
 use crate::models::flux::sampling::{euler_step, initial_noise, SchedulerConfig};
@@ -22,7 +22,7 @@ use crate::models::flux2::vae::{Flux2Vae, Flux2VaeConfig};
 use crate::models::flux2::{Flux2Config, Flux2Transformer};
 use crate::models::text::llm::{detect_prefix, LlmConfig, LlmEncoder, MISTRAL_LAYERS, QWEN3_LAYERS};
 use crate::nvfp4::{Checkpoint, Overrides};
-use crate::parallel::{Group, Plan};
+use crate::parallel::Plan;
 
 /// FLUX.2-dev's system message for the Mistral chat template (from the reference pipeline).
 const MISTRAL_SYSTEM_MESSAGE: &str = "You are an AI that reasons about image descriptions. You give structured responses focusing on object relationships, object attribution and actions without speculation.";
@@ -333,16 +333,10 @@ pub struct Flux2Request {
 #[derive(Clone)]
 pub struct Flux2Run<'a> {
     pub files: &'a Flux2Files,
-    pub dtype: DType,
-    pub device: &'a Device,
-    pub nvfp4: Nvfp4Options,
-    pub nvfp4_overrides: Overrides,
-    pub hooks: LoadHooks,
+    pub opts: RunOptions<'a>,
     pub encoder: EncoderMode,
     /// Guidance-distilled klein: no CFG.
     pub distilled: bool,
-    /// The ranks sharing this run (`--gpus` / `--ranks`); absent for one device.
-    pub world: Option<&'a Group>,
 }
 
 impl Flux2Run<'_> {
@@ -355,7 +349,7 @@ impl Flux2Run<'_> {
     ) -> Result<(Tensor, RunStats)> {
         let t0 = Instant::now();
         let mut stats = RunStats::default();
-        let mut peak = super::PeakMemory::start(self.device);
+        let mut peak = super::PeakMemory::start(self.opts.device);
         let root = &self.files.root;
         let vae_cfg = Flux2VaeConfig::from_file(&root.join("vae/config.json"))?;
         let cfg = Flux2Config::from_file(&self.files.transformer_config)?;
@@ -369,9 +363,9 @@ impl Flux2Run<'_> {
             Guidance::Cfg(req.guidance as f32)
         };
         // How the ranks split the work, checked before anything loads.
-        let plan = Plan::of(self.world, cfg.num_attention_heads, matches!(guidance, Guidance::Cfg(_)))?;
+        let plan = Plan::of(self.opts.world, cfg.num_attention_heads, matches!(guidance, Guidance::Cfg(_)))?;
         // Rank 0's values everywhere (see `from_root`).
-        let agree = |t: Tensor| crate::parallel::from_root(self.world, t);
+        let agree = |t: Tensor| crate::parallel::from_root(self.opts.world, t);
         let mut texts = vec![req.prompt.as_str()];
         if matches!(guidance, Guidance::Cfg(_)) {
             texts.push(req.negative_prompt.as_deref().unwrap_or(""));
@@ -381,59 +375,53 @@ impl Flux2Run<'_> {
             &texts,
             req.max_sequence_length,
             self.encoder,
-            self.dtype,
-            self.device,
-            self.nvfp4,
+            self.opts.dtype,
+            self.opts.device,
+            self.opts.nvfp4,
         )?;
         let embeds = agree(embeds)?;
         log::info!("text encoder: {how}");
         stats.text_encoder = Some(how);
-        peak.sample(self.device);
+        peak.sample(self.opts.device);
         stats.encode_s = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
-        let (wb, naming) = super::transformer_weights(
-            &self.files.transformer,
-            &self.nvfp4_overrides,
-            self.dtype,
-            self.device,
-            self.nvfp4,
-            &self.hooks,
-        )?;
+        let (wb, naming) = self.opts.transformer_weights(&self.files.transformer)?;
         let model = Flux2Transformer::new(&cfg, &wb, naming)?;
-        peak.sample(self.device);
+        peak.sample(self.opts.device);
         stats.load_s = t1.elapsed().as_secs_f64();
 
         let sched = SchedulerConfig::from_file(&root.join("scheduler/scheduler_config.json"))?;
         let (lh, lw) = (req.height / tok, req.width / tok);
         let b = req.batch.max(1);
-        let x = agree(pack(&initial_noise(req.seed, (b, cfg.in_channels, lh, lw), self.device)?)?)?;
-        let ids = image_ids(lh, lw, self.device)?;
+        let x = agree(pack(&initial_noise(req.seed, (b, cfg.in_channels, lh, lw), self.opts.device)?)?)?;
+        let ids = image_ids(lh, lw, self.opts.device)?;
         let (_, sigmas, timesteps) = schedule(&sched, lh * lw, req.steps);
         let cond = embeds.narrow(0, 0, 1)?.repeat((b, 1, 1))?;
         let neg = if embeds.dim(0)? > 1 { Some(embeds.narrow(0, 1, 1)?.repeat((b, 1, 1))?) } else { None };
         let mut t_step = Instant::now();
-        let x = sample(&model, x, &cond, neg.as_ref(), &ids, &sigmas, &timesteps, guidance, self.dtype, &plan, |s| {
-            let _ = self.device.synchronize();
-            peak.sample(self.device);
-            stats.step_s.push(t_step.elapsed().as_secs_f64());
-            t_step = Instant::now();
-            on_step(s.index, s.steps, s.latents);
-        })?;
+        let x =
+            sample(&model, x, &cond, neg.as_ref(), &ids, &sigmas, &timesteps, guidance, self.opts.dtype, &plan, |s| {
+                let _ = self.opts.device.synchronize();
+                peak.sample(self.opts.device);
+                stats.step_s.push(t_step.elapsed().as_secs_f64());
+                t_step = Instant::now();
+                on_step(s.index, s.steps, s.latents);
+            })?;
         drop(model);
         // Only rank 0 decodes and writes.
-        if let Some(none) = crate::parallel::no_output(self.world, req.height, req.width)? {
+        if let Some(none) = crate::parallel::no_output(self.opts.world, req.height, req.width)? {
             stats.total_s = t0.elapsed().as_secs_f64();
             stats.peak_gpu_bytes = peak.get();
             return Ok((none, stats));
         }
 
         let t2 = Instant::now();
-        let vae_dtype = crate::models::flux::vae::FluxVae::dtype_on(self.device, self.dtype);
-        let vae = Flux2Vae::new(&vae_cfg, super::vb(&root.join("vae"), vae_dtype, self.device)?)?;
+        let vae_dtype = crate::models::flux::vae::FluxVae::dtype_on(self.opts.device, self.opts.dtype);
+        let vae = Flux2Vae::new(&vae_cfg, super::vb(&root.join("vae"), vae_dtype, self.opts.device)?)?;
         let decoded = vae.decode(&unpack(&x, lh, lw)?, vae_dtype)?;
         let images = crate::models::flux::vae::to_unit_images(&decoded)?;
-        peak.sample(self.device);
+        peak.sample(self.opts.device);
         stats.decode_s = t2.elapsed().as_secs_f64();
         stats.total_s = t0.elapsed().as_secs_f64();
         stats.peak_gpu_bytes = peak.get();

@@ -55,28 +55,45 @@ pub(crate) fn check_size(width: usize, height: usize, multiple: usize) -> Result
     Ok(())
 }
 
-/// A transformer checkpoint opened for loading: its NVFP4 plan's warnings logged (those about missing
-/// scales only when no sibling file supplies them), the builder with the run's hooks, and the key
-/// naming it uses.
-pub(crate) fn transformer_weights<'a>(
-    path: &Path,
-    overrides: &crate::nvfp4::Overrides,
-    dtype: DType,
-    device: &Device,
-    nvfp4: crate::linear::Nvfp4Options,
-    hooks: &crate::linear::LoadHooks,
-) -> Result<(crate::linear::WeightBuilder<'a>, crate::models::flux::Naming)> {
-    let ckpt = std::sync::Arc::new(crate::nvfp4::Checkpoint::open(path, overrides)?);
-    if let Some(plan) = &ckpt.plan {
-        for w in &plan.warnings {
-            if hooks.borrow_scales.is_none() || !w.contains("--nvfp4-scales-from") {
-                log::warn!("{w}");
+/// What every pipeline run shares: precision, device, NVFP4 choices, load hooks and the ranks.
+#[derive(Clone)]
+pub struct RunOptions<'a> {
+    pub dtype: DType,
+    pub device: &'a Device,
+    pub nvfp4: crate::linear::Nvfp4Options,
+    pub nvfp4_overrides: crate::nvfp4::Overrides,
+    /// On-the-fly quantization and probes (`candiff compare`).
+    pub hooks: crate::linear::LoadHooks,
+    /// The ranks sharing this run (`--gpus` / `--ranks`); absent for one device.
+    pub world: Option<&'a crate::parallel::Group>,
+}
+
+impl<'a> RunOptions<'a> {
+    /// The same options for one rank of `world`, on its device.
+    pub fn on(&self, device: &'a Device, world: Option<&'a crate::parallel::Group>) -> Self {
+        Self { device, world, ..self.clone() }
+    }
+
+    /// A transformer checkpoint opened for loading: its NVFP4 plan's warnings logged (those about
+    /// missing scales only when no sibling file supplies them), the builder with the run's hooks,
+    /// and the key naming it uses.
+    pub(crate) fn transformer_weights(
+        &self,
+        path: &Path,
+    ) -> Result<(crate::linear::WeightBuilder<'a>, crate::models::flux::Naming)> {
+        let ckpt = std::sync::Arc::new(crate::nvfp4::Checkpoint::open(path, &self.nvfp4_overrides)?);
+        if let Some(plan) = &ckpt.plan {
+            for w in &plan.warnings {
+                if self.hooks.borrow_scales.is_none() || !w.contains("--nvfp4-scales-from") {
+                    log::warn!("{w}");
+                }
             }
         }
+        let naming = crate::models::flux::Naming::detect(ckpt.files.iter().flat_map(|f| f.header.tensors.keys()));
+        let wb = crate::linear::WeightBuilder::new(ckpt, self.dtype, self.device, self.nvfp4)?
+            .with_hooks(self.hooks.clone());
+        Ok((wb, naming))
     }
-    let naming = crate::models::flux::Naming::detect(ckpt.files.iter().flat_map(|f| f.header.tensors.keys()));
-    let wb = crate::linear::WeightBuilder::new(ckpt, dtype, device, nvfp4)?.with_hooks(hooks.clone());
-    Ok((wb, naming))
 }
 
 pub(crate) fn tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {

@@ -13,15 +13,13 @@ use candle_core::{DType, Device, Result, Tensor};
 use serde::Deserialize;
 
 pub use super::RunStats;
-use super::{gpu_used, tokenizer, vb};
+use super::{gpu_used, tokenizer, vb, RunOptions};
 use crate::error::CandiffError;
-use crate::linear::{LoadHooks, Nvfp4Options};
 use crate::models::text::umt5::{Umt5Config, Umt5Encoder};
 use crate::models::wan::scheduler::{Sampler, SchedulerConfig};
 use crate::models::wan::vae::WanVae;
 use crate::models::wan::{WanConfig, WanTransformer, WanVaeConfig};
-use crate::nvfp4::Overrides;
-use crate::parallel::{Group, Plan};
+use crate::parallel::Plan;
 
 /// Frames per latent frame after the first (both Wan VAEs).
 pub const FRAMES_PER_LATENT: usize = 4;
@@ -155,14 +153,7 @@ pub struct StepReport<'a> {
 #[derive(Clone)]
 pub struct WanRun<'a> {
     pub files: &'a WanFiles,
-    pub dtype: DType,
-    pub device: &'a Device,
-    pub nvfp4: Nvfp4Options,
-    pub nvfp4_overrides: Overrides,
-    /// On-the-fly quantization and probes (`candiff compare`).
-    pub hooks: LoadHooks,
-    /// The ranks sharing this run (`--gpus` / `--ranks`); absent for one device.
-    pub world: Option<&'a Group>,
+    pub opts: RunOptions<'a>,
 }
 
 /// Whitespace cleanup of the reference's prompt cleaning.
@@ -214,7 +205,7 @@ impl WanRun<'_> {
     pub fn encode(&self, texts: &[&str], max_len: usize) -> Result<Vec<Tensor>> {
         let dir = &self.files.text_encoder;
         let cfg = Umt5Config::from_file(&dir.join("config.json"))?;
-        let dtype = if self.dtype == DType::F16 { DType::BF16 } else { self.dtype };
+        let dtype = if self.opts.dtype == DType::F16 { DType::BF16 } else { self.opts.dtype };
         let tok = tokenizer(&self.files.tokenizer)?;
         let enc = Umt5Encoder::new(&cfg, self.weights(dir, dtype)?)?;
         texts
@@ -226,8 +217,8 @@ impl WanRun<'_> {
                 let n = ids.len();
                 ids.resize(max_len, 0);
                 let mask: Vec<u32> = (0..max_len).map(|i| (i < n) as u32).collect();
-                let ids = Tensor::new(ids, self.device)?.unsqueeze(0)?;
-                let mask = Tensor::new(mask, self.device)?.unsqueeze(0)?;
+                let ids = Tensor::new(ids, self.opts.device)?.unsqueeze(0)?;
+                let mask = Tensor::new(mask, self.opts.device)?.unsqueeze(0)?;
                 enc.prompt_embeds(&ids, &mask)
             })
             .collect()
@@ -236,9 +227,9 @@ impl WanRun<'_> {
     /// A component's weights: its folder's, or random ones.
     fn weights<'a>(&self, dir: &Path, dtype: DType) -> Result<candle_nn::VarBuilder<'a>> {
         if self.files.random_weights {
-            return Ok(crate::linear::random_var_builder(dtype, self.device));
+            return Ok(crate::linear::random_var_builder(dtype, self.opts.device));
         }
-        vb(dir, dtype, self.device)
+        vb(dir, dtype, self.opts.device)
     }
 
     fn load_expert(&self, dir: &Path) -> Result<WanTransformer> {
@@ -247,10 +238,11 @@ impl WanRun<'_> {
             // Under the expert's folder name: the two experts share module names, and random
             // weights are drawn per name.
             let expert = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-            let wb = crate::linear::WeightBuilder::synthetic(self.dtype, self.device, Vec::new(), self.nvfp4);
-            wb.with_hooks(self.hooks.clone()).pp(expert)
+            let wb =
+                crate::linear::WeightBuilder::synthetic(self.opts.dtype, self.opts.device, Vec::new(), self.opts.nvfp4);
+            wb.with_hooks(self.opts.hooks.clone()).pp(expert)
         } else {
-            super::transformer_weights(dir, &self.nvfp4_overrides, self.dtype, self.device, self.nvfp4, &self.hooks)?.0
+            self.opts.transformer_weights(dir)?.0
         };
         WanTransformer::new(&cfg, &wb)
     }
@@ -275,11 +267,11 @@ impl WanRun<'_> {
             candle_core::bail!("guidance > 1 needs negative-prompt embeddings");
         }
         let heads = WanConfig::from_file(&self.files.transformer_config(&self.files.transformer))?.num_attention_heads;
-        let plan = Plan::of(self.world, heads, do_cfg)?;
+        let plan = Plan::of(self.opts.world, heads, do_cfg)?;
         let timesteps = sampler.timesteps().to_vec();
         let mut x = latents.to_dtype(DType::F32)?;
         let mut loaded: Option<(usize, WanTransformer)> = None;
-        let mut peak = gpu_used(self.device);
+        let mut peak = gpu_used(self.opts.device);
         for (i, &t) in timesteps.iter().enumerate() {
             let ts = Instant::now();
             let expert = match boundary_t {
@@ -300,10 +292,10 @@ impl WanRun<'_> {
             let model = &loaded.as_ref().expect("loaded").1;
             // TI2V's per-token timesteps are all `t` in text-to-video: the per-sample form is
             // the same computation.
-            let tt = Tensor::new(&[t], self.device)?;
+            let tt = Tensor::new(&[t], self.opts.device)?;
             let (cond_v, uncond_v) = plan.guided(do_cfg, |branch| {
                 let ctx = if branch == 1 { uncond.expect("checked") } else { cond };
-                model.forward_sharded(&x, &tt, ctx, self.dtype, plan.sp.as_ref())
+                model.forward_sharded(&x, &tt, ctx, self.opts.dtype, plan.sp.as_ref())
             })?;
             let v = match &uncond_v {
                 Some(u) => (u + ((&cond_v - u)? * guidance)?)?,
@@ -311,8 +303,8 @@ impl WanRun<'_> {
             };
             plan.fence()?;
             x = sampler.step(&v, &x)?;
-            self.device.synchronize()?;
-            if let (Some(p), Some(now)) = (peak.as_mut(), gpu_used(self.device)) {
+            self.opts.device.synchronize()?;
+            if let (Some(p), Some(now)) = (peak.as_mut(), gpu_used(self.opts.device)) {
                 *p = (*p).max(now);
             }
             stats.step_s.push(ts.elapsed().as_secs_f64());
@@ -337,7 +329,7 @@ impl WanRun<'_> {
     /// Latents -> frames `[F, H, W, 3]` in [0, 1] (f32, on the CPU); `on_chunk(i, n)` per latent frame.
     pub fn decode(&self, latents: &Tensor, on_chunk: impl FnMut(usize, usize)) -> Result<Tensor> {
         let cfg = WanVaeConfig::from_file(&self.files.vae.join("config.json"))?;
-        let dtype = vae_dtype(self.device, self.dtype);
+        let dtype = vae_dtype(self.opts.device, self.opts.dtype);
         let vae = WanVae::new(&cfg, self.weights(&self.files.vae, dtype)?, false)?;
         let z = vae.denormalize(latents)?.to_dtype(dtype)?;
         let video = vae.decode(&z, on_chunk)?;
@@ -360,18 +352,18 @@ impl WanRun<'_> {
         let texts: Vec<&str> =
             if req.guidance > 1.0 { vec![&req.prompt, &req.negative_prompt] } else { vec![&req.prompt] };
         // Rank 0's values everywhere (see `from_root`).
-        let agree = |t: Tensor| crate::parallel::from_root(self.world, t);
+        let agree = |t: Tensor| crate::parallel::from_root(self.opts.world, t);
         let mut embeds = self.encode(&texts, req.max_sequence_length)?.into_iter();
         let cond = agree(embeds.next().expect("one prompt"))?;
         let uncond = embeds.next().map(agree).transpose()?;
         stats.encode_s = t0.elapsed().as_secs_f64();
-        stats.peak_gpu_bytes = gpu_used(self.device);
+        stats.peak_gpu_bytes = gpu_used(self.opts.device);
 
-        let latents = agree(initial_latents(req.seed, g, self.device)?)?;
+        let latents = agree(initial_latents(req.seed, g, self.opts.device)?)?;
         let x = self.denoise(req, &cond, uncond.as_ref(), latents, &mut stats, on_step)?;
         drop((cond, uncond));
         // Only rank 0 decodes and writes.
-        if let Some(none) = crate::parallel::no_output(self.world, req.height, req.width)? {
+        if let Some(none) = crate::parallel::no_output(self.opts.world, req.height, req.width)? {
             stats.total_s = t0.elapsed().as_secs_f64();
             return Ok((none, stats));
         }
@@ -379,7 +371,7 @@ impl WanRun<'_> {
         let t2 = Instant::now();
         let frames = self.decode(&x, on_chunk)?;
         stats.decode_s = t2.elapsed().as_secs_f64();
-        if let (Some(p), Some(now)) = (stats.peak_gpu_bytes.as_mut(), gpu_used(self.device)) {
+        if let (Some(p), Some(now)) = (stats.peak_gpu_bytes.as_mut(), gpu_used(self.opts.device)) {
             *p = (*p).max(now);
         }
         stats.total_s = t0.elapsed().as_secs_f64();
