@@ -110,6 +110,24 @@ impl RunArgs {
             mode: self.nvfp4_mode,
         }
     }
+
+    /// A single-device pipeline run's options from these flags, with `hooks` (the NVFP4 flags'
+    /// hooks, possibly completed by the caller).
+    pub fn pipeline_options<'a>(
+        &self,
+        dtype: candle_core::DType,
+        device: &'a candle_core::Device,
+        hooks: crate::linear::LoadHooks,
+    ) -> crate::pipelines::RunOptions<'a> {
+        crate::pipelines::RunOptions {
+            dtype,
+            device,
+            nvfp4: self.nvfp4_options(),
+            nvfp4_overrides: self.nvfp4.overrides(),
+            hooks,
+            world: None,
+        }
+    }
 }
 
 /// How to read NVFP4 checkpoints whose own description is missing or wrong.

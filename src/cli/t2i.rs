@@ -7,7 +7,6 @@ use crate::manifest::{Manifest, Source};
 use crate::nvfp4::Backend;
 use crate::pipelines::flux::{FluxFiles, FluxRun, T2iRequest};
 use crate::pipelines::flux2::{EncoderMode, Flux2Files, Flux2Request, Flux2Run};
-use crate::pipelines::RunOptions;
 
 #[derive(Debug, Args)]
 #[command(after_long_help = "Examples:
@@ -214,10 +213,9 @@ fn run_flux2(
             hooks.borrow_scales = Some(std::sync::Arc::new(crate::safetensors::MappedFile::open(p)?));
         }
     }
-    let nvfp4 = a.run.nvfp4_options();
     let run = Flux2Run {
         files: &files,
-        opts: RunOptions { dtype, device, nvfp4, nvfp4_overrides: a.run.nvfp4.overrides(), hooks, world: None },
+        opts: a.run.pipeline_options(dtype, device, hooks),
         encoder: a.text_encoder,
         distilled: d.distilled,
     };
@@ -239,7 +237,8 @@ fn run_flux2(
         eprintln!("{}", crate::parallel::describe_split(p.ranks(), with_cfg, p.unit()));
     }
     let fetch_s = t0.elapsed().as_secs_f64();
-    let out = Output { a, m, steps: req.steps, guidance: req.guidance, backend: nvfp4.backend, dtype, fetch_s };
+    let out =
+        Output { a, m, steps: req.steps, guidance: req.guidance, backend: run.opts.nvfp4.backend, dtype, fetch_s };
     out.write(|bar| {
         crate::parallel::run_on(placement, a.run.timeout(), device, |device, world| {
             let run = Flux2Run { opts: run.opts.on(device, world), ..run.clone() };
@@ -392,20 +391,8 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
             files.clip_tokenizer = source_path(tok, "main")?;
         }
     }
-    let nvfp4 = a.run.nvfp4_options();
-    let backend = nvfp4.backend;
-    let hooks = a.run.nvfp4.hooks()?;
-    let run = FluxRun {
-        files: &files,
-        opts: RunOptions {
-            dtype,
-            device: &device,
-            nvfp4,
-            nvfp4_overrides: a.run.nvfp4.overrides(),
-            hooks,
-            world: None,
-        },
-    };
+    let run = FluxRun { files: &files, opts: a.run.pipeline_options(dtype, &device, a.run.nvfp4.hooks()?) };
+    let backend = run.opts.nvfp4.backend;
     let req = T2iRequest {
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),

@@ -5,7 +5,6 @@ use clap::Args;
 use super::t2i::{component_patterns, local_repo, parse_device, parse_dtype, source_path};
 use crate::manifest::{Family, Manifest, Source};
 use crate::pipelines::wan::{T2vRequest, WanFiles, WanRun, FRAMES_PER_LATENT};
-use crate::pipelines::RunOptions;
 use crate::video::{Format, Video};
 
 #[derive(Debug, Args)]
@@ -112,20 +111,8 @@ pub fn run(a: &T2vArgs) -> anyhow::Result<()> {
     let t2 = override_path(&a.transformer_2_path, &m.transformer_2, &a.run.revision)?;
     let mut files = WanFiles::new(&root, t1.as_deref(), t2.as_deref())?;
     files.random_weights = a.random_weights || m.random_weights;
-    let nvfp4 = a.run.nvfp4_options();
-    let backend = nvfp4.backend;
-    let hooks = a.run.nvfp4.hooks()?;
-    let run = WanRun {
-        files: &files,
-        opts: RunOptions {
-            dtype,
-            device: &device,
-            nvfp4,
-            nvfp4_overrides: a.run.nvfp4.overrides(),
-            hooks,
-            world: None,
-        },
-    };
+    let run = WanRun { files: &files, opts: a.run.pipeline_options(dtype, &device, a.run.nvfp4.hooks()?) };
+    let backend = run.opts.nvfp4.backend;
     let req = T2vRequest {
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),

@@ -299,19 +299,17 @@ impl Runner<'_> {
         let mut latents = Vec::new();
         let t0 = Instant::now();
         let s = &self.settings;
+        let opts = RunOptions {
+            dtype: DType::BF16,
+            device: self.device,
+            nvfp4,
+            nvfp4_overrides: Overrides::default(),
+            hooks,
+            world: None,
+        };
         let (frames, stats, fps) = match self.engine {
             Engine::Flux { files, guidance, max_seq } => {
-                let run = FluxRun {
-                    files,
-                    opts: RunOptions {
-                        dtype: DType::BF16,
-                        device: self.device,
-                        nvfp4,
-                        nvfp4_overrides: Overrides::default(),
-                        hooks,
-                        world: None,
-                    },
-                };
+                let run = FluxRun { files, opts };
                 let req = T2iRequest {
                     prompt: prompt.into(),
                     negative_prompt: None,
@@ -332,19 +330,7 @@ impl Runner<'_> {
                 (img, stats, 1)
             }
             Engine::Flux2 { files, guidance, distilled, max_seq } => {
-                let run = Flux2Run {
-                    files,
-                    opts: RunOptions {
-                        dtype: DType::BF16,
-                        device: self.device,
-                        nvfp4,
-                        nvfp4_overrides: Overrides::default(),
-                        hooks,
-                        world: None,
-                    },
-                    encoder: EncoderMode::Native,
-                    distilled: *distilled,
-                };
+                let run = Flux2Run { files, opts, encoder: EncoderMode::Native, distilled: *distilled };
                 let req = Flux2Request {
                     prompt: prompt.into(),
                     negative_prompt: None,
@@ -364,17 +350,7 @@ impl Runner<'_> {
                 (img, stats, 1)
             }
             Engine::Wan { files, guidance, guidance_2, frames, fps, max_seq } => {
-                let run = WanRun {
-                    files,
-                    opts: RunOptions {
-                        dtype: DType::BF16,
-                        device: self.device,
-                        nvfp4,
-                        nvfp4_overrides: Overrides::default(),
-                        hooks,
-                        world: None,
-                    },
-                };
+                let run = WanRun { files, opts };
                 let req = T2vRequest {
                     prompt: prompt.into(),
                     negative_prompt: String::new(),
