@@ -442,13 +442,16 @@ fn use_wgmma(dev: &CudaDevice, k: usize) -> Result<bool> {
 /// gives at least half as many CTAs as SMs, else 128 (measured on an H200, docs/PERF.md).
 /// `CANDIFF_SM90_TOKENS` = 128 or 256 overrides it.
 fn sm90_tokens_per_cta(dev: &CudaDevice, m: usize, n: usize) -> Result<u32> {
-    match std::env::var("CANDIFF_SM90_TOKENS").as_deref() {
-        Ok("128") => return Ok(128),
-        Ok("256") => return Ok(256),
-        Err(_) | Ok("") => {}
-        Ok(other) => {
-            return Err(CandiffError::Unsupported(format!("CANDIFF_SM90_TOKENS={other}: expected 128 or 256")).into())
-        }
+    // Read once per process, as CANDIFF_TRTLLM_GEMM: consulted on every linear.
+    static FORCED: OnceLock<std::result::Result<Option<u32>, String>> = OnceLock::new();
+    let forced = FORCED.get_or_init(|| match std::env::var("CANDIFF_SM90_TOKENS").as_deref() {
+        Ok("128") => Ok(Some(128)),
+        Ok("256") => Ok(Some(256)),
+        Err(_) | Ok("") => Ok(None),
+        Ok(other) => Err(format!("CANDIFF_SM90_TOKENS={other}: expected 128 or 256")),
+    });
+    if let Some(bt) = forced.clone().map_err(CandiffError::Unsupported)? {
+        return Ok(bt);
     }
     let sms = device_props(dev)?.sms;
     let ctas_256 = n.div_ceil(SM90_ROWS as usize) * m.div_ceil(256);

@@ -168,9 +168,7 @@ impl FluxRun<'_> {
 
         let t1 = Instant::now();
         let (wb, naming) = if self.files.random_weights {
-            let wb =
-                crate::linear::WeightBuilder::synthetic(self.opts.dtype, self.opts.device, Vec::new(), self.opts.nvfp4);
-            (wb.with_hooks(self.opts.hooks.clone()), crate::models::flux::Naming::Diffusers)
+            (self.opts.random_weights(), crate::models::flux::Naming::Diffusers)
         } else {
             self.opts.transformer_weights(&self.files.transformer)?
         };

@@ -74,6 +74,12 @@ impl<'a> RunOptions<'a> {
         Self { device, world, ..self.clone() }
     }
 
+    /// Random weights drawn per tensor name (`--random-weights`), with the run's hooks.
+    pub(crate) fn random_weights(&self) -> crate::linear::WeightBuilder<'a> {
+        crate::linear::WeightBuilder::synthetic(self.dtype, self.device, Vec::new(), self.nvfp4)
+            .with_hooks(self.hooks.clone())
+    }
+
     /// A transformer checkpoint opened for loading: its NVFP4 plan's warnings logged (those about
     /// missing scales only when no sibling file supplies them), the builder with the run's hooks,
     /// and the key naming it uses.

@@ -238,9 +238,7 @@ impl WanRun<'_> {
             // Under the expert's folder name: the two experts share module names, and random
             // weights are drawn per name.
             let expert = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-            let wb =
-                crate::linear::WeightBuilder::synthetic(self.opts.dtype, self.opts.device, Vec::new(), self.opts.nvfp4);
-            wb.with_hooks(self.opts.hooks.clone()).pp(expert)
+            self.opts.random_weights().pp(expert)
         } else {
             self.opts.transformer_weights(dir)?.0
         };
