@@ -226,3 +226,110 @@ __device__ void cat_act(const T* __restrict__ o, const T* __restrict__ m, long l
 CAT_ACT(float, f32)
 CAT_ACT(__nv_bfloat16, bf16)
 CAT_ACT(__half, f16)
+
+// Sequence-parallel (Ulysses) exchange layouts: each replaces the stack / permute / concatenate
+// copies around an all-to-all with one pass. Pure data movement in units U of 2-16 bytes (the host
+// picks the widest unit dividing the head size, every stride and every offset), so any element
+// type moves bit-exactly. CPU reference: the Candle composition in src/parallel/mod.rs
+// (`SeqParallel::gather_heads` / `scatter_heads`), compared by `candiff doctor`.
+//
+// Row tables (`map`, three u32 per token of the full sequence, in the single-rank token order):
+// p = the token's row among the rows that ranks send in member order, base = the first such row
+// of the token's member, held = how many tokens that member holds.
+
+// send[j][t][s][b][hh][:] = src_t[b][j*h + hh][s][:] for t = q, k, v: local tokens, all heads ->
+// per-member pieces, member j getting heads j*h .. j*h + h - 1.
+template <typename U>
+__device__ void sp_pack_qkv(const U* __restrict__ q, const U* __restrict__ k, const U* __restrict__ v,
+                            const long long (&st)[3][3], U* __restrict__ out, int n, int h, int s_loc, int b, int dv) {
+    const long long total = (long long)n * 3 * s_loc * b * h * dv;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long r = i;
+        const int x = r % dv; r /= dv;
+        const int hh = r % h; r /= h;
+        const int bb = r % b; r /= b;
+        const int s = r % s_loc; r /= s_loc;
+        const int t = r % 3;
+        const int j = r / 3;
+        const U* src = t == 0 ? q : (t == 1 ? k : v);
+        out[i] = src[bb * st[t][0] + (long long)(j * h + hh) * st[t][1] + s * st[t][2] + x];
+    }
+}
+
+// out[t][r][:] (the full sequence's q, k, v for this rank's heads, [3, S, B, h, D]) from the
+// received pieces: member m's piece is [3, held_m, B, h, D], pieces in member order.
+template <typename U>
+__device__ void sp_unpack_qkv(const U* __restrict__ recv, const unsigned* __restrict__ map, U* __restrict__ out,
+                              int s_total, long long row) {
+    const long long total = 3LL * s_total * row;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long inner = i % row;
+        const long long tr = i / row;
+        const int r = tr % s_total;
+        const int t = tr / s_total;
+        const unsigned p = map[3 * r], base = map[3 * r + 1], held = map[3 * r + 2];
+        out[i] = recv[((long long)p + 2LL * base + (long long)t * held) * row + inner];
+    }
+}
+
+// send[p(r)][b][hh][:] = o[b][hh][r][:]: this rank's heads of the attention output, each token's
+// row sent to the member holding it (rows in member order).
+template <typename U>
+__device__ void sp_pack_out(const U* __restrict__ o, long long sb, long long sh, long long ss,
+                            const unsigned* __restrict__ map, U* __restrict__ out, int s_total, int b, int h, int dv) {
+    const long long row = (long long)b * h * dv;
+    const long long total = (long long)s_total * row;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long rest = i;
+        const int x = rest % dv; rest /= dv;
+        const int hh = rest % h; rest /= h;
+        const int bb = rest % b;
+        const int r = rest / b;
+        out[(long long)map[3 * r] * row + (bb * h + hh) * dv + x] = o[bb * sb + hh * sh + (long long)r * ss + x];
+    }
+}
+
+// out[b][s][j*h + hh][:] = recv[j][s][b][hh][:]: the outputs of every member's heads for the local
+// tokens, back in the [B, S_local, H, D] layout the output projection reads.
+template <typename U>
+__device__ void sp_unpack_out(const U* __restrict__ recv, U* __restrict__ out, int n, int s_loc, int b, int h, int dv) {
+    const long long total = (long long)b * s_loc * n * h * dv;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long r = i;
+        const int x = r % dv; r /= dv;
+        const int hh = r % h; r /= h;
+        const int j = r % n; r /= n;
+        const int s = r % s_loc;
+        const int bb = r / s_loc;
+        out[i] = recv[(((long long)(j * s_loc + s) * b + bb) * h + hh) * dv + x];
+    }
+}
+
+#define SP_OPS(U, SUF)                                                                                              \
+    extern "C" __global__ void sp_pack_qkv_##SUF(const U* q, const U* k, const U* v, long long qb, long long qh,   \
+                                                 long long qs, long long kb, long long kh, long long ks,           \
+                                                 long long vb, long long vh, long long vs, U* out, int n, int h,   \
+                                                 int s_loc, int b, int dv) {                                       \
+        const long long st[3][3] = {{qb, qh, qs}, {kb, kh, ks}, {vb, vh, vs}};                                     \
+        sp_pack_qkv<U>(q, k, v, st, out, n, h, s_loc, b, dv);                                                      \
+    }                                                                                                               \
+    extern "C" __global__ void sp_unpack_qkv_##SUF(const U* recv, const unsigned* map, U* out, int s_total,         \
+                                                   long long row) {                                                \
+        sp_unpack_qkv<U>(recv, map, out, s_total, row);                                                            \
+    }                                                                                                               \
+    extern "C" __global__ void sp_pack_out_##SUF(const U* o, long long sb, long long sh, long long ss,              \
+                                                 const unsigned* map, U* out, int s_total, int b, int h, int dv) { \
+        sp_pack_out<U>(o, sb, sh, ss, map, out, s_total, b, h, dv);                                                \
+    }                                                                                                               \
+    extern "C" __global__ void sp_unpack_out_##SUF(const U* recv, U* out, int n, int s_loc, int b, int h, int dv) { \
+        sp_unpack_out<U>(recv, out, n, s_loc, b, h, dv);                                                           \
+    }
+
+SP_OPS(uint4, u16b)
+SP_OPS(uint2, u8b)
+SP_OPS(unsigned int, u4b)
+SP_OPS(unsigned short, u2b)

@@ -174,9 +174,23 @@ __device__ __forceinline__ void nvfp4_quantize_act(const __nv_bfloat16* __restri
     const __nv_bfloat16* src = x + (size_t)r * K + b * kGroup;
     float v[kGroup];
     float amax = 0.0f;
+    // One thread per 16-value block: two 16-byte loads where the block is aligned (rows of a
+    // contiguous tensor are; a view at an odd offset takes the scalar path). 16 scalar loads per
+    // thread made this pass ~10x slower than its bytes (1.1 ms at 4608 x 15360 on an H200).
+    union {
+        uint4 u[2];
+        __nv_bfloat16 h[kGroup];
+    } in;
+    if ((reinterpret_cast<uintptr_t>(src) & 15) == 0) {
+        in.u[0] = reinterpret_cast<const uint4*>(src)[0];
+        in.u[1] = reinterpret_cast<const uint4*>(src)[1];
+    } else {
+#pragma unroll
+        for (int i = 0; i < kGroup; i++) in.h[i] = src[i];
+    }
 #pragma unroll
     for (int i = 0; i < kGroup; i++) {
-        v[i] = __bfloat162float(src[i]);
+        v[i] = __bfloat162float(in.h[i]);
         amax = fmaxf(amax, fabsf(v[i]));
     }
     float gs = __fdiv_rn(1.0f, input_scale);
@@ -193,14 +207,35 @@ __device__ __forceinline__ void nvfp4_quantize_act(const __nv_bfloat16* __restri
     }
     if (packed) {
         uint8_t* dst = packed + (size_t)r * packed_row_bytes + b * (kGroup / 2);
+        uint2 word = make_uint2(0, 0);  // code 2j in the low nibble of byte j
 #pragma unroll
-        for (int j = 0; j < kGroup / 2; j++) dst[j] = (uint8_t)(codes[2 * j] | (codes[2 * j + 1] << 4));
+        for (int i = 0; i < kGroup; i++) {
+            if (i < 8) word.x |= codes[i] << (4 * i);
+            else word.y |= codes[i] << (4 * (i - 8));
+        }
+        if ((reinterpret_cast<uintptr_t>(dst) & 7) == 0) {
+            *reinterpret_cast<uint2*>(dst) = word;
+        } else {
+#pragma unroll
+            for (int j = 0; j < kGroup / 2; j++) dst[j] = (uint8_t)(codes[2 * j] | (codes[2 * j + 1] << 4));
+        }
         scales[swizzle_offset(r, b, scale_cols)] = (uint8_t)sbits;
     }
     if (deq) {
         __nv_bfloat16* dst = deq + (size_t)r * K + b * kGroup;
+        union {
+            uint4 u[2];
+            __nv_bfloat16 h[kGroup];
+        } out;
 #pragma unroll
-        for (int i = 0; i < kGroup; i++) dst[i] = __float2bfloat16_rn(e2m1_decode(codes[i]) * s);
+        for (int i = 0; i < kGroup; i++) out.h[i] = __float2bfloat16_rn(e2m1_decode(codes[i]) * s);
+        if ((reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+            reinterpret_cast<uint4*>(dst)[0] = out.u[0];
+            reinterpret_cast<uint4*>(dst)[1] = out.u[1];
+        } else {
+#pragma unroll
+            for (int i = 0; i < kGroup; i++) dst[i] = out.h[i];
+        }
     }
 }
 

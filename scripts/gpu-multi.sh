@@ -40,8 +40,8 @@ timeout 200 $R bench wan-step --model a14b --width 832 --height 480 --frames 81 
   --variants ${WAN_VARIANTS:-bf16} --iters 1 --out "$OUT/wan_a14b_scaling.json" 2>&1 | grep -v "^\s*$"
 fi
 if [ "$PART" = timing ]; then
-  # Where a sharded FLUX step's time goes: the device synchronized around each attention's parts.
-  CANDIFF_ATTN_TIMING=1 timeout 200 $R bench flux-step --gpus "$GPUS" --variants bf16 --iters 3 2>&1 | grep -E "ms/step|rank"
+  # Where a sharded FLUX step's time goes: GPU time per kind of work (CUDA events, no synchronization).
+  CANDIFF_PROFILE=1 timeout 200 $R bench flux-step --gpus "$GPUS" --variants bf16 --iters 3 2>&1 | grep -E "ms/step|rank"
 fi
 if [ "$PART" = host ]; then
   # 256²: GPU work is small, so the step time is the host's (ops enqueued per step).

@@ -45,3 +45,29 @@ pub fn check_backend(backend: Backend, device: &Device) -> Result<()> {
         ),
     }
 }
+
+/// GPU `ordinal` with Candle's stream (`own_stream`: a stream of its own rather than the
+/// per-thread default one, for ranks whose NCCL calls order with it). cudarc's cross-stream
+/// event tracking is switched off: everything candiff runs on a device uses that one stream, and
+/// with tracking on every allocation creates two CUDA events and, once a context holds a second
+/// stream, every kernel argument adds an event wait and an event record on the host.
+pub fn cuda_device(ordinal: usize, own_stream: bool) -> Result<Device> {
+    #[cfg(feature = "cuda")]
+    {
+        let d = if own_stream {
+            candle_core::CudaDevice::new_with_stream(ordinal)?
+        } else {
+            use candle_core::backend::BackendDevice;
+            candle_core::CudaDevice::new(ordinal)?
+        };
+        // SAFETY: one stream per device (see above), so no buffer is used on a stream other than
+        // the one that allocated and frees it.
+        unsafe { d.disable_event_tracking() };
+        Ok(Device::Cuda(d))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (ordinal, own_stream);
+        Err(candle_core::Error::Msg("this build has no CUDA support (rebuild with --features cuda)".into()))
+    }
+}

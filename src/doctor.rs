@@ -436,3 +436,72 @@ pub fn check_fused(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
 /// may round it the other way (1 ulp = 2^-8 relative), then the output rounds again; a wrong
 /// index or formula is off by O(1). The f32 checks of the same kernels hold FUSED_TOL with 1e-6.
 pub const TWO_ROUNDINGS_TOL: f32 = 2e-2;
+
+/// The sequence-parallel exchange kernels (kernels/fused.cu, `sp_*`) against the Candle
+/// composition on the CPU: Ulysses attention over `n` ranks sharing the device (in-process
+/// exchange, the kernels' layouts as over NCCL) with an element-wise stand-in for attention, so
+/// both sides compute the very same values; pure data movement must agree exactly (limit 0).
+pub fn check_exchange(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
+    use crate::parallel::{attend, launch, Placement, SeqParallel, DEFAULT_TIMEOUT};
+    let mut out = Vec::new();
+    // (ranks, batch, heads, head size, segments, dtype, q as a transposed view)
+    let cases = [
+        (2, 1, 24, 128, vec![37, 300], DType::BF16, true),
+        (4, 2, 8, 8, vec![13], DType::F32, false),
+        (3, 1, 6, 4, vec![5, 11], DType::BF16, true),
+        (2, 2, 4, 3, vec![9, 4], DType::F16, false),
+    ];
+    for (n, b, heads, d, segments, dtype, transposed) in cases {
+        let s: usize = segments.iter().sum();
+        let run = |dev: &Device| -> candle_core::Result<Vec<Vec<f32>>> {
+            // The same draws on both sides: made on the CPU, then moved.
+            let draw = |seed: u64| -> candle_core::Result<Tensor> {
+                let mut rng = crate::rng::Rng::new(seed);
+                let v: Vec<f32> = (0..b * s * heads * d).map(|_| rng.normal() as f32).collect();
+                Tensor::from_vec(v, (b, s, heads, d), &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)
+            };
+            let (q, k, v) = (draw(1)?, draw(2)?, draw(3)?);
+            let outs = launch(&Placement::Shared(n, dev.clone()), DEFAULT_TIMEOUT, |rank| {
+                let sp = SeqParallel::new(rank.world.clone(), &segments);
+                let mine = |t: &Tensor, view: bool| -> candle_core::Result<Tensor> {
+                    let mut parts = Vec::new();
+                    let mut start = 0;
+                    for (i, &len) in segments.iter().enumerate() {
+                        let (o, l) = sp.local(i);
+                        parts.push(t.narrow(1, start + o, l)?);
+                        start += len;
+                    }
+                    // [B, S, H, D] -> [B, H, S, D]: a transposed view, or made contiguous.
+                    let x = Tensor::cat(&parts, 1)?.transpose(1, 2)?;
+                    if view {
+                        Ok(x)
+                    } else {
+                        x.contiguous()
+                    }
+                };
+                let stand_in = |q: &Tensor, k: &Tensor, v: &Tensor| -> candle_core::Result<Tensor> {
+                    // Exact in every dtype: one value per output from three inputs, no sums.
+                    q.maximum(k)?.minimum(v)
+                };
+                let o = attend(Some(&sp), &mine(&q, transposed)?, &mine(&k, false)?, &mine(&v, transposed)?, stand_in)?;
+                o.to_dtype(DType::F32)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()
+            })?;
+            Ok(outs)
+        };
+        let (got, want) = (run(device)?, run(&Device::Cpu)?);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| if g.len() == w.len() { rel_max_err(g, w) } else { f32::INFINITY })
+            .fold(0f32, f32::max);
+        out.push(CheckResult::new(
+            format!(
+                "Ulysses exchange {n} ranks B{b} H{heads} D{d} S{segments:?} {dtype:?}{}",
+                if transposed { " strided" } else { "" }
+            ),
+            worst,
+            0.0,
+        ));
+    }
+    Ok(out)
+}

@@ -15,6 +15,7 @@ pub mod models;
 pub mod nvfp4;
 pub mod parallel;
 pub mod pipelines;
+pub mod profile;
 pub mod rng;
 pub mod safetensors;
 pub mod video;

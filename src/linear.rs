@@ -26,6 +26,37 @@ impl Module for Linear {
 /// `x W^T + b` for a dense layer, with the bias (and GELU when `gelu`) in one fused pass on the
 /// GPU, where Candle's broadcast add alone costs two thirds of a 3072x3072 GEMM.
 fn dense_forward(l: &candle_nn::Linear, x: &Tensor, gelu: bool) -> Result<Tensor> {
+    let split = GEMM_ROW_SPLIT.with(|c| c.get());
+    if split > 1 && x.rank() == 3 && x.dim(1)? >= split {
+        let mut parts = Vec::with_capacity(split);
+        let mut at = 0;
+        for len in crate::parallel::split_sizes(x.dim(1)?, split) {
+            parts.push(dense_forward_whole(l, &x.narrow(1, at, len)?, gelu)?);
+            at += len;
+        }
+        return Tensor::cat(&parts, 1);
+    }
+    dense_forward_whole(l, x, gelu)
+}
+
+thread_local! {
+    /// See [`with_gemm_row_split`].
+    static GEMM_ROW_SPLIT: std::cell::Cell<usize> = const { std::cell::Cell::new(1) };
+}
+
+/// Runs `f` with every dense linear of this thread applied to `n` contiguous token blocks
+/// separately (`[B, S, C]` inputs split along S as sequence parallelism over `n` ranks splits
+/// them). A diagnostic for multi-GPU agreement: GEMM libraries pick kernels by shape, and
+/// kernels that split the reduction round differently, so the same rows can come out differently
+/// at M = S and at M = S / n.
+pub fn with_gemm_row_split<T>(n: usize, f: impl FnOnce() -> T) -> T {
+    let prev = GEMM_ROW_SPLIT.with(|c| c.replace(n.max(1)));
+    let out = f();
+    GEMM_ROW_SPLIT.with(|c| c.set(prev));
+    out
+}
+
+fn dense_forward_whole(l: &candle_nn::Linear, x: &Tensor, gelu: bool) -> Result<Tensor> {
     match l.bias() {
         Some(b) if x.device().is_cuda() => {
             let y = candle_nn::Linear::new(l.weight().clone(), None).forward(x)?;
@@ -51,8 +82,12 @@ impl Linear {
     fn forward_act(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
         let gelu_after = |y: Tensor| if gelu { crate::models::ops::gelu_tanh(&y) } else { Ok(y) };
         match self {
-            Linear::Dense(l) => dense_forward(l, x, gelu),
-            Linear::Nvfp4(l) => l.forward_act(x, gelu),
+            Linear::Dense(l) => {
+                crate::profile::span(crate::profile::Part::Linear, x.device(), || dense_forward(l, x, gelu))
+            }
+            Linear::Nvfp4(l) => {
+                crate::profile::span(crate::profile::Part::Linear, x.device(), || l.forward_act(x, gelu))
+            }
             // Probes observe the plain linear output.
             Linear::Probed(p) => gelu_after(p.forward(x)?),
         }
@@ -449,4 +484,31 @@ fn random_nvfp4(n: usize, k: usize, seed: u64) -> Result<crate::nvfp4::Nvfp4Weig
     let scales: Vec<u8> = (0..n * k / 16).map(|_| 0x30 | (rng.next_u64() as u8 & 0x0F)).collect();
     const TYPICAL_CODE_TIMES_SCALE: f64 = 2.5;
     Ok(crate::nvfp4::Nvfp4Weight::new(n, k, packed, scales, (SYNTHETIC_STD / TYPICAL_CODE_TIMES_SCALE) as f32)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The row-split diagnostic computes the same rows (the CPU GEMM does not depend on M), in
+    /// order, with the bias, for uneven blocks; 2-D inputs are left whole.
+    #[test]
+    fn gemm_row_split_keeps_every_row() {
+        let mut rng = crate::rng::Rng::new(11);
+        let mut draw = |shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            Tensor::from_vec((0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
+        };
+        let l = Linear::Dense(candle_nn::Linear::new(draw(&[5, 8]), Some(draw(&[5]))));
+        let x = draw(&[2, 7, 8]);
+        let whole = l.forward(&x).unwrap();
+        let split = with_gemm_row_split(3, || l.forward(&x)).unwrap();
+        assert_eq!(split.dims(), &[2, 7, 5]);
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat(&split), flat(&whole));
+        let x2 = draw(&[7, 8]);
+        assert_eq!(flat(&with_gemm_row_split(3, || l.forward(&x2)).unwrap()), flat(&l.forward(&x2).unwrap()));
+        // The setting ends with the closure.
+        assert_eq!(GEMM_ROW_SPLIT.with(|c| c.get()), 1);
+    }
 }

@@ -24,6 +24,21 @@ pub enum BenchWhat {
     /// Each non-GEMM op of a FLUX block alone at full size (where a step's time goes besides the
     /// GEMMs and attention), with the count per step.
     Ops(OpsArgs),
+    /// All-to-all bandwidth between GPUs over NCCL (what the sequence-parallel exchanges get),
+    /// for each GPU count and piece size; NCCL's environment variables apply.
+    Exchange(ExchangeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExchangeArgs {
+    /// GPU counts.
+    #[arg(long, value_delimiter = ',', default_value = "2")]
+    pub gpus: Vec<usize>,
+    /// Bytes sent to each peer per all-to-all, in MiB (FLUX.1 1024² on 2 GPUs sends ~20).
+    #[arg(long, value_delimiter = ',', default_value = "4,20,64")]
+    pub mib: Vec<usize>,
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
 }
 
 #[derive(Debug, Args)]
@@ -138,6 +153,11 @@ pub struct FluxStepArgs {
     /// output's distance from the 1-GPU one (needs `nccl`).
     #[arg(long, value_delimiter = ',')]
     pub gpus: Vec<usize>,
+    /// With --gpus: the 1-GPU baseline runs every dense linear on this many token blocks
+    /// separately (the GEMM shapes the ranks of that many GPUs see), so the distance to the
+    /// sharded output shows what the exchange adds beyond shape-dependent GEMM rounding.
+    #[arg(long, default_value_t = 1)]
+    pub baseline_row_split: usize,
     /// With --gpus: run the ranks on GPU 0 together (in-process exchange) instead of one per
     /// GPU: checks the sharded outputs where fewer GPUs exist; the times are not a scaling measure.
     #[arg(long)]
@@ -181,6 +201,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         BenchWhat::WanDecode(w) => wan_decode(w),
         BenchWhat::Attention(a) => attention(a),
         BenchWhat::Ops(o) => ops(o),
+        BenchWhat::Exchange(e) => exchange(e),
     }
 }
 
@@ -208,22 +229,51 @@ type Step = Box<dyn Fn() -> candle_core::Result<candle_core::Tensor>>;
 const PROBE_BYTES: usize = 64 << 20;
 const PROBE_ITERS: usize = 5;
 
+fn exchange(a: &ExchangeArgs) -> anyhow::Result<()> {
+    use crate::parallel::{launch, Placement, DEFAULT_TIMEOUT};
+    for &n in &a.gpus {
+        anyhow::ensure!(n >= 2, "--gpus counts must be at least 2 (an exchange needs peers)");
+        let rates = launch(&Placement::Gpus(n), DEFAULT_TIMEOUT, |rank| {
+            a.mib
+                .iter()
+                .map(|&m| probe(&rank.world, &rank.device, m << 20, a.iters))
+                .collect::<candle_core::Result<Vec<_>>>()
+        })?;
+        for (i, m) in a.mib.iter().enumerate() {
+            let worst = rates.iter().map(|r| r[i]).fold(f64::INFINITY, f64::min);
+            println!("{n} GPUs, all-to-all of {m} MiB pieces: {:.1} GB/s sent per rank (slowest rank)", worst / 1e9);
+        }
+    }
+    Ok(())
+}
+
 /// Bytes each rank sends per second in an all-to-all of `PROBE_BYTES` pieces (what the
 /// sequence-parallel exchanges can expect on this machine's GPU links).
 fn probe_bandwidth(world: &crate::parallel::Group, device: &candle_core::Device) -> candle_core::Result<f64> {
+    probe(world, device, PROBE_BYTES, PROBE_ITERS)
+}
+
+/// Bytes each rank sends per second in all-to-alls of `bytes` per peer.
+fn probe(
+    world: &crate::parallel::Group,
+    device: &candle_core::Device,
+    bytes: usize,
+    iters: usize,
+) -> candle_core::Result<f64> {
+    let iters = iters.max(1);
     let n = world.size();
-    let elems = PROBE_BYTES / 2;
+    let elems = bytes / 2;
     let piece = candle_core::Tensor::zeros(elems, candle_core::DType::BF16, device)?;
     let pieces = vec![piece; n];
     let shapes = vec![vec![elems]; n];
     world.all_to_all(&pieces, &shapes)?;
     world.fence()?;
     let t0 = std::time::Instant::now();
-    for _ in 0..PROBE_ITERS {
+    for _ in 0..iters {
         world.all_to_all(&pieces, &shapes)?;
     }
     world.fence()?;
-    Ok((PROBE_BYTES * (n - 1) * PROBE_ITERS) as f64 / t0.elapsed().as_secs_f64())
+    Ok((elems * 2 * (n - 1) * iters) as f64 / t0.elapsed().as_secs_f64())
 }
 
 /// Normal(0, 1) data drawn on the host from `seed` (the same on every device).
@@ -242,12 +292,14 @@ fn host_randn(
 /// A step on 1, 2, ... GPUs (`make` builds it on a rank: the same weights and inputs everywhere):
 /// time per step, speed-up and efficiency against 1 GPU, and the output's relative L2 distance
 /// from the 1-GPU output. The first entry of `gpus` is the baseline (normally 1).
+#[allow(clippy::too_many_arguments)]
 fn scaling(
     what: &str,
     variant: &str,
     gpus: &[usize],
     shared: bool,
     iters: usize,
+    baseline_row_split: usize,
     make: impl Fn(&candle_core::Device, Option<&crate::parallel::Group>) -> candle_core::Result<Step> + Sync,
 ) -> anyhow::Result<Vec<serde_json::Value>> {
     use std::time::Instant;
@@ -256,15 +308,16 @@ fn scaling(
 
     let time = |step: &Step,
                 fence: &dyn Fn() -> candle_core::Result<()>,
-                rank: usize|
+                rank: usize,
+                device: &candle_core::Device|
      -> candle_core::Result<(f64, Vec<f32>)> {
         let t0 = Instant::now();
         let out = step()?;
         fence()?;
         log::info!("first step (warm-up) in {:.1}s", t0.elapsed().as_secs_f64());
         let out: Vec<f32> = out.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
-        // Warm-up excluded from the attention breakdown (CANDIFF_ATTN_TIMING=1).
-        let _ = crate::parallel::attention_timing(rank);
+        // Warm-up excluded from the breakdown (CANDIFF_PROFILE=1).
+        let _ = crate::profile::take(device)?;
         let t0 = Instant::now();
         for _ in 0..iters.max(1) {
             step()?;
@@ -275,14 +328,15 @@ fn scaling(
         fence()?;
         let ms = t0.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64;
         log::info!("host enqueue {host_ms:.1} ms/step of {ms:.1}");
-        if let Some([a, b, c]) = crate::parallel::attention_timing(rank) {
-            let per = |x: f64| x * 1e3 / iters.max(1) as f64;
+        if let Some(parts) = crate::profile::take(device)? {
+            let per: Vec<f64> = parts.iter().map(|x| x / iters.max(1) as f64).collect();
             println!(
-                "  rank {rank}: per step {ms:.1} ms (synchronized around attention): exchange in {:.1} ms, attention {:.1} ms, exchange out {:.1} ms, rest {:.1} ms",
-                per(a),
-                per(b),
-                per(c),
-                ms - per(a) - per(b) - per(c)
+                "  rank {rank}: per step {ms:.1} ms on the GPU stream: linear {:.1}, attention {:.1}, exchange in {:.1}, exchange out {:.1}, rest {:.1} (CANDIFF_PROFILE)",
+                per[0],
+                per[1],
+                per[2],
+                per[3],
+                ms - per.iter().sum::<f64>()
             );
         }
         Ok((ms, out))
@@ -293,20 +347,28 @@ fn scaling(
         let mut bandwidth: Option<f64> = None;
         anyhow::ensure!(n >= 1, "--gpus counts must be at least 1");
         let (ms, out) = if n == 1 {
-            let device = candle_core::Device::new_cuda(0)?;
+            let device = crate::cuda_support::cuda_device(0, false)?;
             let step = make(&device, None)?;
-            time(&step, &|| device.synchronize(), 0)?
+            if baseline_row_split > 1 {
+                println!("  1-GPU baseline: dense linears on {baseline_row_split} token blocks each");
+            }
+            crate::linear::with_gemm_row_split(baseline_row_split, || {
+                time(&step, &|| device.synchronize(), 0, &device)
+            })?
         } else if n == 0 {
             anyhow::bail!("--gpus counts must be at least 1")
         } else {
-            let placement =
-                if shared { Placement::Shared(n, candle_core::Device::new_cuda(0)?) } else { Placement::Gpus(n) };
+            let placement = if shared {
+                Placement::Shared(n, crate::cuda_support::cuda_device(0, false)?)
+            } else {
+                Placement::Gpus(n)
+            };
             let mut all = launch(&placement, DEFAULT_TIMEOUT, |rank| {
                 let t0 = Instant::now();
                 let step = make(&rank.device, Some(&rank.world))?;
                 log::info!("rank {} of {n}: built in {:.1}s", rank.index(), t0.elapsed().as_secs_f64());
                 let bw = probe_bandwidth(&rank.world, &rank.device)?;
-                let (ms, out) = time(&step, &|| rank.world.fence(), rank.index())?;
+                let (ms, out) = time(&step, &|| rank.world.fence(), rank.index(), &rank.device)?;
                 Ok((ms, out, bw))
             })?;
             let (ms, out, bw) = all.swap_remove(0);
@@ -403,7 +465,7 @@ fn wan_step(a: &WanStepArgs) -> anyhow::Result<()> {
                     &u + ((c - &u)? * WAN_BENCH_GUIDANCE)?
                 }))
             };
-            rows.extend(scaling(&what, v, &a.gpus, a.shared, a.iters, make)?);
+            rows.extend(scaling(&what, v, &a.gpus, a.shared, a.iters, 1, make)?);
         }
         if let Some(out) = &a.out {
             std::fs::write(out, serde_json::to_string_pretty(&rows)?)?;
@@ -543,7 +605,7 @@ fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
                     model.forward_sharded(&img, &txt, &t, g.as_ref(), &ids, &txt_ids, DType::BF16, sp)
                 }))
             };
-            rows.extend(scaling(&what, v, &a.gpus, a.shared, a.iters, make)?);
+            rows.extend(scaling(&what, v, &a.gpus, a.shared, a.iters, a.baseline_row_split, make)?);
         }
         if let Some(out) = &a.out {
             std::fs::write(out, serde_json::to_string_pretty(&rows)?)?;
@@ -635,7 +697,7 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
     use crate::doctor::Problem;
     use crate::nvfp4::{ActMode, Backend};
 
-    let device = Device::new_cuda(args.gpu)?;
+    let device = crate::cuda_support::cuda_device(args.gpu, false)?;
     let Device::Cuda(dev) = &device else { unreachable!() };
     let (name, _, _) = crate::cuda::device_info(dev)?;
     let time = |f: &mut dyn FnMut() -> candle_core::Result<()>| -> anyhow::Result<f64> {

@@ -61,7 +61,7 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
     #[cfg(feature = "cuda")]
     {
         use candle_core::Device;
-        let device = Device::new_cuda(args.gpu)?;
+        let device = crate::cuda_support::cuda_device(args.gpu, false)?;
         let Device::Cuda(dev) = &device else { unreachable!() };
         let (name, driver, mem) = crate::cuda::device_info(dev)?;
         let cc = crate::cuda::compute_capability(dev)?;
@@ -155,6 +155,10 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
         all.extend(r);
         println!("fused element-wise kernels vs their CPU reference (max |diff| / max |y|):");
         let r = crate::doctor::check_fused(&device)?;
+        failed += print_results(&r);
+        all.extend(r);
+        println!("sequence-parallel exchange kernels vs the CPU composition (ranks sharing the GPU; exact):");
+        let r = crate::doctor::check_exchange(&device)?;
         failed += print_results(&r);
         all.extend(r);
         if let Some(p) = &args.json {

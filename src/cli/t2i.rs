@@ -84,7 +84,7 @@ pub fn parse_device(s: Option<&str>) -> anyhow::Result<candle_core::Device> {
     if !cfg!(feature = "cuda") {
         anyhow::bail!("`--device {s}` needs a build with --features cuda (see README); this one runs on the CPU only");
     }
-    candle_core::Device::new_cuda(ordinal).with_context(|| format!("no usable CUDA device {ordinal}"))
+    crate::cuda_support::cuda_device(ordinal, false).with_context(|| format!("no usable CUDA device {ordinal}"))
 }
 
 /// `--dtype`: bf16, f16 or f32; by default bf16 on a GPU, f32 on the CPU.

@@ -28,6 +28,7 @@ static CUTLASS_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nvfp4_c
 
 #[cfg(feature = "cudnn")]
 pub mod cudnn;
+pub mod exchange;
 pub mod fp8;
 pub mod fused;
 #[cfg(candiff_sm100)]
@@ -100,18 +101,39 @@ pub(crate) fn wrap<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> candle
     move |e| candle_core::Error::Msg(format!("{what}: {e}"))
 }
 
+/// Kernel handles already looked up, per device and module: a lookup is a driver call, and
+/// launchers run once per layer call (several thousand times per denoising step).
+type FunctionCache = Mutex<HashMap<(DeviceId, Kernels), HashMap<String, CudaFunction>>>;
+
 fn function_in(dev: &CudaDevice, kernels: Kernels, name: &str) -> Result<CudaFunction> {
-    let mut m = modules().lock().expect("module cache poisoned");
-    let module = match m.get(&(dev.id(), kernels)) {
-        Some(module) => module.clone(),
-        None => {
-            let image = candle_core::cuda_backend::cudarc::nvrtc::Ptx::from_binary(kernels.image().to_vec());
-            let module = dev.cuda_stream().context().load_module(image).map_err(wrap("loading the NVFP4 kernels"))?;
-            m.insert((dev.id(), kernels), module.clone());
-            module
+    static FUNCTIONS: OnceLock<FunctionCache> = OnceLock::new();
+    let functions = FUNCTIONS.get_or_init(Default::default);
+    if let Some(f) =
+        functions.lock().expect("function cache poisoned").get(&(dev.id(), kernels)).and_then(|m| m.get(name))
+    {
+        return Ok(f.clone());
+    }
+    let module = {
+        let mut m = modules().lock().expect("module cache poisoned");
+        match m.get(&(dev.id(), kernels)) {
+            Some(module) => module.clone(),
+            None => {
+                let image = candle_core::cuda_backend::cudarc::nvrtc::Ptx::from_binary(kernels.image().to_vec());
+                let module =
+                    dev.cuda_stream().context().load_module(image).map_err(wrap("loading the NVFP4 kernels"))?;
+                m.insert((dev.id(), kernels), module.clone());
+                module
+            }
         }
     };
-    module.load_function(name).map_err(wrap(name))
+    let f = module.load_function(name).map_err(wrap(name))?;
+    functions
+        .lock()
+        .expect("function cache poisoned")
+        .entry((dev.id(), kernels))
+        .or_default()
+        .insert(name.to_string(), f.clone());
+    Ok(f)
 }
 
 fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {

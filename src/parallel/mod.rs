@@ -11,6 +11,7 @@
 //! Transports: [`nccl`] (one rank per GPU, the `nccl` feature) and [`local`] (all ranks on one
 //! device, in-process; the CPU tests and single-GPU checks of the sharded code paths).
 
+mod exchange;
 pub mod local;
 #[cfg(feature = "nccl")]
 pub mod nccl;
@@ -93,12 +94,54 @@ pub trait Transport: Send + Sync {
         send_counts: &[usize],
         recv_counts: &[usize],
     ) -> Result<Tensor>;
+    /// [`Transport::all_to_all`] started without making this rank's later work wait for it: the
+    /// received tensor may be read only after [`Pending::wait`] (work enqueued in between runs
+    /// alongside the transfer). Transports without a separate channel finish it at once.
+    fn all_to_all_start(
+        &self,
+        members: &[usize],
+        send: &Tensor,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<(Tensor, Pending)> {
+        Ok((self.all_to_all(members, send, send_counts, recv_counts)?, Pending::done()))
+    }
     /// Waits until this rank's queued work (communication included) is done, within the run's
     /// timeout; errors naming the rank when a peer failed or the wait timed out.
     fn fence(&self) -> Result<()>;
     /// Ends this rank's communication at once (from any thread): pending and later exchanges
     /// fail instead of waiting for a peer that will not come.
     fn abort(&self) {}
+}
+
+/// An exchange in flight ([`Transport::all_to_all_start`]): `wait` orders this rank's later
+/// work after it. Dropped unwaited (an error path), it waits then, so buffers the transfer still
+/// uses are never released under it.
+#[must_use = "the received data is valid only after `wait`"]
+pub struct Pending(Option<Box<dyn FnOnce() -> Result<()> + Send + Sync>>);
+
+impl Pending {
+    /// Nothing in flight.
+    pub fn done() -> Self {
+        Self(None)
+    }
+
+    /// `wait` runs `f` (which keeps alive what the transfer uses until then).
+    pub fn new(f: impl FnOnce() -> Result<()> + Send + Sync + 'static) -> Self {
+        Self(Some(Box::new(f)))
+    }
+
+    pub fn wait(mut self) -> Result<()> {
+        self.0.take().map_or(Ok(()), |f| f())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            let _ = f();
+        }
+    }
 }
 
 /// A subset of the ranks that exchange data together, in a fixed member order.
@@ -212,13 +255,56 @@ pub struct SeqParallel {
     group: Group,
     /// `sizes[seg][member]`: tokens of segment `seg` held by `member`.
     sizes: Vec<Vec<usize>>,
+    /// [`SeqParallel::row_map`] on the device, made at the first exchange of the call.
+    map: std::sync::OnceLock<Tensor>,
 }
 
 impl SeqParallel {
     /// Shards segments of `totals` tokens evenly over the group.
     pub fn new(group: Group, totals: &[usize]) -> Self {
         let n = group.size();
-        Self { sizes: totals.iter().map(|&t| split_sizes(t, n)).collect(), group }
+        Self { sizes: totals.iter().map(|&t| split_sizes(t, n)).collect(), group, map: Default::default() }
+    }
+
+    /// For each token of the full sequence (single-rank order: segment by segment, member by
+    /// member), three numbers: its row `p` among the rows the ranks send in member order
+    /// (member by member, each member's tokens in its own order), the first such row `base` of
+    /// its member, and how many tokens `held` that member holds. The exchange kernels place
+    /// tokens with it (kernels/fused.cu, `sp_*`).
+    pub fn row_map(&self) -> Vec<u32> {
+        let n = self.group.size();
+        let held: Vec<usize> = (0..n).map(|m| self.held(m)).collect();
+        let base: Vec<usize> = (0..n).map(|m| held[..m].iter().sum()).collect();
+        let mut seen = vec![0usize; n];
+        let mut out = Vec::with_capacity(3 * self.sizes.iter().flatten().sum::<usize>());
+        for sizes in &self.sizes {
+            for (m, &len) in sizes.iter().enumerate() {
+                for _ in 0..len {
+                    out.extend([(base[m] + seen[m]) as u32, base[m] as u32, held[m] as u32]);
+                    seen[m] += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// The row map on `device` (uploaded once per call of the transformer).
+    fn device_map(&self, device: &Device) -> Result<&Tensor> {
+        if let Some(m) = self.map.get() {
+            return Ok(m);
+        }
+        let v = self.row_map();
+        let n = v.len();
+        let t = Tensor::from_vec(v, n, device)?;
+        Ok(self.map.get_or_init(|| t))
+    }
+
+    /// Whether the exchange kernels apply (a CUDA build, tensors on a GPU).
+    fn fused(x: &Tensor) -> bool {
+        static GENERIC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        cfg!(feature = "cuda")
+            && x.device().is_cuda()
+            && !*GENERIC.get_or_init(|| std::env::var_os(SP_GENERIC_ENV).is_some())
     }
 
     /// (offset, length) of this rank's share of segment `seg`, in the segment's own positions.
@@ -259,21 +345,27 @@ impl SeqParallel {
         before + self.sizes[seg][..m].iter().sum::<usize>()
     }
 
-    /// Attention of the local queries `[B, H, S_local, D]` over every rank's keys and values,
-    /// returned `[B, H, S_local, D]`: heads are traded for tokens (all-to-all), each rank runs
-    /// `attn` over the full sequence in the reference's token order for `H / n` heads, then the
-    /// outputs go back to the ranks that own the tokens. Built from few, large copies: each op
-    /// costs host time, and with the GPU work split n ways the host is what a rank waits on.
-    pub fn attention(
+    /// Attention once the q, k, v exchange of [`SeqParallel::start_gather`] is in: waits for it,
+    /// attends, and sends the outputs back (`[B, H, S_local, D]`).
+    fn finish(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        gathering: Gathering,
+        s_loc: usize,
         attn: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
+        let dev = gathering.device();
+        let (q, k, v) = span(Part::ExchangeIn, &dev, || self.finish_gather(gathering))?;
+        let o = span(Part::Attention, &dev, || attn(&q, &k, &v))?;
+        span(Part::ExchangeOut, &dev, || self.scatter_heads(&o, s_loc))
+    }
+
+    /// Starts the first exchange: local `[B, H, S_local, D]` q, k, v to this rank's `H / n` heads
+    /// of the whole sequence. On GPUs the transfer runs beside whatever is queued next (NCCL's
+    /// own stream) until [`SeqParallel::finish_gather`].
+    fn start_gather(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Gathering> {
         let g = &self.group;
         let n = g.size();
-        let (_, heads, s_loc, _) = q.dims4()?;
+        let (b, heads, s_loc, d) = q.dims4()?;
         if heads % n != 0 {
             return Err(CandiffError::Parallel(format!(
                 "sequence parallelism over {n} ranks needs the head count ({heads}) to divide by {n}"
@@ -281,14 +373,35 @@ impl SeqParallel {
             .into());
         }
         let h = heads / n;
-        let (rank, dev) = (g.rank(), q.device().clone());
-        let (q, k, v) = timed(rank, 0, &dev, || self.gather_heads(q, k, v, h))?;
-        let o = timed(rank, 1, &dev, || attn(&q, &k, &v))?;
-        timed(rank, 2, &dev, || self.scatter_heads(&o, s_loc))
+        if !Self::fused(q) {
+            let (q, k, v) = self.gather_heads(q, k, v, h)?;
+            return Ok(Gathering::Ready(q, k, v));
+        }
+        let per_token = 3 * b * h * d;
+        let send = exchange::pack_qkv(q, k, v, n)?;
+        let send_counts = vec![s_loc * per_token; n];
+        let recv_counts: Vec<usize> = (0..n).map(|m| self.held(m) * per_token).collect();
+        let (recv, pending) = g.t.all_to_all_start(&g.members, &send, &send_counts, &recv_counts)?;
+        Ok(Gathering::InFlight { recv, pending, dims: (b, h, d) })
     }
 
-    /// The first exchange: local `[B, H, S_local, D]` q, k, v to this rank's `h` heads of the
-    /// whole sequence, `[B, h, S, D]` each (views of contiguous `[S, B, h, D]`).
+    /// q, k, v (`[B, h, S, D]` each, views of contiguous `[S, B, h, D]`) once the exchange is in.
+    fn finish_gather(&self, gathering: Gathering) -> Result<(Tensor, Tensor, Tensor)> {
+        match gathering {
+            Gathering::Ready(q, k, v) => Ok((q, k, v)),
+            Gathering::InFlight { recv, pending, dims: (b, h, d) } => {
+                pending.wait()?;
+                let s_total: usize = self.sizes.iter().flatten().sum();
+                let qkv = exchange::unpack_qkv(&recv, self.device_map(recv.device())?, (s_total, b, h, d))?;
+                let pick = |t: usize| qkv.get(t)?.permute((1, 2, 0, 3));
+                Ok((pick(0)?, pick(1)?, pick(2)?))
+            }
+        }
+    }
+
+    /// The first exchange by the Candle composition (the CPU path and the kernels' reference):
+    /// local `[B, H, S_local, D]` q, k, v to this rank's `h` heads of the whole sequence,
+    /// `[B, h, S, D]` each (views of contiguous `[S, B, h, D]`).
     fn gather_heads(&self, q: &Tensor, k: &Tensor, v: &Tensor, h: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let g = &self.group;
         let n = g.size();
@@ -329,6 +442,14 @@ impl SeqParallel {
         let n = g.size();
         let (b, h, _, d) = o.dims4()?;
         let heads = h * n;
+        if Self::fused(o) {
+            let per_token = b * h * d;
+            let send = exchange::pack_out(o, self.device_map(o.device())?)?;
+            let send_counts: Vec<usize> = (0..n).map(|m| self.held(m) * per_token).collect();
+            let recv_counts = vec![s_loc * per_token; n];
+            let recv = g.t.all_to_all(&g.members, &send, &send_counts, &recv_counts)?;
+            return exchange::unpack_out(&recv, (n, s_loc, b, h, d))?.transpose(1, 2);
+        }
         // Token-major [S, B, h, D], regrouped member by member, each member's tokens in one piece.
         let os = o.permute((2, 0, 1, 3))?;
         let mut back = Vec::with_capacity(self.sizes.len() * n);
@@ -351,45 +472,65 @@ impl SeqParallel {
     }
 }
 
+/// Set (to anything), the exchanges use the Candle composition instead of the exchange kernels
+/// on GPUs too (a diagnostic: the composition is their CPU reference).
+pub const SP_GENERIC_ENV: &str = "CANDIFF_SP_GENERIC";
+
+/// The q, k, v exchange of one attention: done (the Candle composition) or in flight.
+enum Gathering {
+    Ready(Tensor, Tensor, Tensor),
+    InFlight { recv: Tensor, pending: Pending, dims: (usize, usize, usize) },
+}
+
+impl Gathering {
+    fn device(&self) -> Device {
+        match self {
+            Gathering::Ready(q, ..) => q.device().clone(),
+            Gathering::InFlight { recv, .. } => recv.device().clone(),
+        }
+    }
+}
+
+/// An attention whose inputs are on their way ([`attend_start`]): work queued before
+/// [`Attending::finish`] overlaps the exchange of q, k, v on GPUs.
+pub struct Attending<'a>(Started<'a>);
+
+enum Started<'a> {
+    Local(Tensor, Tensor, Tensor),
+    Sharded { sp: &'a SeqParallel, gathering: Gathering, s_loc: usize },
+}
+
+/// Starts the attention of local q, k, v `[B, H, S_local, D]`. With sharded tokens (Ulysses)
+/// heads are traded for tokens: the all-to-all of q, k, v begins here, [`Attending::finish`]
+/// waits for it, runs `attn` over the whole sequence in the single-rank token order for `H / n`
+/// heads, and sends the outputs back to the ranks holding the tokens (`[B, H, S_local, D]`).
+/// On GPUs the exchanges are one packing and one unpacking kernel each; the CPU keeps the Candle
+/// composition, their reference.
+pub fn attend_start<'a>(sp: Option<&'a SeqParallel>, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Attending<'a>> {
+    match sp {
+        Some(sp) if sp.group.size() > 1 => {
+            let s_loc = q.dim(2)?;
+            let gathering = span(Part::ExchangeIn, q.device(), || sp.start_gather(q, k, v))?;
+            Ok(Attending(Started::Sharded { sp, gathering, s_loc }))
+        }
+        _ => Ok(Attending(Started::Local(q.clone(), k.clone(), v.clone()))),
+    }
+}
+
+impl Attending<'_> {
+    /// The attention output `[B, H, S_local, D]` (`attn` runs on whole-sequence q, k, v).
+    pub fn finish(self, attn: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        match self.0 {
+            Started::Local(q, k, v) => span(Part::Attention, q.device(), || attn(&q, &k, &v)),
+            Started::Sharded { sp, gathering, s_loc } => sp.finish(gathering, s_loc, attn),
+        }
+    }
+}
+
 /// This rank's (text, image, RoPE rows) of a joint sequence.
 pub type JointShard = (Tensor, Tensor, (Tensor, Tensor));
 
-/// `CANDIFF_ATTN_TIMING=1`: each attention call synchronizes the device around its parts and
-/// adds their times (exchange in, attention, exchange out) to [`attention_timing`], per rank. A
-/// diagnostic: the synchronizations cost time themselves.
-pub const ATTN_TIMING_ENV: &str = "CANDIFF_ATTN_TIMING";
-
-type TimingTable = Mutex<std::collections::HashMap<usize, [f64; 3]>>;
-
-fn timing_table() -> &'static TimingTable {
-    static T: std::sync::OnceLock<TimingTable> = std::sync::OnceLock::new();
-    T.get_or_init(Default::default)
-}
-
-fn timing_on() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var(ATTN_TIMING_ENV).is_ok_and(|v| v == "1"))
-}
-
-/// Seconds spent so far by `rank` (0 on one device) in (exchange in, attention, exchange out),
-/// and resets them; `None` unless `CANDIFF_ATTN_TIMING=1`.
-pub fn attention_timing(rank: usize) -> Option<[f64; 3]> {
-    timing_on().then(|| timing_table().lock().unwrap_or_else(|p| p.into_inner()).remove(&rank).unwrap_or_default())
-}
-
-/// Times `f` (device synchronized before and after) into slot `part` of `rank`'s timings.
-fn timed<T>(rank: usize, part: usize, device: &Device, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    if !timing_on() {
-        return f();
-    }
-    device.synchronize()?;
-    let t0 = Instant::now();
-    let out = f()?;
-    device.synchronize()?;
-    timing_table().lock().unwrap_or_else(|p| p.into_inner()).entry(rank).or_default()[part] +=
-        t0.elapsed().as_secs_f64();
-    Ok(out)
-}
+use crate::profile::{span, Part};
 
 /// Attention through the group when the tokens are sharded, else `attn` directly.
 pub fn attend(
@@ -399,10 +540,7 @@ pub fn attend(
     v: &Tensor,
     attn: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    match sp {
-        Some(sp) if sp.group.size() > 1 => sp.attention(q, k, v, attn),
-        _ => timed(0, 1, q.device(), || attn(q, k, v)),
-    }
+    attend_start(sp, q, k, v)?.finish(attn)
 }
 
 /// Errors unless `n` ranks can split a model of `heads` attention heads (`cfg`: the step runs a

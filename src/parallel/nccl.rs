@@ -1,8 +1,11 @@
 //! One rank per GPU over NCCL (cudarc's bindings). The all-to-all is one NCCL group of
-//! point-to-point sends and receives, enqueued on the rank's Candle stream so it orders with the
-//! compute around it; nothing waits on the host except [`Transport::fence`], which polls the
-//! stream against the run's timeout and the other ranks' health and aborts the communicator
-//! rather than hang.
+//! point-to-point sends and receives on the rank's communication stream, ordered after the
+//! compute that wrote the send buffer (an event) and before the compute that reads the result
+//! (an event the compute stream waits on: at once for [`Transport::all_to_all`], later for
+//! [`Transport::all_to_all_start`], so compute queued in between overlaps the transfer). Every
+//! NCCL call of a rank goes to that one stream, so they run in the order issued on every rank.
+//! Nothing waits on the host except [`Transport::fence`], which polls both streams against the
+//! run's timeout and the other ranks' health and aborts the communicator rather than hang.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +33,8 @@ pub struct NcclTransport {
     /// `None` once aborted (by this rank or by the watchdog): later exchanges fail.
     comm: std::sync::Mutex<Option<Comm>>,
     device: CudaDevice,
+    /// Where this rank's NCCL calls run (see the module's comment).
+    comm_stream: Arc<cudarc::driver::CudaStream>,
     rank: usize,
     world: usize,
     health: Arc<Health>,
@@ -51,7 +56,12 @@ impl NcclTransport {
             ))
             .into());
         }
-        let devices = (0..n).map(CudaDevice::new_with_stream).collect::<Result<Vec<_>>>()?;
+        let devices = (0..n)
+            .map(|i| match crate::cuda_support::cuda_device(i, true)? {
+                Device::Cuda(d) => Ok(d),
+                _ => unreachable!("a CUDA device"),
+            })
+            .collect::<Result<Vec<_>>>()?;
         let id = nccl::get_uniqueid().map_err(nccl_err("unique id"))?;
         let comms: Vec<Result<Comm>> = std::thread::scope(|s| {
             let hs: Vec<_> = devices
@@ -76,9 +86,18 @@ impl NcclTransport {
         });
         let mut out = Vec::with_capacity(n);
         for (rank, (comm, dev)) in comms.into_iter().zip(devices).enumerate() {
+            // The highest priority: when the transfers overlap a GEMM, the block scheduler hands
+            // NCCL's blocks the first free multiprocessors instead of queueing them behind the
+            // GEMM's remaining waves.
+            let ctx = dev.cuda_stream().context().clone();
+            ctx.bind_to_thread().map_err(candle_core::Error::wrap)?;
+            let (_, greatest) =
+                cudarc::driver::result::stream::get_priority_range().map_err(candle_core::Error::wrap)?;
+            let comm_stream = ctx.new_stream_with_priority(greatest).map_err(candle_core::Error::wrap)?;
             let t = NcclTransport {
                 comm: std::sync::Mutex::new(Some(comm?)),
                 device: dev.clone(),
+                comm_stream,
                 rank,
                 world: n,
                 health: health.clone(),
@@ -168,6 +187,8 @@ struct AllToAll<'a> {
     members: &'a [usize],
     send_counts: &'a [usize],
     recv_counts: &'a [usize],
+    /// Recorded on the communication stream after the transfers.
+    done: std::sync::Mutex<Option<cudarc::driver::CudaEvent>>,
 }
 
 impl AllToAll<'_> {
@@ -179,7 +200,9 @@ impl AllToAll<'_> {
     ) -> Result<cudarc::driver::CudaSlice<T>> {
         let stream = dev.cuda_stream();
         let total: usize = self.recv_counts.iter().sum();
-        let mut out = stream.alloc_zeros::<T>(total).map_err(candle_core::Error::wrap)?;
+        // SAFETY: every element is written: this rank's share by the copy below, the others by
+        // the receives (each peer sends exactly `recv_counts` of them).
+        let mut out = unsafe { stream.alloc::<T>(total) }.map_err(candle_core::Error::wrap)?;
         let size = std::mem::size_of::<T>();
         let me = self.members.iter().position(|&m| m == self.t.rank).expect("member");
         let (mut s_at, mut r_at) = (offset, 0usize);
@@ -207,9 +230,13 @@ impl AllToAll<'_> {
             let mut dst_v = out.slice_mut(recv_at[me]..recv_at[me] + self.recv_counts[me]);
             stream.memcpy_dtod(&src_v, &mut dst_v).map_err(candle_core::Error::wrap)?;
         }
+        // The transfers wait for what the compute stream has queued (the send buffer, the
+        // allocation of `out`).
+        let cs = &self.t.comm_stream;
+        cs.join(&stream).map_err(candle_core::Error::wrap)?;
         {
-            let (sp, _g1) = src.device_ptr(&stream);
-            let (rp, _g2) = out.device_ptr_mut(&stream);
+            let (sp, _g1) = src.device_ptr(cs);
+            let (rp, _g2) = out.device_ptr_mut(cs);
             let peers: Vec<Option<i32>> =
                 self.members.iter().enumerate().map(|(i, &p)| (i != me).then_some(p as i32)).collect();
             let span = |base: u64, at: &[usize], counts: &[usize]| -> Vec<(u64, usize)> {
@@ -219,8 +246,10 @@ impl AllToAll<'_> {
             let recvs = span(rp, &recv_at, self.recv_counts);
             // SAFETY: offsets and counts lie within the buffers (checked by the caller); the
             // buffers' stream-ordered lifetimes cover the transfers.
-            unsafe { transfer(self.comm, stream.cu_stream() as _, &peers, &sends, &recvs, "all-to-all")? };
+            unsafe { transfer(self.comm, cs.cu_stream() as _, &peers, &sends, &recvs, "all-to-all")? };
         }
+        let done = cs.record_event(None).map_err(candle_core::Error::wrap)?;
+        *self.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(done);
         Ok(out)
     }
 }
@@ -270,6 +299,18 @@ impl Transport for NcclTransport {
         send_counts: &[usize],
         recv_counts: &[usize],
     ) -> Result<Tensor> {
+        let (out, pending) = self.all_to_all_start(members, send, send_counts, recv_counts)?;
+        pending.wait()?;
+        Ok(out)
+    }
+
+    fn all_to_all_start(
+        &self,
+        members: &[usize],
+        send: &Tensor,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<(Tensor, super::Pending)> {
         self.health.beat(self.rank);
         if let Some(e) = self.health.peer_error(self.rank) {
             self.abort();
@@ -282,8 +323,24 @@ impl Transport for NcclTransport {
             .as_ref()
             .ok_or_else(|| CandiffError::Parallel(format!("rank {}: communication was aborted", self.rank)))?
             .0;
-        let op = AllToAll { t: self, comm, members, send_counts, recv_counts };
-        send.apply_op1_no_bwd(&op)
+        let op = AllToAll { t: self, comm, members, send_counts, recv_counts, done: Default::default() };
+        let out = send.apply_op1_no_bwd(&op)?;
+        drop(guard);
+        let done = op.done.into_inner().unwrap_or_else(|p| p.into_inner());
+        let compute = self.device.cuda_stream();
+        // The buffers stay alive until the compute stream waits for the transfers: whatever is
+        // released after that wait is released in stream order behind them.
+        let keep = (send, out.clone());
+        Ok((
+            out,
+            super::Pending::new(move || {
+                if let Some(e) = done {
+                    compute.wait(&e).map_err(candle_core::Error::wrap)?;
+                }
+                drop(keep);
+                Ok(())
+            }),
+        ))
     }
 
     fn abort(&self) {
@@ -306,6 +363,8 @@ impl Transport for NcclTransport {
     fn fence(&self) -> Result<()> {
         self.health.beat(self.rank);
         let stream = self.device.cuda_stream();
+        // Transfers still in flight on the communication stream count as queued work.
+        stream.join(&self.comm_stream).map_err(candle_core::Error::wrap)?;
         let event = stream.record_event(None).map_err(candle_core::Error::wrap)?;
         let start = Instant::now();
         loop {

@@ -12,7 +12,7 @@ use super::config::FluxConfig;
 use crate::linear::{Linear, WeightBuilder};
 use crate::models::fused::{cat_act, gated_add, ln_modulate, MlpAct};
 use crate::models::ops::{attention, heads, merge_heads, rope_tables, timestep_embedding, RmsNorm};
-use crate::parallel::{attend, Group, SeqParallel};
+use crate::parallel::{attend, attend_start, Group, SeqParallel};
 
 /// Norm epsilon of every LayerNorm and q/k RMSNorm in FLUX.
 const EPS: f64 = 1e-6;
@@ -285,13 +285,25 @@ impl SingleBlock {
     fn forward(&self, x: &Tensor, temb: &Tensor, rope: &(Tensor, Tensor), sp: Option<&SeqParallel>) -> Result<Tensor> {
         let m = chunks(&self.norm.forward(&temb.silu()?)?, 3)?;
         let xn = ln_modulate(x, &m[0], &m[1], EPS)?;
-        let p = self.qkv_mlp.forward(&xn)?;
+        // Separate layers: q, k, v first, so the MLP projection's GEMM (independent of attention)
+        // runs while q, k, v travel between ranks; a fused layer yields all four at once.
+        let (p, mlp_layer) = match &self.qkv_mlp {
+            Proj::Split(ls) if ls.len() == 4 => {
+                (ls[..3].iter().map(|l| l.forward(&xn)).collect::<Result<Vec<_>>>()?, Some(&ls[3]))
+            }
+            proj => (proj.forward(&xn)?, None),
+        };
         let h = self.heads;
         let q = self.norm_q.norm_rope(&p[0], h, &rope.0, &rope.1)?;
         let k = self.norm_k.norm_rope(&p[1], h, &rope.0, &rope.1)?;
-        let o = merge_heads(&attend(sp, &q, &k, &heads(&p[2], h)?, attention)?)?;
+        let attending = attend_start(sp, &q, &k, &heads(&p[2], h)?)?;
+        let mlp = match mlp_layer {
+            Some(l) => l.forward(&xn)?,
+            None => p[3].clone(),
+        };
+        let o = merge_heads(&attending.finish(attention)?)?;
         // cat(attention, gelu(mlp)) in one pass.
-        let y = self.proj_out.forward(&cat_act(Some(&o), &p[3], MlpAct::GeluTanh)?)?;
+        let y = self.proj_out.forward(&cat_act(Some(&o), &mlp, MlpAct::GeluTanh)?)?;
         gated_add(x, &y, &m[2])
     }
 }

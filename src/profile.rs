@@ -1,0 +1,89 @@
+//! `CANDIFF_PROFILE=1`: GPU time of each kind of work in a step, without synchronizing.
+//!
+//! A [`span`] records a CUDA event on the device's stream before and after the work it wraps;
+//! [`take`] synchronizes once and adds up the elapsed times per [`Part`]. The timeline stays as it
+//! runs (the host keeps queueing ahead), so a part's time is what the stream spent on it,
+//! including any wait inside it (an exchange's transfer, or the GPU idling for the host). Spans
+//! do not nest; what no span covers is the rest of the step (element-wise kernels, copies).
+//! Each rank thread keeps its own record.
+
+#[cfg(feature = "cuda")]
+use std::cell::RefCell;
+
+use candle_core::{Device, Result};
+
+/// What a span measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Linear layers (GEMM and the fused bias / activation pass after it).
+    Linear,
+    /// The attention kernel.
+    Attention,
+    /// Sequence-parallel exchange before attention (packing, the wait for the transfer, unpacking).
+    ExchangeIn,
+    /// Sequence-parallel exchange after attention.
+    ExchangeOut,
+}
+
+/// Parts in report order.
+pub const PARTS: [Part; 4] = [Part::Linear, Part::Attention, Part::ExchangeIn, Part::ExchangeOut];
+
+/// The environment variable that turns spans on.
+pub const PROFILE_ENV: &str = "CANDIFF_PROFILE";
+
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var(PROFILE_ENV).is_ok_and(|v| v == "1"))
+}
+
+#[cfg(feature = "cuda")]
+type Mark = candle_core::cuda_backend::cudarc::driver::CudaEvent;
+
+#[cfg(feature = "cuda")]
+thread_local! {
+    static SPANS: RefCell<Vec<(Part, Mark, Mark)>> = const { RefCell::new(Vec::new()) };
+}
+
+#[cfg(feature = "cuda")]
+fn mark(device: &Device) -> Result<Option<Mark>> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+    match device {
+        Device::Cuda(d) => {
+            let s = d.cuda_stream();
+            Ok(Some(s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(candle_core::Error::wrap)?))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Runs `f`, timing it on `device`'s stream as `part` when profiling is on (CUDA devices only).
+pub fn span<T>(part: Part, device: &Device, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    #[cfg(feature = "cuda")]
+    if enabled() {
+        if let Some(start) = mark(device)? {
+            let out = f()?;
+            let end = mark(device)?.expect("a CUDA device");
+            SPANS.with(|s| s.borrow_mut().push((part, start, end)));
+            return Ok(out);
+        }
+    }
+    let _ = (part, device);
+    f()
+}
+
+/// Milliseconds per [`Part`] (in [`PARTS`] order) spent since the last call on this thread, and
+/// forgets them; `None` unless profiling is on. Waits for `device`'s queued work.
+pub fn take(device: &Device) -> Result<Option<[f64; 4]>> {
+    if !enabled() {
+        return Ok(None);
+    }
+    device.synchronize()?;
+    #[allow(unused_mut)]
+    let mut out = [0f64; 4];
+    #[cfg(feature = "cuda")]
+    for (part, a, b) in SPANS.with(|s| std::mem::take(&mut *s.borrow_mut())) {
+        let i = PARTS.iter().position(|p| *p == part).expect("listed");
+        out[i] += a.elapsed_ms(&b).map_err(candle_core::Error::wrap)? as f64;
+    }
+    Ok(Some(out))
+}
