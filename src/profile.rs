@@ -19,14 +19,15 @@ pub enum Part {
     Linear,
     /// The attention kernel.
     Attention,
-    /// Sequence-parallel exchange before attention (packing, the wait for the transfer, unpacking).
-    ExchangeIn,
-    /// Sequence-parallel exchange after attention.
-    ExchangeOut,
+    /// Sequence-parallel exchanges: packing and unpacking kernels (and starting the transfers).
+    Exchange,
+    /// Sequence-parallel exchanges: the compute stream waiting for a transfer to arrive (the
+    /// transfer's time not hidden behind other work, and any lag of a peer).
+    ExchangeWait,
 }
 
 /// Parts in report order.
-pub const PARTS: [Part; 4] = [Part::Linear, Part::Attention, Part::ExchangeIn, Part::ExchangeOut];
+pub const PARTS: [Part; 4] = [Part::Linear, Part::Attention, Part::Exchange, Part::ExchangeWait];
 
 /// The environment variable that turns spans on.
 pub const PROFILE_ENV: &str = "CANDIFF_PROFILE";

@@ -253,7 +253,8 @@ fn probe_bandwidth(world: &crate::parallel::Group, device: &candle_core::Device)
     probe(world, device, PROBE_BYTES, PROBE_ITERS)
 }
 
-/// Bytes each rank sends per second in all-to-alls of `bytes` per peer.
+/// Bytes each rank sends per second in all-to-alls of `bytes` per peer: the exchange alone, one
+/// send buffer made beforehand (as the packing kernels make it in a step).
 fn probe(
     world: &crate::parallel::Group,
     device: &candle_core::Device,
@@ -263,14 +264,13 @@ fn probe(
     let iters = iters.max(1);
     let n = world.size();
     let elems = bytes / 2;
-    let piece = candle_core::Tensor::zeros(elems, candle_core::DType::BF16, device)?;
-    let pieces = vec![piece; n];
-    let shapes = vec![vec![elems]; n];
-    world.all_to_all(&pieces, &shapes)?;
+    let send = candle_core::Tensor::zeros(n * elems, candle_core::DType::BF16, device)?;
+    let counts = vec![elems; n];
+    world.all_to_all_flat(&send, &counts, &counts)?;
     world.fence()?;
     let t0 = std::time::Instant::now();
     for _ in 0..iters {
-        world.all_to_all(&pieces, &shapes)?;
+        world.all_to_all_flat(&send, &counts, &counts)?;
     }
     world.fence()?;
     Ok((elems * 2 * (n - 1) * iters) as f64 / t0.elapsed().as_secs_f64())
@@ -331,7 +331,7 @@ fn scaling(
         if let Some(parts) = crate::profile::take(device)? {
             let per: Vec<f64> = parts.iter().map(|x| x / iters.max(1) as f64).collect();
             println!(
-                "  rank {rank}: per step {ms:.1} ms on the GPU stream: linear {:.1}, attention {:.1}, exchange in {:.1}, exchange out {:.1}, rest {:.1} (CANDIFF_PROFILE)",
+                "  rank {rank}: per step {ms:.1} ms on the GPU stream: linear {:.1}, attention {:.1}, exchange kernels {:.1}, exchange waits {:.1}, rest {:.1} (CANDIFF_PROFILE)",
                 per[0],
                 per[1],
                 per[2],

@@ -216,6 +216,12 @@ impl Group {
         Ok(out)
     }
 
+    /// [`Transport::all_to_all`] among the group's members: `send` is 1-D, `send_counts[i]`
+    /// elements for member `i` in member order; returns `recv_counts[i]` from each, in order.
+    pub fn all_to_all_flat(&self, send: &Tensor, send_counts: &[usize], recv_counts: &[usize]) -> Result<Tensor> {
+        self.t.all_to_all(&self.members, send, send_counts, recv_counts)
+    }
+
     /// Concatenates every member's `x` along `dim`; member `i`'s extent there is `sizes[i]`.
     pub fn all_gather(&self, x: &Tensor, dim: usize, sizes: &[usize]) -> Result<Tensor> {
         if self.size() == 1 {
@@ -345,23 +351,46 @@ impl SeqParallel {
         before + self.sizes[seg][..m].iter().sum::<usize>()
     }
 
-    /// Attention once the q, k, v exchange of [`SeqParallel::start_gather`] is in: waits for it,
-    /// attends, and sends the outputs back (`[B, H, S_local, D]`).
+    /// Attention once the q, k, v exchange of [`SeqParallel::start_gather`] is under way: waits
+    /// for it, attends over the whole sequence, and sends the outputs back (`[B, H, S_local, D]`).
     fn finish(
         &self,
         gathering: Gathering,
         s_loc: usize,
         attn: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let dev = gathering.device();
-        let (q, k, v) = span(Part::ExchangeIn, &dev, || self.finish_gather(gathering))?;
-        let o = span(Part::Attention, &dev, || attn(&q, &k, &v))?;
-        span(Part::ExchangeOut, &dev, || self.scatter_heads(&o, s_loc))
+        let (recv, pending, (b, h, d)) = match gathering {
+            Gathering::Ready(q, k, v) => {
+                let dev = q.device().clone();
+                let o = span(Part::Attention, &dev, || attn(&q, &k, &v))?;
+                return span(Part::Exchange, &dev, || self.scatter_heads_composed(&o, s_loc));
+            }
+            Gathering::InFlight { recv, pending, dims } => (recv, pending, dims),
+        };
+        let g = &self.group;
+        let n = g.size();
+        let dev = recv.device().clone();
+        span(Part::ExchangeWait, &dev, || pending.wait())?;
+        let map = self.device_map(&dev)?;
+        let s_total: usize = self.sizes.iter().flatten().sum();
+        let qkv = span(Part::Exchange, &dev, || exchange::unpack_qkv(&recv, map, (s_total, b, h, d)))?;
+        // Each of q, k, v: contiguous [S, B, h, D] seen as [B, h, S, D] (the single-rank layout).
+        let pick = |t: usize| qkv.get(t)?.permute((1, 2, 0, 3));
+        let o = span(Part::Attention, &dev, || attn(&pick(0)?, &pick(1)?, &pick(2)?))?;
+        let per_token = b * h * d;
+        let send_counts: Vec<usize> = (0..n).map(|m| self.held(m) * per_token).collect();
+        let recv_counts = vec![s_loc * per_token; n];
+        let (back, pending) = span(Part::Exchange, &dev, || {
+            let send = exchange::pack_out(&o, map)?;
+            g.t.all_to_all_start(&g.members, &send, &send_counts, &recv_counts)
+        })?;
+        span(Part::ExchangeWait, &dev, || pending.wait())?;
+        span(Part::Exchange, &dev, || exchange::unpack_out(&back, (n, s_loc, b, h, d)))?.transpose(1, 2)
     }
 
     /// Starts the first exchange: local `[B, H, S_local, D]` q, k, v to this rank's `H / n` heads
     /// of the whole sequence. On GPUs the transfer runs beside whatever is queued next (NCCL's
-    /// own stream) until [`SeqParallel::finish_gather`].
+    /// own stream) until [`SeqParallel::finish`] waits for it.
     fn start_gather(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Gathering> {
         let g = &self.group;
         let n = g.size();
@@ -383,20 +412,6 @@ impl SeqParallel {
         let recv_counts: Vec<usize> = (0..n).map(|m| self.held(m) * per_token).collect();
         let (recv, pending) = g.t.all_to_all_start(&g.members, &send, &send_counts, &recv_counts)?;
         Ok(Gathering::InFlight { recv, pending, dims: (b, h, d) })
-    }
-
-    /// q, k, v (`[B, h, S, D]` each, views of contiguous `[S, B, h, D]`) once the exchange is in.
-    fn finish_gather(&self, gathering: Gathering) -> Result<(Tensor, Tensor, Tensor)> {
-        match gathering {
-            Gathering::Ready(q, k, v) => Ok((q, k, v)),
-            Gathering::InFlight { recv, pending, dims: (b, h, d) } => {
-                pending.wait()?;
-                let s_total: usize = self.sizes.iter().flatten().sum();
-                let qkv = exchange::unpack_qkv(&recv, self.device_map(recv.device())?, (s_total, b, h, d))?;
-                let pick = |t: usize| qkv.get(t)?.permute((1, 2, 0, 3));
-                Ok((pick(0)?, pick(1)?, pick(2)?))
-            }
-        }
     }
 
     /// The first exchange by the Candle composition (the CPU path and the kernels' reference):
@@ -435,21 +450,14 @@ impl SeqParallel {
         Ok((pick(0)?, pick(1)?, pick(2)?))
     }
 
-    /// The second exchange: this rank's heads of the whole sequence's attention output
-    /// `[B, h, S, D]` back to the ranks owning the tokens; returns `[B, H, S_local, D]`.
-    fn scatter_heads(&self, o: &Tensor, s_loc: usize) -> Result<Tensor> {
+    /// The second exchange by the Candle composition (the CPU path, the kernels' reference): this
+    /// rank's heads of the whole sequence's attention output `[B, h, S, D]` back to the ranks
+    /// owning the tokens; returns `[B, H, S_local, D]`.
+    fn scatter_heads_composed(&self, o: &Tensor, s_loc: usize) -> Result<Tensor> {
         let g = &self.group;
         let n = g.size();
         let (b, h, _, d) = o.dims4()?;
         let heads = h * n;
-        if Self::fused(o) {
-            let per_token = b * h * d;
-            let send = exchange::pack_out(o, self.device_map(o.device())?)?;
-            let send_counts: Vec<usize> = (0..n).map(|m| self.held(m) * per_token).collect();
-            let recv_counts = vec![s_loc * per_token; n];
-            let recv = g.t.all_to_all(&g.members, &send, &send_counts, &recv_counts)?;
-            return exchange::unpack_out(&recv, (n, s_loc, b, h, d))?.transpose(1, 2);
-        }
         // Token-major [S, B, h, D], regrouped member by member, each member's tokens in one piece.
         let os = o.permute((2, 0, 1, 3))?;
         let mut back = Vec::with_capacity(self.sizes.len() * n);
@@ -479,16 +487,12 @@ pub const SP_GENERIC_ENV: &str = "CANDIFF_SP_GENERIC";
 /// The q, k, v exchange of one attention: done (the Candle composition) or in flight.
 enum Gathering {
     Ready(Tensor, Tensor, Tensor),
-    InFlight { recv: Tensor, pending: Pending, dims: (usize, usize, usize) },
-}
-
-impl Gathering {
-    fn device(&self) -> Device {
-        match self {
-            Gathering::Ready(q, ..) => q.device().clone(),
-            Gathering::InFlight { recv, .. } => recv.device().clone(),
-        }
-    }
+    /// The received buffer (valid after the wait), its exchange, and (batch, heads here, head size).
+    InFlight {
+        recv: Tensor,
+        pending: Pending,
+        dims: (usize, usize, usize),
+    },
 }
 
 /// An attention whose inputs are on their way ([`attend_start`]): work queued before
@@ -510,7 +514,7 @@ pub fn attend_start<'a>(sp: Option<&'a SeqParallel>, q: &Tensor, k: &Tensor, v: 
     match sp {
         Some(sp) if sp.group.size() > 1 => {
             let s_loc = q.dim(2)?;
-            let gathering = span(Part::ExchangeIn, q.device(), || sp.start_gather(q, k, v))?;
+            let gathering = span(Part::Exchange, q.device(), || sp.start_gather(q, k, v))?;
             Ok(Attending(Started::Sharded { sp, gathering, s_loc }))
         }
         _ => Ok(Attending(Started::Local(q.clone(), k.clone(), v.clone()))),
