@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Result, Tensor};
 
-use super::{Health, Transport};
+use super::{Health, Pending, Transport};
 use crate::error::CandiffError;
 
 /// One exchange: what each member deposited (buffer and per-member counts), and how many
@@ -64,13 +64,14 @@ impl Transport for LocalTransport {
         self.world
     }
 
-    fn all_to_all(
+    /// Finishes at once: the hand-over is through shared memory, nothing runs beside it.
+    fn all_to_all_start(
         &self,
         members: &[usize],
         send: &Tensor,
         send_counts: &[usize],
         recv_counts: &[usize],
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Pending)> {
         let me = members
             .iter()
             .position(|&m| m == self.rank)
@@ -132,7 +133,7 @@ impl Transport for LocalTransport {
             slots.remove(&key);
         }
         drop(slots);
-        Tensor::cat(&pieces, 0)
+        Ok((Tensor::cat(&pieces, 0)?, Pending::done()))
     }
 
     fn fence(&self) -> Result<()> {

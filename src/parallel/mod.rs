@@ -83,28 +83,30 @@ impl Health {
 pub trait Transport: Send + Sync {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
-    /// All-to-all among `members` (world ranks; this rank is one of them): `send` is 1-D and
-    /// holds `send_counts[i]` elements for `members[i]`, in member order; the result holds
-    /// `recv_counts[i]` elements from each, in member order. Every member calls it with the same
-    /// `members`, in the same order of calls.
-    fn all_to_all(
-        &self,
-        members: &[usize],
-        send: &Tensor,
-        send_counts: &[usize],
-        recv_counts: &[usize],
-    ) -> Result<Tensor>;
-    /// [`Transport::all_to_all`] started without making this rank's later work wait for it: the
-    /// received tensor may be read only after [`Pending::wait`] (work enqueued in between runs
-    /// alongside the transfer). Transports without a separate channel finish it at once.
+    /// All-to-all among `members` (world ranks; this rank is one of them), started without
+    /// making this rank's later work wait for it: `send` is 1-D and holds `send_counts[i]`
+    /// elements for `members[i]`, in member order; the result holds `recv_counts[i]` elements
+    /// from each, in member order, and may be read only after [`Pending::wait`] (work enqueued in
+    /// between runs alongside the transfer; transports without a separate channel finish at
+    /// once). Every member calls it with the same `members`, in the same order of calls.
     fn all_to_all_start(
         &self,
         members: &[usize],
         send: &Tensor,
         send_counts: &[usize],
         recv_counts: &[usize],
-    ) -> Result<(Tensor, Pending)> {
-        Ok((self.all_to_all(members, send, send_counts, recv_counts)?, Pending::done()))
+    ) -> Result<(Tensor, Pending)>;
+    /// [`Transport::all_to_all_start`] and its wait.
+    fn all_to_all(
+        &self,
+        members: &[usize],
+        send: &Tensor,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<Tensor> {
+        let (out, pending) = self.all_to_all_start(members, send, send_counts, recv_counts)?;
+        pending.wait()?;
+        Ok(out)
     }
     /// Waits until this rank's queued work (communication included) is done, within the run's
     /// timeout; errors naming the rank when a peer failed or the wait timed out.
@@ -206,7 +208,7 @@ impl Group {
         let send = Tensor::cat(&flat, 0)?;
         let send_counts: Vec<usize> = pieces.iter().map(|p| p.elem_count()).collect();
         let recv_counts: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
-        let recv = self.t.all_to_all(&self.members, &send, &send_counts, &recv_counts)?;
+        let recv = self.all_to_all_flat(&send, &send_counts, &recv_counts)?;
         let mut out = Vec::with_capacity(n);
         let mut at = 0;
         for (s, c) in shapes.iter().zip(&recv_counts) {
@@ -428,7 +430,7 @@ impl SeqParallel {
         let per_token = 3 * b * h * d;
         let send_counts = vec![s_loc * per_token; n];
         let recv_counts: Vec<usize> = (0..n).map(|m| self.held(m) * per_token).collect();
-        let recv = if n == 1 { send } else { g.t.all_to_all(&g.members, &send, &send_counts, &recv_counts)? };
+        let recv = if n == 1 { send } else { g.all_to_all_flat(&send, &send_counts, &recv_counts)? };
         // Member m's [3, S_m, B, h, D], its rows placed in the single-rank token order
         // (segment by segment, member by member) by one concatenation.
         let mut at = 0;
@@ -470,7 +472,7 @@ impl SeqParallel {
         let per_token = b * h * d;
         let send_counts: Vec<usize> = (0..n).map(|m| self.held(m) * per_token).collect();
         let recv_counts = vec![s_loc * per_token; n];
-        let recv = if n == 1 { send } else { g.t.all_to_all(&g.members, &send, &send_counts, &recv_counts)? };
+        let recv = if n == 1 { send } else { g.all_to_all_flat(&send, &send_counts, &recv_counts)? };
         // [n (head groups), S_local, B, h, D] -> [S_local, B, H, D] -> [B, H, S_local, D].
         recv.reshape((n, s_loc, b, h, d))?
             .permute((1, 2, 0, 3, 4))?

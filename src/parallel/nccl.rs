@@ -292,18 +292,6 @@ impl Transport for NcclTransport {
         self.world
     }
 
-    fn all_to_all(
-        &self,
-        members: &[usize],
-        send: &Tensor,
-        send_counts: &[usize],
-        recv_counts: &[usize],
-    ) -> Result<Tensor> {
-        let (out, pending) = self.all_to_all_start(members, send, send_counts, recv_counts)?;
-        pending.wait()?;
-        Ok(out)
-    }
-
     fn all_to_all_start(
         &self,
         members: &[usize],
