@@ -69,7 +69,47 @@ __device__ void gated_add(const T* __restrict__ x, const T* __restrict__ u, cons
     }
 }
 
+// 16 bytes of T, the unit of the vectorized variant below.
+template <typename T>
+struct Vec16 {
+    static constexpr int kN = 16 / sizeof(T);
+    T v[kN];
+};
+
+// gated_add over 16-byte vectors (c a multiple of kN): one index division per vector.
+template <typename T>
+__device__ void gated_add_vec(const T* __restrict__ x, const T* __restrict__ u, const float* __restrict__ gate,
+                              T* __restrict__ y, long long nvec, int c, int s, int sm) {
+    constexpr int kN = Vec16<T>::kN;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < nvec;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long e = i * kN;
+        const long long row = e / c;
+        const int col = e % c;
+        const Vec16<T> a = reinterpret_cast<const Vec16<T>*>(x)[i];
+        const Vec16<T> b = reinterpret_cast<const Vec16<T>*>(u)[i];
+        const float* gp = gate + mod_row(row, s, sm) * c + col;
+        float g[kN];
+#pragma unroll
+        for (int k = 0; k < kN; k += 4) *reinterpret_cast<float4*>(g + k) = *reinterpret_cast<const float4*>(gp + k);
+        Vec16<T> out;
+#pragma unroll
+        for (int k = 0; k < kN; ++k) out.v[k] = from_f<T>(to_f(a.v[k]) + to_f(b.v[k]) * g[k]);
+        reinterpret_cast<Vec16<T>*>(y)[i] = out;
+    }
+}
+
 }  // namespace
+
+#define FUSED_VEC(T, SUF)                                                                                        \
+    extern "C" __global__ void gated_add_vec_##SUF(const T* x, const T* u, const float* gate, T* y, long long nvec, \
+                                                   int c, int s, int sm) {                                       \
+        gated_add_vec<T>(x, u, gate, y, nvec, c, s, sm);                                                         \
+    }
+
+FUSED_VEC(float, f32)
+FUSED_VEC(__nv_bfloat16, bf16)
+FUSED_VEC(__half, f16)
 
 #define FUSED(T, SUF)                                                                                          \
     extern "C" __global__ void ln_modulate_##SUF(const T* x, const float* shift, const float* scale, T* y, int c, \
@@ -138,15 +178,56 @@ __device__ void bias_act(const T* __restrict__ x, const T* __restrict__ bias, T*
     }
 }
 
-// qk_norm_rope: per-head RMSNorm (learned weight) then interleaved-pair RoPE, from a strided view
-// of q or k to a contiguous [B, S, H, D]. Element (b, s, h, d) of x sits at b*sb + s*ss + h*D + d
-// (heads contiguous within a token, any token/batch stride: a slice of a fused qkv output is read
-// in place). The normalized value is rounded to T before the rotation, as the unfused ops do.
-// One warp per (b, s, h) row of D = 2 * pairs elements.
+// Four consecutive elements of T in one load / store.
 template <typename T>
-__device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss, const T* __restrict__ w,
-                             const float* __restrict__ cos, const float* __restrict__ sin, T* __restrict__ y, int s_len,
-                             int heads, int d, long long rows, float eps, int norm) {
+struct alignas(4 * sizeof(T)) Four {
+    T v[4];
+};
+
+// One row of D = 4 * 32 elements of qk_norm_rope, four per lane (two RoPE pairs) in single
+// 8- or 16-byte accesses (the host checked the alignment of every offset); same math as below.
+template <typename T>
+__device__ __forceinline__ void qk_norm_rope_row4(const T* __restrict__ xr, const T* __restrict__ w,
+                                                  const float* __restrict__ cos, const float* __restrict__ sin,
+                                                  T* __restrict__ yr, int d, float eps, int mode, int lane) {
+    const Four<T> in = reinterpret_cast<const Four<T>*>(xr)[lane];
+    if (mode == 0) {
+        reinterpret_cast<Four<T>*>(yr)[lane] = in;
+        return;
+    }
+    float f[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) f[k] = to_f(in.v[k]);
+    if (mode == 2) {
+        float sq = f[0] * f[0] + f[1] * f[1] + f[2] * f[2] + f[3] * f[3];
+        for (int o = kWarp / 2; o > 0; o /= 2) sq += __shfl_xor_sync(0xffffffff, sq, o);
+        const float rstd = rsqrtf(sq / d + eps);
+        const Four<T> wv = reinterpret_cast<const Four<T>*>(w)[lane];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) f[k] = to_f(from_f<T>(f[k] * rstd * to_f(wv.v[k])));
+    }
+    const float2 c = reinterpret_cast<const float2*>(cos)[lane], sn = reinterpret_cast<const float2*>(sin)[lane];
+    Four<T> out;
+    out.v[0] = from_f<T>(f[0] * c.x - f[1] * sn.x);
+    out.v[1] = from_f<T>(f[0] * sn.x + f[1] * c.x);
+    out.v[2] = from_f<T>(f[2] * c.y - f[3] * sn.y);
+    out.v[3] = from_f<T>(f[2] * sn.y + f[3] * c.y);
+    reinterpret_cast<Four<T>*>(yr)[lane] = out;
+}
+
+// qk_norm_rope: per-head RMSNorm (learned weight) then interleaved-pair RoPE of q or k, or RoPE
+// alone, or a plain copy (v): a strided [B, S, H, D] view in, rows written wherever the caller's
+// layout puts them. Element (b, s, h, d) of x sits at b*sb + s*ss + h*sh + d (a slice of a fused
+// qkv output, or an attention-layout view, read in place); row (b, s, h) of the output starts at
+// (h / hl)*yp + b*yb + s*ys + (h % hl)*D: a contiguous [B, S, H, D] (hl = H, yp = 0), or the
+// sequence-parallel send buffer [n, S, B, hl, D] whose piece j holds heads j*hl ... The
+// normalized value is rounded to T before the rotation, as the unfused ops do. One warp per
+// (b, s, h) row of D = 2 * pairs elements. mode: 0 copy, 1 RoPE, 2 norm + RoPE.
+template <typename T>
+__device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss, long long sh,
+                             const T* __restrict__ w, const float* __restrict__ cos, const float* __restrict__ sin,
+                             T* __restrict__ y, long long yb, long long ys, long long yp, int hl, int s_len, int heads,
+                             int d, long long rows, float eps, int mode, int vec4) {
     const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / kWarp;
     const int lane = threadIdx.x % kWarp;
     if (warp >= rows) return;
@@ -154,16 +235,26 @@ __device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss
     const long long bs = warp / heads;
     const int s = bs % s_len;
     const long long b = bs / s_len;
-    const T* xr = x + b * sb + s * ss + (long long)h * d;
-    float sq = 0.f;
-    for (int i = lane; i < d; i += kWarp) {
-        const float v = to_f(xr[i]);
-        sq += v * v;
+    const T* xr = x + b * sb + s * ss + (long long)h * sh;
+    T* yr = y + (long long)(h / hl) * yp + b * yb + s * ys + (long long)(h % hl) * d;
+    if (vec4) {
+        qk_norm_rope_row4<T>(xr, w, cos + (long long)s * (d / 2), sin + (long long)s * (d / 2), yr, d, eps, mode, lane);
+        return;
     }
-    for (int o = kWarp / 2; o > 0; o /= 2) sq += __shfl_xor_sync(0xffffffff, sq, o);
-    // norm = 0: RoPE alone (the model normalized already); the values pass through unchanged.
+    if (mode == 0) {
+        for (int i = lane; i < d; i += kWarp) yr[i] = xr[i];
+        return;
+    }
+    const bool norm = mode == 2;
+    float sq = 0.f;
+    if (norm) {
+        for (int i = lane; i < d; i += kWarp) {
+            const float v = to_f(xr[i]);
+            sq += v * v;
+        }
+        for (int o = kWarp / 2; o > 0; o /= 2) sq += __shfl_xor_sync(0xffffffff, sq, o);
+    }
     const float rstd = norm ? rsqrtf(sq / d + eps) : 1.f;
-    T* yr = y + warp * d;
     const int half = d / 2;
     for (int i = lane; i < half; i += kWarp) {
         const float n0 = norm ? to_f(from_f<T>(to_f(xr[2 * i]) * rstd * to_f(w[2 * i]))) : to_f(xr[2 * i]);
@@ -178,10 +269,11 @@ __device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss
     extern "C" __global__ void bias_act_##SUF(const T* x, const T* bias, T* y, long long n, int c, int gelu) {       \
         bias_act<T>(x, bias, y, n, c, gelu);                                                                          \
     }                                                                                                                 \
-    extern "C" __global__ void qk_norm_rope_##SUF(const T* x, long long sb, long long ss, const T* w,                \
-                                                  const float* cos, const float* sin, T* y, int s_len, int heads,     \
-                                                  int d, long long rows, float eps, int norm) {                       \
-        qk_norm_rope<T>(x, sb, ss, w, cos, sin, y, s_len, heads, d, rows, eps, norm);                                 \
+    extern "C" __global__ void qk_norm_rope_##SUF(const T* x, long long sb, long long ss, long long sh, const T* w, \
+                                                  const float* cos, const float* sin, T* y, long long yb,             \
+                                                  long long ys, long long yp, int hl, int s_len, int heads, int d,    \
+                                                  long long rows, float eps, int mode, int vec4) {                    \
+        qk_norm_rope<T>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, rows, eps, mode, vec4);      \
     }
 
 BLOCK_OPS(float, f32)
@@ -227,70 +319,13 @@ CAT_ACT(float, f32)
 CAT_ACT(__nv_bfloat16, bf16)
 CAT_ACT(__half, f16)
 
-// Sequence-parallel (Ulysses) exchange layouts: each replaces the stack / permute / concatenate
-// copies around an all-to-all with one pass. Pure data movement in units U of 2-16 bytes (the host
-// picks the widest unit dividing the head size, every stride and every offset), so any element
-// type moves bit-exactly. CPU reference: the Candle composition in src/parallel/mod.rs
-// (`SeqParallel::gather_heads` / `scatter_heads`), compared by `candiff doctor`.
-//
-// Row tables (`map`, three u32 per token of the full sequence, in the single-rank token order):
-// p = the token's row among the rows that ranks send in member order, base = the first such row
-// of the token's member, held = how many tokens that member holds.
-
-// send[j][t][s][b][hh][:] = src_t[b][j*h + hh][s][:] for t = q, k, v: local tokens, all heads ->
-// per-member pieces, member j getting heads j*h .. j*h + h - 1.
-template <typename U>
-__device__ void sp_pack_qkv(const U* __restrict__ q, const U* __restrict__ k, const U* __restrict__ v,
-                            const long long (&st)[3][3], U* __restrict__ out, int n, int h, int s_loc, int b, int dv) {
-    const long long total = (long long)n * 3 * s_loc * b * h * dv;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        long long r = i;
-        const int x = r % dv; r /= dv;
-        const int hh = r % h; r /= h;
-        const int bb = r % b; r /= b;
-        const int s = r % s_loc; r /= s_loc;
-        const int t = r % 3;
-        const int j = r / 3;
-        const U* src = t == 0 ? q : (t == 1 ? k : v);
-        out[i] = src[bb * st[t][0] + (long long)(j * h + hh) * st[t][1] + s * st[t][2] + x];
-    }
-}
-
-// out[t][r][:] (the full sequence's q, k, v for this rank's heads, [3, S, B, h, D]) from the
-// received pieces: member m's piece is [3, held_m, B, h, D], pieces in member order.
-template <typename U>
-__device__ void sp_unpack_qkv(const U* __restrict__ recv, const unsigned* __restrict__ map, U* __restrict__ out,
-                              int s_total, long long row) {
-    const long long total = 3LL * s_total * row;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long inner = i % row;
-        const long long tr = i / row;
-        const int r = tr % s_total;
-        const int t = tr / s_total;
-        const unsigned p = map[3 * r], base = map[3 * r + 1], held = map[3 * r + 2];
-        out[i] = recv[((long long)p + 2LL * base + (long long)t * held) * row + inner];
-    }
-}
-
-// send[p(r)][b][hh][:] = o[b][hh][r][:]: this rank's heads of the attention output, each token's
-// row sent to the member holding it (rows in member order).
-template <typename U>
-__device__ void sp_pack_out(const U* __restrict__ o, long long sb, long long sh, long long ss,
-                            const unsigned* __restrict__ map, U* __restrict__ out, int s_total, int b, int h, int dv) {
-    const long long row = (long long)b * h * dv;
-    const long long total = (long long)s_total * row;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        long long rest = i;
-        const int x = rest % dv; rest /= dv;
-        const int hh = rest % h; rest /= h;
-        const int bb = rest % b;
-        const int r = rest / b;
-        out[(long long)map[3 * r] * row + (bb * h + hh) * dv + x] = o[bb * sb + hh * sh + (long long)r * ss + x];
-    }
-}
+// Sequence-parallel (Ulysses) exchange: q, k, v reach the send buffer straight from
+// `qk_norm_rope` (its output layout), the transport places the received pieces in the single-rank
+// token order, and the attention output's rows go back per member as they lie. What is left is
+// the last step below: every member's heads of the local tokens into one row per token. Pure data
+// movement in units U of 2-16 bytes (the host picks the widest unit dividing the head size and the
+// offset), so any element type moves bit-exactly. CPU reference: the Candle composition in
+// src/parallel/mod.rs, compared by `candiff doctor`.
 
 // out[b][s][j*h + hh][:] = recv[j][s][b][hh][:]: the outputs of every member's heads for the local
 // tokens, back in the [B, S_local, H, D] layout the output projection reads.
@@ -310,21 +345,6 @@ __device__ void sp_unpack_out(const U* __restrict__ recv, U* __restrict__ out, i
 }
 
 #define SP_OPS(U, SUF)                                                                                              \
-    extern "C" __global__ void sp_pack_qkv_##SUF(const U* q, const U* k, const U* v, long long qb, long long qh,   \
-                                                 long long qs, long long kb, long long kh, long long ks,           \
-                                                 long long vb, long long vh, long long vs, U* out, int n, int h,   \
-                                                 int s_loc, int b, int dv) {                                       \
-        const long long st[3][3] = {{qb, qh, qs}, {kb, kh, ks}, {vb, vh, vs}};                                     \
-        sp_pack_qkv<U>(q, k, v, st, out, n, h, s_loc, b, dv);                                                      \
-    }                                                                                                               \
-    extern "C" __global__ void sp_unpack_qkv_##SUF(const U* recv, const unsigned* map, U* out, int s_total,         \
-                                                   long long row) {                                                \
-        sp_unpack_qkv<U>(recv, map, out, s_total, row);                                                            \
-    }                                                                                                               \
-    extern "C" __global__ void sp_pack_out_##SUF(const U* o, long long sb, long long sh, long long ss,              \
-                                                 const unsigned* map, U* out, int s_total, int b, int h, int dv) { \
-        sp_pack_out<U>(o, sb, sh, ss, map, out, s_total, b, h, dv);                                                \
-    }                                                                                                               \
     extern "C" __global__ void sp_unpack_out_##SUF(const U* recv, U* out, int n, int s_loc, int b, int h, int dv) { \
         sp_unpack_out<U>(recv, out, n, s_loc, b, h, dv);                                                           \
     }

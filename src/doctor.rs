@@ -227,6 +227,28 @@ pub fn check_fp8(device: &Device, problems: &[Problem]) -> candle_core::Result<V
             rel_max_err(&got16, &want),
             FP8_ACC_TOL + BF16_TOL,
         ));
+        // Bias and GELU in cuBLASLt's epilogue against the same GEMM followed by the fused
+        // bias/GELU pass: one bf16 rounding (of the GEMM output, before the pass) apart.
+        if device.is_cuda() && p.n % FP8_ROW_ALIGN_DOC == 0 {
+            let bias = Tensor::randn(0f32, 1.0, p.n, device)?.to_dtype(DType::BF16)?;
+            let with =
+                Nvfp4Linear::new(&p.w, Some(p.input_scale), Some(bias.clone()), Backend::Trtllm, ActMode::Fp8, device)?;
+            let x =
+                Tensor::from_vec(p.x.clone(), (p.m, p.k), &Device::Cpu)?.to_dtype(DType::BF16)?.to_device(device)?;
+            let plain = gpu.forward(&x)?;
+            for gelu in [false, true] {
+                let got = with.forward_act(&x, gelu)?;
+                let want = crate::models::fused::bias_act(&plain, &bias, gelu)?;
+                let host = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+                    t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()
+                };
+                results.push(CheckResult::new(
+                    format!("fp8 epilogue bias{} {}", if gelu { "+gelu" } else { "" }, p.label),
+                    rel_max_err(&host(&got)?, &host(&want)?),
+                    TWO_ROUNDINGS_TOL,
+                ));
+            }
+        }
         // Informational bound: FP8 (3 mantissa bits for weights and activations) against W4A16.
         let w16 = p.run(&p.layer(Backend::Trtllm, ActMode::W4A16, &Device::Cpu)?, DType::F32, &Device::Cpu)?;
         results.push(CheckResult::new(
@@ -237,6 +259,9 @@ pub fn check_fp8(device: &Device, problems: &[Problem]) -> candle_core::Result<V
     }
     Ok(results)
 }
+
+/// fp8 layers pad N to this multiple; the epilogue runs only on unpadded layers.
+const FP8_ROW_ALIGN_DOC: usize = crate::nvfp4::linear::FP8_ROW_ALIGN;
 
 /// FP8 GEMM against its f32-accumulating CPU reference: Hopper's FP8 MMA keeps fewer mantissa bits
 /// in its running sums than f32 (measured 0.7-2.7e-4 of max |y| on an H200, where every input
@@ -381,6 +406,56 @@ pub fn check_fused(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
             }
         }
     }
+    // Dense half-precision linear with bias / tanh-GELU in cuBLASLt's epilogue (a row-offset view
+    // as input, as the models pass) against f32 math on the CPU from the same bf16 values: one
+    // rounding of the output apart (2^-8 of an element at most, relative to the largest).
+    #[cfg(feature = "cuda")]
+    for (m, k, n) in [(4096, 3072, 12288), (333, 3072, 3072), (16, 3072, 18432)] {
+        let all = Tensor::randn(0f32, 1.0, (1, m + 5, k), device)?.to_dtype(DType::BF16)?;
+        let x = all.narrow(1, 5, m)?;
+        let w = (Tensor::randn(0f32, 1.0, (n, k), device)? / (k as f64).sqrt())?.to_dtype(DType::BF16)?;
+        let bias = Tensor::randn(0f32, 1.0, n, device)?.to_dtype(DType::BF16)?;
+        for gelu in [false, true] {
+            let Some(got) = crate::cuda::lt::dense_linear(&x, &w, Some(&bias), gelu, None)? else {
+                candle_core::bail!("cuBLASLt found no bf16 GEMM with an epilogue for {m}x{k}x{n}")
+            };
+            let f = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+            let y = f(&x)?.broadcast_matmul(&f(&w)?.t()?)?;
+            let want = crate::models::fused::bias_act(&y, &f(&bias)?, gelu)?;
+            out.push(CheckResult::new(
+                format!("dense cuBLASLt epilogue bias{} {m}x{k}x{n} bf16", if gelu { "+gelu" } else { "" }),
+                rel_max_err(&host(&got)?, &host(&want)?),
+                ONE_ROUNDING_TOL,
+            ));
+        }
+    }
+    // A parallel block's output projection split along its inputs (the MLP part's GEMM, then the
+    // attention part's accumulating onto it) against cat + one GEMM: the split rounds the MLP
+    // part once more.
+    #[cfg(feature = "cuda")]
+    for (rows, c, w) in [(2304, 3072, 12288), (77, 64, 256)] {
+        use crate::models::flux::model::OutProj;
+        use crate::models::fused::MlpAct;
+        let weight =
+            (Tensor::randn(0f32, 1.0, (c, c + w), device)? / ((c + w) as f64).sqrt())?.to_dtype(DType::BF16)?;
+        let bias = Tensor::randn(0f32, 1.0, c, device)?.to_dtype(DType::BF16)?;
+        let layer = || crate::linear::Linear::Dense(candle_nn::Linear::new(weight.clone(), Some(bias.clone())));
+        let split = OutProj::new(layer(), c)?;
+        if !split.split() {
+            candle_core::bail!("a bf16 dense layer on the GPU was not split");
+        }
+        let whole = OutProj::Whole(layer());
+        let o = Tensor::randn(0f32, 1.0, (1, 2, rows, c / 2), device)?.to_dtype(DType::BF16)?;
+        let m = Tensor::randn(0f32, 1.0, (1, rows, w), device)?.to_dtype(DType::BF16)?;
+        let back = |o: &Tensor| crate::parallel::Returning::done(o.clone());
+        let got = split.forward(back(&o), &m, MlpAct::GeluTanh, false)?;
+        let want = whole.forward(back(&o), &m, MlpAct::GeluTanh, false)?;
+        out.push(CheckResult::new(
+            format!("split output projection {rows}x({c}+{w}) bf16"),
+            rel_max_err(&host(&got)?, &host(&want)?),
+            TWO_ROUNDINGS_TOL,
+        ));
+    }
     // Per-head RMSNorm + RoPE, reading a strided slice of a fused projection (as the models do)
     // against the unfused composition on the CPU.
     for (b, s, h, d, extra) in [(1, 4608, 24, 128, 2 * 3072), (2, 77, 3, 64, 40)] {
@@ -432,13 +507,17 @@ pub fn check_fused(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
     Ok(out)
 }
 
+/// One bf16 rounding of the output (2^-8 relative to the element, less relative to the largest).
+pub const ONE_ROUNDING_TOL: f32 = 4e-3;
+
 /// bf16 ops with an intermediate rounding (the normalized value before the rotation): each side
 /// may round it the other way (1 ulp = 2^-8 relative), then the output rounds again; a wrong
 /// index or formula is off by O(1). The f32 checks of the same kernels hold FUSED_TOL with 1e-6.
 pub const TWO_ROUNDINGS_TOL: f32 = 2e-2;
 
-/// The sequence-parallel exchange kernels (kernels/fused.cu, `sp_*`) against the Candle
-/// composition on the CPU: Ulysses attention over `n` ranks sharing the device (in-process
+/// The sequence-parallel exchange on the GPU (q, k, v written into the send layout by
+/// `qk_norm_rope`'s placement, `sp_unpack_out`; kernels/fused.cu) against the Candle composition
+/// on the CPU: Ulysses attention over `n` ranks sharing the device (in-process
 /// exchange, the kernels' layouts as over NCCL) with an element-wise stand-in for attention, so
 /// both sides compute the very same values; pure data movement must agree exactly (limit 0).
 pub fn check_exchange(device: &Device) -> candle_core::Result<Vec<CheckResult>> {

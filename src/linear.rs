@@ -23,8 +23,9 @@ impl Module for Linear {
     }
 }
 
-/// `x W^T + b` for a dense layer, with the bias (and GELU when `gelu`) in one fused pass on the
-/// GPU, where Candle's broadcast add alone costs two thirds of a 3072x3072 GEMM.
+/// `x W^T + b` for a dense layer, with the bias (and GELU when `gelu`) in the GEMM's epilogue on
+/// the GPU (cuBLASLt, half precision), else in one fused pass after it: Candle's broadcast add
+/// alone costs two thirds of a 3072x3072 GEMM.
 fn dense_forward(l: &candle_nn::Linear, x: &Tensor, gelu: bool) -> Result<Tensor> {
     let split = GEMM_ROW_SPLIT.with(|c| c.get());
     if split > 1 && x.rank() == 3 && x.dim(1)? >= split {
@@ -57,6 +58,11 @@ pub fn with_gemm_row_split<T>(n: usize, f: impl FnOnce() -> T) -> T {
 }
 
 fn dense_forward_whole(l: &candle_nn::Linear, x: &Tensor, gelu: bool) -> Result<Tensor> {
+    // Half precision on a GPU: bias and GELU in cuBLASLt's epilogue, no extra pass.
+    #[cfg(feature = "cuda")]
+    if let Some(y) = crate::cuda::lt::dense_linear(x, l.weight(), l.bias(), gelu, None)? {
+        return Ok(y);
+    }
     match l.bias() {
         Some(b) if x.device().is_cuda() => {
             let y = candle_nn::Linear::new(l.weight().clone(), None).forward(x)?;
@@ -74,6 +80,72 @@ fn dense_forward_whole(l: &candle_nn::Linear, x: &Tensor, gelu: bool) -> Result<
 }
 
 impl Linear {
+    /// Layers reading the same input joined into one (outputs concatenated), where each is dense
+    /// (same dtype, all with or all without a bias) or each an fp8-mode NVFP4 layer: one GEMM
+    /// (and, in fp8 mode, one activation quantization) instead of several. `None` otherwise.
+    pub fn concat(parts: &[Linear]) -> Result<Option<Linear>> {
+        if parts.len() < 2 {
+            return Ok(None);
+        }
+        let dense: Option<Vec<&candle_nn::Linear>> =
+            parts.iter().map(|l| if let Linear::Dense(d) = l { Some(d) } else { None }).collect();
+        if let Some(ds) = dense {
+            let k = ds[0].weight().dim(1)?;
+            let biased = ds[0].bias().is_some();
+            if ds.iter().any(|d| d.weight().dim(1).ok() != Some(k) || d.bias().is_some() != biased)
+                || ds.iter().any(|d| d.weight().dtype() != ds[0].weight().dtype())
+            {
+                return Ok(None);
+            }
+            let w = Tensor::cat(&ds.iter().map(|d| d.weight()).collect::<Vec<_>>(), 0)?;
+            let b = if biased {
+                Some(Tensor::cat(&ds.iter().map(|d| d.bias().expect("biased")).collect::<Vec<_>>(), 0)?)
+            } else {
+                None
+            };
+            return Ok(Some(Linear::Dense(candle_nn::Linear::new(w, b))));
+        }
+        let fp8: Option<Vec<&Nvfp4Linear>> =
+            parts.iter().map(|l| if let Linear::Nvfp4(q) = l { Some(q) } else { None }).collect();
+        match fp8 {
+            Some(qs) => Ok(Nvfp4Linear::concat_fp8(&qs)?.map(Linear::Nvfp4)),
+            None => Ok(None),
+        }
+    }
+
+    /// `acc + x W^T + b`: on the GPU a dense half-precision layer adds `acc` inside the GEMM
+    /// (cuBLASLt, beta = 1), no extra pass.
+    pub fn forward_acc(&self, x: &Tensor, acc: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Linear::Dense(l) = self {
+            if let Some(y) = crate::cuda::lt::dense_linear(x, l.weight(), l.bias(), false, Some(acc))? {
+                return Ok(y);
+            }
+        }
+        acc + self.forward(x)?
+    }
+
+    /// A dense layer on a GPU in half precision split along its input features at `at`: (the
+    /// first `at` inputs, no bias; the rest, with the bias), so `cat(a, b)` through the layer is
+    /// `a W1^T + b W2^T + bias` as two GEMMs, the second accumulating onto the first. Any other
+    /// layer comes back unchanged (`Err`): there the split buys nothing.
+    pub fn split_inputs(self, at: usize) -> Result<std::result::Result<(Linear, Linear), Linear>> {
+        match &self {
+            Linear::Dense(l)
+                if l.weight().device().is_cuda()
+                    && matches!(l.weight().dtype(), DType::BF16 | DType::F16)
+                    && at < l.weight().dim(1)? =>
+            {
+                let w = l.weight();
+                let k = w.dim(1)?;
+                let first = candle_nn::Linear::new(w.narrow(1, 0, at)?.contiguous()?, None);
+                let rest = candle_nn::Linear::new(w.narrow(1, at, k - at)?.contiguous()?, l.bias().cloned());
+                Ok(Ok((Linear::Dense(first), Linear::Dense(rest))))
+            }
+            _ => Ok(Err(self)),
+        }
+    }
+
     /// The layer followed by tanh-GELU (fused with the bias add on the GPU).
     pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_act(x, true)
@@ -99,6 +171,15 @@ impl Linear {
             Linear::Dense(d) => Some(d),
             Linear::Probed(p) => p.inner.as_dense(),
             Linear::Nvfp4(_) => None,
+        }
+    }
+
+    /// Output features (N).
+    pub fn out_features(&self) -> Result<usize> {
+        match self {
+            Linear::Dense(d) => d.weight().dim(0),
+            Linear::Nvfp4(q) => Ok(q.out_features()),
+            Linear::Probed(p) => p.inner.out_features(),
         }
     }
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 use candiff::linear::{Nvfp4Options, WeightBuilder};
 use candiff::models::flux::{FluxConfig, FluxTransformer, Naming};
 use candiff::nvfp4::{Checkpoint, Overrides};
+use candiff::parallel::pack::{QkvPack, Slot};
 use candiff::parallel::{attend, launch, split_sizes, Placement, Plan, SeqParallel, DEFAULT_TIMEOUT};
 use candiff::pipelines::wan::{RunStats, WanFiles, WanRun};
 use candiff::pipelines::RunOptions;
@@ -106,122 +107,92 @@ fn ulysses_matches(n: usize, heads: usize, segments: &[usize]) {
     }
 }
 
-/// The exchange kernels' index formulas (kernels/fused.cu, `sp_*`), run here as loops with the
-/// row map of `SeqParallel`: every rank ends with the full sequence of its heads, and the outputs
-/// come back to the ranks holding their tokens, in the layouts the kernels promise.
-fn exchange_formulas_place_every_token(n: usize, heads: usize, segments: &[usize], b: usize) {
+/// The GPU writers' placement of q, k, v rows (`QkvPack::placement`, the output formula of
+/// kernels/fused.cu `qk_norm_rope`) puts every row where the CPU composition of the pack puts it,
+/// for runs of tokens written one after another (FLUX's text then image rows).
+fn pack_placement_matches_the_composition(n: usize, heads: usize, runs: &[usize], b: usize) {
     let d = 4;
-    let h = heads / n;
-    let s: usize = segments.iter().sum();
-    let maps = launch(&cpu(n), DEFAULT_TIMEOUT, |rank| {
-        let sp = SeqParallel::new(rank.world.clone(), segments);
-        let local: Vec<usize> = (0..segments.len()).map(|i| sp.local(i).1).collect();
-        Ok((sp.row_map(), local))
+    let s_loc: usize = runs.iter().sum();
+    let outs = launch(&cpu(n), DEFAULT_TIMEOUT, |rank| {
+        let sp = SeqParallel::new(rank.world.clone(), &[s_loc * n]);
+        let like = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
+        let mut pack = QkvPack::new(Some(&sp), &like, s_loc, b, heads, d)?;
+        let mut formula = vec![f32::NAN; 3 * s_loc * b * heads * d];
+        let mut seed = 100 * rank.index() as u64;
+        for slot in [Slot::Q, Slot::K, Slot::V] {
+            let mut s0 = 0;
+            for &len in runs {
+                seed += 1;
+                let x = data(&[b, len, heads * d], seed);
+                let at = pack.placement(slot, s0);
+                let xv = flat(&x);
+                for bb in 0..b {
+                    for s in 0..len {
+                        for h in 0..heads {
+                            for i in 0..d {
+                                formula[at.row(bb, s, h, d) + i] = xv[(bb * len + s) * heads * d + h * d + i];
+                            }
+                        }
+                    }
+                }
+                pack.put(slot, s0, &x, None, None)?;
+                s0 += len;
+            }
+        }
+        Ok((formula, flat(&pack.finish()?)))
     })
     .unwrap();
-    let map = &maps[0].0;
-    assert!(maps.iter().all(|(m, _)| m == map), "every rank builds the same map");
-    // Global token order of each member's local rows (segment by segment).
-    let mut owned: Vec<Vec<usize>> = vec![Vec::new(); n];
-    let mut start = 0;
-    for (seg, &len) in segments.iter().enumerate() {
-        let sizes = split_sizes(len, n);
-        let mut at = start;
-        for (m, &l) in sizes.iter().enumerate() {
-            assert_eq!(maps[m].1[seg], l);
-            owned[m].extend(at..at + l);
-            at += l;
-        }
-        start += len;
-    }
-    // Full q, k, v as a function: value of (t, batch, head, token, x).
-    let val = |t: usize, bb: usize, hd: usize, tok: usize, x: usize| {
-        (((t * 7 + bb) * 100 + hd) * 1000 + tok) as f32 * 10.0 + x as f32
-    };
-    let row = b * h * d;
-    // sp_pack_qkv on each member m: send_m[j][t][s][b][hh][x].
-    let sends: Vec<Vec<f32>> = (0..n)
-        .map(|m| {
-            let s_loc = owned[m].len();
-            let mut out = vec![0.0; n * 3 * s_loc * row];
-            for (i, o) in out.iter_mut().enumerate() {
-                let (x, r) = (i % d, i / d);
-                let (hh, r) = (r % h, r / h);
-                let (bb, r) = (r % b, r / b);
-                let (sl, r) = (r % s_loc, r / s_loc);
-                let (t, j) = (r % 3, r / 3);
-                *o = val(t, bb, j * h + hh, owned[m][sl], x);
-            }
-            out
-        })
-        .collect();
-    for me in 0..n {
-        // What `me` receives: member m's piece for `me`, members in order.
-        let mut recv = Vec::new();
-        for (m, send) in sends.iter().enumerate() {
-            let piece = 3 * owned[m].len() * row;
-            recv.extend_from_slice(&send[me * piece..(me + 1) * piece]);
-        }
-        // sp_unpack_qkv: out[t][r][inner] = recv[(p + 2 base + t held) row + inner].
-        for t in 0..3 {
-            for r in 0..s {
-                let (p, base, held) = (map[3 * r] as usize, map[3 * r + 1] as usize, map[3 * r + 2] as usize);
-                for inner in 0..row {
-                    let got = recv[(p + 2 * base + t * held) * row + inner];
-                    let (x, bh) = (inner % d, inner / d);
-                    let (hh, bb) = (bh % h, bh / h);
-                    assert_eq!(got, val(t, bb, me * h + hh, r, x), "{n} ranks: rank {me} t {t} token {r}");
-                }
-            }
-        }
-    }
-    // sp_pack_out on each member j (its heads' output = val(0, ..) for every token), then
-    // sp_unpack_out on each member m: out[b][s][j*h + hh][x].
-    let outs: Vec<Vec<f32>> = (0..n)
-        .map(|j| {
-            let mut send = vec![f32::NAN; s * row];
-            for r in 0..s {
-                for bb in 0..b {
-                    for hh in 0..h {
-                        for x in 0..d {
-                            send[map[3 * r] as usize * row + (bb * h + hh) * d + x] = val(0, bb, j * h + hh, r, x);
-                        }
-                    }
-                }
-            }
-            send
-        })
-        .collect();
-    let held_start = |m: usize| -> usize { owned[..m].iter().map(|o| o.len()).sum() };
-    for (m, mine) in owned.iter().enumerate() {
-        let s_loc = mine.len();
-        let recv: Vec<f32> =
-            (0..n).flat_map(|j| outs[j][held_start(m) * row..(held_start(m) + s_loc) * row].to_vec()).collect();
-        for bb in 0..b {
-            for (sl, &tok) in mine.iter().enumerate() {
-                for j in 0..n {
-                    for hh in 0..h {
-                        for x in 0..d {
-                            let got = recv[(((j * s_loc + sl) * b + bb) * h + hh) * d + x];
-                            assert_eq!(
-                                got,
-                                val(0, bb, j * h + hh, tok, x),
-                                "{n} ranks: output of rank {m} token {tok}"
-                            );
-                        }
-                    }
-                }
-            }
-        }
+    for (r, (formula, composed)) in outs.iter().enumerate() {
+        assert_eq!(formula, composed, "{n} ranks, rank {r}");
     }
 }
 
 #[test]
-fn exchange_kernel_formulas_place_every_token() {
-    exchange_formulas_place_every_token(2, 4, &[5, 12], 1);
-    exchange_formulas_place_every_token(3, 6, &[4, 7], 2);
-    exchange_formulas_place_every_token(4, 8, &[3, 10], 1);
-    exchange_formulas_place_every_token(2, 2, &[9], 2);
+fn pack_placement_formula_matches_the_composition() {
+    pack_placement_matches_the_composition(2, 4, &[5, 12], 1);
+    pack_placement_matches_the_composition(3, 6, &[4, 7], 2);
+    pack_placement_matches_the_composition(4, 8, &[3, 10], 1);
+    pack_placement_matches_the_composition(1, 2, &[9], 2);
+}
+
+/// A pack missing tokens (or with tokens written twice) is refused instead of sending
+/// uninitialized rows.
+#[test]
+fn incomplete_pack_is_refused() {
+    let like = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+    let mut pack = QkvPack::new(None, &like, 6, 1, 2, 4).unwrap();
+    for slot in [Slot::Q, Slot::K, Slot::V] {
+        pack.put(slot, 0, &data(&[1, 4, 8], 1), None, None).unwrap();
+    }
+    let e = pack.finish().unwrap_err().to_string();
+    assert!(e.contains("slot 0 holds 4 of 6 tokens"), "{e}");
+    let mut pack = QkvPack::new(None, &like, 4, 1, 2, 4).unwrap();
+    pack.put(Slot::Q, 0, &data(&[1, 4, 8], 1), None, None).unwrap();
+    pack.put(Slot::Q, 2, &data(&[1, 2, 8], 1), None, None).unwrap();
+    let e = pack.finish().unwrap_err().to_string();
+    assert!(e.contains("written twice"), "{e}");
+}
+
+/// kernels/fused.cu `sp_unpack_out`'s index formula, run here as a loop, against the Candle
+/// composition it replaces: every member's heads of the local tokens into one row per token.
+#[test]
+fn unpack_out_formula_matches_the_composition() {
+    for (n, s_loc, b, h, d) in [(2, 5, 1, 3, 4), (4, 3, 2, 2, 2), (3, 7, 1, 1, 8)] {
+        let recv = data(&[n, s_loc, b, h, d], 7);
+        let rv = flat(&recv);
+        let total = n * s_loc * b * h * d;
+        let formula: Vec<f32> = (0..total)
+            .map(|i| {
+                let (x, r) = (i % d, i / d);
+                let (hh, r) = (r % h, r / h);
+                let (j, r) = (r % n, r / n);
+                let (s, bb) = (r % s_loc, r / s_loc);
+                rv[(((j * s_loc + s) * b + bb) * h + hh) * d + x]
+            })
+            .collect();
+        let composed = recv.permute((2, 1, 0, 3, 4)).unwrap().contiguous().unwrap();
+        assert_eq!(formula, flat(&composed), "n {n} s {s_loc} b {b} h {h} d {d}");
+    }
 }
 
 #[test]

@@ -7,25 +7,23 @@
 //! the shape, the GEMM runs unscaled into f32 and `fp8_scale_out` applies both vectors (slower,
 //! same result up to accumulation order); which one ran is logged once per process.
 
-use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys as ltsys};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::{DType, Device, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
+use super::lt::{cuda_type, device_lt, set, Lt, WORKSPACE_BYTES};
 use super::{function_in, input_bf16, view, wrap, Kernels};
 use crate::nvfp4::linear::Nvfp4Matmul;
 use crate::nvfp4::Nvfp4Weight;
 
 /// Threads per row block (`kThreads` in kernels/fp8.cu).
 const ROW_THREADS: u32 = 256;
-/// cuBLASLt workspace per device (what its FP8 kernels ask for at these shapes, with margin).
-const WORKSPACE_BYTES: usize = 32 << 20;
 /// FP8 tensor cores exist from Ada (sm_89) on.
 pub const MIN_FP8_CAPABILITY: (i32, i32) = (8, 9);
 /// `cublasOperation_t` values (an int32 attribute; the enum lives in cuBLAS's own header).
@@ -76,30 +74,6 @@ pub fn weight_to_fp8(w: &Nvfp4Weight, device: &Device) -> Result<(Tensor, Tensor
     Ok((weight, scale))
 }
 
-/// One cuBLASLt handle and workspace per device.
-struct Lt {
-    handle: ltsys::cublasLtHandle_t,
-    workspace: CudaSlice<u8>,
-    /// (m, n, k, out dtype, outer-vector scales) -> algorithm, or None when unsupported.
-    algos: HashMap<(usize, usize, usize, DType, bool), Option<ltsys::cublasLtMatmulAlgo_t>>,
-}
-
-// SAFETY: the handle is used only under the mutex below, on the device's own stream.
-unsafe impl Send for Lt {}
-
-fn lts() -> &'static Mutex<HashMap<DeviceId, Lt>> {
-    static M: OnceLock<Mutex<HashMap<DeviceId, Lt>>> = OnceLock::new();
-    M.get_or_init(Default::default)
-}
-
-fn cuda_type(d: DType) -> ltsys::cudaDataType {
-    match d {
-        DType::F32 => ltsys::cudaDataType::CUDA_R_32F,
-        DType::F16 => ltsys::cudaDataType::CUDA_R_16F,
-        _ => ltsys::cudaDataType::CUDA_R_16BF,
-    }
-}
-
 /// Descriptors of one FP8 GEMM `D[n x m] = op(A)[n x k] * B[k x m]` in cuBLAS's column-major
 /// terms (A = weight `[N, K]` row-major, transposed; B = activations `[M, K]` row-major).
 struct Descs {
@@ -119,12 +93,6 @@ impl Drop for Descs {
             let _ = lt::destroy_matmul_desc(self.matmul);
         }
     }
-}
-
-fn set<T>(desc: ltsys::cublasLtMatmulDesc_t, attr: ltsys::cublasLtMatmulDescAttributes_t, v: &T) -> Result<()> {
-    // SAFETY: `v` is a live value of the attribute's type.
-    unsafe { lt::set_matmul_desc_attribute(desc, attr, v as *const T as *const c_void, std::mem::size_of::<T>()) }
-        .map_err(wrap("cublasLtMatmulDescSetAttribute"))
 }
 
 fn descs(m: usize, n: usize, k: usize, out: DType, outer_vec: bool) -> Result<Descs> {
@@ -189,6 +157,58 @@ pub fn linear_fwd(
     s3: &CudaStorage,
     l3: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
+    linear_fwd_ep(op, (s1, l1), (s2, l2), (s3, l3), None).map(|(s, sh, _)| (s, sh))
+}
+
+/// The fp8-mode layer `act(x W^T + b)` with the bias (`[N]`, the output's dtype) and tanh-GELU in
+/// cuBLASLt's epilogue where the scaled GEMM runs (after the per-row / per-token scales); returns
+/// the output and whether the epilogue ran (else the caller adds the bias and activation).
+pub fn linear_with_epilogue(
+    op: &Nvfp4Matmul,
+    x: &Tensor,
+    weight: &Tensor,
+    scale: &Tensor,
+    bias: Option<&Tensor>,
+    gelu: bool,
+) -> Result<(Tensor, bool)> {
+    let x = x.contiguous()?;
+    let guards = [x.storage_and_layout(), weight.storage_and_layout(), scale.storage_and_layout()];
+    let bg = bias.map(|b| b.storage_and_layout());
+    let mut cuda = Vec::with_capacity(3);
+    for (st, l) in &guards {
+        match &**st {
+            candle_core::Storage::Cuda(c) => cuda.push((c, *l)),
+            _ => candle_core::bail!("fp8 linear: GPU tensors only"),
+        }
+    }
+    let stream = cuda[0].0.device.cuda_stream();
+    let bias_ptr = match &bg {
+        Some((st, l)) => match &**st {
+            candle_core::Storage::Cuda(CudaStorage { slice: CudaStorageSlice::BF16(b), .. }) => {
+                Some(b.device_ptr(&stream).0 + (l.start_offset() * 2) as u64)
+            }
+            candle_core::Storage::Cuda(CudaStorage { slice: CudaStorageSlice::F16(b), .. }) => {
+                Some(b.device_ptr(&stream).0 + (l.start_offset() * 2) as u64)
+            }
+            _ => candle_core::bail!("fp8 linear: the bias must be a bf16 or f16 GPU tensor"),
+        },
+        None => None,
+    };
+    let (y, shape, applied) = linear_fwd_ep(op, cuda[0], cuda[1], cuda[2], Some((bias_ptr, gelu)))?;
+    drop(bg);
+    let y = Tensor::from_storage(candle_core::Storage::Cuda(y), shape, candle_core::op::BackpropOp::none(), false);
+    Ok((y, applied))
+}
+
+/// [`linear_fwd`] with an optional epilogue (bias address, GELU), applied only on the
+/// outer-vector path; the flag says whether it ran.
+fn linear_fwd_ep(
+    op: &Nvfp4Matmul,
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    ep: Option<(Option<u64>, bool)>,
+) -> Result<(CudaStorage, Shape, bool)> {
     let dev = s1.device().clone();
     let dims = l1.shape().dims();
     let (n, k) = (op.n, op.k);
@@ -241,14 +261,9 @@ pub fn linear_fwd(
         _ => CudaStorageSlice::BF16(unsafe { stream.alloc::<bf16>(m * n) }.map_err(wrap("alloc"))?),
     };
 
-    let mut guard = lts().lock().expect("cublasLt cache poisoned");
-    if !guard.contains_key(&dev.id()) {
-        let handle = lt::create_handle().map_err(wrap("cublasLtCreate"))?;
-        // SAFETY: cuBLASLt may leave the workspace uninitialized.
-        let workspace = unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }.map_err(wrap("alloc"))?;
-        guard.insert(dev.id(), Lt { handle, workspace, algos: HashMap::new() });
-    }
-    let ltd = guard.get_mut(&dev.id()).expect("inserted");
+    let state = device_lt(&dev)?;
+    let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
+    let ltd = &mut *guard;
     let (xq_ptr, _g1) = xq.device_ptr(&stream);
     let (w_ptr, _g2) = w.device_ptr(&stream);
     let (sw_ptr, _g4) = sw.device_ptr(&stream);
@@ -259,26 +274,47 @@ pub fn linear_fwd(
     let mut why = String::new();
     for outer_vec in [true, false] {
         let d = descs(m, n, k, out_dtype, outer_vec)?;
+        // The epilogue (bias, GELU) only where the scales are applied inside the GEMM.
+        let epilogue = match (outer_vec, ep) {
+            (true, Some((b, gelu))) => {
+                use ltsys::cublasLtEpilogue_t as E;
+                match (b.is_some(), gelu) {
+                    (true, true) => E::CUBLASLT_EPILOGUE_GELU_BIAS,
+                    (true, false) => E::CUBLASLT_EPILOGUE_BIAS,
+                    (false, true) => E::CUBLASLT_EPILOGUE_GELU,
+                    (false, false) => E::CUBLASLT_EPILOGUE_DEFAULT,
+                }
+            }
+            _ => ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
+        };
         if outer_vec {
             use ltsys::cublasLtMatmulDescAttributes_t as A;
             set(d.matmul, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sw_ptr)?;
             set(d.matmul, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sa_ptr)?;
+            set(d.matmul, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &(epilogue as u32))?;
+            if let Some((Some(bp), _)) = ep {
+                set(d.matmul, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp)?;
+            }
         }
-        let key = (m, n, k, out_dtype, outer_vec);
-        let algo = match ltd.algos.get(&key) {
+        let sms = super::lt::sm_target(&dev)?;
+        if sms > 0 {
+            set(d.matmul, ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &sms)?;
+        }
+        let key = (m, n, k, out_dtype, outer_vec, epilogue as u32, sms);
+        let algo = match ltd.fp8_algos.get(&key) {
             Some(a) => *a,
             None => {
                 let a = heuristic(ltd, &d).map_err(|e| why = e).ok();
-                ltd.algos.insert(key, a);
+                ltd.fp8_algos.insert(key, a);
                 a
             }
         };
         if let Some(a) = algo {
-            plan = Some((outer_vec, d, a));
+            plan = Some((outer_vec, d, a, epilogue != ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT));
             break;
         }
     }
-    let Some((outer_vec, d, algo)) = plan else {
+    let Some((outer_vec, d, algo, applied)) = plan else {
         candle_core::bail!(
             "cuBLASLt has no FP8 GEMM for M = {m}, N = {n}, K = {k} on this GPU ({why}); use --nvfp4-mode w4a16"
         )
@@ -344,5 +380,5 @@ pub fn linear_fwd(
         unsafe { b.launch(cfg) }.map_err(wrap(name))?;
     }
     drop(guard);
-    Ok((CudaStorage { slice: y, device: dev }, Shape::from(out_dims)))
+    Ok((CudaStorage { slice: y, device: dev }, Shape::from(out_dims), applied || ep.is_none()))
 }

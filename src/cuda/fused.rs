@@ -10,6 +10,9 @@ use super::{function_in, view, wrap, Kernels};
 
 /// Threads per row block of `ln_modulate` (`kThreads` in kernels/fused.cu).
 const LN_THREADS: u32 = 256;
+/// Bytes per access of the vectorized kernels, and the most threads of a block.
+const VEC_BYTES: usize = 16;
+const F32_PER_VEC: usize = 4;
 /// Threads per block and blocks of the grid-stride `gated_add`.
 const EW_THREADS: u32 = 256;
 const EW_MAX_BLOCKS: u64 = 65_535;
@@ -70,6 +73,8 @@ pub fn ln_modulate(
     eps: f32,
 ) -> Result<CudaStorage> {
     let dtype = x.dtype();
+    // (A variant with one 16-byte vector per thread and the row in registers measured 0.058 ms
+    // against this kernel's 0.033 at 4608 x 3072 bf16 on an H200: fewer bytes in flight.)
     let name = format!("ln_modulate_{}", suffix(dtype)?);
     let dev = &x.device;
     let f = function_in(dev, Kernels::Fused, &name)?;
@@ -110,15 +115,21 @@ pub fn gated_add(
     if u.dtype() != dtype {
         candle_core::bail!("gated_add: x is {dtype:?}, u is {:?}", u.dtype());
     }
-    let name = format!("gated_add_{}", suffix(dtype)?);
+    let es = dtype.size_in_bytes();
+    let per_vec = VEC_BYTES / es;
+    let aligned = |l: &Layout| (l.start_offset() * es) % VEC_BYTES == 0;
+    let vec = c % per_vec == 0 && aligned(xl) && aligned(ul) && gl.start_offset() % F32_PER_VEC == 0;
+    let name = format!("gated_add{}_{}", if vec { "_vec" } else { "" }, suffix(dtype)?);
     let dev = &x.device;
     let f = function_in(dev, Kernels::Fused, &name)?;
     let stream = dev.cuda_stream();
     let n = rows * c;
     let mut y = alloc(x, dtype, n)?;
     let gv = view::<f32>(gate, gl, "gate")?;
-    let (n_i, c_i, s_i, sm_i) = (n as i64, c as i32, s as i32, sm as i32);
-    let blocks = (n as u64).div_ceil(EW_THREADS as u64).clamp(1, EW_MAX_BLOCKS) as u32;
+    // The vector kernel counts 16-byte vectors.
+    let units = if vec { n / per_vec } else { n };
+    let (n_i, c_i, s_i, sm_i) = (units as i64, c as i32, s as i32, sm as i32);
+    let blocks = (units as u64).div_ceil(EW_THREADS as u64).clamp(1, EW_MAX_BLOCKS) as u32;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (EW_THREADS, 1, 1), shared_mem_bytes: 0 };
     with_view!(dtype, x, xl, "x", |xv| {
         with_view!(dtype, u, ul, "u", |uv| {
@@ -217,64 +228,100 @@ pub fn bias_act(
 
 /// Threads per block of `qk_norm_rope` (one warp per head row).
 const QK_THREADS: u32 = 256;
+/// Head size the four-per-lane path of `qk_norm_rope` covers (a warp x 4).
+const VEC4_ROW: usize = 128;
 
-/// Per-head RMSNorm (skipped when `!norm`; `w` is then unread) + interleaved RoPE from the strided `[B, S, H, D]` view described by
-/// (`start`, `sb`, `ss`) into a contiguous `[B, S, H, D]`.
+pub use crate::models::fused::{HeadsIn, HeadsOut};
+
+/// A storage and its layout (a RoPE table).
+pub type Table<'a> = (&'a CudaStorage, &'a Layout);
+
+/// Per-head RMSNorm (when `w` is given; it needs `rope`) then interleaved RoPE (when `rope`
+/// (cos, sin) is given), or a plain copy, of the `[B, S, H, D]` rows read as `src` says into `y`
+/// as `dst` says. The caller guarantees that every offset lies inside `x` and `y`.
 #[allow(clippy::too_many_arguments)]
 pub fn qk_norm_rope(
     x: &CudaStorage,
-    (start, sb, ss): (usize, usize, usize),
+    src: HeadsIn,
     (b, s, h, d): (usize, usize, usize, usize),
     w: Option<(&CudaStorage, &Layout)>,
-    cos: &CudaStorage,
-    cl: &Layout,
-    sin: &CudaStorage,
-    sl: &Layout,
+    rope: Option<(Table, Table)>,
     eps: f32,
-    norm: bool,
-) -> Result<CudaStorage> {
+    y: &mut CudaStorage,
+    dst: HeadsOut,
+) -> Result<()> {
     let dtype = x.dtype();
+    if y.dtype() != dtype {
+        candle_core::bail!("qk_norm_rope: output {:?} for input {dtype:?}", y.dtype());
+    }
+    let mode: i32 = match (w.is_some(), rope.is_some()) {
+        (true, true) => 2,
+        (false, true) => 1,
+        (false, false) => 0,
+        (true, false) => candle_core::bail!("qk_norm_rope: the norm runs only with RoPE"),
+    };
     let name = format!("qk_norm_rope_{}", suffix(dtype)?);
-    let dev = &x.device;
-    let f = function_in(dev, Kernels::Fused, &name)?;
+    let dev = x.device.clone();
+    let f = function_in(&dev, Kernels::Fused, &name)?;
     let stream = dev.cuda_stream();
     let rows = b * s * h;
-    let mut y = alloc(x, dtype, rows * d)?;
-    let (cv, sv) = (view::<f32>(cos, cl, "cos")?, view::<f32>(sin, sl, "sin")?);
-    let (sb_i, ss_i, s_i, h_i, d_i, rows_i) = (sb as i64, ss as i64, s as i32, h as i32, d as i32, rows as i64);
+    let i64s = [src.sb, src.ss, src.sh].map(|v| v as i64);
+    let o64s = [dst.yb, dst.ys, dst.yp].map(|v| v as i64);
+    let (hl_i, s_i, h_i, d_i, rows_i) = (dst.hl as i32, s as i32, h as i32, d as i32, rows as i64);
+    // Four elements per lane in one access when a row is exactly a warp's four each and every
+    // offset keeps those accesses aligned (storage bases are 256-byte aligned).
+    let four = |v: usize| v % 4 == 0;
+    let even = |l: &Layout| l.start_offset() % 2 == 0;
+    let vec4 = (d == VEC4_ROW
+        && [src.start, src.sb, src.ss, src.sh, dst.start, dst.yb, dst.ys, dst.yp].into_iter().all(four)
+        && w.is_none_or(|(_, wl)| four(wl.start_offset()))
+        && rope.is_none_or(|((_, cl), (_, sl))| even(cl) && even(sl))) as i32;
     let warps_per_block = (QK_THREADS / 32) as u64;
-    let blocks = (rows as u64).div_ceil(warps_per_block) as u32;
+    let blocks = (rows as u64).div_ceil(warps_per_block).max(1) as u32;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (QK_THREADS, 1, 1), shared_mem_bytes: 0 };
     macro_rules! go {
-        ($t:ty) => {{
+        ($t:ty, $yv:ident) => {{
             let all = x.as_cuda_slice::<$t>()?;
-            let xv = all.slice(start..);
-            // Without a norm the weight is never read: x stands in as a valid pointer.
+            let xv = all.slice(src.start..);
+            // Unread without a norm / RoPE: x stands in as a valid pointer.
             let wv = match w {
                 Some((ws, wl)) => view::<$t>(ws, wl, "norm weight")?,
-                None => all.slice(start..),
+                None => all.slice(src.start..),
             };
+            let (cv, sv) = match rope {
+                Some(((cs, cl), (ss_, sl))) => (Some(view::<f32>(cs, cl, "cos")?), Some(view::<f32>(ss_, sl, "sin")?)),
+                None => (None, None),
+            };
+            let mut yv = $yv.slice_mut(dst.start..);
             let mut bld = stream.launch_builder(&f);
-            bld.arg(&xv).arg(&sb_i).arg(&ss_i).arg(&wv).arg(&cv).arg(&sv);
-            match &mut y {
-                CudaStorageSlice::F32(o) => bld.arg(o),
-                CudaStorageSlice::BF16(o) => bld.arg(o),
-                CudaStorageSlice::F16(o) => bld.arg(o),
-                _ => unreachable!("allocated above"),
+            bld.arg(&xv).arg(&i64s[0]).arg(&i64s[1]).arg(&i64s[2]).arg(&wv);
+            let null = 0u64;
+            match (&cv, &sv) {
+                (Some(c), Some(sn)) => bld.arg(c).arg(sn),
+                _ => bld.arg(&null).arg(&null),
             };
-            let norm_i = norm as i32;
-            bld.arg(&s_i).arg(&h_i).arg(&d_i).arg(&rows_i).arg(&eps).arg(&norm_i);
+            bld.arg(&mut yv).arg(&o64s[0]).arg(&o64s[1]).arg(&o64s[2]);
+            bld.arg(&hl_i).arg(&s_i).arg(&h_i).arg(&d_i).arg(&rows_i).arg(&eps).arg(&mode).arg(&vec4);
             // SAFETY: argument types match the kernel; the caller checked that every (b, s, h, d)
-            // offset lies inside x, and cos/sin hold s rows of d/2.
+            // offset lies inside x and y, and cos/sin (read only with RoPE) hold s rows of d/2.
             unsafe { bld.launch(cfg) }.map_err(wrap("qk_norm_rope"))?;
         }};
     }
-    match dtype {
-        DType::F32 => go!(f32),
-        DType::BF16 => go!(bf16),
-        _ => go!(f16),
+    match &mut y.slice {
+        CudaStorageSlice::F32(o) => go!(f32, o),
+        CudaStorageSlice::BF16(o) => go!(bf16, o),
+        CudaStorageSlice::F16(o) => go!(f16, o),
+        _ => candle_core::bail!("qk_norm_rope takes f32, bf16 or f16"),
     }
-    Ok(CudaStorage { slice: y, device: dev.clone() })
+    Ok(())
+}
+
+/// An uninitialized buffer of `n` elements of `like`'s dtype on its GPU (the caller writes all of
+/// it before anything reads it).
+pub fn uninit_like(like: &candle_core::Tensor, n: usize) -> Result<CudaStorage> {
+    let (st, _) = like.storage_and_layout();
+    let candle_core::Storage::Cuda(s) = &*st else { candle_core::bail!("uninit_like: a GPU tensor") };
+    Ok(CudaStorage { slice: alloc(s, like.dtype(), n)?, device: s.device.clone() })
 }
 
 /// `y = [o, act(m)]` per row (see kernels/fused.cu `cat_act`); `m` is read at `m_start` with rows

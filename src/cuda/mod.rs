@@ -31,6 +31,7 @@ pub mod cudnn;
 pub mod exchange;
 pub mod fp8;
 pub mod fused;
+pub mod lt;
 #[cfg(candiff_sm100)]
 pub mod sm100;
 
@@ -167,6 +168,11 @@ fn device_props(dev: &CudaDevice) -> Result<DeviceProps> {
     };
     cache.lock().expect("device cache poisoned").insert(dev.id(), props);
     Ok(props)
+}
+
+/// Streaming multiprocessors of the device (queried once per device).
+pub fn sm_count(dev: &CudaDevice) -> Result<usize> {
+    Ok(device_props(dev)?.sms)
 }
 
 /// (major, minor) compute capability (queried once per device).

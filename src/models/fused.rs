@@ -405,40 +405,11 @@ fn norm_rope_impl(
     }
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && x.stride()[2] == 1 {
-        // The norm weight in x's dtype: a no-op for the model's own weight.
-        let (w, eps) = match norm {
-            Some((w, eps)) => (Some(w.to_dtype(x.dtype())?.contiguous()?), eps),
-            None => (None, 0.0),
-        };
-        let (cos, sin) = (cos.to_dtype(DType::F32)?.contiguous()?, sin.to_dtype(DType::F32)?.contiguous()?);
-        let (st, xl) = x.storage_and_layout();
-        let (sb, ss) = (x.stride()[0], x.stride()[1]);
-        let candle_core::Storage::Cuda(xs) = &*st else { unreachable!("cuda tensor") };
-        let w_guard = w.as_ref().map(|w| w.storage_and_layout());
-        let w_arg = match &w_guard {
-            Some((st, wl)) => match &**st {
-                candle_core::Storage::Cuda(ws) => Some((ws, *wl)),
-                _ => unreachable!("cuda tensor"),
-            },
-            None => None,
-        };
-        let (cs, cl) = cos.storage_and_layout();
-        let (ss_, sl) = sin.storage_and_layout();
-        let (candle_core::Storage::Cuda(cs), candle_core::Storage::Cuda(sns)) = (&*cs, &*ss_) else {
-            unreachable!("cuda tensors")
-        };
-        let y = crate::cuda::fused::qk_norm_rope(
-            xs,
-            (xl.start_offset(), sb, ss),
-            (b, s, heads, d),
-            w_arg,
-            cs,
-            cl,
-            sns,
-            sl,
-            eps as f32,
-            norm.is_some(),
-        )?;
+        let cuda = |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F32)?.contiguous() };
+        let (cos, sin) = (cuda(cos)?, cuda(sin)?);
+        let y = crate::cuda::fused::uninit_like(x, b * s * hd)?;
+        let mut y = y;
+        write_heads(x, heads, norm, Some((&cos, &sin)), &mut y, HeadsOut::contiguous(s, heads, d))?;
         return Ok(Tensor::from_storage(
             candle_core::Storage::Cuda(y),
             (b, s, heads, d),
@@ -456,6 +427,96 @@ fn norm_rope_impl(
         None => xh,
     };
     crate::models::ops::apply_rope(&xh, cos, sin)?.transpose(1, 2)?.contiguous()
+}
+
+/// Where the `qk_norm_rope` kernel reads: element (b, s, h, d) at `start + b*sb + s*ss + h*sh + d`.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadsIn {
+    pub start: usize,
+    pub sb: usize,
+    pub ss: usize,
+    pub sh: usize,
+}
+
+/// Where the `qk_norm_rope` kernel writes: row (b, s, h) of `d` values at
+/// `start + (h / hl)*yp + b*yb + s*ys + (h % hl)*d` (kernels/fused.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadsOut {
+    pub start: usize,
+    pub yb: usize,
+    pub ys: usize,
+    pub yp: usize,
+    pub hl: usize,
+}
+
+impl HeadsOut {
+    /// A contiguous `[B, S, H, D]`.
+    pub fn contiguous(s: usize, h: usize, d: usize) -> Self {
+        Self { start: 0, yb: s * h * d, ys: h * d, yp: 0, hl: h }
+    }
+
+    /// First element of row (b, s, h) (the kernel's formula).
+    pub fn row(&self, b: usize, s: usize, h: usize, d: usize) -> usize {
+        self.start + (h / self.hl) * self.yp + b * self.yb + s * self.ys + (h % self.hl) * d
+    }
+}
+
+/// Launches `qk_norm_rope` (kernels/fused.cu) on `x`, a `[B, S, H*D]` view with heads contiguous
+/// in a token (`H` = `heads`) or a `[B, H, S, D]` view with unit stride along D, writing its rows
+/// into `y` where `dst` puts them. `norm` / `rope` (f32 contiguous tables `[S, D/2]`) select the
+/// mode; neither copies. The caller sizes `y` for `dst`.
+#[cfg(feature = "cuda")]
+pub(crate) fn write_heads(
+    x: &Tensor,
+    heads: usize,
+    norm: Option<(&Tensor, f64)>,
+    rope: Option<(&Tensor, &Tensor)>,
+    y: &mut candle_core::CudaStorage,
+    dst: HeadsOut,
+) -> Result<()> {
+    let st = x.stride();
+    let (b, s, d, src) = match x.rank() {
+        3 if st[2] == 1 => {
+            let (b, s, hd) = x.dims3()?;
+            (b, s, hd / heads, HeadsIn { start: 0, sb: st[0], ss: st[1], sh: hd / heads })
+        }
+        4 if st[3] == 1 && x.dim(1)? == heads => {
+            let (b, _, s, d) = x.dims4()?;
+            (b, s, d, HeadsIn { start: 0, sb: st[0], ss: st[2], sh: st[1] })
+        }
+        _ => candle_core::bail!(
+            "write_heads: expected [B, S, H*D] or [B, H, S, D] ({heads} heads) with unit last stride, found {:?} / {st:?}",
+            x.dims()
+        ),
+    };
+    let w = match norm {
+        Some((w, _)) => Some(w.to_dtype(x.dtype())?.contiguous()?),
+        None => None,
+    };
+    let (xs, xl) = x.storage_and_layout();
+    let candle_core::Storage::Cuda(xs) = &*xs else { candle_core::bail!("write_heads: a GPU tensor") };
+    let src = HeadsIn { start: xl.start_offset(), ..src };
+    let wg = w.as_ref().map(|w| w.storage_and_layout());
+    let w_arg = match &wg {
+        Some((st, wl)) => match &**st {
+            candle_core::Storage::Cuda(ws) => Some((ws, *wl)),
+            _ => candle_core::bail!("write_heads: the norm weight is not on the GPU"),
+        },
+        None => None,
+    };
+    let rg = rope.map(|(c, s)| (c.storage_and_layout(), s.storage_and_layout()));
+    let r_arg = match &rg {
+        Some(((cs, cl), (ss, sl))) => match (&**cs, &**ss) {
+            (candle_core::Storage::Cuda(cs), candle_core::Storage::Cuda(ss)) => Some(((cs, *cl), (ss, *sl))),
+            _ => candle_core::bail!("write_heads: RoPE tables not on the GPU"),
+        },
+        None => None,
+    };
+    if rope.is_some_and(|(c, _)| c.dims() != [s, d / 2]) {
+        candle_core::bail!("write_heads: RoPE table {:?} for {s} tokens of head size {d}", rope.map(|r| r.0.dims()));
+    }
+    let eps = norm.map_or(0.0, |n| n.1) as f32;
+    crate::cuda::fused::qk_norm_rope(xs, src, (b, s, heads, d), w_arg, r_arg, eps, y, dst)
 }
 
 /// The activation of [`cat_act`].

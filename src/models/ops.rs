@@ -24,6 +24,11 @@ impl RmsNorm {
         Self { weight, eps }
     }
 
+    /// (weight, eps).
+    pub fn parts(&self) -> (&Tensor, f64) {
+        (&self.weight, self.eps)
+    }
+
     /// Per-head norm then RoPE of `x` `[B, S, H*D]` (see [`crate::models::fused::qk_norm_rope`]),
     /// returned as `[B, H, S, D]` (a transposed view of a contiguous `[B, S, H, D]`).
     pub fn norm_rope(&self, x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {

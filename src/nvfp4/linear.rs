@@ -432,6 +432,30 @@ impl Nvfp4Linear {
         Ok(Self { op, weight, scale, bias, n_out: w.n })
     }
 
+    /// fp8-mode layers with the same K and unpadded rows joined along N (E4M3 rows and their
+    /// per-row scales, which hold each layer's global scale, concatenate as they are); `None` for
+    /// any other mix.
+    pub fn concat_fp8(parts: &[&Nvfp4Linear]) -> Result<Option<Self>> {
+        let first = parts[0];
+        let biased = first.bias.is_some();
+        let same = parts.iter().all(|p| {
+            p.op.mode == ActMode::Fp8 && p.op.k == first.op.k && p.op.n == p.n_out && p.bias.is_some() == biased
+        });
+        if !same {
+            return Ok(None);
+        }
+        let weight = Tensor::cat(&parts.iter().map(|p| &p.weight).collect::<Vec<_>>(), 0)?;
+        let scale = Tensor::cat(&parts.iter().map(|p| &p.scale).collect::<Vec<_>>(), 0)?;
+        let bias = if biased {
+            Some(Tensor::cat(&parts.iter().map(|p| p.bias.as_ref().expect("biased")).collect::<Vec<_>>(), 0)?)
+        } else {
+            None
+        };
+        let n: usize = parts.iter().map(|p| p.n_out).sum();
+        let op = Nvfp4Matmul { n, ..first.op.clone() };
+        Ok(Some(Self { op, weight, scale, bias, n_out: n }))
+    }
+
     pub fn backend(&self) -> Backend {
         self.op.backend
     }
@@ -496,6 +520,32 @@ impl Module for Nvfp4Linear {
 impl Nvfp4Linear {
     /// The layer, then tanh-GELU when `gelu`; on the GPU the bias add and GELU are one fused pass.
     pub fn forward_act(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+        // FP8 on a GPU: bias and GELU in cuBLASLt's epilogue where the library runs the scaled
+        // GEMM (and the output needs no narrowing).
+        #[cfg(feature = "cuda")]
+        if self.op.mode == ActMode::Fp8
+            && x.device().is_cuda()
+            && self.op.n == self.n_out
+            && self.bias.as_ref().is_none_or(|b| b.dtype() == x.dtype())
+            && matches!(x.dtype(), DType::BF16 | DType::F16)
+        {
+            let (y, applied) = crate::cuda::fp8::linear_with_epilogue(
+                &self.op,
+                x,
+                &self.weight,
+                &self.scale,
+                self.bias.as_ref(),
+                gelu,
+            )?;
+            if applied {
+                return Ok(y);
+            }
+            return match &self.bias {
+                Some(b) => crate::models::fused::bias_act(&y, b, gelu),
+                None if gelu => crate::models::ops::gelu_tanh(&y),
+                None => Ok(y),
+            };
+        }
         let x = x.contiguous()?;
         let mut y = x.apply_op3_no_bwd(&self.weight, &self.scale, &self.op)?;
         if self.op.n != self.n_out {

@@ -1,4 +1,4 @@
-//! Tensor-level calls of the exchange kernels (src/cuda/exchange.rs); GPU tensors only (the
+//! Tensor-level call of the exchange kernel (src/cuda/exchange.rs); GPU tensors only (the
 //! callers take the Candle composition elsewhere).
 
 use candle_core::{Result, Tensor};
@@ -25,29 +25,6 @@ fn with_cuda<T>(
     f(&args)
 }
 
-/// Local `[B, H, S_local, D]` q, k, v into the flat all-to-all send buffer `[n, 3, S_local, B, H/n, D]`.
-#[cfg(feature = "cuda")]
-pub fn pack_qkv(q: &Tensor, k: &Tensor, v: &Tensor, n: usize) -> Result<Tensor> {
-    let len = 3 * q.elem_count();
-    let s = with_cuda(&[q, k, v], |a| crate::cuda::exchange::pack_qkv([a[0], a[1], a[2]], n))?;
-    Ok(cuda_tensor(s, len))
-}
-
-/// The received q, k, v pieces into `[3, S, B, h, D]` in the single-rank token order.
-#[cfg(feature = "cuda")]
-pub fn unpack_qkv(recv: &Tensor, map: &Tensor, (s, b, h, d): (usize, usize, usize, usize)) -> Result<Tensor> {
-    let st = with_cuda(&[recv, map], |a| crate::cuda::exchange::unpack_qkv(a[0], a[1], s, (b, h, d)))?;
-    Ok(cuda_tensor(st, (3, s, b, h, d)))
-}
-
-/// This rank's heads of the attention output `[B, h, S, D]` into the flat send buffer (member order).
-#[cfg(feature = "cuda")]
-pub fn pack_out(o: &Tensor, map: &Tensor) -> Result<Tensor> {
-    let len = o.elem_count();
-    let s = with_cuda(&[o, map], |a| crate::cuda::exchange::pack_out(a[0], a[1]))?;
-    Ok(cuda_tensor(s, len))
-}
-
 /// The received outputs `[n, S_local, B, h, D]` into `[B, S_local, n*h, D]`.
 #[cfg(feature = "cuda")]
 pub fn unpack_out(recv: &Tensor, (n, s, b, h, d): (usize, usize, usize, usize, usize)) -> Result<Tensor> {
@@ -58,21 +35,6 @@ pub fn unpack_out(recv: &Tensor, (n, s, b, h, d): (usize, usize, usize, usize, u
 #[cfg(not(feature = "cuda"))]
 fn no_cuda() -> candle_core::Error {
     candle_core::Error::Msg("the sequence-parallel exchange kernels need a CUDA build".into())
-}
-
-#[cfg(not(feature = "cuda"))]
-pub fn pack_qkv(_: &Tensor, _: &Tensor, _: &Tensor, _: usize) -> Result<Tensor> {
-    Err(no_cuda())
-}
-
-#[cfg(not(feature = "cuda"))]
-pub fn unpack_qkv(_: &Tensor, _: &Tensor, _: (usize, usize, usize, usize)) -> Result<Tensor> {
-    Err(no_cuda())
-}
-
-#[cfg(not(feature = "cuda"))]
-pub fn pack_out(_: &Tensor, _: &Tensor) -> Result<Tensor> {
-    Err(no_cuda())
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Result, Tensor};
 
-use super::{Health, Pending, Transport};
+use super::{Health, Pending, Span, Transport};
 use crate::error::CandiffError;
 
-/// One exchange: what each member deposited (buffer and per-member counts), and how many
+/// One exchange: what each member deposited (buffer and its pieces per member), and how many
 /// members have taken their share.
 #[derive(Default)]
 struct Slot {
-    deposits: HashMap<usize, (Tensor, Vec<usize>)>,
+    deposits: HashMap<usize, (Tensor, Vec<Vec<Span>>)>,
     taken: usize,
 }
 
@@ -65,13 +65,15 @@ impl Transport for LocalTransport {
     }
 
     /// Finishes at once: the hand-over is through shared memory, nothing runs beside it.
-    fn all_to_all_start(
+    fn exchange_start(
         &self,
         members: &[usize],
         send: &Tensor,
-        send_counts: &[usize],
-        recv_counts: &[usize],
+        sends: &[Vec<Span>],
+        recv_len: usize,
+        recvs: &[Vec<Span>],
     ) -> Result<(Tensor, Pending)> {
+        super::check_spans(sends, send.elem_count(), recvs, recv_len)?;
         let me = members
             .iter()
             .position(|&m| m == self.rank)
@@ -86,7 +88,7 @@ impl Transport for LocalTransport {
         self.health.beat(self.rank);
         let start = Instant::now();
         let mut slots = self.board.slots.lock().expect("board");
-        slots.entry(key.clone()).or_default().deposits.insert(self.rank, (send.clone(), send_counts.to_vec()));
+        slots.entry(key.clone()).or_default().deposits.insert(self.rank, (send.clone(), sends.to_vec()));
         self.board.changed.notify_all();
         loop {
             if slots.get(&key).is_some_and(|s| s.deposits.len() == members.len()) {
@@ -113,27 +115,36 @@ impl Transport for LocalTransport {
             slots = self.board.changed.wait_timeout(slots, POLL).expect("board").0;
         }
         let slot = slots.get_mut(&key).expect("present");
-        let mut pieces = Vec::with_capacity(members.len());
+        // (where it lands, the piece), sorted into the result's order.
+        let mut pieces: Vec<(usize, Tensor)> = Vec::new();
         for (i, m) in members.iter().enumerate() {
-            let (buf, counts) = &slot.deposits[m];
-            let at: usize = counts[..me].iter().sum();
-            if counts[me] != recv_counts[i] {
+            let (buf, spans) = &slot.deposits[m];
+            let (got, want) = (&spans[me], &recvs[i]);
+            let lens = |v: &[Span]| v.iter().map(|s| s.1).collect::<Vec<_>>();
+            if lens(got) != lens(want) {
                 candle_core::bail!(
-                    "rank {}: expected {} elements from rank {m}, it sent {}",
+                    "rank {}: expected pieces of {:?} elements from rank {m}, it sent {:?}",
                     self.rank,
-                    recv_counts[i],
-                    counts[me]
+                    lens(want),
+                    lens(got)
                 );
             }
-            pieces.push(buf.narrow(0, at, counts[me])?);
+            for (&(at, len), &(to, _)) in got.iter().zip(want) {
+                if len > 0 {
+                    pieces.push((to, buf.narrow(0, at, len)?));
+                }
+            }
         }
+        pieces.sort_by_key(|p| p.0);
+        let pieces: Vec<Tensor> = pieces.into_iter().map(|p| p.1).collect();
         self.health.beat(self.rank);
         slot.taken += 1;
         if slot.taken == members.len() {
             slots.remove(&key);
         }
         drop(slots);
-        Ok((Tensor::cat(&pieces, 0)?, Pending::done()))
+        let out = if pieces.is_empty() { send.narrow(0, 0, 0)? } else { Tensor::cat(&pieces, 0)? };
+        Ok((out, Pending::done()))
     }
 
     fn fence(&self) -> Result<()> {

@@ -15,6 +15,7 @@ mod exchange;
 pub mod local;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod pack;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -80,22 +81,49 @@ impl Health {
 }
 
 /// Moves tensors between the ranks of one run.
+/// A run of `len` elements starting at element `at` of a flat buffer: (at, len).
+pub type Span = (usize, usize);
+
 pub trait Transport: Send + Sync {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
-    /// All-to-all among `members` (world ranks; this rank is one of them), started without
-    /// making this rank's later work wait for it: `send` is 1-D and holds `send_counts[i]`
-    /// elements for `members[i]`, in member order; the result holds `recv_counts[i]` elements
-    /// from each, in member order, and may be read only after [`Pending::wait`] (work enqueued in
-    /// between runs alongside the transfer; transports without a separate channel finish at
-    /// once). Every member calls it with the same `members`, in the same order of calls.
+    /// The general exchange among `members` (world ranks; this rank is one of them), started
+    /// without making this rank's later work wait for it. `send` is 1-D; `sends[i]` lists the
+    /// pieces of it for `members[i]`, and `recvs[i]` where the pieces from `members[i]` go in the
+    /// `recv_len`-element result: the k-th piece this rank sends to a member lands in that
+    /// member's k-th receive piece from this rank (same lengths). The receive pieces must cover
+    /// the result. It may be read only after [`Pending::wait`] (work enqueued in between runs
+    /// alongside the transfer; transports without a separate channel finish at once). Every
+    /// member calls it with the same `members`, in the same order of calls.
+    fn exchange_start(
+        &self,
+        members: &[usize],
+        send: &Tensor,
+        sends: &[Vec<Span>],
+        recv_len: usize,
+        recvs: &[Vec<Span>],
+    ) -> Result<(Tensor, Pending)>;
+    /// The all-to-all: `send` holds `send_counts[i]` elements for `members[i]`, in member
+    /// order; the result holds `recv_counts[i]` elements from each, in member order.
     fn all_to_all_start(
         &self,
         members: &[usize],
         send: &Tensor,
         send_counts: &[usize],
         recv_counts: &[usize],
-    ) -> Result<(Tensor, Pending)>;
+    ) -> Result<(Tensor, Pending)> {
+        let runs = |counts: &[usize]| -> Vec<Vec<Span>> {
+            let mut at = 0;
+            counts
+                .iter()
+                .map(|&c| {
+                    at += c;
+                    vec![(at - c, c)]
+                })
+                .collect()
+        };
+        self.exchange_start(members, send, &runs(send_counts), recv_counts.iter().sum(), &runs(recv_counts))
+    }
     /// [`Transport::all_to_all_start`] and its wait.
     fn all_to_all(
         &self,
@@ -116,11 +144,45 @@ pub trait Transport: Send + Sync {
     fn abort(&self) {}
 }
 
+/// Errors unless the pieces of an exchange lie inside a `send_len`-element send buffer and the
+/// receive pieces tile the `recv_len`-element result exactly (each element written once).
+pub(crate) fn check_spans(sends: &[Vec<Span>], send_len: usize, recvs: &[Vec<Span>], recv_len: usize) -> Result<()> {
+    if let Some(&(at, len)) = sends.iter().flatten().find(|(at, len)| at + len > send_len) {
+        candle_core::bail!("exchange: send piece {at}..{} outside the {send_len}-element buffer", at + len);
+    }
+    let mut r: Vec<Span> = recvs.iter().flatten().copied().filter(|s| s.1 > 0).collect();
+    r.sort_unstable();
+    let mut next = 0;
+    for (at, len) in r {
+        if at != next {
+            candle_core::bail!(
+                "exchange: receive pieces leave a gap or overlap at element {next} (next piece at {at})"
+            );
+        }
+        next = at + len;
+    }
+    if next != recv_len {
+        candle_core::bail!("exchange: receive pieces cover {next} of {recv_len} elements");
+    }
+    Ok(())
+}
+
 /// An exchange in flight ([`Transport::all_to_all_start`]): `wait` orders this rank's later
 /// work after it. Dropped unwaited (an error path), it waits then, so buffers the transfer still
 /// uses are never released under it.
 #[must_use = "the received data is valid only after `wait`"]
 pub struct Pending(Option<Box<dyn FnOnce() -> Result<()> + Send + Sync>>);
+
+thread_local! {
+    /// Exchanges this rank thread has started and not yet waited for.
+    static IN_FLIGHT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether this rank thread has an exchange in flight: GEMMs enqueued now run beside the
+/// transfer (and leave it multiprocessors, see `crate::cuda::lt`).
+pub fn transfers_in_flight() -> bool {
+    IN_FLIGHT.with(|c| c.get() > 0)
+}
 
 impl Pending {
     /// Nothing in flight.
@@ -128,21 +190,31 @@ impl Pending {
         Self(None)
     }
 
-    /// `wait` runs `f` (which keeps alive what the transfer uses until then).
+    /// `wait` runs `f` (which keeps alive what the transfer uses until then). Made and waited
+    /// for on the rank's own thread.
     pub fn new(f: impl FnOnce() -> Result<()> + Send + Sync + 'static) -> Self {
+        IN_FLIGHT.with(|c| c.set(c.get() + 1));
         Self(Some(Box::new(f)))
     }
 
     pub fn wait(mut self) -> Result<()> {
-        self.0.take().map_or(Ok(()), |f| f())
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        match self.0.take() {
+            Some(f) => {
+                IN_FLIGHT.with(|c| c.set(c.get().saturating_sub(1)));
+                f()
+            }
+            None => Ok(()),
+        }
     }
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            let _ = f();
-        }
+        let _ = self.finish();
     }
 }
 
@@ -263,48 +335,13 @@ pub struct SeqParallel {
     group: Group,
     /// `sizes[seg][member]`: tokens of segment `seg` held by `member`.
     sizes: Vec<Vec<usize>>,
-    /// [`SeqParallel::row_map`] on the device, made at the first exchange of the call.
-    map: std::sync::OnceLock<Tensor>,
 }
 
 impl SeqParallel {
     /// Shards segments of `totals` tokens evenly over the group.
     pub fn new(group: Group, totals: &[usize]) -> Self {
         let n = group.size();
-        Self { sizes: totals.iter().map(|&t| split_sizes(t, n)).collect(), group, map: Default::default() }
-    }
-
-    /// For each token of the full sequence (single-rank order: segment by segment, member by
-    /// member), three numbers: its row `p` among the rows the ranks send in member order
-    /// (member by member, each member's tokens in its own order), the first such row `base` of
-    /// its member, and how many tokens `held` that member holds. The exchange kernels place
-    /// tokens with it (kernels/fused.cu, `sp_*`).
-    pub fn row_map(&self) -> Vec<u32> {
-        let n = self.group.size();
-        let held: Vec<usize> = (0..n).map(|m| self.held(m)).collect();
-        let base: Vec<usize> = (0..n).map(|m| held[..m].iter().sum()).collect();
-        let mut seen = vec![0usize; n];
-        let mut out = Vec::with_capacity(3 * self.sizes.iter().flatten().sum::<usize>());
-        for sizes in &self.sizes {
-            for (m, &len) in sizes.iter().enumerate() {
-                for _ in 0..len {
-                    out.extend([(base[m] + seen[m]) as u32, base[m] as u32, held[m] as u32]);
-                    seen[m] += 1;
-                }
-            }
-        }
-        out
-    }
-
-    /// The row map on `device` (uploaded once per call of the transformer).
-    fn device_map(&self, device: &Device) -> Result<&Tensor> {
-        if let Some(m) = self.map.get() {
-            return Ok(m);
-        }
-        let v = self.row_map();
-        let n = v.len();
-        let t = Tensor::from_vec(v, n, device)?;
-        Ok(self.map.get_or_init(|| t))
+        Self { sizes: totals.iter().map(|&t| split_sizes(t, n)).collect(), group }
     }
 
     /// Whether the exchange kernels apply (a CUDA build, tensors on a GPU).
@@ -353,132 +390,129 @@ impl SeqParallel {
         before + self.sizes[seg][..m].iter().sum::<usize>()
     }
 
-    /// Attention once the q, k, v exchange of [`SeqParallel::start_gather`] is under way: waits
-    /// for it, attends over the whole sequence, and sends the outputs back (`[B, H, S_local, D]`).
-    fn finish(
-        &self,
-        gathering: Gathering,
-        s_loc: usize,
-        attn: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
-    ) -> Result<Tensor> {
-        let (recv, pending, (b, h, d)) = match gathering {
-            Gathering::Ready(q, k, v) => {
-                let dev = q.device().clone();
-                let o = span(Part::Attention, &dev, || attn(&q, &k, &v))?;
-                return span(Part::Exchange, &dev, || self.scatter_heads_composed(&o, s_loc));
-            }
-            Gathering::InFlight { recv, pending, dims } => (recv, pending, dims),
+    /// Start of this member's share of segment `seg` among its local tokens.
+    fn local_start(&self, seg: usize, m: usize) -> usize {
+        self.sizes[..seg].iter().map(|s| s[m]).sum()
+    }
+
+    /// The pieces of the q, k, v exchange (elements of `row` each per token): to member `m`, its
+    /// heads of this rank's tokens, slot by slot and segment by segment; from member `p`, its
+    /// tokens of this rank's heads, placed in the single-rank token order of each slot. Returns
+    /// (sends, receives, received length).
+    fn qkv_spans(&self, row: usize) -> (Vec<Vec<Span>>, Vec<Vec<Span>>, usize) {
+        let (n, me) = (self.group.size(), self.group.index());
+        let s_loc = self.held(me);
+        let s_total: usize = self.sizes.iter().flatten().sum();
+        let segs = 0..self.sizes.len();
+        let sends = (0..n)
+            .map(|m| {
+                (0..3)
+                    .flat_map(|t| {
+                        segs.clone().map(move |seg| {
+                            (((t * n + m) * s_loc + self.local_start(seg, me)) * row, self.sizes[seg][me] * row)
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        let recvs = (0..n)
+            .map(|p| {
+                (0..3)
+                    .flat_map(|t| {
+                        segs.clone()
+                            .map(move |seg| ((t * s_total + self.global_start(seg, p)) * row, self.sizes[seg][p] * row))
+                    })
+                    .collect()
+            })
+            .collect();
+        (sends, recvs, 3 * s_total * row)
+    }
+
+    /// The pieces of the output exchange: to member `m`, the attention output rows of its tokens
+    /// (segment by segment, as they lie in the single-rank order); from member `p`, this rank's
+    /// tokens of `p`'s heads, into piece `p` of `[n, S_local, ...]`.
+    fn out_spans(&self, row: usize) -> (Vec<Vec<Span>>, Vec<Vec<Span>>, usize) {
+        let (n, me) = (self.group.size(), self.group.index());
+        let s_loc = self.held(me);
+        let segs = 0..self.sizes.len();
+        let sends = (0..n)
+            .map(|m| segs.clone().map(|seg| (self.global_start(seg, m) * row, self.sizes[seg][m] * row)).collect())
+            .collect();
+        let recvs = (0..n)
+            .map(|p| {
+                segs.clone()
+                    .map(|seg| ((p * s_loc + self.local_start(seg, me)) * row, self.sizes[seg][me] * row))
+                    .collect()
+            })
+            .collect();
+        (sends, recvs, n * s_loc * row)
+    }
+
+    /// Starts the q, k, v exchange of a packed buffer `[3, n, S_local, B, h, D]`
+    /// ([`pack::QkvPack`]); the result, `[3, S, B, h, D]` in the single-rank token order, is
+    /// valid after the wait.
+    fn start_qkv(&self, qkv: &Tensor) -> Result<(Tensor, Pending, (usize, usize, usize))> {
+        let &[_, n, s_loc, b, h, d] = qkv.dims() else {
+            candle_core::bail!(
+                "sequence-parallel exchange: expected a [3, n, S, B, h, D] buffer, found {:?}",
+                qkv.dims()
+            )
         };
+        if n != self.group.size() || s_loc != self.held(self.group.index()) {
+            candle_core::bail!(
+                "sequence-parallel exchange: a buffer for {n} ranks x {s_loc} tokens, the group has {} ranks and this one holds {}",
+                self.group.size(),
+                self.held(self.group.index())
+            );
+        }
+        let (sends, recvs, len) = self.qkv_spans(b * h * d);
         let g = &self.group;
-        let n = g.size();
+        let (recv, pending) = g.t.exchange_start(&g.members, &qkv.flatten_all()?, &sends, len, &recvs)?;
+        Ok((recv, pending, (b, h, d)))
+    }
+
+    /// Attention once the q, k, v exchange is under way: waits for it, attends over the whole
+    /// sequence for this rank's heads, and starts sending each member its tokens' outputs
+    /// ([`Returning::wait`] joins the heads of the local tokens).
+    fn finish_start<'a>(
+        &'a self,
+        recv: Tensor,
+        pending: Pending,
+        (b, h, d): (usize, usize, usize),
+        attn: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Returning<'a>> {
+        let g = &self.group;
         let dev = recv.device().clone();
         span(Part::ExchangeWait, &dev, || pending.wait())?;
-        let map = self.device_map(&dev)?;
         let s_total: usize = self.sizes.iter().flatten().sum();
-        let qkv = span(Part::Exchange, &dev, || exchange::unpack_qkv(&recv, map, (s_total, b, h, d)))?;
+        let qkv = recv.reshape((3, s_total, b, h, d))?;
         // Each of q, k, v: contiguous [S, B, h, D] seen as [B, h, S, D] (the single-rank layout).
         let pick = |t: usize| qkv.get(t)?.permute((1, 2, 0, 3));
         let o = span(Part::Attention, &dev, || attn(&pick(0)?, &pick(1)?, &pick(2)?))?;
-        let per_token = b * h * d;
-        let send_counts: Vec<usize> = (0..n).map(|m| self.held(m) * per_token).collect();
-        let recv_counts = vec![s_loc * per_token; n];
-        let (back, pending) = span(Part::Exchange, &dev, || {
-            let send = exchange::pack_out(&o, map)?;
-            g.t.all_to_all_start(&g.members, &send, &send_counts, &recv_counts)
-        })?;
+        // Token-major rows (a view of the attention's [B, S, h, D] output when B = 1): each
+        // member's tokens are runs of them.
+        let rows = o.permute((2, 0, 1, 3))?.contiguous()?.flatten_all()?;
+        let (sends, recvs, len) = self.out_spans(b * h * d);
+        let (back, pending) =
+            span(Part::Exchange, &dev, || g.t.exchange_start(&g.members, &rows, &sends, len, &recvs))?;
+        Ok(Returning(Ret::InFlight { sp: self, back, pending, dims: (b, h, d) }))
+    }
+
+    /// The received outputs `[n, S_local, B, h, D]` (after the wait) as `[B, H, S_local, D]`.
+    fn join_heads(&self, back: Tensor, pending: Pending, (b, h, d): (usize, usize, usize)) -> Result<Tensor> {
+        let n = self.group.size();
+        let s_loc = self.held(self.group.index());
+        let dev = back.device().clone();
         span(Part::ExchangeWait, &dev, || pending.wait())?;
-        span(Part::Exchange, &dev, || exchange::unpack_out(&back, (n, s_loc, b, h, d)))?.transpose(1, 2)
-    }
-
-    /// Starts the first exchange: local `[B, H, S_local, D]` q, k, v to this rank's `H / n` heads
-    /// of the whole sequence. On GPUs the transfer runs beside whatever is queued next (NCCL's
-    /// own stream) until [`SeqParallel::finish`] waits for it.
-    fn start_gather(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Gathering> {
-        let g = &self.group;
-        let n = g.size();
-        let (b, heads, s_loc, d) = q.dims4()?;
-        if heads % n != 0 {
-            return Err(CandiffError::Parallel(format!(
-                "sequence parallelism over {n} ranks needs the head count ({heads}) to divide by {n}"
-            ))
-            .into());
-        }
-        let h = heads / n;
-        if !Self::fused(q) {
-            let (q, k, v) = self.gather_heads(q, k, v, h)?;
-            return Ok(Gathering::Ready(q, k, v));
-        }
-        let per_token = 3 * b * h * d;
-        let send = exchange::pack_qkv(q, k, v, n)?;
-        let send_counts = vec![s_loc * per_token; n];
-        let recv_counts: Vec<usize> = (0..n).map(|m| self.held(m) * per_token).collect();
-        let (recv, pending) = g.t.all_to_all_start(&g.members, &send, &send_counts, &recv_counts)?;
-        Ok(Gathering::InFlight { recv, pending, dims: (b, h, d) })
-    }
-
-    /// The first exchange by the Candle composition (the CPU path and the kernels' reference):
-    /// local `[B, H, S_local, D]` q, k, v to this rank's `h` heads of the whole sequence,
-    /// `[B, h, S, D]` each (views of contiguous `[S, B, h, D]`).
-    fn gather_heads(&self, q: &Tensor, k: &Tensor, v: &Tensor, h: usize) -> Result<(Tensor, Tensor, Tensor)> {
-        let g = &self.group;
-        let n = g.size();
-        let (b, _, s_loc, d) = q.dims4()?;
-        // [3, S, B, H, D] (token-major) -> [n, 3, S, B, h, D]: member j's heads contiguous.
-        let tm = |t: &Tensor| t.permute((2, 0, 1, 3));
-        let qkv = Tensor::stack(&[tm(q)?, tm(k)?, tm(v)?], 0)?;
-        let send = qkv.reshape((3, s_loc, b, n, h, d))?.permute((3, 0, 1, 2, 4, 5))?.contiguous()?.flatten_all()?;
-        let per_token = 3 * b * h * d;
-        let send_counts = vec![s_loc * per_token; n];
-        let recv_counts: Vec<usize> = (0..n).map(|m| self.held(m) * per_token).collect();
-        let recv = if n == 1 { send } else { g.all_to_all_flat(&send, &send_counts, &recv_counts)? };
-        // Member m's [3, S_m, B, h, D], its rows placed in the single-rank token order
-        // (segment by segment, member by member) by one concatenation.
-        let mut at = 0;
-        let mut from = Vec::with_capacity(n);
-        for (m, c) in recv_counts.iter().enumerate() {
-            from.push(recv.narrow(0, at, *c)?.reshape((3, self.held(m), b, h, d))?);
-            at += c;
-        }
-        let mut rows = Vec::with_capacity(self.sizes.len() * n);
-        for (seg, sizes) in self.sizes.iter().enumerate() {
-            for (m, f) in from.iter().enumerate() {
-                let off: usize = self.sizes[..seg].iter().map(|s| s[m]).sum();
-                rows.push(f.narrow(1, off, sizes[m])?);
+        span(Part::Exchange, &dev, || {
+            if Self::fused(&back) {
+                exchange::unpack_out(&back, (n, s_loc, b, h, d))
+            } else {
+                // [n, S_local, B, h, D] -> [B, S_local, n*h, D].
+                back.reshape((n, s_loc, b, h, d))?.permute((2, 1, 0, 3, 4))?.contiguous()?.reshape((b, s_loc, n * h, d))
             }
-        }
-        let qkv = Tensor::cat(&rows, 1)?;
-        // Each of q, k, v: contiguous [S, B, h, D], seen as [B, h, S, D] (the single-rank layout).
-        let pick = |t: usize| qkv.get(t)?.permute((1, 2, 0, 3));
-        Ok((pick(0)?, pick(1)?, pick(2)?))
-    }
-
-    /// The second exchange by the Candle composition (the CPU path, the kernels' reference): this
-    /// rank's heads of the whole sequence's attention output `[B, h, S, D]` back to the ranks
-    /// owning the tokens; returns `[B, H, S_local, D]`.
-    fn scatter_heads_composed(&self, o: &Tensor, s_loc: usize) -> Result<Tensor> {
-        let g = &self.group;
-        let n = g.size();
-        let (b, h, _, d) = o.dims4()?;
-        let heads = h * n;
-        // Token-major [S, B, h, D], regrouped member by member, each member's tokens in one piece.
-        let os = o.permute((2, 0, 1, 3))?;
-        let mut back = Vec::with_capacity(self.sizes.len() * n);
-        for m in 0..n {
-            for seg in 0..self.sizes.len() {
-                back.push(os.narrow(0, self.global_start(seg, m), self.sizes[seg][m])?);
-            }
-        }
-        let send = Tensor::cat(&back, 0)?.flatten_all()?;
-        let per_token = b * h * d;
-        let send_counts: Vec<usize> = (0..n).map(|m| self.held(m) * per_token).collect();
-        let recv_counts = vec![s_loc * per_token; n];
-        let recv = if n == 1 { send } else { g.all_to_all_flat(&send, &send_counts, &recv_counts)? };
-        // [n (head groups), S_local, B, h, D] -> [S_local, B, H, D] -> [B, H, S_local, D].
-        recv.reshape((n, s_loc, b, h, d))?
-            .permute((1, 2, 0, 3, 4))?
-            .contiguous()?
-            .reshape((s_loc, b, heads, d))?
-            .permute((1, 2, 0, 3))
+        })?
+        .transpose(1, 2)
     }
 }
 
@@ -486,49 +520,90 @@ impl SeqParallel {
 /// on GPUs too (a diagnostic: the composition is their CPU reference).
 pub const SP_GENERIC_ENV: &str = "CANDIFF_SP_GENERIC";
 
-/// The q, k, v exchange of one attention: done (the Candle composition) or in flight.
-enum Gathering {
-    Ready(Tensor, Tensor, Tensor),
-    /// The received buffer (valid after the wait), its exchange, and (batch, heads here, head size).
-    InFlight {
-        recv: Tensor,
-        pending: Pending,
-        dims: (usize, usize, usize),
-    },
-}
-
-/// An attention whose inputs are on their way ([`attend_start`]): work queued before
-/// [`Attending::finish`] overlaps the exchange of q, k, v on GPUs.
+/// An attention whose inputs are on their way ([`attend_start`], [`attend_packed_start`]): work
+/// queued before [`Attending::finish`] overlaps the exchange of q, k, v on GPUs.
 pub struct Attending<'a>(Started<'a>);
 
 enum Started<'a> {
     Local(Tensor, Tensor, Tensor),
-    Sharded { sp: &'a SeqParallel, gathering: Gathering, s_loc: usize },
+    Sharded { sp: &'a SeqParallel, recv: Tensor, pending: Pending, dims: (usize, usize, usize) },
 }
 
-/// Starts the attention of local q, k, v `[B, H, S_local, D]`. With sharded tokens (Ulysses)
-/// heads are traded for tokens: the all-to-all of q, k, v begins here, [`Attending::finish`]
-/// waits for it, runs `attn` over the whole sequence in the single-rank token order for `H / n`
-/// heads, and sends the outputs back to the ranks holding the tokens (`[B, H, S_local, D]`).
-/// On GPUs the exchanges are one packing and one unpacking kernel each; the CPU keeps the Candle
-/// composition, their reference.
+/// Starts the attention of local q, k, v `[B, H, S_local, D]` (any strides with a unit last
+/// one). With sharded tokens (Ulysses) heads are traded for tokens: q, k, v are packed
+/// ([`pack::QkvPack`]) and their all-to-all begins here; [`Attending::finish`] waits for it, runs
+/// `attn` over the whole sequence in the single-rank token order for `H / n` heads, and sends the
+/// outputs back to the ranks holding the tokens (`[B, H, S_local, D]`). Models that make q, k, v
+/// themselves fill a [`pack::QkvPack`] directly and call [`attend_packed_start`].
 pub fn attend_start<'a>(sp: Option<&'a SeqParallel>, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Attending<'a>> {
     match sp {
         Some(sp) if sp.group.size() > 1 => {
-            let s_loc = q.dim(2)?;
-            let gathering = span(Part::Exchange, q.device(), || sp.start_gather(q, k, v))?;
-            Ok(Attending(Started::Sharded { sp, gathering, s_loc }))
+            let (b, heads, s_loc, d) = q.dims4()?;
+            let mut pack = pack::QkvPack::new(Some(sp), q, s_loc, b, heads, d)?;
+            span(Part::Exchange, q.device(), || {
+                for (slot, x) in [(pack::Slot::Q, q), (pack::Slot::K, k), (pack::Slot::V, v)] {
+                    pack.put(slot, 0, x, None, None)?;
+                }
+                Ok(())
+            })?;
+            attend_packed_start(Some(sp), pack.finish()?)
         }
         _ => Ok(Attending(Started::Local(q.clone(), k.clone(), v.clone()))),
     }
 }
 
-impl Attending<'_> {
+/// Starts the attention of a packed q, k, v ([`pack::QkvPack::finish`], made for `sp`).
+pub fn attend_packed_start(sp: Option<&SeqParallel>, qkv: Tensor) -> Result<Attending<'_>> {
+    match sp {
+        Some(sp) if sp.group.size() > 1 => {
+            let (recv, pending, dims) = span(Part::Exchange, qkv.device(), || sp.start_qkv(&qkv))?;
+            Ok(Attending(Started::Sharded { sp, recv, pending, dims }))
+        }
+        _ => {
+            let (q, k, v) = pack::views(&qkv)?;
+            Ok(Attending(Started::Local(q, k, v)))
+        }
+    }
+}
+
+impl<'a> Attending<'a> {
     /// The attention output `[B, H, S_local, D]` (`attn` runs on whole-sequence q, k, v).
     pub fn finish(self, attn: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        self.finish_start(attn)?.wait()
+    }
+
+    /// Runs the attention and, with sharded tokens, starts sending the outputs back: work queued
+    /// before [`Returning::wait`] overlaps that exchange on GPUs.
+    pub fn finish_start(self, attn: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>) -> Result<Returning<'a>> {
         match self.0 {
-            Started::Local(q, k, v) => span(Part::Attention, q.device(), || attn(&q, &k, &v)),
-            Started::Sharded { sp, gathering, s_loc } => sp.finish(gathering, s_loc, attn),
+            Started::Local(q, k, v) => {
+                Ok(Returning(Ret::Done(span(Part::Attention, q.device(), || attn(&q, &k, &v))?)))
+            }
+            Started::Sharded { sp, recv, pending, dims } => sp.finish_start(recv, pending, dims, attn),
+        }
+    }
+}
+
+/// An attention output on its way back to the ranks holding its tokens
+/// ([`Attending::finish_start`]).
+pub struct Returning<'a>(Ret<'a>);
+
+enum Ret<'a> {
+    Done(Tensor),
+    InFlight { sp: &'a SeqParallel, back: Tensor, pending: Pending, dims: (usize, usize, usize) },
+}
+
+impl Returning<'_> {
+    /// An output already in place (`[B, H, S_local, D]`).
+    pub fn done(o: Tensor) -> Self {
+        Returning(Ret::Done(o))
+    }
+
+    /// The attention output of the local tokens, `[B, H, S_local, D]`.
+    pub fn wait(self) -> Result<Tensor> {
+        match self.0 {
+            Ret::Done(o) => Ok(o),
+            Ret::InFlight { sp, back, pending, dims } => sp.join_heads(back, pending, dims),
         }
     }
 }

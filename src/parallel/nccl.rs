@@ -16,7 +16,7 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::{CustomOp1, Device, Layout, Result, Shape, Tensor};
 use cudarc::nccl::{result as nccl, sys};
 
-use super::{Health, Transport};
+use super::{Health, Span, Transport};
 use crate::error::CandiffError;
 
 /// How often a fencing rank polls its stream and its peers' health.
@@ -114,7 +114,9 @@ impl NcclTransport {
 }
 
 /// One NCCL group of point-to-point transfers on `stream`: to and from each peer `peers[i]`
-/// (`None` for this rank), `sends[i]` / `recvs[i]` as (device address, bytes); empty ones skipped.
+/// (`None`: skipped; a rank may be its own peer), the pieces `sends[i]` / `recvs[i]` as (device address, bytes), in
+/// order (the k-th send to a peer meets that peer's k-th receive from this rank); empty ones
+/// skipped.
 ///
 /// # Safety
 /// Every (address, bytes) must lie in a device buffer that stays alive until the stream has run
@@ -123,21 +125,24 @@ unsafe fn transfer(
     comm: sys::ncclComm_t,
     stream: sys::cudaStream_t,
     peers: &[Option<i32>],
-    sends: &[(u64, usize)],
-    recvs: &[(u64, usize)],
+    sends: &[Vec<(u64, usize)>],
+    recvs: &[Vec<(u64, usize)>],
     what: &str,
 ) -> Result<()> {
     nccl::group_start().map_err(nccl_err("group start"))?;
     let mut res = Ok(());
     for (i, peer) in peers.iter().enumerate() {
         let Some(peer) = *peer else { continue };
-        let ((sp, sn), (rp, rn)) = (sends[i], recvs[i]);
         // Bytes are moved as u8 whatever the element type.
-        if sn > 0 && res.is_ok() {
-            res = nccl::send(sp as *const _, sn, sys::ncclDataType_t::ncclUint8, peer, comm, stream).map(|_| ());
+        for &(sp, sn) in &sends[i] {
+            if sn > 0 && res.is_ok() {
+                res = nccl::send(sp as *const _, sn, sys::ncclDataType_t::ncclUint8, peer, comm, stream).map(|_| ());
+            }
         }
-        if rn > 0 && res.is_ok() {
-            res = nccl::recv(rp as *mut _, rn, sys::ncclDataType_t::ncclUint8, peer, comm, stream).map(|_| ());
+        for &(rp, rn) in &recvs[i] {
+            if rn > 0 && res.is_ok() {
+                res = nccl::recv(rp as *mut _, rn, sys::ncclDataType_t::ncclUint8, peer, comm, stream).map(|_| ());
+            }
         }
     }
     // The group is closed whatever happened inside it.
@@ -159,8 +164,8 @@ fn connect_peers(comm: &Comm, dev: &CudaDevice, rank: usize, n: usize) -> Result
         let (sp, _g1) = send.device_ptr(&stream);
         let (rp, _g2) = recv.device_ptr_mut(&stream);
         let peers: Vec<Option<i32>> = (0..n).map(|p| (p != rank).then_some(p as i32)).collect();
-        let at = |base: u64| -> Vec<(u64, usize)> {
-            (0..n).map(|p| (base + (p * CONNECT_BYTES) as u64, CONNECT_BYTES)).collect()
+        let at = |base: u64| -> Vec<Vec<(u64, usize)>> {
+            (0..n).map(|p| vec![(base + (p * CONNECT_BYTES) as u64, CONNECT_BYTES)]).collect()
         };
         // SAFETY: both buffers hold CONNECT_BYTES per peer and live until the synchronize below.
         unsafe { transfer(comm.0, stream.cu_stream() as _, &peers, &at(sp), &at(rp), "connecting to peers")? };
@@ -179,14 +184,15 @@ impl Drop for NcclTransport {
     }
 }
 
-/// The all-to-all as a Candle op: output allocated on the rank's stream, the NCCL group enqueued
+/// The exchange as a Candle op: output allocated on the rank's stream, the NCCL group enqueued
 /// there.
 struct AllToAll<'a> {
     t: &'a NcclTransport,
     comm: sys::ncclComm_t,
     members: &'a [usize],
-    send_counts: &'a [usize],
-    recv_counts: &'a [usize],
+    sends: &'a [Vec<Span>],
+    recv_len: usize,
+    recvs: &'a [Vec<Span>],
     /// Recorded on the communication stream after the transfers.
     done: std::sync::Mutex<Option<cudarc::driver::CudaEvent>>,
 }
@@ -199,37 +205,10 @@ impl AllToAll<'_> {
         dev: &CudaDevice,
     ) -> Result<cudarc::driver::CudaSlice<T>> {
         let stream = dev.cuda_stream();
-        let total: usize = self.recv_counts.iter().sum();
-        // SAFETY: every element is written: this rank's share by the copy below, the others by
-        // the receives (each peer sends exactly `recv_counts` of them).
-        let mut out = unsafe { stream.alloc::<T>(total) }.map_err(candle_core::Error::wrap)?;
+        // SAFETY: every element is written: the caller's receive pieces cover the buffer, each
+        // filled by a receive (this rank's own pieces too).
+        let mut out = unsafe { stream.alloc::<T>(self.recv_len) }.map_err(candle_core::Error::wrap)?;
         let size = std::mem::size_of::<T>();
-        let me = self.members.iter().position(|&m| m == self.t.rank).expect("member");
-        let (mut s_at, mut r_at) = (offset, 0usize);
-        let send_at: Vec<usize> = self
-            .send_counts
-            .iter()
-            .map(|c| {
-                let a = s_at;
-                s_at += c;
-                a
-            })
-            .collect();
-        let recv_at: Vec<usize> = self
-            .recv_counts
-            .iter()
-            .map(|c| {
-                let a = r_at;
-                r_at += c;
-                a
-            })
-            .collect();
-        // This rank's own share: a device copy.
-        if self.send_counts[me] > 0 {
-            let src_v = src.slice(send_at[me]..send_at[me] + self.send_counts[me]);
-            let mut dst_v = out.slice_mut(recv_at[me]..recv_at[me] + self.recv_counts[me]);
-            stream.memcpy_dtod(&src_v, &mut dst_v).map_err(candle_core::Error::wrap)?;
-        }
         // The transfers wait for what the compute stream has queued (the send buffer, the
         // allocation of `out`).
         let cs = &self.t.comm_stream;
@@ -237,15 +216,16 @@ impl AllToAll<'_> {
         {
             let (sp, _g1) = src.device_ptr(cs);
             let (rp, _g2) = out.device_ptr_mut(cs);
-            let peers: Vec<Option<i32>> =
-                self.members.iter().enumerate().map(|(i, &p)| (i != me).then_some(p as i32)).collect();
-            let span = |base: u64, at: &[usize], counts: &[usize]| -> Vec<(u64, usize)> {
-                at.iter().zip(counts).map(|(a, c)| (base + (a * size) as u64, c * size)).collect()
+            // This rank's own pieces too: NCCL copies them on the communication stream, where a
+            // device copy per piece would be a launch each on the compute stream.
+            let peers: Vec<Option<i32>> = self.members.iter().map(|&p| Some(p as i32)).collect();
+            let bytes = |base: u64, spans: &[Vec<Span>]| -> Vec<Vec<(u64, usize)>> {
+                spans.iter().map(|v| v.iter().map(|&(a, c)| (base + (a * size) as u64, c * size)).collect()).collect()
             };
-            let sends = span(sp, &send_at, self.send_counts);
-            let recvs = span(rp, &recv_at, self.recv_counts);
-            // SAFETY: offsets and counts lie within the buffers (checked by the caller); the
-            // buffers' stream-ordered lifetimes cover the transfers.
+            let sends = bytes(sp + (offset * size) as u64, self.sends);
+            let recvs = bytes(rp, self.recvs);
+            // SAFETY: pieces lie within the buffers (checked by `check_spans`); the buffers'
+            // stream-ordered lifetimes cover the transfers.
             unsafe { transfer(self.comm, cs.cu_stream() as _, &peers, &sends, &recvs, "all-to-all")? };
         }
         let done = cs.record_event(None).map_err(candle_core::Error::wrap)?;
@@ -267,10 +247,7 @@ impl CustomOp1 for AllToAll<'_> {
         let (start, end) = l
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("all-to-all input must be contiguous".into()))?;
-        let want: usize = self.send_counts.iter().sum();
-        if end - start != want {
-            candle_core::bail!("all-to-all: {} elements to send, counts add up to {want}", end - start);
-        }
+        super::check_spans(self.sends, end - start, self.recvs, self.recv_len)?;
         let dev = s.device().clone();
         let slice = match &s.slice {
             CudaStorageSlice::BF16(x) => CudaStorageSlice::BF16(self.run(x, start, &dev)?),
@@ -278,8 +255,7 @@ impl CustomOp1 for AllToAll<'_> {
             CudaStorageSlice::F32(x) => CudaStorageSlice::F32(self.run(x, start, &dev)?),
             _ => candle_core::bail!("all-to-all takes bf16, f16 or f32 tensors, found {:?}", s.dtype()),
         };
-        let n: usize = self.recv_counts.iter().sum();
-        Ok((CudaStorage { slice, device: dev }, Shape::from(n)))
+        Ok((CudaStorage { slice, device: dev }, Shape::from(self.recv_len)))
     }
 }
 
@@ -292,12 +268,13 @@ impl Transport for NcclTransport {
         self.world
     }
 
-    fn all_to_all_start(
+    fn exchange_start(
         &self,
         members: &[usize],
         send: &Tensor,
-        send_counts: &[usize],
-        recv_counts: &[usize],
+        sends: &[Vec<Span>],
+        recv_len: usize,
+        recvs: &[Vec<Span>],
     ) -> Result<(Tensor, super::Pending)> {
         self.health.beat(self.rank);
         if let Some(e) = self.health.peer_error(self.rank) {
@@ -311,7 +288,7 @@ impl Transport for NcclTransport {
             .as_ref()
             .ok_or_else(|| CandiffError::Parallel(format!("rank {}: communication was aborted", self.rank)))?
             .0;
-        let op = AllToAll { t: self, comm, members, send_counts, recv_counts, done: Default::default() };
+        let op = AllToAll { t: self, comm, members, sends, recv_len, recvs, done: Default::default() };
         let out = send.apply_op1_no_bwd(&op)?;
         drop(guard);
         let done = op.done.into_inner().unwrap_or_else(|p| p.into_inner());

@@ -11,8 +11,9 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use super::config::FluxConfig;
 use crate::linear::{Linear, WeightBuilder};
 use crate::models::fused::{cat_act, gated_add, ln_modulate, MlpAct};
-use crate::models::ops::{attention, heads, merge_heads, rope_tables, timestep_embedding, RmsNorm};
-use crate::parallel::{attend, attend_start, Group, SeqParallel};
+use crate::models::ops::{attention, merge_heads, rope_tables, timestep_embedding, RmsNorm};
+use crate::parallel::pack::{QkvPack, Slot};
+use crate::parallel::{attend_packed_start, Attending, Group, Returning, SeqParallel};
 
 /// Norm epsilon of every LayerNorm and q/k RMSNorm in FLUX.
 const EPS: f64 = 1e-6;
@@ -54,6 +55,21 @@ pub(crate) enum Proj {
 }
 
 impl Proj {
+    /// Separate layers joined into one where [`Linear::concat`] can (one GEMM, its outputs read
+    /// as slices); otherwise unchanged.
+    pub(crate) fn fused(self) -> Result<Self> {
+        match self {
+            Proj::Split(ls) => {
+                let sizes = ls.iter().map(|l| l.out_features()).collect::<Result<Vec<_>>>()?;
+                Ok(match Linear::concat(&ls)? {
+                    Some(l) => Proj::Fused(l, sizes),
+                    None => Proj::Split(ls),
+                })
+            }
+            fused => Ok(fused),
+        }
+    }
+
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         match self {
             Proj::Split(ls) => ls.iter().map(|l| l.forward(x)).collect(),
@@ -99,6 +115,89 @@ pub(crate) fn split_rope(rope: &Rope, n: usize) -> Result<(Rope, Rope)> {
     Ok(((rope.0.narrow(0, 0, n)?, rope.1.narrow(0, 0, n)?), (rope.0.narrow(0, n, rest)?, rope.1.narrow(0, n, rest)?)))
 }
 
+/// One stream's share of a joint attention: its q, k, v projections `[B, S_run, H*D]`, the q/k
+/// norms and its rows of the RoPE tables.
+pub(crate) struct StreamQkv<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub norm_q: &'a RmsNorm,
+    pub norm_k: &'a RmsNorm,
+    pub rope: &'a Rope,
+}
+
+/// q, k, v of the streams, one after another along the sequence: q and k normalized and rotated,
+/// all three written once into the attention's buffer (the exchange's send buffer when the
+/// tokens are sharded), then the attention started.
+pub(crate) fn start_joint_attention<'a>(
+    sp: Option<&'a SeqParallel>,
+    streams: &[StreamQkv],
+    heads: usize,
+) -> Result<Attending<'a>> {
+    let (b, _, hd) = streams[0].q.dims3()?;
+    let s_loc = streams.iter().map(|s| s.q.dim(1)).sum::<Result<usize>>()?;
+    let mut pack = QkvPack::new(sp, streams[0].q, s_loc, b, heads, hd / heads)?;
+    let mut s0 = 0;
+    for st in streams {
+        let rope = Some((&st.rope.0, &st.rope.1));
+        pack.put(Slot::Q, s0, st.q, Some(st.norm_q.parts()), rope)?;
+        pack.put(Slot::K, s0, st.k, Some(st.norm_k.parts()), rope)?;
+        pack.put(Slot::V, s0, st.v, None, None)?;
+        s0 += st.q.dim(1)?;
+    }
+    attend_packed_start(sp, pack.finish()?)
+}
+
+/// A block's `n` modulation vectors from silu(temb): one projection, converted to f32 once (the
+/// fused ops read f32 shift / scale / gate; per-vector conversions would each be a kernel).
+fn modulation(layer: &Linear, temb_act: &Tensor, n: usize) -> Result<Vec<Tensor>> {
+    chunks(&layer.forward(temb_act)?.to_dtype(DType::F32)?, n)
+}
+
+/// The output projection of a parallel (single-stream) block, applied to `cat(o, act(mlp))`.
+/// Split along its inputs where that pays (a dense half-precision layer on a GPU,
+/// [`Linear::split_inputs`]): the MLP part's GEMM runs while the attention output travels back
+/// between ranks, the attention part's GEMM then adds onto it, and `cat` is never written.
+#[derive(Debug, Clone)]
+pub(crate) enum OutProj {
+    Whole(Linear),
+    Split { o: Linear, mlp: Linear },
+}
+
+impl OutProj {
+    pub(crate) fn new(layer: Linear, o_dim: usize) -> Result<Self> {
+        Ok(match layer.split_inputs(o_dim)? {
+            Ok((o, mlp)) => OutProj::Split { o, mlp },
+            Err(whole) => OutProj::Whole(whole),
+        })
+    }
+
+    /// Whether an MLP activation applied by the producer ([`Linear::forward_gelu`]) is welcome.
+    pub(crate) fn split(&self) -> bool {
+        matches!(self, OutProj::Split { .. })
+    }
+
+    /// `W cat(o, act(mlp))` with `o` from `returning` (`[B, H, S, D]`); `mlp` has its activation
+    /// applied already when `activated` (only with [`OutProj::split`]).
+    pub(crate) fn forward(&self, returning: Returning, mlp: &Tensor, act: MlpAct, activated: bool) -> Result<Tensor> {
+        match self {
+            OutProj::Whole(l) => {
+                if activated {
+                    candle_core::bail!("OutProj: an activated MLP input needs the split projection");
+                }
+                let o = merge_heads(&returning.wait()?)?;
+                l.forward(&cat_act(Some(&o), mlp, act)?)
+            }
+            OutProj::Split { o: wo, mlp: wm } => {
+                let a = if activated { mlp.clone() } else { cat_act(None, mlp, act)? };
+                let y = wm.forward(&a)?;
+                let o = merge_heads(&returning.wait()?)?;
+                wo.forward_acc(&o, &y)
+            }
+        }
+    }
+}
+
 pub(crate) fn chunks(t: &Tensor, n: usize) -> Result<Vec<Tensor>> {
     t.chunk(n, D::Minus1)
 }
@@ -137,8 +236,8 @@ impl DoubleBlock {
                 Self {
                     norm1: wb.pp("norm1").pp("linear").linear(dim, 6 * dim, true)?,
                     norm1_context: wb.pp("norm1_context").pp("linear").linear(dim, 6 * dim, true)?,
-                    qkv: split(["to_q", "to_k", "to_v"])?,
-                    add_qkv: split(["add_q_proj", "add_k_proj", "add_v_proj"])?,
+                    qkv: split(["to_q", "to_k", "to_v"])?.fused()?,
+                    add_qkv: split(["add_q_proj", "add_k_proj", "add_v_proj"])?.fused()?,
                     norm_q: rms(&attn.pp("norm_q"), "weight", cfg.attention_head_dim)?,
                     norm_k: rms(&attn.pp("norm_k"), "weight", cfg.attention_head_dim)?,
                     norm_added_q: rms(&attn.pp("norm_added_q"), "weight", cfg.attention_head_dim)?,
@@ -197,28 +296,32 @@ impl DoubleBlock {
         &self,
         img: &Tensor,
         txt: &Tensor,
-        temb: &Tensor,
+        temb_act: &Tensor,
         rope: &(Tensor, Tensor),
         sp: Option<&SeqParallel>,
     ) -> Result<(Tensor, Tensor)> {
-        let m = chunks(&self.norm1.forward(&temb.silu()?)?, 6)?;
-        let c = chunks(&self.norm1_context.forward(&temb.silu()?)?, 6)?;
+        let m = modulation(&self.norm1, temb_act, 6)?;
+        let c = modulation(&self.norm1_context, temb_act, 6)?;
         let img_n = ln_modulate(img, &m[0], &m[1], EPS)?;
         let txt_n = ln_modulate(txt, &c[0], &c[1], EPS)?;
         let iq = self.qkv.forward(&img_n)?;
         let tq = self.add_qkv.forward(&txt_n)?;
-        let h = self.heads;
         let s_txt = txt.dim(1)?;
         // Joint attention over [txt, img]: each stream's q/k normed and rotated with its rows of
-        // the RoPE table (one fused pass each), then joined along the sequence.
+        // the RoPE table, written with v straight into the attention's buffer.
         let (rope_t, rope_i) = split_rope(rope, s_txt)?;
-        let qk = |t: &Tensor, n: &RmsNorm, i: &Tensor, m: &RmsNorm| -> Result<Tensor> {
-            Tensor::cat(&[n.norm_rope(t, h, &rope_t.0, &rope_t.1)?, m.norm_rope(i, h, &rope_i.0, &rope_i.1)?], 2)
-        };
-        let q = qk(&tq[0], &self.norm_added_q, &iq[0], &self.norm_q)?;
-        let k = qk(&tq[1], &self.norm_added_k, &iq[1], &self.norm_k)?;
-        let v = heads(&Tensor::cat(&[&tq[2], &iq[2]], 1)?, h)?;
-        let o = merge_heads(&attend(sp, &q, &k, &v, attention)?)?;
+        let streams = [
+            StreamQkv {
+                q: &tq[0],
+                k: &tq[1],
+                v: &tq[2],
+                norm_q: &self.norm_added_q,
+                norm_k: &self.norm_added_k,
+                rope: &rope_t,
+            },
+            StreamQkv { q: &iq[0], k: &iq[1], v: &iq[2], norm_q: &self.norm_q, norm_k: &self.norm_k, rope: &rope_i },
+        ];
+        let o = merge_heads(&start_joint_attention(sp, &streams, self.heads)?.finish(attention)?)?;
         let o_txt = o.narrow(1, 0, s_txt)?;
         let o_img = o.narrow(1, s_txt, o.dim(1)? - s_txt)?;
 
@@ -238,12 +341,15 @@ impl DoubleBlock {
 #[derive(Debug, Clone)]
 struct SingleBlock {
     norm: Linear,
-    /// q, k, v, mlp-in (BFL `linear1`; diffusers `attn.to_q/k/v` + `proj_mlp`).
-    qkv_mlp: Proj,
+    /// q, k, v, and the MLP input projection when the checkpoint fuses it with them (BFL
+    /// `linear1`); diffusers' `attn.to_q/k/v` (joined where they can be, [`Proj::fused`]).
+    qkv: Proj,
+    /// Diffusers' `proj_mlp`, kept apart so its GEMM runs while q, k, v travel between ranks.
+    proj_mlp: Option<Linear>,
     norm_q: RmsNorm,
     norm_k: RmsNorm,
     /// BFL `linear2`.
-    proj_out: Linear,
+    proj_out: OutProj,
     heads: usize,
 }
 
@@ -256,54 +362,55 @@ impl SingleBlock {
                 let attn = wb.pp("attn");
                 Self {
                     norm: wb.pp("norm").pp("linear").linear(dim, 3 * dim, true)?,
-                    qkv_mlp: Proj::Split(vec![
+                    qkv: Proj::Split(vec![
                         attn.pp("to_q").linear(dim, dim, true)?,
                         attn.pp("to_k").linear(dim, dim, true)?,
                         attn.pp("to_v").linear(dim, dim, true)?,
-                        wb.pp("proj_mlp").linear(dim, hidden, true)?,
-                    ]),
+                    ])
+                    .fused()?,
+                    proj_mlp: Some(wb.pp("proj_mlp").linear(dim, hidden, true)?),
                     norm_q: rms(&attn.pp("norm_q"), "weight", cfg.attention_head_dim)?,
                     norm_k: rms(&attn.pp("norm_k"), "weight", cfg.attention_head_dim)?,
-                    proj_out: wb.pp("proj_out").linear(dim + hidden, dim, true)?,
+                    proj_out: OutProj::new(wb.pp("proj_out").linear(dim + hidden, dim, true)?, dim)?,
                     heads: cfg.num_attention_heads,
                 }
             }
             Naming::Bfl => Self {
                 norm: wb.pp("modulation").pp("lin").linear(dim, 3 * dim, true)?,
-                qkv_mlp: Proj::Fused(
-                    wb.pp("linear1").linear(dim, 3 * dim + hidden, true)?,
-                    vec![dim, dim, dim, hidden],
-                ),
+                qkv: Proj::Fused(wb.pp("linear1").linear(dim, 3 * dim + hidden, true)?, vec![dim, dim, dim, hidden]),
+                proj_mlp: None,
                 norm_q: rms(&wb.pp("norm").pp("query_norm"), "scale", cfg.attention_head_dim)?,
                 norm_k: rms(&wb.pp("norm").pp("key_norm"), "scale", cfg.attention_head_dim)?,
-                proj_out: wb.pp("linear2").linear(dim + hidden, dim, true)?,
+                proj_out: OutProj::new(wb.pp("linear2").linear(dim + hidden, dim, true)?, dim)?,
                 heads: cfg.num_attention_heads,
             },
         })
     }
 
-    fn forward(&self, x: &Tensor, temb: &Tensor, rope: &(Tensor, Tensor), sp: Option<&SeqParallel>) -> Result<Tensor> {
-        let m = chunks(&self.norm.forward(&temb.silu()?)?, 3)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        temb_act: &Tensor,
+        rope: &(Tensor, Tensor),
+        sp: Option<&SeqParallel>,
+    ) -> Result<Tensor> {
+        let m = modulation(&self.norm, temb_act, 3)?;
         let xn = ln_modulate(x, &m[0], &m[1], EPS)?;
-        // Separate layers: q, k, v first, so the MLP projection's GEMM (independent of attention)
-        // runs while q, k, v travel between ranks; a fused layer yields all four at once.
-        let (p, mlp_layer) = match &self.qkv_mlp {
-            Proj::Split(ls) if ls.len() == 4 => {
-                (ls[..3].iter().map(|l| l.forward(&xn)).collect::<Result<Vec<_>>>()?, Some(&ls[3]))
-            }
-            proj => (proj.forward(&xn)?, None),
+        // q, k, v first; a separate MLP projection's GEMM (independent of attention) then runs
+        // while they travel between ranks.
+        let p = self.qkv.forward(&xn)?;
+        let stream = StreamQkv { q: &p[0], k: &p[1], v: &p[2], norm_q: &self.norm_q, norm_k: &self.norm_k, rope };
+        let attending = start_joint_attention(sp, &[stream], self.heads)?;
+        // The MLP projection (GELU in its epilogue where the output projection is split) queued
+        // while q, k, v travel; its share of the output projection while the attention output
+        // travels back.
+        let (mlp, activated) = match &self.proj_mlp {
+            Some(l) if self.proj_out.split() => (l.forward_gelu(&xn)?, true),
+            Some(l) => (l.forward(&xn)?, false),
+            None => (p[3].clone(), false),
         };
-        let h = self.heads;
-        let q = self.norm_q.norm_rope(&p[0], h, &rope.0, &rope.1)?;
-        let k = self.norm_k.norm_rope(&p[1], h, &rope.0, &rope.1)?;
-        let attending = attend_start(sp, &q, &k, &heads(&p[2], h)?)?;
-        let mlp = match mlp_layer {
-            Some(l) => l.forward(&xn)?,
-            None => p[3].clone(),
-        };
-        let o = merge_heads(&attending.finish(attention)?)?;
-        // cat(attention, gelu(mlp)) in one pass.
-        let y = self.proj_out.forward(&cat_act(Some(&o), &mlp, MlpAct::GeluTanh)?)?;
+        let returning = attending.finish_start(attention)?;
+        let y = self.proj_out.forward(returning, &mlp, MlpAct::GeluTanh, activated)?;
         gated_add(x, &y, &m[2])
     }
 }
@@ -441,16 +548,18 @@ impl FluxTransformer {
         let sp = sp.as_ref();
         let mut img = self.x_embedder.forward(&img.to_dtype(dtype)?)?;
         let mut txt = self.context_embedder.forward(&txt.to_dtype(dtype)?)?;
+        // Every modulation projection reads silu(temb): computed once.
+        let temb_act = temb.silu()?;
         for b in &self.transformer_blocks {
-            (img, txt) = b.forward(&img, &txt, &temb, &rope, sp)?;
+            (img, txt) = b.forward(&img, &txt, &temb_act, &rope, sp)?;
         }
         let s_txt = txt.dim(1)?;
         let mut x = Tensor::cat(&[txt, img], 1)?;
         for b in &self.single_transformer_blocks {
-            x = b.forward(&x, &temb, &rope, sp)?;
+            x = b.forward(&x, &temb_act, &rope, sp)?;
         }
         let img = x.narrow(1, s_txt, x.dim(1)? - s_txt)?;
-        let mods = chunks(&self.norm_out.forward(&temb.silu()?)?, 2)?;
+        let mods = modulation(&self.norm_out, &temb_act, 2)?;
         let (shift, scale) = match self.naming {
             Naming::Diffusers => (&mods[1], &mods[0]),
             Naming::Bfl => (&mods[0], &mods[1]),

@@ -14,11 +14,11 @@ use candle_core::{DType, Module, Result, Tensor, D};
 
 use super::config::Flux2Config;
 use crate::linear::{Linear, WeightBuilder};
-use crate::models::flux::model::{chunks, split_rope, Embedder, Proj};
+use crate::models::flux::model::{chunks, split_rope, start_joint_attention, Embedder, OutProj, Proj, StreamQkv};
 use crate::models::flux::Naming;
 use crate::models::fused::{cat_act, gated_add, ln_modulate, MlpAct};
-use crate::models::ops::{attention, heads, merge_heads, rope_tables, timestep_embedding, RmsNorm};
-use crate::parallel::{attend, Group, SeqParallel};
+use crate::models::ops::{attention, merge_heads, rope_tables, timestep_embedding, RmsNorm};
+use crate::parallel::{Group, SeqParallel};
 
 /// Timesteps and guidance arrive in [0, 1] / as the raw scale; the model was trained on 1000x.
 const TIME_SCALE: f64 = 1000.0;
@@ -60,7 +60,8 @@ impl DoubleBlock {
             Naming::Diffusers => {
                 let attn = wb.pp("attn");
                 let split = |names: [&str; 3]| -> Result<Proj> {
-                    Ok(Proj::Split(names.iter().map(|n| attn.pp(n).linear(dim, dim, false)).collect::<Result<_>>()?))
+                    Proj::Split(names.iter().map(|n| attn.pp(n).linear(dim, dim, false)).collect::<Result<_>>()?)
+                        .fused()
                 };
                 let ff = |name: &str| -> Result<(Linear, Linear)> {
                     let ff = wb.pp(name);
@@ -125,22 +126,25 @@ impl DoubleBlock {
         // the reference); q/k normed and rotated per stream with its rows of the RoPE table.
         let s_txt = txt.dim(1)?;
         let (rope_t, rope_i) = split_rope(rope, s_txt)?;
-        let q = Tensor::cat(
-            &[
-                self.txt.norm_q.norm_rope(&tq[0], h, &rope_t.0, &rope_t.1)?,
-                self.img.norm_q.norm_rope(&iq[0], h, &rope_i.0, &rope_i.1)?,
-            ],
-            2,
-        )?;
-        let k = Tensor::cat(
-            &[
-                self.txt.norm_k.norm_rope(&tq[1], h, &rope_t.0, &rope_t.1)?,
-                self.img.norm_k.norm_rope(&iq[1], h, &rope_i.0, &rope_i.1)?,
-            ],
-            2,
-        )?;
-        let v = heads(&Tensor::cat(&[&tq[2], &iq[2]], 1)?, h)?;
-        let o = merge_heads(&attend(sp, &q, &k, &v, attention)?)?;
+        let streams = [
+            StreamQkv {
+                q: &tq[0],
+                k: &tq[1],
+                v: &tq[2],
+                norm_q: &self.txt.norm_q,
+                norm_k: &self.txt.norm_k,
+                rope: &rope_t,
+            },
+            StreamQkv {
+                q: &iq[0],
+                k: &iq[1],
+                v: &iq[2],
+                norm_q: &self.img.norm_q,
+                norm_k: &self.img.norm_k,
+                rope: &rope_i,
+            },
+        ];
+        let o = merge_heads(&start_joint_attention(sp, &streams, h)?.finish(attention)?)?;
         let o_txt = o.narrow(1, 0, s_txt)?;
         let o_img = o.narrow(1, s_txt, o.dim(1)? - s_txt)?;
 
@@ -161,7 +165,7 @@ struct SingleBlock {
     norm_q: RmsNorm,
     norm_k: RmsNorm,
     /// Input `cat(attention, swiglu)`.
-    to_out: Linear,
+    to_out: OutProj,
     heads: usize,
     dim: usize,
     eps: f64,
@@ -185,7 +189,7 @@ impl SingleBlock {
             to_qkv_mlp_proj: proj.linear(dim, 3 * dim + 2 * mlp, false)?,
             norm_q: rms(&norm.pp(q), key, cfg)?,
             norm_k: rms(&norm.pp(k), key, cfg)?,
-            to_out: out.linear(dim + mlp, dim, false)?,
+            to_out: OutProj::new(out.linear(dim + mlp, dim, false)?, dim)?,
             heads: cfg.num_attention_heads,
             dim,
             eps: cfg.eps,
@@ -197,12 +201,13 @@ impl SingleBlock {
         let (h, dim) = (self.heads, self.dim);
         let p = self.to_qkv_mlp_proj.forward(&ln_modulate(x, &m[0], &m[1], self.eps)?)?;
         let part = |i: usize| p.narrow(D::Minus1, i * dim, dim);
-        let q = self.norm_q.norm_rope(&part(0)?, h, &rope.0, &rope.1)?;
-        let k = self.norm_k.norm_rope(&part(1)?, h, &rope.0, &rope.1)?;
-        let o = merge_heads(&attend(sp, &q, &k, &heads(&part(2)?, h)?, attention)?)?;
-        // cat(attention, swiglu(mlp)) in one pass, reading the projection's MLP columns in place.
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let stream = StreamQkv { q: &q, k: &k, v: &v, norm_q: &self.norm_q, norm_k: &self.norm_k, rope };
+        let returning = start_joint_attention(sp, &[stream], h)?.finish_start(attention)?;
+        // cat(attention, swiglu(mlp)) through the output projection, reading the projection's MLP
+        // columns in place.
         let mlp = p.narrow(D::Minus1, 3 * dim, p.dim(D::Minus1)? - 3 * dim)?;
-        let y = self.to_out.forward(&cat_act(Some(&o), &mlp, MlpAct::SwiGlu)?)?;
+        let y = self.to_out.forward(returning, &mlp, MlpAct::SwiGlu, false)?;
         gated_add(x, &y, &m[2])
     }
 }
