@@ -455,6 +455,33 @@ pub fn check_fused(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
             rel_max_err(&host(&got)?, &host(&want)?),
             TWO_ROUNDINGS_TOL,
         ));
+        // The same in fp8 mode (the second GEMM adds the first's output after its scales). Each
+        // side quantizes its activations per token over other values (o and gelu(mlp) apart, or
+        // their concatenation), so they differ by FP8 rounding, not by one bf16 ulp.
+        if device.is_cuda() {
+            let p = Problem::random(1, c + w, c, 11)?;
+            let fp8 = || -> candle_core::Result<crate::linear::Linear> {
+                Ok(crate::linear::Linear::Nvfp4(Nvfp4Linear::new(
+                    &p.w,
+                    None,
+                    Some(bias.clone()),
+                    Backend::Trtllm,
+                    ActMode::Fp8,
+                    device,
+                )?))
+            };
+            let split = OutProj::new(fp8()?, c)?;
+            if !split.split() {
+                candle_core::bail!("an fp8 layer on the GPU was not split");
+            }
+            let got = split.forward(back(&o), &m, MlpAct::GeluTanh, false)?;
+            let want = OutProj::Whole(fp8()?).forward(back(&o), &m, MlpAct::GeluTanh, false)?;
+            out.push(CheckResult::new(
+                format!("split output projection {rows}x({c}+{w}) fp8 (rel. L2)"),
+                rel_l2(&host(&got)?, &host(&want)?),
+                FP8_VS_W4A16_TOL,
+            ));
+        }
     }
     // Per-head RMSNorm + RoPE, reading a strided slice of a fused projection (as the models do)
     // against the unfused composition on the CPU.

@@ -117,19 +117,32 @@ impl Linear {
     /// (cuBLASLt, beta = 1), no extra pass.
     pub fn forward_acc(&self, x: &Tensor, acc: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if let Linear::Dense(l) = self {
-            if let Some(y) = crate::cuda::lt::dense_linear(x, l.weight(), l.bias(), false, Some(acc))? {
-                return Ok(y);
+        match self {
+            Linear::Dense(l) => {
+                if let Some(y) = crate::cuda::lt::dense_linear(x, l.weight(), l.bias(), false, Some(acc))? {
+                    return Ok(y);
+                }
             }
+            Linear::Nvfp4(q) if q.mode() == ActMode::Fp8 && x.device().is_cuda() => {
+                return crate::profile::span(crate::profile::Part::Linear, x.device(), || q.forward_acc_fp8(x, acc));
+            }
+            _ => {}
         }
         acc + self.forward(x)?
     }
 
-    /// A dense layer on a GPU in half precision split along its input features at `at`: (the
-    /// first `at` inputs, no bias; the rest, with the bias), so `cat(a, b)` through the layer is
-    /// `a W1^T + b W2^T + bias` as two GEMMs, the second accumulating onto the first. Any other
+    /// A dense half-precision or fp8-mode layer on a GPU split along its input features at `at`:
+    /// (the first `at` inputs, no bias; the rest, with the bias), so `cat(a, b)` through the layer
+    /// is `a W1^T + b W2^T + bias` as two GEMMs, the second accumulating onto the first. Any other
     /// layer comes back unchanged (`Err`): there the split buys nothing.
     pub fn split_inputs(self, at: usize) -> Result<std::result::Result<(Linear, Linear), Linear>> {
+        if let Linear::Nvfp4(q) = &self {
+            if q.prepared().0.device().is_cuda() {
+                if let Some((a, b)) = q.split_inputs_fp8(at)? {
+                    return Ok(Ok((Linear::Nvfp4(a), Linear::Nvfp4(b))));
+                }
+            }
+        }
         match &self {
             Linear::Dense(l)
                 if l.weight().device().is_cuda()

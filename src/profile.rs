@@ -19,7 +19,8 @@ pub enum Part {
     Linear,
     /// The attention kernel.
     Attention,
-    /// Sequence-parallel exchanges: packing and unpacking kernels (and starting the transfers).
+    /// Sequence-parallel exchanges: starting the transfers, the copy of a generic q/k/v into the
+    /// send buffer, the join of the returned heads.
     Exchange,
     /// Sequence-parallel exchanges: the compute stream waiting for a transfer to arrive (the
     /// transfer's time not hidden behind other work, and any lag of a peer).

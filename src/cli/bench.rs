@@ -254,7 +254,7 @@ fn probe_bandwidth(world: &crate::parallel::Group, device: &candle_core::Device)
 }
 
 /// Bytes each rank sends per second in all-to-alls of `bytes` per peer: the exchange alone, one
-/// send buffer made beforehand (as the packing kernels make it in a step).
+/// send buffer made beforehand (as the q/k/v writers fill it in a step).
 fn probe(
     world: &crate::parallel::Group,
     device: &candle_core::Device,

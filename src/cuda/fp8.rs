@@ -17,7 +17,7 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::{DType, Device, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
-use super::lt::{cuda_type, device_lt, set, Lt, WORKSPACE_BYTES};
+use super::lt::{alignment, device_lt, heuristic, set, Descs, MAX_ALIGN_BYTES};
 use super::{function_in, input_bf16, view, wrap, Kernels};
 use crate::nvfp4::linear::Nvfp4Matmul;
 use crate::nvfp4::Nvfp4Weight;
@@ -26,9 +26,6 @@ use crate::nvfp4::Nvfp4Weight;
 const ROW_THREADS: u32 = 256;
 /// FP8 tensor cores exist from Ada (sm_89) on.
 pub const MIN_FP8_CAPABILITY: (i32, i32) = (8, 9);
-/// `cublasOperation_t` values (an int32 attribute; the enum lives in cuBLAS's own header).
-const CUBLAS_OP_N: i32 = 0;
-const CUBLAS_OP_T: i32 = 1;
 /// cuBLASLt needs 16-byte aligned leading dimensions: K (E4M3 bytes); N is padded at load.
 const ALIGN_BYTES: usize = 16;
 /// Grid cap of the grid-stride scaling pass.
@@ -74,65 +71,17 @@ pub fn weight_to_fp8(w: &Nvfp4Weight, device: &Device) -> Result<(Tensor, Tensor
     Ok((weight, scale))
 }
 
-/// Descriptors of one FP8 GEMM `D[n x m] = op(A)[n x k] * B[k x m]` in cuBLAS's column-major
-/// terms (A = weight `[N, K]` row-major, transposed; B = activations `[M, K]` row-major).
-struct Descs {
-    matmul: ltsys::cublasLtMatmulDesc_t,
-    a: ltsys::cublasLtMatrixLayout_t,
-    b: ltsys::cublasLtMatrixLayout_t,
-    d: ltsys::cublasLtMatrixLayout_t,
-}
-
-impl Drop for Descs {
-    fn drop(&mut self) {
-        // SAFETY: created below, destroyed once.
-        unsafe {
-            let _ = lt::destroy_matrix_layout(self.a);
-            let _ = lt::destroy_matrix_layout(self.b);
-            let _ = lt::destroy_matrix_layout(self.d);
-            let _ = lt::destroy_matmul_desc(self.matmul);
-        }
-    }
-}
-
+/// Descriptors of one FP8 GEMM (E4M3 operands, TN), with per-row / per-token scale vectors when
+/// `outer_vec`.
 fn descs(m: usize, n: usize, k: usize, out: DType, outer_vec: bool) -> Result<Descs> {
     use ltsys::cublasLtMatmulDescAttributes_t as A;
-    let matmul =
-        lt::create_matmul_desc(ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F, ltsys::cudaDataType::CUDA_R_32F)
-            .map_err(wrap("cublasLtMatmulDescCreate"))?;
-    let e4m3 = ltsys::cudaDataType::CUDA_R_8F_E4M3;
-    let descs = Descs {
-        matmul,
-        a: lt::create_matrix_layout(e4m3, k as u64, n as u64, k as i64).map_err(wrap("layout A"))?,
-        b: lt::create_matrix_layout(e4m3, k as u64, m as u64, k as i64).map_err(wrap("layout B"))?,
-        d: lt::create_matrix_layout(cuda_type(out), n as u64, m as u64, n as i64).map_err(wrap("layout D"))?,
-    };
-    set(matmul, A::CUBLASLT_MATMUL_DESC_TRANSA, &CUBLAS_OP_T)?;
-    set(matmul, A::CUBLASLT_MATMUL_DESC_TRANSB, &CUBLAS_OP_N)?;
+    let descs = Descs::tn(m, n, k, ltsys::cudaDataType::CUDA_R_8F_E4M3, out)?;
     if outer_vec {
         let mode = ltsys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
-        set(matmul, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode)?;
-        set(matmul, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode)?;
+        set(descs.matmul, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode)?;
+        set(descs.matmul, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode)?;
     }
     Ok(descs)
-}
-
-fn heuristic(lt_: &Lt, d: &Descs) -> std::result::Result<ltsys::cublasLtMatmulAlgo_t, String> {
-    let pref = lt::create_matmul_pref().map_err(|e| e.to_string())?;
-    let ws = WORKSPACE_BYTES;
-    // SAFETY: valid descriptors; `ws` outlives the call.
-    let r = unsafe {
-        let _ = lt::set_matmul_pref_attribute(
-            pref,
-            ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-            &ws as *const usize as *const c_void,
-            std::mem::size_of::<usize>(),
-        );
-        let r = lt::get_matmul_algo_heuristic(lt_.handle, d.matmul, d.a, d.b, d.d, d.d, pref);
-        let _ = lt::destroy_matmul_pref(pref);
-        r
-    };
-    r.map(|h| h.algo).map_err(|e| e.to_string())
 }
 
 /// Which scaling ran, reported once.
@@ -160,9 +109,19 @@ pub fn linear_fwd(
     linear_fwd_ep(op, (s1, l1), (s2, l2), (s3, l3), None).map(|(s, sh, _)| (s, sh))
 }
 
-/// The fp8-mode layer `act(x W^T + b)` with the bias (`[N]`, the output's dtype) and tanh-GELU in
-/// cuBLASLt's epilogue where the scaled GEMM runs (after the per-row / per-token scales); returns
-/// the output and whether the epilogue ran (else the caller adds the bias and activation).
+/// What cuBLASLt adds to an fp8 GEMM after its scales: a bias and tanh-GELU, or a tensor `acc`
+/// (beta = 1; not with GELU).
+#[derive(Debug, Clone, Copy)]
+struct Epilogue {
+    bias: Option<u64>,
+    gelu: bool,
+    acc: Option<u64>,
+}
+
+/// The fp8-mode layer `act(x W^T + b) [+ acc]` with the bias (`[N]`, the output's dtype),
+/// tanh-GELU and `acc` (the output's shape and dtype) in cuBLASLt's epilogue where the scaled
+/// GEMM runs (after the per-row / per-token scales); returns the output and whether the epilogue
+/// ran (else the caller adds the bias, activation and `acc`).
 pub fn linear_with_epilogue(
     op: &Nvfp4Matmul,
     x: &Tensor,
@@ -170,10 +129,16 @@ pub fn linear_with_epilogue(
     scale: &Tensor,
     bias: Option<&Tensor>,
     gelu: bool,
+    acc: Option<&Tensor>,
 ) -> Result<(Tensor, bool)> {
+    if gelu && acc.is_some() {
+        candle_core::bail!("fp8 linear: GELU and an accumulated tensor do not go together");
+    }
     let x = x.contiguous()?;
+    let acc = acc.map(|a| a.contiguous()).transpose()?;
     let guards = [x.storage_and_layout(), weight.storage_and_layout(), scale.storage_and_layout()];
     let bg = bias.map(|b| b.storage_and_layout());
+    let ag = acc.as_ref().map(|a| a.storage_and_layout());
     let mut cuda = Vec::with_capacity(3);
     for (st, l) in &guards {
         match &**st {
@@ -194,8 +159,28 @@ pub fn linear_with_epilogue(
         },
         None => None,
     };
-    let (y, shape, applied) = linear_fwd_ep(op, cuda[0], cuda[1], cuda[2], Some((bias_ptr, gelu)))?;
+    let acc_ptr = match &ag {
+        Some((st, l)) => match &**st {
+            candle_core::Storage::Cuda(CudaStorage { slice: CudaStorageSlice::BF16(a), .. }) => {
+                Some(a.device_ptr(&stream).0 + (l.start_offset() * 2) as u64)
+            }
+            candle_core::Storage::Cuda(CudaStorage { slice: CudaStorageSlice::F16(a), .. }) => {
+                Some(a.device_ptr(&stream).0 + (l.start_offset() * 2) as u64)
+            }
+            _ => candle_core::bail!("fp8 linear: the accumulated tensor must be a bf16 or f16 GPU tensor"),
+        },
+        None => None,
+    };
+    if let Some(a) = &acc {
+        let want = x.elem_count() / op.k * op.n;
+        if a.elem_count() != want || a.dtype() != x.dtype() {
+            candle_core::bail!("fp8 linear: accumulated tensor {:?} {:?} for {want} outputs", a.dims(), a.dtype());
+        }
+    }
+    let ep = Epilogue { bias: bias_ptr, gelu, acc: acc_ptr };
+    let (y, shape, applied) = linear_fwd_ep(op, cuda[0], cuda[1], cuda[2], Some(ep))?;
     drop(bg);
+    drop(ag);
     let y = Tensor::from_storage(candle_core::Storage::Cuda(y), shape, candle_core::op::BackpropOp::none(), false);
     Ok((y, applied))
 }
@@ -207,7 +192,7 @@ fn linear_fwd_ep(
     (s1, l1): (&CudaStorage, &Layout),
     (s2, l2): (&CudaStorage, &Layout),
     (s3, l3): (&CudaStorage, &Layout),
-    ep: Option<(Option<u64>, bool)>,
+    ep: Option<Epilogue>,
 ) -> Result<(CudaStorage, Shape, bool)> {
     let dev = s1.device().clone();
     let dims = l1.shape().dims();
@@ -276,7 +261,7 @@ fn linear_fwd_ep(
         let d = descs(m, n, k, out_dtype, outer_vec)?;
         // The epilogue (bias, GELU) only where the scales are applied inside the GEMM.
         let epilogue = match (outer_vec, ep) {
-            (true, Some((b, gelu))) => {
+            (true, Some(Epilogue { bias: b, gelu, .. })) => {
                 use ltsys::cublasLtEpilogue_t as E;
                 match (b.is_some(), gelu) {
                     (true, true) => E::CUBLASLT_EPILOGUE_GELU_BIAS,
@@ -292,7 +277,7 @@ fn linear_fwd_ep(
             set(d.matmul, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sw_ptr)?;
             set(d.matmul, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sa_ptr)?;
             set(d.matmul, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &(epilogue as u32))?;
-            if let Some((Some(bp), _)) = ep {
+            if let Some(Epilogue { bias: Some(bp), .. }) = ep {
                 set(d.matmul, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp)?;
             }
         }
@@ -300,28 +285,36 @@ fn linear_fwd_ep(
         if sms > 0 {
             set(d.matmul, ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &sms)?;
         }
-        let key = (m, n, k, out_dtype, outer_vec, epilogue as u32, sms);
+        let c_align = ep.and_then(|e| e.acc).map_or(MAX_ALIGN_BYTES, alignment);
+        let key = (m, n, k, out_dtype, outer_vec, epilogue as u32, sms, c_align);
         let algo = match ltd.fp8_algos.get(&key) {
             Some(a) => *a,
             None => {
-                let a = heuristic(ltd, &d).map_err(|e| why = e).ok();
+                // The quantized activations and the output are fresh (fully aligned) buffers.
+                let align = [MAX_ALIGN_BYTES, alignment(w_ptr), c_align];
+                let a = heuristic(ltd, &d, align).map_err(|e| why = e).ok();
                 ltd.fp8_algos.insert(key, a);
                 a
             }
         };
         if let Some(a) = algo {
-            plan = Some((outer_vec, d, a, epilogue != ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT));
+            // The accumulated tensor, too, only where the scales apply inside the GEMM.
+            let acc = if outer_vec { ep.and_then(|e| e.acc) } else { None };
+            let applied = epilogue != ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT || acc.is_some();
+            plan = Some((outer_vec, d, a, applied, acc));
             break;
         }
     }
-    let Some((outer_vec, d, algo, applied)) = plan else {
+    let Some((outer_vec, d, algo, applied, acc)) = plan else {
         candle_core::bail!(
             "cuBLASLt has no FP8 GEMM for M = {m}, N = {n}, K = {k} on this GPU ({why}); use --nvfp4-mode w4a16"
         )
     };
     note_path(outer_vec, &why);
     let cu_stream = stream.cu_stream() as ltsys::cudaStream_t;
-    let (alpha, beta) = (1f32, 0f32);
+    let alpha = 1f32;
+    // C is read only with beta = 1 (D's own buffer otherwise, unread).
+    let beta = if acc.is_some() { 1f32 } else { 0f32 };
     let ws_len = ltd.workspace.len();
     {
         let (ws_ptr, _g3) = ltd.workspace.device_ptr_mut(&stream);
@@ -331,8 +324,9 @@ fn linear_fwd_ep(
             CudaStorageSlice::BF16(v) => v.device_ptr_mut(&stream),
             _ => unreachable!("allocated above"),
         };
-        // SAFETY: descriptors match the buffers' types, shapes and leading dimensions; C = D with
-        // beta = 0.
+        let c_ptr = acc.unwrap_or(y_ptr);
+        // SAFETY: descriptors match the buffers' types, shapes and leading dimensions (C has D's,
+        // checked by the caller).
         unsafe {
             lt::matmul(
                 ltd.handle,
@@ -343,7 +337,7 @@ fn linear_fwd_ep(
                 d.a,
                 xq_ptr as *const c_void,
                 d.b,
-                y_ptr as *const c_void,
+                c_ptr as *const c_void,
                 d.d,
                 y_ptr as *mut c_void,
                 d.d,

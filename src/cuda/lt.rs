@@ -24,10 +24,10 @@ pub const WORKSPACE_BYTES: usize = 32 << 20;
 const CUBLAS_OP_N: i32 = 0;
 const CUBLAS_OP_T: i32 = 1;
 /// The most alignment cuBLASLt's heuristic assumes of a pointer unless told less (its default).
-const MAX_ALIGN_BYTES: u32 = 256;
+pub(super) const MAX_ALIGN_BYTES: u32 = 256;
 
-/// (m, n, k, dtype, GELU, bias, alignments of x, W, y, bias, SM target) of a dense GEMM.
-type DenseKey = (usize, usize, usize, DType, bool, bool, [u32; 4], i32);
+/// (m, n, k, dtype, GELU, bias, alignments of x, W and y/C, SM target) of a dense GEMM.
+type DenseKey = (usize, usize, usize, DType, bool, bool, [u32; 3], i32);
 
 /// Multiprocessors left to an exchange in flight (NCCL's kernels) by the GEMMs that run beside
 /// it: `CANDIFF_COMM_SMS` (0: none), else this. cuBLAS's Hopper kernels are persistent, one
@@ -48,8 +48,8 @@ pub(super) fn sm_target(dev: &CudaDevice) -> Result<i32> {
     Ok(super::sm_count(dev)?.saturating_sub(carve).max(1) as i32)
 }
 
-/// (m, n, k, out dtype, outer-vector scales, epilogue, SM target) of an FP8 GEMM.
-pub type Fp8Key = (usize, usize, usize, DType, bool, u32, i32);
+/// (m, n, k, out dtype, outer-vector scales, epilogue, SM target, C's alignment) of an FP8 GEMM.
+pub type Fp8Key = (usize, usize, usize, DType, bool, u32, i32, u32);
 
 /// One cuBLASLt handle and workspace per device, with the algorithms picked so far.
 pub struct Lt {
@@ -98,12 +98,13 @@ pub(super) fn set<T>(
 }
 
 /// Descriptors of `D[n x m] = op(W)[n x k] * X[k x m]` in cuBLAS's column-major terms (W
-/// `[N, K]` row-major, transposed; X `[M, K]` row-major; D is `[M, N]` row-major).
-struct Descs {
-    matmul: ltsys::cublasLtMatmulDesc_t,
-    a: ltsys::cublasLtMatrixLayout_t,
-    b: ltsys::cublasLtMatrixLayout_t,
-    d: ltsys::cublasLtMatrixLayout_t,
+/// `[N, K]` row-major, transposed; X `[M, K]` row-major; D is `[M, N]` row-major): the "TN"
+/// layout, which Hopper's FP8 GEMMs require and the half-precision ones take as well.
+pub(super) struct Descs {
+    pub matmul: ltsys::cublasLtMatmulDesc_t,
+    pub a: ltsys::cublasLtMatrixLayout_t,
+    pub b: ltsys::cublasLtMatrixLayout_t,
+    pub d: ltsys::cublasLtMatrixLayout_t,
 }
 
 impl Drop for Descs {
@@ -118,30 +119,38 @@ impl Drop for Descs {
     }
 }
 
-fn dense_descs(m: usize, n: usize, k: usize, dtype: DType, epilogue: ltsys::cublasLtEpilogue_t) -> Result<Descs> {
-    use ltsys::cublasLtMatmulDescAttributes_t as A;
-    let matmul =
-        lt::create_matmul_desc(ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F, ltsys::cudaDataType::CUDA_R_32F)
-            .map_err(wrap("cublasLtMatmulDescCreate"))?;
-    let t = cuda_type(dtype);
-    let descs = Descs {
-        matmul,
-        a: lt::create_matrix_layout(t, k as u64, n as u64, k as i64).map_err(wrap("layout A"))?,
-        b: lt::create_matrix_layout(t, k as u64, m as u64, k as i64).map_err(wrap("layout B"))?,
-        d: lt::create_matrix_layout(t, n as u64, m as u64, n as i64).map_err(wrap("layout D"))?,
-    };
-    set(matmul, A::CUBLASLT_MATMUL_DESC_TRANSA, &CUBLAS_OP_T)?;
-    set(matmul, A::CUBLASLT_MATMUL_DESC_TRANSB, &CUBLAS_OP_N)?;
-    set(matmul, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &(epilogue as u32))?;
-    Ok(descs)
+impl Descs {
+    /// f32 accumulation, operands of type `input`, output `out`.
+    pub(super) fn tn(m: usize, n: usize, k: usize, input: ltsys::cudaDataType, out: DType) -> Result<Self> {
+        use ltsys::cublasLtMatmulDescAttributes_t as A;
+        let matmul =
+            lt::create_matmul_desc(ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F, ltsys::cudaDataType::CUDA_R_32F)
+                .map_err(wrap("cublasLtMatmulDescCreate"))?;
+        let descs = Descs {
+            matmul,
+            a: lt::create_matrix_layout(input, k as u64, n as u64, k as i64).map_err(wrap("layout A"))?,
+            b: lt::create_matrix_layout(input, k as u64, m as u64, k as i64).map_err(wrap("layout B"))?,
+            d: lt::create_matrix_layout(cuda_type(out), n as u64, m as u64, n as i64).map_err(wrap("layout D"))?,
+        };
+        set(matmul, A::CUBLASLT_MATMUL_DESC_TRANSA, &CUBLAS_OP_T)?;
+        set(matmul, A::CUBLASLT_MATMUL_DESC_TRANSB, &CUBLAS_OP_N)?;
+        Ok(descs)
+    }
 }
 
 /// The largest power of two (up to [`MAX_ALIGN_BYTES`]) dividing `addr`.
-fn alignment(addr: u64) -> u32 {
+pub(super) fn alignment(addr: u64) -> u32 {
     (1u64 << addr.trailing_zeros().min(MAX_ALIGN_BYTES.trailing_zeros())) as u32
 }
 
-fn dense_heuristic(ltd: &Lt, d: &Descs, align: [u32; 4]) -> std::result::Result<ltsys::cublasLtMatmulAlgo_t, String> {
+/// cuBLASLt's first algorithm for `d` within the workspace, told the operands' alignment in bytes
+/// (x, W, and the smaller of y's and C's): it otherwise assumes 256 bytes, and a kernel relying on
+/// that would read misaligned views (row offsets of a larger activation).
+pub(super) fn heuristic(
+    ltd: &Lt,
+    d: &Descs,
+    align: [u32; 3],
+) -> std::result::Result<ltsys::cublasLtMatmulAlgo_t, String> {
     use ltsys::cublasLtMatmulPreferenceAttributes_t as P;
     let pref = lt::create_matmul_pref().map_err(|e| e.to_string())?;
     let ws = WORKSPACE_BYTES;
@@ -151,8 +160,6 @@ fn dense_heuristic(ltd: &Lt, d: &Descs, align: [u32; 4]) -> std::result::Result<
     };
     let r = (|| {
         set_pref(P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const usize as _, std::mem::size_of::<usize>())?;
-        // The pointers' real alignment: the heuristic otherwise assumes 256 bytes, and a kernel
-        // relying on it would read misaligned views (row offsets of a larger activation).
         let attrs = [
             P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
             P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
@@ -268,13 +275,9 @@ pub fn dense_linear(
             _ => unreachable!("allocated above"),
         };
         let c_ptr = c_ptr.unwrap_or(y_ptr);
-        let align = [
-            alignment(x_ptr),
-            alignment(w_ptr),
-            alignment(y_ptr).min(alignment(c_ptr)),
-            b_ptr.map_or(MAX_ALIGN_BYTES, alignment),
-        ];
-        let d = dense_descs(m, n, k, dtype, epilogue)?;
+        let align = [alignment(x_ptr), alignment(w_ptr), alignment(y_ptr).min(alignment(c_ptr))];
+        let d = Descs::tn(m, n, k, cuda_type(dtype), dtype)?;
+        set(d.matmul, ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &(epilogue as u32))?;
         let sms = sm_target(&dev)?;
         if sms > 0 {
             set(d.matmul, ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &sms)?;
@@ -288,7 +291,7 @@ pub fn dense_linear(
         let algo = match ltd.dense_algos.get(&key) {
             Some(a) => *a,
             None => {
-                let a = dense_heuristic(ltd, &d, align)
+                let a = heuristic(ltd, &d, align)
                     .map_err(|why| {
                         log::debug!("cuBLASLt has no bf16 GEMM with epilogue for M {m} N {n} K {k}: {why}");
                     })

@@ -405,10 +405,9 @@ fn norm_rope_impl(
     }
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && x.stride()[2] == 1 {
-        let cuda = |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F32)?.contiguous() };
-        let (cos, sin) = (cuda(cos)?, cuda(sin)?);
-        let y = crate::cuda::fused::uninit_like(x, b * s * hd)?;
-        let mut y = y;
+        let f32c = |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F32)?.contiguous() };
+        let (cos, sin) = (f32c(cos)?, f32c(sin)?);
+        let mut y = crate::cuda::fused::uninit_like(x, b * s * hd)?;
         write_heads(x, heads, norm, Some((&cos, &sin)), &mut y, HeadsOut::contiguous(s, heads, d))?;
         return Ok(Tensor::from_storage(
             candle_core::Storage::Cuda(y),

@@ -456,6 +456,51 @@ impl Nvfp4Linear {
         Ok(Some(Self { op, weight, scale, bias, n_out: n }))
     }
 
+    /// An fp8-mode layer split along its inputs at `at` (E4M3 column blocks; the per-row scales
+    /// hold for both): (the first `at` inputs, no bias; the rest, with the bias). `None` for other
+    /// modes, padded rows, or a split off the 16-byte rows cuBLASLt needs.
+    pub fn split_inputs_fp8(&self, at: usize) -> Result<Option<(Self, Self)>> {
+        const ROW_ALIGN_BYTES: usize = 16;
+        let k = self.op.k;
+        if self.op.mode != ActMode::Fp8 || self.op.n != self.n_out || at == 0 || at >= k || at % ROW_ALIGN_BYTES != 0 {
+            return Ok(None);
+        }
+        let part = |from: usize, len: usize, bias: Option<Tensor>| -> Result<Self> {
+            let op = Nvfp4Matmul { k: len, weight_row_bytes: len, ..self.op.clone() };
+            Ok(Self {
+                op,
+                weight: self.weight.narrow(1, from, len)?.contiguous()?,
+                scale: self.scale.clone(),
+                bias,
+                n_out: self.n_out,
+            })
+        };
+        Ok(Some((part(0, at, None)?, part(at, k - at, self.bias.clone())?)))
+    }
+
+    /// `acc + x W^T + b` in fp8 mode on a GPU, `acc` added inside the GEMM where the library
+    /// runs the scaled one (else after it).
+    #[cfg(feature = "cuda")]
+    pub fn forward_acc_fp8(&self, x: &Tensor, acc: &Tensor) -> Result<Tensor> {
+        let (y, applied) = crate::cuda::fp8::linear_with_epilogue(
+            &self.op,
+            x,
+            &self.weight,
+            &self.scale,
+            self.bias.as_ref(),
+            false,
+            Some(acc),
+        )?;
+        if applied {
+            return Ok(y);
+        }
+        let y = match &self.bias {
+            Some(b) => crate::models::fused::bias_act(&y, b, false)?,
+            None => y,
+        };
+        acc + y
+    }
+
     pub fn backend(&self) -> Backend {
         self.op.backend
     }
@@ -536,6 +581,7 @@ impl Nvfp4Linear {
                 &self.scale,
                 self.bias.as_ref(),
                 gelu,
+                None,
             )?;
             if applied {
                 return Ok(y);
