@@ -7,17 +7,16 @@
 //! the shape, the GEMM runs unscaled into f32 and `fp8_scale_out` applies both vectors (slower,
 //! same result up to accumulation order); which one ran is logged once per process.
 
-use std::ffi::c_void;
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys as ltsys};
+use candle_core::cuda_backend::cudarc::cublaslt::sys as ltsys;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::{DType, Device, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
-use super::lt::{alignment, device_lt, heuristic, set, Descs, MAX_ALIGN_BYTES};
+use super::lt::{alignment, device_lt, half_tensor_address, heuristic, matmul_tn, set, Descs, MAX_ALIGN_BYTES};
 use super::{function_in, input_bf16, view, wrap, Kernels};
 use crate::nvfp4::linear::Nvfp4Matmul;
 use crate::nvfp4::Nvfp4Weight;
@@ -137,8 +136,7 @@ pub fn linear_with_epilogue(
     let x = x.contiguous()?;
     let acc = acc.map(|a| a.contiguous()).transpose()?;
     let guards = [x.storage_and_layout(), weight.storage_and_layout(), scale.storage_and_layout()];
-    let bg = bias.map(|b| b.storage_and_layout());
-    let ag = acc.as_ref().map(|a| a.storage_and_layout());
+
     let mut cuda = Vec::with_capacity(3);
     for (st, l) in &guards {
         match &**st {
@@ -146,31 +144,8 @@ pub fn linear_with_epilogue(
             _ => candle_core::bail!("fp8 linear: GPU tensors only"),
         }
     }
-    let stream = cuda[0].0.device.cuda_stream();
-    let bias_ptr = match &bg {
-        Some((st, l)) => match &**st {
-            candle_core::Storage::Cuda(CudaStorage { slice: CudaStorageSlice::BF16(b), .. }) => {
-                Some(b.device_ptr(&stream).0 + (l.start_offset() * 2) as u64)
-            }
-            candle_core::Storage::Cuda(CudaStorage { slice: CudaStorageSlice::F16(b), .. }) => {
-                Some(b.device_ptr(&stream).0 + (l.start_offset() * 2) as u64)
-            }
-            _ => candle_core::bail!("fp8 linear: the bias must be a bf16 or f16 GPU tensor"),
-        },
-        None => None,
-    };
-    let acc_ptr = match &ag {
-        Some((st, l)) => match &**st {
-            candle_core::Storage::Cuda(CudaStorage { slice: CudaStorageSlice::BF16(a), .. }) => {
-                Some(a.device_ptr(&stream).0 + (l.start_offset() * 2) as u64)
-            }
-            candle_core::Storage::Cuda(CudaStorage { slice: CudaStorageSlice::F16(a), .. }) => {
-                Some(a.device_ptr(&stream).0 + (l.start_offset() * 2) as u64)
-            }
-            _ => candle_core::bail!("fp8 linear: the accumulated tensor must be a bf16 or f16 GPU tensor"),
-        },
-        None => None,
-    };
+    let bias_ptr = bias.map(|b| half_tensor_address(b, "fp8 linear: the bias")).transpose()?;
+    let acc_ptr = acc.as_ref().map(|a| half_tensor_address(a, "fp8 linear: the accumulated tensor")).transpose()?;
     if let Some(a) = &acc {
         let want = x.elem_count() / op.k * op.n;
         if a.elem_count() != want || a.dtype() != x.dtype() {
@@ -179,8 +154,7 @@ pub fn linear_with_epilogue(
     }
     let ep = Epilogue { bias: bias_ptr, gelu, acc: acc_ptr };
     let (y, shape, applied) = linear_fwd_ep(op, cuda[0], cuda[1], cuda[2], Some(ep))?;
-    drop(bg);
-    drop(ag);
+
     let y = Tensor::from_storage(candle_core::Storage::Cuda(y), shape, candle_core::op::BackpropOp::none(), false);
     Ok((y, applied))
 }
@@ -311,13 +285,9 @@ fn linear_fwd_ep(
         )
     };
     note_path(outer_vec, &why);
-    let cu_stream = stream.cu_stream() as ltsys::cudaStream_t;
-    let alpha = 1f32;
     // C is read only with beta = 1 (D's own buffer otherwise, unread).
     let beta = if acc.is_some() { 1f32 } else { 0f32 };
-    let ws_len = ltd.workspace.len();
     {
-        let (ws_ptr, _g3) = ltd.workspace.device_ptr_mut(&stream);
         let (y_ptr, _g6) = match &mut y {
             CudaStorageSlice::F32(v) => v.device_ptr_mut(&stream),
             CudaStorageSlice::F16(v) => v.device_ptr_mut(&stream),
@@ -326,28 +296,10 @@ fn linear_fwd_ep(
         };
         let c_ptr = acc.unwrap_or(y_ptr);
         // SAFETY: descriptors match the buffers' types, shapes and leading dimensions (C has D's,
-        // checked by the caller).
+        // checked by the caller); all live until the GEMM has run (stream order).
         unsafe {
-            lt::matmul(
-                ltd.handle,
-                d.matmul,
-                &alpha as *const f32 as *const c_void,
-                &beta as *const f32 as *const c_void,
-                w_ptr as *const c_void,
-                d.a,
-                xq_ptr as *const c_void,
-                d.b,
-                c_ptr as *const c_void,
-                d.d,
-                y_ptr as *mut c_void,
-                d.d,
-                &algo,
-                ws_ptr as *mut c_void,
-                ws_len,
-                cu_stream,
-            )
+            matmul_tn(ltd, &d, &algo, (w_ptr, xq_ptr, c_ptr, y_ptr), beta, &stream, "cublasLtMatmul (fp8)")?;
         }
-        .map_err(wrap("cublasLtMatmul (fp8)"))?;
     }
     if !outer_vec {
         let (m_i, n_i) = (m as i64, n as i32);

@@ -181,6 +181,56 @@ pub(super) fn heuristic(
     r
 }
 
+/// Runs `D = alpha (W x) + beta C` (plus the descriptors' epilogue) with `algo`, on `stream`:
+/// addresses of W, x, C (D's own buffer when beta = 0) and D.
+///
+/// # Safety
+/// The descriptors must match the buffers' types, shapes and leading dimensions (C has D's), and
+/// every buffer (and any bias or scale the descriptors point at) must outlive the GEMM in stream
+/// order.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn matmul_tn(
+    ltd: &mut Lt,
+    d: &Descs,
+    algo: &ltsys::cublasLtMatmulAlgo_t,
+    (w_ptr, x_ptr, c_ptr, y_ptr): (u64, u64, u64, u64),
+    beta: f32,
+    stream: &Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    what: &'static str,
+) -> Result<()> {
+    let alpha = 1f32;
+    let ws_len = ltd.workspace.len();
+    let (ws_ptr, _g) = ltd.workspace.device_ptr_mut(stream);
+    lt::matmul(
+        ltd.handle,
+        d.matmul,
+        &alpha as *const f32 as *const c_void,
+        &beta as *const f32 as *const c_void,
+        w_ptr as *const c_void,
+        d.a,
+        x_ptr as *const c_void,
+        d.b,
+        c_ptr as *const c_void,
+        d.d,
+        y_ptr as *mut c_void,
+        d.d,
+        algo,
+        ws_ptr as *mut c_void,
+        ws_len,
+        stream.cu_stream() as ltsys::cudaStream_t,
+    )
+    .map_err(wrap(what))
+}
+
+/// Device address of a bf16 / f16 GPU tensor's first element (`what` names it in the error).
+pub(super) fn half_tensor_address(t: &Tensor, what: &str) -> Result<u64> {
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        candle_core::Storage::Cuda(s) => address(s, l.start_offset(), &s.device.cuda_stream()),
+        _ => candle_core::bail!("{what} must be a bf16 or f16 GPU tensor"),
+    }
+}
+
 /// Device address of element `offset` of a half-precision storage.
 fn address(
     s: &CudaStorage,
@@ -301,32 +351,11 @@ pub fn dense_linear(
             }
         };
         let Some(algo) = algo else { return Ok(None) };
-        let alpha = 1f32;
-        let ws_len = ltd.workspace.len();
-        let (ws_ptr, _g3) = ltd.workspace.device_ptr_mut(&stream);
         // SAFETY: descriptors match the buffers' types, shapes and leading dimensions (C has D's);
-        // the bias holds N values.
+        // the bias holds N values; all live until the GEMM has run (stream order).
         unsafe {
-            lt::matmul(
-                ltd.handle,
-                d.matmul,
-                &alpha as *const f32 as *const c_void,
-                &beta as *const f32 as *const c_void,
-                w_ptr as *const c_void,
-                d.a,
-                x_ptr as *const c_void,
-                d.b,
-                c_ptr as *const c_void,
-                d.d,
-                y_ptr as *mut c_void,
-                d.d,
-                &algo,
-                ws_ptr as *mut c_void,
-                ws_len,
-                stream.cu_stream() as ltsys::cudaStream_t,
-            )
+            matmul_tn(ltd, &d, &algo, (w_ptr, x_ptr, c_ptr, y_ptr), beta, &stream, "cublasLtMatmul (dense)")?;
         }
-        .map_err(wrap("cublasLtMatmul (dense)"))?;
     }
     drop(guard);
     drop(ag);
