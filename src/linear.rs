@@ -119,7 +119,10 @@ impl Linear {
         #[cfg(feature = "cuda")]
         match self {
             Linear::Dense(l) => {
-                if let Some(y) = crate::cuda::lt::dense_linear(x, l.weight(), l.bias(), false, Some(acc))? {
+                let y = crate::profile::span(crate::profile::Part::Linear, x.device(), || {
+                    crate::cuda::lt::dense_linear(x, l.weight(), l.bias(), false, Some(acc))
+                })?;
+                if let Some(y) = y {
                     return Ok(y);
                 }
             }

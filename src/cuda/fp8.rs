@@ -16,7 +16,9 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::{DType, Device, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
-use super::lt::{alignment, device_lt, half_tensor_address, heuristic, matmul_tn, set, Descs, MAX_ALIGN_BYTES};
+use super::lt::{
+    alignment, device_lt, epilogue, half_tensor_address, heuristic, matmul_tn, set, Descs, MAX_ALIGN_BYTES,
+};
 use super::{function_in, input_bf16, view, wrap, Kernels};
 use crate::nvfp4::linear::Nvfp4Matmul;
 use crate::nvfp4::Nvfp4Weight;
@@ -136,7 +138,6 @@ pub fn linear_with_epilogue(
     let x = x.contiguous()?;
     let acc = acc.map(|a| a.contiguous()).transpose()?;
     let guards = [x.storage_and_layout(), weight.storage_and_layout(), scale.storage_and_layout()];
-
     let mut cuda = Vec::with_capacity(3);
     for (st, l) in &guards {
         match &**st {
@@ -154,13 +155,12 @@ pub fn linear_with_epilogue(
     }
     let ep = Epilogue { bias: bias_ptr, gelu, acc: acc_ptr };
     let (y, shape, applied) = linear_fwd_ep(op, cuda[0], cuda[1], cuda[2], Some(ep))?;
-
     let y = Tensor::from_storage(candle_core::Storage::Cuda(y), shape, candle_core::op::BackpropOp::none(), false);
     Ok((y, applied))
 }
 
-/// [`linear_fwd`] with an optional epilogue (bias address, GELU), applied only on the
-/// outer-vector path; the flag says whether it ran.
+/// [`linear_fwd`] with an optional epilogue (bias, GELU or an accumulated tensor), applied only
+/// on the outer-vector path; the flag says whether it ran.
 fn linear_fwd_ep(
     op: &Nvfp4Matmul,
     (s1, l1): (&CudaStorage, &Layout),
@@ -235,16 +235,8 @@ fn linear_fwd_ep(
         let d = descs(m, n, k, out_dtype, outer_vec)?;
         // The epilogue (bias, GELU) only where the scales are applied inside the GEMM.
         let epilogue = match (outer_vec, ep) {
-            (true, Some(Epilogue { bias: b, gelu, .. })) => {
-                use ltsys::cublasLtEpilogue_t as E;
-                match (b.is_some(), gelu) {
-                    (true, true) => E::CUBLASLT_EPILOGUE_GELU_BIAS,
-                    (true, false) => E::CUBLASLT_EPILOGUE_BIAS,
-                    (false, true) => E::CUBLASLT_EPILOGUE_GELU,
-                    (false, false) => E::CUBLASLT_EPILOGUE_DEFAULT,
-                }
-            }
-            _ => ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
+            (true, Some(e)) => epilogue(e.bias.is_some(), e.gelu),
+            _ => epilogue(false, false),
         };
         if outer_vec {
             use ltsys::cublasLtMatmulDescAttributes_t as A;

@@ -10,7 +10,7 @@ use super::{function_in, view, wrap, Kernels};
 
 /// Threads per row block of `ln_modulate` (`kThreads` in kernels/fused.cu).
 const LN_THREADS: u32 = 256;
-/// Bytes per access of the vectorized kernels, and the most threads of a block.
+/// Bytes per access of the vectorized `gated_add`, and the f32 values in one such access.
 const VEC_BYTES: usize = 16;
 const F32_PER_VEC: usize = 4;
 /// Threads per block and blocks of the grid-stride `gated_add`.

@@ -53,10 +53,10 @@ pub type Fp8Key = (usize, usize, usize, DType, bool, u32, i32, u32);
 
 /// One cuBLASLt handle and workspace per device, with the algorithms picked so far.
 pub struct Lt {
-    pub handle: ltsys::cublasLtHandle_t,
-    pub workspace: CudaSlice<u8>,
+    handle: ltsys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
     /// FP8 GEMMs -> algorithm, None when unsupported.
-    pub fp8_algos: HashMap<Fp8Key, Option<ltsys::cublasLtMatmulAlgo_t>>,
+    pub(super) fp8_algos: HashMap<Fp8Key, Option<ltsys::cublasLtMatmulAlgo_t>>,
     dense_algos: HashMap<DenseKey, Option<ltsys::cublasLtMatmulAlgo_t>>,
 }
 
@@ -222,6 +222,17 @@ pub(super) unsafe fn matmul_tn(
     .map_err(wrap(what))
 }
 
+/// The epilogue adding a bias (when `bias`) and applying tanh-GELU (when `gelu`).
+pub(super) fn epilogue(bias: bool, gelu: bool) -> ltsys::cublasLtEpilogue_t {
+    use ltsys::cublasLtEpilogue_t as E;
+    match (bias, gelu) {
+        (true, true) => E::CUBLASLT_EPILOGUE_GELU_BIAS,
+        (true, false) => E::CUBLASLT_EPILOGUE_BIAS,
+        (false, true) => E::CUBLASLT_EPILOGUE_GELU,
+        (false, false) => E::CUBLASLT_EPILOGUE_DEFAULT,
+    }
+}
+
 /// Device address of a bf16 / f16 GPU tensor's first element (`what` names it in the error).
 pub(super) fn half_tensor_address(t: &Tensor, what: &str) -> Result<u64> {
     let (st, l) = t.storage_and_layout();
@@ -278,43 +289,19 @@ pub fn dense_linear(
     let x = x.contiguous()?;
     let (w, bias) = (w.contiguous()?, bias.map(|b| b.contiguous()).transpose()?);
     let acc = acc.map(|a| a.contiguous()).transpose()?;
-    let ag = acc.as_ref().map(|a| a.storage_and_layout());
-    let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
-    let bg = bias.as_ref().map(|b| b.storage_and_layout());
-    let (candle_core::Storage::Cuda(xs), candle_core::Storage::Cuda(ws)) = (&*xs, &*ws) else {
-        return Ok(None);
-    };
-    let dev = xs.device().clone();
+    let candle_core::Device::Cuda(dev) = x.device() else { return Ok(None) };
+    let dev = dev.clone();
     let stream = dev.cuda_stream();
-    let x_ptr = address(xs, xl.start_offset(), &stream)?;
-    let w_ptr = address(ws, wl.start_offset(), &stream)?;
-    let b_ptr = match &bg {
-        Some((bs, bl)) => match &**bs {
-            candle_core::Storage::Cuda(bs) => Some(address(bs, bl.start_offset(), &stream)?),
-            _ => return Ok(None),
-        },
-        None => None,
-    };
-    let c_ptr = match &ag {
-        Some((cs, cl)) => match &**cs {
-            candle_core::Storage::Cuda(cs) => Some(address(cs, cl.start_offset(), &stream)?),
-            _ => return Ok(None),
-        },
-        None => None,
-    };
+    let x_ptr = half_tensor_address(&x, "the dense GEMM's input")?;
+    let w_ptr = half_tensor_address(&w, "the dense weight")?;
+    let b_ptr = bias.as_ref().map(|b| half_tensor_address(b, "the dense bias")).transpose()?;
+    let c_ptr = acc.as_ref().map(|a| half_tensor_address(a, "the accumulated tensor")).transpose()?;
     // SAFETY: the GEMM writes every element.
     let mut y = match dtype {
         DType::F16 => CudaStorageSlice::F16(unsafe { stream.alloc::<f16>(m * n) }.map_err(wrap("alloc"))?),
         _ => CudaStorageSlice::BF16(unsafe { stream.alloc::<bf16>(m * n) }.map_err(wrap("alloc"))?),
     };
-    use ltsys::cublasLtEpilogue_t as E;
-    let epilogue = match (b_ptr.is_some(), gelu) {
-        (true, true) => E::CUBLASLT_EPILOGUE_GELU_BIAS,
-        (true, false) => E::CUBLASLT_EPILOGUE_BIAS,
-        (false, true) => E::CUBLASLT_EPILOGUE_GELU,
-        (false, false) => E::CUBLASLT_EPILOGUE_DEFAULT,
-    };
+    let epilogue = epilogue(b_ptr.is_some(), gelu);
     let state = device_lt(&dev)?;
     let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
     let ltd = &mut *guard;
@@ -358,7 +345,6 @@ pub fn dense_linear(
         }
     }
     drop(guard);
-    drop(ag);
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().expect("non-empty") = n;
     Ok(Some(Tensor::from_storage(

@@ -405,10 +405,8 @@ fn norm_rope_impl(
     }
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && x.stride()[2] == 1 {
-        let f32c = |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F32)?.contiguous() };
-        let (cos, sin) = (f32c(cos)?, f32c(sin)?);
         let mut y = crate::cuda::fused::uninit_like(x, b * s * hd)?;
-        write_heads(x, heads, norm, Some((&cos, &sin)), &mut y, HeadsOut::contiguous(s, heads, d))?;
+        write_heads(x, heads, norm, Some((cos, sin)), &mut y, HeadsOut::contiguous(s, heads, d))?;
         return Ok(Tensor::from_storage(
             candle_core::Storage::Cuda(y),
             (b, s, heads, d),
@@ -462,8 +460,8 @@ impl HeadsOut {
 
 /// Launches `qk_norm_rope` (kernels/fused.cu) on `x`, a `[B, S, H*D]` view with heads contiguous
 /// in a token (`H` = `heads`) or a `[B, H, S, D]` view with unit stride along D, writing its rows
-/// into `y` where `dst` puts them. `norm` / `rope` (f32 contiguous tables `[S, D/2]`) select the
-/// mode; neither copies. The caller sizes `y` for `dst`.
+/// into `y` where `dst` puts them. `norm` / `rope` (tables `[S, D/2]`, read as contiguous f32: a
+/// no-op for the model's own) select the mode; neither copies. The caller sizes `y` for `dst`.
 #[cfg(feature = "cuda")]
 pub(crate) fn write_heads(
     x: &Tensor,
@@ -492,6 +490,12 @@ pub(crate) fn write_heads(
         Some((w, _)) => Some(w.to_dtype(x.dtype())?.contiguous()?),
         None => None,
     };
+    let f32c = |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F32)?.contiguous() };
+    let rope = match rope {
+        Some((c, s)) => Some((f32c(c)?, f32c(s)?)),
+        None => None,
+    };
+    let rope = rope.as_ref().map(|(c, s)| (c, s));
     let (xs, xl) = x.storage_and_layout();
     let candle_core::Storage::Cuda(xs) = &*xs else { candle_core::bail!("write_heads: a GPU tensor") };
     let src = HeadsIn { start: xl.start_offset(), ..src };

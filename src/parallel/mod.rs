@@ -80,10 +80,10 @@ impl Health {
     }
 }
 
-/// Moves tensors between the ranks of one run.
 /// A run of `len` elements starting at element `at` of a flat buffer: (at, len).
 pub type Span = (usize, usize);
 
+/// Moves tensors between the ranks of one run.
 pub trait Transport: Send + Sync {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;

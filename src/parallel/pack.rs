@@ -119,6 +119,9 @@ impl QkvPack {
         if norm.is_some() && rope.is_none() {
             candle_core::bail!("QkvPack::put: the per-head norm runs only with RoPE");
         }
+        if x.rank() == 4 && (norm.is_some() || rope.is_some()) {
+            candle_core::bail!("QkvPack::put: norm / RoPE of a [B, H, S, D] view is not supported (copy only)");
+        }
         self.filled[t as usize].push((s0, s_run));
         #[cfg(feature = "cuda")]
         let dst = self.placement(t, s0);
@@ -126,22 +129,17 @@ impl QkvPack {
         match &mut self.store {
             #[cfg(feature = "cuda")]
             Store::Gpu(st, dtype) => {
-                let f32c = |t: &Tensor| -> Result<Tensor> { t.to_dtype(candle_core::DType::F32)?.contiguous() };
-                let rope = match rope {
-                    Some((c, s)) => Some((f32c(c)?, f32c(s)?)),
-                    None => None,
-                };
                 let x = x.to_dtype(*dtype)?;
                 let x = if x.stride()[x.rank() - 1] == 1 { x } else { x.contiguous()? };
-                crate::models::fused::write_heads(&x, heads, norm, rope.as_ref().map(|(c, s)| (c, s)), st, dst)
+                crate::models::fused::write_heads(&x, heads, norm, rope, st, dst)
             }
             Store::Parts(parts) => {
                 let rows = match (x.rank(), norm, rope) {
                     (3, Some((w, eps)), Some((c, s))) => crate::models::fused::qk_norm_rope(x, heads, w, eps, c, s)?,
                     (3, None, Some((c, s))) => crate::models::fused::rope_heads(x, heads, c, s)?,
                     (3, None, None) => x.contiguous()?.reshape((b, s_run, heads, d))?,
-                    (4, None, None) => x.transpose(1, 2)?.contiguous()?,
-                    _ => candle_core::bail!("QkvPack::put: norm / RoPE of a [B, H, S, D] view is not supported"),
+                    (4, ..) => x.transpose(1, 2)?.contiguous()?,
+                    _ => unreachable!("norm without RoPE refused above"),
                 };
                 parts[t as usize].push((s0, rows));
                 Ok(())

@@ -155,7 +155,7 @@ fn modulation(layer: &Linear, temb_act: &Tensor, n: usize) -> Result<Vec<Tensor>
 }
 
 /// The output projection of a parallel (single-stream) block, applied to `cat(o, act(mlp))`.
-/// Split along its inputs where that pays (a dense half-precision layer on a GPU,
+/// Split along its inputs where that pays (a dense half-precision or fp8-mode layer on a GPU,
 /// [`Linear::split_inputs`]): the MLP part's GEMM runs while the attention output travels back
 /// between ranks, the attention part's GEMM then adds onto it, and `cat` is never written.
 #[derive(Debug, Clone)]
