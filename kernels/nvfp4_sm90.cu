@@ -58,13 +58,16 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // Byte `sh / 8` of `w` (two E2M1 codes, low nibble = even k) as a bf16 pair holding code x 2^-126:
 // magnitude bits (exponent 2, mantissa 1) to bits 8:6 of each half, signs to bits 15 and 31. The
-// multiplications place both nibbles at once (the partial products do not overlap the kept bits).
+// multiplications place both nibbles at once: the byte alone (a byte permute, zeros above) times
+// 2^6 + 2^18 gives two copies in bits 13:6 and 25:18 that cannot carry into each other, so only the
+// sign bits need masking first (5 integer operations; a shift and two masks took 6).
 __device__ __forceinline__ uint32_t e2m1x2_bf16_raw(uint32_t w, uint32_t sh) {
     constexpr uint32_t kMagMul = (1u << 6) | (1u << 18);  // low nibble -> bits 8:6, high -> 24:22
     constexpr uint32_t kKeep = (7u << 6) | (7u << 22) | 0x80008000u;
-    uint32_t b = w >> sh;
-    uint32_t mag = (b & 0x77u) * kMagMul;
-    uint32_t sgn = (b & 0x88u) * 0x01001000u;  // bit 3 -> 15, bit 7 -> 31
+    constexpr uint32_t kByteZeros = 0x4440u;  // __byte_perm selector: bytes 1-3 from the zero word
+    const uint32_t b = __byte_perm(w, 0u, kByteZeros | (sh >> 3));
+    const uint32_t mag = b * kMagMul;
+    const uint32_t sgn = (b & 0x88u) * 0x01001000u;  // bit 3 -> 15, bit 7 -> 31
     return (mag | sgn) & kKeep;
 }
 
@@ -249,3 +252,223 @@ GEMM_SM90(128, __half, f16)
 GEMM_SM90(256, float, f32)
 GEMM_SM90(256, __nv_bfloat16, bf16)
 GEMM_SM90(256, __half, f16)
+
+// ---------------------------------------------------------------------------------------------
+// Small-M product (M <= 16 tokens) on Hopper: memory-bound, so the aim is to stream the 4.5-bit
+// weight once at full bandwidth. Tensor cores (mma.sync m16n8k16, weight as A from registers,
+// tokens as B) keep the arithmetic off the CUDA cores: 16 FMAs per weight on CUDA cores would cost
+// more than the loads at M = 16.
+//
+// CTA: 8 warps, 16 physical rows each (one 128-row tile of the trtllm layout, zero-padded, so rows
+// need no bounds checks). SPLIT > 1: a cluster of SPLIT CTAs along y splits K, and the CTAs add their
+// partial sums through distributed shared memory (one launch, no workspace, deterministic).
+//
+// K order inside a 256-wide chunk is permuted identically for weights and activations (a dot
+// product does not care): thread t of a quad takes k0 = 64 t .. 64 t + 63, i.e. 32 contiguous code
+// bytes per row (two 16-byte loads) and one 4-byte scale word (the 128x4 swizzle keeps a row's four
+// consecutive K blocks together); its k16 step s uses k0 + 4 s .. 4 s + 3 in the fragment slots
+// {2t, 2t+1} and {2t+8, 2t+9}, so the token's activations are 8 contiguous bytes per step.
+//
+// Activations: every warp of the CTA reads the same chunk, so it is copied once into shared memory
+// (cp.async, kGemvXStages chunks ahead; the first version read it from global memory in each warp,
+// and the exposed load latency per chunk made M = 8 cost 1.3x M = 1). The weight's next chunk waits
+// in registers.
+namespace {
+constexpr int kGemvWarps = 8;       // warps per CTA: 8 x 16 rows = one 128-row tile
+constexpr int kGemvChunk = 256;     // K per warp step (64 per thread of a quad)
+constexpr int kGemvChunkBytes = kGemvChunk / 2;
+constexpr int kGemvThreadBytes = 32;  // code bytes per thread and row in a chunk
+constexpr int kScaleTileBytes = 512;  // one 128x4 scale tile
+constexpr int kGemvXStages = 3;       // activation chunks in shared memory
+constexpr int kGemvXRow = kGemvChunk * 2;  // bytes of one token's chunk
+constexpr int kGemvTokens = 16;
+
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint32_t ld_stream4(const void* p) {
+    uint32_t v;
+    asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];\n" : "=r"(v) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+// f32 at the same shared-memory offset in CTA `rank` of the cluster.
+__device__ __forceinline__ float ld_cluster_f32(const float* local, uint32_t rank) {
+    uint32_t remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(local)), "r"(rank));
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+
+// Byte offset of 16-byte unit u (0..31) of a token's chunk row: XOR-swizzled within each group of 8
+// units by (thread t = u / 8, token parity) so that the 8 lanes of a quarter-warp (two tokens, four
+// t) read 8 different bank groups.
+__device__ __forceinline__ int x_unit_offset(int token, int u) {
+    return token * kGemvXRow + 16 * ((u & ~7) | ((u ^ ((u >> 3) + 4 * (token & 1))) & 7));
+}
+
+// NT = n8 token tiles (1: M <= 8, 2: M <= 16).
+template <int NT, int SPLIT, typename OutT>
+__device__ __forceinline__ void gemv_sm90(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w,
+                                          const uint8_t* __restrict__ sc, OutT* __restrict__ y, int M, int N,
+                                          int K, int row_bytes, int scale_cols, float alpha) {
+    __shared__ __align__(128) uint8_t xs[kGemvXStages][kGemvTokens * kGemvXRow];
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int tile = blockIdx.x, slice = SPLIT > 1 ? blockIdx.y : 0;
+    const int p_lo = tile * 128 + warp * 16 + g, p_hi = p_lo + 8;
+    const uint8_t* row_lo = w + (size_t)p_lo * row_bytes + t * kGemvThreadBytes;
+    const uint8_t* row_hi = w + (size_t)p_hi * row_bytes + t * kGemvThreadBytes;
+    // Scale word of this thread's four K blocks in chunk c: swizzle_offset(p, 16 c + 4 t) =
+    // offset(p, 0) + (4 c + t) x 512.
+    const uint8_t* sc_lo = sc + swizzle_offset(p_lo, 0, scale_cols) + t * kScaleTileBytes;
+    const uint8_t* sc_hi = sc + swizzle_offset(p_hi, 0, scale_cols) + t * kScaleTileBytes;
+    const int chunks = (row_bytes + kGemvChunkBytes - 1) / kGemvChunkBytes;
+    const int c_begin = slice * chunks / SPLIT, c_end = (slice + 1) * chunks / SPLIT;
+
+    // Activation chunk c into stage st: NT x 8 tokens x 32 units of 16 bytes, zero past M and K
+    // (K is a multiple of 8, so a unit is whole or absent). Always one commit group per call.
+    auto load_x = [&](int c, int st) {
+        if (c < c_end) {
+#pragma unroll
+            for (int r = 0; r < NT; r++) {
+                const int q = tid + r * kGemvWarps * 32, token = q / 32, u = q % 32;
+                const int k = c * kGemvChunk + 8 * u;
+                const bool ok = token < M && k < K;
+                cp_async16(&xs[st][x_unit_offset(token, u)], ok ? (const void*)(x + (size_t)token * K + k) : (const void*)x, ok);
+            }
+        }
+        cp_async_commit();
+    };
+    // This thread's weight piece of chunk c: whole or absent (row_bytes is a multiple of 32).
+    auto load_w = [&](int c, uint4 (&lo)[2], uint4 (&hi)[2], uint32_t& s_lo, uint32_t& s_hi) {
+        const int off = c * kGemvChunkBytes;
+        if (c < c_end && off + t * kGemvThreadBytes < row_bytes) {
+            lo[0] = ld_stream16(row_lo + off);
+            lo[1] = ld_stream16(row_lo + off + 16);
+            hi[0] = ld_stream16(row_hi + off);
+            hi[1] = ld_stream16(row_hi + off + 16);
+            s_lo = ld_stream4(sc_lo + (size_t)c * 4 * kScaleTileBytes);
+            s_hi = ld_stream4(sc_hi + (size_t)c * 4 * kScaleTileBytes);
+        } else {
+            lo[0] = lo[1] = hi[0] = hi[1] = make_uint4(0, 0, 0, 0);
+            s_lo = s_hi = 0;
+        }
+    };
+
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[j][e] = 0.0f;
+
+    uint4 w_lo[2], w_hi[2];
+    uint32_t s_lo, s_hi;
+    load_w(c_begin, w_lo, w_hi, s_lo, s_hi);
+#pragma unroll
+    for (int i = 0; i < kGemvXStages - 1; i++) load_x(c_begin + i, i);
+    for (int c = c_begin; c < c_end; c++) {
+        const int st = (c - c_begin) % kGemvXStages;
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(kGemvXStages - 2) : "memory");
+        __syncthreads();  // chunk c visible to all; every warp is done with chunk c - 1's stage
+        load_x(c + kGemvXStages - 1, (c - c_begin + kGemvXStages - 1) % kGemvXStages);
+        const uint32_t cl[8] = {w_lo[0].x, w_lo[0].y, w_lo[0].z, w_lo[0].w, w_lo[1].x, w_lo[1].y, w_lo[1].z, w_lo[1].w};
+        const uint32_t ch[8] = {w_hi[0].x, w_hi[0].y, w_hi[0].z, w_hi[0].w, w_hi[1].x, w_hi[1].y, w_hi[1].z, w_hi[1].w};
+        uint32_t sp_lo[4], sp_hi[4];
+        scale_pairs(s_lo, sp_lo);
+        scale_pairs(s_hi, sp_hi);
+        load_w(c + 1, w_lo, w_hi, s_lo, s_hi);  // next chunk's weight in flight during this one's math
+#pragma unroll
+        for (int i = 0; i < 8; i++) {  // unit i of this thread's 64 k: k16 steps 2 i and 2 i + 1
+            uint4 xv[NT];
+#pragma unroll
+            for (int j = 0; j < NT; j++)
+                xv[j] = *reinterpret_cast<const uint4*>(&xs[st][x_unit_offset(g + 8 * j, t * 8 + i)]);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int s = 2 * i + h;
+                const uint32_t sh = 16u * h;  // bytes 2 h and 2 h + 1 of word i
+                uint32_t a[4];
+                a[0] = dequant_pair(cl[i], sh, sp_lo[s / 4]);
+                a[1] = dequant_pair(ch[i], sh, sp_hi[s / 4]);
+                a[2] = dequant_pair(cl[i], sh + 8, sp_lo[s / 4]);
+                a[3] = dequant_pair(ch[i], sh + 8, sp_hi[s / 4]);
+#pragma unroll
+                for (int j = 0; j < NT; j++) mma_bf16_16816(acc[j], a, h ? xv[j].z : xv[j].x, h ? xv[j].w : xv[j].y);
+            }
+        }
+    }
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+
+    const float out_scale = alpha * kScaleBias;
+    if constexpr (SPLIT == 1) {
+        // Accumulator (row g or g + 8 of the warp's 16, token 8 j + 2 t + {0, 1}) -> y[token, n].
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int m = 8 * j + 2 * t + (e & 1);
+                const int n = logical_row<0>((e & 2) ? p_hi : p_lo);
+                if (m < M && n < N) y[(size_t)m * N + n] = from_float<OutT>(acc[j][e] * out_scale);
+            }
+    } else {
+        // Partial sums into shared memory (the activation stages are free now), then this CTA adds
+        // rows 128 / SPLIT x slice .. of the tile over every CTA of the cluster.
+        __syncthreads();
+        float(*partial)[kGemvTokens] = reinterpret_cast<float(*)[kGemvTokens]>(&xs[0][0]);  // [128 rows][16]
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                partial[warp * 16 + g + (e & 2 ? 8 : 0)][8 * j + 2 * t + (e & 1)] = j < NT ? acc[j < NT ? j : 0][e] : 0.0f;
+        cluster_sync();
+        constexpr int kRowsPerCta = 128 / SPLIT;
+        for (int i = tid; i < kRowsPerCta * kGemvTokens; i += kGemvWarps * 32) {
+            const int r = slice * kRowsPerCta + i / kGemvTokens, m = i % kGemvTokens;
+            float sum = 0.0f;
+#pragma unroll
+            for (int q = 0; q < SPLIT; q++) sum += ld_cluster_f32(&partial[r][m], q);
+            const int n = logical_row<0>(tile * 128 + r);
+            if (m < M && n < N) y[(size_t)m * N + n] = from_float<OutT>(sum * out_scale);
+        }
+        cluster_sync();  // no CTA leaves while another still reads its shared memory
+    }
+}
+}  // namespace
+
+// SPLIT = 1: no cluster; SPLIT > 1: SPLIT CTAs per cluster along y, the grid's y extent.
+#define GEMV_SM90_T(NT, SPLIT, T, TNAME)                                                                  \
+    extern "C" __global__ void __cluster_dims__(1, SPLIT, 1) __launch_bounds__(kGemvWarps * 32, 2)          \
+        nvfp4_gemv_sm90_nt##NT##_s##SPLIT##_##TNAME(const __nv_bfloat16* x, const uint8_t* w,              \
+                                                    const uint8_t* sc, T* y, int M, int N, int K,          \
+                                                    int row_bytes, int scale_cols, float alpha) {          \
+        gemv_sm90<NT, SPLIT, T>(x, w, sc, y, M, N, K, row_bytes, scale_cols, alpha);                       \
+    }
+#define GEMV_SM90(NT, SPLIT)                       \
+    GEMV_SM90_T(NT, SPLIT, float, f32)             \
+    GEMV_SM90_T(NT, SPLIT, __nv_bfloat16, bf16)    \
+    GEMV_SM90_T(NT, SPLIT, __half, f16)
+GEMV_SM90(1, 1)
+GEMV_SM90(1, 2)
+GEMV_SM90(1, 4)
+GEMV_SM90(1, 8)
+GEMV_SM90(2, 1)
+GEMV_SM90(2, 2)
+GEMV_SM90(2, 4)
+GEMV_SM90(2, 8)

@@ -35,7 +35,8 @@ impl Problem {
 
     /// The shapes every doctor run checks: M = 1, M not a multiple of 128, N needing padding,
     /// K/16 not a multiple of 4, M just past the GEMV path and past two 256-token tiles (the
-    /// Hopper kernel's tails), plus `extra` fresh random shapes drawn from `seed`.
+    /// Hopper kernel's tails), both n8 token tiles of the Hopper GEMV (M = 9 and 16, K slices of
+    /// uneven length), plus `extra` fresh random shapes drawn from `seed`.
     pub fn standard_set(seed: u64, extra: usize) -> candle_core::Result<Vec<Self>> {
         let mut shapes = vec![
             (1, 3072, 64),
@@ -45,6 +46,8 @@ impl Problem {
             (300, 512, 384),
             (33, 4096, 256),
             (517, 1024, 640),
+            (9, 1040, 130),
+            (16, 5120, 384),
         ];
         let mut rng = Rng::new(seed);
         for _ in 0..extra {

@@ -186,6 +186,10 @@ pub struct GemmArgs {
     /// Minimum measured time per entry, in milliseconds.
     #[arg(long, default_value_t = 200)]
     pub min_ms: u64,
+    /// NVFP4 runs next to cuBLAS as `<backend>:<mode>` (`trtllm:w4a16`, `cutlass:w4a4`,
+    /// `trtllm:fp8`, ...); every backend of this build in both modes, and fp8, when not given.
+    #[arg(long, value_delimiter = ',')]
+    pub variants: Vec<String>,
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
     /// Write the results as JSON here.
@@ -718,16 +722,36 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
     };
     let backends: Vec<Backend> =
         Backend::ALL.into_iter().filter(|b| crate::cuda_support::check_backend(*b, &device).is_ok()).collect();
+    // FP8 mode runs one cuBLASLt path whatever the backend: one column.
+    let all: Vec<(Backend, ActMode)> = backends
+        .iter()
+        .flat_map(|b| [(*b, ActMode::W4A16), (*b, ActMode::W4A4)])
+        .chain(std::iter::once((Backend::Trtllm, ActMode::Fp8)))
+        .collect();
+    let label =
+        |b: Backend, mode: ActMode| if mode == ActMode::Fp8 { "fp8".to_string() } else { format!("{b} {mode}") };
+    let runs: Vec<(Backend, ActMode)> = if args.variants.is_empty() {
+        all
+    } else {
+        let mut runs = Vec::new();
+        for v in &args.variants {
+            let (b, mode) = v.split_once(':').ok_or_else(|| anyhow::anyhow!("variant `{v}`: use <backend>:<mode>"))?;
+            let b = Backend::from_name(b).ok_or_else(|| anyhow::anyhow!("variant `{v}`: unknown backend `{b}`"))?;
+            let mode: ActMode = mode.parse().map_err(|e: String| anyhow::anyhow!("variant `{v}`: {e}"))?;
+            let mode_run = if mode == ActMode::Fp8 { (Backend::Trtllm, mode) } else { (b, mode) };
+            if !all.contains(&mode_run) {
+                anyhow::bail!("variant `{v}` is not available in this build or on this GPU");
+            }
+            runs.push(mode_run);
+        }
+        runs
+    };
     println!("GPU: {name}");
     println!(
-        "| M | K x N | cuBLAS bf16 ms (TFLOP/s) | {} | fp8 ms (x bf16) |",
-        backends
-            .iter()
-            .flat_map(|b| [format!("{b} w4a16 ms (x bf16)"), format!("{b} w4a4 ms (x bf16)")])
-            .collect::<Vec<_>>()
-            .join(" | ")
+        "| M | K x N | cuBLAS bf16 ms (TFLOP/s) | {} |",
+        runs.iter().map(|&(b, mode)| format!("{} ms (x bf16)", label(b, mode))).collect::<Vec<_>>().join(" | ")
     );
-    println!("|---|---|---|{}---|", "---|".repeat(2 * backends.len()));
+    println!("|---|---|---|{}", "---|".repeat(runs.len()));
     let mut rows = Vec::new();
     for shape in &args.shapes {
         let (k, n) = shape.split_once('x').ok_or_else(|| anyhow::anyhow!("shape `{shape}` must be KxN"))?;
@@ -741,12 +765,7 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
             let t_ref = time(&mut || x.matmul(&w.t()?).map(|_| ()))?;
             let mut cells = vec![format!("{:.3} ({:.0})", t_ref * 1e3, flops / t_ref / 1e12)];
             let mut entry = serde_json::json!({"m": m, "k": k, "n": n, "cublas_bf16_s": t_ref});
-            // FP8 mode runs one cuBLASLt path whatever the backend: one column.
-            let runs = backends
-                .iter()
-                .flat_map(|b| [(*b, ActMode::W4A16), (*b, ActMode::W4A4)])
-                .chain(std::iter::once((Backend::Trtllm, ActMode::Fp8)));
-            for (b, mode) in runs {
+            for &(b, mode) in &runs {
                 let b = &b;
                 {
                     let measured = p

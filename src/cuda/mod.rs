@@ -80,6 +80,11 @@ const SM90_THREADS: u32 = 256;
 const SM90_STAGES: u32 = 5;
 const SM90_TILE_BYTES_PER_TOKEN: u32 = 128;
 const SM90_WEIGHT_TILE_BYTES: u32 = 128 * 32 + 512;
+/// The sm_90 GEMV: largest compiled K split (CTAs per cluster, `__cluster_dims__`), code bytes of
+/// a row in one 256-wide K chunk (`kGemvChunkBytes`), block size (`kGemvWarps` x 32).
+const SM90_GEMV_MAX_SPLIT: usize = 8;
+const SM90_GEMV_CHUNK_BYTES: usize = 128;
+const SM90_GEMV_THREADS: u32 = 256;
 /// Slack to align the first stage to the 1024-byte period of the 128-byte swizzle.
 const SM90_ALIGN_SLACK: u32 = 1024;
 /// The oldest GPU our kernels are built for (bf16 tensor cores, sm_80).
@@ -405,8 +410,9 @@ pub fn nvfp4_linear_fwd(
         b => candle_core::bail!("the NVFP4 {b} variant is not in this build"),
     }
     debug_assert_eq!(op.kind, LayoutKind::Trtllm);
-    if m > GEMV_MAX_M && use_wgmma(&dev, op.k)? {
-        return sm90_gemm(&call).map(|s| (s, Shape::from(out_dims)));
+    if use_wgmma(&dev, op.k)? {
+        let y = if m <= GEMV_MAX_M { sm90_gemv(&call)? } else { sm90_gemm(&call)? };
+        return Ok((y, Shape::from(out_dims)));
     }
     let layout = "trtllm";
     let (kernel, cfg) = if m <= GEMV_MAX_M {
@@ -429,9 +435,10 @@ pub fn nvfp4_linear_fwd(
     Ok((out, Shape::from(out_dims)))
 }
 
-/// Which kernel runs the trtllm variant's tiled W4A16 GEMM (`CANDIFF_TRTLLM_GEMM`): `auto` (the
-/// wgmma kernel on compute capability 9.0 when K is a multiple of 8, else the mma.sync one),
-/// `wgmma` (that kernel or an error), `mma` (the portable kernel, for comparisons).
+/// Which kernels run the trtllm variant's W4A16 product (`CANDIFF_TRTLLM_GEMM`): `auto` (the Hopper
+/// kernels on compute capability 9.0 when K is a multiple of 8 — wgmma GEMM, tensor-core GEMV for
+/// M <= 16 — else the portable ones), `wgmma` (the Hopper kernels or an error), `mma` (the portable
+/// kernels, for comparisons).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TrtllmGemm {
     Auto,
@@ -486,17 +493,71 @@ fn sm90_tokens_per_cta(dev: &CudaDevice, m: usize, n: usize) -> Result<u32> {
     Ok(if 2 * ctas_256 >= sms { 256 } else { 128 })
 }
 
-/// The trtllm variant on Hopper: the weight dequantized in registers as wgmma's A operand.
-fn sm90_gemm(call: &GemmCall) -> Result<CudaStorage> {
-    let GemmCall { op, dev, w, m, .. } = *call;
+/// The Hopper kernels read whole 128-row tiles of whole 64-wide K tiles, as the trtllm layout pads
+/// them (zeros); anything else is refused rather than read out of bounds.
+fn check_sm90_weight(call: &GemmCall, what: &str) -> Result<()> {
+    let GemmCall { op, w, .. } = *call;
     let rows = op.n.div_ceil(SM90_ROWS as usize) * SM90_ROWS as usize;
     if w.len() < rows * op.weight_row_bytes || !op.weight_row_bytes.is_multiple_of(32) {
         candle_core::bail!(
-            "nvfp4 sm90 gemm: the trtllm layout holds {rows} rows of whole 64-wide K tiles; found {} bytes with rows of {}",
+            "{what}: the trtllm layout holds {rows} rows of whole 64-wide K tiles; found {} bytes with rows of {}",
             w.len(),
             op.weight_row_bytes
         );
     }
+    Ok(())
+}
+
+/// The trtllm variant on Hopper for M <= `GEMV_MAX_M`: tensor-core GEMV, one 128-row tile per CTA
+/// or per cluster of CTAs that split K (kernels/nvfp4_sm90.cu `gemv_sm90`).
+fn sm90_gemv(call: &GemmCall) -> Result<CudaStorage> {
+    check_sm90_weight(call, "nvfp4 sm90 gemv")?;
+    let GemmCall { op, dev, m, .. } = *call;
+    // n8 token tiles of the mma: one up to 8 tokens, two up to 16.
+    let tiles = if m <= 8 { 1 } else { 2 };
+    let row_tiles = op.n.div_ceil(SM90_ROWS as usize);
+    let chunks = op.weight_row_bytes.div_ceil(SM90_GEMV_CHUNK_BYTES);
+    let split = sm90_gemv_split(row_tiles, chunks, device_props(dev)?.sms)?;
+    let cfg = LaunchConfig {
+        grid_dim: (row_tiles as u32, split, 1),
+        block_dim: (SM90_GEMV_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch_gemm(call, cfg, "nvfp4 sm90 gemv", |suffix| {
+        function_in(dev, Kernels::Sm90, &format!("nvfp4_gemv_sm90_nt{tiles}_s{split}_{suffix}"))
+    })
+}
+
+/// CTAs per 128-row tile of the GEMV (its K split, a compiled cluster size): the fewest that give
+/// at least 1.4 CTAs per SM, with at least two 256-wide K chunks each. The split sweep on an H200
+/// (docs/PERF.md, session 9) found the best split of each FLUX/Wan shape at 1.5-2.5 CTAs per SM,
+/// except where that left a CTA under two chunks; the next split down was never more than 7% slower.
+/// `CANDIFF_SM90_GEMV_SPLIT` = 1, 2, 4 or 8 overrides it (for measurements).
+fn sm90_gemv_split(row_tiles: usize, chunks: usize, sms: usize) -> Result<u32> {
+    // Read once per process, as CANDIFF_TRTLLM_GEMM: consulted on every linear.
+    static FORCED: OnceLock<std::result::Result<Option<u32>, String>> = OnceLock::new();
+    let forced = FORCED.get_or_init(|| match std::env::var("CANDIFF_SM90_GEMV_SPLIT").as_deref() {
+        Err(_) | Ok("") => Ok(None),
+        Ok(v @ ("1" | "2" | "4" | "8")) => Ok(Some(v.parse().expect("a listed number"))),
+        Ok(other) => Err(format!("CANDIFF_SM90_GEMV_SPLIT={other}: expected 1, 2, 4 or 8")),
+    });
+    if let Some(split) = forced.clone().map_err(CandiffError::Unsupported)? {
+        return Ok(split);
+    }
+    let mut split = 1;
+    // 1.4 CTAs per SM as a ratio of integers.
+    const CTAS_PER_SM: (usize, usize) = (7, 5);
+    while split < SM90_GEMV_MAX_SPLIT && CTAS_PER_SM.1 * row_tiles * split < CTAS_PER_SM.0 * sms && 4 * split <= chunks
+    {
+        split *= 2;
+    }
+    Ok(split as u32)
+}
+
+/// The trtllm variant on Hopper: the weight dequantized in registers as wgmma's A operand.
+fn sm90_gemm(call: &GemmCall) -> Result<CudaStorage> {
+    check_sm90_weight(call, "nvfp4 sm90 gemm")?;
+    let GemmCall { op, dev, m, .. } = *call;
     let bt = sm90_tokens_per_cta(dev, m, op.n)?;
     let smem = SM90_STAGES * (bt * SM90_TILE_BYTES_PER_TOKEN + SM90_WEIGHT_TILE_BYTES) + SM90_ALIGN_SLACK;
     let cfg = LaunchConfig {
