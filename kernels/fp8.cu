@@ -115,3 +115,28 @@ extern "C" __global__ void fp8_scale_out_bf16(__nv_bfloat16* y, const float* sa,
 extern "C" __global__ void fp8_scale_out_f16(__half* y, const float* sa, const float* sw, long long M, int N) {
     scale_out(y, sa, sw, M, N);
 }
+
+// A gated residual folded into the fp8 GEMM (`residual + gate * (x W^T + b)`, one gate per output
+// feature): sw_out[n] = sw[n] * gate[n] and b_out[n] = b[n] * gate[n] (b optional), so the GEMM's
+// per-row scales and bias carry the gate and the residual comes in as C (beta = 1).
+template <typename T>
+__device__ void gate_fold(const float* __restrict__ sw, const T* __restrict__ b, const float* __restrict__ gate,
+                          float* __restrict__ sw_out, T* __restrict__ b_out, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float g = gate[i];
+    sw_out[i] = __fmul_rn(sw[i], g);
+    if (b) b_out[i] = from_f<T>(__fmul_rn(to_f<T>(b[i]), g));
+}
+extern "C" __global__ void fp8_gate_fold_bf16(const float* sw, const __nv_bfloat16* b, const float* gate, float* sw_out,
+                                              __nv_bfloat16* b_out, int n) {
+    gate_fold(sw, b, gate, sw_out, b_out, n);
+}
+extern "C" __global__ void fp8_gate_fold_f16(const float* sw, const __half* b, const float* gate, float* sw_out,
+                                             __half* b_out, int n) {
+    gate_fold(sw, b, gate, sw_out, b_out, n);
+}
+extern "C" __global__ void fp8_gate_fold_f32(const float* sw, const float* b, const float* gate, float* sw_out,
+                                             float* b_out, int n) {
+    gate_fold(sw, b, gate, sw_out, b_out, n);
+}

@@ -484,6 +484,34 @@ pub fn check_fused(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
                 rel_l2(&host(&got)?, &host(&want)?),
                 FP8_VS_W4A16_TOL,
             ));
+            // The gated residual folded into the fp8 GEMMs (gate in the row scales and bias,
+            // residual as C) against the same GEMMs followed by the fused gated add: one bf16
+            // rounding of the GEMM output apart, plus the accumulation order of another algorithm.
+            let gate = Tensor::randn(0f32, 1.0, (1, c), device)?;
+            let residual = Tensor::randn(0f32, 1.0, (1, rows, c), device)?.to_dtype(DType::BF16)?;
+            if !(split.folds_gate(&m, &gate)) {
+                candle_core::bail!("a split fp8 projection on the GPU does not fold the gate");
+            }
+            let got = split.forward_gated(back(&o), &m, MlpAct::GeluTanh, false, &gate, &residual)?;
+            let want = crate::models::fused::gated_add(
+                &residual,
+                &split.forward(back(&o), &m, MlpAct::GeluTanh, false)?,
+                &gate,
+            )?;
+            out.push(CheckResult::new(
+                format!("gated residual in the fp8 split projection {rows}x({c}+{w})"),
+                rel_max_err(&host(&got)?, &host(&want)?),
+                TWO_ROUNDINGS_TOL,
+            ));
+            let layer = fp8()?;
+            let x = Tensor::randn(0f32, 1.0, (1, rows, c + w), device)?.to_dtype(DType::BF16)?;
+            let got = layer.forward_gated(&x, &gate, &residual)?;
+            let want = crate::models::fused::gated_add(&residual, &layer.forward(&x)?, &gate)?;
+            out.push(CheckResult::new(
+                format!("gated residual in the fp8 GEMM {rows}x{}x{c}", c + w),
+                rel_max_err(&host(&got)?, &host(&want)?),
+                TWO_ROUNDINGS_TOL,
+            ));
         }
     }
     // Per-head RMSNorm + RoPE, reading a strided slice of a fused projection (as the models do)

@@ -134,6 +134,41 @@ impl Linear {
         acc + self.forward(x)?
     }
 
+    /// Whether [`Linear::forward_gated`] folds `gate` into this layer's GEMM (an fp8-mode layer on
+    /// a GPU, one gate vector: batch 1) instead of a separate gated-add pass.
+    /// `CANDIFF_GATE_FOLD=0` turns the folding off (the GEMM then the gated-add pass), for A/B
+    /// measurements.
+    pub fn folds_gate(&self, x: &Tensor, gate: &Tensor) -> bool {
+        static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let enabled = *ENABLED.get_or_init(|| std::env::var("CANDIFF_GATE_FOLD").as_deref() != Ok("0"));
+        let one_gate = gate.dims().iter().rev().skip(1).all(|&d| d == 1);
+        cfg!(feature = "cuda")
+            && enabled
+            && one_gate
+            && x.device().is_cuda()
+            && matches!(self, Linear::Nvfp4(q) if q.mode() == ActMode::Fp8 && gate.elem_count() == q.out_features())
+    }
+
+    /// `residual + gate ⊙ (x W^T + b)`, the gated residual of the transformer blocks (`gate`
+    /// `[B, N]` or `[B, 1, N]` f32, one per batch element). Where [`Linear::folds_gate`], the gate
+    /// rides in the fp8 GEMM's scales and bias and the residual is its C; otherwise the GEMM then
+    /// the fused gated add.
+    pub fn forward_gated(&self, x: &Tensor, gate: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Linear::Nvfp4(q) = self {
+            if self.folds_gate(x, gate) {
+                let gate = gate.flatten_all()?.to_dtype(candle_core::DType::F32)?;
+                let y = crate::profile::span(crate::profile::Part::Linear, x.device(), || {
+                    q.forward_gated_fp8(x, &gate, residual)
+                })?;
+                if let Some(y) = y {
+                    return Ok(y);
+                }
+            }
+        }
+        crate::models::fused::gated_add(residual, &self.forward(x)?, gate)
+    }
+
     /// A dense half-precision or fp8-mode layer on a GPU split along its input features at `at`:
     /// (the first `at` inputs, no bias; the rest, with the bias), so `cat(a, b)` through the layer
     /// is `a W1^T + b W2^T + bias` as two GEMMs, the second accumulating onto the first. Any other
@@ -607,5 +642,23 @@ mod tests {
         assert_eq!(flat(&with_gemm_row_split(3, || l.forward(&x2)).unwrap()), flat(&l.forward(&x2).unwrap()));
         // The setting ends with the closure.
         assert_eq!(GEMM_ROW_SPLIT.with(|c| c.get()), 1);
+    }
+
+    /// The gated residual of a layer that does not fold the gate (CPU, any layer kind) is
+    /// `residual + gate ⊙ (x W^T + b)`, gate per batch element, against plain tensor ops.
+    #[test]
+    fn forward_gated_is_the_gated_residual() {
+        let mut rng = crate::rng::Rng::new(5);
+        let mut draw = |shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            Tensor::from_vec((0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
+        };
+        let l = Linear::Dense(candle_nn::Linear::new(draw(&[6, 8]), Some(draw(&[6]))));
+        let (x, gate, residual) = (draw(&[2, 3, 8]), draw(&[2, 6]), draw(&[2, 3, 6]));
+        assert!(!l.folds_gate(&x, &gate));
+        let got = l.forward_gated(&x, &gate, &residual).unwrap();
+        let want = (&residual + l.forward(&x).unwrap().broadcast_mul(&gate.unsqueeze(1).unwrap()).unwrap()).unwrap();
+        let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d <= 1e-5, "max difference {d}");
     }
 }

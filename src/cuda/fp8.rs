@@ -320,3 +320,92 @@ fn linear_fwd_ep(
     drop(guard);
     Ok((CudaStorage { slice: y, device: dev }, Shape::from(out_dims), applied || ep.is_none()))
 }
+
+/// An fp8 layer's per-row weight scales (`[n]` f32) and bias (`[n]`, the output's dtype) times a
+/// per-feature gate (`[n]` f32), in one launch: `residual + gate ⊙ (x W^T + b)` is then one scaled
+/// GEMM with the residual as C (beta = 1), no separate gated add.
+pub fn gate_fold(scale: &Tensor, bias: Option<&Tensor>, gate: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    let n = scale.elem_count();
+    if scale.dtype() != DType::F32 || gate.dtype() != DType::F32 || gate.elem_count() != n {
+        candle_core::bail!(
+            "gate_fold: scale {:?} {:?} and gate {:?} {:?}",
+            scale.dims(),
+            scale.dtype(),
+            gate.dims(),
+            gate.dtype()
+        );
+    }
+    if let Some(b) = bias {
+        if b.elem_count() != n {
+            candle_core::bail!("gate_fold: bias {:?} for {n} features", b.dims());
+        }
+    }
+    let (scale, gate) = (scale.contiguous()?, gate.contiguous()?);
+    let bias = bias.map(|b| b.contiguous()).transpose()?;
+    let candle_core::Device::Cuda(dev) = scale.device() else { candle_core::bail!("gate_fold: GPU tensors only") };
+    let dev = dev.clone();
+    let stream = dev.cuda_stream();
+    let (ss, sl) = scale.storage_and_layout();
+    let (gs, gl) = gate.storage_and_layout();
+    let (candle_core::Storage::Cuda(ss), candle_core::Storage::Cuda(gs)) = (&*ss, &*gs) else {
+        candle_core::bail!("gate_fold: GPU tensors only")
+    };
+    let sv = view::<f32>(ss, sl, "the weight scales")?;
+    let gv = view::<f32>(gs, gl, "the gate")?;
+    // SAFETY: the kernel writes every element.
+    let mut s_out = unsafe { stream.alloc::<f32>(n) }.map_err(wrap("alloc"))?;
+    let n_i = n as i32;
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(ROW_THREADS as usize) as u32, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let none = candle_core::op::BackpropOp::none;
+    let guard = bias.as_ref().map(|b| b.storage_and_layout());
+    let bias_storage = match &guard {
+        Some((st, l)) => match &**st {
+            candle_core::Storage::Cuda(c) => Some((c, *l)),
+            _ => candle_core::bail!("gate_fold: GPU tensors only"),
+        },
+        None => None,
+    };
+    macro_rules! run {
+        ($t:ty, $suffix:literal, $variant:ident) => {{
+            let f = function_in(&dev, Kernels::Fp8, concat!("fp8_gate_fold_", $suffix))?;
+            let mut b_out = match bias_storage {
+                // SAFETY: the kernel writes every element.
+                Some(_) => Some(unsafe { stream.alloc::<$t>(n) }.map_err(wrap("alloc"))?),
+                None => None,
+            };
+            let b_in = bias_storage.map(|(c, l)| view::<$t>(c, l, "the bias")).transpose()?;
+            let null = 0u64;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&sv);
+            match &b_in {
+                Some(v) => b.arg(v),
+                None => b.arg(&null),
+            };
+            b.arg(&gv).arg(&mut s_out);
+            match &mut b_out {
+                Some(v) => b.arg(v),
+                None => b.arg(&null),
+            };
+            b.arg(&n_i);
+            // SAFETY: argument types match the kernel; a null bias pointer skips the bias.
+            unsafe { b.launch(cfg) }.map_err(wrap("fp8_gate_fold"))?;
+            b_out.map(|v| {
+                let st = CudaStorage { slice: CudaStorageSlice::$variant(v), device: dev.clone() };
+                Tensor::from_storage(candle_core::Storage::Cuda(st), n, none(), false)
+            })
+        }};
+    }
+    let b_out = match bias.as_ref().map(|b| b.dtype()) {
+        None | Some(DType::BF16) => run!(half::bf16, "bf16", BF16),
+        Some(DType::F16) => run!(half::f16, "f16", F16),
+        Some(DType::F32) => run!(f32, "f32", F32),
+        Some(d) => candle_core::bail!("gate_fold: bias in {d:?}"),
+    };
+    drop(guard);
+    let st = CudaStorage { slice: CudaStorageSlice::F32(s_out), device: dev.clone() };
+    Ok((Tensor::from_storage(candle_core::Storage::Cuda(st), n, none(), false), b_out))
+}

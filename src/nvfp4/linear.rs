@@ -501,6 +501,37 @@ impl Nvfp4Linear {
         acc + y
     }
 
+    /// `residual + gate ⊙ (x W^T + b)` in fp8 mode on a GPU, with `gate` (`[N]` f32, one value
+    /// per output feature) folded into the per-row weight scales and the bias and `residual` added
+    /// by the GEMM (beta = 1): one GEMM and one tiny launch instead of a GEMM and a gated-add pass
+    /// over the output. `None` where the layer's rows are padded (the caller takes the plain path).
+    #[cfg(feature = "cuda")]
+    pub fn forward_gated_fp8(&self, x: &Tensor, gate: &Tensor, residual: &Tensor) -> Result<Option<Tensor>> {
+        if self.op.mode != ActMode::Fp8 || self.op.n != self.n_out || gate.elem_count() != self.n_out {
+            return Ok(None);
+        }
+        let residual = residual.to_dtype(x.dtype())?;
+        let (scale, bias) = crate::cuda::fp8::gate_fold(&self.scale, self.bias.as_ref(), gate)?;
+        let (y, applied) = crate::cuda::fp8::linear_with_epilogue(
+            &self.op,
+            x,
+            &self.weight,
+            &scale,
+            bias.as_ref(),
+            false,
+            Some(&residual),
+        )?;
+        if applied {
+            return Ok(Some(y));
+        }
+        // No scaled GEMM in this cuBLASLt: y holds gate ⊙ x W^T already; bias and residual after.
+        let y = match &bias {
+            Some(b) => crate::models::fused::bias_act(&y, b, false)?,
+            None => y,
+        };
+        Ok(Some((y + residual)?))
+    }
+
     pub fn backend(&self) -> Backend {
         self.op.backend
     }

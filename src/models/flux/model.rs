@@ -179,6 +179,35 @@ impl OutProj {
 
     /// `W cat(o, act(mlp))` with `o` from `returning` (`[B, H, S, D]`); `mlp` has its activation
     /// applied already when `activated` (only with [`OutProj::split`]).
+    /// `residual + gate ⊙ forward(..)`. Split into fp8-mode layers (which fold the gate), the MLP
+    /// part's GEMM takes the residual as C and the attention part's accumulates onto it: no
+    /// gated-add pass. Any other projection: `forward`, then the fused gated add.
+    /// Whether [`OutProj::forward_gated`] folds `gate` into its GEMMs (both parts of a split
+    /// projection fold it; `x`: any tensor on the activations' device).
+    pub(crate) fn folds_gate(&self, x: &Tensor, gate: &Tensor) -> bool {
+        matches!(self, OutProj::Split { o, mlp } if o.folds_gate(x, gate) && mlp.folds_gate(x, gate))
+    }
+
+    pub(crate) fn forward_gated(
+        &self,
+        returning: Returning,
+        mlp: &Tensor,
+        act: MlpAct,
+        activated: bool,
+        gate: &Tensor,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        if let OutProj::Split { o: wo, mlp: wm } = self {
+            if self.folds_gate(mlp, gate) {
+                let a = if activated { mlp.clone() } else { cat_act(None, mlp, act)? };
+                let y = wm.forward_gated(&a, gate, residual)?;
+                let o = merge_heads(&returning.wait()?)?;
+                return wo.forward_gated(&o, gate, &y);
+            }
+        }
+        gated_add(residual, &self.forward(returning, mlp, act, activated)?, gate)
+    }
+
     pub(crate) fn forward(&self, returning: Returning, mlp: &Tensor, act: MlpAct, activated: bool) -> Result<Tensor> {
         match self {
             OutProj::Whole(l) => {
@@ -325,15 +354,14 @@ impl DoubleBlock {
         let o_txt = o.narrow(1, 0, s_txt)?;
         let o_img = o.narrow(1, s_txt, o.dim(1)? - s_txt)?;
 
-        let img = gated_add(img, &self.to_out.forward(&o_img)?, &m[2])?;
+        // Gated residuals: in the GEMMs' epilogues where the layers allow (Linear::forward_gated).
+        let img = self.to_out.forward_gated(&o_img, &m[2], img)?;
         let img_n = ln_modulate(&img, &m[3], &m[4], EPS)?;
-        let ff = self.ff.1.forward(&self.ff.0.forward_gelu(&img_n)?)?;
-        let img = gated_add(&img, &ff, &m[5])?;
+        let img = self.ff.1.forward_gated(&self.ff.0.forward_gelu(&img_n)?, &m[5], &img)?;
 
-        let txt = gated_add(txt, &self.to_add_out.forward(&o_txt)?, &c[2])?;
+        let txt = self.to_add_out.forward_gated(&o_txt, &c[2], txt)?;
         let txt_n = ln_modulate(&txt, &c[3], &c[4], EPS)?;
-        let ff = self.ff_context.1.forward(&self.ff_context.0.forward_gelu(&txt_n)?)?;
-        let txt = gated_add(&txt, &ff, &c[5])?;
+        let txt = self.ff_context.1.forward_gated(&self.ff_context.0.forward_gelu(&txt_n)?, &c[5], &txt)?;
         Ok((img, txt))
     }
 }
@@ -410,8 +438,7 @@ impl SingleBlock {
             None => (p[3].clone(), false),
         };
         let returning = attending.finish_start(attention)?;
-        let y = self.proj_out.forward(returning, &mlp, MlpAct::GeluTanh, activated)?;
-        gated_add(x, &y, &m[2])
+        self.proj_out.forward_gated(returning, &mlp, MlpAct::GeluTanh, activated, &m[2], x)
     }
 }
 

@@ -16,7 +16,7 @@ use super::config::Flux2Config;
 use crate::linear::{Linear, WeightBuilder};
 use crate::models::flux::model::{chunks, split_rope, start_joint_attention, Embedder, OutProj, Proj, StreamQkv};
 use crate::models::flux::Naming;
-use crate::models::fused::{cat_act, gated_add, ln_modulate, MlpAct};
+use crate::models::fused::{cat_act, ln_modulate, MlpAct};
 use crate::models::ops::{attention, merge_heads, rope_tables, timestep_embedding, RmsNorm};
 use crate::parallel::{Group, SeqParallel};
 
@@ -149,10 +149,9 @@ impl DoubleBlock {
         let o_img = o.narrow(1, s_txt, o.dim(1)? - s_txt)?;
 
         let run = |s: &Stream, x: &Tensor, o: &Tensor, m: &[Tensor]| -> Result<Tensor> {
-            let x = gated_add(x, &s.out.forward(o)?, &m[2])?;
+            let x = s.out.forward_gated(o, &m[2], x)?;
             let xn = ln_modulate(&x, &m[3], &m[4], eps)?;
-            let ff = s.mlp_out.forward(&swiglu(&s.mlp_in.forward(&xn)?)?)?;
-            gated_add(&x, &ff, &m[5])
+            s.mlp_out.forward_gated(&swiglu(&s.mlp_in.forward(&xn)?)?, &m[5], &x)
         };
         Ok((run(&self.img, img, &o_img, m)?, run(&self.txt, txt, &o_txt, c)?))
     }
@@ -207,8 +206,7 @@ impl SingleBlock {
         // cat(attention, swiglu(mlp)) through the output projection, reading the projection's MLP
         // columns in place.
         let mlp = p.narrow(D::Minus1, 3 * dim, p.dim(D::Minus1)? - 3 * dim)?;
-        let y = self.to_out.forward(returning, &mlp, MlpAct::SwiGlu, false)?;
-        gated_add(x, &y, &m[2])
+        self.to_out.forward_gated(returning, &mlp, MlpAct::SwiGlu, false, &m[2], x)
     }
 }
 

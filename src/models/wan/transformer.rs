@@ -175,8 +175,7 @@ impl Block {
         let x = (&x + self.attn2.forward(&h, Some(ctx), None, None)?)?;
 
         let h = modulated_norm(&x, &c_shift, &c_scale, self.eps)?;
-        let ff = self.ffn_out.forward(&self.ffn_in.forward_gelu(&h)?)?;
-        gated_residual(&x, &ff, &c_gate)
+        self.ffn_out.forward_gated(&self.ffn_in.forward_gelu(&h)?, &c_gate, &x)
     }
 }
 
