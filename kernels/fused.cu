@@ -1,12 +1,15 @@
 // Fused element-wise kernels of the transformer blocks, f32 math whatever the storage type:
 //   ln_modulate:  y = LayerNorm(x) * (1 + scale) + shift   (LayerNorm without affine, per row)
 //   gated_add:    y = x + u * gate
+//   ln_modulate_fp8: ln_modulate's bf16 values quantized to E4M3 per row (fp8 mode's layer input)
 // `x`/`u`/`y` are [B*S, C] row-major; `shift`/`scale`/`gate` are f32 [B*Sm, C] with Sm = 1 (one
 // vector per sample, broadcast over its S rows) or Sm = S (one per token). Each replaces ~10 separate
 // passes (casts, mean, variance, broadcasts) of the unfused code. CPU reference: src/models/fused.rs.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <stdint.h>
 
 namespace {
 
@@ -38,11 +41,10 @@ __device__ __forceinline__ long long mod_row(long long row, int s, int sm) {
     return sm == 1 ? row / s : row;  // [B, S] rows -> [B, Sm] modulation rows
 }
 
+// Mean and 1 / std of a row: the two reductions of ln_modulate, shared with its E4M3 variant so that
+// both see the same values bit for bit.
 template <typename T>
-__device__ void ln_modulate(const T* __restrict__ x, const float* __restrict__ shift, const float* __restrict__ scale,
-                            T* __restrict__ y, int c, int s, int sm, float eps) {
-    const long long row = blockIdx.x;
-    const T* xr = x + row * c;
+__device__ __forceinline__ float2 row_stats(const T* __restrict__ xr, int c, float eps) {
     float sum = 0.f;
     for (int i = threadIdx.x; i < c; i += kThreads) sum += to_f(xr[i]);
     const float mean = block_sum(sum) / c;
@@ -52,11 +54,62 @@ __device__ void ln_modulate(const T* __restrict__ x, const float* __restrict__ s
         ssd += d * d;
     }
     const float rstd = 1.f / sqrtf(block_sum(ssd) / c + eps);
+    return make_float2(mean, rstd);
+}
+
+// Element i of a modulated row (f32, before the output's rounding); `m` is the modulation row's
+// offset.
+template <typename T>
+__device__ __forceinline__ float modulated(const T* __restrict__ xr, int i, float2 st, const float* __restrict__ shift,
+                                           const float* __restrict__ scale, long long m) {
+    const float n = (to_f(xr[i]) - st.x) * st.y;
+    return n * (1.f + scale[m + i]) + shift[m + i];
+}
+
+template <typename T>
+__device__ void ln_modulate(const T* __restrict__ x, const float* __restrict__ shift, const float* __restrict__ scale,
+                            T* __restrict__ y, int c, int s, int sm, float eps) {
+    const long long row = blockIdx.x;
+    const T* xr = x + row * c;
+    const float2 st = row_stats(xr, c, eps);
     const long long m = mod_row(row, s, sm) * c;
-    for (int i = threadIdx.x; i < c; i += kThreads) {
-        const float n = (to_f(xr[i]) - mean) * rstd;
-        y[row * c + i] = from_f<T>(n * (1.f + scale[m + i]) + shift[m + i]);
-    }
+    for (int i = threadIdx.x; i < c; i += kThreads) y[row * c + i] = from_f<T>(modulated(xr, i, st, shift, scale, m));
+}
+
+// Max over the block; every thread gets the result.
+__device__ float block_max(float v) {
+    __shared__ float partial[kThreads / kWarp];
+    for (int o = kWarp / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < kThreads / kWarp ? partial[lane] : 0.f;
+    for (int o = kWarp / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
+constexpr float kFp8Max = 448.f;  // largest finite E4M3 value
+
+// ln_modulate of bf16 rows straight to what the fp8 GEMM reads: each value rounded to bf16 (as
+// ln_modulate stores it), then E4M3 with one f32 scale per row exactly as kernels/fp8.cu's
+// fp8_quant_rows quantizes a bf16 row (amax / 448, 1 for an all-zero row). The bf16 output and its
+// second read are never made; the result is byte for byte the two kernels' (doctor checks it).
+__device__ void ln_modulate_fp8_bf16(const __nv_bfloat16* __restrict__ x, const float* __restrict__ shift,
+                                     const float* __restrict__ scale, uint8_t* __restrict__ q,
+                                     float* __restrict__ row_scales, int c, int s, int sm, float eps) {
+    const long long row = blockIdx.x;
+    const __nv_bfloat16* xr = x + row * c;
+    const float2 st = row_stats(xr, c, eps);
+    const long long m = mod_row(row, s, sm) * c;
+    auto value = [&](int i) { return __bfloat162float(__float2bfloat16(modulated(xr, i, st, shift, scale, m))); };
+    float amax = 0.f;
+    for (int i = threadIdx.x; i < c; i += kThreads) amax = fmaxf(amax, fabsf(value(i)));
+    amax = block_max(amax);
+    const float rs = amax > 0.f ? __fdiv_rn(amax, kFp8Max) : 1.f;
+    for (int i = threadIdx.x; i < c; i += kThreads)
+        q[row * c + i] = __nv_cvt_float_to_fp8(__fdiv_rn(value(i), rs), __NV_SATFINITE, __NV_E4M3);
+    if (threadIdx.x == 0) row_scales[row] = rs;
 }
 
 template <typename T>
@@ -110,6 +163,11 @@ __device__ void gated_add_vec(const T* __restrict__ x, const T* __restrict__ u, 
 FUSED_VEC(float, f32)
 FUSED_VEC(__nv_bfloat16, bf16)
 FUSED_VEC(__half, f16)
+
+extern "C" __global__ void ln_modulate_fp8(const __nv_bfloat16* x, const float* shift, const float* scale, uint8_t* q,
+                                           float* row_scales, int c, int s, int sm, float eps) {
+    ln_modulate_fp8_bf16(x, shift, scale, q, row_scales, c, s, sm, eps);
+}
 
 #define FUSED(T, SUF)                                                                                          \
     extern "C" __global__ void ln_modulate_##SUF(const T* x, const float* shift, const float* scale, T* y, int c, \

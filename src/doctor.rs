@@ -514,6 +514,32 @@ pub fn check_fused(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
             ));
         }
     }
+    // LayerNorm-modulation straight to E4M3 (fp8 mode's shared, pre-quantized layer input) against
+    // ln_modulate followed by the fp8 layers' own quantization: the same bytes and row scales.
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        for (b, s, c, per_token) in [(1, 4608, 3072, false), (2, 77, 64, true)] {
+            let x = Tensor::randn(0f32, 1.0, (b, s, c), device)?.to_dtype(DType::BF16)?;
+            // One modulation vector per sample ([B, C]) or per token ([B, S, C]).
+            let mod_shape: Vec<usize> = if per_token { vec![b, s, c] } else { vec![b, c] };
+            let shift = Tensor::randn(0f32, 0.5, mod_shape.as_slice(), device)?;
+            let scale = Tensor::randn(0f32, 0.5, mod_shape.as_slice(), device)?;
+            let fused = crate::models::fused::ln_modulate_fp8(&x, &shift, &scale, 1e-6)?;
+            let plain =
+                crate::cuda::fp8::Fp8Act::quantize(&crate::models::fused::ln_modulate(&x, &shift, &scale, 1e-6)?)?;
+            let bytes = |t: &Tensor| t.flatten_all()?.to_vec1::<u8>();
+            let bits = |t: &Tensor| -> candle_core::Result<Vec<u32>> {
+                Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+            };
+            let differing = bytes(&fused.q)?.iter().zip(bytes(&plain.q)?).filter(|(a, b)| **a != *b).count()
+                + bits(&fused.scale)?.iter().zip(bits(&plain.scale)?).filter(|(a, b)| **a != *b).count();
+            out.push(CheckResult::new(
+                format!("ln_modulate to E4M3 B{b} S{s} C{c} (differing values)"),
+                differing as f32,
+                0.0,
+            ));
+        }
+    }
     // Per-head RMSNorm + RoPE, reading a strided slice of a fused projection (as the models do)
     // against the unfused composition on the CPU.
     for (b, s, h, d, extra) in [(1, 4608, 24, 128, 2 * 3072), (2, 77, 3, 64, 40)] {

@@ -79,7 +79,76 @@ fn dense_forward_whole(l: &candle_nn::Linear, x: &Tensor, gelu: bool) -> Result<
     }
 }
 
+/// A layer input: a tensor or, for fp8-mode layers on a GPU, its E4M3 rows with one scale per row,
+/// quantized once for every layer that reads it.
+#[derive(Debug, Clone)]
+pub enum Input {
+    Tensor(Tensor),
+    #[cfg(feature = "cuda")]
+    Fp8(crate::cuda::fp8::Fp8Act),
+}
+
+impl Input {
+    /// `LayerNorm(x) * (1 + scale) + shift` for `layers`: where every one of them is an fp8-mode
+    /// layer on a GPU reading bf16, quantized in the normalization's own kernel (neither the bf16
+    /// output nor each layer's quantization pass is made; the bytes are the same); otherwise the
+    /// normalized tensor. `CANDIFF_LN_FP8=0` turns the fused form off, for A/B measurements.
+    pub fn ln_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64, layers: &[&Linear]) -> Result<Input> {
+        #[cfg(feature = "cuda")]
+        {
+            static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            let enabled = *ENABLED.get_or_init(|| std::env::var("CANDIFF_LN_FP8").as_deref() != Ok("0"));
+            let k = x.dims().last().copied().unwrap_or(0);
+            if enabled
+                && !layers.is_empty()
+                && x.device().is_cuda()
+                && layers.iter().all(|l| l.reads_fp8_act(k, x.dtype()))
+            {
+                return Ok(Input::Fp8(crate::models::fused::ln_modulate_fp8(x, shift, scale, eps)?));
+            }
+        }
+        let _ = layers;
+        Ok(Input::Tensor(crate::models::fused::ln_modulate(x, shift, scale, eps)?))
+    }
+}
+
 impl Linear {
+    /// Whether this layer reads a quantized [`Input::Fp8`] of `k` features standing for a `dtype`
+    /// tensor (an fp8-mode layer on a GPU; see [`Nvfp4Linear::reads_fp8_act`]).
+    pub fn reads_fp8_act(&self, k: usize, dtype: DType) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Linear::Nvfp4(q) = self {
+            return q.reads_fp8_act(k, dtype);
+        }
+        let _ = (k, dtype);
+        false
+    }
+
+    /// `x W^T + b` for either form of input.
+    pub fn forward_input(&self, x: &Input) -> Result<Tensor> {
+        self.forward_input_act(x, false)
+    }
+
+    /// `gelu_tanh(x W^T + b)` for either form of input.
+    pub fn forward_gelu_input(&self, x: &Input) -> Result<Tensor> {
+        self.forward_input_act(x, true)
+    }
+
+    fn forward_input_act(&self, x: &Input, gelu: bool) -> Result<Tensor> {
+        match x {
+            Input::Tensor(t) if gelu => self.forward_gelu(t),
+            Input::Tensor(t) => self.forward(t),
+            #[cfg(feature = "cuda")]
+            Input::Fp8(a) => match self {
+                Linear::Nvfp4(q) => {
+                    let device = a.q.device().clone();
+                    crate::profile::span(crate::profile::Part::Linear, &device, || q.forward_fp8_act(a, gelu))
+                }
+                _ => candle_core::bail!("an E4M3 input for a layer that is not in fp8 mode"),
+            },
+        }
+    }
+
     /// Layers reading the same input joined into one (outputs concatenated), where each is dense
     /// (same dtype, all with or all without a bias) or each an fp8-mode NVFP4 layer: one GEMM
     /// (and, in fp8 mode, one activation quantization) instead of several. `None` otherwise.
@@ -660,5 +729,26 @@ mod tests {
         let want = (&residual + l.forward(&x).unwrap().broadcast_mul(&gate.unsqueeze(1).unwrap()).unwrap()).unwrap();
         let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(d <= 1e-5, "max difference {d}");
+    }
+
+    /// Layers that do not read E4M3 get the normalized tensor itself, and a layer reads either
+    /// form of input the same way.
+    #[test]
+    fn ln_modulate_input_is_the_normalized_tensor_for_other_layers() {
+        let mut rng = crate::rng::Rng::new(9);
+        let mut draw = |shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            Tensor::from_vec((0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
+        };
+        let l = Linear::Dense(candle_nn::Linear::new(draw(&[6, 8]), Some(draw(&[6]))));
+        let (x, shift, scale) = (draw(&[2, 3, 8]), draw(&[2, 8]), draw(&[2, 8]));
+        assert!(!l.reads_fp8_act(8, DType::BF16));
+        let Input::Tensor(n) = Input::ln_modulate(&x, &shift, &scale, 1e-6, &[&l]).unwrap() else {
+            panic!("an E4M3 input for a dense CPU layer")
+        };
+        let want = crate::models::fused::ln_modulate(&x, &shift, &scale, 1e-6).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat(&n), flat(&want));
+        assert_eq!(flat(&l.forward_input(&Input::Tensor(n.clone())).unwrap()), flat(&l.forward(&n).unwrap()));
     }
 }

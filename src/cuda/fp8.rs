@@ -11,7 +11,9 @@ use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublaslt::sys as ltsys;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::{DType, Device, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
@@ -164,29 +166,113 @@ pub fn linear_with_epilogue(
 fn linear_fwd_ep(
     op: &Nvfp4Matmul,
     (s1, l1): (&CudaStorage, &Layout),
-    (s2, l2): (&CudaStorage, &Layout),
-    (s3, l3): (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    sw: (&CudaStorage, &Layout),
     ep: Option<Epilogue>,
 ) -> Result<(CudaStorage, Shape, bool)> {
+    let (xq, sa) = quantize_storage(s1, l1, op.k)?;
+    gemm_fp8(op, s1.device(), l1.shape().dims(), s1.dtype(), (&xq.slice(..), &sa.slice(..)), w, sw, ep)
+}
+
+/// Activations quantized for fp8-mode layers: E4M3 rows `[m, k]` (u8), one f32 scale per row, and
+/// the shape and dtype of the tensor they stand for (a layer's output takes that dtype).
+#[derive(Debug, Clone)]
+pub struct Fp8Act {
+    pub q: Tensor,
+    pub scale: Tensor,
+    pub dims: Vec<usize>,
+    pub dtype: DType,
+}
+
+impl Fp8Act {
+    /// A GPU tensor's rows in E4M3 with one scale per row (`fp8_quant_rows`, as every fp8 layer
+    /// quantizes its input).
+    pub fn quantize(x: &Tensor) -> Result<Self> {
+        let x = x.contiguous()?;
+        let k = *x.dims().last().ok_or_else(|| candle_core::Error::Msg("fp8 activations: a scalar".into()))?;
+        let (st, l) = x.storage_and_layout();
+        let candle_core::Storage::Cuda(c) = &*st else { candle_core::bail!("fp8 activations: GPU tensors only") };
+        let (q, sa) = quantize_storage(c, l, k)?;
+        let m = x.elem_count() / k;
+        Ok(Self::from_parts(c.device(), q, sa, m, x.dims(), x.dtype()))
+    }
+
+    pub(crate) fn from_parts(
+        dev: &CudaDevice,
+        q: CudaSlice<u8>,
+        sa: CudaSlice<f32>,
+        m: usize,
+        dims: &[usize],
+        dtype: DType,
+    ) -> Self {
+        let k = dims.last().copied().unwrap_or(1);
+        let none = candle_core::op::BackpropOp::none;
+        let q = CudaStorage { slice: CudaStorageSlice::U8(q), device: dev.clone() };
+        let sa = CudaStorage { slice: CudaStorageSlice::F32(sa), device: dev.clone() };
+        Self {
+            q: Tensor::from_storage(candle_core::Storage::Cuda(q), (m, k), none(), false),
+            scale: Tensor::from_storage(candle_core::Storage::Cuda(sa), m, none(), false),
+            dims: dims.to_vec(),
+            dtype,
+        }
+    }
+}
+
+/// The fp8-mode layer `act(x W^T + b) [+ acc]` (as [`linear_with_epilogue`]) on activations
+/// quantized beforehand ([`Fp8Act`]): no quantization pass of its own.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_act_with_epilogue(
+    op: &Nvfp4Matmul,
+    x: &Fp8Act,
+    weight: &Tensor,
+    scale: &Tensor,
+    bias: Option<&Tensor>,
+    gelu: bool,
+    acc: Option<&Tensor>,
+) -> Result<(Tensor, bool)> {
+    if x.dims.last() != Some(&op.k) {
+        candle_core::bail!("fp8 linear: quantized input {:?} must end in K = {}", x.dims, op.k);
+    }
+    let acc = acc.map(|a| a.contiguous()).transpose()?;
+    let bias_ptr = bias.map(|b| half_tensor_address(b, "fp8 linear: the bias")).transpose()?;
+    let acc_ptr = acc.as_ref().map(|a| half_tensor_address(a, "fp8 linear: the accumulated tensor")).transpose()?;
+    let m = x.q.elem_count() / op.k;
+    if let Some(a) = &acc {
+        if a.elem_count() != m * op.n {
+            candle_core::bail!("fp8 linear: accumulated tensor {:?} for {} outputs", a.dims(), m * op.n);
+        }
+    }
+    let guards = [
+        x.q.storage_and_layout(),
+        x.scale.storage_and_layout(),
+        weight.storage_and_layout(),
+        scale.storage_and_layout(),
+    ];
+    let mut cuda = Vec::with_capacity(4);
+    for (st, l) in &guards {
+        match &**st {
+            candle_core::Storage::Cuda(c) => cuda.push((c, *l)),
+            _ => candle_core::bail!("fp8 linear: GPU tensors only"),
+        }
+    }
+    let xq = view::<u8>(cuda[0].0, cuda[0].1, "quantized input")?;
+    let sa = view::<f32>(cuda[1].0, cuda[1].1, "input scales")?;
+    let ep = Epilogue { bias: bias_ptr, gelu, acc: acc_ptr };
+    let (y, shape, applied) =
+        gemm_fp8(op, cuda[0].0.device(), &x.dims, x.dtype, (&xq, &sa), cuda[2], cuda[3], Some(ep))?;
+    let y = Tensor::from_storage(candle_core::Storage::Cuda(y), shape, candle_core::op::BackpropOp::none(), false);
+    Ok((y, applied))
+}
+
+/// Rows of `k` values (any float dtype; bf16 read in place, others rounded to bf16 first) to E4M3
+/// with one f32 scale per row.
+fn quantize_storage(s1: &CudaStorage, l1: &Layout, k: usize) -> Result<(CudaSlice<u8>, CudaSlice<f32>)> {
     let dev = s1.device().clone();
     let dims = l1.shape().dims();
-    let (n, k) = (op.n, op.k);
     if dims.last() != Some(&k) {
         candle_core::bail!("fp8 linear: input {dims:?} must end in K = {k}");
     }
     let m = l1.shape().elem_count() / k;
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("non-empty") = n;
-    let out_dtype = match s1.dtype() {
-        DType::F32 | DType::F16 => s1.dtype(),
-        _ => DType::BF16,
-    };
-    if n * out_dtype.size_in_bytes() % ALIGN_BYTES != 0 {
-        candle_core::bail!(
-            "fp8 mode needs N x {} bytes to be a multiple of {ALIGN_BYTES}, found N = {n}",
-            out_dtype.size_in_bytes()
-        );
-    }
     let stream = dev.cuda_stream();
     // Activations: bf16 (read in place when they are bf16 already), then E4M3 with one scale per
     // token.
@@ -195,22 +281,58 @@ fn linear_fwd_ep(
     // SAFETY: the kernel writes every element.
     let mut xq = unsafe { stream.alloc::<u8>(m * k) }.map_err(wrap("alloc"))?;
     let mut sa = unsafe { stream.alloc::<f32>(m) }.map_err(wrap("alloc"))?;
-    {
-        let f = function_in(&dev, Kernels::Fp8, "fp8_quant_rows")?;
-        let k_i = k as i32;
-        let mut b = stream.launch_builder(&f);
-        if s1.dtype() == DType::BF16 {
-            in_place = view::<bf16>(s1, l1, "input")?;
-            b.arg(&in_place);
-        } else {
-            converted = input_bf16(s1, l1)?;
-            b.arg(&converted);
-        }
-        b.arg(&k_i).arg(&mut xq).arg(&mut sa);
-        let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: argument types match the kernel; one block per row.
-        unsafe { b.launch(cfg) }.map_err(wrap("fp8_quant_rows"))?;
+    let f = function_in(&dev, Kernels::Fp8, "fp8_quant_rows")?;
+    let k_i = k as i32;
+    let mut b = stream.launch_builder(&f);
+    if s1.dtype() == DType::BF16 {
+        in_place = view::<bf16>(s1, l1, "input")?;
+        b.arg(&in_place);
+    } else {
+        converted = input_bf16(s1, l1)?;
+        b.arg(&converted);
     }
+    b.arg(&k_i).arg(&mut xq).arg(&mut sa);
+    let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: argument types match the kernel; one block per row.
+    unsafe { b.launch(cfg) }.map_err(wrap("fp8_quant_rows"))?;
+    Ok((xq, sa))
+}
+
+/// The scaled FP8 GEMM (and its epilogue) on quantized activations `xq` `[m, k]` with row scales
+/// `sa`, for an input of shape `dims` and dtype `in_dtype` (the output's dtype follows it).
+#[allow(clippy::too_many_arguments)]
+fn gemm_fp8(
+    op: &Nvfp4Matmul,
+    dev: &CudaDevice,
+    dims: &[usize],
+    in_dtype: DType,
+    (xq, sa): (&CudaView<u8>, &CudaView<f32>),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    ep: Option<Epilogue>,
+) -> Result<(CudaStorage, Shape, bool)> {
+    let dev = dev.clone();
+    let (n, k) = (op.n, op.k);
+    if dims.last() != Some(&k) {
+        candle_core::bail!("fp8 linear: input {dims:?} must end in K = {k}");
+    }
+    let m = dims.iter().product::<usize>() / k;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("non-empty") = n;
+    let out_dtype = match in_dtype {
+        DType::F32 | DType::F16 => in_dtype,
+        _ => DType::BF16,
+    };
+    if n * out_dtype.size_in_bytes() % ALIGN_BYTES != 0 {
+        candle_core::bail!(
+            "fp8 mode needs N x {} bytes to be a multiple of {ALIGN_BYTES}, found N = {n}",
+            out_dtype.size_in_bytes()
+        );
+    }
+    if xq.len() != m * k || sa.len() != m {
+        candle_core::bail!("fp8 linear: {} quantized values and {} scales for {m} rows of {k}", xq.len(), sa.len());
+    }
+    let stream = dev.cuda_stream();
     let w = view::<u8>(s2, l2, "fp8 weight")?;
     let sw = view::<f32>(s3, l3, "fp8 row scales")?;
     // SAFETY: the GEMM writes every element of D.
@@ -313,7 +435,7 @@ fn linear_fwd_ep(
             CudaStorageSlice::BF16(v) => b.arg(v),
             _ => unreachable!("allocated above"),
         };
-        b.arg(&sa).arg(&sw).arg(&m_i).arg(&n_i);
+        b.arg(sa).arg(&sw).arg(&m_i).arg(&n_i);
         // SAFETY: argument types match the kernel; grid-stride over M x N.
         unsafe { b.launch(cfg) }.map_err(wrap(name))?;
     }

@@ -1,7 +1,7 @@
 //! Launchers of kernels/fused.cu (the fused element-wise ops of src/models/fused.rs).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice};
 use candle_core::{DType, Layout, Result};
 use half::{bf16, f16};
@@ -98,6 +98,41 @@ pub fn ln_modulate(
         unsafe { b.launch(cfg) }.map_err(wrap("ln_modulate"))?;
     });
     Ok(CudaStorage { slice: y, device: dev.clone() })
+}
+
+/// [`ln_modulate`] of bf16 rows quantized in the same kernel as fp8-mode layers read their input
+/// (each value rounded to bf16, then E4M3 with one f32 scale per row): byte for byte
+/// `ln_modulate` followed by the layers' own quantization, without the bf16 output.
+#[allow(clippy::too_many_arguments)]
+pub fn ln_modulate_fp8(
+    x: &CudaStorage,
+    xl: &Layout,
+    shift: &CudaStorage,
+    shl: &Layout,
+    scale: &CudaStorage,
+    scl: &Layout,
+    (rows, c, s, sm): (usize, usize, usize, usize),
+    eps: f32,
+) -> Result<(CudaSlice<u8>, CudaSlice<f32>)> {
+    if x.dtype() != DType::BF16 {
+        candle_core::bail!("ln_modulate_fp8 takes bf16 activations, found {:?}", x.dtype());
+    }
+    let dev = &x.device;
+    let f = function_in(dev, Kernels::Fused, "ln_modulate_fp8")?;
+    let stream = dev.cuda_stream();
+    // SAFETY: the kernel writes every element of both.
+    let mut q = unsafe { stream.alloc::<u8>(rows * c) }.map_err(wrap("alloc"))?;
+    let mut sa = unsafe { stream.alloc::<f32>(rows) }.map_err(wrap("alloc"))?;
+    let xv = view::<bf16>(x, xl, "x")?;
+    let (shv, scv) = (view::<f32>(shift, shl, "shift")?, view::<f32>(scale, scl, "scale")?);
+    let (c_i, s_i, sm_i) = (c as i32, s as i32, sm as i32);
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (LN_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let mut b = stream.launch_builder(&f);
+    b.arg(&xv).arg(&shv).arg(&scv).arg(&mut q).arg(&mut sa).arg(&c_i).arg(&s_i).arg(&sm_i).arg(&eps);
+    // SAFETY: argument types match the kernel; `rows * c` bounds x and q, the caller checked that
+    // shift/scale hold `rows / s * sm` rows of `c`.
+    unsafe { b.launch(cfg) }.map_err(wrap("ln_modulate_fp8"))?;
+    Ok((q, sa))
 }
 
 /// `y = x + u * gate` with f32 `gate` rows as in [`ln_modulate`].

@@ -227,6 +227,25 @@ pub fn ln_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Resu
     x.contiguous()?.apply_op3_no_bwd(&shift, &scale, &op)
 }
 
+/// [`ln_modulate`] of bf16 GPU activations straight to what fp8-mode layers read (E4M3 rows, one
+/// scale per row; the same bytes as `ln_modulate` then the layers' own quantization).
+#[cfg(feature = "cuda")]
+pub fn ln_modulate_fp8(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<crate::cuda::fp8::Fp8Act> {
+    let (rows, c, s, sm, shift) = dims(x, shift)?;
+    let (_, _, _, _, scale) = dims(x, scale)?;
+    let x = x.contiguous()?;
+    let (xs, xl) = x.storage_and_layout();
+    let (ss, sl) = shift.storage_and_layout();
+    let (cs, cl) = scale.storage_and_layout();
+    let (candle_core::Storage::Cuda(xs), candle_core::Storage::Cuda(ss), candle_core::Storage::Cuda(cs)) =
+        (&*xs, &*ss, &*cs)
+    else {
+        candle_core::bail!("ln_modulate_fp8: GPU tensors only");
+    };
+    let (q, sa) = crate::cuda::fused::ln_modulate_fp8(xs, xl, ss, sl, cs, cl, (rows, c, s, sm), eps as f32)?;
+    Ok(crate::cuda::fp8::Fp8Act::from_parts(&xs.device, q, sa, rows, x.dims(), x.dtype()))
+}
+
 /// `x + u * gate`, f32 math, in `x`'s dtype (`u` is converted to it).
 pub fn gated_add(x: &Tensor, u: &Tensor, gate: &Tensor) -> Result<Tensor> {
     let (rows, c, s, sm, gate) = dims(x, gate)?;

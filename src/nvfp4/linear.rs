@@ -532,6 +532,53 @@ impl Nvfp4Linear {
         Ok(Some((y + residual)?))
     }
 
+    /// Whether this layer reads activations quantized beforehand ([`crate::cuda::fp8::Fp8Act`]) of
+    /// `k` features standing for a `dtype` tensor: an fp8-mode layer with unpadded rows, a bf16
+    /// input and its bias (if any) in bf16, as the epilogue path needs.
+    #[cfg(feature = "cuda")]
+    pub fn reads_fp8_act(&self, k: usize, dtype: DType) -> bool {
+        self.op.mode == ActMode::Fp8
+            && self.op.k == k
+            && self.op.n == self.n_out
+            && dtype == DType::BF16
+            && self.bias.as_ref().is_none_or(|b| b.dtype() == dtype)
+    }
+
+    /// `act(x W^T + b)` (tanh-GELU when `gelu`) on activations quantized beforehand: no
+    /// quantization pass of its own.
+    #[cfg(feature = "cuda")]
+    pub fn forward_fp8_act(&self, x: &crate::cuda::fp8::Fp8Act, gelu: bool) -> Result<Tensor> {
+        let k = x.dims.last().copied().unwrap_or(0);
+        if !self.reads_fp8_act(k, x.dtype) {
+            candle_core::bail!(
+                "an E4M3 input of {:?} {:?} for a layer that does not read one ({} mode, K = {}, N = {} of {})",
+                x.dims,
+                x.dtype,
+                self.op.mode,
+                self.op.k,
+                self.n_out,
+                self.op.n
+            );
+        }
+        let (y, applied) = crate::cuda::fp8::linear_act_with_epilogue(
+            &self.op,
+            x,
+            &self.weight,
+            &self.scale,
+            self.bias.as_ref(),
+            gelu,
+            None,
+        )?;
+        if applied {
+            return Ok(y);
+        }
+        match &self.bias {
+            Some(b) => crate::models::fused::bias_act(&y, b, gelu),
+            None if gelu => crate::models::ops::gelu_tanh(&y),
+            None => Ok(y),
+        }
+    }
+
     pub fn backend(&self) -> Backend {
         self.op.backend
     }

@@ -9,7 +9,7 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 
 use super::config::FluxConfig;
-use crate::linear::{Linear, WeightBuilder};
+use crate::linear::{Input, Linear, WeightBuilder};
 use crate::models::fused::{cat_act, gated_add, ln_modulate, MlpAct};
 use crate::models::ops::{attention, merge_heads, rope_tables, timestep_embedding, RmsNorm};
 use crate::parallel::pack::{QkvPack, Slot};
@@ -70,11 +70,23 @@ impl Proj {
         }
     }
 
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+    /// Its layers (what a shared input is prepared for, [`Input::ln_modulate`]).
+    pub(crate) fn layers(&self) -> Vec<&Linear> {
         match self {
-            Proj::Split(ls) => ls.iter().map(|l| l.forward(x)).collect(),
+            Proj::Split(ls) => ls.iter().collect(),
+            Proj::Fused(l, _) => vec![l],
+        }
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        self.forward_input(&Input::Tensor(x.clone()))
+    }
+
+    pub(crate) fn forward_input(&self, x: &Input) -> Result<Vec<Tensor>> {
+        match self {
+            Proj::Split(ls) => ls.iter().map(|l| l.forward_input(x)).collect(),
             Proj::Fused(l, sizes) => {
-                let y = l.forward(x)?;
+                let y = l.forward_input(x)?;
                 let mut out = Vec::with_capacity(sizes.len());
                 let mut start = 0;
                 for &s in sizes {
@@ -331,10 +343,11 @@ impl DoubleBlock {
     ) -> Result<(Tensor, Tensor)> {
         let m = modulation(&self.norm1, temb_act, 6)?;
         let c = modulation(&self.norm1_context, temb_act, 6)?;
-        let img_n = ln_modulate(img, &m[0], &m[1], EPS)?;
-        let txt_n = ln_modulate(txt, &c[0], &c[1], EPS)?;
-        let iq = self.qkv.forward(&img_n)?;
-        let tq = self.add_qkv.forward(&txt_n)?;
+        // Normalized inputs straight to E4M3 where every reader is an fp8 layer (Input::ln_modulate).
+        let img_n = Input::ln_modulate(img, &m[0], &m[1], EPS, &self.qkv.layers())?;
+        let txt_n = Input::ln_modulate(txt, &c[0], &c[1], EPS, &self.add_qkv.layers())?;
+        let iq = self.qkv.forward_input(&img_n)?;
+        let tq = self.add_qkv.forward_input(&txt_n)?;
         let s_txt = txt.dim(1)?;
         // Joint attention over [txt, img]: each stream's q/k normed and rotated with its rows of
         // the RoPE table, written with v straight into the attention's buffer.
@@ -356,12 +369,12 @@ impl DoubleBlock {
 
         // Gated residuals: in the GEMMs' epilogues where the layers allow (Linear::forward_gated).
         let img = self.to_out.forward_gated(&o_img, &m[2], img)?;
-        let img_n = ln_modulate(&img, &m[3], &m[4], EPS)?;
-        let img = self.ff.1.forward_gated(&self.ff.0.forward_gelu(&img_n)?, &m[5], &img)?;
+        let img_n = Input::ln_modulate(&img, &m[3], &m[4], EPS, &[&self.ff.0])?;
+        let img = self.ff.1.forward_gated(&self.ff.0.forward_gelu_input(&img_n)?, &m[5], &img)?;
 
         let txt = self.to_add_out.forward_gated(&o_txt, &c[2], txt)?;
-        let txt_n = ln_modulate(&txt, &c[3], &c[4], EPS)?;
-        let txt = self.ff_context.1.forward_gated(&self.ff_context.0.forward_gelu(&txt_n)?, &c[5], &txt)?;
+        let txt_n = Input::ln_modulate(&txt, &c[3], &c[4], EPS, &[&self.ff_context.0])?;
+        let txt = self.ff_context.1.forward_gated(&self.ff_context.0.forward_gelu_input(&txt_n)?, &c[5], &txt)?;
         Ok((img, txt))
     }
 }
@@ -423,18 +436,21 @@ impl SingleBlock {
         sp: Option<&SeqParallel>,
     ) -> Result<Tensor> {
         let m = modulation(&self.norm, temb_act, 3)?;
-        let xn = ln_modulate(x, &m[0], &m[1], EPS)?;
+        // One normalized input for q, k, v and the MLP projection (quantized once in fp8 mode).
+        let mut readers = self.qkv.layers();
+        readers.extend(self.proj_mlp.as_ref());
+        let xn = Input::ln_modulate(x, &m[0], &m[1], EPS, &readers)?;
         // q, k, v first; a separate MLP projection's GEMM (independent of attention) then runs
         // while they travel between ranks.
-        let p = self.qkv.forward(&xn)?;
+        let p = self.qkv.forward_input(&xn)?;
         let stream = StreamQkv { q: &p[0], k: &p[1], v: &p[2], norm_q: &self.norm_q, norm_k: &self.norm_k, rope };
         let attending = start_joint_attention(sp, &[stream], self.heads)?;
         // The MLP projection (GELU in its epilogue where the output projection is split) queued
         // while q, k, v travel; its share of the output projection while the attention output
         // travels back.
         let (mlp, activated) = match &self.proj_mlp {
-            Some(l) if self.proj_out.split() => (l.forward_gelu(&xn)?, true),
-            Some(l) => (l.forward(&xn)?, false),
+            Some(l) if self.proj_out.split() => (l.forward_gelu_input(&xn)?, true),
+            Some(l) => (l.forward_input(&xn)?, false),
             None => (p[3].clone(), false),
         };
         let returning = attending.finish_start(attention)?;
