@@ -238,8 +238,14 @@ pub fn linear_act_with_epilogue(
     let acc_ptr = acc.as_ref().map(|a| half_tensor_address(a, "fp8 linear: the accumulated tensor")).transpose()?;
     let m = x.q.elem_count() / op.k;
     if let Some(a) = &acc {
-        if a.elem_count() != m * op.n {
-            candle_core::bail!("fp8 linear: accumulated tensor {:?} for {} outputs", a.dims(), m * op.n);
+        if a.elem_count() != m * op.n || a.dtype() != x.dtype {
+            candle_core::bail!(
+                "fp8 linear: accumulated tensor {:?} {:?} for {} outputs in {:?}",
+                a.dims(),
+                a.dtype(),
+                m * op.n,
+                x.dtype
+            );
         }
     }
     let guards = [
