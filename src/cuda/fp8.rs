@@ -134,9 +134,6 @@ pub fn linear_with_epilogue(
     gelu: bool,
     acc: Option<&Tensor>,
 ) -> Result<(Tensor, bool)> {
-    if gelu && acc.is_some() {
-        candle_core::bail!("fp8 linear: GELU and an accumulated tensor do not go together");
-    }
     let x = x.contiguous()?;
     let acc = acc.map(|a| a.contiguous()).transpose()?;
     let guards = [x.storage_and_layout(), weight.storage_and_layout(), scale.storage_and_layout()];
@@ -147,18 +144,38 @@ pub fn linear_with_epilogue(
             _ => candle_core::bail!("fp8 linear: GPU tensors only"),
         }
     }
-    let bias_ptr = bias.map(|b| half_tensor_address(b, "fp8 linear: the bias")).transpose()?;
-    let acc_ptr = acc.as_ref().map(|a| half_tensor_address(a, "fp8 linear: the accumulated tensor")).transpose()?;
-    if let Some(a) = &acc {
-        let want = x.elem_count() / op.k * op.n;
-        if a.elem_count() != want || a.dtype() != x.dtype() {
-            candle_core::bail!("fp8 linear: accumulated tensor {:?} {:?} for {want} outputs", a.dims(), a.dtype());
-        }
-    }
-    let ep = Epilogue { bias: bias_ptr, gelu, acc: acc_ptr };
+    let ep = epilogue_of(bias, gelu, acc.as_ref(), x.elem_count() / op.k * op.n, x.dtype())?;
     let (y, shape, applied) = linear_fwd_ep(op, cuda[0], cuda[1], cuda[2], Some(ep))?;
     let y = Tensor::from_storage(candle_core::Storage::Cuda(y), shape, candle_core::op::BackpropOp::none(), false);
     Ok((y, applied))
+}
+
+/// The epilogue of an fp8 layer call: the bias's and accumulated tensor's addresses, the latter
+/// checked against the `outputs` elements of the output's `dtype` (contiguous, as the callers make it).
+fn epilogue_of(
+    bias: Option<&Tensor>,
+    gelu: bool,
+    acc: Option<&Tensor>,
+    outputs: usize,
+    dtype: DType,
+) -> Result<Epilogue> {
+    if gelu && acc.is_some() {
+        candle_core::bail!("fp8 linear: GELU and an accumulated tensor do not go together");
+    }
+    if let Some(a) = acc {
+        if a.elem_count() != outputs || a.dtype() != dtype {
+            candle_core::bail!(
+                "fp8 linear: accumulated tensor {:?} {:?} for {outputs} outputs in {dtype:?}",
+                a.dims(),
+                a.dtype()
+            );
+        }
+    }
+    Ok(Epilogue {
+        bias: bias.map(|b| half_tensor_address(b, "fp8 linear: the bias")).transpose()?,
+        gelu,
+        acc: acc.map(|a| half_tensor_address(a, "fp8 linear: the accumulated tensor")).transpose()?,
+    })
 }
 
 /// [`linear_fwd`] with an optional epilogue (bias, GELU or an accumulated tensor), applied only
@@ -234,20 +251,8 @@ pub fn linear_act_with_epilogue(
         candle_core::bail!("fp8 linear: quantized input {:?} must end in K = {}", x.dims, op.k);
     }
     let acc = acc.map(|a| a.contiguous()).transpose()?;
-    let bias_ptr = bias.map(|b| half_tensor_address(b, "fp8 linear: the bias")).transpose()?;
-    let acc_ptr = acc.as_ref().map(|a| half_tensor_address(a, "fp8 linear: the accumulated tensor")).transpose()?;
     let m = x.q.elem_count() / op.k;
-    if let Some(a) = &acc {
-        if a.elem_count() != m * op.n || a.dtype() != x.dtype {
-            candle_core::bail!(
-                "fp8 linear: accumulated tensor {:?} {:?} for {} outputs in {:?}",
-                a.dims(),
-                a.dtype(),
-                m * op.n,
-                x.dtype
-            );
-        }
-    }
+    let ep = epilogue_of(bias, gelu, acc.as_ref(), m * op.n, x.dtype)?;
     let guards = [
         x.q.storage_and_layout(),
         x.scale.storage_and_layout(),
@@ -263,7 +268,6 @@ pub fn linear_act_with_epilogue(
     }
     let xq = view::<u8>(cuda[0].0, cuda[0].1, "quantized input")?;
     let sa = view::<f32>(cuda[1].0, cuda[1].1, "input scales")?;
-    let ep = Epilogue { bias: bias_ptr, gelu, acc: acc_ptr };
     let (y, shape, applied) =
         gemm_fp8(op, cuda[0].0.device(), &x.dims, x.dtype, (&xq, &sa), cuda[2], cuda[3], Some(ep))?;
     let y = Tensor::from_storage(candle_core::Storage::Cuda(y), shape, candle_core::op::BackpropOp::none(), false);

@@ -560,7 +560,7 @@ impl Nvfp4Linear {
                 self.op.n
             );
         }
-        let (y, applied) = crate::cuda::fp8::linear_act_with_epilogue(
+        let out = crate::cuda::fp8::linear_act_with_epilogue(
             &self.op,
             x,
             &self.weight,
@@ -569,6 +569,13 @@ impl Nvfp4Linear {
             gelu,
             None,
         )?;
+        self.finish_act(out, gelu)
+    }
+
+    /// An fp8 GEMM's output with the bias and activation its epilogue did not apply (`applied`
+    /// false: no scaled GEMM in this cuBLASLt).
+    #[cfg(feature = "cuda")]
+    fn finish_act(&self, (y, applied): (Tensor, bool), gelu: bool) -> Result<Tensor> {
         if applied {
             return Ok(y);
         }
@@ -652,7 +659,7 @@ impl Nvfp4Linear {
             && self.bias.as_ref().is_none_or(|b| b.dtype() == x.dtype())
             && matches!(x.dtype(), DType::BF16 | DType::F16)
         {
-            let (y, applied) = crate::cuda::fp8::linear_with_epilogue(
+            let out = crate::cuda::fp8::linear_with_epilogue(
                 &self.op,
                 x,
                 &self.weight,
@@ -661,14 +668,7 @@ impl Nvfp4Linear {
                 gelu,
                 None,
             )?;
-            if applied {
-                return Ok(y);
-            }
-            return match &self.bias {
-                Some(b) => crate::models::fused::bias_act(&y, b, gelu),
-                None if gelu => crate::models::ops::gelu_tanh(&y),
-                None => Ok(y),
-            };
+            return self.finish_act(out, gelu);
         }
         let x = x.contiguous()?;
         let mut y = x.apply_op3_no_bwd(&self.weight, &self.scale, &self.op)?;
