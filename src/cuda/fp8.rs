@@ -109,7 +109,18 @@ pub fn linear_fwd(
     s3: &CudaStorage,
     l3: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    linear_fwd_ep(op, (s1, l1), (s2, l2), (s3, l3), None).map(|(s, sh, _)| (s, sh))
+    let (xq, sa) = quantize_storage(s1, l1, op.k)?;
+    let (y, shape, _) = gemm_fp8(
+        op,
+        s1.device(),
+        l1.shape().dims(),
+        s1.dtype(),
+        (&xq.slice(..), &sa.slice(..)),
+        (s2, l2),
+        (s3, l3),
+        None,
+    )?;
+    Ok((y, shape))
 }
 
 /// What cuBLASLt adds to an fp8 GEMM after its scales: a bias and tanh-GELU, or a tensor `acc`
@@ -134,20 +145,8 @@ pub fn linear_with_epilogue(
     gelu: bool,
     acc: Option<&Tensor>,
 ) -> Result<(Tensor, bool)> {
-    let x = x.contiguous()?;
-    let acc = acc.map(|a| a.contiguous()).transpose()?;
-    let guards = [x.storage_and_layout(), weight.storage_and_layout(), scale.storage_and_layout()];
-    let mut cuda = Vec::with_capacity(3);
-    for (st, l) in &guards {
-        match &**st {
-            candle_core::Storage::Cuda(c) => cuda.push((c, *l)),
-            _ => candle_core::bail!("fp8 linear: GPU tensors only"),
-        }
-    }
-    let ep = epilogue_of(bias, gelu, acc.as_ref(), x.elem_count() / op.k * op.n, x.dtype())?;
-    let (y, shape, applied) = linear_fwd_ep(op, cuda[0], cuda[1], cuda[2], Some(ep))?;
-    let y = Tensor::from_storage(candle_core::Storage::Cuda(y), shape, candle_core::op::BackpropOp::none(), false);
-    Ok((y, applied))
+    // The per-token quantization, then the same GEMM as for activations quantized beforehand.
+    linear_act_with_epilogue(op, &Fp8Act::quantize(x)?, weight, scale, bias, gelu, acc)
 }
 
 /// The epilogue of an fp8 layer call: the bias's and accumulated tensor's addresses, the latter
@@ -176,19 +175,6 @@ fn epilogue_of(
         gelu,
         acc: acc.map(|a| half_tensor_address(a, "fp8 linear: the accumulated tensor")).transpose()?,
     })
-}
-
-/// [`linear_fwd`] with an optional epilogue (bias, GELU or an accumulated tensor), applied only
-/// on the outer-vector path; the flag says whether it ran.
-fn linear_fwd_ep(
-    op: &Nvfp4Matmul,
-    (s1, l1): (&CudaStorage, &Layout),
-    w: (&CudaStorage, &Layout),
-    sw: (&CudaStorage, &Layout),
-    ep: Option<Epilogue>,
-) -> Result<(CudaStorage, Shape, bool)> {
-    let (xq, sa) = quantize_storage(s1, l1, op.k)?;
-    gemm_fp8(op, s1.device(), l1.shape().dims(), s1.dtype(), (&xq.slice(..), &sa.slice(..)), w, sw, ep)
 }
 
 /// Activations quantized for fp8-mode layers: E4M3 rows `[m, k]` (u8), one f32 scale per row, and
@@ -309,7 +295,9 @@ fn quantize_storage(s1: &CudaStorage, l1: &Layout, k: usize) -> Result<(CudaSlic
 }
 
 /// The scaled FP8 GEMM (and its epilogue) on quantized activations `xq` `[m, k]` with row scales
-/// `sa`, for an input of shape `dims` and dtype `in_dtype` (the output's dtype follows it).
+/// `sa`, for an input of shape `dims` and dtype `in_dtype` (the output's dtype follows it). The
+/// epilogue (bias, GELU or an accumulated tensor) applies only on the outer-vector path; the flag
+/// says whether it ran.
 #[allow(clippy::too_many_arguments)]
 fn gemm_fp8(
     op: &Nvfp4Matmul,
