@@ -45,7 +45,7 @@ struct SdpaKey {
     int device;
     int64_t b, h, sq, sk, d;
     std::array<int64_t, 16> strides;  // q, k, v, o: 4 each
-    int half;                         // 0 = bf16, 1 = f16
+    int half;                         // 0 = bf16, 1 = f16, 2 = E4M3 (FP8 attention)
     uint32_t scale_bits;
     bool operator<(const SdpaKey& o) const {
         return std::tie(device, b, h, sq, sk, d, strides, half, scale_bits) <
@@ -56,8 +56,15 @@ struct SdpaKey {
 struct SdpaPlan {
     std::shared_ptr<fe::graph::Graph> graph;
     std::shared_ptr<fe::graph::Tensor_attributes> q, k, v, o;
+    // FP8 only: descale_q, descale_k, descale_v, descale_s, scale_s, scale_o, amax_s, amax_o.
+    std::array<std::shared_ptr<fe::graph::Tensor_attributes>, 8> scalars;
     int64_t workspace = 0;
 };
+
+// Floats between two scalars of the FP8 attention's scalar buffer (ATTN_SLOT_FLOATS on the Rust
+// side), and the slot of each graph scalar (descale_q .. amax_o) in it.
+constexpr int64_t kSlotFloats = 4;
+constexpr int kFp8ScalarSlots[8] = {3, 4, 5, 6, 7, 8, 9, 10};
 
 struct State {
     std::mutex mu;
@@ -200,7 +207,8 @@ int get_sdpa_plan(const SdpaKey& key, float scale, cudnnHandle_t handle, SdpaPla
         *out = &it->second;
         return 0;
     }
-    const auto io = key.half ? fe::DataType_t::HALF : fe::DataType_t::BFLOAT16;
+    const bool fp8 = key.half == 2;
+    const auto io = fp8 ? fe::DataType_t::FP8_E4M3 : key.half ? fe::DataType_t::HALF : fe::DataType_t::BFLOAT16;
     SdpaPlan p;
     p.graph = std::make_shared<fe::graph::Graph>();
     auto& g = *p.graph;
@@ -216,13 +224,38 @@ int get_sdpa_plan(const SdpaKey& key, float scale, cudnnHandle_t handle, SdpaPla
     p.k = view("K", key.sk, 4);
     p.v = view("V", key.sk, 8);
     auto opts = fe::graph::SDPA_attributes().set_name("sdpa").set_generate_stats(false).set_attn_scale(scale);
-    auto outs = g.sdpa(p.q, p.k, p.v, opts);
-    p.o = outs[0];
+    if (fp8) {
+        auto scalar = [&](const char* name) {
+            return g.tensor(fe::graph::Tensor_attributes()
+                                .set_name(name)
+                                .set_dim({1, 1, 1, 1})
+                                .set_stride({1, 1, 1, 1})
+                                .set_data_type(fe::DataType_t::FLOAT));
+        };
+        auto& sc = p.scalars;
+        sc[0] = scalar("descale_q");
+        sc[1] = scalar("descale_k");
+        sc[2] = scalar("descale_v");
+        sc[3] = scalar("descale_s");
+        sc[4] = scalar("scale_s");
+        sc[5] = scalar("scale_o");
+        auto outs = g.sdpa_fp8(p.q, p.k, p.v, sc[0], sc[1], sc[2], sc[3], sc[4], sc[5], opts);
+        p.o = outs[0];
+        sc[6] = outs[2];
+        sc[7] = outs[3];
+        for (int i = 6; i < 8; i++)
+            sc[i]->set_output(true).set_dim({1, 1, 1, 1}).set_stride({1, 1, 1, 1}).set_data_type(fe::DataType_t::FLOAT);
+        p.o->set_data_type(fe::DataType_t::FP8_E4M3);
+    } else {
+        p.o = g.sdpa(p.q, p.k, p.v, opts)[0];
+    }
     const auto& st = key.strides;
     p.o->set_output(true).set_dim({key.b, key.h, key.sq, key.d}).set_stride({st[12], st[13], st[14], st[15]});
-    const std::string what = "the fused attention graph (B=" + std::to_string(key.b) + ", H=" + std::to_string(key.h) +
+    const std::string what = std::string(fp8 ? "the FP8 fused attention graph (B=" : "the fused attention graph (B=") + std::to_string(key.b) + ", H=" + std::to_string(key.h) +
                              ", Sq=" + std::to_string(key.sq) + ", Sk=" + std::to_string(key.sk) +
-                             ", D=" + std::to_string(key.d) + "; CANDIFF_ATTENTION=reference selects the unfused attention)";
+                             ", D=" + std::to_string(key.d) +
+                             (fp8 ? "; --attention cudnn selects the bf16 fused attention)"
+                                  : "; CANDIFF_ATTENTION=reference selects the unfused attention)");
     if (compile_graph(g, handle, what, &p.workspace, err, errlen)) return 1;
     auto ins = s.sdpa_plans.emplace(key, std::move(p));
     *out = &ins.first->second;
@@ -233,10 +266,11 @@ int get_sdpa_plan(const SdpaKey& key, float scale, cudnnHandle_t handle, SdpaPla
 
 extern "C" {
 
-// o = softmax(scale * q k^T) v over [B, H, S, D] views; strides = q, k, v, o (4 each, elements).
+// o = softmax(scale * q k^T) v over [B, H, S, D] views; strides = q, k, v, o (4 each, elements);
+// half: 0 bf16, 1 f16, 2 E4M3 (then `scalars` is the FP8 scalar buffer, see kFp8ScalarSlots).
 int candiff_cudnn_sdpa(int device, void* stream, int64_t b, int64_t h, int64_t sq, int64_t sk, int64_t d,
                        const int64_t* strides, int half, float scale, const void* q, const void* k, const void* v,
-                       void* o, char* err, size_t errlen) {
+                       void* o, float* scalars, char* err, size_t errlen) {
     std::lock_guard<std::mutex> lock(state().mu);
     cudnnHandle_t hd;
     if (handle_for(device, (cudaStream_t)stream, &hd, err, errlen)) return 1;
@@ -249,6 +283,13 @@ int candiff_cudnn_sdpa(int device, void* stream, int64_t b, int64_t h, int64_t s
     if (ensure_workspace(device, p->workspace, &ws, err, errlen)) return 1;
     std::unordered_map<std::shared_ptr<fe::graph::Tensor_attributes>, void*> pack = {
         {p->q, const_cast<void*>(q)}, {p->k, const_cast<void*>(k)}, {p->v, const_cast<void*>(v)}, {p->o, o}};
+    if (half == 2) {
+        if (!scalars) {
+            set_err(err, errlen, "FP8 attention needs its scalar buffer");
+            return 1;
+        }
+        for (int i = 0; i < 8; i++) pack[p->scalars[i]] = scalars + kSlotFloats * kFp8ScalarSlots[i];
+    }
     auto e = p->graph->execute(hd, pack, ws);
     if (!e.is_good()) {
         set_err(err, errlen, std::string("cuDNN fused attention failed: ") + e.get_message());

@@ -140,3 +140,153 @@ extern "C" __global__ void fp8_gate_fold_f32(const float* sw, const float* b, co
                                              float* b_out, int n) {
     gate_fold(sw, b, gate, sw_out, b_out, n);
 }
+
+// ---- FP8 attention (`--attention fp8`): the conversions around cuDNN's FP8 flash attention ----
+// q, k, v are [B, H, S, D] views (D contiguous, rows 8-byte aligned) quantized per tensor to E4M3
+// [B, S, H, D]; the scalars live in one f32 buffer, slot i at ATTN_SLOT_FLOATS * i (16-byte
+// aligned, as cuDNN's scalar tensors like). Slots: 0-2 amax of q, k, v (f32 bits, atomicMax on
+// non-negative floats ordered as unsigned); 3-5 their descales (amax / target); 6 descale_s and 7
+// scale_s of the probabilities; 8 scale_o (1 / descale_v); 9, 10 amax_s and amax_o written by cuDNN.
+
+namespace {
+constexpr int kSlot = 4;  // floats per scalar slot (ATTN_SLOT_FLOATS)
+constexpr int kVec = 4;   // elements per lane access (8 bytes of bf16/f16)
+
+template <typename T> struct Vec4 { T v[kVec]; };
+
+// Start of row r = (b * H + h) * S + s of a strided [B, H, S, D] view.
+__device__ __forceinline__ long long attn_row(long long r, int H, int S, long long sb, long long sh, long long ss) {
+    const long long s = r % S, bh = r / S;
+    return (bh / H) * sb + (bh % H) * sh + s * ss;
+}
+
+// The descale of a per-tensor E4M3 quantization: amax / target, or 1 for an all-zero tensor.
+__device__ __forceinline__ float attn_descale(float amax, float target) {
+    return amax > 0.f ? __fdiv_rn(amax, target) : 1.f;
+}
+
+// Tensor t's descale, and the scalars that follow from it.
+__device__ void attn_write_scalars(float* scalars, int t, float descale) {
+    scalars[(3 + t) * kSlot] = descale;
+    if (t == 0) {
+        scalars[6 * kSlot] = 1.f / kFp8Max;  // probabilities in [0, 1] -> [0, 448]
+        scalars[7 * kSlot] = kFp8Max;
+    }
+    if (t == 2) scalars[8 * kSlot] = __fdiv_rn(1.f, descale);
+}
+
+template <typename T>
+__device__ void attn_amax(const T* __restrict__ x, int H, int S, int D, long long sb, long long sh, long long ss,
+                          long long rows, unsigned int* amax_bits) {
+    const int lane = threadIdx.x % kWarp;
+    const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / kWarp;
+    const long long warps = (gridDim.x * (long long)blockDim.x) / kWarp;
+    float m = 0.f;
+    for (long long r = warp; r < rows; r += warps) {
+        const T* row = x + attn_row(r, H, S, sb, sh, ss);
+        for (int d = lane * kVec; d < D; d += kWarp * kVec) {
+            const Vec4<T> v = *reinterpret_cast<const Vec4<T>*>(row + d);
+#pragma unroll
+            for (int i = 0; i < kVec; i++) m = fmaxf(m, fabsf(to_f<T>(v.v[i])));
+        }
+    }
+    m = block_max(m);
+    if (threadIdx.x == 0) atomicMax(amax_bits, __float_as_uint(m));
+}
+
+template <typename T>
+__device__ void attn_quant(const T* __restrict__ x, int H, int S, int D, long long sb, long long sh, long long ss,
+                           long long rows, float* scalars, int t, float target, uint8_t* __restrict__ out) {
+    const float descale = attn_descale(__uint_as_float(reinterpret_cast<const unsigned int*>(scalars)[t * kSlot]), target);
+    const int lane = threadIdx.x % kWarp;
+    const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / kWarp;
+    const long long warps = (gridDim.x * (long long)blockDim.x) / kWarp;
+    for (long long r = warp; r < rows; r += warps) {
+        const T* row = x + attn_row(r, H, S, sb, sh, ss);
+        // Output row of [B, S, H, D]: ((b * S + s) * H + h).
+        const long long s = r % S, bh = r / S;
+        uint8_t* o = out + (((bh / H) * S + s) * H + bh % H) * D;
+        for (int d = lane * kVec; d < D; d += kWarp * kVec) {
+            const Vec4<T> v = *reinterpret_cast<const Vec4<T>*>(row + d);
+            uchar4 q;
+            q.x = f_to_e4m3(__fdiv_rn(to_f<T>(v.v[0]), descale));
+            q.y = f_to_e4m3(__fdiv_rn(to_f<T>(v.v[1]), descale));
+            q.z = f_to_e4m3(__fdiv_rn(to_f<T>(v.v[2]), descale));
+            q.w = f_to_e4m3(__fdiv_rn(to_f<T>(v.v[3]), descale));
+            *reinterpret_cast<uchar4*>(o + d) = q;
+        }
+    }
+    if (blockIdx.x == 0 && threadIdx.x == 0) attn_write_scalars(scalars, t, descale);
+}
+
+// The same two passes over a view that is contiguous [B, S, H, D] (how the models lay q, k, v
+// out): output index = input index, so a flat loop of 16-byte loads (8 values) with no row
+// arithmetic; n is a multiple of 8.
+template <typename T>
+__device__ void attn_amax_flat(const T* __restrict__ x, long long n, unsigned int* amax_bits) {
+    float m = 0.f;
+    for (long long i = (blockIdx.x * (long long)blockDim.x + threadIdx.x) * 8; i < n; i += gridDim.x * (long long)blockDim.x * 8) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(x + i);
+        const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int j = 0; j < 8; j++) m = fmaxf(m, fabsf(to_f<T>(v[j])));
+    }
+    m = block_max(m);
+    if (threadIdx.x == 0) atomicMax(amax_bits, __float_as_uint(m));
+}
+
+template <typename T>
+__device__ void attn_quant_flat(const T* __restrict__ x, long long n, float* scalars, int t, float target,
+                                uint8_t* __restrict__ out) {
+    const float descale = attn_descale(__uint_as_float(reinterpret_cast<const unsigned int*>(scalars)[t * kSlot]), target);
+    for (long long i = (blockIdx.x * (long long)blockDim.x + threadIdx.x) * 8; i < n; i += gridDim.x * (long long)blockDim.x * 8) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(x + i);
+        const T* v = reinterpret_cast<const T*>(&raw);
+        uint2 q;
+        uint8_t* b = reinterpret_cast<uint8_t*>(&q);
+#pragma unroll
+        for (int j = 0; j < 8; j++) b[j] = f_to_e4m3(__fdiv_rn(to_f<T>(v[j]), descale));
+        *reinterpret_cast<uint2*>(out + i) = q;
+    }
+    if (blockIdx.x == 0 && threadIdx.x == 0) attn_write_scalars(scalars, t, descale);
+}
+
+// y = e4m3(o) * descale_v, 8 values per thread (n is a multiple of 8).
+template <typename T>
+__device__ void attn_dequant(const uint8_t* __restrict__ o, const float* scalars, long long n, T* __restrict__ y) {
+    const float descale = scalars[5 * kSlot];
+    for (long long i = (blockIdx.x * (long long)blockDim.x + threadIdx.x) * 8; i < n; i += gridDim.x * (long long)blockDim.x * 8) {
+        const uint2 b = *reinterpret_cast<const uint2*>(o + i);
+        T out[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const uint8_t byte = ((j < 4 ? b.x : b.y) >> (8 * (j % 4))) & 0xFF;
+            out[j] = from_f<T>(__fmul_rn(e4m3_to_f(byte), descale));
+        }
+        *reinterpret_cast<uint4*>(y + i) = *reinterpret_cast<const uint4*>(out);
+    }
+}
+}  // namespace
+
+#define ATTN_FP8_KERNELS(SUFFIX, T)                                                                                    \
+    extern "C" __global__ void attn_fp8_amax_##SUFFIX(const T* x, int H, int S, int D, long long sb, long long sh,      \
+                                                      long long ss, long long rows, unsigned int* amax_bits) {         \
+        attn_amax(x, H, S, D, sb, sh, ss, rows, amax_bits);                                                            \
+    }                                                                                                                  \
+    extern "C" __global__ void attn_fp8_quant_##SUFFIX(const T* x, int H, int S, int D, long long sb, long long sh,     \
+                                                       long long ss, long long rows, float* scalars, int t,            \
+                                                       float target, uint8_t* out) {                                   \
+        attn_quant(x, H, S, D, sb, sh, ss, rows, scalars, t, target, out);                                             \
+    }                                                                                                                  \
+    extern "C" __global__ void attn_fp8_amax_flat_##SUFFIX(const T* x, long long n, unsigned int* amax_bits) {        \
+        attn_amax_flat(x, n, amax_bits);                                                                               \
+    }                                                                                                                  \
+    extern "C" __global__ void attn_fp8_quant_flat_##SUFFIX(const T* x, long long n, float* scalars, int t,            \
+                                                            float target, uint8_t* out) {                              \
+        attn_quant_flat(x, n, scalars, t, target, out);                                                                \
+    }                                                                                                                  \
+    extern "C" __global__ void attn_fp8_dequant_##SUFFIX(const uint8_t* o, const float* scalars, long long n, T* y) {   \
+        attn_dequant(o, scalars, n, y);                                                                                \
+    }
+ATTN_FP8_KERNELS(bf16, __nv_bfloat16)
+ATTN_FP8_KERNELS(f16, __half)

@@ -411,3 +411,80 @@ SP_OPS(uint4, u16b)
 SP_OPS(uint2, u8b)
 SP_OPS(unsigned int, u4b)
 SP_OPS(unsigned short, u2b)
+
+// rms_rope: Wan's q/k norm (RMSNorm over a token's whole row, all heads; weight [C]), each value
+// rounded to T as the unfused norm writes it, then, when cos/sin are given, interleaved-pair RoPE
+// per head of d (the `qk_norm_rope` rotation): one pass instead of the norm's and RoPE's. One block
+// of kThreads per token row of C values, the row held in registers (C <= kThreads * 4 * kRowVecs);
+// x and y contiguous [rows, C], rows = B * S (token s = row % s_len). CPU reference: the unfused
+// ops (src/models/fused.rs `rms_rope`).
+constexpr int kRowVecs = 8;
+
+// With `y8`, the values (rounded to T) go out as E4M3 codes e4m3(v / descale) instead: FP8
+// attention's q or k with a scale fixed beforehand (no amax pass), the same bytes as quantizing
+// the T output with that scale.
+template <typename T>
+__device__ void rms_rope(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ cos,
+                         const float* __restrict__ sin, T* __restrict__ y, uint8_t* __restrict__ y8, float descale,
+                         int c, int d, int s_len, float eps, int rope) {
+    const long long row = blockIdx.x;
+    const Four<T>* xr = reinterpret_cast<const Four<T>*>(x + row * c);
+    Four<T>* yr = reinterpret_cast<Four<T>*>(y + row * c);
+    const int n4 = c / 4;
+    Four<T> v[kRowVecs];
+    float sq = 0.f;
+#pragma unroll
+    for (int j = 0; j < kRowVecs; ++j) {
+        const int i = threadIdx.x + j * kThreads;
+        if (i < n4) {
+            v[j] = xr[i];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) sq += to_f(v[j].v[k]) * to_f(v[j].v[k]);
+        }
+    }
+    const float rstd = rsqrtf(block_sum(sq) / c + eps);
+    const long long s = row % s_len;
+#pragma unroll
+    for (int j = 0; j < kRowVecs; ++j) {
+        const int i = threadIdx.x + j * kThreads;
+        if (i >= n4) continue;
+        const Four<T> wv = reinterpret_cast<const Four<T>*>(w)[i];
+        float f[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) f[k] = to_f(from_f<T>(to_f(v[j].v[k]) * rstd * to_f(wv.v[k])));
+        Four<T> out;
+        if (rope) {
+            // Pairs (4i % d) / 2 and the next of this token's head: an even pair index, so one
+            // float2 of each table.
+            const long long p = s * (d / 2) + (4 * i % d) / 2;
+            const float2 cc = *reinterpret_cast<const float2*>(cos + p), sn = *reinterpret_cast<const float2*>(sin + p);
+            out.v[0] = from_f<T>(f[0] * cc.x - f[1] * sn.x);
+            out.v[1] = from_f<T>(f[0] * sn.x + f[1] * cc.x);
+            out.v[2] = from_f<T>(f[2] * cc.y - f[3] * sn.y);
+            out.v[3] = from_f<T>(f[2] * sn.y + f[3] * cc.y);
+        } else {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) out.v[k] = from_f<T>(f[k]);
+        }
+        if (y8) {
+            uchar4 q;
+            q.x = __nv_cvt_float_to_fp8(__fdiv_rn(to_f(out.v[0]), descale), __NV_SATFINITE, __NV_E4M3);
+            q.y = __nv_cvt_float_to_fp8(__fdiv_rn(to_f(out.v[1]), descale), __NV_SATFINITE, __NV_E4M3);
+            q.z = __nv_cvt_float_to_fp8(__fdiv_rn(to_f(out.v[2]), descale), __NV_SATFINITE, __NV_E4M3);
+            q.w = __nv_cvt_float_to_fp8(__fdiv_rn(to_f(out.v[3]), descale), __NV_SATFINITE, __NV_E4M3);
+            reinterpret_cast<uchar4*>(y8 + row * c)[i] = q;
+        } else {
+            yr[i] = out;
+        }
+    }
+}
+
+#define RMS_ROPE(T, SUF)                                                                                         \
+    extern "C" __global__ void rms_rope_##SUF(const T* x, const T* w, const float* cos, const float* sin, T* y,  \
+                                              uint8_t* y8, float descale, int c, int d, int s_len, float eps,    \
+                                              int rope) {                                                        \
+        rms_rope<T>(x, w, cos, sin, y, y8, descale, c, d, s_len, eps, rope);                                     \
+    }
+RMS_ROPE(float, f32)
+RMS_ROPE(__nv_bfloat16, bf16)
+RMS_ROPE(__half, f16)

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """The diffusers baseline for `candiff bench flux-step`: one denoising step of a full-size
-FLUX.1-dev transformer with random bf16 weights, same shapes, eager mode.
+FLUX.1-dev transformer with random bf16 weights, same shapes, eager mode (or `torch.compile` with
+--compile MODE, e.g. max-autotune; the first call's time, compilation included, is reported apart).
 
 Usage: python3 scripts/bench_diffusers_flux.py [--width 1024 --height 1024 --txt-tokens 512 --iters 5]
+       [--compile max-autotune]
 Prints one JSON line."""
 import argparse
 import json
@@ -16,6 +18,7 @@ p.add_argument("--width", type=int, default=1024)
 p.add_argument("--height", type=int, default=1024)
 p.add_argument("--txt-tokens", type=int, default=512)
 p.add_argument("--iters", type=int, default=5)
+p.add_argument("--compile", metavar="MODE", help="torch.compile the transformer with this mode")
 a = p.parse_args()
 
 torch.manual_seed(0)
@@ -47,18 +50,28 @@ img_ids = torch.stack(torch.meshgrid(torch.zeros(1), ar(h), ar(w), indexing="ij"
 txt_ids = torch.zeros(a.txt_tokens, 3, device=dev)
 
 
+if a.compile:
+    model = torch.compile(model, mode=a.compile)
+
+
 def step():
     return model(hidden_states=img, encoder_hidden_states=txt, pooled_projections=pooled, timestep=t,
                  guidance=g, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
 
 
 with torch.inference_mode():
+    t0 = time.perf_counter()
     step()
     torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
+    if a.compile:
+        step()  # the autotuned graph's second call, warm
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(a.iters):
         step()
     torch.cuda.synchronize()
     ms = (time.perf_counter() - t0) * 1e3 / a.iters
-print(json.dumps({"variant": "diffusers bf16 eager", "ms_per_step": ms, "width": a.width, "height": a.height,
+variant = f"diffusers bf16 torch.compile({a.compile})" if a.compile else "diffusers bf16 eager"
+print(json.dumps({"variant": variant, "ms_per_step": ms, "first_call_s": first_s, "width": a.width, "height": a.height,
                   "txt_tokens": a.txt_tokens, "torch": torch.__version__, "gpu": torch.cuda.get_device_name()}))

@@ -334,6 +334,129 @@ pub fn check_attention(device: &Device) -> candle_core::Result<Vec<CheckResult>>
     Ok(out)
 }
 
+/// FP8 attention (`--attention fp8`) against exact attention, rel. L2: the E4M3 roundings of q/k
+/// (through the scores), the probabilities and the output, each ~2^-4 / sqrt(3) RMS relative,
+/// together ~2^-4, more where the scores spread wider (sharper attention passes the scores'
+/// errors on larger): 0.058-0.069 measured at unit-variance scores, with dynamic and with fixed
+/// q/k scales alike (CPU emulation). A wrong scale or layout lands far above.
+pub const FP8_ATTENTION_TOL: f32 = 0.08;
+/// FP8 attention on the GPU against its CPU emulation ([`crate::models::attn_fp8::reference`]),
+/// rel. L2: they differ where probabilities round against the running instead of the row maximum
+/// and where output values sit near an E4M3 rounding boundary — at most one rounding's RMS error.
+pub const FP8_ATTENTION_EMU_TOL: f32 = 0.036;
+
+/// FP8 attention on fresh random inputs (Hopper and newer, cudnn builds): the per-tensor E4M3
+/// quantizer byte for byte against the CPU one, the attention against its CPU emulation (small
+/// shapes) and against exact f32 attention (all shapes, computed on `device`).
+#[cfg(feature = "cudnn")]
+pub fn check_attention_fp8(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
+    use crate::cuda::attn_fp8;
+    use crate::models::attn_fp8::{quantize_per_tensor, reference, QK_TARGET, V_TARGET};
+    use crate::models::ops::attention_reference;
+    // (batch, heads, q tokens, kv tokens, head dim, emulate on the CPU)
+    const SHAPES: [(usize, usize, usize, usize, usize, bool); 4] = [
+        (1, 2, 1024, 1024, 128, true),
+        (2, 3, 777, 512, 128, true),
+        (1, 2, 333, 333, 64, true),
+        (1, 24, 4608, 4608, 128, false),
+    ];
+    let mut out = Vec::new();
+    for (b, h, sq, sk, d, emulate) in SHAPES {
+        let label = format!("B{b} H{h} Sq{sq} Sk{sk} D{d}");
+        // [B, S, H, D] buffers viewed as [B, H, S, D], as the models produce them; v with a
+        // larger spread than q, k so the three scales differ.
+        let mk = |s: usize, std: f32| -> candle_core::Result<Tensor> {
+            Tensor::randn(0f32, std, (b, s, h, d), device)?.to_dtype(DType::BF16)?.transpose(1, 2)
+        };
+        let (q, k, v) = (mk(sq, 1.0)?, mk(sk, 1.0)?, mk(sk, 4.0)?);
+        // One case in [B, H, S, D] memory order (the quantizer's strided-row form; the others
+        // take its flat form).
+        let q = if d == 64 { q.contiguous()? } else { q };
+        let qkv = attn_fp8::quantize(&q, &k, &v)?;
+        let descales = qkv.descales()?;
+        let mut bad = 0usize;
+        for (i, (t, codes, target)) in
+            [(&q, &qkv.q, QK_TARGET), (&k, &qkv.k, QK_TARGET), (&v, &qkv.v, V_TARGET)].into_iter().enumerate()
+        {
+            // The GPU writes [B, S, H, D]; the CPU quantizes the same values in that order.
+            let x: Vec<f32> = t.transpose(1, 2)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let (want, want_descale) = quantize_per_tensor(&x, target);
+            let got: Vec<u8> = codes.flatten_all()?.to_vec1()?;
+            bad += got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            bad += usize::from(descales[i] != want_descale);
+        }
+        out.push(CheckResult::new(format!("fp8 attention quantizer {label} (differing bytes)"), bad as f32, 0.0));
+        let got: Vec<f32> =
+            attn_fp8::attention(&q, &k, &v)?.transpose(1, 2)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        if emulate {
+            let want: Vec<f32> = reference(&q, &k, &v)?.flatten_all()?.to_vec1()?;
+            out.push(CheckResult::new(
+                format!("fp8 attention {label} vs its CPU emulation (rel L2)"),
+                rel_l2(&got, &want),
+                FP8_ATTENTION_EMU_TOL,
+            ));
+        }
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let exact: Vec<f32> = attention_reference(&f(&q)?, &f(&k)?, &f(&v)?)?.flatten_all()?.to_vec1()?;
+        out.push(CheckResult::new(
+            format!("fp8 attention {label} vs exact (rel L2)"),
+            rel_l2(&got, &exact),
+            FP8_ATTENTION_TOL,
+        ));
+    }
+    // Wan's form: q and k normalized over all heads, rotated and written as E4M3 in one pass with
+    // the scale their norm's bound fixes (rms_rope_fp8), v quantized per tensor.
+    {
+        use crate::cuda::attn_fp8::Operand;
+        use crate::models::attn_fp8::{quantize_with, reference_with};
+        use crate::models::fused::{rms_bound, rms_rope, rms_rope_fp8};
+        let (b, s, h, d) = (1, 1024, 2, 128);
+        let c = h * d;
+        let mk = |std: f32| Tensor::randn(0f32, std, (b, s, c), device)?.to_dtype(DType::BF16);
+        let (xq, xk, xv) = (mk(1.0)?, mk(1.0)?, mk(4.0)?);
+        let (wq, wk) = (
+            (Tensor::randn(0f32, 0.5, c, device)? + 1.0)?.to_dtype(DType::BF16)?,
+            mk(1.0)?.flatten_all()?.narrow(0, 0, c)?,
+        );
+        let ang = Tensor::randn(0f32, 3.0, (s, d / 2), device)?;
+        let (cos, sin) = (ang.cos()?, ang.sin()?);
+        let rope = Some((&cos, &sin));
+        let (dq, dk) = (rms_bound(&wq)? / QK_TARGET, rms_bound(&wk)? / QK_TARGET);
+        let (q8, k8) = (rms_rope_fp8(&xq, &wq, 1e-6, h, rope, dq)?, rms_rope_fp8(&xk, &wk, 1e-6, h, rope, dk)?);
+        let (q, k) = (rms_rope(&xq, &wq, 1e-6, h, rope)?, rms_rope(&xk, &wk, 1e-6, h, rope)?);
+        let mut bad = 0usize;
+        for (codes, vals, descale) in [(&q8, &q, dq), (&k8, &k, dk)] {
+            let want = quantize_with(&vals.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, descale);
+            let got: Vec<u8> = codes.flatten_all()?.to_vec1()?;
+            bad += got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        }
+        let label = format!("B{b} H{h} S{s} D{d}");
+        out.push(CheckResult::new(format!("rms_rope to E4M3 {label} (differing bytes)"), bad as f32, 0.0));
+        let heads = |t: &Tensor| crate::models::ops::heads(t, h);
+        let (q, k, v) = (heads(&q)?, heads(&k)?, heads(&xv)?);
+        let got = attn_fp8::attention_operands(
+            Operand::Fp8 { codes: &q8, descale: dq },
+            Operand::Fp8 { codes: &k8, descale: dk },
+            &v,
+        )?;
+        let got: Vec<f32> = got.transpose(1, 2)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let want: Vec<f32> = reference_with(&q, &k, &v, Some((dq, dk)))?.flatten_all()?.to_vec1()?;
+        out.push(CheckResult::new(
+            format!("fp8 attention, E4M3 q/k from rms_rope, {label} vs its CPU emulation (rel L2)"),
+            rel_l2(&got, &want),
+            FP8_ATTENTION_EMU_TOL,
+        ));
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let exact: Vec<f32> = attention_reference(&f(&q)?, &f(&k)?, &f(&v)?)?.flatten_all()?.to_vec1()?;
+        out.push(CheckResult::new(
+            format!("fp8 attention, E4M3 q/k from rms_rope, {label} vs exact (rel L2)"),
+            rel_l2(&got, &exact),
+            FP8_ATTENTION_TOL,
+        ));
+    }
+    Ok(out)
+}
+
 /// Max |diff| / max |reference| of the fused element-wise kernels against their CPU reference on
 /// the same inputs: both compute in f32, so only the final rounding and summation order differ.
 pub const FUSED_TOL: f32 = 1e-2;
@@ -392,6 +515,29 @@ pub fn check_fused(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
     let host = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
         t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()
     };
+    // Wan's q/k norm over all heads with and without RoPE per head, against the unfused ops.
+    for (b, s, heads, d) in [(1, 333, 24, 128), (2, 77, 40, 128), (1, 50, 3, 16)] {
+        for dtype in [DType::BF16, DType::F32] {
+            let c = heads * d;
+            let x = Tensor::randn(0f32, 2.0, (b, s, c), device)?.to_dtype(dtype)?;
+            let w = Tensor::randn(0f32, 1.0, c, device)?.to_dtype(dtype)?;
+            let ang = Tensor::randn(0f32, 3.0, (s, d / 2), device)?;
+            let (cos, sin) = (ang.cos()?, ang.sin()?);
+            let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
+            for rope in [false, true] {
+                let r = rope.then_some((&cos, &sin));
+                let got = crate::models::fused::rms_rope(&x, &w, 1e-6, heads, r)?;
+                let (cc, sc) = (cpu(&cos)?, cpu(&sin)?);
+                let want =
+                    crate::models::fused::rms_rope(&cpu(&x)?, &cpu(&w)?, 1e-6, heads, rope.then_some((&cc, &sc)))?;
+                out.push(CheckResult::new(
+                    format!("rms_rope rope={rope} B{b} S{s} H{heads} D{d} {dtype:?}"),
+                    rel_max_err(&host(&got)?, &host(&want)?),
+                    FUSED_TOL,
+                ));
+            }
+        }
+    }
     // Bias + optional GELU after a GEMM.
     for (rows, c) in [(4608, 3072), (77, 40)] {
         for dtype in [DType::BF16, DType::F32] {

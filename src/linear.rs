@@ -203,6 +203,42 @@ impl Linear {
         acc + self.forward(x)?
     }
 
+    /// [`Linear::forward_acc`] for either form of input.
+    pub fn forward_acc_input(&self, x: &Input, acc: &Tensor) -> Result<Tensor> {
+        match x {
+            Input::Tensor(t) => self.forward_acc(t, acc),
+            #[cfg(feature = "cuda")]
+            Input::Fp8(a) => match self {
+                Linear::Nvfp4(q) => {
+                    crate::profile::span(crate::profile::Part::Linear, acc.device(), || q.forward_acc_fp8_act(a, acc))
+                }
+                _ => candle_core::bail!("an E4M3 input for a layer that does not read one (a dense layer)"),
+            },
+        }
+    }
+
+    /// [`Linear::forward_gated`] for either form of input.
+    pub fn forward_gated_input(&self, x: &Input, gate: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match x {
+            Input::Tensor(t) => self.forward_gated(t, gate, residual),
+            #[cfg(feature = "cuda")]
+            Input::Fp8(a) => {
+                if let Linear::Nvfp4(q) = self {
+                    if self.folds_gate(residual, gate) {
+                        let gate = gate.flatten_all()?.to_dtype(candle_core::DType::F32)?;
+                        let y = crate::profile::span(crate::profile::Part::Linear, residual.device(), || {
+                            q.forward_gated_fp8_act(a, &gate, residual)
+                        })?;
+                        if let Some(y) = y {
+                            return Ok(y);
+                        }
+                    }
+                }
+                crate::models::fused::gated_add(residual, &self.forward_input(x)?, gate)
+            }
+        }
+    }
+
     /// Whether [`Linear::forward_gated`] folds `gate` into this layer's GEMM (an fp8-mode layer on
     /// a GPU, one gate vector: batch 1) instead of a separate gated-add pass.
     /// `CANDIFF_GATE_FOLD=0` turns the folding off (the GEMM then the gated-add pass), for A/B
@@ -743,6 +779,8 @@ mod tests {
         let l = Linear::Dense(candle_nn::Linear::new(draw(&[6, 8]), Some(draw(&[6]))));
         let (x, shift, scale) = (draw(&[2, 3, 8]), draw(&[2, 8]), draw(&[2, 8]));
         assert!(!l.reads_fp8_act(8, DType::BF16));
+        // (Without the cuda feature `Input` has one form, so the `else` arm cannot be reached.)
+        #[allow(irrefutable_let_patterns)]
         let Input::Tensor(n) = Input::ln_modulate(&x, &shift, &scale, 1e-6, &[&l]).unwrap() else {
             panic!("an E4M3 input for a dense CPU layer")
         };

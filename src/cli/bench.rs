@@ -68,6 +68,10 @@ pub struct AttentionArgs {
     pub iters: usize,
     #[arg(long, default_value = "cuda:0")]
     pub device: String,
+    /// Also time FP8 attention (`--attention fp8`: the quantization passes included) and its
+    /// error against the bf16 kernel.
+    #[arg(long)]
+    pub fp8: bool,
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
 }
@@ -106,6 +110,14 @@ pub struct WanStepArgs {
     pub device: String,
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
+    /// One GPU: write each variant's output (f32, little-endian) to DIR/<variant>.f32, for
+    /// comparing runs under different settings (`--against`).
+    #[arg(long, value_name = "DIR")]
+    pub save: Option<std::path::PathBuf>,
+    /// One GPU: the rel. L2 distance of each variant's output from DIR/<variant>.f32 (written by
+    /// `--save` in an earlier run with the same shapes).
+    #[arg(long, value_name = "DIR")]
+    pub against: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -482,6 +494,9 @@ fn wan_step(a: &WanStepArgs) -> anyhow::Result<()> {
     let t = Tensor::new(&[900f32], &device)?;
     let tokens = f * (h / 2) * (w / 2);
     let mut rows = Vec::new();
+    // The first variant's output, when there are others to compare with it.
+    let mut first: Option<(String, Vec<f32>)> = None;
+    let compare_first = a.variants.len() > 1;
     for v in &a.variants {
         let (paths, opts) = variant(v, "blocks.")?;
         let t0 = Instant::now();
@@ -492,6 +507,8 @@ fn wan_step(a: &WanStepArgs) -> anyhow::Result<()> {
         let step = || model.forward(&x, &t, &ctx, DType::BF16);
         step()?;
         device.synchronize()?;
+        // Warm-up excluded from the breakdown (CANDIFF_PROFILE=1).
+        let _ = crate::profile::take(&device)?;
         let t1 = Instant::now();
         for _ in 0..a.iters {
             step()?;
@@ -503,8 +520,43 @@ fn wan_step(a: &WanStepArgs) -> anyhow::Result<()> {
             "wan {} {v:<22} {ms:>9.1} ms/call  ({}x{}x{} frames = {tokens} tokens, {} txt; built in {build_s:.1}s; GPU in use {})",
             a.model, a.width, a.height, a.frames, a.txt_tokens, gib(mem)
         );
-        rows.push(serde_json::json!({"model": a.model, "variant": v, "ms_per_call": ms, "width": a.width,
-            "height": a.height, "frames": a.frames, "tokens": tokens, "txt_tokens": a.txt_tokens}));
+        if let Some(parts) = crate::profile::take(&device)? {
+            let per: Vec<f64> = parts.iter().map(|x| x / a.iters as f64).collect();
+            println!(
+                "  per call on the GPU stream: linear {:.1}, attention {:.1}, rest {:.1} ms (CANDIFF_PROFILE)",
+                per[0],
+                per[1],
+                ms - per.iter().sum::<f64>()
+            );
+        }
+        let mut row = serde_json::json!({"model": a.model, "variant": v, "ms_per_call": ms, "width": a.width,
+            "height": a.height, "frames": a.frames, "tokens": tokens, "txt_tokens": a.txt_tokens});
+        if a.save.is_some() || a.against.is_some() || compare_first {
+            let out: Vec<f32> = step()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let file = format!("{}.f32", v.replace(':', "-"));
+            if let Some(dir) = &a.save {
+                std::fs::create_dir_all(dir)?;
+                std::fs::write(dir.join(&file), out.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
+            }
+            if let Some(dir) = &a.against {
+                let bytes = std::fs::read(dir.join(&file))?;
+                let other: Vec<f32> =
+                    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                anyhow::ensure!(other.len() == out.len(), "{}: {} values, this run {}", file, other.len(), out.len());
+                let d = crate::doctor::rel_l2(&out, &other);
+                println!("  rel. L2 vs {}: {d:.3e}", dir.join(&file).display());
+                row["rel_l2_vs_saved"] = serde_json::json!(d);
+            }
+            match &first {
+                Some((name, base)) => {
+                    let d = crate::doctor::rel_l2(&out, base);
+                    println!("  rel. L2 vs {name}: {d:.3e}");
+                    row["rel_l2_vs_first"] = serde_json::json!(d);
+                }
+                None => first = Some((v.clone(), out)),
+            }
+        }
+        rows.push(row);
         drop(model);
     }
     if let Some(out) = &a.out {
@@ -804,6 +856,16 @@ fn attention(a: &AttentionArgs) -> anyhow::Result<()> {
     use candle_core::{DType, Tensor};
 
     let device = super::t2i::parse_device(Some(&a.device))?;
+    let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> anyhow::Result<f64> {
+        f()?;
+        device.synchronize()?;
+        let t0 = Instant::now();
+        for _ in 0..a.iters {
+            f()?;
+        }
+        device.synchronize()?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3 / a.iters as f64)
+    };
     let mut rows = Vec::new();
     for shape in &a.shapes {
         let (h, s) = shape
@@ -815,18 +877,44 @@ fn attention(a: &AttentionArgs) -> anyhow::Result<()> {
             Tensor::randn(0f32, 1.0, (1, s, h, a.head_dim), &device)?.to_dtype(DType::BF16)?.transpose(1, 2)
         };
         let (q, k, v) = (mk()?, mk()?, mk()?);
-        crate::models::ops::attention(&q, &k, &v)?;
-        device.synchronize()?;
-        let t0 = Instant::now();
-        for _ in 0..a.iters {
-            crate::models::ops::attention(&q, &k, &v)?;
+        let flops = 4.0 * (h * s * s * a.head_dim) as f64;
+        let ms = time(&|| crate::models::ops::attention_half(&q, &k, &v))?;
+        let tflops = flops / (ms * 1e-3) / 1e12;
+        let imp = crate::models::ops::attention_impl();
+        let imp =
+            if imp == crate::models::ops::AttentionImpl::Fp8 { crate::models::ops::AttentionImpl::Cudnn } else { imp };
+        println!("attention {h} heads x {s} tokens x {} ({imp:?}): {ms:8.3} ms  {tflops:6.1} TFLOP/s", a.head_dim);
+        #[cfg_attr(not(feature = "cudnn"), allow(unused_mut))]
+        let mut row = serde_json::json!({"heads": h, "tokens": s, "head_dim": a.head_dim, "ms": ms, "tflops": tflops,
+            "impl": format!("{imp:?}")});
+        #[cfg(feature = "cudnn")]
+        if a.fp8 {
+            use crate::cuda::attn_fp8;
+            let fp8 = time(&|| attn_fp8::attention(&q, &k, &v)).and_then(|ms| {
+                let quant = time(&|| attn_fp8::quantize(&q, &k, &v).map(|_| q.clone()))?;
+                let exact = crate::models::ops::attention_half(&q, &k, &v)?.to_dtype(DType::F32)?;
+                let got = attn_fp8::attention(&q, &k, &v)?.transpose(1, 2)?.to_dtype(DType::F32)?;
+                let err = crate::doctor::rel_l2(&got.flatten_all()?.to_vec1()?, &exact.flatten_all()?.to_vec1()?);
+                Ok((ms, quant, err))
+            });
+            match fp8 {
+                Ok((fms, quant, err)) => {
+                    println!(
+                        "  fp8: {fms:8.3} ms ({:.2}x bf16), {:6.1} TFLOP/s; of it quantizing q, k, v {quant:.3} ms; rel. L2 vs bf16 {err:.2e}",
+                        ms / fms,
+                        flops / (fms * 1e-3) / 1e12
+                    );
+                    row["fp8_ms"] = serde_json::json!(fms);
+                    row["fp8_quantize_ms"] = serde_json::json!(quant);
+                    row["fp8_rel_l2_vs_bf16"] = serde_json::json!(err);
+                }
+                Err(e) => {
+                    println!("  fp8: unavailable: {e}");
+                    row["fp8_error"] = serde_json::json!(e.to_string());
+                }
+            }
         }
-        device.synchronize()?;
-        let ms = t0.elapsed().as_secs_f64() * 1e3 / a.iters as f64;
-        let tflops = 4.0 * (h * s * s * a.head_dim) as f64 / (ms * 1e-3) / 1e12;
-        println!("attention {h} heads x {s} tokens x {}: {ms:8.3} ms  {tflops:6.1} TFLOP/s", a.head_dim);
-        rows.push(serde_json::json!({"heads": h, "tokens": s, "head_dim": a.head_dim, "ms": ms, "tflops": tflops,
-            "impl": format!("{:?}", crate::models::ops::attention_impl())}));
+        rows.push(row);
     }
     if let Some(out) = &a.out {
         std::fs::write(out, serde_json::to_string_pretty(&rows)?)?;

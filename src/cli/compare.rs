@@ -16,6 +16,7 @@ use crate::pipelines::wan::{WanFiles, FRAMES_PER_LATENT};
   candiff compare --model flux.1-dev --seeds 0,1 --variants bf16,nvfp4:trtllm:w4a16,nvfp4:cudnn:w4a4,nvfp4:trtllm:fp8 --out cmp
   candiff compare --model wan-tiny --prompts my-prompts.jsonl --exclude proj_out
   candiff compare --model flux.1-dev-random --width 512 --height 512 --clip off   (full size, random weights, no download)
+  candiff compare --model wan2.2-ti2v-5b --variants bf16,bf16+fp8attn,nvfp4:trtllm:fp8+fp8attn   (what FP8 attention costs)
 
 NVFP4 variants quantize the bf16 checkpoint at load with the ModelOpt rule; W4A4 activation scales
 come from the reference run (calibration on the same prompts). An interrupted run resumes from --out.")]
@@ -31,7 +32,8 @@ pub struct CompareArgs {
     pub max_prompts: Option<usize>,
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub seeds: Vec<u64>,
-    /// `bf16` or `nvfp4:<trtllm|cutlass|cudnn>:<w4a16|w4a4|fp8>`.
+    /// `bf16` or `nvfp4:<trtllm|cutlass|cudnn>:<w4a16|w4a4|fp8>`, each optionally with `+fp8attn`
+    /// (its transformer attention in FP8, as `--attention fp8`; GPU, cudnn builds).
     #[arg(long, value_delimiter = ',', default_value = "bf16,nvfp4:trtllm:w4a16,nvfp4:trtllm:w4a4,nvfp4:trtllm:fp8")]
     pub variants: Vec<String>,
     /// The variant the others are measured against.

@@ -153,6 +153,17 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
         let r = crate::doctor::check_attention(&device)?;
         failed += print_results(&r);
         all.extend(r);
+        #[cfg(feature = "cudnn")]
+        if let candle_core::Device::Cuda(dev) = &device {
+            if crate::cuda::compute_capability(dev)? >= (9, 0) {
+                println!("fp8 attention (--attention fp8) vs its CPU emulation and exact attention:");
+                let r = crate::doctor::check_attention_fp8(&device)?;
+                failed += print_results(&r);
+                all.extend(r);
+            } else {
+                println!("fp8 attention: unavailable (cuDNN's FP8 attention needs compute capability 9.0 or newer)");
+            }
+        }
         println!("fused element-wise kernels vs their CPU reference (max |diff| / max |y|):");
         let r = crate::doctor::check_fused(&device)?;
         failed += print_results(&r);

@@ -57,6 +57,13 @@ pub struct RunArgs {
     pub nvfp4_backend: Option<crate::nvfp4::Backend>,
     #[arg(long, default_value = "w4a16")]
     pub nvfp4_mode: crate::nvfp4::ActMode,
+    /// Transformer attention: `cudnn` (fused, bf16; the default), `fp8` (cuDNN's FP8 flash
+    /// attention on Hopper and newer, over 8192 keys or more — Wan video, not FLUX at 1024²: ~1.4x
+    /// faster there, q/k/v, probabilities and output rounded to E4M3, rel. L2 ~6e-2 against bf16;
+    /// `candiff compare` with `+fp8attn` variants shows what it costs) or `reference` (unfused,
+    /// f32 scores).
+    #[arg(long, env = "CANDIFF_ATTENTION", value_enum)]
+    pub attention: Option<crate::models::ops::AttentionImpl>,
     #[command(flatten)]
     pub nvfp4: Nvfp4ReadArgs,
     /// Generate on N GPUs (0..N-1) at once: each transformer call's tokens sharded over them
@@ -97,6 +104,14 @@ impl RunArgs {
             }
             (None, Some(n)) => Ok(Some(Placement::Shared(n, device.clone()))),
         }
+    }
+
+    /// Fixes the attention implementation for the run (`--attention`).
+    pub fn apply_attention(&self) -> anyhow::Result<()> {
+        if let Some(choice) = self.attention {
+            crate::models::ops::set_attention_impl(choice)?;
+        }
+        Ok(())
     }
 
     pub fn timeout(&self) -> std::time::Duration {

@@ -281,7 +281,16 @@ impl Output<'_> {
             ("model", self.m.name.clone()),
             ("steps", self.steps.to_string()),
             ("guidance", self.guidance.to_string()),
-            ("backend", format!("{:?}; NVFP4 layers (if any): {} {}", self.dtype, self.backend, a.run.nvfp4_mode)),
+            (
+                "backend",
+                format!(
+                    "{:?}; NVFP4 layers (if any): {} {}; attention {:?}",
+                    self.dtype,
+                    self.backend,
+                    a.run.nvfp4_mode,
+                    crate::models::ops::attention_impl()
+                ),
+            ),
         ];
         if let Some(t) = &stats.text_encoder {
             meta.push(("text_encoder", t.clone()));
@@ -357,6 +366,7 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
         anyhow::ensure!(parent.is_dir(), "the output folder {} does not exist", parent.display());
     }
     let placement = a.run.placement(&device)?;
+    a.run.apply_attention()?;
     let random = a.random_weights || m.random_weights;
     if m.family == crate::manifest::Family::Flux2 {
         anyhow::ensure!(!random, "random weights are supported for FLUX.1 and Wan2.2 models; {} is FLUX.2", m.name);

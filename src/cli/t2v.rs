@@ -102,6 +102,7 @@ pub fn run(a: &T2vArgs) -> anyhow::Result<()> {
     let device = parse_device(a.run.device.as_deref())?;
     let dtype = parse_dtype(a.run.dtype.as_deref(), &device)?;
     let placement = a.run.placement(&device)?;
+    a.run.apply_attention()?;
 
     let t0 = std::time::Instant::now();
     // Configs first (a few KB): sizes are validated before the weights are fetched.
@@ -215,7 +216,14 @@ pub fn run(a: &T2vArgs) -> anyhow::Result<()> {
         ("steps", req.steps.to_string()),
         ("guidance", guidance),
         ("size", format!("{w}x{h}, {f} frames at {fps} fps")),
-        ("backend", format!("{dtype:?}; NVFP4 layers (if any): {backend} {}", a.run.nvfp4_mode)),
+        (
+            "backend",
+            format!(
+                "{dtype:?}; NVFP4 layers (if any): {backend} {}; attention {:?}",
+                a.run.nvfp4_mode,
+                crate::models::ops::attention_impl()
+            ),
+        ),
         ("software", format!("candiff {}", env!("CARGO_PKG_VERSION"))),
     ];
     let written = crate::video::write(&a.output, &video, &meta)?;

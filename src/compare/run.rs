@@ -48,17 +48,28 @@ fn as_str<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::
 pub struct Variant {
     pub label: String,
     pub kind: VariantKind,
+    /// FP8 attention for this variant (`+fp8attn`); otherwise the process's choice.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub fp8_attention: bool,
 }
 
+/// The variant suffix that runs its transformer attention in FP8 (`--attention fp8`).
+pub const FP8_ATTENTION_SUFFIX: &str = "+fp8attn";
+
 impl Variant {
-    /// `bf16` or `nvfp4:<trtllm|cutlass|cudnn>:<w4a16|w4a4|fp8>`.
+    /// `bf16` or `nvfp4:<trtllm|cutlass|cudnn>:<w4a16|w4a4|fp8>`, optionally followed by
+    /// `+fp8attn` (FP8 attention).
     pub fn parse(s: &str) -> CResult<Self> {
         let bad = |why: String| {
             CandiffError::Unsupported(format!(
-                "variant `{s}`: {why}; use bf16 or nvfp4:<trtllm|cutlass|cudnn>:<w4a16|w4a4|fp8>"
+                "variant `{s}`: {why}; use bf16 or nvfp4:<trtllm|cutlass|cudnn>:<w4a16|w4a4|fp8>, optionally with {FP8_ATTENTION_SUFFIX}"
             ))
         };
-        let kind = match s.split(':').collect::<Vec<_>>()[..] {
+        let (base, fp8_attention) = match s.strip_suffix(FP8_ATTENTION_SUFFIX) {
+            Some(b) => (b, true),
+            None => (s, false),
+        };
+        let kind = match base.split(':').collect::<Vec<_>>()[..] {
             ["bf16"] => VariantKind::Bf16,
             ["nvfp4", b, m] => VariantKind::Nvfp4 {
                 backend: Backend::from_name(b).ok_or_else(|| bad(format!("unknown backend `{b}`")))?,
@@ -66,7 +77,7 @@ impl Variant {
             },
             _ => return Err(bad("unrecognized form".into())),
         };
-        Ok(Self { label: s.replace(':', "-"), kind })
+        Ok(Self { label: s.replace(':', "-"), kind, fp8_attention })
     }
 }
 
@@ -292,6 +303,17 @@ struct RunFile {
 
 impl Runner<'_> {
     fn generate(&self, variant: &Variant, hooks: LoadHooks, prompt: &str, seed: u64) -> candle_core::Result<Output> {
+        let choice = variant.fp8_attention.then_some(crate::models::ops::AttentionImpl::Fp8);
+        crate::models::ops::with_attention(choice, || self.generate_with(variant, hooks, prompt, seed))
+    }
+
+    fn generate_with(
+        &self,
+        variant: &Variant,
+        hooks: LoadHooks,
+        prompt: &str,
+        seed: u64,
+    ) -> candle_core::Result<Output> {
         let nvfp4 = match variant.kind {
             VariantKind::Nvfp4 { backend, mode } => Nvfp4Options { backend, mode },
             VariantKind::Bf16 => Nvfp4Options::default(),
@@ -799,5 +821,30 @@ fn device_name(device: &Device) -> String {
     match device {
         Device::Cpu => "CPU".into(),
         d => format!("{d:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_parse_with_and_without_fp8_attention() {
+        let v = Variant::parse("nvfp4:trtllm:fp8+fp8attn").unwrap();
+        assert_eq!(v.label, "nvfp4-trtllm-fp8+fp8attn");
+        assert!(v.fp8_attention);
+        assert!(matches!(v.kind, VariantKind::Nvfp4 { mode: ActMode::Fp8, .. }));
+        let b = Variant::parse("bf16").unwrap();
+        assert!(!b.fp8_attention && b.kind == VariantKind::Bf16);
+        assert!(Variant::parse("bf16+fp8").is_err());
+    }
+
+    #[test]
+    fn a_scoped_attention_choice_holds_inside_only() {
+        use crate::models::ops::{attention_impl, with_attention, AttentionImpl};
+        let outside = attention_impl();
+        with_attention(Some(AttentionImpl::Fp8), || assert_eq!(attention_impl(), AttentionImpl::Fp8));
+        assert_eq!(attention_impl(), outside);
+        with_attention(None, || assert_eq!(attention_impl(), outside));
     }
 }

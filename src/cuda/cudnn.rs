@@ -188,9 +188,67 @@ extern "C" {
         k: *const c_void,
         v: *const c_void,
         o: *mut c_void,
+        scalars: *mut f32,
         err: *mut c_char,
         errlen: usize,
     ) -> c_int;
+}
+
+/// The element type of a fused attention's q, k, v and o.
+#[derive(Debug, Clone, Copy)]
+pub enum SdpaIo {
+    Bf16,
+    F16,
+    /// E4M3, with the FP8 scalar buffer (`attn_fp8::SLOT_FLOATS` apart: descales, scales, amaxes).
+    Fp8 {
+        scalars: candle_core::cuda_backend::cudarc::driver::sys::CUdeviceptr,
+    },
+}
+
+/// Runs cuDNN's fused attention on `stream`: dims (B, H, Sq, Sk, D), strides of q, k, v, o (four
+/// each, elements), pointers to q, k, v, o.
+pub fn run_sdpa(
+    stream: &candle_core::cuda_backend::cudarc::driver::CudaStream,
+    (b, h, sq, sk, d): (usize, usize, usize, usize, usize),
+    strides: &[i64],
+    io: SdpaIo,
+    scale: f32,
+    ptrs: [candle_core::cuda_backend::cudarc::driver::sys::CUdeviceptr; 4],
+) -> Result<()> {
+    assert_eq!(strides.len(), 16, "four strides for each of q, k, v, o");
+    let (code, scalars) = match io {
+        SdpaIo::Bf16 => (0, std::ptr::null_mut()),
+        SdpaIo::F16 => (1, std::ptr::null_mut()),
+        SdpaIo::Fp8 { scalars } => (2, scalars as *mut f32),
+    };
+    let mut err = vec![0u8; ERR_LEN];
+    // SAFETY: the pointers address live device buffers laid out as `strides` say (the callers'
+    // contract), `scalars` the FP8 scalar buffer when `code` is 2; the shim runs on `stream`.
+    let rc = unsafe {
+        candiff_cudnn_sdpa(
+            stream.context().ordinal() as c_int,
+            stream.cu_stream() as *mut c_void,
+            b as i64,
+            h as i64,
+            sq as i64,
+            sk as i64,
+            d as i64,
+            strides.as_ptr(),
+            code,
+            scale,
+            ptrs[0] as *const c_void,
+            ptrs[1] as *const c_void,
+            ptrs[2] as *const c_void,
+            ptrs[3] as *mut c_void,
+            scalars,
+            err.as_mut_ptr() as *mut c_char,
+            ERR_LEN,
+        )
+    };
+    if rc != 0 {
+        return Err(CandiffError::Unsupported(ffi_message(&err)).into());
+    }
+    Ok(())
 }
 
 /// Largest head dimension of cuDNN's fused attention engines.
@@ -279,38 +337,16 @@ impl candle_core::CustomOp3 for Sdpa {
         // Output [B, Sq, H, D] seen as [B, H, Sq, D].
         let os = [(sq * h * d) as i64, d as i64, (h * d) as i64, 1];
         let strides: Vec<i64> = [qs, ks, vs, os.to_vec()].concat();
-        let mut err = vec![0u8; ERR_LEN];
-        let rc = {
+        {
             let (op, _g) = match &o {
                 CudaStorageSlice::F16(s) => s.device_ptr(&stream),
                 CudaStorageSlice::BF16(s) => s.device_ptr(&stream),
                 _ => unreachable!("allocated above"),
             };
-            // SAFETY: q/k/v point into live device buffers laid out as their layouts say (checked
-            // above), `o` holds B*Sq*H*D elements; the shim runs on `stream`.
-            unsafe {
-                candiff_cudnn_sdpa(
-                    stream.context().ordinal() as c_int,
-                    stream.cu_stream() as *mut c_void,
-                    b as i64,
-                    h as i64,
-                    sq as i64,
-                    sk as i64,
-                    d as i64,
-                    strides.as_ptr(),
-                    (dtype == DType::F16) as c_int,
-                    self.scale,
-                    qp as *const c_void,
-                    kp as *const c_void,
-                    vp as *const c_void,
-                    op as *mut c_void,
-                    err.as_mut_ptr() as *mut c_char,
-                    ERR_LEN,
-                )
-            }
-        };
-        if rc != 0 {
-            return Err(CandiffError::Unsupported(ffi_message(&err)).into());
+            let io = if dtype == DType::F16 { SdpaIo::F16 } else { SdpaIo::Bf16 };
+            // q/k/v point into live device buffers laid out as their layouts say (checked above),
+            // `o` holds B*Sq*H*D elements.
+            run_sdpa(&stream, (b, h, sq, sk, d), &strides, io, self.scale, [qp, kp, vp, op])?;
         }
         Ok((CudaStorage { slice: o, device: dev }, candle_core::Shape::from((b, sq, h, d))))
     }

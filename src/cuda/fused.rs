@@ -351,6 +351,81 @@ pub fn qk_norm_rope(
     Ok(())
 }
 
+/// Most 4-element vectors per thread of `rms_rope` (`kRowVecs`): rows of at most
+/// `LN_THREADS * 4 * RMS_ROW_VECS` values.
+const RMS_ROW_VECS: usize = 8;
+
+/// RMSNorm over whole rows of `c` (weight `w` `[c]`) then, with `rope` (cos, sin `[s_len, d/2]`),
+/// interleaved-pair RoPE per head of `d`, of contiguous `[rows, c]` `x` (kernels/fused.cu
+/// `rms_rope`). With `fp8_descale`, E4M3 codes of the values divided by it (a u8 storage).
+#[allow(clippy::too_many_arguments)]
+pub fn rms_rope(
+    x: &CudaStorage,
+    xl: &Layout,
+    w: (&CudaStorage, &Layout),
+    rope: Option<(Table, Table)>,
+    (rows, c, d, s_len): (usize, usize, usize, usize),
+    eps: f32,
+    fp8_descale: Option<f32>,
+) -> Result<CudaStorage> {
+    let dtype = x.dtype();
+    if !c.is_multiple_of(4)
+        || c > LN_THREADS as usize * 4 * RMS_ROW_VECS
+        || !d.is_multiple_of(4)
+        || !c.is_multiple_of(d)
+    {
+        candle_core::bail!(
+            "rms_rope: rows of {c} values in heads of {d} (needs multiples of 4, at most {})",
+            LN_THREADS as usize * 4 * RMS_ROW_VECS
+        );
+    }
+    // 16-byte rows of 4 values need aligned starts (storage bases are 256-byte aligned).
+    let aligned = |l: &Layout, k: usize| l.start_offset().is_multiple_of(k);
+    if !aligned(xl, 4) || !aligned(w.1, 4) || rope.is_some_and(|((_, cl), (_, sl))| !aligned(cl, 2) || !aligned(sl, 2))
+    {
+        candle_core::bail!("rms_rope: unaligned inputs");
+    }
+    let dev = &x.device;
+    let f = function_in(dev, Kernels::Fused, &format!("rms_rope_{}", suffix(dtype)?))?;
+    let stream = dev.cuda_stream();
+    let mut y = match fp8_descale {
+        // SAFETY: the kernel writes every element.
+        Some(_) => CudaStorageSlice::U8(unsafe { stream.alloc::<u8>(rows * c) }.map_err(wrap("alloc"))?),
+        None => alloc(x, dtype, rows * c)?,
+    };
+    let descale = fp8_descale.unwrap_or(1.0);
+    let (c_i, d_i, s_i, rope_i) = (c as i32, d as i32, s_len as i32, rope.is_some() as i32);
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (LN_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let (cv, sv) = match rope {
+        Some(((cs, cl), (ss, sl))) => (Some(view::<f32>(cs, cl, "cos")?), Some(view::<f32>(ss, sl, "sin")?)),
+        None => (None, None),
+    };
+    with_view!(dtype, x, xl, "x", |xv| {
+        with_view!(dtype, w.0, w.1, "norm weight", |wv| {
+            let mut b = stream.launch_builder(&f);
+            b.arg(&xv).arg(&wv);
+            let null = 0u64;
+            match (&cv, &sv) {
+                (Some(c), Some(sn)) => b.arg(c).arg(sn),
+                _ => b.arg(&null).arg(&null),
+            };
+            match &mut y {
+                CudaStorageSlice::F32(o) => b.arg(o).arg(&null),
+                CudaStorageSlice::BF16(o) => b.arg(o).arg(&null),
+                CudaStorageSlice::F16(o) => b.arg(o).arg(&null),
+                // The T output is not written: x stands in as a valid pointer.
+                CudaStorageSlice::U8(o) => b.arg(&xv).arg(o),
+                _ => unreachable!("allocated above"),
+            };
+            b.arg(&descale).arg(&c_i).arg(&d_i).arg(&s_i).arg(&eps).arg(&rope_i);
+            // SAFETY: argument types match the kernel; x and y hold rows * c values, w c values,
+            // cos/sin (read only with RoPE) s_len rows of d/2 (the caller checked).
+            unsafe { b.launch(cfg) }.map_err(wrap("rms_rope"))?;
+        })
+    });
+    Ok(CudaStorage { slice: y, device: dev.clone() })
+}
+
 /// An uninitialized buffer of `n` elements of `like`'s dtype on its GPU (the caller writes all of
 /// it before anything reads it).
 pub fn uninit_like(like: &candle_core::Tensor, n: usize) -> Result<CudaStorage> {

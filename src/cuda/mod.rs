@@ -27,6 +27,8 @@ static SM90_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nvfp4_sm90
 static CUTLASS_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nvfp4_cutlass.fatbin"));
 
 #[cfg(feature = "cudnn")]
+pub mod attn_fp8;
+#[cfg(feature = "cudnn")]
 pub mod cudnn;
 pub mod exchange;
 pub mod fp8;

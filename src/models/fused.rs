@@ -401,6 +401,101 @@ pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Resul
     norm_rope_impl(x, heads, None, cos, sin)
 }
 
+/// RMSNorm over each token's whole row (all heads; `weight` `[C]`, Wan's
+/// `rms_norm_across_heads`), then, with `rope` (cos/sin `[S, D/2]` f32), interleaved-pair RoPE per
+/// head of `x` `[B, S, C]`; `[B, S, C]` out. One pass on the GPU (values rounded to `x`'s dtype
+/// after the norm, as the unfused ops do); elsewhere the unfused ops, its reference.
+pub fn rms_rope(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    heads: usize,
+    rope: Option<(&Tensor, &Tensor)>,
+) -> Result<Tensor> {
+    rms_rope_impl(x, weight, eps, heads, rope, None)
+}
+
+/// [`rms_rope`] written as E4M3 codes of `value / descale` (u8 `[B, S, C]`, GPU only): FP8
+/// attention's q or k with a scale fixed beforehand, e.g. from the bound the norm puts on the
+/// values ([`rms_bound`]). The same bytes as [`rms_rope`] then quantizing with that scale.
+#[cfg(feature = "cuda")]
+pub fn rms_rope_fp8(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    heads: usize,
+    rope: Option<(&Tensor, &Tensor)>,
+    descale: f32,
+) -> Result<Tensor> {
+    if !x.device().is_cuda() {
+        candle_core::bail!("rms_rope_fp8: GPU tensors only");
+    }
+    rms_rope_impl(x, weight, eps, heads, rope, Some(descale))
+}
+
+/// The largest magnitude [`rms_rope`] can produce with norm weight `weight` over rows of `c`:
+/// RMSNorm bounds every value by `sqrt(c) * |w_i|` (one value holding the whole row's energy),
+/// and RoPE rotates pairs, so a rotated value is bounded by the larger of its pair's bounds.
+pub fn rms_bound(weight: &Tensor) -> Result<f32> {
+    let c = weight.elem_count();
+    let wmax = weight.to_dtype(DType::F32)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    Ok((c as f32).sqrt() * wmax)
+}
+
+fn rms_rope_impl(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    heads: usize,
+    rope: Option<(&Tensor, &Tensor)>,
+    fp8_descale: Option<f32>,
+) -> Result<Tensor> {
+    let (b, s, c) = x.dims3()?;
+    let d = c / heads;
+    if d * heads != c
+        || weight.elem_count() != c
+        || rope.is_some_and(|(cs, sn)| cs.dims() != [s, d / 2] || sn.dims() != [s, d / 2])
+    {
+        candle_core::bail!("rms_rope: x {:?} with {heads} heads and weight {:?} do not fit", x.dims(), weight.dims());
+    }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        let x = x.contiguous()?;
+        let w = weight.to_dtype(x.dtype())?.contiguous()?;
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (candle_core::Storage::Cuda(xs), candle_core::Storage::Cuda(ws)) = (&*xs, &*ws) else {
+            candle_core::bail!("rms_rope: GPU tensors only")
+        };
+        let tables = match rope {
+            Some((cs, sn)) => Some((cs.to_dtype(DType::F32)?.contiguous()?, sn.to_dtype(DType::F32)?.contiguous()?)),
+            None => None,
+        };
+        let guards = tables.as_ref().map(|(cs, sn)| (cs.storage_and_layout(), sn.storage_and_layout()));
+        let rope_parts = match &guards {
+            Some(((cst, cl), (sst, sl))) => match (&**cst, &**sst) {
+                (candle_core::Storage::Cuda(cs), candle_core::Storage::Cuda(ss)) => Some(((cs, *cl), (ss, *sl))),
+                _ => candle_core::bail!("rms_rope: RoPE tables on the GPU only"),
+            },
+            None => None,
+        };
+        let y = crate::cuda::fused::rms_rope(xs, xl, (ws, wl), rope_parts, (b * s, c, d, s), eps as f32, fp8_descale)?;
+        return Ok(Tensor::from_storage(
+            candle_core::Storage::Cuda(y),
+            (b, s, c),
+            candle_core::op::BackpropOp::none(),
+            false,
+        ));
+    }
+    let _ = fp8_descale;
+    use candle_core::Module;
+    let normed = crate::models::ops::RmsNorm::new(weight.clone(), eps).forward(x)?;
+    match rope {
+        Some((cs, sn)) => rope_heads(&normed, heads, cs, sn)?.reshape((b, s, c)),
+        None => Ok(normed),
+    }
+}
+
 fn norm_rope_impl(
     x: &Tensor,
     heads: usize,

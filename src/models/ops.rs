@@ -93,33 +93,74 @@ impl Drop for Tf32Scope {
 }
 
 /// Which attention implementation runs half-precision attention on the GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AttentionImpl {
-    /// cuDNN's fused flash-attention graph (builds with the `cudnn` feature).
+    /// cuDNN's fused flash-attention graph in bf16/f16 (builds with the `cudnn` feature).
     Cudnn,
+    /// cuDNN's FP8 flash attention on Hopper and newer: q, k, v and the probabilities in E4M3
+    /// with one scale per tensor (transformer attention over at least 8192 keys, where it pays;
+    /// faster, less exact, see `models::attn_fp8`). Where it cannot run, the run stops with an
+    /// error.
+    Fp8,
     /// The unfused reference below (f32 score blocks).
     Reference,
 }
 
-/// `CANDIFF_ATTENTION=reference` forces the unfused attention; otherwise cuDNN's fused kernel is
-/// used wherever it applies (CUDA, bf16/f16, head dim <= 256 and a multiple of 8, cudnn build).
+/// The choice made by `--attention` ([`set_attention_impl`]); unset: `CANDIFF_ATTENTION`.
+static CHOSEN: std::sync::OnceLock<AttentionImpl> = std::sync::OnceLock::new();
+
+/// Fixes the attention implementation for this process (the `--attention` flag); a second,
+/// different choice is an error.
+pub fn set_attention_impl(choice: AttentionImpl) -> Result<()> {
+    let set = *CHOSEN.get_or_init(|| choice);
+    if set != choice {
+        candle_core::bail!(
+            "attention implementation already chosen as {set:?}; cannot switch to {choice:?} in one process"
+        );
+    }
+    Ok(())
+}
+
+thread_local! {
+    /// A choice for the work of one thread ([`with_attention`]), ahead of the process's.
+    static SCOPED: std::cell::Cell<Option<AttentionImpl>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with `choice` as this thread's attention implementation (`None`: unchanged), e.g. one
+/// variant of `candiff compare` in FP8 attention.
+pub fn with_attention<R>(choice: Option<AttentionImpl>, f: impl FnOnce() -> R) -> R {
+    let prev = SCOPED.with(|c| c.replace(choice.or(c.get())));
+    let out = f();
+    SCOPED.with(|c| c.set(prev));
+    out
+}
+
+/// `--attention` / `CANDIFF_ATTENTION` (`cudnn`, `fp8` or `reference`); default: cuDNN's fused
+/// kernel wherever it applies (CUDA, bf16/f16, head dim <= 256 and a multiple of 8, cudnn build).
 pub fn attention_impl() -> AttentionImpl {
-    static CHOICE: std::sync::OnceLock<AttentionImpl> = std::sync::OnceLock::new();
-    *CHOICE.get_or_init(|| match std::env::var("CANDIFF_ATTENTION").as_deref() {
+    if let Some(c) = SCOPED.with(|c| c.get()) {
+        return c;
+    }
+    *CHOSEN.get_or_init(|| match std::env::var("CANDIFF_ATTENTION").as_deref() {
         Ok("reference") => AttentionImpl::Reference,
+        Ok("fp8") => AttentionImpl::Fp8,
         Ok("cudnn") | Ok("") | Err(_) => AttentionImpl::Cudnn,
         Ok(other) => {
-            log::warn!("CANDIFF_ATTENTION={other} is not `cudnn` or `reference`; using cudnn where it applies");
+            log::warn!("CANDIFF_ATTENTION={other} is not `cudnn`, `fp8` or `reference`; using cudnn where it applies");
             AttentionImpl::Cudnn
         }
     })
 }
 
 #[cfg(feature = "cudnn")]
-fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Result<Tensor>> {
+fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, fp8: bool) -> Option<Result<Tensor>> {
     use crate::cuda::cudnn::{Sdpa, SDPA_HEAD_DIM_ALIGN, SDPA_MAX_HEAD_DIM};
     let d = q.dim(D::Minus1).ok()?;
-    let applies = attention_impl() == AttentionImpl::Cudnn
+    if fp8 && q.device().is_cuda() && crate::cuda::attn_fp8::applies(k.dim(2).ok()?) {
+        // Chosen explicitly: it runs or the error says why (no quiet bf16 fallback).
+        return Some(crate::cuda::attn_fp8::attention(q, k, v).and_then(|o| o.transpose(1, 2)));
+    }
+    let applies = attention_impl() != AttentionImpl::Reference
         && q.device().is_cuda()
         && matches!(q.dtype(), DType::BF16 | DType::F16)
         && d <= SDPA_MAX_HEAD_DIM
@@ -147,15 +188,30 @@ fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Result<Tensor>>
 }
 
 #[cfg(not(feature = "cudnn"))]
-fn fused_attention(_: &Tensor, _: &Tensor, _: &Tensor) -> Option<Result<Tensor>> {
-    None
+fn fused_attention(q: &Tensor, _: &Tensor, _: &Tensor, fp8: bool) -> Option<Result<Tensor>> {
+    (fp8 && q.device().is_cuda()).then(|| {
+        Err(crate::error::CandiffError::Unsupported(
+            "--attention fp8 runs through cuDNN, and this binary was built without the `cudnn` feature: rebuild with `--features cudnn` (see README) or use --attention cudnn".into(),
+        )
+        .into())
+    })
 }
 
-/// Scaled dot-product attention over `[B, H, S, D]`: cuDNN's fused kernel where it applies (see
-/// [`attention_impl`]), else the reference with scores and softmax in f32. The reference applies
-/// the scale to the scores (not to q) so that half-precision q/k stay exactly representable.
+/// A transformer's scaled dot-product attention over `[B, H, S, D]`: cuDNN's fused kernel where
+/// it applies, its FP8 form when chosen (see [`attention_impl`]), else the reference with scores
+/// and softmax in f32. The reference applies the scale to the scores (not to q) so that
+/// half-precision q/k stay exactly representable.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    match fused_attention(q, k, v) {
+    match fused_attention(q, k, v, attention_impl() == AttentionImpl::Fp8) {
+        Some(out) => out,
+        None => attention_reference(q, k, v),
+    }
+}
+
+/// [`attention`] without the FP8 form: for the VAE, whose attention is a small part of a decode
+/// and has head dimensions FP8 attention does not take.
+pub fn attention_half(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    match fused_attention(q, k, v, false) {
         Some(out) => out,
         None => attention_reference(q, k, v),
     }

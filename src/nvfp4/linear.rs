@@ -482,7 +482,13 @@ impl Nvfp4Linear {
     /// runs the scaled one (else after it).
     #[cfg(feature = "cuda")]
     pub fn forward_acc_fp8(&self, x: &Tensor, acc: &Tensor) -> Result<Tensor> {
-        let (y, applied) = crate::cuda::fp8::linear_with_epilogue(
+        self.forward_acc_fp8_act(&crate::cuda::fp8::Fp8Act::quantize(x)?, acc)
+    }
+
+    /// [`Self::forward_acc_fp8`] on activations quantized beforehand.
+    #[cfg(feature = "cuda")]
+    pub fn forward_acc_fp8_act(&self, x: &crate::cuda::fp8::Fp8Act, acc: &Tensor) -> Result<Tensor> {
+        let (y, applied) = crate::cuda::fp8::linear_act_with_epilogue(
             &self.op,
             x,
             &self.weight,
@@ -510,9 +516,23 @@ impl Nvfp4Linear {
         if self.op.mode != ActMode::Fp8 || self.op.n != self.n_out || gate.elem_count() != self.n_out {
             return Ok(None);
         }
-        let residual = residual.to_dtype(x.dtype())?;
+        self.forward_gated_fp8_act(&crate::cuda::fp8::Fp8Act::quantize(x)?, gate, residual)
+    }
+
+    /// [`Self::forward_gated_fp8`] on activations quantized beforehand.
+    #[cfg(feature = "cuda")]
+    pub fn forward_gated_fp8_act(
+        &self,
+        x: &crate::cuda::fp8::Fp8Act,
+        gate: &Tensor,
+        residual: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        if self.op.mode != ActMode::Fp8 || self.op.n != self.n_out || gate.elem_count() != self.n_out {
+            return Ok(None);
+        }
+        let residual = residual.to_dtype(x.dtype)?;
         let (scale, bias) = crate::cuda::fp8::gate_fold(&self.scale, self.bias.as_ref(), gate)?;
-        let (y, applied) = crate::cuda::fp8::linear_with_epilogue(
+        let (y, applied) = crate::cuda::fp8::linear_act_with_epilogue(
             &self.op,
             x,
             &self.weight,

@@ -7,8 +7,8 @@
 use candle_core::{DType, Module, Result, Tensor};
 
 use super::config::WanConfig;
-use crate::linear::{Linear, WeightBuilder};
-use crate::models::fused::{gated_add, ln_modulate, rope_heads};
+use crate::linear::{Input, Linear, WeightBuilder};
+use crate::models::fused::rms_rope;
 use crate::models::ops::{attention, gelu_tanh, heads, merge_heads, rope_tables, timestep_embedding, RmsNorm};
 use crate::parallel::{attend, Group, SeqParallel};
 
@@ -38,6 +38,10 @@ struct Attention {
     norm_q: RmsNorm,
     norm_k: RmsNorm,
     heads: usize,
+    /// FP8 attention's fixed descales of q and k (the bound the norm puts on them over 448),
+    /// computed on first use.
+    #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+    qk_descales: std::sync::OnceLock<(f32, f32)>,
 }
 
 impl Attention {
@@ -52,34 +56,105 @@ impl Attention {
             norm_q: norm("norm_q")?,
             norm_k: norm("norm_k")?,
             heads: cfg.num_attention_heads,
+            qk_descales: std::sync::OnceLock::new(),
         })
     }
 
-    /// `x` `[B, S, dim]`; `ctx` the key/value source for cross-attention; RoPE for self-attention.
-    /// With sharded tokens, self-attention goes through `sp`; cross-attention stays local (every
-    /// rank holds the whole text).
+    /// `h` `[B, S, dim]` (normalized; as a tensor or already in E4M3 for fp8-mode projections);
+    /// `ctx` the key/value source for cross-attention; RoPE for self-attention. The output
+    /// projection adds onto `residual`. With sharded tokens, self-attention goes through `sp`;
+    /// cross-attention stays local (every rank holds the whole text).
     fn forward(
         &self,
-        x: &Tensor,
+        h: &Input,
         ctx: Option<&Tensor>,
         rope: Option<&(Tensor, Tensor)>,
         sp: Option<&SeqParallel>,
+        residual: Residual,
     ) -> Result<Tensor> {
-        let kv = ctx.unwrap_or(x);
-        let q = self.norm_q.forward(&self.to_q.forward(x)?)?;
-        let k = self.norm_k.forward(&self.to_k.forward(kv)?)?;
-        let v = heads(&self.to_v.forward(kv)?, self.heads)?;
-        let (q, k) = match rope {
-            // RoPE per head in one pass into [B, S, H, D], seen as [B, H, S, D].
-            Some((cos, sin)) => (
-                rope_heads(&q, self.heads, cos, sin)?.transpose(1, 2)?,
-                rope_heads(&k, self.heads, cos, sin)?.transpose(1, 2)?,
-            ),
-            None => (heads(&q, self.heads)?, heads(&k, self.heads)?),
+        let q = self.to_q.forward_input(h)?;
+        let (k, v) = match ctx {
+            Some(c) => (self.to_k.forward(c)?, self.to_v.forward(c)?),
+            None => (self.to_k.forward_input(h)?, self.to_v.forward_input(h)?),
         };
+        let rope = rope.map(|(cos, sin)| (cos, sin));
+        let v = heads(&v, self.heads)?;
         let sp = if ctx.is_none() { sp } else { None };
-        self.to_out.forward(&merge_heads(&attend(sp, &q, &k, &v, attention)?)?)
+        let o = match self.fp8_attention(sp, &v)? {
+            Some(o) => o(&q, &k, rope)?,
+            None => {
+                // The norm over all heads and RoPE per head in one pass, then seen as [B, H, S, D].
+                let norm_rope = |x: &Tensor, n: &RmsNorm| -> Result<Tensor> {
+                    let (w, eps) = n.parts();
+                    heads(&rms_rope(x, w, eps, self.heads, rope)?, self.heads)
+                };
+                let (q, k) = (norm_rope(&q, &self.norm_q)?, norm_rope(&k, &self.norm_k)?);
+                Input::Tensor(merge_heads(&attend(sp, &q, &k, &v, attention)?)?)
+            }
+        };
+        match residual {
+            Residual::Gated { gate, x } => self.to_out.forward_gated_input(&o, gate, x),
+            Residual::Add(x) => self.to_out.forward_acc_input(&o, x),
+        }
     }
+
+    /// FP8 attention of this layer on one rank (`--attention fp8` over enough keys, see
+    /// `cuda::attn_fp8::applies`), as a function of the q and k projections: q and k normalized,
+    /// rotated and written as E4M3 in one pass with scales fixed by their norm's bound (no amax or
+    /// quantization pass), v quantized per tensor, and the output heads-merged — left in E4M3
+    /// where the output projection is an fp8-mode layer (the rounding then stands in for its
+    /// input quantization), else dequantized. `None`: this layer's attention runs in bf16.
+    #[allow(clippy::type_complexity)]
+    fn fp8_attention<'a>(
+        &'a self,
+        sp: Option<&SeqParallel>,
+        v: &'a Tensor,
+    ) -> Result<Option<Box<dyn FnOnce(&Tensor, &Tensor, Option<(&Tensor, &Tensor)>) -> Result<Input> + 'a>>> {
+        #[cfg(feature = "cudnn")]
+        if sp.is_none()
+            && v.device().is_cuda()
+            && crate::models::ops::attention_impl() == crate::models::ops::AttentionImpl::Fp8
+            && crate::cuda::attn_fp8::applies(v.dim(2)?)
+        {
+            use crate::cuda::attn_fp8::{attention_fp8_act, attention_operands, Operand};
+            use crate::models::attn_fp8::QK_TARGET;
+            use crate::models::fused::{rms_bound, rms_rope_fp8};
+            let (dq, dk) = match self.qk_descales.get() {
+                Some(d) => *d,
+                None => {
+                    let d =
+                        (rms_bound(self.norm_q.parts().0)? / QK_TARGET, rms_bound(self.norm_k.parts().0)? / QK_TARGET);
+                    *self.qk_descales.get_or_init(|| d)
+                }
+            };
+            let dim = v.dim(1)? * v.dim(3)?;
+            return Ok(Some(Box::new(move |q: &Tensor, k: &Tensor, rope: Option<(&Tensor, &Tensor)>| {
+                let fp8 = |x: &Tensor, n: &RmsNorm, descale: f32| -> Result<Tensor> {
+                    let (w, eps) = n.parts();
+                    rms_rope_fp8(x, w, eps, self.heads, rope, descale)
+                };
+                let (q8, k8) = (fp8(q, &self.norm_q, dq)?, fp8(k, &self.norm_k, dk)?);
+                let (q, k) = (Operand::Fp8 { codes: &q8, descale: dq }, Operand::Fp8 { codes: &k8, descale: dk });
+                crate::profile::span(crate::profile::Part::Attention, v.device(), || {
+                    if self.to_out.reads_fp8_act(dim, v.dtype()) {
+                        Ok(Input::Fp8(attention_fp8_act(q, k, v)?))
+                    } else {
+                        Ok(Input::Tensor(attention_operands(q, k, v)?.flatten_from(2)?))
+                    }
+                })
+            })));
+        }
+        let _ = (sp, v);
+        Ok(None)
+    }
+}
+
+/// What an attention's output projection adds onto.
+enum Residual<'a> {
+    /// `x + gate ⊙ out`.
+    Gated { gate: &'a Tensor, x: &'a Tensor },
+    /// `x + out`.
+    Add(&'a Tensor),
 }
 
 /// LayerNorm with affine parameters, in f32: the fused modulated norm with `scale = weight - 1`.
@@ -92,21 +167,13 @@ struct AffineNorm {
 }
 
 impl AffineNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The normalized `x` for `layers` (in E4M3 where they all read it so, see
+    /// [`Input::ln_modulate`]).
+    fn forward(&self, x: &Tensor, layers: &[&Linear]) -> Result<Input> {
         let (b, _, c) = x.dims3()?;
         let per_sample = |t: &Tensor| t.unsqueeze(0)?.broadcast_as((b, c))?.contiguous();
-        ln_modulate(x, &per_sample(&self.bias)?, &per_sample(&self.scale)?, self.eps)
+        Input::ln_modulate(x, &per_sample(&self.bias)?, &per_sample(&self.scale)?, self.eps, layers)
     }
-}
-
-/// Modulation `norm(x) * (1 + scale) + shift` in f32, result in `x`'s dtype.
-fn modulated_norm(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
-    ln_modulate(x, shift, scale, eps)
-}
-
-/// `x + y * gate` in f32, result in `x`'s dtype.
-fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
-    gated_add(x, y, gate)
 }
 
 #[derive(Debug, Clone)]
@@ -165,17 +232,20 @@ impl Block {
         let (shift, scale, gate) = (m(0)?, m(1)?, m(2)?);
         let (c_shift, c_scale, c_gate) = (m(3)?, m(4)?, m(5)?);
 
-        let h = modulated_norm(x, &shift, &scale, self.eps)?;
-        let x = gated_residual(x, &self.attn1.forward(&h, None, Some(rope), sp)?, &gate)?;
+        // Modulation `norm(x) * (1 + scale) + shift` in f32, result in x's dtype (or E4M3 for
+        // fp8-mode readers); gated residuals `x + gate ⊙ y` in f32.
+        let a1 = &self.attn1;
+        let h = Input::ln_modulate(x, &shift, &scale, self.eps, &[&a1.to_q, &a1.to_k, &a1.to_v])?;
+        let x = a1.forward(&h, None, Some(rope), sp, Residual::Gated { gate: &gate, x })?;
 
         let h = match &self.norm2 {
-            Some(n) => n.forward(&x)?,
-            None => x.clone(),
+            Some(n) => n.forward(&x, &[&self.attn2.to_q])?,
+            None => Input::Tensor(x.clone()),
         };
-        let x = (&x + self.attn2.forward(&h, Some(ctx), None, None)?)?;
+        let x = self.attn2.forward(&h, Some(ctx), None, None, Residual::Add(&x))?;
 
-        let h = modulated_norm(&x, &c_shift, &c_scale, self.eps)?;
-        self.ffn_out.forward_gated(&self.ffn_in.forward_gelu(&h)?, &c_gate, &x)
+        let h = Input::ln_modulate(&x, &c_shift, &c_scale, self.eps, &[&self.ffn_in])?;
+        self.ffn_out.forward_gated(&self.ffn_in.forward_gelu_input(&h)?, &c_gate, &x)
     }
 }
 
@@ -394,7 +464,7 @@ impl WanTransformer {
         let mods = self.scale_shift_table.broadcast_add(&temb)?;
         let shift = mods.narrow(2, 0, 1)?.squeeze(2)?;
         let scale = mods.narrow(2, 1, 1)?.squeeze(2)?;
-        let hs = modulated_norm(&hs, &shift, &scale, self.cfg.eps)?;
+        let hs = crate::models::fused::ln_modulate(&hs, &shift, &scale, self.cfg.eps)?;
         let out = self.proj_out.forward(&hs)?;
         let out = match sp {
             Some(sp) => sp.gather(&out, 1, 0)?,

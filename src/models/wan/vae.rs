@@ -233,7 +233,7 @@ impl AttentionBlock {
         let q = qkv.narrow(D::Minus1, 0, c)?;
         let k = qkv.narrow(D::Minus1, c, c)?;
         let v = qkv.narrow(D::Minus1, 2 * c, c)?;
-        let o = crate::models::ops::attention(&q, &k, &v)?;
+        let o = crate::models::ops::attention_half(&q, &k, &v)?;
         let o = o.squeeze(1)?.transpose(1, 2)?.reshape((bt, c, h, w))?;
         let o = self.proj.forward(&o)?;
         from_frames(&o, b)? + x
