@@ -80,8 +80,8 @@ impl Attention {
         let rope = rope.map(|(cos, sin)| (cos, sin));
         let v = heads(&v, self.heads)?;
         let sp = if ctx.is_none() { sp } else { None };
-        let o = match self.fp8_attention(sp, &v)? {
-            Some(o) => o(&q, &k, rope)?,
+        let o = match self.fp8_descales(sp, &v)? {
+            Some(descales) => self.attend_fp8(&q, &k, &v, rope, descales)?,
             None => {
                 // The norm over all heads and RoPE per head in one pass, then seen as [B, H, S, D].
                 let norm_rope = |x: &Tensor, n: &RmsNorm| -> Result<Tensor> {
@@ -98,54 +98,69 @@ impl Attention {
         }
     }
 
-    /// FP8 attention of this layer on one rank (`--attention fp8` over enough keys, see
-    /// `cuda::attn_fp8::applies`), as a function of the q and k projections: q and k normalized,
-    /// rotated and written as E4M3 in one pass with scales fixed by their norm's bound (no amax or
-    /// quantization pass), v quantized per tensor, and the output heads-merged — left in E4M3
-    /// where the output projection is an fp8-mode layer (the rounding then stands in for its
-    /// input quantization), else dequantized. `None`: this layer's attention runs in bf16.
-    #[allow(clippy::type_complexity)]
-    fn fp8_attention<'a>(
-        &'a self,
-        sp: Option<&SeqParallel>,
-        v: &'a Tensor,
-    ) -> Result<Option<Box<dyn FnOnce(&Tensor, &Tensor, Option<(&Tensor, &Tensor)>) -> Result<Input> + 'a>>> {
+    /// Whether this layer's attention runs in FP8 (`--attention fp8` over enough keys on one rank,
+    /// see `cuda::attn_fp8::applies`), and then the fixed descales of q and k: the bound their
+    /// norm puts on them over 448. `None`: bf16 attention.
+    fn fp8_descales(&self, sp: Option<&SeqParallel>, v: &Tensor) -> Result<Option<(f32, f32)>> {
         #[cfg(feature = "cudnn")]
         if sp.is_none()
             && v.device().is_cuda()
             && crate::models::ops::attention_impl() == crate::models::ops::AttentionImpl::Fp8
             && crate::cuda::attn_fp8::applies(v.dim(2)?)
         {
-            use crate::cuda::attn_fp8::{attention_fp8_act, attention_operands, Operand};
             use crate::models::attn_fp8::QK_TARGET;
-            use crate::models::fused::{rms_bound, rms_rope_fp8};
-            let (dq, dk) = match self.qk_descales.get() {
-                Some(d) => *d,
-                None => {
-                    let d =
-                        (rms_bound(self.norm_q.parts().0)? / QK_TARGET, rms_bound(self.norm_k.parts().0)? / QK_TARGET);
-                    *self.qk_descales.get_or_init(|| d)
-                }
-            };
-            let dim = v.dim(1)? * v.dim(3)?;
-            return Ok(Some(Box::new(move |q: &Tensor, k: &Tensor, rope: Option<(&Tensor, &Tensor)>| {
-                let fp8 = |x: &Tensor, n: &RmsNorm, descale: f32| -> Result<Tensor> {
-                    let (w, eps) = n.parts();
-                    rms_rope_fp8(x, w, eps, self.heads, rope, descale)
-                };
-                let (q8, k8) = (fp8(q, &self.norm_q, dq)?, fp8(k, &self.norm_k, dk)?);
-                let (q, k) = (Operand::Fp8 { codes: &q8, descale: dq }, Operand::Fp8 { codes: &k8, descale: dk });
-                crate::profile::span(crate::profile::Part::Attention, v.device(), || {
-                    if self.to_out.reads_fp8_act(dim, v.dtype()) {
-                        Ok(Input::Fp8(attention_fp8_act(q, k, v)?))
-                    } else {
-                        Ok(Input::Tensor(attention_operands(q, k, v)?.flatten_from(2)?))
-                    }
-                })
-            })));
+            use crate::models::fused::rms_bound;
+            if let Some(d) = self.qk_descales.get() {
+                return Ok(Some(*d));
+            }
+            let d = (rms_bound(self.norm_q.parts().0)? / QK_TARGET, rms_bound(self.norm_k.parts().0)? / QK_TARGET);
+            return Ok(Some(*self.qk_descales.get_or_init(|| d)));
         }
         let _ = (sp, v);
         Ok(None)
+    }
+
+    /// FP8 attention of the q and k projections and v (`[B, H, S, D]`): q and k normalized,
+    /// rotated and written as E4M3 in one pass with the fixed `descales` (no amax or quantization
+    /// pass), v quantized per tensor, the output heads-merged — left in E4M3 where the output
+    /// projection is an fp8-mode layer (the rounding then stands in for its input quantization),
+    /// else dequantized.
+    #[cfg(feature = "cudnn")]
+    fn attend_fp8(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rope: Option<(&Tensor, &Tensor)>,
+        (dq, dk): (f32, f32),
+    ) -> Result<Input> {
+        use crate::cuda::attn_fp8::{attention_fp8_act, attention_operands, Operand};
+        let fp8 = |x: &Tensor, n: &RmsNorm, descale: f32| -> Result<Tensor> {
+            let (w, eps) = n.parts();
+            crate::models::fused::rms_rope_fp8(x, w, eps, self.heads, rope, descale)
+        };
+        let (q8, k8) = (fp8(q, &self.norm_q, dq)?, fp8(k, &self.norm_k, dk)?);
+        let (q, k) = (Operand::Fp8 { codes: &q8, descale: dq }, Operand::Fp8 { codes: &k8, descale: dk });
+        let dim = v.dim(1)? * v.dim(3)?;
+        crate::profile::span(crate::profile::Part::Attention, v.device(), || {
+            if self.to_out.reads_fp8_act(dim, v.dtype()) {
+                Ok(Input::Fp8(attention_fp8_act(q, k, v)?))
+            } else {
+                Ok(Input::Tensor(attention_operands(q, k, v)?.flatten_from(2)?))
+            }
+        })
+    }
+
+    #[cfg(not(feature = "cudnn"))]
+    fn attend_fp8(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: Option<(&Tensor, &Tensor)>,
+        _: (f32, f32),
+    ) -> Result<Input> {
+        unreachable!("fp8_descales is None without the cudnn feature")
     }
 }
 
