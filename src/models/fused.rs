@@ -261,6 +261,30 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// `rms_bound` holds for any row, RoPE included, and is reached by a row whose energy sits in
+    /// one value (so a scale from it wastes no range it need not).
+    #[test]
+    fn rms_rope_stays_within_rms_bound_which_a_spike_reaches() {
+        let (s, heads, d) = (6, 3, 8);
+        let c = heads * d;
+        let w = Tensor::randn(0f32, 1.0, c, &Device::Cpu).unwrap();
+        let bound = rms_bound(&w).unwrap();
+        let ang = Tensor::randn(0f32, 3.0, (s, d / 2), &Device::Cpu).unwrap();
+        let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
+        let absmax = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let x = Tensor::randn(0f32, 5.0, (2, s, c), &Device::Cpu).unwrap();
+        for rope in [None, Some((&cos, &sin))] {
+            let y = rms_rope(&x, &w, 1e-6, heads, rope).unwrap();
+            assert!(absmax(&y) <= bound * (1.0 + 1e-5), "random rows: {} over the bound {bound}", absmax(&y));
+        }
+        // All of each token's energy in the value whose weight is largest.
+        let top = w.abs().unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap() as usize;
+        let spike: Vec<f32> = (0..s * c).map(|i| if i % c == top { 3.0 } else { 0.0 }).collect();
+        let x = Tensor::from_vec(spike, (1, s, c), &Device::Cpu).unwrap();
+        let y = rms_rope(&x, &w, 0.0, heads, None).unwrap();
+        assert!((absmax(&y) - bound).abs() <= bound * 1e-5, "spike: {} against the bound {bound}", absmax(&y));
+    }
+
     #[test]
     fn bias_act_reference_matches_the_unfused_ops() {
         let x = Tensor::randn(0f32, 2.0, (2, 5, 24), &Device::Cpu).unwrap();
