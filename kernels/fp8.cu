@@ -14,24 +14,18 @@
 #include <cuda_fp8.h>
 #include <stdint.h>
 
+#include "fp8_common.cuh"
+
 namespace {
 
 constexpr int kThreads = 256;  // threads per row block
 constexpr int kWarp = 32;
-constexpr float kFp8Max = 448.f;  // largest finite E4M3 value
 constexpr int kGroup = 16;        // NVFP4 block size along K
+using fp8c::f_to_e4m3;
+using fp8c::kFp8Max;
+using fp8c::row_scale;
 
-__device__ float block_max(float v) {
-    __shared__ float partial[kThreads / kWarp];
-    for (int o = kWarp / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-    __syncthreads();
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    v = lane < kThreads / kWarp ? partial[lane] : 0.f;
-    for (int o = kWarp / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-    return v;
-}
+__device__ __forceinline__ float block_max(float v) { return fp8c::block_max<kThreads>(v); }
 
 __device__ __forceinline__ float e2m1(uint8_t code) {
     const float mag[8] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
@@ -44,13 +38,6 @@ __device__ __forceinline__ float e4m3_to_f(uint8_t b) {
     v.__x = b;
     return float(v);
 }
-
-__device__ __forceinline__ uint8_t f_to_e4m3(float v) {
-    return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
-}
-
-// The row scale: amax / 448, or 1 for an all-zero row (its codes are all 0 either way).
-__device__ __forceinline__ float row_scale(float amax) { return amax > 0.f ? __fdiv_rn(amax, kFp8Max) : 1.f; }
 
 __device__ __forceinline__ float nvfp4_value(const uint8_t* packed, const uint8_t* scales, int k, float ws2) {
     const uint8_t byte = packed[k / 2];
@@ -146,7 +133,7 @@ extern "C" __global__ void fp8_gate_fold_f32(const float* sw, const float* b, co
 // [B, S, H, D]; the scalars live in one f32 buffer, slot i at ATTN_SLOT_FLOATS * i (16-byte
 // aligned, as cuDNN's scalar tensors like). Slots: 0-2 amax of q, k, v (f32 bits, atomicMax on
 // non-negative floats ordered as unsigned); 3-5 their descales (amax / target); 6 descale_s and 7
-// scale_s of the probabilities; 8 scale_o (1 / descale_v); 9, 10 amax_s and amax_o written by cuDNN.
+// scale_s of the probabilities (1/448 and 448, set by the host); 8 scale_o (1 / descale_v); 9, 10 amax_s and amax_o written by cuDNN.
 
 namespace {
 constexpr int kSlot = 4;  // floats per scalar slot (ATTN_SLOT_FLOATS)
@@ -165,13 +152,10 @@ __device__ __forceinline__ float attn_descale(float amax, float target) {
     return amax > 0.f ? __fdiv_rn(amax, target) : 1.f;
 }
 
-// Tensor t's descale, and the scalars that follow from it.
+// Tensor t's descale, and for v the output's scale that follows from it (the probabilities'
+// fixed scales, slots 6 and 7, are set by the host with the buffer).
 __device__ void attn_write_scalars(float* scalars, int t, float descale) {
     scalars[(3 + t) * kSlot] = descale;
-    if (t == 0) {
-        scalars[6 * kSlot] = 1.f / kFp8Max;  // probabilities in [0, 1] -> [0, 448]
-        scalars[7 * kSlot] = kFp8Max;
-    }
     if (t == 2) scalars[8 * kSlot] = __fdiv_rn(1.f, descale);
 }
 

@@ -11,6 +11,8 @@
 #include <cuda_fp8.h>
 #include <stdint.h>
 
+#include "fp8_common.cuh"
+
 namespace {
 
 constexpr int kThreads = 256;  // threads per row block of ln_modulate
@@ -76,25 +78,10 @@ __device__ void ln_modulate(const T* __restrict__ x, const float* __restrict__ s
     for (int i = threadIdx.x; i < c; i += kThreads) y[row * c + i] = from_f<T>(modulated(xr, i, st, shift, scale, m));
 }
 
-// Max over the block; every thread gets the result.
-__device__ float block_max(float v) {
-    __shared__ float partial[kThreads / kWarp];
-    for (int o = kWarp / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-    __syncthreads();
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    v = lane < kThreads / kWarp ? partial[lane] : 0.f;
-    for (int o = kWarp / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-    return v;
-}
-
-constexpr float kFp8Max = 448.f;  // largest finite E4M3 value
-
 // ln_modulate of bf16 rows straight to what the fp8 GEMM reads: each value rounded to bf16 (as
 // ln_modulate stores it), then E4M3 with one f32 scale per row exactly as kernels/fp8.cu's
-// fp8_quant_rows quantizes a bf16 row (amax / 448, 1 for an all-zero row). The bf16 output and its
-// second read are never made; the result is byte for byte the two kernels' (doctor checks it).
+// fp8_quant_rows quantizes a bf16 row (the same helpers, fp8_common.cuh). The bf16 output and
+// its second read are never made; the result is byte for byte the two kernels' (doctor checks it).
 __device__ void ln_modulate_fp8_bf16(const __nv_bfloat16* __restrict__ x, const float* __restrict__ shift,
                                      const float* __restrict__ scale, uint8_t* __restrict__ q,
                                      float* __restrict__ row_scales, int c, int s, int sm, float eps) {
@@ -105,10 +92,9 @@ __device__ void ln_modulate_fp8_bf16(const __nv_bfloat16* __restrict__ x, const 
     auto value = [&](int i) { return __bfloat162float(__float2bfloat16(modulated(xr, i, st, shift, scale, m))); };
     float amax = 0.f;
     for (int i = threadIdx.x; i < c; i += kThreads) amax = fmaxf(amax, fabsf(value(i)));
-    amax = block_max(amax);
-    const float rs = amax > 0.f ? __fdiv_rn(amax, kFp8Max) : 1.f;
-    for (int i = threadIdx.x; i < c; i += kThreads)
-        q[row * c + i] = __nv_cvt_float_to_fp8(__fdiv_rn(value(i), rs), __NV_SATFINITE, __NV_E4M3);
+    amax = fp8c::block_max<kThreads>(amax);
+    const float rs = fp8c::row_scale(amax);
+    for (int i = threadIdx.x; i < c; i += kThreads) q[row * c + i] = fp8c::f_to_e4m3(__fdiv_rn(value(i), rs));
     if (threadIdx.x == 0) row_scales[row] = rs;
 }
 
@@ -468,10 +454,10 @@ __device__ void rms_rope(const T* __restrict__ x, const T* __restrict__ w, const
         }
         if (y8) {
             uchar4 q;
-            q.x = __nv_cvt_float_to_fp8(__fdiv_rn(to_f(out.v[0]), descale), __NV_SATFINITE, __NV_E4M3);
-            q.y = __nv_cvt_float_to_fp8(__fdiv_rn(to_f(out.v[1]), descale), __NV_SATFINITE, __NV_E4M3);
-            q.z = __nv_cvt_float_to_fp8(__fdiv_rn(to_f(out.v[2]), descale), __NV_SATFINITE, __NV_E4M3);
-            q.w = __nv_cvt_float_to_fp8(__fdiv_rn(to_f(out.v[3]), descale), __NV_SATFINITE, __NV_E4M3);
+            q.x = fp8c::f_to_e4m3(__fdiv_rn(to_f(out.v[0]), descale));
+            q.y = fp8c::f_to_e4m3(__fdiv_rn(to_f(out.v[1]), descale));
+            q.z = fp8c::f_to_e4m3(__fdiv_rn(to_f(out.v[2]), descale));
+            q.w = fp8c::f_to_e4m3(__fdiv_rn(to_f(out.v[3]), descale));
             reinterpret_cast<uchar4*>(y8 + row * c)[i] = q;
         } else {
             yr[i] = out;

@@ -219,24 +219,20 @@ impl Linear {
 
     /// [`Linear::forward_gated`] for either form of input.
     pub fn forward_gated_input(&self, x: &Input, gate: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        match x {
-            Input::Tensor(t) => self.forward_gated(t, gate, residual),
-            #[cfg(feature = "cuda")]
-            Input::Fp8(a) => {
-                if let Linear::Nvfp4(q) = self {
-                    if self.folds_gate(residual, gate) {
-                        let gate = gate.flatten_all()?.to_dtype(candle_core::DType::F32)?;
-                        let y = crate::profile::span(crate::profile::Part::Linear, residual.device(), || {
-                            q.forward_gated_fp8_act(a, &gate, residual)
-                        })?;
-                        if let Some(y) = y {
-                            return Ok(y);
-                        }
-                    }
+        #[cfg(feature = "cuda")]
+        if let Linear::Nvfp4(q) = self {
+            if self.folds_gate(residual, gate) {
+                let gate = gate.flatten_all()?.to_dtype(candle_core::DType::F32)?;
+                let y = crate::profile::span(crate::profile::Part::Linear, residual.device(), || match x {
+                    Input::Tensor(t) => q.forward_gated_fp8(t, &gate, residual),
+                    Input::Fp8(a) => q.forward_gated_fp8_act(a, &gate, residual),
+                })?;
+                if let Some(y) = y {
+                    return Ok(y);
                 }
-                crate::models::fused::gated_add(residual, &self.forward_input(x)?, gate)
             }
         }
+        crate::models::fused::gated_add(residual, &self.forward_input(x)?, gate)
     }
 
     /// Whether [`Linear::forward_gated`] folds `gate` into this layer's GEMM (an fp8-mode layer on
@@ -259,19 +255,7 @@ impl Linear {
     /// rides in the fp8 GEMM's scales and bias and the residual is its C; otherwise the GEMM then
     /// the fused gated add.
     pub fn forward_gated(&self, x: &Tensor, gate: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if let Linear::Nvfp4(q) = self {
-            if self.folds_gate(x, gate) {
-                let gate = gate.flatten_all()?.to_dtype(candle_core::DType::F32)?;
-                let y = crate::profile::span(crate::profile::Part::Linear, x.device(), || {
-                    q.forward_gated_fp8(x, &gate, residual)
-                })?;
-                if let Some(y) = y {
-                    return Ok(y);
-                }
-            }
-        }
-        crate::models::fused::gated_add(residual, &self.forward(x)?, gate)
+        self.forward_gated_input(&Input::Tensor(x.clone()), gate, residual)
     }
 
     /// A dense half-precision or fp8-mode layer on a GPU split along its input features at `at`:

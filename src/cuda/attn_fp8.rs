@@ -40,8 +40,10 @@ pub fn applies(sk: usize) -> bool {
 pub const SLOT_FLOATS: usize = 4;
 /// Scalar slots: amax q/k/v, descale q/k/v, descale_s, scale_s, scale_o, amax_s, amax_o.
 const SLOTS: usize = 11;
-/// Slot of q's descale (k, v follow).
+/// Slot of q's descale (k, v follow), and of the probabilities' descale and scale.
 const DESCALE_SLOT: usize = 3;
+const DESCALE_S_SLOT: usize = 6;
+const SCALE_S_SLOT: usize = 7;
 /// Largest head dimension of cuDNN's FP8 attention on Hopper, and the multiple it needs.
 pub const MAX_HEAD_DIM: usize = 256;
 pub const HEAD_DIM_ALIGN: usize = 16;
@@ -197,8 +199,9 @@ pub fn quantize_operands(q: Operand, k: Operand, v: &Tensor) -> Result<Fp8Qkv> {
     // Amax slots start at 0; descales given with pre-quantized operands, and the probabilities'
     // fixed scales, are set here (the quantizer sets the others).
     let mut init = vec![0f32; SLOTS * SLOT_FLOATS];
-    init[6 * SLOT_FLOATS] = 1.0 / E4M3_MAX;
-    init[7 * SLOT_FLOATS] = E4M3_MAX;
+    // Probabilities in [0, 1] map onto [0, 448].
+    init[DESCALE_S_SLOT * SLOT_FLOATS] = 1.0 / E4M3_MAX;
+    init[SCALE_S_SLOT * SLOT_FLOATS] = E4M3_MAX;
     for (t, o) in [q, k].into_iter().enumerate() {
         if let Operand::Fp8 { descale, .. } = o {
             init[(DESCALE_SLOT + t) * SLOT_FLOATS] = descale;
@@ -208,21 +211,19 @@ pub fn quantize_operands(q: Operand, k: Operand, v: &Tensor) -> Result<Fp8Qkv> {
     let suffix = if dtype == DType::F16 { "f16" } else { "bf16" };
     let kernel = |name: &str| function_in(&dev, Kernels::Fp8, &format!("attn_fp8_{name}_{suffix}"));
     let seqs = [sq, sk, sk];
-    // (tensor index, half-precision input) of the operands quantized here.
+    let operands = [q, k, Operand::Half(v)];
+    // (tensor index, half-precision input, its E4M3 output) of the operands quantized here.
     let mut todo = Vec::new();
-    for (t, o) in [q, k, Operand::Half(v)].into_iter().enumerate() {
+    for (t, o) in operands.into_iter().enumerate() {
         if let Operand::Half(x) = o {
-            todo.push((t, readable(x, dtype)?));
+            // SAFETY: the quantize pass below writes every element.
+            let out = unsafe { stream.alloc::<u8>(b * seqs[t] * h * d) }.map_err(wrap("alloc"))?;
+            todo.push((t, readable(x, dtype)?, out));
         }
     }
-    // SAFETY: each quantize launch below writes every element of its output.
-    let mut outs = todo
-        .iter()
-        .map(|(t, _)| unsafe { stream.alloc::<u8>(b * seqs[*t] * h * d) }.map_err(wrap("alloc")))
-        .collect::<Result<Vec<_>>>()?;
     let (scalars_ptr, _g) = scalars.device_ptr(&stream);
     for pass in [Pass::Amax, Pass::Quantize] {
-        for (i, (t, input)) in todo.iter().enumerate() {
+        for (t, input, out) in todo.iter_mut() {
             let t = *t;
             let (storage, layout) = input.storage_and_layout();
             let candle_core::Storage::Cuda(cs) = &*storage else { candle_core::bail!("fp8 attention: not on CUDA") };
@@ -256,7 +257,7 @@ pub fn quantize_operands(q: Operand, k: Operand, v: &Tensor) -> Result<Fp8Qkv> {
             }
             match pass {
                 Pass::Amax => l.arg(&slot),
-                Pass::Quantize => l.arg(&scalars_ptr).arg(&ti).arg(&target).arg(&mut outs[i]),
+                Pass::Quantize => l.arg(&scalars_ptr).arg(&ti).arg(&target).arg(out),
             };
             // SAFETY: argument types match the kernel; the view's strides/rows (8-byte aligned rows,
             // checked by `readable`; 16-byte aligned for the flat form) describe the live input;
@@ -265,27 +266,22 @@ pub fn quantize_operands(q: Operand, k: Operand, v: &Tensor) -> Result<Fp8Qkv> {
         }
     }
     drop(_g);
-    let as_tensor = |slice: CudaSlice<u8>, seq: usize| {
-        let st = CudaStorage { slice: CudaStorageSlice::U8(slice), device: dev.clone() };
-        Tensor::from_storage(
-            candle_core::Storage::Cuda(st),
-            (b, seq, h * d),
-            candle_core::op::BackpropOp::none(),
-            false,
-        )
-    };
-    let mut made = todo.iter().map(|(t, _)| *t).zip(outs).collect::<Vec<_>>().into_iter();
-    let mut take = |t: usize, o: Operand| -> Result<Tensor> {
-        match o {
-            Operand::Fp8 { codes, .. } => codes.contiguous(),
-            Operand::Half(_) => {
-                let (tt, slice) = made.next().expect("one output per operand quantized here");
-                debug_assert_eq!(tt, t);
-                Ok(as_tensor(slice, seqs[t]))
+    let mut made: [Option<CudaSlice<u8>>; 3] = Default::default();
+    for (t, _, out) in todo {
+        made[t] = Some(out);
+    }
+    let mut codes_of = |t: usize| -> Result<Tensor> {
+        match (operands[t], made[t].take()) {
+            (Operand::Fp8 { codes, .. }, _) => codes.contiguous(),
+            (Operand::Half(_), Some(slice)) => {
+                let st = CudaStorage { slice: CudaStorageSlice::U8(slice), device: dev.clone() };
+                let none = candle_core::op::BackpropOp::none();
+                Ok(Tensor::from_storage(candle_core::Storage::Cuda(st), (b, seqs[t], h * d), none, false))
             }
+            (Operand::Half(_), None) => unreachable!("every half-precision operand was quantized above"),
         }
     };
-    let (q8, k8, v8) = (take(0, q)?, take(1, k)?, take(2, Operand::Half(v))?);
+    let (q8, k8, v8) = (codes_of(0)?, codes_of(1)?, codes_of(2)?);
     Ok(Fp8Qkv { q: q8, k: k8, v: v8, scalars, dims })
 }
 

@@ -513,10 +513,17 @@ impl Nvfp4Linear {
     /// over the output. `None` where the layer's rows are padded (the caller takes the plain path).
     #[cfg(feature = "cuda")]
     pub fn forward_gated_fp8(&self, x: &Tensor, gate: &Tensor, residual: &Tensor) -> Result<Option<Tensor>> {
-        if self.op.mode != ActMode::Fp8 || self.op.n != self.n_out || gate.elem_count() != self.n_out {
+        if !self.gate_foldable(gate) {
             return Ok(None);
         }
         self.forward_gated_fp8_act(&crate::cuda::fp8::Fp8Act::quantize(x)?, gate, residual)
+    }
+
+    /// Whether `gate` can ride in this layer's fp8 row scales: fp8 mode, unpadded rows, one gate
+    /// value per output feature.
+    #[cfg(feature = "cuda")]
+    fn gate_foldable(&self, gate: &Tensor) -> bool {
+        self.op.mode == ActMode::Fp8 && self.op.n == self.n_out && gate.elem_count() == self.n_out
     }
 
     /// [`Self::forward_gated_fp8`] on activations quantized beforehand.
@@ -527,7 +534,7 @@ impl Nvfp4Linear {
         gate: &Tensor,
         residual: &Tensor,
     ) -> Result<Option<Tensor>> {
-        if self.op.mode != ActMode::Fp8 || self.op.n != self.n_out || gate.elem_count() != self.n_out {
+        if !self.gate_foldable(gate) {
             return Ok(None);
         }
         let residual = residual.to_dtype(x.dtype)?;

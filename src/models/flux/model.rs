@@ -189,17 +189,15 @@ impl OutProj {
         matches!(self, OutProj::Split { .. })
     }
 
-    /// `W cat(o, act(mlp))` with `o` from `returning` (`[B, H, S, D]`); `mlp` has its activation
-    /// applied already when `activated` (only with [`OutProj::split`]).
-    /// `residual + gate ⊙ forward(..)`. Split into fp8-mode layers (which fold the gate), the MLP
-    /// part's GEMM takes the residual as C and the attention part's accumulates onto it: no
-    /// gated-add pass. Any other projection: `forward`, then the fused gated add.
     /// Whether [`OutProj::forward_gated`] folds `gate` into its GEMMs (both parts of a split
     /// projection fold it; `x`: any tensor on the activations' device).
     pub(crate) fn folds_gate(&self, x: &Tensor, gate: &Tensor) -> bool {
         matches!(self, OutProj::Split { o, mlp } if o.folds_gate(x, gate) && mlp.folds_gate(x, gate))
     }
 
+    /// `residual + gate ⊙ forward(..)`. Split into fp8-mode layers (which fold the gate), the MLP
+    /// part's GEMM takes the residual as C and the attention part's accumulates onto it: no
+    /// gated-add pass. Any other projection: `forward`, then the fused gated add.
     pub(crate) fn forward_gated(
         &self,
         returning: Returning,
@@ -220,6 +218,8 @@ impl OutProj {
         gated_add(residual, &self.forward(returning, mlp, act, activated)?, gate)
     }
 
+    /// `W cat(o, act(mlp))` with `o` from `returning` (`[B, H, S, D]`); `mlp` has its activation
+    /// applied already when `activated` (only with [`OutProj::split`]).
     pub(crate) fn forward(&self, returning: Returning, mlp: &Tensor, act: MlpAct, activated: bool) -> Result<Tensor> {
         match self {
             OutProj::Whole(l) => {

@@ -1,0 +1,33 @@
+// E4M3 helpers shared by kernels/fp8.cu and kernels/fused.cu, so that every kernel that writes
+// fp8-mode activations rounds, scales and reduces the same way (the doctor compares their bytes).
+#pragma once
+
+#include <cuda_fp8.h>
+#include <stdint.h>
+
+namespace fp8c {
+
+constexpr float kFp8Max = 448.f;  // largest finite E4M3 value
+constexpr int kWarpSize = 32;
+
+// f32 to E4M3: round to nearest even, saturating at +-448 (as src/nvfp4/format.rs e4m3_encode).
+__device__ __forceinline__ uint8_t f_to_e4m3(float v) { return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3); }
+
+// A row's (or tensor's) scale from its amax: amax / 448, or 1 for all zeros (its codes are 0 either way).
+__device__ __forceinline__ float row_scale(float amax) { return amax > 0.f ? __fdiv_rn(amax, kFp8Max) : 1.f; }
+
+// Max over a block of THREADS threads; every thread gets the result.
+template <int THREADS>
+__device__ float block_max(float v) {
+    __shared__ float partial[THREADS / kWarpSize];
+    for (int o = kWarpSize / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    __syncthreads();  // `partial` may still be read by a previous call
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < THREADS / kWarpSize ? partial[lane] : 0.f;
+    for (int o = kWarpSize / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
+}  // namespace fp8c
