@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "fp8_common.cuh"
+#include "row_vec.cuh"
 
 namespace {
 
@@ -72,6 +73,39 @@ extern "C" __global__ void fp8_quant_rows(const __nv_bfloat16* __restrict__ x, i
     for (int k = threadIdx.x; k < K; k += kThreads) out[r * K + k] = f_to_e4m3(__fdiv_rn(__bfloat162float(xr[k]), scale));
     if (threadIdx.x == 0) row_scales[r] = scale;
 }
+
+// fp8_quant_rows with the row held in registers: THREADS threads read it once in 16-byte vectors
+// of 8 bf16 (NV per thread), so rows of up to THREADS * 8 * NV values with K % 8 == 0 (and
+// 16-byte aligned rows). The same arithmetic as fp8_quant_rows, so the same bytes; the scalar
+// kernel read each row twice in 2-byte loads. Launched by src/cuda/fp8.rs (`quant_rows_vec`).
+template <int THREADS, int NV>
+__device__ void quant_rows_vec(const __nv_bfloat16* __restrict__ x, int K, uint8_t* __restrict__ out,
+                               float* __restrict__ row_scales) {
+    const long long r = blockIdx.x;
+    const int nv = K / rowv::kVec;
+    uint4 v[NV];
+    const float amax = rowv::load_row<THREADS, NV>(x + r * K, nv, v, [](float f) { return fabsf(f); },
+                                                  [](float a, float b) { return fmaxf(a, b); });
+    const float scale = row_scale(fp8c::block_max<THREADS>(amax));
+    rowv::each_vec<THREADS, NV>(nv, [&](int j, int i) {
+        float f[rowv::kVec];
+        rowv::unpack8(v[j], f);
+        reinterpret_cast<uint2*>(out + r * K)[i] = rowv::e4m3x8(f, scale);
+    });
+    if (threadIdx.x == 0) row_scales[r] = scale;
+}
+
+// Instances: 128 threads for rows of up to 8192 values, 256 above (up to 16384).
+#define QUANT_ROWS_VEC(THREADS, NV)                                                                               \
+    extern "C" __global__ void __launch_bounds__(THREADS) fp8_quant_rows_t##THREADS##_v##NV(                   \
+        const __nv_bfloat16* x, int K, uint8_t* out, float* row_scales) {                                       \
+        quant_rows_vec<THREADS, NV>(x, K, out, row_scales);                                                     \
+    }
+#define QUANT_ROWS_VEC_ALL(THREADS)                                                                               \
+    QUANT_ROWS_VEC(THREADS, 1) QUANT_ROWS_VEC(THREADS, 2) QUANT_ROWS_VEC(THREADS, 3) QUANT_ROWS_VEC(THREADS, 4) \
+    QUANT_ROWS_VEC(THREADS, 5) QUANT_ROWS_VEC(THREADS, 6) QUANT_ROWS_VEC(THREADS, 7) QUANT_ROWS_VEC(THREADS, 8)
+QUANT_ROWS_VEC_ALL(128)
+QUANT_ROWS_VEC_ALL(256)
 
 template <typename T> __device__ __forceinline__ float to_f(T v);
 template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
@@ -272,5 +306,16 @@ __device__ void attn_dequant(const uint8_t* __restrict__ o, const float* scalars
     extern "C" __global__ void attn_fp8_dequant_##SUFFIX(const uint8_t* o, const float* scalars, long long n, T* y) {   \
         attn_dequant(o, scalars, n, y);                                                                                \
     }
+// The FP8 attention's scalar buffer set from a launch argument (amax slots 0, fixed scales): a
+// host-to-device copy from pageable memory may wait for the stream's queued work, stalling the
+// host once per attention call.
+constexpr int kAttnScalars = 44;  // SLOTS * SLOT_FLOATS of src/cuda/attn_fp8.rs
+struct AttnScalarInit {
+    float v[kAttnScalars];
+};
+extern "C" __global__ void attn_fp8_init(float* scalars, AttnScalarInit init) {
+    if (threadIdx.x < kAttnScalars) scalars[threadIdx.x] = init.v[threadIdx.x];
+}
+
 ATTN_FP8_KERNELS(bf16, __nv_bfloat16)
 ATTN_FP8_KERNELS(f16, __half)

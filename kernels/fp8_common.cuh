@@ -13,6 +13,11 @@ constexpr int kWarpSize = 32;
 // f32 to E4M3: round to nearest even, saturating at +-448 (as src/nvfp4/format.rs e4m3_encode).
 __device__ __forceinline__ uint8_t f_to_e4m3(float v) { return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3); }
 
+// Two values to E4M3 in one conversion (`a` in the low byte), each rounded as f_to_e4m3.
+__device__ __forceinline__ uint16_t f2_to_e4m3x2(float a, float b) {
+    return __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
+}
+
 // A row's (or tensor's) scale from its amax: amax / 448, or 1 for all zeros (its codes are 0 either way).
 __device__ __forceinline__ float row_scale(float amax) { return amax > 0.f ? __fdiv_rn(amax, kFp8Max) : 1.f; }
 

@@ -5,6 +5,7 @@
 // `x`/`u`/`y` are [B*S, C] row-major; `shift`/`scale`/`gate` are f32 [B*Sm, C] with Sm = 1 (one
 // vector per sample, broadcast over its S rows) or Sm = S (one per token). Each replaces ~10 separate
 // passes (casts, mean, variance, broadcasts) of the unfused code. CPU reference: src/models/fused.rs.
+// bf16 rows that fit go to the register-resident `*_rows_t*_v*` forms at the end of this file.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -12,6 +13,7 @@
 #include <stdint.h>
 
 #include "fp8_common.cuh"
+#include "row_vec.cuh"
 
 namespace {
 
@@ -26,18 +28,21 @@ template <> __device__ __forceinline__ float from_f<float>(float v) { return v; 
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
 
-// Sum over the block; every thread gets the result.
-__device__ float block_sum(float v) {
-    __shared__ float partial[kThreads / kWarp];
+// Sum over a block of THREADS threads; every thread gets the result.
+template <int THREADS>
+__device__ float block_sum_n(float v) {
+    __shared__ float partial[THREADS / kWarp];
     for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffff, v, o);
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
     __syncthreads();  // `partial` may still be read by a previous call
     if (lane == 0) partial[warp] = v;
     __syncthreads();
-    v = lane < kThreads / kWarp ? partial[lane] : 0.f;
+    v = lane < THREADS / kWarp ? partial[lane] : 0.f;
     for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffff, v, o);
     return v;
 }
+
+__device__ float block_sum(float v) { return block_sum_n<kThreads>(v); }
 
 __device__ __forceinline__ long long mod_row(long long row, int s, int sm) {
     return sm == 1 ? row / s : row;  // [B, S] rows -> [B, Sm] modulation rows
@@ -474,3 +479,134 @@ __device__ void rms_rope(const T* __restrict__ x, const T* __restrict__ w, const
 RMS_ROPE(float, f32)
 RMS_ROPE(__nv_bfloat16, bf16)
 RMS_ROPE(__half, f16)
+
+// ---- bf16 row kernels with the row held in registers ----
+// THREADS threads per row, each holding NV 16-byte vectors of 8 bf16 (vector i of the row at
+// thread i % THREADS): one read of the row from memory, 16-byte accesses, reductions from
+// registers. For rows of c values with c % 8 == 0 and c <= THREADS * 8 * NV, 16-byte aligned
+// (the host checks; src/cuda/mod.rs `row_vec`). The per-element arithmetic is that of the
+// kernels above, so outputs differ from theirs only through the order of the row sums.
+namespace {
+
+using rowv::e4m3x8;
+using rowv::each_vec;
+using rowv::kVec;
+using rowv::load_row;
+using rowv::pack8;
+using rowv::unpack8;
+
+
+// ln_modulate of a bf16 row, to bf16 `y` or (FP8) to E4M3 `q` with one scale per row as
+// ln_modulate_fp8 (the bf16 values quantized as fp8_quant_rows does).
+template <int THREADS, int NV, bool FP8>
+__device__ void ln_modulate_rows(const __nv_bfloat16* __restrict__ x, const float* __restrict__ shift,
+                                 const float* __restrict__ scale, __nv_bfloat16* __restrict__ y,
+                                 uint8_t* __restrict__ q, float* __restrict__ row_scales, int c, int s, int sm,
+                                 float eps) {
+    const long long row = blockIdx.x;
+    const int nv = c / kVec;
+    uint4 v[NV];
+    const float mean = block_sum_n<THREADS>(load_row<THREADS, NV>(x + row * c, nv, v, [](float f) { return f; }, [](float a, float b) { return a + b; })) / c;
+    float ssd = 0.f;
+    each_vec<THREADS, NV>(nv, [&](int j, int) {
+        float f[kVec];
+        unpack8(v[j], f);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) ssd += (f[k] - mean) * (f[k] - mean);
+    });
+    const float rstd = 1.f / sqrtf(block_sum_n<THREADS>(ssd) / c + eps);
+    const long long m = mod_row(row, s, sm) * c;
+    float amax = 0.f;
+    each_vec<THREADS, NV>(nv, [&](int j, int i) {
+        float f[kVec];
+        unpack8(v[j], f);
+        const float4* sh = reinterpret_cast<const float4*>(shift + m + kVec * i);
+        const float4* sc = reinterpret_cast<const float4*>(scale + m + kVec * i);
+        const float4 sh0 = sh[0], sh1 = sh[1], sc0 = sc[0], sc1 = sc[1];
+        const float shv[kVec] = {sh0.x, sh0.y, sh0.z, sh0.w, sh1.x, sh1.y, sh1.z, sh1.w};
+        const float scv[kVec] = {sc0.x, sc0.y, sc0.z, sc0.w, sc1.x, sc1.y, sc1.z, sc1.w};
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) f[k] = (f[k] - mean) * rstd * (1.f + scv[k]) + shv[k];
+        v[j] = pack8(f);
+        if (FP8) {
+            unpack8(v[j], f);
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) amax = fmaxf(amax, fabsf(f[k]));
+        } else {
+            reinterpret_cast<uint4*>(y + row * c)[i] = v[j];
+        }
+    });
+    if (!FP8) return;
+    const float rs = fp8c::row_scale(fp8c::block_max<THREADS>(amax));
+    each_vec<THREADS, NV>(nv, [&](int j, int i) {
+        float f[kVec];
+        unpack8(v[j], f);
+        reinterpret_cast<uint2*>(q + row * c)[i] = e4m3x8(f, rs);
+    });
+    if (threadIdx.x == 0) row_scales[row] = rs;
+}
+
+// rms_rope of a bf16 row (RMSNorm over the row, then RoPE per head of d values), to bf16 `y` or,
+// with `y8`, to E4M3 codes with the fixed `descale`; the arithmetic of rms_rope above.
+template <int THREADS, int NV>
+__device__ void rms_rope_rows(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                              const float* __restrict__ cos, const float* __restrict__ sin,
+                              __nv_bfloat16* __restrict__ y, uint8_t* __restrict__ y8, float descale, int c, int d,
+                              int s_len, float eps, int rope) {
+    const long long row = blockIdx.x;
+    const int nv = c / kVec;
+    uint4 v[NV];
+    const float sq = load_row<THREADS, NV>(x + row * c, nv, v, [](float f) { return f * f; }, [](float a, float b) { return a + b; });
+    const float rstd = rsqrtf(block_sum_n<THREADS>(sq) / c + eps);
+    const long long s = row % s_len;
+    each_vec<THREADS, NV>(nv, [&](int j, int i) {
+        float f[kVec], wv[kVec];
+        unpack8(v[j], f);
+        unpack8(reinterpret_cast<const uint4*>(w)[i], wv);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) f[k] = __bfloat162float(__float2bfloat16(f[k] * rstd * wv[k]));
+        if (rope) {
+            // Pairs (8i % d) / 2 .. +3 of this token's head: a multiple of 4, so one float4 of each table.
+            const long long p = s * (d / 2) + (kVec * i % d) / 2;
+            const float4 cc = *reinterpret_cast<const float4*>(cos + p), sn = *reinterpret_cast<const float4*>(sin + p);
+            const float cv[4] = {cc.x, cc.y, cc.z, cc.w}, sv[4] = {sn.x, sn.y, sn.z, sn.w};
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                const float a = f[2 * t], b = f[2 * t + 1];
+                f[2 * t] = a * cv[t] - b * sv[t];
+                f[2 * t + 1] = a * sv[t] + b * cv[t];
+            }
+        }
+        const uint4 out = pack8(f);
+        if (y8) {
+            unpack8(out, f);
+            reinterpret_cast<uint2*>(y8 + row * c)[i] = e4m3x8(f, descale);
+        } else {
+            reinterpret_cast<uint4*>(y + row * c)[i] = out;
+        }
+    });
+}
+
+}  // namespace
+
+#define ROW_VEC(THREADS, NV)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(THREADS) ln_modulate_rows_t##THREADS##_v##NV(                     \
+        const __nv_bfloat16* x, const float* shift, const float* scale, __nv_bfloat16* y, int c, int s, int sm,    \
+        float eps) {                                                                                                \
+        ln_modulate_rows<THREADS, NV, false>(x, shift, scale, y, nullptr, nullptr, c, s, sm, eps);                 \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(THREADS) ln_modulate_fp8_rows_t##THREADS##_v##NV(                 \
+        const __nv_bfloat16* x, const float* shift, const float* scale, uint8_t* q, float* row_scales, int c, int s, \
+        int sm, float eps) {                                                                                        \
+        ln_modulate_rows<THREADS, NV, true>(x, shift, scale, nullptr, q, row_scales, c, s, sm, eps);               \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(THREADS) rms_rope_rows_t##THREADS##_v##NV(                        \
+        const __nv_bfloat16* x, const __nv_bfloat16* w, const float* cos, const float* sin, __nv_bfloat16* y,      \
+        uint8_t* y8, float descale, int c, int d, int s_len, float eps, int rope) {                                 \
+        rms_rope_rows<THREADS, NV>(x, w, cos, sin, y, y8, descale, c, d, s_len, eps, rope);                        \
+    }
+#define ROW_VEC_ALL(THREADS)                                                                                       \
+    ROW_VEC(THREADS, 1) ROW_VEC(THREADS, 2) ROW_VEC(THREADS, 3) ROW_VEC(THREADS, 4) ROW_VEC(THREADS, 5)            \
+    ROW_VEC(THREADS, 6) ROW_VEC(THREADS, 7) ROW_VEC(THREADS, 8)
+ROW_VEC_ALL(128)
+ROW_VEC_ALL(256)

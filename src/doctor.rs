@@ -466,9 +466,10 @@ pub const FUSED_TOL: f32 = 1e-2;
 pub fn check_fused(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
     use crate::models::fused::{gated_add, ln_modulate};
     let mut out = Vec::new();
-    // (batch, tokens, channels, modulation rows per sample)
+    // (batch, tokens, channels, modulation rows per sample); bf16 rows of a multiple of 8 values
+    // go through the register-resident kernels, 36 through the scalar one.
     for (b, s, c, per_token) in
-        [(2, 333, 3072, false), (1, 4608, 3072, false), (1, 1000, 5120, true), (2, 77, 40, true)]
+        [(2, 333, 3072, false), (1, 4608, 3072, false), (1, 1000, 5120, true), (2, 77, 40, true), (1, 9, 36, false)]
     {
         for dtype in [DType::BF16, DType::F32] {
             let x = (Tensor::randn(0f32, 3.0, (b, s, c), device)? + 0.5)?.to_dtype(dtype)?;
@@ -681,6 +682,35 @@ pub fn check_fused(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
                 + bits(&fused.scale)?.iter().zip(bits(&plain.scale)?).filter(|(a, b)| **a != *b).count();
             out.push(CheckResult::new(
                 format!("ln_modulate to E4M3 B{b} S{s} C{c} (differing values)"),
+                differing as f32,
+                0.0,
+            ));
+        }
+    }
+    // The fp8 layers' activation quantizer (register-resident vector kernels where rows fit, the
+    // scalar one elsewhere) against the CPU reference, byte for byte: widths of FLUX.1 and Wan
+    // inputs (3072, 5120, FFN 13824/14336, single-block 15360), short rows, one not a multiple of
+    // 8 (the scalar kernel), rows of mixed magnitudes and a zero row.
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        for k in [3072, 5120, 13824, 14336, 15360, 24, 100] {
+            let rows = 19;
+            // Row 0 all zeros, the others scaled from e^-9 to e^8.
+            let mags: Vec<f32> = (0..rows).map(|r| if r == 0 { 0.0 } else { (r as f32 - 10.0).exp() }).collect();
+            let mags = Tensor::from_vec(mags, (rows, 1), &Device::Cpu)?;
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &Device::Cpu)?.broadcast_mul(&mags)?.to_dtype(DType::BF16)?;
+            let got = crate::cuda::fp8::Fp8Act::quantize(&x.to_device(device)?)?;
+            let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let (q, sc): (Vec<u8>, Vec<f32>) = (got.q.flatten_all()?.to_vec1()?, got.scale.flatten_all()?.to_vec1()?);
+            let mut differing = 0;
+            let mut want = vec![0u8; k];
+            for r in 0..rows {
+                let want_s = crate::nvfp4::fp8::quantize_row(&xs[r * k..(r + 1) * k], &mut want);
+                differing += usize::from(want_s.to_bits() != sc[r].to_bits());
+                differing += want.iter().zip(&q[r * k..(r + 1) * k]).filter(|(a, b)| a != b).count();
+            }
+            out.push(CheckResult::new(
+                format!("fp8 activation quantizer {rows}x{k} vs CPU (differing values)"),
                 differing as f32,
                 0.0,
             ));

@@ -90,3 +90,27 @@ pub fn take(device: &Device) -> Result<Option<[f64; 4]>> {
     }
     Ok(Some(out))
 }
+
+/// While alive, the range of work a profiler started with `--profile-from-start off` collects
+/// (Nsight Compute's `ncu --profile-from-start off`): a bench wraps its timed calls in one, so
+/// that kernel timings cover those calls and not the weights' synthesis or the warm-up.
+pub struct ProfilerRange {
+    #[cfg(feature = "cuda")]
+    _inner: Option<candle_core::cuda_backend::cudarc::driver::Profiler>,
+}
+
+/// A [`ProfilerRange`] when `on` and `device` is a CUDA device (else nothing is marked).
+pub fn profiler_range(on: bool, device: &Device) -> Result<ProfilerRange> {
+    #[cfg(feature = "cuda")]
+    if let (true, Device::Cuda(d)) = (on, device) {
+        // cuProfilerStart acts on the calling thread's current context.
+        d.cuda_stream().context().bind_to_thread().map_err(candle_core::Error::wrap)?;
+        let p = candle_core::cuda_backend::cudarc::driver::Profiler::new().map_err(candle_core::Error::wrap)?;
+        return Ok(ProfilerRange { _inner: Some(p) });
+    }
+    let _ = (on, device);
+    Ok(ProfilerRange {
+        #[cfg(feature = "cuda")]
+        _inner: None,
+    })
+}

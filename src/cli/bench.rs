@@ -118,6 +118,11 @@ pub struct WanStepArgs {
     /// `--save` in an earlier run with the same shapes).
     #[arg(long, value_name = "DIR")]
     pub against: Option<std::path::PathBuf>,
+    /// Mark the timed calls as the range a profiler started with `--profile-from-start off`
+    /// collects (e.g. `ncu --profile-from-start off --metrics gpu__time_duration.sum`; summed per
+    /// kernel by scripts/ncu_kernel_table.py).
+    #[arg(long)]
+    pub profiler_range: bool,
 }
 
 #[derive(Debug, Args)]
@@ -178,6 +183,11 @@ pub struct FluxStepArgs {
     pub device: String,
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
+    /// Mark the timed calls as the range a profiler started with `--profile-from-start off`
+    /// collects (e.g. `ncu --profile-from-start off --metrics gpu__time_duration.sum`; summed per
+    /// kernel by scripts/ncu_kernel_table.py).
+    #[arg(long)]
+    pub profiler_range: bool,
 }
 
 #[derive(Debug, Args)]
@@ -439,6 +449,25 @@ fn gib(b: Option<usize>) -> String {
     b.map(|b| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into())
 }
 
+/// Milliseconds per run of `iters` back-to-back runs of `run` (queued without waiting, then one
+/// synchronization), and the host's time per run to queue them: near the first, the GPU waits on
+/// the host. With `profiler_range`, the runs are the range `ncu --profile-from-start off` collects.
+fn timed(
+    device: &Device,
+    iters: usize,
+    profiler_range: bool,
+    run: impl Fn() -> candle_core::Result<()>,
+) -> candle_core::Result<(f64, f64)> {
+    let t = std::time::Instant::now();
+    let _range = crate::profile::profiler_range(profiler_range, device)?;
+    for _ in 0..iters {
+        run()?;
+    }
+    let queued_ms = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
+    device.synchronize()?;
+    Ok((t.elapsed().as_secs_f64() * 1e3 / iters as f64, queued_ms))
+}
+
 fn wan_step(a: &WanStepArgs) -> anyhow::Result<()> {
     use std::time::Instant;
 
@@ -512,12 +541,7 @@ fn wan_step(a: &WanStepArgs) -> anyhow::Result<()> {
         device.synchronize()?;
         // Warm-up excluded from the breakdown (CANDIFF_PROFILE=1).
         let _ = crate::profile::take(&device)?;
-        let t1 = Instant::now();
-        for _ in 0..a.iters {
-            step()?;
-        }
-        device.synchronize()?;
-        let ms = t1.elapsed().as_secs_f64() * 1e3 / a.iters as f64;
+        let (ms, queued_ms) = timed(&device, a.iters, a.profiler_range, || step().map(|_| ()))?;
         let mem = crate::pipelines::gpu_used(&device);
         println!(
             "wan {} {v:<22} {ms:>9.1} ms/call  ({}x{}x{} frames = {tokens} tokens, {} txt; built in {build_s:.1}s; GPU in use {})",
@@ -526,7 +550,7 @@ fn wan_step(a: &WanStepArgs) -> anyhow::Result<()> {
         if let Some(parts) = crate::profile::take(&device)? {
             let per: Vec<f64> = parts.iter().map(|x| x / a.iters as f64).collect();
             println!(
-                "  per call on the GPU stream: linear {:.1}, attention {:.1}, rest {:.1} ms (CANDIFF_PROFILE)",
+                "  per call on the GPU stream: linear {:.1}, attention {:.1}, rest {:.1} ms (CANDIFF_PROFILE); host queued a call in {queued_ms:.1} ms",
                 per[0],
                 per[1],
                 ms - per.iter().sum::<f64>()
@@ -718,14 +742,9 @@ fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
         step()?;
         device.synchronize()?;
         let peak = crate::pipelines::gpu_used(&device);
-        let t1 = Instant::now();
-        for _ in 0..a.iters {
-            step()?;
-        }
-        device.synchronize()?;
-        let ms = t1.elapsed().as_secs_f64() * 1e3 / a.iters as f64;
+        let (ms, queued_ms) = timed(&device, a.iters, a.profiler_range, || step().map(|_| ()))?;
         println!(
-            "{} {v:<24} {:>9.1} ms/step  ({}x{}, {} txt tokens; built in {build_s:.1}s{})",
+            "{} {v:<24} {:>9.1} ms/step  ({}x{}, {} txt tokens; built in {build_s:.1}s{}; host queued a step in {queued_ms:.1} ms)",
             a.model,
             ms,
             a.width,

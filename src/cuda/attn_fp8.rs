@@ -35,6 +35,31 @@ pub fn applies(sk: usize) -> bool {
     false
 }
 
+/// The scalar buffer's initial values, passed by value to `attn_fp8_init` (`AttnScalarInit`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ScalarInit([f32; SLOTS * SLOT_FLOATS]);
+// SAFETY: plain f32 data with the layout of the kernel's `AttnScalarInit`.
+unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for ScalarInit {}
+
+/// A new scalar buffer holding `init`, written by a kernel: a copy from pageable host memory can
+/// wait for the stream's queued work, and this runs once per attention call.
+fn init_scalars(dev: &CudaDevice, init: &[f32]) -> Result<CudaSlice<f32>> {
+    let stream = dev.cuda_stream();
+    let values =
+        ScalarInit(init.try_into().map_err(|_| candle_core::Error::Msg("fp8 attention: scalar count".into()))?);
+    // SAFETY: the kernel writes every element.
+    let mut scalars = unsafe { stream.alloc::<f32>(SLOTS * SLOT_FLOATS) }.map_err(wrap("alloc"))?;
+    let f = function_in(dev, Kernels::Fp8, "attn_fp8_init")?;
+    let cfg =
+        LaunchConfig { grid_dim: (1, 1, 1), block_dim: ((SLOTS * SLOT_FLOATS) as u32, 1, 1), shared_mem_bytes: 0 };
+    let mut b = stream.launch_builder(&f);
+    b.arg(&mut scalars).arg(&values);
+    // SAFETY: argument types match the kernel; one thread per value.
+    unsafe { b.launch(cfg) }.map_err(wrap("attn_fp8_init"))?;
+    Ok(scalars)
+}
+
 /// Floats between two scalars of the scalar buffer (16 bytes: `kSlot` in kernels/fp8.cu,
 /// `kSlotFloats` in kernels/cudnn_nvfp4.cpp).
 pub const SLOT_FLOATS: usize = 4;
@@ -207,7 +232,7 @@ pub fn quantize_operands(q: Operand, k: Operand, v: &Tensor) -> Result<Fp8Qkv> {
             init[(DESCALE_SLOT + t) * SLOT_FLOATS] = descale;
         }
     }
-    let scalars = stream.clone_htod(&init).map_err(wrap("upload"))?;
+    let scalars = init_scalars(&dev, &init)?;
     let suffix = if dtype == DType::F16 { "f16" } else { "bf16" };
     let kernel = |name: &str| function_in(&dev, Kernels::Fp8, &format!("attn_fp8_{name}_{suffix}"));
     let seqs = [sq, sk, sk];

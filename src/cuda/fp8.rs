@@ -277,7 +277,15 @@ fn quantize_storage(s1: &CudaStorage, l1: &Layout, k: usize) -> Result<(CudaSlic
     // SAFETY: the kernel writes every element.
     let mut xq = unsafe { stream.alloc::<u8>(m * k) }.map_err(wrap("alloc"))?;
     let mut sa = unsafe { stream.alloc::<f32>(m) }.map_err(wrap("alloc"))?;
-    let f = function_in(&dev, Kernels::Fp8, "fp8_quant_rows")?;
+    let start = if s1.dtype() == DType::BF16 {
+        l1.contiguous_offsets()
+            .map(|(a, _)| a)
+            .ok_or_else(|| candle_core::Error::Msg("fp8 linear: input must be contiguous".into()))?
+    } else {
+        0
+    };
+    let (name, threads) = quant_rows_kernel(k, start);
+    let f = function_in(&dev, Kernels::Fp8, &name)?;
     let k_i = k as i32;
     let mut b = stream.launch_builder(&f);
     if s1.dtype() == DType::BF16 {
@@ -288,10 +296,21 @@ fn quantize_storage(s1: &CudaStorage, l1: &Layout, k: usize) -> Result<(CudaSlic
         b.arg(&converted);
     }
     b.arg(&k_i).arg(&mut xq).arg(&mut sa);
-    let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: argument types match the kernel; one block per row.
+    let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: argument types match the kernel; one block per row; the vector kernels get rows of
+    // at most threads * 8 * NV values, K % 8 == 0, 16-byte aligned (`row_vec`).
     unsafe { b.launch(cfg) }.map_err(wrap("fp8_quant_rows"))?;
     Ok((xq, sa))
+}
+
+/// The quantizer kernel and its block size for rows of `k` bf16 values starting at element
+/// `start` of their buffer: the register-resident one where the rows fit and are aligned
+/// ([`super::row_vec`]), else the scalar `fp8_quant_rows`. Both produce the same bytes.
+fn quant_rows_kernel(k: usize, start: usize) -> (String, u32) {
+    match super::row_vec(k, &[start]) {
+        Some((threads, per_thread)) => (format!("fp8_quant_rows_t{threads}_v{per_thread}"), threads),
+        None => ("fp8_quant_rows".to_string(), ROW_THREADS),
+    }
 }
 
 /// The scaled FP8 GEMM (and its epilogue) on quantized activations `xq` `[m, k]` with row scales

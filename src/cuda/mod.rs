@@ -105,6 +105,30 @@ pub(crate) fn ffi_message(buf: &[u8]) -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
+/// bf16 values per 16-byte vector of the register-resident row kernels.
+pub(crate) const ROW_VEC_ELEMS: usize = 8;
+/// Most vectors per thread of their instances (`*_t{128,256}_v{1..=8}`).
+const ROW_VEC_MAX_PER_THREAD: usize = 8;
+/// Rows up to this many values go to 128-thread blocks, longer ones to 256.
+const ROW_VEC_SMALL: usize = 128 * ROW_VEC_ELEMS * ROW_VEC_MAX_PER_THREAD;
+
+/// The register-resident kernel instance (block size, 16-byte vectors per thread) for bf16 rows
+/// of `c` values whose buffers start at element offsets `starts` (16-byte alignment needs
+/// multiples of 8): kernels/fused.cu `*_rows_t*_v*` and kernels/fp8.cu `fp8_quant_rows_t*_v*`,
+/// which read a row once in 16-byte vectors where the scalar kernels read it element by element,
+/// twice or more. `None` where the row does not fit or is misaligned: the scalar kernel.
+/// `CANDIFF_ROW_VEC=0` keeps the scalar kernels everywhere, for A/B measurements.
+pub(crate) fn row_vec(c: usize, starts: &[usize]) -> Option<(u32, usize)> {
+    static ON: OnceLock<bool> = OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("CANDIFF_ROW_VEC").as_deref() != Ok("0"));
+    let threads = if c <= ROW_VEC_SMALL { 128 } else { 256 };
+    let per_thread = (c / ROW_VEC_ELEMS).div_ceil(threads);
+    (on && c.is_multiple_of(ROW_VEC_ELEMS)
+        && (1..=ROW_VEC_MAX_PER_THREAD).contains(&per_thread)
+        && starts.iter().all(|s| s.is_multiple_of(ROW_VEC_ELEMS)))
+    .then_some((threads as u32, per_thread))
+}
+
 pub(crate) fn wrap<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> candle_core::Error + '_ {
     move |e| candle_core::Error::Msg(format!("{what}: {e}"))
 }

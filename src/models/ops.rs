@@ -58,8 +58,10 @@ pub fn timestep_embedding(t: &Tensor, dim: usize, max_period: f64) -> Result<Ten
     // The angles reach t*1000*freq = 4000 rad for guidance, so the rounding of every step shows in
     // the output; this order matches diffusers' get_timestep_embedding.
     let neg_log = -(max_period.ln() as f32);
-    let freqs: Vec<f32> = (0..half).map(|i| (((neg_log * i as f32) / half as f32) as f64).exp() as f32).collect();
-    let freqs = Tensor::from_vec(freqs, (1, half), dev)?;
+    let freqs = device_constant(&format!("timestep freqs {half} {max_period}"), dev, |dev| {
+        let freqs: Vec<f32> = (0..half).map(|i| (((neg_log * i as f32) / half as f32) as f64).exp() as f32).collect();
+        Tensor::from_vec(freqs, (1, half), dev)
+    })?;
     let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
     Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)
 }
@@ -262,23 +264,72 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 /// RoPE tables for position ids `[S, n_axes]`: per axis `d_a / 2` frequencies `theta^(-2i/d_a)`,
-/// angles in f64, then `cos`/`sin` as f32 `[S, sum(d_a) / 2]`.
+/// angles in f64, then `cos`/`sin` as f32 `[S, sum(d_a) / 2]`. Computed where `device` is: on a
+/// GPU no host round trip (reading GPU ids back waited for the stream's queued work, and the host
+/// then spent milliseconds on trigonometry while the GPU idled, once per step).
 pub fn rope_tables(ids: &Tensor, axes: &[usize], theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
-    let ids: Vec<Vec<f32>> = ids.to_dtype(DType::F32)?.to_vec2()?;
+    let n_axes = axes.len();
+    if ids.rank() != 2 || ids.dim(1)? != n_axes {
+        candle_core::bail!("rope ids must be [S, {n_axes}], found {:?}", ids.dims());
+    }
     let half: usize = axes.iter().sum::<usize>() / 2;
-    let mut cos = Vec::with_capacity(ids.len() * half);
-    let mut sin = Vec::with_capacity(ids.len() * half);
-    for row in &ids {
+    // [n_axes, half]: column j holds its frequency in its axis's row and zeros elsewhere, so
+    // `ids @ freqs` is each position times its frequency, exactly (one nonzero term per column).
+    let freqs = device_constant(&format!("rope freqs {axes:?} {theta}"), device, |device| {
+        let mut m = vec![0f64; n_axes * half];
+        let mut col = 0;
         for (a, &d) in axes.iter().enumerate() {
-            let pos = row[a] as f64;
             for i in 0..d / 2 {
-                let freq = 1.0 / theta.powf((2 * i) as f64 / d as f64);
-                let angle = pos * freq;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+                m[a * half + col] = 1.0 / theta.powf((2 * i) as f64 / d as f64);
+                col += 1;
+            }
+        }
+        Tensor::from_vec(m, (n_axes, half), device)
+    })?;
+    let angles = ids.to_device(device)?.to_dtype(DType::F64)?.contiguous()?.matmul(&freqs)?;
+    Ok((angles.cos()?.to_dtype(DType::F32)?, angles.sin()?.to_dtype(DType::F32)?))
+}
+
+/// A constant tensor made once per `key` and device (frequency tables read every step), so that
+/// steps do not copy it from the host again.
+fn device_constant(key: &str, device: &Device, make: impl FnOnce(&Device) -> Result<Tensor>) -> Result<Tensor> {
+    type Cache = std::sync::Mutex<std::collections::HashMap<(String, candle_core::DeviceLocation), Tensor>>;
+    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let k = (key.to_string(), device.location());
+    if let Some(t) = cache.lock().expect("constant cache poisoned").get(&k) {
+        return Ok(t.clone());
+    }
+    let t = make(device)?;
+    cache.lock().expect("constant cache poisoned").insert(k, t.clone());
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tables as a product `ids @ freqs` equal the per-element formula (f64 angle, f32 cos
+    /// and sin) bit for bit: each angle has one nonzero term.
+    #[test]
+    fn rope_tables_match_the_formula() {
+        let axes = [16, 56, 56];
+        let theta = 10_000.0;
+        let ids: Vec<f32> = (0..40).flat_map(|s| [(s % 3) as f32, (s / 3) as f32, (s * 7 % 61) as f32]).collect();
+        let ids = Tensor::from_vec(ids.clone(), (40, 3), &Device::Cpu).unwrap();
+        let (cos, sin) = rope_tables(&ids, &axes, theta, &Device::Cpu).unwrap();
+        let (cos, sin) = (cos.to_vec2::<f32>().unwrap(), sin.to_vec2::<f32>().unwrap());
+        let rows = ids.to_vec2::<f32>().unwrap();
+        for (s, row) in rows.iter().enumerate() {
+            let mut j = 0;
+            for (a, &d) in axes.iter().enumerate() {
+                for i in 0..d / 2 {
+                    let angle = row[a] as f64 * (1.0 / theta.powf((2 * i) as f64 / d as f64));
+                    assert_eq!(cos[s][j].to_bits(), (angle.cos() as f32).to_bits(), "cos at {s},{j}");
+                    assert_eq!(sin[s][j].to_bits(), (angle.sin() as f32).to_bits(), "sin at {s},{j}");
+                    j += 1;
+                }
             }
         }
     }
-    let s = ids.len();
-    Ok((Tensor::from_vec(cos, (s, half), device)?, Tensor::from_vec(sin, (s, half), device)?))
 }
