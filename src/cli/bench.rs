@@ -344,15 +344,7 @@ fn scaling(
         let out: Vec<f32> = out.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
         // Warm-up excluded from the breakdown (CANDIFF_PROFILE=1).
         let _ = crate::profile::take(device)?;
-        let t0 = Instant::now();
-        for _ in 0..iters.max(1) {
-            step()?;
-        }
-        // Host time to enqueue the steps: near the step time means the host, not the GPU, sets
-        // the pace.
-        let host_ms = t0.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64;
-        fence()?;
-        let ms = t0.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64;
+        let (ms, host_ms) = timed(device, iters.max(1), false, || step().map(|_| ()), fence)?;
         log::info!("host enqueue {host_ms:.1} ms/step of {ms:.1}");
         if let Some(parts) = crate::profile::take(device)? {
             let per: Vec<f64> = parts.iter().map(|x| x / iters.max(1) as f64).collect();
@@ -450,13 +442,14 @@ fn gib(b: Option<usize>) -> String {
 }
 
 /// Milliseconds per run of `iters` back-to-back runs of `run` (queued without waiting, then one
-/// synchronization), and the host's time per run to queue them: near the first, the GPU waits on
-/// the host. With `profiler_range`, the runs are the range `ncu --profile-from-start off` collects.
+/// `fence`), and the host's time per run to queue them: near the first, the GPU waits on the host.
+/// With `profiler_range`, the runs are the range `ncu --profile-from-start off` collects.
 fn timed(
     device: &Device,
     iters: usize,
     profiler_range: bool,
     run: impl Fn() -> candle_core::Result<()>,
+    fence: &dyn Fn() -> candle_core::Result<()>,
 ) -> candle_core::Result<(f64, f64)> {
     let t = std::time::Instant::now();
     let _range = crate::profile::profiler_range(profiler_range, device)?;
@@ -464,7 +457,7 @@ fn timed(
         run()?;
     }
     let queued_ms = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
-    device.synchronize()?;
+    fence()?;
     Ok((t.elapsed().as_secs_f64() * 1e3 / iters as f64, queued_ms))
 }
 
@@ -541,7 +534,8 @@ fn wan_step(a: &WanStepArgs) -> anyhow::Result<()> {
         device.synchronize()?;
         // Warm-up excluded from the breakdown (CANDIFF_PROFILE=1).
         let _ = crate::profile::take(&device)?;
-        let (ms, queued_ms) = timed(&device, a.iters, a.profiler_range, || step().map(|_| ()))?;
+        let (ms, queued_ms) =
+            timed(&device, a.iters, a.profiler_range, || step().map(|_| ()), &|| device.synchronize())?;
         let mem = crate::pipelines::gpu_used(&device);
         println!(
             "wan {} {v:<22} {ms:>9.1} ms/call  ({}x{}x{} frames = {tokens} tokens, {} txt; built in {build_s:.1}s; GPU in use {})",
@@ -742,7 +736,8 @@ fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
         step()?;
         device.synchronize()?;
         let peak = crate::pipelines::gpu_used(&device);
-        let (ms, queued_ms) = timed(&device, a.iters, a.profiler_range, || step().map(|_| ()))?;
+        let (ms, queued_ms) =
+            timed(&device, a.iters, a.profiler_range, || step().map(|_| ()), &|| device.synchronize())?;
         println!(
             "{} {v:<24} {:>9.1} ms/step  ({}x{}, {} txt tokens; built in {build_s:.1}s{}; host queued a step in {queued_ms:.1} ms)",
             a.model,

@@ -17,6 +17,16 @@ use crate::nvfp4::layout::{ceil_to, LayoutKind, CUTLASS_ALIGN};
 pub const MIN_CUDNN_VERSION: usize = 91100;
 const ERR_LEN: usize = 2048;
 
+/// Calls a C++ shim, which returns nonzero on failure after writing its message into the buffer
+/// it is given (`ERR_LEN` bytes): that message becomes the error.
+fn shim(call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
+    let mut err = vec![0u8; ERR_LEN];
+    if call(err.as_mut_ptr() as *mut c_char, ERR_LEN) != 0 {
+        return Err(CandiffError::Unsupported(ffi_message(&err)).into());
+    }
+    Ok(())
+}
+
 extern "C" {
     fn candiff_cudnn_version() -> usize;
     fn candiff_cudnn_nvfp4_prepare(
@@ -84,9 +94,8 @@ fn out_code(dtype: DType) -> c_int {
 /// Builds the graph for a layer's shape now, so an unsupported GPU or cuDNN fails at load time.
 pub fn prepare(dev: &CudaDevice, m: usize, n: usize, k: usize, linear_scales: bool, dtype: DType) -> Result<()> {
     let stream = dev.cuda_stream();
-    let mut err = vec![0u8; ERR_LEN];
     // SAFETY: plain values and an error buffer of the stated length.
-    let rc = unsafe {
+    shim(|err, len| unsafe {
         candiff_cudnn_nvfp4_prepare(
             stream.context().ordinal() as c_int,
             stream.cu_stream() as *mut c_void,
@@ -96,14 +105,10 @@ pub fn prepare(dev: &CudaDevice, m: usize, n: usize, k: usize, linear_scales: bo
             ceil_to(k, CUTLASS_ALIGN) as i64,
             linear_scales as c_int,
             out_code(dtype),
-            err.as_mut_ptr() as *mut c_char,
-            ERR_LEN,
+            err,
+            len,
         )
-    };
-    if rc != 0 {
-        return Err(CandiffError::Unsupported(ffi_message(&err)).into());
-    }
-    Ok(())
+    })
 }
 
 /// Each distinct alpha lives once on each device (cuDNN reads it as a device scalar).
@@ -132,8 +137,7 @@ pub(crate) fn matmul(call: &GemmCall) -> Result<CudaStorage> {
             _ => CudaStorageSlice::BF16(stream.alloc::<bf16>(n).map_err(wrap("alloc"))?),
         }
     };
-    let mut err = vec![0u8; ERR_LEN];
-    let rc = {
+    {
         let (xp, _gx) = x.device_ptr(&stream);
         let (wp, _gw) = w.device_ptr(&stream);
         let (sp, _gs) = sc.device_ptr(&stream);
@@ -146,7 +150,7 @@ pub(crate) fn matmul(call: &GemmCall) -> Result<CudaStorage> {
         };
         // SAFETY: every pointer is a live device buffer of the size the graph's shapes imply
         // (prepared layout shapes were checked when the layer was built); the shim runs on `stream`.
-        unsafe {
+        shim(|err, len| unsafe {
             candiff_cudnn_nvfp4_matmul(
                 stream.context().ordinal() as c_int,
                 stream.cu_stream() as *mut c_void,
@@ -161,13 +165,10 @@ pub(crate) fn matmul(call: &GemmCall) -> Result<CudaStorage> {
                 sp as *const c_void,
                 ap as *const c_void,
                 yp as *mut c_void,
-                err.as_mut_ptr() as *mut c_char,
-                ERR_LEN,
+                err,
+                len,
             )
-        }
-    };
-    if rc != 0 {
-        return Err(CandiffError::Unsupported(ffi_message(&err)).into());
+        })?;
     }
     Ok(CudaStorage { slice: y, device: dev.clone() })
 }
@@ -221,10 +222,9 @@ pub fn run_sdpa(
         SdpaIo::F16 => (1, std::ptr::null_mut()),
         SdpaIo::Fp8 { scalars } => (2, scalars as *mut f32),
     };
-    let mut err = vec![0u8; ERR_LEN];
     // SAFETY: the pointers address live device buffers laid out as `strides` say (the callers'
     // contract), `scalars` the FP8 scalar buffer when `code` is 2; the shim runs on `stream`.
-    let rc = unsafe {
+    shim(|err, len| unsafe {
         candiff_cudnn_sdpa(
             stream.context().ordinal() as c_int,
             stream.cu_stream() as *mut c_void,
@@ -241,14 +241,10 @@ pub fn run_sdpa(
             ptrs[2] as *const c_void,
             ptrs[3] as *mut c_void,
             scalars,
-            err.as_mut_ptr() as *mut c_char,
-            ERR_LEN,
+            err,
+            len,
         )
-    };
-    if rc != 0 {
-        return Err(CandiffError::Unsupported(ffi_message(&err)).into());
-    }
-    Ok(())
+    })
 }
 
 /// Largest head dimension of cuDNN's fused attention engines.

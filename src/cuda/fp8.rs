@@ -277,14 +277,11 @@ fn quantize_storage(s1: &CudaStorage, l1: &Layout, k: usize) -> Result<(CudaSlic
     // SAFETY: the kernel writes every element.
     let mut xq = unsafe { stream.alloc::<u8>(m * k) }.map_err(wrap("alloc"))?;
     let mut sa = unsafe { stream.alloc::<f32>(m) }.map_err(wrap("alloc"))?;
-    let start = if s1.dtype() == DType::BF16 {
-        l1.contiguous_offsets()
-            .map(|(a, _)| a)
-            .ok_or_else(|| candle_core::Error::Msg("fp8 linear: input must be contiguous".into()))?
-    } else {
-        0
-    };
-    let (name, threads) = quant_rows_kernel(k, start);
+    // bf16 inputs are read in place from their offset (`view` below checks that they are
+    // contiguous); other dtypes are converted into a fresh buffer.
+    let start = if s1.dtype() == DType::BF16 { l1.start_offset() } else { 0 };
+    let vec = super::row_vec(k, &[start]);
+    let (name, threads) = super::row_kernel(vec, "fp8_quant_rows", "fp8_quant_rows".into(), ROW_THREADS);
     let f = function_in(&dev, Kernels::Fp8, &name)?;
     let k_i = k as i32;
     let mut b = stream.launch_builder(&f);
@@ -301,16 +298,6 @@ fn quantize_storage(s1: &CudaStorage, l1: &Layout, k: usize) -> Result<(CudaSlic
     // at most threads * 8 * NV values, K % 8 == 0, 16-byte aligned (`row_vec`).
     unsafe { b.launch(cfg) }.map_err(wrap("fp8_quant_rows"))?;
     Ok((xq, sa))
-}
-
-/// The quantizer kernel and its block size for rows of `k` bf16 values starting at element
-/// `start` of their buffer: the register-resident one where the rows fit and are aligned
-/// ([`super::row_vec`]), else the scalar `fp8_quant_rows`. Both produce the same bytes.
-fn quant_rows_kernel(k: usize, start: usize) -> (String, u32) {
-    match super::row_vec(k, &[start]) {
-        Some((threads, per_thread)) => (format!("fp8_quant_rows_t{threads}_v{per_thread}"), threads),
-        None => ("fp8_quant_rows".to_string(), ROW_THREADS),
-    }
 }
 
 /// The scaled FP8 GEMM (and its epilogue) on quantized activations `xq` `[m, k]` with row scales

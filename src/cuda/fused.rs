@@ -81,10 +81,8 @@ pub fn ln_modulate(
     // bf16 rows in registers where they fit (the form fp8 mode's ln_modulate_fp8 shares, so that
     // both see the same statistics), else one thread per element and pass.
     let vec = if dtype == DType::BF16 { super::row_vec(c, &starts(&[xl, shl, scl])) } else { None };
-    let (name, threads) = match vec {
-        Some((t, nv)) => (format!("ln_modulate_rows_t{t}_v{nv}"), t),
-        None => (format!("ln_modulate_{}", suffix(dtype)?), LN_THREADS),
-    };
+    let (name, threads) =
+        super::row_kernel(vec, "ln_modulate_rows", format!("ln_modulate_{}", suffix(dtype)?), LN_THREADS);
     let dev = &x.device;
     let f = function_in(dev, Kernels::Fused, &name)?;
     let stream = dev.cuda_stream();
@@ -128,10 +126,8 @@ pub fn ln_modulate_fp8(
     }
     let dev = &x.device;
     // The same kernel choice as `ln_modulate` of these inputs: byte for byte its output quantized.
-    let (name, threads) = match super::row_vec(c, &starts(&[xl, shl, scl])) {
-        Some((t, nv)) => (format!("ln_modulate_fp8_rows_t{t}_v{nv}"), t),
-        None => ("ln_modulate_fp8".to_string(), LN_THREADS),
-    };
+    let vec = super::row_vec(c, &starts(&[xl, shl, scl]));
+    let (name, threads) = super::row_kernel(vec, "ln_modulate_fp8_rows", "ln_modulate_fp8".into(), LN_THREADS);
     let f = function_in(dev, Kernels::Fused, &name)?;
     let stream = dev.cuda_stream();
     // SAFETY: the kernel writes every element of both.
@@ -407,10 +403,7 @@ pub fn rms_rope(
         (DType::BF16, None) => super::row_vec(c, &starts(&[xl, w.1])),
         _ => None,
     };
-    let (name, threads) = match vec {
-        Some((t, nv)) => (format!("rms_rope_rows_t{t}_v{nv}"), t),
-        None => (format!("rms_rope_{}", suffix(dtype)?), LN_THREADS),
-    };
+    let (name, threads) = super::row_kernel(vec, "rms_rope_rows", format!("rms_rope_{}", suffix(dtype)?), LN_THREADS);
     let f = function_in(dev, Kernels::Fused, &name)?;
     let stream = dev.cuda_stream();
     let mut y = match fp8_descale {

@@ -129,6 +129,20 @@ pub(crate) fn row_vec(c: usize, starts: &[usize]) -> Option<(u32, usize)> {
     .then_some((threads as u32, per_thread))
 }
 
+/// The kernel name and block size of a row kernel: `{vec_prefix}_t{threads}_v{nv}` where
+/// [`row_vec`] chose an instance, else the scalar kernel `scalar` with `scalar_threads`.
+pub(crate) fn row_kernel(
+    vec: Option<(u32, usize)>,
+    vec_prefix: &str,
+    scalar: String,
+    scalar_threads: u32,
+) -> (String, u32) {
+    match vec {
+        Some((t, nv)) => (format!("{vec_prefix}_t{t}_v{nv}"), t),
+        None => (scalar, scalar_threads),
+    }
+}
+
 pub(crate) fn wrap<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> candle_core::Error + '_ {
     move |e| candle_core::Error::Msg(format!("{what}: {e}"))
 }
