@@ -236,6 +236,267 @@ __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, c
     }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Warp-specialized form of the same product (`CANDIFF_SM90_GEMM=ws`, an experiment). The cp.async form
+// above leaves each warp's own instruction stream as the critical path: every thread both copies
+// (address and predicate work for ~10 copies per tile) and dequantizes, with a CTA-wide barrier
+// per tile, so ~350 instructions per warp and K tile at ~4.8 cycles each outlast the tile's 1024
+// tensor-core cycles (Nsight Compute, docs/PERF.md session 6).
+//
+// Here a producer warpgroup issues every copy of a stage and signals an mbarrier when they land
+// (cp.async.mbarrier.arrive.noinc); the two consumer warpgroups only wait on that barrier,
+// dequantize into registers and issue wgmmas, and release a stage through a second mbarrier once
+// their wgmmas have read it. No CTA-wide barrier in the mainloop. Registers are handed over with
+// setmaxnreg (register allocation is per warpgroup on sm_90: a single producer warp would still
+// cap every thread at 65536 / 384): the producer warpgroup keeps kWsProducerRegs, the consumers,
+// holding 64 x BT f32 accumulators and two A fragment sets, get kWsConsumerRegs. 16-bit outputs
+// leave through shared memory (stmatrix, then one bulk copy per token).
+//
+// Measured (H200, docs/PERF.md session 12): correct, but 15-25% slower than gemm_sm90 at
+// M >= 1024 (4608 x 3072 x 3072: ~1930 cycles per K tile against ~1520), with 57 M instructions
+// against 42 M and 0.37 issued per scheduler-cycle; not yet explained (the next measurement is
+// Nsight Compute's per-instruction stall sampling). And one wrong result seen: with two ranks
+// sharing the GPU its guided TI2V step differed from the one-rank step (rel. L2 66, where the
+// cp.async form gives 0), so a race is suspected although doctor passed four times. Same
+// shared-memory layout, dequantization and accumulators as gemm_sm90.
+
+constexpr int kWsConsumerThreads = 256;  // two warpgroups
+constexpr int kWsProducerThreads = 128;  // one warpgroup
+constexpr int kWsThreads = kWsConsumerThreads + kWsProducerThreads;
+// 128 x 56 + 256 x 224 = 64512 of the SM's 65536 registers (multiples of 8, as setmaxnreg needs).
+constexpr int kWsProducerRegs = 56;
+constexpr int kWsConsumerRegs = 224;
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(smem_addr(bar)) : "memory");
+}
+// Arrives on `bar` once every earlier cp.async of this thread has landed (counts as one of the
+// barrier's expected arrivals: .noinc).
+__device__ __forceinline__ void mbar_arrive_cp_async(uint64_t* bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+// Waits until the phase of `bar` with this parity has completed. The suspend-time hint lets a
+// waiting warp sleep in try_wait until the phase completes rather than spin (measured: the
+// kernel's instruction count and time did not change with it).
+constexpr uint32_t kSuspendHintNs = 10000000;
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+    const uint32_t addr = smem_addr(bar);
+    uint32_t done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(addr), "r"(parity), "n"(kSuspendHintNs)
+            : "memory");
+    } while (!done);
+}
+
+// Barrier of the two consumer warpgroups alone (named barrier 1; the producer never joins).
+__device__ __forceinline__ void consumers_sync() {
+    asm volatile("bar.sync 1, %0;\n" ::"n"(kWsConsumerThreads) : "memory");
+}
+
+// Two outputs as one 16-bit pair (low half first).
+template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+    __half2 v = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Four 8x8 16-bit matrices in the mma fragment layout, stored transposed: lane l gives the
+// address of stored row l % 8 of matrix l / 8.
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, const uint32_t (&r)[4]) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]),
+                 "r"(r[1]), "r"(r[2]), "r"(r[3])
+                 : "memory");
+}
+
+template <int BT, typename OutT>
+__device__ __forceinline__ void gemm_sm90_ws(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w,
+                                             const uint8_t* __restrict__ sc, OutT* __restrict__ y, int M, int N,
+                                             int K, int row_bytes, int scale_cols, float alpha) {
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    // full[s]: the stage's copies landed (one cp.async arrival per producer thread);
+    // empty[s]: both consumer warpgroups are done with it (one arrival per warpgroup, not 256
+    // same-address atomics per tile: a warpgroup's wgmma has completed only when all its warps
+    // issued it, i.e. had read their codes).
+    __shared__ __align__(8) uint64_t full[kStages], empty[kStages];
+    uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+    constexpr int kActBytes = BT * kTileBytesPerToken;
+    constexpr int kCodeBytes = kRows * kBK / 2;
+    uint8_t* const codes_smem = smem + kStages * kActBytes;
+    uint8_t* const scales_smem = codes_smem + kStages * kCodeBytes;
+    constexpr int kAcc = BT / 2;
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int n0 = blockIdx.x * kRows, m0 = blockIdx.y * BT;
+    const int ktiles = (K + kBK - 1) / kBK;
+    if (tid == 0) {
+        for (int s = 0; s < kStages; s++) {
+            mbar_init(&full[s], kWsProducerThreads);
+            mbar_init(&empty[s], kWsConsumerThreads / 128);
+        }
+    }
+    __syncthreads();  // the only CTA-wide barrier: the mbarriers are initialized
+
+    if (tid >= kWsConsumerThreads) {
+        // Producer warpgroup. Activation tile: token r, 16-byte chunk c at r * 128 + ((c ^ (r % 8))
+        // * 16); thread p copies chunk c = p % 8 of tokens p / 8 + 16 i (the same swizzle row).
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kWsProducerRegs));
+        const int p = tid - kWsConsumerThreads;
+        constexpr int kTokenStep = kWsProducerThreads / 8;
+        constexpr int kChunks = BT / kTokenStep;
+        const int my_c = p % 8, my_r = p / 8;
+        const __nv_bfloat16* act_src = x + (size_t)(m0 + my_r) * K + my_c * 8;
+        const int act_dst = my_r * kTileBytesPerToken + ((my_c ^ (my_r % 8)) * 16);
+        const bool full_m = m0 + BT <= M;
+        const size_t token_step = (size_t)kTokenStep * K;
+        // Weight codes: 128 rows x 32 bytes = 256 copies, 2 per thread (physical row q / 2 to its
+        // logical slot, as gemm_sm90). Scales: the 512-byte 128x4 tile, by 32 threads.
+        const uint8_t* scale_src = sc + swizzle_offset(n0, 0, scale_cols) + p * 16;
+        for (int kt = 0; kt < ktiles; kt++) {
+            const int st = kt % kStages;
+            if (kt >= kStages) mbar_wait(&empty[st], ((kt / kStages) + 1) & 1);
+            uint8_t* dst = smem + st * kActBytes;
+            const __nv_bfloat16* src = act_src + kt * kBK;
+            const int gk = kt * kBK + my_c * 8;
+            const bool interior = full_m && (kt + 1) * kBK <= K;
+#pragma unroll
+            for (int i = 0; i < kChunks; i++) {
+                const bool ok = interior || (m0 + my_r + kTokenStep * i < M && gk < K);
+                cp_async16(dst + act_dst + i * kTokenStep * kTileBytesPerToken,
+                           ok ? (const void*)(src + i * token_step) : (const void*)x, ok);
+            }
+            uint8_t* cdst = codes_smem + st * kCodeBytes;
+#pragma unroll
+            for (int j = 0; j < kRows * 2 / kWsProducerThreads; j++) {
+                const int q = p + kWsProducerThreads * j, row = q / 2, h = q % 2;
+                cp_async16(cdst + logical_row<0>(row) * (kBK / 2) + h * 16,
+                           w + (size_t)(n0 + row) * row_bytes + h * 16 + kt * (kBK / 2), true);
+            }
+            if (p < 32) cp_async16(scales_smem + st * 512 + p * 16, scale_src + (size_t)kt * 512, true);
+            mbar_arrive_cp_async(&full[st]);
+        }
+        cp_async_wait<0>();  // nothing left in flight when the warpgroup exits
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kWsConsumerRegs));
+
+    // Consumer warpgroups: this thread's two weight rows and their scale words, as gemm_sm90.
+    const int wg = warp / 4, wq = warp % 4, g = lane / 4, t = lane % 4;
+    const uint32_t sh = 8u * t;
+    const int r_lo = wg * 64 + wq * 16 + g, r_hi = r_lo + 8;
+    const int n_lo = n0 + r_lo, n_hi = n0 + r_hi;
+    const int sw_lo = swizzle_offset(physical_row<0>(r_lo), 0, 4), sw_hi = swizzle_offset(physical_row<0>(r_hi), 0, 4);
+
+    auto dequant = [&](int st, uint32_t (&a)[4][4]) {
+        const uint8_t* cs = codes_smem + st * kCodeBytes;
+        const uint4 lo0 = *reinterpret_cast<const uint4*>(cs + r_lo * (kBK / 2));
+        const uint4 lo1 = *reinterpret_cast<const uint4*>(cs + r_lo * (kBK / 2) + 16);
+        const uint4 hi0 = *reinterpret_cast<const uint4*>(cs + r_hi * (kBK / 2));
+        const uint4 hi1 = *reinterpret_cast<const uint4*>(cs + r_hi * (kBK / 2) + 16);
+        uint32_t s_lo[4], s_hi[4];
+        scale_pairs(*reinterpret_cast<const uint32_t*>(scales_smem + st * 512 + sw_lo), s_lo);
+        scale_pairs(*reinterpret_cast<const uint32_t*>(scales_smem + st * 512 + sw_hi), s_hi);
+        const uint32_t w_lo[8] = {lo0.x, lo0.y, lo0.z, lo0.w, lo1.x, lo1.y, lo1.z, lo1.w};
+        const uint32_t w_hi[8] = {hi0.x, hi0.y, hi0.z, hi0.w, hi1.x, hi1.y, hi1.z, hi1.w};
+#pragma unroll
+        for (int s = 0; s < 4; s++) {
+            a[s][0] = dequant_pair(w_lo[2 * s], sh, s_lo[s]);
+            a[s][1] = dequant_pair(w_hi[2 * s], sh, s_hi[s]);
+            a[s][2] = dequant_pair(w_lo[2 * s + 1], sh, s_lo[s]);
+            a[s][3] = dequant_pair(w_hi[2 * s + 1], sh, s_hi[s]);
+        }
+    };
+
+    float acc[kAcc];
+#pragma unroll
+    for (int i = 0; i < kAcc; i++) acc[i] = 0.0f;
+    uint32_t a0[4][4], a1[4][4];
+    mbar_wait(&full[0], 0);
+    dequant(0, a0);
+
+    // Tile kt: its wgmmas from `cur`; once tile kt - 1's wgmmas are done its stage goes back to
+    // the producer; then tile kt + 1 is dequantized into `next` while tile kt's wgmmas run.
+    // (No proxy fence between the cp.async data and wgmma, as in gemm_sm90.)
+    auto step = [&](int kt, uint32_t (&cur)[4][4], uint32_t (&next)[4][4]) {
+        const uint32_t stage = smem_addr(smem + (kt % kStages) * kActBytes);
+        wgmma_fence();
+#pragma unroll
+        for (int s = 0; s < 4; s++) {
+            const uint64_t d = desc_sw128(stage + s * 32);
+            if constexpr (BT == 256) wgmma_m64n256k16_rs(acc, cur[s], d);
+            else wgmma_m64n128k16_rs(acc, cur[s], d);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+        if (kt > 0 && tid % 128 == 0) mbar_arrive(&empty[(kt - 1) % kStages]);
+        if (kt + 1 < ktiles) {
+            mbar_wait(&full[(kt + 1) % kStages], ((kt + 1) / kStages) & 1);
+            dequant((kt + 1) % kStages, next);
+        }
+    };
+    for (int kt = 0; kt < ktiles; kt += 2) {
+        step(kt, a0, a1);
+        if (kt + 1 < ktiles) step(kt + 1, a1, a0);
+    }
+    wgmma_wait<0>();
+
+    const float out_scale = alpha * kScaleBias;
+    if constexpr (sizeof(OutT) == 2) {
+        if (N % 8 == 0) {
+            // 16-bit outputs: the tile goes through shared memory (the activation stages are free
+            // once both warpgroups are past their last wgmma) as [token][128 rows], 16-byte stores
+            // by stmatrix with transposition, then each token's row of output features leaves in
+            // one bulk copy: contiguous global writes where direct stores wrote 2 bytes per token
+            // and row. Rows kEpiStride bytes apart so the 8 rows of a stmatrix hit 8 bank groups.
+            constexpr int kEpiStride = kRows * 2 + 16;
+            static_assert(BT * kEpiStride <= kStages * kActBytes, "epilogue tile fits the stages");
+            consumers_sync();
+            const uint32_t ys = smem_addr(smem);
+            const int q = lane / 8, row_off = wg * 64 + wq * 16 + (q % 2) * 8;
+#pragma unroll
+            for (int j = 0; j < BT / 8; j += 2) {
+                uint32_t r[4];
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    r[2 * h] = pack2<OutT>(acc[4 * (j + h)] * out_scale, acc[4 * (j + h) + 1] * out_scale);
+                    r[2 * h + 1] = pack2<OutT>(acc[4 * (j + h) + 2] * out_scale, acc[4 * (j + h) + 3] * out_scale);
+                }
+                const int token = 8 * (j + q / 2) + lane % 8;
+                stmatrix_x4_trans(ys + token * kEpiStride + row_off * 2, r);
+            }
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the bulk copies
+            consumers_sync();
+            if (tid < BT && m0 + tid < M) {
+                const uint32_t bytes = (uint32_t)min(kRows, N - n0) * 2;
+                asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(y + (size_t)(m0 + tid) * N + n0),
+                             "r"(ys + tid * kEpiStride), "r"(bytes)
+                             : "memory");
+                asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+                asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // shared memory read before exit
+            }
+            return;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < BT / 8; j++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int m = m0 + 8 * j + 2 * t + (e & 1);
+            int n = (e & 2) ? n_hi : n_lo;
+            if (m < M && n < N) y[(size_t)m * N + n] = from_float<OutT>(acc[4 * j + e] * out_scale);
+        }
+    }
+}
 }  // namespace
 
 // Dynamic shared memory: kStages x (activation tile, weight codes, scales) plus 1024 bytes to align
@@ -252,6 +513,19 @@ GEMM_SM90(128, __half, f16)
 GEMM_SM90(256, float, f32)
 GEMM_SM90(256, __nv_bfloat16, bf16)
 GEMM_SM90(256, __half, f16)
+
+#define GEMM_SM90_WS(BT, T, TNAME)                                                                       \
+    extern "C" __global__ void __launch_bounds__(kWsThreads, 1) nvfp4_gemm_sm90ws_bt##BT##_##TNAME(     \
+        const __nv_bfloat16* x, const uint8_t* w, const uint8_t* sc, T* y, int M, int N, int K,           \
+        int row_bytes, int scale_cols, float alpha) {                                                     \
+        gemm_sm90_ws<BT, T>(x, w, sc, y, M, N, K, row_bytes, scale_cols, alpha);                          \
+    }
+GEMM_SM90_WS(128, float, f32)
+GEMM_SM90_WS(128, __nv_bfloat16, bf16)
+GEMM_SM90_WS(128, __half, f16)
+GEMM_SM90_WS(256, float, f32)
+GEMM_SM90_WS(256, __nv_bfloat16, bf16)
+GEMM_SM90_WS(256, __half, f16)
 
 // ---------------------------------------------------------------------------------------------
 // Small-M product (M <= 16 tokens) on Hopper: memory-bound, so the aim is to stream the 4.5-bit

@@ -437,3 +437,42 @@ fn sharded_wan_transformers_match_diffusers_and_one_rank() {
         }
     }
 }
+
+/// NVFP4 layers under CFG parallelism (2 ranks) and CFG x sequence parallelism (4 ranks): the
+/// guided output of a tiny TI2V-shaped Wan with random NVFP4 linears in every block equals the
+/// single-rank output exactly, in W4A16 and W4A4 (each rank quantizes its own tokens' activations
+/// per 16-element block, which sharding by tokens leaves unchanged).
+#[test]
+fn nvfp4_layers_sharded_equal_one_rank() {
+    use candiff::models::wan::{WanConfig, WanTransformer};
+    use candiff::nvfp4::{ActMode, Backend};
+    let dir = fixtures().join("wan22_tiny").join("transformer_ti2v");
+    let cfg = WanConfig::from_file(&dir.join("config.json")).unwrap();
+    let (f, h, w) = (3, 8, 8);
+    let x = data(&[1, cfg.in_channels, f, h, w], 1);
+    let cond = data(&[1, 7, cfg.text_dim], 2);
+    let uncond = data(&[1, 7, cfg.text_dim], 3);
+    let t = Tensor::new(&[900f32], &Device::Cpu).unwrap();
+    const GUIDANCE: f64 = 5.0;
+    for mode in [ActMode::W4A16, ActMode::W4A4] {
+        let opts = Nvfp4Options { backend: Backend::Trtllm, mode };
+        // Each rank builds its own model, as `bench wan-step --gpus` does.
+        let step = |world: Option<&candiff::parallel::Group>| -> candle_core::Result<Vec<f32>> {
+            let wb = WeightBuilder::synthetic(DType::F32, &Device::Cpu, vec!["blocks.".into()], opts);
+            let model = WanTransformer::new(&cfg, &wb)?;
+            let plan = Plan::of(world, cfg.num_attention_heads, true)?;
+            let (c, u) = plan.guided(true, |b| {
+                model.forward_sharded(&x, &t, if b == 0 { &cond } else { &uncond }, DType::F32, plan.sp.as_ref())
+            })?;
+            let u = u.expect("guided");
+            Ok(flat(&(&u + ((c - &u)? * GUIDANCE)?)?))
+        };
+        let one = step(None).unwrap();
+        assert!(one.iter().any(|v| *v != 0.0), "{mode}: the output is all zero");
+        for n in [2, 4] {
+            for (r, o) in launch(&cpu(n), DEFAULT_TIMEOUT, |rank| step(Some(&rank.world))).unwrap().iter().enumerate() {
+                assert_eq!(o, &one, "{mode}: rank {r} of {n} differs from one rank");
+            }
+        }
+    }
+}

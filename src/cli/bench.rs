@@ -386,9 +386,17 @@ fn scaling(
                 let step = make(&rank.device, Some(&rank.world))?;
                 log::info!("rank {} of {n}: built in {:.1}s", rank.index(), t0.elapsed().as_secs_f64());
                 let bw = probe_bandwidth(&rank.world, &rank.device)?;
-                let (ms, out) = time(&step, &|| rank.world.fence(), rank.index(), &rank.device)?;
+                // The exchange's fence covers communication; ranks sharing a GPU in one process
+                // (in-process hand-over) also need the device's queue drained to time a step.
+                let fence = || {
+                    rank.world.fence()?;
+                    rank.device.synchronize()
+                };
+                let (ms, out) = time(&step, &fence, rank.index(), &rank.device)?;
+                log::debug!("rank {} of {n}: timed", rank.index());
                 Ok((ms, out, bw))
             })?;
+            log::debug!("all {n} ranks returned");
             let (ms, out, bw) = all.swap_remove(0);
             println!("  {n} ranks: all-to-all of {} MiB pieces, {:.1} GB/s sent per rank", PROBE_BYTES >> 20, bw / 1e9);
             bandwidth = Some(bw);

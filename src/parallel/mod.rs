@@ -894,6 +894,7 @@ pub fn launch<T: Send>(
                         if let Err(e) = &r {
                             health.fail(i, e.to_string());
                         }
+                        log::debug!("rank {i}: finished ({})", if r.is_ok() { "ok" } else { "error" });
                         done.store(true, Ordering::Release);
                         r
                     })
