@@ -74,13 +74,11 @@ const GEMM_THREADS: u32 = 256;
 /// per output column and `GEMV_WARPS` warps per block.
 const GEMV_MAX_M: usize = 16;
 const GEMV_WARPS: u32 = 8;
-/// Output features per CTA of the sm_90 wgmma GEMM (`kRows`), its block size (cp.async form
-/// `kThreads`; warp-specialized form `kWsThreads`: a producer warpgroup and two consumers), its
-/// pipeline depth (`kStages`), the bytes one token takes in a 64-wide K tile, and the weight bytes
-/// of a tile (128 rows x 32 code bytes + one 512-byte scale tile).
+/// Output features per CTA of the sm_90 wgmma GEMM (`kRows`), its block size, its pipeline depth
+/// (`kStages`), the bytes one token takes in a 64-wide K tile, and the weight bytes of a tile (128
+/// rows x 32 code bytes + one 512-byte scale tile).
 const SM90_ROWS: u32 = 128;
 const SM90_THREADS: u32 = 256;
-const SM90_WS_THREADS: u32 = 384;
 const SM90_STAGES: u32 = 5;
 const SM90_TILE_BYTES_PER_TOKEN: u32 = 128;
 const SM90_WEIGHT_TILE_BYTES: u32 = 128 * 32 + 512;
@@ -515,20 +513,6 @@ fn use_wgmma(dev: &CudaDevice, k: usize) -> Result<bool> {
     }
 }
 
-/// Which form of the sm_90 wgmma GEMM runs (`CANDIFF_SM90_GEMM`): `pipe` (every thread copies
-/// and multiplies, one CTA barrier per K tile; the default) or `ws` (warp-specialized, an
-/// experiment: slower, and one wrong result seen, docs/PERF.md session 12).
-fn sm90_warp_specialized() -> Result<bool> {
-    // Read once per process, as CANDIFF_TRTLLM_GEMM: consulted on every linear.
-    static CHOICE: OnceLock<std::result::Result<bool, String>> = OnceLock::new();
-    let choice = CHOICE.get_or_init(|| match std::env::var("CANDIFF_SM90_GEMM").as_deref() {
-        Err(_) | Ok("") | Ok("pipe") => Ok(false),
-        Ok("ws") => Ok(true),
-        Ok(other) => Err(format!("CANDIFF_SM90_GEMM={other}: expected pipe or ws")),
-    });
-    choice.clone().map_err(|e| CandiffError::Unsupported(e).into())
-}
-
 /// Tokens per CTA of the wgmma kernel: 256 (more work per dequantized weight) when that still
 /// gives at least half as many CTAs as SMs, else 128 (measured on an H200, docs/PERF.md).
 /// `CANDIFF_SM90_TOKENS` = 128 or 256 overrides it.
@@ -615,18 +599,16 @@ fn sm90_gemm(call: &GemmCall) -> Result<CudaStorage> {
     check_sm90_weight(call, "nvfp4 sm90 gemm")?;
     let GemmCall { op, dev, m, .. } = *call;
     let bt = sm90_tokens_per_cta(dev, m, op.n)?;
-    let ws = sm90_warp_specialized()?;
     let smem = SM90_STAGES * (bt * SM90_TILE_BYTES_PER_TOKEN + SM90_WEIGHT_TILE_BYTES) + SM90_ALIGN_SLACK;
     let cfg = LaunchConfig {
         grid_dim: ((op.n as u32).div_ceil(SM90_ROWS), (m as u32).div_ceil(bt), 1),
-        block_dim: (if ws { SM90_WS_THREADS } else { SM90_THREADS }, 1, 1),
+        block_dim: (SM90_THREADS, 1, 1),
         shared_mem_bytes: smem,
     };
     // The weight holds ceil(N / 128) x 128 rows of whole 64-wide K tiles (checked above), as the
     // kernel reads them.
     launch_gemm(call, cfg, "nvfp4 sm90 gemm", |suffix| {
-        let form = if ws { "sm90ws" } else { "sm90" };
-        let name = format!("nvfp4_gemm_{form}_bt{bt}_{suffix}");
+        let name = format!("nvfp4_gemm_sm90_bt{bt}_{suffix}");
         let f = function_in(dev, Kernels::Sm90, &name)?;
         // More than the default 48 KiB of dynamic shared memory: allowed once per function.
         static RAISED: OnceLock<Mutex<std::collections::HashSet<(DeviceId, String)>>> = OnceLock::new();
