@@ -783,6 +783,20 @@ pub const TWO_ROUNDINGS_TOL: f32 = 2e-2;
 pub fn check_exchange(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
     use crate::parallel::{attend, launch, Placement, SeqParallel, DEFAULT_TIMEOUT};
     let mut out = Vec::new();
+    // Ranks sharing a GPU must enqueue to one stream of their own (`parallel::launch`): on Candle's
+    // per-thread default stream each rank thread would get a different stream, unordered against
+    // the others (wrong outputs, docs/PERF.md sessions 12-13).
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = device {
+        /// `CU_STREAM_PER_THREAD` of cuda.h.
+        const PER_THREAD_STREAM: usize = 0x2;
+        let streams = launch(&Placement::Shared(2, device.clone()), DEFAULT_TIMEOUT, |rank| match &rank.device {
+            Device::Cuda(d) => Ok(d.cuda_stream().cu_stream() as usize),
+            _ => candle_core::bail!("a rank of a run on the GPU is not on the GPU"),
+        })?;
+        let one = streams.iter().all(|&s| s == streams[0] && s != PER_THREAD_STREAM);
+        out.push(CheckResult::new("2 ranks sharing the GPU enqueue to one stream".into(), if one { 0.0 } else { 1.0 }, 0.0));
+    }
     // (ranks, batch, heads, head size, segments, dtype, q as a transposed view)
     let cases = [
         (2, 1, 24, 128, vec![37, 300], DType::BF16, true),
@@ -802,6 +816,8 @@ pub fn check_exchange(device: &Device) -> candle_core::Result<Vec<CheckResult>> 
             let (q, k, v) = (draw(1)?, draw(2)?, draw(3)?);
             let outs = launch(&Placement::Shared(n, dev.clone()), DEFAULT_TIMEOUT, |rank| {
                 let sp = SeqParallel::new(rank.world.clone(), &segments);
+                // Onto the ranks' own device (on a GPU, the stream they share).
+                let (q, k, v) = (q.to_device(&rank.device)?, k.to_device(&rank.device)?, v.to_device(&rank.device)?);
                 let mine = |t: &Tensor, view: bool| -> candle_core::Result<Tensor> {
                     let mut parts = Vec::new();
                     let mut start = 0;

@@ -104,8 +104,8 @@ pub struct WanStepArgs {
     pub gpus: Vec<usize>,
     /// With --gpus: run the ranks on GPU 0 together (in-process exchange) instead of one per
     /// GPU: checks the sharded outputs where fewer GPUs exist; the times are not a scaling measure.
-    /// Known defect: there, FLUX (Ulysses) and fp8 outputs differ from one rank's (docs/PERF.md,
-    /// session 12); bf16 and W4A16 Wan agree exactly.
+    /// All ranks enqueue to one stream, so with --baseline-row-split N the outputs must equal the
+    /// baseline's exactly.
     #[arg(long)]
     pub shared: bool,
     #[arg(long, default_value = "cuda:0")]
@@ -179,8 +179,8 @@ pub struct FluxStepArgs {
     pub baseline_row_split: usize,
     /// With --gpus: run the ranks on GPU 0 together (in-process exchange) instead of one per
     /// GPU: checks the sharded outputs where fewer GPUs exist; the times are not a scaling measure.
-    /// Known defect: there, FLUX (Ulysses) and fp8 outputs differ from one rank's (docs/PERF.md,
-    /// session 12); bf16 and W4A16 Wan agree exactly.
+    /// All ranks enqueue to one stream, so with --baseline-row-split N the outputs must equal the
+    /// baseline's exactly.
     #[arg(long)]
     pub shared: bool,
     #[arg(long, default_value = "cuda:0")]
@@ -381,9 +381,6 @@ fn scaling(
             anyhow::bail!("--gpus counts must be at least 1")
         } else {
             let placement = if shared {
-                log::warn!(
-                    "{n} ranks sharing GPU 0: FLUX (Ulysses) and fp8 outputs are known to differ from one rank's there (docs/PERF.md, session 12); separate GPUs agree"
-                );
                 Placement::Shared(n, crate::cuda_support::cuda_device(0, false)?)
             } else {
                 Placement::Gpus(n)

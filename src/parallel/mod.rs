@@ -820,12 +820,16 @@ pub fn launch<T: Send>(
         return Err(CandiffError::Parallel("a run needs at least one rank".into()).into());
     }
     let health = Arc::new(Health::new(n));
-    let ranks: Vec<(Device, Arc<dyn Transport>)> = match placement {
-        Placement::Shared(_, device) => local::LocalTransport::create(n, health.clone(), timeout)
+    let shared = match placement {
+        Placement::Shared(_, device) => Some(shared_device(device)?),
+        Placement::Gpus(_) => None,
+    };
+    let ranks: Vec<(Device, Arc<dyn Transport>)> = match &shared {
+        Some(device) => local::LocalTransport::create(n, health.clone(), timeout)
             .into_iter()
             .map(|t| (device.clone(), Arc::new(t) as Arc<dyn Transport>))
             .collect(),
-        Placement::Gpus(_) => gpu_ranks(n, health.clone(), timeout)?,
+        None => gpu_ranks(n, health.clone(), timeout)?,
     };
     let fault: Option<usize> = std::env::var(FAULT_ENV).ok().and_then(|v| v.parse().ok());
     let transports: Vec<Arc<dyn Transport>> = ranks.iter().map(|(_, t)| t.clone()).collect();
@@ -917,7 +921,29 @@ pub fn launch<T: Send>(
     if let Some((r, why)) = health.failure() {
         return Err(CandiffError::Parallel(format!("rank {r} of {n} failed: {why}")).into());
     }
+    // The ranks' results go back to the caller's stream: finish the shared one's work first.
+    if let Some(device) = &shared {
+        device.synchronize()?;
+    }
     results.into_iter().map(|r| r.expect("no failure recorded")).collect()
+}
+
+/// The device ranks sharing `device` run on: on a GPU, one stream of its own that every rank
+/// thread enqueues to, so their work is ordered exactly as one thread's would be. Candle's plain
+/// CUDA device uses the *per-thread* default stream; handed to several threads it would give
+/// each rank its own stream, and then the in-process exchange (a rank reading another's buffer),
+/// the per-device cuBLASLt and cuDNN workspaces and the cuBLAS handle would all be used from
+/// several streams at once without ordering: wrong results, varying from run to run (what
+/// docs/PERF.md session 12 measured). What the caller queued on `device` is finished first, so
+/// the ranks can read it.
+fn shared_device(device: &Device) -> Result<Device> {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => {
+            device.synchronize()?;
+            crate::cuda_support::cuda_device(gpu_id, true)
+        }
+        _ => Ok(device.clone()),
+    }
 }
 
 /// `f` on `device` alone, or on every rank of `placement` with rank 0's result returned (the
