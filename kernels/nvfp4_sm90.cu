@@ -17,7 +17,14 @@
 // bits and lies in [2^-17, 21], and the epilogue multiplies by alpha x 2^7.
 //
 // A warp-specialized form (producer warpgroup, mbarriers, setmaxnreg; commit 5b0b4db) was 15-25%
-// slower at M >= 1024 and gave one wrong result (docs/PERF.md, session 12): this form stays.
+// slower at M >= 1024 and gave one wrong result (docs/PERF.md, session 12), a third register set
+// for the A fragments slower too (session 13): this form stays.
+//
+// Tiles (128 features x BT tokens) are numbered feature block fastest. One launch takes tiles
+// tile0 .. tile0 + gridDim.x - 1 over all of K; with splits > 1 (the last, partly filled wave of a
+// large product) CTA b takes tile tile0 + b / splits over the K tiles of part b % splits and
+// stores its f32 sums in `part` ([CTA][token][feature]), which `nvfp4_sm90_tail_sum` adds up in a
+// fixed order (deterministic) and writes to y.
 
 #include <cuda_fp8.h>
 
@@ -100,7 +107,8 @@ __device__ __forceinline__ void scale_pairs(uint32_t word, uint32_t (&out)[4]) {
 template <int BT, typename OutT>
 __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w,
                                           const uint8_t* __restrict__ sc, OutT* __restrict__ y, int M, int N,
-                                          int K, int row_bytes, int scale_cols, float alpha) {
+                                          int K, int row_bytes, int scale_cols, float alpha, int tile0,
+                                          int splits, float* __restrict__ part) {
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     // The 128-byte swizzle pattern repeats every 1024 bytes: activation stages start on that
     // boundary; the weight codes and scales of each stage follow all activation stages.
@@ -114,8 +122,13 @@ __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, c
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int wg = warp / 4, wq = warp % 4, g = lane / 4, t = lane % 4;
-    const int n0 = blockIdx.x * kRows, m0 = blockIdx.y * BT;
-    const int ktiles = (K + kBK - 1) / kBK;
+    const int feature_blocks = (N + kRows - 1) / kRows;
+    const int tile = tile0 + (int)blockIdx.x / splits, part_k = (int)blockIdx.x % splits;
+    const int n0 = (tile % feature_blocks) * kRows, m0 = (tile / feature_blocks) * BT;
+    // This CTA's K tiles [kb, ke) (all of them without a split; an empty range leaves zero sums).
+    const int ktiles_all = (K + kBK - 1) / kBK;
+    const int per_part = (ktiles_all + splits - 1) / splits;
+    const int kb = min(ktiles_all, part_k * per_part), ktiles = min(ktiles_all, kb + per_part);
     const uint32_t sh = 8u * t;  // this thread's byte within each 4-byte code word
 
     // Copies of one K tile's weight bytes: thread tid takes 16 bytes of physical row n0 + tid / 2
@@ -191,12 +204,12 @@ __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, c
     // Prologue: tiles 0 .. kStages-3 in flight; tile 0's weights dequantized.
 #pragma unroll
     for (int s = 0; s < kStages - 2; s++) {
-        if (s < ktiles) load_tile(s, s);
+        if (kb + s < ktiles) load_tile(kb + s, (kb + s) % kStages);
         cp_async_commit();
     }
     cp_async_wait<kStages - 3>();
     __syncthreads();
-    dequant(0, a0);
+    if (kb < ktiles) dequant(kb % kStages, a0);
 
     // One K tile: wait until tiles kt and kt + 1 are in, refill the stage freed two tiles ago,
     // issue tile kt's four wgmmas, then (while they run) dequantize tile kt + 1's weights into
@@ -220,11 +233,21 @@ __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, c
         wgmma_wait<1>();  // tile kt - 1 done: `next` may be overwritten
         if (kt + 1 < ktiles) dequant((kt + 1) % kStages, next);
     };
-    for (int kt = 0; kt < ktiles; kt += 2) {
+    for (int kt = kb; kt < ktiles; kt += 2) {
         step(kt, a0, a1);
         if (kt + 1 < ktiles) step(kt + 1, a1, a0);
     }
     wgmma_wait<0>();
+
+    if (splits > 1) {  // partial sums, unscaled: [token][feature] of this CTA's block of `part`
+        float* p = part + (size_t)blockIdx.x * kRows * BT;
+#pragma unroll
+        for (int j = 0; j < BT / 8; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) p[(8 * j + 2 * t + (e & 1)) * kRows + ((e & 2) ? r_hi : r_lo)] = acc[4 * j + e];
+        }
+        return;
+    }
 
     // Accumulator (row g or g+8 of the warp's 16, token 8j + 2t + {0,1}) -> y[token, n].
     const float out_scale = alpha * kScaleBias;
@@ -242,12 +265,12 @@ __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, c
 }  // namespace
 
 // Dynamic shared memory: kStages x (activation tile, weight codes, scales) plus 1024 bytes to align
-// the first activation tile.
+// the first activation tile. 1-D grid of tiles (see the top of the file).
 #define GEMM_SM90(BT, T, TNAME)                                                                          \
     extern "C" __global__ void __launch_bounds__(kThreads, 1) nvfp4_gemm_sm90_bt##BT##_##TNAME(        \
         const __nv_bfloat16* x, const uint8_t* w, const uint8_t* sc, T* y, int M, int N, int K,           \
-        int row_bytes, int scale_cols, float alpha) {                                                     \
-        gemm_sm90<BT, T>(x, w, sc, y, M, N, K, row_bytes, scale_cols, alpha);                             \
+        int row_bytes, int scale_cols, float alpha, int tile0, int splits, float* part) {                 \
+        gemm_sm90<BT, T>(x, w, sc, y, M, N, K, row_bytes, scale_cols, alpha, tile0, splits, part);        \
     }
 GEMM_SM90(128, float, f32)
 GEMM_SM90(128, __nv_bfloat16, bf16)
@@ -255,6 +278,30 @@ GEMM_SM90(128, __half, f16)
 GEMM_SM90(256, float, f32)
 GEMM_SM90(256, __nv_bfloat16, bf16)
 GEMM_SM90(256, __half, f16)
+
+// The split tiles' sums: one thread per (tile, token, feature), features fastest (coalesced reads
+// of `part` and writes of y), the parts added in order; scaled as the unsplit epilogue scales.
+template <typename OutT>
+__device__ __forceinline__ void tail_sum(const float* __restrict__ part, OutT* __restrict__ y, int M, int N, int bt,
+                                         int tile0, int tiles, int splits, float alpha) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)tiles * bt * kRows) return;
+    const int r = (int)(i % kRows), tok = (int)(i / kRows % bt), ti = (int)(i / ((size_t)kRows * bt));
+    const int feature_blocks = (N + kRows - 1) / kRows, tile = tile0 + ti;
+    const int n = (tile % feature_blocks) * kRows + r, m = (tile / feature_blocks) * bt + tok;
+    if (m >= M || n >= N) return;
+    float s = 0.0f;
+    for (int p = 0; p < splits; p++) s += part[((size_t)(ti * splits + p) * bt + tok) * kRows + r];
+    y[(size_t)m * N + n] = from_float<OutT>(s * (alpha * kScaleBias));
+}
+#define TAIL_SUM(T, TNAME)                                                                                 \
+    extern "C" __global__ void nvfp4_sm90_tail_sum_##TNAME(const float* part, T* y, int M, int N, int bt,   \
+                                                           int tile0, int tiles, int splits, float alpha) { \
+        tail_sum<T>(part, y, M, N, bt, tile0, tiles, splits, alpha);                                        \
+    }
+TAIL_SUM(float, f32)
+TAIL_SUM(__nv_bfloat16, bf16)
+TAIL_SUM(__half, f16)
 
 // ---------------------------------------------------------------------------------------------
 // Small-M product (M <= 16 tokens) on Hopper: memory-bound, so the aim is to stream the 4.5-bit

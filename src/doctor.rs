@@ -795,7 +795,11 @@ pub fn check_exchange(device: &Device) -> candle_core::Result<Vec<CheckResult>> 
             _ => candle_core::bail!("a rank of a run on the GPU is not on the GPU"),
         })?;
         let one = streams.iter().all(|&s| s == streams[0] && s != PER_THREAD_STREAM);
-        out.push(CheckResult::new("2 ranks sharing the GPU enqueue to one stream".into(), if one { 0.0 } else { 1.0 }, 0.0));
+        out.push(CheckResult::new(
+            "2 ranks sharing the GPU enqueue to one stream".into(),
+            if one { 0.0 } else { 1.0 },
+            0.0,
+        ));
     }
     // (ranks, batch, heads, head size, segments, dtype, q as a transposed view)
     let cases = [

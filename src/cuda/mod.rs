@@ -17,7 +17,7 @@ use half::{bf16, f16};
 use crate::error::CandiffError;
 use crate::nvfp4::layout::LayoutKind;
 use crate::nvfp4::linear::Nvfp4Matmul;
-use crate::nvfp4::{ActMode, Backend};
+use crate::nvfp4::{tiling, ActMode, Backend};
 
 static NVFP4_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nvfp4.fatbin"));
 static FUSED_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused.fatbin"));
@@ -77,7 +77,7 @@ const GEMV_WARPS: u32 = 8;
 /// Output features per CTA of the sm_90 wgmma GEMM (`kRows`), its block size, its pipeline depth
 /// (`kStages`), the bytes one token takes in a 64-wide K tile, and the weight bytes of a tile (128
 /// rows x 32 code bytes + one 512-byte scale tile).
-const SM90_ROWS: u32 = 128;
+const SM90_ROWS: u32 = tiling::SM90_ROWS as u32;
 const SM90_THREADS: u32 = 256;
 const SM90_STAGES: u32 = 5;
 const SM90_TILE_BYTES_PER_TOKEN: u32 = 128;
@@ -451,7 +451,7 @@ pub fn nvfp4_linear_fwd(
     }
     debug_assert_eq!(op.kind, LayoutKind::Trtllm);
     if use_wgmma(&dev, op.k)? {
-        let y = if m <= GEMV_MAX_M { sm90_gemv(&call)? } else { sm90_gemm(&call)? };
+        let y = if m <= tiling::SM90_GEMV_MAX_M { sm90_gemv(&call)? } else { sm90_gemm(&call)? };
         return Ok((y, Shape::from(out_dims)));
     }
     let layout = "trtllm";
@@ -513,24 +513,27 @@ fn use_wgmma(dev: &CudaDevice, k: usize) -> Result<bool> {
     }
 }
 
-/// Tokens per CTA of the wgmma kernel: 256 (more work per dequantized weight) when that still
-/// gives at least half as many CTAs as SMs, else 128 (measured on an H200, docs/PERF.md).
-/// `CANDIFF_SM90_TOKENS` = 128 or 256 overrides it.
-fn sm90_tokens_per_cta(dev: &CudaDevice, m: usize, n: usize) -> Result<u32> {
+/// `CANDIFF_SM90_TOKENS` = 128 or 256: tokens per CTA of the wgmma kernel, overriding
+/// [`tiling::sm90_tokens_per_cta`]; `CANDIFF_SM90_TAIL=0`: no split of the last wave (both for
+/// measurements).
+fn sm90_overrides() -> Result<(Option<usize>, bool)> {
     // Read once per process, as CANDIFF_TRTLLM_GEMM: consulted on every linear.
-    static FORCED: OnceLock<std::result::Result<Option<u32>, String>> = OnceLock::new();
-    let forced = FORCED.get_or_init(|| match std::env::var("CANDIFF_SM90_TOKENS").as_deref() {
-        Ok("128") => Ok(Some(128)),
-        Ok("256") => Ok(Some(256)),
-        Err(_) | Ok("") => Ok(None),
-        Ok(other) => Err(format!("CANDIFF_SM90_TOKENS={other}: expected 128 or 256")),
+    static FORCED: OnceLock<std::result::Result<(Option<usize>, bool), String>> = OnceLock::new();
+    let forced = FORCED.get_or_init(|| {
+        let tokens = match std::env::var("CANDIFF_SM90_TOKENS").as_deref() {
+            Ok("128") => Some(128),
+            Ok("256") => Some(256),
+            Err(_) | Ok("") => None,
+            Ok(other) => return Err(format!("CANDIFF_SM90_TOKENS={other}: expected 128 or 256")),
+        };
+        let split_tail = match std::env::var("CANDIFF_SM90_TAIL").as_deref() {
+            Ok("0") => false,
+            Ok("1") | Err(_) | Ok("") => true,
+            Ok(other) => return Err(format!("CANDIFF_SM90_TAIL={other}: expected 0 or 1")),
+        };
+        Ok((tokens, split_tail))
     });
-    if let Some(bt) = forced.clone().map_err(CandiffError::Unsupported)? {
-        return Ok(bt);
-    }
-    let sms = device_props(dev)?.sms;
-    let ctas_256 = n.div_ceil(SM90_ROWS as usize) * m.div_ceil(256);
-    Ok(if 2 * ctas_256 >= sms { 256 } else { 128 })
+    Ok(forced.clone().map_err(CandiffError::Unsupported)?)
 }
 
 /// The Hopper kernels read whole 128-row tiles of whole 64-wide K tiles, as the trtllm layout pads
@@ -594,20 +597,42 @@ fn sm90_gemv_split(row_tiles: usize, chunks: usize, sms: usize) -> Result<u32> {
     Ok(split as u32)
 }
 
-/// The trtllm variant on Hopper: the weight dequantized in registers as wgmma's A operand.
+thread_local! {
+    /// SM count the wgmma GEMM's tiling decisions assume (0: the device's). `doctor` lowers it so
+    /// that its small products take the split-tail path too.
+    static SM90_POLICY_SMS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f` with the wgmma GEMM planning for a GPU of `sms` multiprocessors (checks of the
+/// split-tail path on small products).
+pub fn with_sm90_policy_sms<R>(sms: usize, f: impl FnOnce() -> R) -> R {
+    let before = SM90_POLICY_SMS.with(|c| c.replace(sms));
+    let r = f();
+    SM90_POLICY_SMS.with(|c| c.set(before));
+    r
+}
+
+fn sm90_policy_sms(dev: &CudaDevice) -> Result<usize> {
+    match SM90_POLICY_SMS.with(|c| c.get()) {
+        0 => Ok(device_props(dev)?.sms),
+        n => Ok(n),
+    }
+}
+
+/// The trtllm variant on Hopper: the weight dequantized in registers as wgmma's A operand; the
+/// last wave split along K where it would run mostly empty ([`tiling::sm90_plan`]).
 fn sm90_gemm(call: &GemmCall) -> Result<CudaStorage> {
     check_sm90_weight(call, "nvfp4 sm90 gemm")?;
-    let GemmCall { op, dev, m, .. } = *call;
-    let bt = sm90_tokens_per_cta(dev, m, op.n)?;
+    let GemmCall { op, dev, x, w, sc, m, out_dtype } = *call;
+    let (forced_tokens, split_tail) = sm90_overrides()?;
+    let plan = tiling::sm90_plan(m, op.n, op.k, sm90_policy_sms(dev)?, forced_tokens, split_tail);
+    let (tiles, tail, parts) = (plan.tiles, plan.tail, plan.parts);
+    let bt = plan.tokens_per_cta as u32;
     let smem = SM90_STAGES * (bt * SM90_TILE_BYTES_PER_TOKEN + SM90_WEIGHT_TILE_BYTES) + SM90_ALIGN_SLACK;
-    let cfg = LaunchConfig {
-        grid_dim: ((op.n as u32).div_ceil(SM90_ROWS), (m as u32).div_ceil(bt), 1),
-        block_dim: (SM90_THREADS, 1, 1),
-        shared_mem_bytes: smem,
-    };
-    // The weight holds ceil(N / 128) x 128 rows of whole 64-wide K tiles (checked above), as the
-    // kernel reads them.
-    launch_gemm(call, cfg, "nvfp4 sm90 gemm", |suffix| {
+    let stream = dev.cuda_stream();
+    let (m_i, n_i, k_i, rb, scols, alpha) =
+        (m as i32, op.n as i32, op.k as i32, op.weight_row_bytes as i32, op.scale_cols as i32, op.alpha());
+    let kernel = |suffix: &str| -> Result<CudaFunction> {
         let name = format!("nvfp4_gemm_sm90_bt{bt}_{suffix}");
         let f = function_in(dev, Kernels::Sm90, &name)?;
         // More than the default 48 KiB of dynamic shared memory: allowed once per function.
@@ -619,6 +644,58 @@ fn sm90_gemm(call: &GemmCall) -> Result<CudaStorage> {
             raised.insert((dev.id(), name));
         }
         Ok(f)
+    };
+    let grid = |ctas: usize| LaunchConfig {
+        grid_dim: (ctas as u32, 1, 1),
+        block_dim: (SM90_THREADS, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    // The weight holds ceil(N / 128) x 128 rows of whole 64-wide K tiles (checked above), as the
+    // kernel reads them.
+    let whole = tiles - tail;
+    // SAFETY: the split tiles write every element of `part` (zero sums for an empty K range).
+    let mut part = unsafe { stream.alloc::<f32>((tail * parts * SM90_ROWS as usize * bt as usize).max(1)) }
+        .map_err(wrap("alloc"))?;
+    macro_rules! run {
+        ($t:ty, $suffix:literal, $variant:ident) => {{
+            let f = kernel($suffix)?;
+            // SAFETY: the whole tiles and the sums of the split ones cover every element of y.
+            let mut y = unsafe { stream.alloc::<$t>(m * op.n) }.map_err(wrap("alloc"))?;
+            for (tile0, ctas, splits) in [(0, whole, 1), (whole, tail * parts, parts)] {
+                if ctas == 0 {
+                    continue;
+                }
+                let (tile0, splits) = (tile0 as i32, splits as i32);
+                let mut b = stream.launch_builder(&f);
+                b.arg(x).arg(w).arg(sc).arg(&mut y).arg(&m_i).arg(&n_i).arg(&k_i).arg(&rb).arg(&scols).arg(&alpha);
+                b.arg(&tile0).arg(&splits).arg(&mut part);
+                // SAFETY: argument types match the kernel's signature; one CTA per tile or part.
+                unsafe { b.launch(grid(ctas)) }.map_err(wrap("nvfp4 sm90 gemm"))?;
+            }
+            if tail > 0 {
+                let f = function_in(dev, Kernels::Sm90, concat!("nvfp4_sm90_tail_sum_", $suffix))?;
+                let (bt_i, whole_i, tail_i, parts_i) = (bt as i32, whole as i32, tail as i32, parts as i32);
+                let mut b = stream.launch_builder(&f);
+                b.arg(&part)
+                    .arg(&mut y)
+                    .arg(&m_i)
+                    .arg(&n_i)
+                    .arg(&bt_i)
+                    .arg(&whole_i)
+                    .arg(&tail_i)
+                    .arg(&parts_i)
+                    .arg(&alpha);
+                // SAFETY: argument types match; one thread per (tile, token, feature) of the split tiles.
+                unsafe { b.launch(launch_1d(tail * bt as usize * SM90_ROWS as usize)) }
+                    .map_err(wrap("nvfp4 sm90 tail sum"))?;
+            }
+            CudaStorage { slice: CudaStorageSlice::$variant(y), device: dev.clone() }
+        }};
+    }
+    Ok(match out_dtype {
+        DType::F32 => run!(f32, "f32", F32),
+        DType::F16 => run!(f16, "f16", F16),
+        _ => run!(bf16, "bf16", BF16),
     })
 }
 

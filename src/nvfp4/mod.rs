@@ -7,6 +7,7 @@ pub mod fp8;
 pub mod layout;
 pub mod linear;
 pub mod quant;
+pub mod tiling;
 
 pub use checkpoint::Checkpoint;
 pub use config::{Nvfp4Plan, Overrides, ScaleLayout};

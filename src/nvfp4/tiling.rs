@@ -1,0 +1,123 @@
+//! How the Hopper wgmma W4A16 GEMM (`kernels/nvfp4_sm90.cu`) tiles a product: tokens per CTA and
+//! the split of a mostly empty last wave along K. Plain arithmetic, shared by the CUDA launch and
+//! the tests (which check, without a GPU, that `doctor`'s problems reach the split path).
+
+/// Output features per CTA (`kRows`).
+pub const SM90_ROWS: usize = 128;
+/// K per tile (`kBK`).
+pub const SM90_K_TILE: usize = 64;
+/// Up to this many tokens the GEMV kernel runs instead of the GEMM.
+pub const SM90_GEMV_MAX_M: usize = 16;
+/// Largest K split of the last wave's tiles, and the fewest K tiles a part keeps (its pipeline
+/// fills with 3 before the first wgmma).
+pub const SM90_MAX_TAIL_SPLIT: usize = 4;
+pub const SM90_MIN_TAIL_KTILES: usize = 4;
+
+/// The launch plan of one product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sm90Plan {
+    /// Tokens per CTA (128 or 256).
+    pub tokens_per_cta: usize,
+    /// Tiles of SM90_ROWS features x `tokens_per_cta` tokens.
+    pub tiles: usize,
+    /// The last tiles, each split into `parts` along K (0 and 1: no split).
+    pub tail: usize,
+    pub parts: usize,
+}
+
+/// Tokens per CTA: 256 (more work per dequantized weight) when that still gives at least half as
+/// many CTAs as SMs, else 128 (measured on an H200, docs/PERF.md); `forced` overrides it.
+pub fn sm90_tokens_per_cta(sms: usize, m: usize, n: usize, forced: Option<usize>) -> usize {
+    if let Some(bt) = forced {
+        return bt;
+    }
+    let ctas_256 = n.div_ceil(SM90_ROWS) * m.div_ceil(256);
+    if 2 * ctas_256 >= sms {
+        256
+    } else {
+        128
+    }
+}
+
+/// The plan for `m` tokens, `n` features and `k` inputs on `sms` multiprocessors (one CTA per SM
+/// at a time). The tiles left for a last wave, when that wave is at most half full, are split into
+/// parts along K (as many as fill the SMs, up to [`SM90_MAX_TAIL_SPLIT`]), so that wave takes a
+/// fraction of a wave's time; `split_tail = false` keeps every tile whole. At M = 4608 and
+/// N = 3072 on an H200 (132 SMs) 432 tiles leave 36, a last wave 27% full.
+pub fn sm90_plan(m: usize, n: usize, k: usize, sms: usize, forced_tokens: Option<usize>, split_tail: bool) -> Sm90Plan {
+    let tokens_per_cta = sm90_tokens_per_cta(sms, m, n, forced_tokens);
+    let tiles = n.div_ceil(SM90_ROWS) * m.div_ceil(tokens_per_cta);
+    let whole = Sm90Plan { tokens_per_cta, tiles, tail: 0, parts: 1 };
+    let tail = tiles % sms.max(1);
+    if !split_tail || tiles < sms || tail == 0 || 2 * tail > sms {
+        return whole;
+    }
+    let parts = (sms / tail).min(SM90_MAX_TAIL_SPLIT).min(k.div_ceil(SM90_K_TILE) / SM90_MIN_TAIL_KTILES);
+    if parts < 2 {
+        whole
+    } else {
+        Sm90Plan { tail, parts, ..whole }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// H200 multiprocessors.
+    const H200_SMS: usize = 132;
+
+    #[test]
+    fn flux_shapes_on_an_h200() {
+        // Single blocks' output projection (K 15360) and the square 3072 products at 4608 tokens:
+        // 432 tiles, 36 left after 3 waves, split in 3 (108 CTAs).
+        for k in [3072, 12288, 15360] {
+            let p = sm90_plan(4608, 3072, k, H200_SMS, None, true);
+            assert_eq!(p, Sm90Plan { tokens_per_cta: 256, tiles: 432, tail: 36, parts: 3 }, "K = {k}");
+        }
+        // 4096 image tokens (double blocks): 384 tiles, a last wave 91% full: no split.
+        assert_eq!(sm90_plan(4096, 3072, 3072, H200_SMS, None, true).parts, 1);
+        // QKV (N 9216) at 4608: 1296 tiles, 108 left (82% full): no split.
+        assert_eq!(sm90_plan(4608, 9216, 3072, H200_SMS, None, true).parts, 1);
+        // Off when asked, and below one wave.
+        assert_eq!(sm90_plan(4608, 3072, 3072, H200_SMS, None, false).parts, 1);
+        assert_eq!(sm90_plan(256, 3072, 3072, H200_SMS, None, true).parts, 1);
+        // Too few K tiles to split: K = 192 is 3 tiles.
+        assert_eq!(sm90_plan(4608, 3072, 192, H200_SMS, None, true).parts, 1);
+    }
+
+    #[test]
+    fn split_parts_fill_at_most_the_sms() {
+        for tiles_m in [300, 517, 1000, 4608, 9000] {
+            for n in [128, 640, 3072, 5120] {
+                for sms in [4, 7, 114, 132] {
+                    let p = sm90_plan(tiles_m, n, 4096, sms, None, true);
+                    assert!(p.tail * p.parts <= sms, "{p:?} on {sms} SMs");
+                    assert!(p.parts <= SM90_MAX_TAIL_SPLIT);
+                    if p.parts > 1 {
+                        assert!(p.tiles >= sms && 2 * p.tail <= sms, "{p:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// `doctor` checks the split path by planning its standard problems for a GPU of 4 SMs
+    /// (`cuda::with_sm90_policy_sms`): some of the products the GEMM (not the GEMV) runs must then
+    /// be split, with whole tiles before them.
+    #[test]
+    fn doctor_problems_reach_the_split_path() {
+        const DOCTOR_PLAN_SMS: usize = 4;
+        let problems = crate::doctor::Problem::standard_set(0, 4).expect("problems");
+        let split: Vec<String> = problems
+            .iter()
+            .filter(|p| p.m > SM90_GEMV_MAX_M)
+            .filter(|p| {
+                let plan = sm90_plan(p.m, p.n, p.k, DOCTOR_PLAN_SMS, None, true);
+                plan.parts > 1 && plan.tiles > plan.tail
+            })
+            .map(|p| p.label.clone())
+            .collect();
+        assert!(!split.is_empty(), "no doctor problem takes the split path");
+    }
+}
