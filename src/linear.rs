@@ -623,7 +623,7 @@ impl<'a> WeightBuilder<'a> {
         let mut twin = None;
         let mut l = self.load_linear(&module, in_dim, out_dim, bias)?;
         if let (Linear::Dense(d), Some(q)) = (&l, &self.hooks.quantize) {
-            if q.matches(&module) && in_dim % crate::nvfp4::format::GROUP_SIZE == 0 {
+            if q.matches(&module) && in_dim.is_multiple_of(crate::nvfp4::format::GROUP_SIZE) {
                 // Keyed by checkpoint too: the experts of a two-expert model share module names.
                 let key = match &self.source {
                     WeightSource::Checkpoint(c) => format!("{:?}:{module}", c.file_paths()),
@@ -662,7 +662,8 @@ impl<'a> WeightBuilder<'a> {
             WeightSource::Checkpoint(c) => c,
             WeightSource::Synthetic { nvfp4 } => {
                 let b = if bias { Some(self.vb.get(out_dim, "bias")?) } else { None };
-                if !nvfp4.iter().any(|p| module.contains(p.as_str())) || in_dim % crate::nvfp4::format::GROUP_SIZE != 0
+                if !nvfp4.iter().any(|p| module.contains(p.as_str()))
+                    || !in_dim.is_multiple_of(crate::nvfp4::format::GROUP_SIZE)
                 {
                     let w = self.vb.get((out_dim, in_dim), "weight")?;
                     return Ok(Linear::Dense(candle_nn::Linear::new(w, b)));

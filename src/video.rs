@@ -69,7 +69,7 @@ const TICKS_PER_FRAME: u32 = 1000;
 /// Writes `video` to `path` in the format its extension names; files appear only when complete.
 /// Returns the paths written.
 pub fn write(path: &Path, video: &Video, meta: &[(&str, String)]) -> CResult<Vec<PathBuf>> {
-    if video.frames() == 0 || video.width % 2 != 0 || video.height % 2 != 0 {
+    if video.frames() == 0 || !video.width.is_multiple_of(2) || !video.height.is_multiple_of(2) {
         return Err(CandiffError::Unsupported(format!(
             "cannot encode {} frames of {}x{} (need at least one frame, even sizes)",
             video.frames(),

@@ -486,7 +486,7 @@ fn wan_step(a: &WanStepArgs) -> anyhow::Result<()> {
         "ti2v-5b" => (WanConfig::ti2v_5b(), 16),
         o => anyhow::bail!("unknown --model `{o}` (a14b or ti2v-5b)"),
     };
-    anyhow::ensure!((a.frames - 1) % 4 == 0, "--frames must be 4k+1");
+    anyhow::ensure!((a.frames - 1).is_multiple_of(4), "--frames must be 4k+1");
     let (f, h, w) = ((a.frames - 1) / 4 + 1, a.height / spatial, a.width / spatial);
     if !a.gpus.is_empty() {
         let what = format!("wan {} {}x{}x{} guided step", a.model, a.width, a.height, a.frames);
@@ -614,7 +614,7 @@ fn wan_decode(a: &WanDecodeArgs) -> anyhow::Result<()> {
         "wan21" => WanVaeConfig::wan21(),
         o => anyhow::bail!("unknown --vae `{o}` (wan22 or wan21)"),
     };
-    anyhow::ensure!((a.frames - 1) % 4 == 0, "--frames must be 4k+1");
+    anyhow::ensure!((a.frames - 1).is_multiple_of(4), "--frames must be 4k+1");
     let s = cfg.spatial_factor();
     let (f, h, w) = ((a.frames - 1) / 4 + 1, a.height / s, a.width / s);
     let vb = crate::linear::random_var_builder(dtype, &device);

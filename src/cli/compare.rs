@@ -237,7 +237,7 @@ pub fn run(a: &CompareArgs) -> anyhow::Result<()> {
         Family::Wan22 => {
             let frames = a.frames.or(d.frames).unwrap_or(FRAMES_PER_LATENT + 1);
             anyhow::ensure!(
-                frames > 0 && (frames - 1) % FRAMES_PER_LATENT == 0,
+                frames > 0 && (frames - 1).is_multiple_of(FRAMES_PER_LATENT),
                 "--frames must be 4k+1, found {frames}"
             );
             anyhow::ensure!(

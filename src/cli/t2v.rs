@@ -87,7 +87,7 @@ pub fn run(a: &T2vArgs) -> anyhow::Result<()> {
     }
     let d = &m.defaults;
     let frames = a.frames.or(d.frames).unwrap_or(FRAMES_PER_LATENT + 1);
-    if frames == 0 || (frames - 1) % FRAMES_PER_LATENT != 0 {
+    if frames == 0 || !(frames - 1).is_multiple_of(FRAMES_PER_LATENT) {
         anyhow::bail!("--frames must be 4k+1 (e.g. 81 or 121), found {frames}");
     }
     let fps = a.fps.or(d.fps).unwrap_or(16);

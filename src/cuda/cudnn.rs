@@ -258,8 +258,8 @@ pub struct Sdpa {
     pub scale: f32,
 }
 
-fn half_slice<'a>(
-    s: &'a CudaStorage,
+fn half_slice(
+    s: &CudaStorage,
     l: &candle_core::Layout,
     what: &str,
 ) -> Result<(candle_core::cuda_backend::cudarc::driver::sys::CUdeviceptr, Vec<i64>, DType)> {

@@ -50,7 +50,7 @@ fn ensure_fp8(dev: &CudaDevice) -> Result<()> {
 pub fn weight_to_fp8(w: &Nvfp4Weight, device: &Device) -> Result<(Tensor, Tensor)> {
     let Device::Cuda(dev) = device else { candle_core::bail!("weight_to_fp8: not a CUDA device") };
     ensure_fp8(dev)?;
-    if w.k % ALIGN_BYTES != 0 {
+    if !w.k.is_multiple_of(ALIGN_BYTES) {
         candle_core::bail!("fp8 mode needs K to be a multiple of {ALIGN_BYTES}, found {}", w.k);
     }
     let stream = dev.cuda_stream();

@@ -162,8 +162,8 @@ pub fn gated_add(
     }
     let es = dtype.size_in_bytes();
     let per_vec = VEC_BYTES / es;
-    let aligned = |l: &Layout| (l.start_offset() * es) % VEC_BYTES == 0;
-    let vec = c % per_vec == 0 && aligned(xl) && aligned(ul) && gl.start_offset() % F32_PER_VEC == 0;
+    let aligned = |l: &Layout| (l.start_offset() * es).is_multiple_of(VEC_BYTES);
+    let vec = c % per_vec == 0 && aligned(xl) && aligned(ul) && gl.start_offset().is_multiple_of(F32_PER_VEC);
     let name = format!("gated_add{}_{}", if vec { "_vec" } else { "" }, suffix(dtype)?);
     let dev = &x.device;
     let f = function_in(dev, Kernels::Fused, &name)?;
@@ -315,8 +315,8 @@ pub fn qk_norm_rope(
     let (hl_i, s_i, h_i, d_i, rows_i) = (dst.hl as i32, s as i32, h as i32, d as i32, rows as i64);
     // Four elements per lane in one access when a row is exactly a warp's four each and every
     // offset keeps those accesses aligned (storage bases are 256-byte aligned).
-    let four = |v: usize| v % 4 == 0;
-    let even = |l: &Layout| l.start_offset() % 2 == 0;
+    let four = |v: usize| v.is_multiple_of(4);
+    let even = |l: &Layout| l.start_offset().is_multiple_of(2);
     let vec4 = (d == VEC4_ROW
         && [src.start, src.sb, src.ss, src.sh, dst.start, dst.yb, dst.ys, dst.yp].into_iter().all(four)
         && w.is_none_or(|(_, wl)| four(wl.start_offset()))

@@ -26,7 +26,7 @@ pub fn row_scale(amax: f32) -> f32 {
 /// f32 (the kernel's operation order).
 fn value(w: &Nvfp4Weight, r: usize, i: usize) -> f32 {
     let byte = w.packed[r * w.k / 2 + i / 2];
-    let code = if i % 2 == 0 { byte & 0xF } else { byte >> 4 };
+    let code = if i.is_multiple_of(2) { byte & 0xF } else { byte >> 4 };
     let s = e4m3_decode(w.scales[r * (w.k / GROUP_SIZE) + i / GROUP_SIZE]);
     e2m1_decode(code) * s * w.weight_scale_2
 }

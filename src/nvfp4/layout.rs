@@ -102,7 +102,7 @@ pub struct Nvfp4Weight {
 impl Nvfp4Weight {
     /// Checks the invariants every layout conversion relies on.
     pub fn new(n: usize, k: usize, packed: Vec<u8>, scales: Vec<u8>, weight_scale_2: f32) -> CResult<Self> {
-        if k == 0 || n == 0 || k % GROUP_SIZE != 0 {
+        if k == 0 || n == 0 || !k.is_multiple_of(GROUP_SIZE) {
             return Err(CandiffError::layout(format!(
                 "an NVFP4 weight needs N > 0 and K a positive multiple of {GROUP_SIZE}, found N = {n}, K = {k}"
             )));

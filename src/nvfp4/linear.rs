@@ -462,7 +462,12 @@ impl Nvfp4Linear {
     pub fn split_inputs_fp8(&self, at: usize) -> Result<Option<(Self, Self)>> {
         const ROW_ALIGN_BYTES: usize = 16;
         let k = self.op.k;
-        if self.op.mode != ActMode::Fp8 || self.op.n != self.n_out || at == 0 || at >= k || at % ROW_ALIGN_BYTES != 0 {
+        if self.op.mode != ActMode::Fp8
+            || self.op.n != self.n_out
+            || at == 0
+            || at >= k
+            || !at.is_multiple_of(ROW_ALIGN_BYTES)
+        {
             return Ok(None);
         }
         let part = |from: usize, len: usize, bias: Option<Tensor>| -> Result<Self> {

@@ -80,7 +80,7 @@ fn par_amax(w: &[f32]) -> f32 {
 /// Quantizes a dense `[n, k]` weight as ModelOpt exports it: `gs = 2688 / amax(|W|)`,
 /// `weight_scale_2 = 1 / gs`.
 pub fn quantize_weight(w: &[f32], n: usize, k: usize) -> CResult<Nvfp4Weight> {
-    if k % GROUP_SIZE != 0 || w.len() != n * k {
+    if !k.is_multiple_of(GROUP_SIZE) || w.len() != n * k {
         return Err(CandiffError::layout(format!(
             "cannot quantize a [{n}, {k}] weight from {} values: K must be a multiple of {GROUP_SIZE}",
             w.len()

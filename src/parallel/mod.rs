@@ -627,13 +627,13 @@ pub fn attend(
 /// Errors unless `n` ranks can split a model of `heads` attention heads (`cfg`: the step runs a
 /// conditional and an unconditional branch, which go to two halves of the ranks when `n` is even).
 pub fn check_split(n: usize, heads: usize, cfg: bool) -> Result<()> {
-    let cfg_split = cfg && n % 2 == 0;
+    let cfg_split = cfg && n.is_multiple_of(2);
     let sp_n = if cfg_split { n / 2 } else { n };
-    if n <= 1 || heads % sp_n == 0 {
+    if n <= 1 || heads.is_multiple_of(sp_n) {
         return Ok(());
     }
     let ok: Vec<String> = (1..=heads)
-        .filter(|d| heads % d == 0)
+        .filter(|d| heads.is_multiple_of(*d))
         .map(|d| if cfg_split { 2 * d } else { d })
         .filter(|&d| d > 1)
         .map(|d| d.to_string())
@@ -648,7 +648,7 @@ pub fn check_split(n: usize, heads: usize, cfg: bool) -> Result<()> {
 
 /// How `n` ranks divide a step (for the user): e.g. "2 GPUs: the guidance branches on one GPU each".
 pub fn describe_split(n: usize, cfg: bool, unit: &str) -> String {
-    let cfg_split = cfg && n % 2 == 0;
+    let cfg_split = cfg && n.is_multiple_of(2);
     let sp_n = if cfg_split { n / 2 } else { n };
     let plural = |k: usize| if k == 1 { unit.to_string() } else { format!("{unit}s") };
     match (cfg_split, sp_n) {
@@ -702,7 +702,7 @@ impl Plan {
         if n == 1 {
             return Ok(Self::single());
         }
-        let (sp_members, cfg_split) = if cfg && n % 2 == 0 {
+        let (sp_members, cfg_split) = if cfg && n.is_multiple_of(2) {
             let half = n / 2;
             let branch = world.index() / half;
             let mine = world.index() % half;

@@ -53,7 +53,7 @@ impl QkvPack {
         d: usize,
     ) -> Result<Self> {
         let n = sp.map_or(1, |sp| sp.group.size());
-        if heads % n != 0 {
+        if !heads.is_multiple_of(n) {
             return Err(CandiffError::Parallel(format!(
                 "sequence parallelism over {n} ranks needs the head count ({heads}) to divide by {n}"
             ))

@@ -46,7 +46,7 @@ impl PeakMemory {
 
 /// Errors unless the image size is a positive multiple of `multiple` pixels on both sides.
 pub(crate) fn check_size(width: usize, height: usize, multiple: usize) -> Result<()> {
-    if width % multiple != 0 || height % multiple != 0 || width == 0 || height == 0 {
+    if !width.is_multiple_of(multiple) || !height.is_multiple_of(multiple) || width == 0 || height == 0 {
         return Err(CandiffError::Unsupported(format!(
             "width and height must be positive multiples of {multiple} for this model, found {width}x{height}"
         ))

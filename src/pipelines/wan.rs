@@ -169,14 +169,14 @@ impl WanRun<'_> {
         let s = vae.spatial_factor();
         let [_, ph, pw] = tcfg.patch_size;
         let (mh, mw) = (s * ph, s * pw);
-        if req.height == 0 || req.width == 0 || req.height % mh != 0 || req.width % mw != 0 {
+        if req.height == 0 || req.width == 0 || !req.height.is_multiple_of(mh) || !req.width.is_multiple_of(mw) {
             return Err(CandiffError::Unsupported(format!(
                 "height and width must be positive multiples of {mh} and {mw} for this model (VAE x{s} times patch {ph}x{pw}), found {}x{}",
                 req.width, req.height
             ))
             .into());
         }
-        if req.frames == 0 || (req.frames - 1) % FRAMES_PER_LATENT != 0 {
+        if req.frames == 0 || !(req.frames - 1).is_multiple_of(FRAMES_PER_LATENT) {
             let lo = (req.frames.saturating_sub(1) / FRAMES_PER_LATENT) * FRAMES_PER_LATENT + 1;
             return Err(CandiffError::Unsupported(format!(
                 "frames must be {FRAMES_PER_LATENT}k+1 (e.g. {lo} or {}), found {}",

@@ -110,7 +110,7 @@ impl LlmEncoder {
                 cfg.num_hidden_layers
             );
         }
-        if cfg.num_attention_heads % cfg.num_key_value_heads != 0 {
+        if !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads) {
             candle_core::bail!(
                 "text encoder: {} query heads do not divide into {} KV heads",
                 cfg.num_attention_heads,

@@ -342,7 +342,7 @@ impl WanTransformer {
     /// Tokens of a latent `[C, F, H, W]` after patching.
     pub fn grid(&self, f: usize, h: usize, w: usize) -> Result<(usize, usize, usize)> {
         let [pt, ph, pw] = self.cfg.patch_size;
-        if f % pt != 0 || h % ph != 0 || w % pw != 0 {
+        if !f.is_multiple_of(pt) || !h.is_multiple_of(ph) || !w.is_multiple_of(pw) {
             candle_core::bail!("latent {f}x{h}x{w} is not divisible by the patch size {pt}x{ph}x{pw}");
         }
         Ok((f / pt, h / ph, w / pw))
