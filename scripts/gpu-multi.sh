@@ -2,7 +2,7 @@
 # Several-GPU checks and scaling on a GPU machine (from the repository root, binary in .gpu/):
 # NCCL runs of the tiny models against the 1-GPU run, an injected rank failure, and the step
 # scaling of FLUX.1-dev 1024² and Wan2.2 A14B 480p with random full-size weights.
-# Usage: scripts/gpu-multi.sh OUT_DIR [checks|flux|wan|all|host|timing|shared] [GPU counts, default 1,2]
+# Usage: scripts/gpu-multi.sh OUT_DIR [checks|flux|attn-fp8|wan|all|host|timing|shared] [GPU counts, default 1,2]
 # `shared` runs the sharded code paths with all ranks on GPU 0 (machines with one GPU).
 # (parts fit the 10-minute command limit of the borrowed machines one by one)
 set -uo pipefail
@@ -35,6 +35,13 @@ NCCL_DEBUG=INFO timeout 200 $R bench flux-step --gpus "$GPUS" --variants ${FLUX_
   --out "$OUT/flux1_scaling.json" > "$OUT/flux1_scaling.log" 2>&1
 grep -E " via |ms/step|GB/s|floor|rror" "$OUT/flux1_scaling.log" | awk '!seen[$0]++' | head -40
 fi
+if [ "$PART" = attn-fp8 ] || [ "$PART" = all ]; then
+# FP8 attention (`--attention fp8`) under sequence and CFG parallelism, against its own 1-GPU run.
+CANDIFF_ATTENTION=fp8 timeout 200 $R bench flux-step --gpus "$GPUS" --variants nvfp4:trtllm:fp8 --iters 5 \
+  --out "$OUT/flux1_scaling_attn_fp8.json" 2>&1 | grep -E "ms/step|rror"
+CANDIFF_ATTENTION=fp8 timeout 200 $R bench wan-step --model ti2v-5b --gpus "$GPUS" --variants nvfp4:trtllm:fp8 --iters 1 \
+  --out "$OUT/wan_ti2v_scaling_attn_fp8.json" 2>&1 | grep -E "ms/step|rror"
+fi
 if [ "$PART" = wan ] || [ "$PART" = all ]; then
 timeout 200 $R bench wan-step --model a14b --width 832 --height 480 --frames 81 --gpus "$GPUS" \
   --variants ${WAN_VARIANTS:-bf16} --iters 1 --out "$OUT/wan_a14b_scaling.json" 2>&1 | grep -v "^\s*$"
@@ -47,11 +54,6 @@ if [ "$PART" = host ]; then
   # 256²: GPU work is small, so the step time is the host's (ops enqueued per step).
   timeout 120 $R bench flux-step --gpus "$GPUS" --variants bf16,nvfp4:trtllm:fp8 --iters 5 --width 256 --height 256 \
     --out "$OUT/flux1_256_scaling.json" 2>&1 | grep -E "ms/step|host"
-fi
-if [ "$PART" = shared-diag ]; then
-  export RUST_LOG=candiff=info
-  timeout 60 $R bench flux-step --gpus 1,2 --shared --variants bf16 --iters 1 --width 256 --height 256 2>&1 | grep -v "^\s*$"
-  timeout 120 $R bench flux-step --gpus 1,2 --shared --variants bf16 --iters 1 2>&1 | grep -v "^\s*$"
 fi
 if [ "$PART" = shared-bench ]; then
   export RUST_LOG=candiff=info
