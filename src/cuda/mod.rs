@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    sys, CudaFunction, CudaModule, CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId};
 use candle_core::{DType, Layout, Result, Shape};
@@ -653,9 +653,14 @@ fn sm90_gemm(call: &GemmCall) -> Result<CudaStorage> {
     // The weight holds ceil(N / 128) x 128 rows of whole 64-wide K tiles (checked above), as the
     // kernel reads them.
     let whole = tiles - tail;
-    // SAFETY: the split tiles write every element of `part` (zero sums for an empty K range).
-    let mut part = unsafe { stream.alloc::<f32>((tail * parts * SM90_ROWS as usize * bt as usize).max(1)) }
+    // The split tiles' partial sums (only when there are some: no allocation per unsplit call).
+    // SAFETY: the split tiles write every element (zero sums for an empty K range).
+    let part = (tail > 0)
+        .then(|| unsafe { stream.alloc::<f32>(tail * parts * SM90_ROWS as usize * bt as usize) })
+        .transpose()
         .map_err(wrap("alloc"))?;
+    let part_guard = part.as_ref().map(|p| p.device_ptr(&stream));
+    let part_ptr: u64 = part_guard.as_ref().map_or(0, |g| g.0);
     macro_rules! run {
         ($t:ty, $suffix:literal, $variant:ident) => {{
             let f = kernel($suffix)?;
@@ -668,7 +673,7 @@ fn sm90_gemm(call: &GemmCall) -> Result<CudaStorage> {
                 let (tile0, splits) = (tile0 as i32, splits as i32);
                 let mut b = stream.launch_builder(&f);
                 b.arg(x).arg(w).arg(sc).arg(&mut y).arg(&m_i).arg(&n_i).arg(&k_i).arg(&rb).arg(&scols).arg(&alpha);
-                b.arg(&tile0).arg(&splits).arg(&mut part);
+                b.arg(&tile0).arg(&splits).arg(&part_ptr);
                 // SAFETY: argument types match the kernel's signature; one CTA per tile or part.
                 unsafe { b.launch(grid(ctas)) }.map_err(wrap("nvfp4 sm90 gemm"))?;
             }
@@ -676,7 +681,7 @@ fn sm90_gemm(call: &GemmCall) -> Result<CudaStorage> {
                 let f = function_in(dev, Kernels::Sm90, concat!("nvfp4_sm90_tail_sum_", $suffix))?;
                 let (bt_i, whole_i, tail_i, parts_i) = (bt as i32, whole as i32, tail as i32, parts as i32);
                 let mut b = stream.launch_builder(&f);
-                b.arg(&part)
+                b.arg(&part_ptr)
                     .arg(&mut y)
                     .arg(&m_i)
                     .arg(&n_i)
