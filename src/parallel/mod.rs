@@ -935,12 +935,21 @@ pub fn launch<T: Send>(
 /// the per-device cuBLASLt and cuDNN workspaces and the cuBLAS handle would all be used from
 /// several streams at once without ordering: wrong results, varying from run to run (what
 /// docs/PERF.md session 12 measured). What the caller queued on `device` is finished first, so
-/// the ranks can read it.
+/// the ranks can read it. One such device per GPU for the process: every device made carries its
+/// own caches (cuBLASLt workspace, loaded modules), which later launches reuse.
 fn shared_device(device: &Device) -> Result<Device> {
     match device.location() {
         candle_core::DeviceLocation::Cuda { gpu_id } => {
             device.synchronize()?;
-            crate::cuda_support::cuda_device(gpu_id, true)
+            static SHARED: std::sync::OnceLock<Mutex<std::collections::HashMap<usize, Device>>> =
+                std::sync::OnceLock::new();
+            let mut made = SHARED.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(d) = made.get(&gpu_id) {
+                return Ok(d.clone());
+            }
+            let d = crate::cuda_support::cuda_device(gpu_id, true)?;
+            made.insert(gpu_id, d.clone());
+            Ok(d)
         }
         _ => Ok(device.clone()),
     }
