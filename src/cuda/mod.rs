@@ -623,18 +623,17 @@ fn sm90_policy_sms(dev: &CudaDevice) -> Result<usize> {
 /// last wave split along K where it would run mostly empty ([`tiling::sm90_plan`]).
 fn sm90_gemm(call: &GemmCall) -> Result<CudaStorage> {
     check_sm90_weight(call, "nvfp4 sm90 gemm")?;
-    let GemmCall { op, dev, x, w, sc, m, out_dtype } = *call;
+    let GemmCall { op, dev, m, .. } = *call;
     let (forced_tokens, split_tail) = sm90_overrides()?;
     let plan = tiling::sm90_plan(m, op.n, op.k, sm90_policy_sms(dev)?, forced_tokens, split_tail);
     let (tiles, tail, parts) = (plan.tiles, plan.tail, plan.parts);
     let bt = plan.tokens_per_cta as u32;
     let smem = SM90_STAGES * (bt * SM90_TILE_BYTES_PER_TOKEN + SM90_WEIGHT_TILE_BYTES) + SM90_ALIGN_SLACK;
     let stream = dev.cuda_stream();
-    let (m_i, n_i, k_i, rb, scols, alpha) =
-        (m as i32, op.n as i32, op.k as i32, op.weight_row_bytes as i32, op.scale_cols as i32, op.alpha());
-    let kernel = |suffix: &str| -> Result<CudaFunction> {
-        let name = format!("nvfp4_gemm_sm90_bt{bt}_{suffix}");
-        let f = function_in(dev, Kernels::Sm90, &name)?;
+    let (mut y, suffix) = gemm_output(call)?;
+    let name = format!("nvfp4_gemm_sm90_bt{bt}_{suffix}");
+    let f = function_in(dev, Kernels::Sm90, &name)?;
+    {
         // More than the default 48 KiB of dynamic shared memory: allowed once per function.
         static RAISED: OnceLock<Mutex<std::collections::HashSet<(DeviceId, String)>>> = OnceLock::new();
         let mut raised = RAISED.get_or_init(Default::default).lock().expect("sm90 attribute cache poisoned");
@@ -643,8 +642,7 @@ fn sm90_gemm(call: &GemmCall) -> Result<CudaStorage> {
                 .map_err(wrap("sm90 gemm shared memory"))?;
             raised.insert((dev.id(), name));
         }
-        Ok(f)
-    };
+    }
     let grid = |ctas: usize| LaunchConfig {
         grid_dim: (ctas as u32, 1, 1),
         block_dim: (SM90_THREADS, 1, 1),
@@ -661,47 +659,97 @@ fn sm90_gemm(call: &GemmCall) -> Result<CudaStorage> {
         .map_err(wrap("alloc"))?;
     let part_guard = part.as_ref().map(|p| p.device_ptr(&stream));
     let part_ptr: u64 = part_guard.as_ref().map_or(0, |g| g.0);
-    macro_rules! run {
-        ($t:ty, $suffix:literal, $variant:ident) => {{
-            let f = kernel($suffix)?;
-            // SAFETY: the whole tiles and the sums of the split ones cover every element of y.
-            let mut y = unsafe { stream.alloc::<$t>(m * op.n) }.map_err(wrap("alloc"))?;
-            for (tile0, ctas, splits) in [(0, whole, 1), (whole, tail * parts, parts)] {
-                if ctas == 0 {
-                    continue;
-                }
-                let (tile0, splits) = (tile0 as i32, splits as i32);
-                let mut b = stream.launch_builder(&f);
-                b.arg(x).arg(w).arg(sc).arg(&mut y).arg(&m_i).arg(&n_i).arg(&k_i).arg(&rb).arg(&scols).arg(&alpha);
-                b.arg(&tile0).arg(&splits).arg(&part_ptr);
-                // SAFETY: argument types match the kernel's signature; one CTA per tile or part.
-                unsafe { b.launch(grid(ctas)) }.map_err(wrap("nvfp4 sm90 gemm"))?;
-            }
-            if tail > 0 {
-                let f = function_in(dev, Kernels::Sm90, concat!("nvfp4_sm90_tail_sum_", $suffix))?;
-                let (bt_i, whole_i, tail_i, parts_i) = (bt as i32, whole as i32, tail as i32, parts as i32);
-                let mut b = stream.launch_builder(&f);
-                b.arg(&part_ptr)
-                    .arg(&mut y)
-                    .arg(&m_i)
-                    .arg(&n_i)
-                    .arg(&bt_i)
-                    .arg(&whole_i)
-                    .arg(&tail_i)
-                    .arg(&parts_i)
-                    .arg(&alpha);
-                // SAFETY: argument types match; one thread per (tile, token, feature) of the split tiles.
-                unsafe { b.launch(launch_1d(tail * bt as usize * SM90_ROWS as usize)) }
-                    .map_err(wrap("nvfp4 sm90 tail sum"))?;
-            }
-            CudaStorage { slice: CudaStorageSlice::$variant(y), device: dev.clone() }
-        }};
+    let args = GemmArgs::of(call);
+    for (tile0, ctas, splits) in [(0, whole, 1), (whole, tail * parts, parts)] {
+        if ctas == 0 {
+            continue;
+        }
+        let (tile0, splits) = (tile0 as i32, splits as i32);
+        let mut b = stream.launch_builder(&f);
+        args.push(&mut b, call, &mut y)?;
+        b.arg(&tile0).arg(&splits).arg(&part_ptr);
+        // SAFETY: argument types match the kernel's signature; one CTA per tile or part.
+        unsafe { b.launch(grid(ctas)) }.map_err(wrap("nvfp4 sm90 gemm"))?;
     }
-    Ok(match out_dtype {
-        DType::F32 => run!(f32, "f32", F32),
-        DType::F16 => run!(f16, "f16", F16),
-        _ => run!(bf16, "bf16", BF16),
+    if tail > 0 {
+        let f = function_in(dev, Kernels::Sm90, &format!("nvfp4_sm90_tail_sum_{suffix}"))?;
+        let (bt_i, whole_i, tail_i, parts_i) = (bt as i32, whole as i32, tail as i32, parts as i32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&part_ptr);
+        push_output(&mut b, &mut y)?;
+        b.arg(&args.m).arg(&args.n).arg(&bt_i).arg(&whole_i).arg(&tail_i).arg(&parts_i).arg(&args.alpha);
+        // SAFETY: argument types match; one thread per (tile, token, feature) of the split tiles.
+        unsafe { b.launch(launch_1d(tail * bt as usize * SM90_ROWS as usize)) }.map_err(wrap("nvfp4 sm90 tail sum"))?;
+    }
+    Ok(CudaStorage { slice: y, device: dev.clone() })
+}
+
+/// The output of a W4A16 GEMM, `m x N` elements of the call's output dtype (f32, f16, else bf16),
+/// uninitialized, and the kernel-name suffix of that dtype.
+fn gemm_output(call: &GemmCall) -> Result<(CudaStorageSlice, &'static str)> {
+    let stream = call.dev.cuda_stream();
+    let len = call.m * call.op.n;
+    // SAFETY: every GEMM kernel (with the sm90 tail's sum pass) writes every element of y.
+    Ok(unsafe {
+        match call.out_dtype {
+            DType::F32 => (CudaStorageSlice::F32(stream.alloc::<f32>(len).map_err(wrap("alloc"))?), "f32"),
+            DType::F16 => (CudaStorageSlice::F16(stream.alloc::<f16>(len).map_err(wrap("alloc"))?), "f16"),
+            _ => (CudaStorageSlice::BF16(stream.alloc::<bf16>(len).map_err(wrap("alloc"))?), "bf16"),
+        }
     })
+}
+
+/// A GEMM output from [`gemm_output`] as the next kernel argument.
+fn push_output<'a>(
+    b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>,
+    y: &'a mut CudaStorageSlice,
+) -> Result<()> {
+    match y {
+        CudaStorageSlice::F32(v) => b.arg(v),
+        CudaStorageSlice::F16(v) => b.arg(v),
+        CudaStorageSlice::BF16(v) => b.arg(v),
+        _ => candle_core::bail!("a GEMM output is f32, f16 or bf16"),
+    };
+    Ok(())
+}
+
+/// The scalar arguments every W4A16 GEMM kernel takes after y: `(M, N, K, row_bytes, scale_cols,
+/// alpha)`.
+struct GemmArgs {
+    m: i32,
+    n: i32,
+    k: i32,
+    row_bytes: i32,
+    scale_cols: i32,
+    alpha: f32,
+}
+
+impl GemmArgs {
+    fn of(call: &GemmCall) -> Self {
+        let op = call.op;
+        Self {
+            m: call.m as i32,
+            n: op.n as i32,
+            k: op.k as i32,
+            row_bytes: op.weight_row_bytes as i32,
+            scale_cols: op.scale_cols as i32,
+            alpha: op.alpha(),
+        }
+    }
+
+    /// The kernels' common leading arguments: `(x, w, scales, y, M, N, K, row_bytes, scale_cols,
+    /// alpha)`.
+    fn push<'a>(
+        &'a self,
+        b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>,
+        call: &GemmCall<'a>,
+        y: &'a mut CudaStorageSlice,
+    ) -> Result<()> {
+        b.arg(call.x).arg(call.w).arg(call.sc);
+        push_output(b, y)?;
+        b.arg(&self.m).arg(&self.n).arg(&self.k).arg(&self.row_bytes).arg(&self.scale_cols).arg(&self.alpha);
+        Ok(())
+    }
 }
 
 /// Allocates y and launches a W4A16 GEMM kernel; they all take `(x, w, scales, y, M, N, K,
@@ -713,27 +761,17 @@ fn launch_gemm(
     what: &str,
     kernel: impl Fn(&str) -> Result<CudaFunction>,
 ) -> Result<CudaStorage> {
-    let GemmCall { op, dev, x, w, sc, m, out_dtype } = *call;
-    let stream = dev.cuda_stream();
-    let (m_i, n_i, k_i, rb, scols, alpha) =
-        (m as i32, op.n as i32, op.k as i32, op.weight_row_bytes as i32, op.scale_cols as i32, op.alpha());
-    macro_rules! run {
-        ($t:ty, $suffix:literal, $variant:ident) => {{
-            let f = kernel($suffix)?;
-            // SAFETY: every output element is written by the kernel (bounds-checked tiles).
-            let mut y = unsafe { stream.alloc::<$t>(m * op.n) }.map_err(wrap("alloc"))?;
-            let mut b = stream.launch_builder(&f);
-            b.arg(x).arg(w).arg(sc).arg(&mut y).arg(&m_i).arg(&n_i).arg(&k_i).arg(&rb).arg(&scols).arg(&alpha);
-            // SAFETY: argument types match the kernels' common signature.
-            unsafe { b.launch(cfg) }.map_err(wrap(what))?;
-            CudaStorage { slice: CudaStorageSlice::$variant(y), device: dev.clone() }
-        }};
+    let stream = call.dev.cuda_stream();
+    let (mut y, suffix) = gemm_output(call)?;
+    let f = kernel(suffix)?;
+    let args = GemmArgs::of(call);
+    {
+        let mut b = stream.launch_builder(&f);
+        args.push(&mut b, call, &mut y)?;
+        // SAFETY: argument types match the kernels' common signature.
+        unsafe { b.launch(cfg) }.map_err(wrap(what))?;
     }
-    Ok(match out_dtype {
-        DType::F32 => run!(f32, "f32", F32),
-        DType::F16 => run!(f16, "f16", F16),
-        _ => run!(bf16, "bf16", BF16),
-    })
+    Ok(CudaStorage { slice: y, device: call.dev.clone() })
 }
 
 /// The cutlass variant: CuTe TiledMMA kernel on the cutlass layout.
