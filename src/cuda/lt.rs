@@ -143,9 +143,20 @@ pub(super) fn alignment(addr: u64) -> u32 {
     (1u64 << addr.trailing_zeros().min(MAX_ALIGN_BYTES.trailing_zeros())) as u32
 }
 
+/// Whether cuBLASLt may split K and add the parts (`CANDIFF_GEMM_SPLIT_K=1`; default no). Without
+/// split-K every output element is one f32 sum over K in k-tile order whatever kernel the
+/// heuristic picks for M, so a row's result does not depend on how many other rows share the GEMM:
+/// sequence-parallel ranks (M / N tokens each) then reproduce the single-GPU output exactly. With
+/// it, FLUX.1 bf16 on 2 ranks differed from 1 GPU by rel. L2 1.46e-2 (docs/PERF.md).
+fn split_k_allowed() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("CANDIFF_GEMM_SPLIT_K").as_deref() == Ok("1"))
+}
+
 /// cuBLASLt's first algorithm for `d` within the workspace, told the operands' alignment in bytes
 /// (x, W, and the smaller of y's and C's): it otherwise assumes 256 bytes, and a kernel relying on
-/// that would read misaligned views (row offsets of a larger activation).
+/// that would read misaligned views (row offsets of a larger activation). No split-K unless
+/// [`split_k_allowed`].
 pub(super) fn heuristic(
     ltd: &Lt,
     d: &Descs,
@@ -168,6 +179,14 @@ pub(super) fn heuristic(
         ];
         for (attr, a) in attrs.iter().zip([align[0], align[1], align[2], align[2]]) {
             set_pref(*attr, &a as *const u32 as _, std::mem::size_of::<u32>())?;
+        }
+        if !split_k_allowed() {
+            let none = ltsys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_NONE as u32;
+            set_pref(
+                P::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                &none as *const u32 as _,
+                std::mem::size_of::<u32>(),
+            )?;
         }
         // SAFETY: valid descriptors and preference.
         unsafe { lt::get_matmul_algo_heuristic(ltd.handle, d.matmul, d.a, d.b, d.d, d.d, pref) }
