@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include "fp8_common.cuh"
+#include "gelu.cuh"
 #include "row_vec.cuh"
 
 namespace {
@@ -211,12 +212,6 @@ CHANNEL_RMS(__half, f16)
 // bias_act: y[r, c] = act(x[r, c] + bias[c]) with act = identity or tanh-GELU, one pass (replaces a
 // broadcast add and a separate activation pass after a GEMM). `bias` is [C] in the activations'
 // type (the model's own weight, read as stored: no per-call conversion).
-__device__ __forceinline__ float gelu_tanh(float v) {
-    constexpr float kSqrt2OverPi = 0.7978845608028654f;  // sqrt(2 / pi)
-    constexpr float kCubic = 0.044715f;                  // tanh-GELU's cubic coefficient
-    return 0.5f * v * (1.f + tanhf(kSqrt2OverPi * v * (1.f + kCubic * v * v)));
-}
-
 template <typename T>
 __device__ void bias_act(const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y, long long n, int c,
                          int gelu) {
@@ -233,17 +228,12 @@ struct alignas(4 * sizeof(T)) Four {
     T v[4];
 };
 
-// One row of D = 4 * 32 elements of qk_norm_rope, four per lane (two RoPE pairs) in single
-// 8- or 16-byte accesses (the host checked the alignment of every offset); same math as below.
+// One row of D = 4 * 32 elements of qk_norm_rope, four per lane (two RoPE pairs), from the row's
+// loaded values, the norm weight and this token's RoPE pairs; same math as below.
 template <typename T>
-__device__ __forceinline__ void qk_norm_rope_row4(const T* __restrict__ xr, const T* __restrict__ w,
-                                                  const float* __restrict__ cos, const float* __restrict__ sin,
-                                                  T* __restrict__ yr, int d, float eps, int mode, int lane) {
-    const Four<T> in = reinterpret_cast<const Four<T>*>(xr)[lane];
-    if (mode == 0) {
-        reinterpret_cast<Four<T>*>(yr)[lane] = in;
-        return;
-    }
+__device__ __forceinline__ Four<T> qk_norm_rope_four(const Four<T>& in, const Four<T>& wv, float2 c, float2 sn, int d,
+                                                     float eps, int mode) {
+    if (mode == 0) return in;
     float f[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) f[k] = to_f(in.v[k]);
@@ -251,17 +241,48 @@ __device__ __forceinline__ void qk_norm_rope_row4(const T* __restrict__ xr, cons
         float sq = f[0] * f[0] + f[1] * f[1] + f[2] * f[2] + f[3] * f[3];
         for (int o = kWarp / 2; o > 0; o /= 2) sq += __shfl_xor_sync(0xffffffff, sq, o);
         const float rstd = rsqrtf(sq / d + eps);
-        const Four<T> wv = reinterpret_cast<const Four<T>*>(w)[lane];
 #pragma unroll
         for (int k = 0; k < 4; ++k) f[k] = to_f(from_f<T>(f[k] * rstd * to_f(wv.v[k])));
     }
-    const float2 c = reinterpret_cast<const float2*>(cos)[lane], sn = reinterpret_cast<const float2*>(sin)[lane];
     Four<T> out;
     out.v[0] = from_f<T>(f[0] * c.x - f[1] * sn.x);
     out.v[1] = from_f<T>(f[0] * sn.x + f[1] * c.x);
     out.v[2] = from_f<T>(f[2] * c.y - f[3] * sn.y);
     out.v[3] = from_f<T>(f[2] * sn.y + f[3] * c.y);
-    reinterpret_cast<Four<T>*>(yr)[lane] = out;
+    return out;
+}
+
+// R consecutive rows (heads h0 .. h0 + R - 1 of one token: the same RoPE pairs) in single 8- or
+// 16-byte accesses per lane (the host checked the alignment of every offset). All R rows are
+// loaded before any is used: one row per warp left too few bytes in flight per SM to reach
+// the memory bandwidth (docs/PERF.md, session 14).
+template <typename T, int R>
+__device__ __forceinline__ void qk_norm_rope_rows4(const T* __restrict__ x, long long sb, long long ss, long long sh,
+                                                   const T* __restrict__ w, const float* __restrict__ cos,
+                                                   const float* __restrict__ sin, T* __restrict__ y, long long yb,
+                                                   long long ys, long long yp, int hl, int s_len, int heads, int d,
+                                                   long long row0, float eps, int mode, int lane) {
+    const int h0 = row0 % heads;
+    const long long bs = row0 / heads;
+    const int s = bs % s_len;
+    const long long b = bs / s_len;
+    const T* xr = x + b * sb + s * ss;
+    Four<T> in[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) in[r] = reinterpret_cast<const Four<T>*>(xr + (long long)(h0 + r) * sh)[lane];
+    Four<T> wv{};
+    float2 c = make_float2(1.f, 1.f), sn = make_float2(0.f, 0.f);
+    if (mode == 2) wv = reinterpret_cast<const Four<T>*>(w)[lane];
+    if (mode >= 1) {
+        c = reinterpret_cast<const float2*>(cos + (long long)s * (d / 2))[lane];
+        sn = reinterpret_cast<const float2*>(sin + (long long)s * (d / 2))[lane];
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int h = h0 + r;
+        T* yr = y + (long long)(h / hl) * yp + b * yb + s * ys + (long long)(h % hl) * d;
+        reinterpret_cast<Four<T>*>(yr)[lane] = qk_norm_rope_four<T>(in[r], wv, c, sn, d, eps, mode);
+    }
 }
 
 // qk_norm_rope: per-head RMSNorm (learned weight) then interleaved-pair RoPE of q or k, or RoPE
@@ -271,14 +292,26 @@ __device__ __forceinline__ void qk_norm_rope_row4(const T* __restrict__ xr, cons
 // (h / hl)*yp + b*yb + s*ys + (h % hl)*D: a contiguous [B, S, H, D] (hl = H, yp = 0), or the
 // sequence-parallel send buffer [n, S, B, hl, D] whose piece j holds heads j*hl ... The
 // normalized value is rounded to T before the rotation, as the unfused ops do. One warp per
-// (b, s, h) row of D = 2 * pairs elements. mode: 0 copy, 1 RoPE, 2 norm + RoPE.
+// (b, s, h) row of D = 2 * pairs elements, or with vec_rows = R > 0 (D = 128, aligned, R divides
+// H) R rows of one token per warp, four elements per lane. mode: 0 copy, 1 RoPE, 2 norm + RoPE.
 template <typename T>
 __device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss, long long sh,
                              const T* __restrict__ w, const float* __restrict__ cos, const float* __restrict__ sin,
                              T* __restrict__ y, long long yb, long long ys, long long yp, int hl, int s_len, int heads,
-                             int d, long long rows, float eps, int mode, int vec4) {
+                             int d, long long rows, float eps, int mode, int vec_rows) {
     const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / kWarp;
     const int lane = threadIdx.x % kWarp;
+    if (vec_rows > 0) {
+        const long long row0 = warp * vec_rows;
+        if (row0 >= rows) return;
+        if (vec_rows == 4)
+            qk_norm_rope_rows4<T, 4>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, row0, eps, mode, lane);
+        else if (vec_rows == 2)
+            qk_norm_rope_rows4<T, 2>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, row0, eps, mode, lane);
+        else
+            qk_norm_rope_rows4<T, 1>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, row0, eps, mode, lane);
+        return;
+    }
     if (warp >= rows) return;
     const int h = warp % heads;
     const long long bs = warp / heads;
@@ -286,10 +319,6 @@ __device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss
     const long long b = bs / s_len;
     const T* xr = x + b * sb + s * ss + (long long)h * sh;
     T* yr = y + (long long)(h / hl) * yp + b * yb + s * ys + (long long)(h % hl) * d;
-    if (vec4) {
-        qk_norm_rope_row4<T>(xr, w, cos + (long long)s * (d / 2), sin + (long long)s * (d / 2), yr, d, eps, mode, lane);
-        return;
-    }
     if (mode == 0) {
         for (int i = lane; i < d; i += kWarp) yr[i] = xr[i];
         return;
@@ -321,8 +350,8 @@ __device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss
     extern "C" __global__ void qk_norm_rope_##SUF(const T* x, long long sb, long long ss, long long sh, const T* w, \
                                                   const float* cos, const float* sin, T* y, long long yb,             \
                                                   long long ys, long long yp, int hl, int s_len, int heads, int d,    \
-                                                  long long rows, float eps, int mode, int vec4) {                    \
-        qk_norm_rope<T>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, rows, eps, mode, vec4);      \
+                                                  long long rows, float eps, int mode, int vec_rows) {                \
+        qk_norm_rope<T>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, rows, eps, mode, vec_rows);  \
     }
 
 BLOCK_OPS(float, f32)

@@ -25,9 +25,16 @@
 // large product) CTA b takes tile tile0 + b / splits over the K tiles of part b % splits and
 // stores its f32 sums in `part` ([CTA][token][feature]), which `nvfp4_sm90_tail_sum` adds up in a
 // fixed order (deterministic) and writes to y.
+//
+// Epilogue (both writers of y): y = act(alpha * sum + bias[n]) in f32, one rounding to the output
+// type, with bias (features n < bias_len; null: none) and act = tanh-GELU when `gelu` (hardware
+// tanh for 16-bit outputs): the linear layer's bias and activation without another pass over y.
 
 #include <cuda_fp8.h>
 
+#include <type_traits>
+
+#include "gelu.cuh"
 #include "nvfp4_common.cuh"
 #include "sm90_wgmma.cuh"
 
@@ -104,11 +111,32 @@ __device__ __forceinline__ void scale_pairs(uint32_t word, uint32_t (&out)[4]) {
     }
 }
 
+// tanh-GELU with the hardware tanh (MUFU.TANH, absolute error about 2^-11) for 16-bit outputs,
+// whose rounding (2^-9 relative) dominates that; f32 outputs take the exact formula. The exact
+// tanhf in every element made the epilogue cost up to 4x a FLUX MLP GEMM (docs/PERF.md, session 14).
+template <typename OutT>
+__device__ __forceinline__ float epilogue_gelu(float v) {
+    if constexpr (std::is_same_v<OutT, float>) {
+        return gelu_tanh(v);
+    } else {
+        float t;
+        asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(gelu_tanh_arg(v)));
+        return 0.5f * v * (1.f + t);
+    }
+}
+
+// The layer's bias of feature n (0 past bias_len or without one).
+template <typename OutT>
+__device__ __forceinline__ float bias_of(const OutT* __restrict__ bias, int bias_len, int n) {
+    return (bias != nullptr && n < bias_len) ? static_cast<float>(bias[n]) : 0.f;
+}
+
 template <int BT, typename OutT>
 __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w,
                                           const uint8_t* __restrict__ sc, OutT* __restrict__ y, int M, int N,
                                           int K, int row_bytes, int scale_cols, float alpha, int tile0,
-                                          int splits, float* __restrict__ part) {
+                                          int splits, float* __restrict__ part, const OutT* __restrict__ bias,
+                                          int bias_len, int gelu) {
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     // The 128-byte swizzle pattern repeats every 1024 bytes: activation stages start on that
     // boundary; the weight codes and scales of each stage follow all activation stages.
@@ -249,15 +277,19 @@ __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, c
         return;
     }
 
-    // Accumulator (row g or g+8 of the warp's 16, token 8j + 2t + {0,1}) -> y[token, n].
+    // Accumulator (row g or g+8 of the warp's 16, token 8j + 2t + {0,1}) -> y[token, n]; this
+    // thread's two features' biases loaded once.
     const float out_scale = alpha * kScaleBias;
+    const float b_lo = bias_of(bias, bias_len, n_lo), b_hi = bias_of(bias, bias_len, n_hi);
 #pragma unroll
     for (int j = 0; j < BT / 8; j++) {
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             int m = m0 + 8 * j + 2 * t + (e & 1);
             int n = (e & 2) ? n_hi : n_lo;
-            if (m < M && n < N) y[(size_t)m * N + n] = from_float<OutT>(acc[4 * j + e] * out_scale);
+            float v = acc[4 * j + e] * out_scale + ((e & 2) ? b_hi : b_lo);
+            if (gelu) v = epilogue_gelu<OutT>(v);
+            if (m < M && n < N) y[(size_t)m * N + n] = from_float<OutT>(v);
         }
     }
 }
@@ -269,8 +301,10 @@ __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, c
 #define GEMM_SM90(BT, T, TNAME)                                                                          \
     extern "C" __global__ void __launch_bounds__(kThreads, 1) nvfp4_gemm_sm90_bt##BT##_##TNAME(        \
         const __nv_bfloat16* x, const uint8_t* w, const uint8_t* sc, T* y, int M, int N, int K,           \
-        int row_bytes, int scale_cols, float alpha, int tile0, int splits, float* part) {                 \
-        gemm_sm90<BT, T>(x, w, sc, y, M, N, K, row_bytes, scale_cols, alpha, tile0, splits, part);        \
+        int row_bytes, int scale_cols, float alpha, int tile0, int splits, float* part, const T* bias,     \
+        int bias_len, int gelu) {                                                                           \
+        gemm_sm90<BT, T>(x, w, sc, y, M, N, K, row_bytes, scale_cols, alpha, tile0, splits, part, bias,    \
+                         bias_len, gelu);                                                                   \
     }
 GEMM_SM90(128, float, f32)
 GEMM_SM90(128, __nv_bfloat16, bf16)
@@ -283,7 +317,8 @@ GEMM_SM90(256, __half, f16)
 // of `part` and writes of y), the parts added in order; scaled as the unsplit epilogue scales.
 template <typename OutT>
 __device__ __forceinline__ void tail_sum(const float* __restrict__ part, OutT* __restrict__ y, int M, int N, int bt,
-                                         int tile0, int tiles, int splits, float alpha) {
+                                         int tile0, int tiles, int splits, float alpha, const OutT* __restrict__ bias,
+                                         int bias_len, int gelu) {
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)tiles * bt * kRows) return;
     const int r = (int)(i % kRows), tok = (int)(i / kRows % bt), ti = (int)(i / ((size_t)kRows * bt));
@@ -292,12 +327,14 @@ __device__ __forceinline__ void tail_sum(const float* __restrict__ part, OutT* _
     if (m >= M || n >= N) return;
     float s = 0.0f;
     for (int p = 0; p < splits; p++) s += part[((size_t)(ti * splits + p) * bt + tok) * kRows + r];
-    y[(size_t)m * N + n] = from_float<OutT>(s * (alpha * kScaleBias));
+    float v = s * (alpha * kScaleBias) + bias_of(bias, bias_len, n);
+    y[(size_t)m * N + n] = from_float<OutT>(gelu ? epilogue_gelu<OutT>(v) : v);
 }
 #define TAIL_SUM(T, TNAME)                                                                                 \
     extern "C" __global__ void nvfp4_sm90_tail_sum_##TNAME(const float* part, T* y, int M, int N, int bt,   \
-                                                           int tile0, int tiles, int splits, float alpha) { \
-        tail_sum<T>(part, y, M, N, bt, tile0, tiles, splits, alpha);                                        \
+                                                           int tile0, int tiles, int splits, float alpha,   \
+                                                           const T* bias, int bias_len, int gelu) {         \
+        tail_sum<T>(part, y, M, N, bt, tile0, tiles, splits, alpha, bias, bias_len, gelu);                  \
     }
 TAIL_SUM(float, f32)
 TAIL_SUM(__nv_bfloat16, bf16)

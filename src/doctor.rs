@@ -151,6 +151,10 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
 /// Tolerances of the GPU checks: f32 outputs as the CPU tests (1e-5 of max |y|); bf16 outputs add
 /// bf16 rounding of the result (2^-8 relative).
 pub const F32_TOL: f32 = 1e-5;
+/// f32 GEMM + bias + GELU: the GEMM's F32_TOL carried through GELU (slope up to ~1.13) and the
+/// bias add; a wrong bias index or activation is off by O(1). (In bf16 the reference rounds the
+/// GEMM, the sum and the GELU, the fused epilogue once: TWO_ROUNDINGS_TOL.)
+pub const EPILOGUE_F32_TOL: f32 = 2.0 * F32_TOL;
 pub const BF16_TOL: f32 = 1e-5 + 1.0 / 256.0;
 /// Variants must agree with each other to this relative L2.
 pub const AGREEMENT_TOL: f32 = 1e-3;
@@ -195,6 +199,41 @@ pub fn check_backend(
                 rel_max_err(&got16, &want),
                 BF16_TOL,
             ));
+            // The same input as rows 1.. of a larger tensor: read in place when that offset keeps
+            // a fresh allocation's alignment (K a multiple of 128), else copied first; either
+            // way the very same bits.
+            let x = Tensor::from_vec(p.x.clone(), (p.m, p.k), &Device::Cpu)?.to_dtype(DType::BF16)?;
+            let wide =
+                Tensor::cat(&[&Tensor::zeros((1, p.k), DType::BF16, &Device::Cpu)?, &x], 0)?.to_device(device)?;
+            let shifted: Vec<f32> =
+                gpu.forward(&wide.narrow(0, 1, p.m)?)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            results.push(CheckResult::new(
+                format!("{backend} {mode} bf16 {} input at a row offset, vs at 0", p.label),
+                rel_max_err(&shifted, &got16),
+                0.0,
+            ));
+            // With a bias and tanh-GELU: in the GEMM's epilogue where the kernel has one (the
+            // trtllm W4A16 GEMM on Hopper, M above the GEMV's), else a pass after it.
+            let bias32 = Tensor::randn(0f32, 1.0, p.n, &Device::Cpu)?;
+            for dtype in [DType::F32, DType::BF16] {
+                let bias = bias32.to_dtype(dtype)?;
+                let cpu_b =
+                    Nvfp4Linear::new(&p.w, Some(p.input_scale), Some(bias.clone()), backend, mode, &Device::Cpu)?;
+                let gpu_b =
+                    Nvfp4Linear::new(&p.w, Some(p.input_scale), Some(bias.to_device(device)?), backend, mode, device)?;
+                let x = Tensor::from_vec(p.x.clone(), (p.m, p.k), &Device::Cpu)?.to_dtype(dtype)?;
+                let xg = x.to_device(device)?;
+                let host =
+                    |t: Tensor| -> candle_core::Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1() };
+                let want_b = host(cpu_b.forward_act(&x, true)?)?;
+                let got_b = host(gpu_b.forward_act(&xg, true)?)?;
+                let tol = if dtype == DType::F32 { EPILOGUE_F32_TOL } else { TWO_ROUNDINGS_TOL };
+                results.push(CheckResult::new(
+                    format!("{backend} {mode} {dtype:?} {} + bias, GELU", p.label),
+                    rel_max_err(&got_b, &want_b),
+                    tol,
+                ));
+            }
             outs.push(got);
         }
     }
@@ -285,7 +324,7 @@ pub fn check_activation_quantizer(device: &Device, problems: &[Problem]) -> cand
     for p in problems {
         let x16: Vec<half::bf16> = p.x.iter().map(|v| half::bf16::from_f32(*v)).collect();
         let xs = dev.cuda_stream().clone_htod(&x16).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let (codes, _) = crate::cuda::quantize_activations(dev, &xs, p.m, p.k, p.input_scale, true, false)?;
+        let (codes, _) = crate::cuda::quantize_activations(dev, &xs.slice(..), p.m, p.k, p.input_scale, true, false)?;
         let (packed, scales) = codes.expect("codes requested");
         let stream = dev.cuda_stream();
         let packed = stream.clone_dtoh(&packed).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
@@ -717,8 +756,11 @@ pub fn check_fused(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
         }
     }
     // Per-head RMSNorm + RoPE, reading a strided slice of a fused projection (as the models do)
-    // against the unfused composition on the CPU.
-    for (b, s, h, d, extra) in [(1, 4608, 24, 128, 2 * 3072), (2, 77, 3, 64, 40)] {
+    // against the unfused composition on the CPU. Head counts 24, 6 and 5 at D = 128 take 4, 2 and
+    // 1 rows per warp on the four-per-lane path; D = 64 the one-row path.
+    for (b, s, h, d, extra) in
+        [(1, 4608, 24, 128, 2 * 3072), (2, 33, 6, 128, 8), (1, 50, 5, 128, 0), (2, 77, 3, 64, 40)]
+    {
         for dtype in [DType::BF16, DType::F32] {
             let wide = Tensor::randn(0f32, 1.0, (b, s, h * d + extra), device)?.to_dtype(dtype)?;
             let x = wide.narrow(2, extra / 2, h * d)?;

@@ -5,6 +5,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKer
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice};
 use candle_core::{DType, Layout, Result};
 use half::{bf16, f16};
+use std::sync::OnceLock;
 
 use super::{function_in, view, wrap, Kernels};
 
@@ -271,8 +272,21 @@ pub fn bias_act(
     Ok(CudaStorage { slice: y, device: dev.clone() })
 }
 
-/// Threads per block of `qk_norm_rope` (one warp per head row).
+/// Threads per block of `qk_norm_rope` (one warp per head row, or per `QK_ROWS_PER_WARP` rows).
 const QK_THREADS: u32 = 256;
+/// Head rows of one token per warp on the four-per-lane path (when the head count allows):
+/// all loaded before use, for more bytes in flight than one 256-byte row per warp.
+/// `CANDIFF_QK_ROWS=1|2` sets fewer (1 is the former one-row kernel), for comparisons.
+const QK_ROWS_PER_WARP: usize = 4;
+
+fn qk_rows_per_warp() -> usize {
+    static ROWS: OnceLock<usize> = OnceLock::new();
+    *ROWS.get_or_init(|| match std::env::var("CANDIFF_QK_ROWS").as_deref() {
+        Ok("1") => 1,
+        Ok("2") => 2,
+        _ => QK_ROWS_PER_WARP,
+    })
+}
 /// Head size the four-per-lane path of `qk_norm_rope` covers (a warp x 4).
 const VEC4_ROW: usize = 128;
 
@@ -317,12 +331,17 @@ pub fn qk_norm_rope(
     // offset keeps those accesses aligned (storage bases are 256-byte aligned).
     let four = |v: usize| v.is_multiple_of(4);
     let even = |l: &Layout| l.start_offset().is_multiple_of(2);
-    let vec4 = (d == VEC4_ROW
+    let vec4 = d == VEC4_ROW
         && [src.start, src.sb, src.ss, src.sh, dst.start, dst.yb, dst.ys, dst.yp].into_iter().all(four)
         && w.is_none_or(|(_, wl)| four(wl.start_offset()))
-        && rope.is_none_or(|((_, cl), (_, sl))| even(cl) && even(sl))) as i32;
+        && rope.is_none_or(|((_, cl), (_, sl))| even(cl) && even(sl));
+    // Rows per warp on that path: as many of one token's heads as divide the head count.
+    let most = qk_rows_per_warp();
+    let per_warp =
+        if vec4 { [4, 2, 1].into_iter().find(|&r| r <= most && h.is_multiple_of(r)).unwrap_or(1) } else { 1 };
+    let vec_rows = if vec4 { per_warp as i32 } else { 0 };
     let warps_per_block = (QK_THREADS / 32) as u64;
-    let blocks = (rows as u64).div_ceil(warps_per_block).max(1) as u32;
+    let blocks = (rows.div_ceil(per_warp) as u64).div_ceil(warps_per_block).max(1) as u32;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (QK_THREADS, 1, 1), shared_mem_bytes: 0 };
     macro_rules! go {
         ($t:ty, $yv:ident) => {{
@@ -346,7 +365,7 @@ pub fn qk_norm_rope(
                 _ => bld.arg(&null).arg(&null),
             };
             bld.arg(&mut yv).arg(&o64s[0]).arg(&o64s[1]).arg(&o64s[2]);
-            bld.arg(&hl_i).arg(&s_i).arg(&h_i).arg(&d_i).arg(&rows_i).arg(&eps).arg(&mode).arg(&vec4);
+            bld.arg(&hl_i).arg(&s_i).arg(&h_i).arg(&d_i).arg(&rows_i).arg(&eps).arg(&mode).arg(&vec_rows);
             // SAFETY: argument types match the kernel; the caller checked that every (b, s, h, d)
             // offset lies inside x and y, and cos/sin (read only with RoPE) hold s rows of d/2.
             unsafe { bld.launch(cfg) }.map_err(wrap("qk_norm_rope"))?;

@@ -287,7 +287,22 @@ fn view<'a, T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
 }
 
-/// x as contiguous bf16 (f32/f16 inputs are rounded, as the reference quantizer sees them).
+/// Alignment in bytes of every fresh device allocation, which the GEMM kernels may rely on for x.
+const ALLOC_ALIGN_BYTES: usize = 256;
+
+/// A bf16 input read where it lies: contiguous and as aligned as a fresh allocation. (Copying it
+/// instead cost a read and a write of every activation before each NVFP4 GEMM: ~6 ms of a FLUX.1
+/// 1024² W4A16 step, docs/PERF.md session 14.) None: the caller converts or copies it.
+fn in_place_bf16<'a>(s: &'a CudaStorage, l: &Layout) -> Result<Option<CudaView<'a, bf16>>> {
+    let aligned = (l.start_offset() * std::mem::size_of::<bf16>()).is_multiple_of(ALLOC_ALIGN_BYTES);
+    if s.dtype() != DType::BF16 || !aligned || l.contiguous_offsets().is_none() {
+        return Ok(None);
+    }
+    view::<bf16>(s, l, "input").map(Some)
+}
+
+/// x as contiguous bf16 in a fresh buffer (f32/f16 inputs are rounded, as the reference quantizer
+/// sees them).
 fn input_bf16(s: &CudaStorage, l: &Layout) -> Result<CudaSlice<bf16>> {
     let dev = &s.device;
     let n = l.shape().elem_count();
@@ -325,7 +340,7 @@ fn input_bf16(s: &CudaStorage, l: &Layout) -> Result<CudaSlice<bf16>> {
 /// `codes` is true, and the exact bf16 block-scaled values (for the tensor-core GEMM) when `deq` is.
 pub fn quantize_activations(
     dev: &CudaDevice,
-    x: &CudaSlice<bf16>,
+    x: &CudaView<bf16>,
     m: usize,
     k: usize,
     input_scale: f32,
@@ -339,7 +354,7 @@ pub fn quantize_activations(
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_activations_padded(
     dev: &CudaDevice,
-    x: &CudaSlice<bf16>,
+    x: &CudaView<bf16>,
     m: usize,
     k: usize,
     k_pad: usize,
@@ -384,14 +399,42 @@ pub fn quantize_activations_padded(
 pub(crate) struct GemmCall<'a> {
     pub op: &'a Nvfp4Matmul,
     pub dev: &'a CudaDevice,
-    pub x: &'a CudaSlice<bf16>,
+    pub x: &'a CudaView<'a, bf16>,
     pub w: &'a CudaView<'a, u8>,
     pub sc: &'a CudaView<'a, u8>,
     pub m: usize,
     pub out_dtype: DType,
 }
 
-/// `y = alpha * (x ⊗ W)` on the GPU for a prepared NVFP4 weight.
+/// A layer's bias and activation applied in the GEMM's epilogue (the sm90 W4A16 GEMM's, where
+/// [`epilogue_in_gemm`] says it runs): the bias `[N]` in the output's dtype, contiguous.
+pub struct Epilogue<'a> {
+    pub bias: Option<(&'a CudaStorage, &'a Layout)>,
+    pub gelu: bool,
+}
+
+/// Whether `act(x W^T + b)` of this W4A16 layer runs as one GEMM with the bias and activation in
+/// its epilogue on this device: the trtllm variant's sm90 GEMM (M above the GEMV's), with the bias
+/// in the output's dtype (x's, bf16 for bf16 input). Else the caller adds them in a pass after.
+pub fn epilogue_in_gemm(op: &Nvfp4Matmul, x: &candle_core::Tensor, bias: Option<&candle_core::Tensor>) -> Result<bool> {
+    let candle_core::Device::Cuda(dev) = x.device() else { return Ok(false) };
+    let m = x.elem_count() / op.k.max(1);
+    let out_dtype = match x.dtype() {
+        DType::F32 | DType::F16 => x.dtype(),
+        _ => DType::BF16,
+    };
+    let bias_fits = bias.is_none_or(|b| b.dtype() == out_dtype && b.rank() == 1 && b.dim(0).is_ok_and(|n| n <= op.n));
+    Ok(op.backend == Backend::Trtllm
+        && op.mode == ActMode::W4A16
+        && op.kind == LayoutKind::Trtllm
+        && m > tiling::SM90_GEMV_MAX_M
+        && bias_fits
+        && use_wgmma(dev, op.k)?)
+}
+
+/// `y = alpha * (x ⊗ W)` on the GPU for a prepared NVFP4 weight; with `epi`, `act(y + bias)` in
+/// the GEMM's epilogue (the caller checked [`epilogue_in_gemm`]).
+#[allow(clippy::too_many_arguments)]
 pub fn nvfp4_linear_fwd(
     op: &Nvfp4Matmul,
     s1: &CudaStorage,
@@ -400,7 +443,15 @@ pub fn nvfp4_linear_fwd(
     l2: &Layout,
     s3: &CudaStorage,
     l3: &Layout,
+    epi: Option<&Epilogue>,
 ) -> Result<(CudaStorage, Shape)> {
+    if epi.is_some() && (op.backend != Backend::Trtllm || op.mode != ActMode::W4A16) {
+        candle_core::bail!(
+            "nvfp4 linear: a fused bias/activation epilogue asked of the {} {} path",
+            op.backend,
+            op.mode
+        );
+    }
     if op.mode == ActMode::Fp8 {
         return fp8::linear_fwd(op, s1, l1, s2, l2, s3, l3);
     }
@@ -412,7 +463,14 @@ pub fn nvfp4_linear_fwd(
     let m = l1.shape().elem_count() / op.k;
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("non-empty") = op.n;
-    let x = input_bf16(s1, l1)?;
+    let converted;
+    let x = match in_place_bf16(s1, l1)? {
+        Some(v) => v,
+        None => {
+            converted = input_bf16(s1, l1)?;
+            converted.slice(..)
+        }
+    };
     #[cfg(candiff_sm100)]
     if op.backend == Backend::Cutlass && op.mode == ActMode::W4A4 && compute_capability(&dev)? == sm100::SM100 {
         // FP4 tensor cores: activations quantized to codes, CUTLASS's block-scaled GEMM.
@@ -422,10 +480,12 @@ pub fn nvfp4_linear_fwd(
         let call = GemmCall { op, dev: &dev, x: &x, w: &w, sc: &sc, m, out_dtype };
         return sm100::fp4_gemm(&call).map(|s| (s, Shape::from(out_dims)));
     }
+    let deq;
     let x = match op.mode {
         ActMode::W4A16 => x,
         ActMode::W4A4 => {
-            quantize_activations(&dev, &x, m, op.k, op.input_scale, false, true)?.1.expect("deq requested")
+            deq = quantize_activations(&dev, &x, m, op.k, op.input_scale, false, true)?.1.expect("deq requested");
+            deq.slice(..)
         }
         ActMode::Fp8 => unreachable!("handled above"),
     };
@@ -451,8 +511,15 @@ pub fn nvfp4_linear_fwd(
     }
     debug_assert_eq!(op.kind, LayoutKind::Trtllm);
     if use_wgmma(&dev, op.k)? {
-        let y = if m <= tiling::SM90_GEMV_MAX_M { sm90_gemv(&call)? } else { sm90_gemm(&call)? };
-        return Ok((y, Shape::from(out_dims)));
+        if m > tiling::SM90_GEMV_MAX_M {
+            return Ok((sm90_gemm(&call, epi)?, Shape::from(out_dims)));
+        }
+        if epi.is_none() {
+            return Ok((sm90_gemv(&call)?, Shape::from(out_dims)));
+        }
+    }
+    if epi.is_some() {
+        candle_core::bail!("nvfp4 linear: a fused bias/activation epilogue asked of a kernel without one (M = {m})");
     }
     let layout = "trtllm";
     let (kernel, cfg) = if m <= GEMV_MAX_M {
@@ -621,7 +688,7 @@ fn sm90_policy_sms(dev: &CudaDevice) -> Result<usize> {
 
 /// The trtllm variant on Hopper: the weight dequantized in registers as wgmma's A operand; the
 /// last wave split along K where it would run mostly empty ([`tiling::sm90_plan`]).
-fn sm90_gemm(call: &GemmCall) -> Result<CudaStorage> {
+fn sm90_gemm(call: &GemmCall, epi: Option<&Epilogue>) -> Result<CudaStorage> {
     check_sm90_weight(call, "nvfp4 sm90 gemm")?;
     let GemmCall { op, dev, m, .. } = *call;
     let (forced_tokens, split_tail) = sm90_overrides()?;
@@ -660,6 +727,10 @@ fn sm90_gemm(call: &GemmCall) -> Result<CudaStorage> {
     let part_guard = part.as_ref().map(|p| p.device_ptr(&stream));
     let part_ptr: u64 = part_guard.as_ref().map_or(0, |g| g.0);
     let args = GemmArgs::of(call);
+    let bias = epi.and_then(|e| e.bias).map(|(b, l)| BiasView::of(b, l, call.out_dtype)).transpose()?;
+    let bias_len = bias.as_ref().map_or(0, BiasView::len) as i32;
+    let gelu = i32::from(epi.is_some_and(|e| e.gelu));
+    let null = 0u64;
     for (tile0, ctas, splits) in [(0, whole, 1), (whole, tail * parts, parts)] {
         if ctas == 0 {
             continue;
@@ -668,6 +739,8 @@ fn sm90_gemm(call: &GemmCall) -> Result<CudaStorage> {
         let mut b = stream.launch_builder(&f);
         args.push(&mut b, call, &mut y)?;
         b.arg(&tile0).arg(&splits).arg(&part_ptr);
+        BiasView::push(&mut b, bias.as_ref(), &null);
+        b.arg(&bias_len).arg(&gelu);
         // SAFETY: argument types match the kernel's signature; one CTA per tile or part.
         unsafe { b.launch(grid(ctas)) }.map_err(wrap("nvfp4 sm90 gemm"))?;
     }
@@ -678,6 +751,8 @@ fn sm90_gemm(call: &GemmCall) -> Result<CudaStorage> {
         b.arg(&part_ptr);
         push_output(&mut b, &mut y)?;
         b.arg(&args.m).arg(&args.n).arg(&bt_i).arg(&whole_i).arg(&tail_i).arg(&parts_i).arg(&args.alpha);
+        BiasView::push(&mut b, bias.as_ref(), &null);
+        b.arg(&bias_len).arg(&gelu);
         // SAFETY: argument types match; one thread per (tile, token, feature) of the split tiles.
         unsafe { b.launch(launch_1d(tail * bt as usize * SM90_ROWS as usize)) }.map_err(wrap("nvfp4 sm90 tail sum"))?;
     }
@@ -711,6 +786,51 @@ fn push_output<'a>(
         _ => candle_core::bail!("a GEMM output is f32, f16 or bf16"),
     };
     Ok(())
+}
+
+/// A bias in the GEMM output's dtype, as a kernel argument.
+enum BiasView<'a> {
+    F32(CudaView<'a, f32>),
+    F16(CudaView<'a, f16>),
+    BF16(CudaView<'a, bf16>),
+}
+
+impl<'a> BiasView<'a> {
+    fn of(s: &'a CudaStorage, l: &Layout, out: DType) -> Result<Self> {
+        if s.dtype() != out {
+            candle_core::bail!(
+                "nvfp4 linear: a {:?} bias for a {out:?} output (the epilogue reads it as the output's type)",
+                s.dtype()
+            );
+        }
+        Ok(match out {
+            DType::F32 => Self::F32(view::<f32>(s, l, "bias")?),
+            DType::F16 => Self::F16(view::<f16>(s, l, "bias")?),
+            _ => Self::BF16(view::<bf16>(s, l, "bias")?),
+        })
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::F16(v) => v.len(),
+            Self::BF16(v) => v.len(),
+        }
+    }
+
+    /// The bias pointer argument: `null` (a zero address, which the kernels test) without one.
+    fn push<'b>(
+        b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'b>,
+        bias: Option<&'b Self>,
+        null: &'b u64,
+    ) {
+        match bias {
+            Some(Self::F32(v)) => b.arg(v),
+            Some(Self::F16(v)) => b.arg(v),
+            Some(Self::BF16(v)) => b.arg(v),
+            None => b.arg(null),
+        };
+    }
 }
 
 /// The scalar arguments every W4A16 GEMM kernel takes after y: `(M, N, K, row_bytes, scale_cols,

@@ -324,7 +324,57 @@ impl CustomOp3 for Nvfp4Matmul {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::nvfp4_linear_fwd(self, s1, l1, s2, l2, s3, l3)
+        crate::cuda::nvfp4_linear_fwd(self, s1, l1, s2, l2, s3, l3, None)
+    }
+}
+
+/// The layer `act(x W^T + b)` as one GPU op: the bias and activation in the GEMM's epilogue
+/// (where [`crate::cuda::epilogue_in_gemm`] holds), saving a pass that reads and writes the whole
+/// output (bias_act: 13.5% of a FLUX.1 1024² W4A16 step, docs/PERF.md session 14).
+#[cfg(feature = "cuda")]
+struct Nvfp4LinearAct<'a> {
+    op: &'a Nvfp4Matmul,
+    bias: Option<&'a Tensor>,
+    gelu: bool,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for Nvfp4LinearAct<'_> {
+    fn name(&self) -> &'static str {
+        "nvfp4-linear-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("nvfp4 linear: the fused epilogue is a GPU path (epilogue_in_gemm is false on the CPU)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let guard = self.bias.map(|b| b.storage_and_layout());
+        let bias = match &guard {
+            Some((st, l)) => match &**st {
+                candle_core::Storage::Cuda(c) => Some((c, *l)),
+                _ => candle_core::bail!("nvfp4 linear: the bias is not on the GPU"),
+            },
+            None => None,
+        };
+        let epi = crate::cuda::Epilogue { bias, gelu: self.gelu };
+        crate::cuda::nvfp4_linear_fwd(self.op, s1, l1, s2, l2, s3, l3, Some(&epi))
     }
 }
 
@@ -703,6 +753,13 @@ impl Nvfp4Linear {
             return self.finish_act(out, gelu);
         }
         let x = x.contiguous()?;
+        // W4A16 on Hopper: bias and GELU in the GEMM's epilogue.
+        #[cfg(feature = "cuda")]
+        if (self.bias.is_some() || gelu) && crate::cuda::epilogue_in_gemm(&self.op, &x, self.bias.as_ref())? {
+            let op = Nvfp4LinearAct { op: &self.op, bias: self.bias.as_ref(), gelu };
+            let y = x.apply_op3_no_bwd(&self.weight, &self.scale, &op)?;
+            return if self.op.n != self.n_out { y.narrow(candle_core::D::Minus1, 0, self.n_out) } else { Ok(y) };
+        }
         let mut y = x.apply_op3_no_bwd(&self.weight, &self.scale, &self.op)?;
         if self.op.n != self.n_out {
             y = y.narrow(candle_core::D::Minus1, 0, self.n_out)?;
