@@ -1,11 +1,12 @@
 //! Launchers of kernels/fused.cu (the fused element-wise ops of src/models/fused.rs).
 
+use std::sync::OnceLock;
+
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice};
 use candle_core::{DType, Layout, Result};
 use half::{bf16, f16};
-use std::sync::OnceLock;
 
 use super::{function_in, view, wrap, Kernels};
 
