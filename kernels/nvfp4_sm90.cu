@@ -27,8 +27,13 @@
 // fixed order (deterministic) and writes to y.
 //
 // Epilogue (both writers of y): y = act(alpha * sum + bias[n]) in f32, one rounding to the output
-// type, with bias (features n < bias_len; null: none) and act = tanh-GELU when `gelu` (hardware
-// tanh for 16-bit outputs): the linear layer's bias and activation without another pass over y.
+// type, with bias (features n < bias_len; null: none) and act = tanh-GELU on features
+// n >= gelu_from (hardware tanh for 16-bit outputs): the linear layer's bias and activation without
+// another pass over y; gelu_from > 0 activates only the MLP columns of a fused q/k/v/MLP projection.
+//
+// Input in two parts: K < k_split from x, the rest from x2 (each with its own row stride), so an
+// output projection reads cat(attention output, MLP activation) where they lie (no cat pass: 8.5 ms
+// of a FLUX.1 W4A16 step, docs/PERF.md session 15). One part: x2 = x, k_split = K, ldx = K.
 
 #include <cuda_fp8.h>
 
@@ -136,7 +141,8 @@ __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, c
                                           const uint8_t* __restrict__ sc, OutT* __restrict__ y, int M, int N,
                                           int K, int row_bytes, int scale_cols, float alpha, int tile0,
                                           int splits, float* __restrict__ part, const OutT* __restrict__ bias,
-                                          int bias_len, int gelu) {
+                                          int bias_len, int gelu_from, const __nv_bfloat16* __restrict__ x2,
+                                          int ldx, int ldx2, int k_split) {
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     // The 128-byte swizzle pattern repeats every 1024 bytes: activation stages start on that
     // boundary; the weight codes and scales of each stage follow all activation stages.
@@ -179,15 +185,19 @@ __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, c
     constexpr int kChunks = BT * 8 / kThreads;
     constexpr int kTokenStep = kThreads / 8;
     const int my_c = tid % 8, my_r = tid / 8;
-    const __nv_bfloat16* act_src = x + (size_t)(m0 + my_r) * K + my_c * 8;
+    // Two parts: K < k_split from x (rows ldx apart), the rest from x2 (rows ldx2 apart, its
+    // column 0 at k_split); k_split is a multiple of kBK, so a tile never straddles them.
+    const __nv_bfloat16* act_src = x + (size_t)(m0 + my_r) * ldx + my_c * 8;
+    const __nv_bfloat16* act_src2 = x2 + (size_t)(m0 + my_r) * ldx2 + my_c * 8 - k_split;
     const int act_dst = my_r * kTileBytesPerToken + ((my_c ^ (my_r % 8)) * 16);
 
     const bool full_m = m0 + BT <= M;
-    const size_t token_step = (size_t)kTokenStep * K;
     auto load_tile = [&](int kt, int st) {
         uint8_t* dst = smem + st * kActBytes + act_dst;
         const int gk = kt * kBK + my_c * 8;
-        const __nv_bfloat16* src = act_src + kt * kBK;
+        const bool first = kt * kBK < k_split;
+        const __nv_bfloat16* src = (first ? act_src : act_src2) + kt * kBK;
+        const size_t token_step = (size_t)kTokenStep * (first ? ldx : ldx2);
         if (full_m && (kt + 1) * kBK <= K) {  // interior tile: no bounds to test
 #pragma unroll
             for (int i = 0; i < kChunks; i++) cp_async16(dst + i * kTokenStep * kTileBytesPerToken, src + i * token_step, true);
@@ -288,7 +298,7 @@ __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, c
             int m = m0 + 8 * j + 2 * t + (e & 1);
             int n = (e & 2) ? n_hi : n_lo;
             float v = acc[4 * j + e] * out_scale + ((e & 2) ? b_hi : b_lo);
-            if (gelu) v = epilogue_gelu<OutT>(v);
+            if (n >= gelu_from) v = epilogue_gelu<OutT>(v);
             if (m < M && n < N) y[(size_t)m * N + n] = from_float<OutT>(v);
         }
     }
@@ -302,9 +312,9 @@ __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, c
     extern "C" __global__ void __launch_bounds__(kThreads, 1) nvfp4_gemm_sm90_bt##BT##_##TNAME(        \
         const __nv_bfloat16* x, const uint8_t* w, const uint8_t* sc, T* y, int M, int N, int K,           \
         int row_bytes, int scale_cols, float alpha, int tile0, int splits, float* part, const T* bias,     \
-        int bias_len, int gelu) {                                                                           \
+        int bias_len, int gelu_from, const __nv_bfloat16* x2, int ldx, int ldx2, int k_split) {             \
         gemm_sm90<BT, T>(x, w, sc, y, M, N, K, row_bytes, scale_cols, alpha, tile0, splits, part, bias,    \
-                         bias_len, gelu);                                                                   \
+                         bias_len, gelu_from, x2, ldx, ldx2, k_split);                                      \
     }
 GEMM_SM90(128, float, f32)
 GEMM_SM90(128, __nv_bfloat16, bf16)
@@ -318,7 +328,7 @@ GEMM_SM90(256, __half, f16)
 template <typename OutT>
 __device__ __forceinline__ void tail_sum(const float* __restrict__ part, OutT* __restrict__ y, int M, int N, int bt,
                                          int tile0, int tiles, int splits, float alpha, const OutT* __restrict__ bias,
-                                         int bias_len, int gelu) {
+                                         int bias_len, int gelu_from) {
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)tiles * bt * kRows) return;
     const int r = (int)(i % kRows), tok = (int)(i / kRows % bt), ti = (int)(i / ((size_t)kRows * bt));
@@ -328,13 +338,13 @@ __device__ __forceinline__ void tail_sum(const float* __restrict__ part, OutT* _
     float s = 0.0f;
     for (int p = 0; p < splits; p++) s += part[((size_t)(ti * splits + p) * bt + tok) * kRows + r];
     float v = s * (alpha * kScaleBias) + bias_of(bias, bias_len, n);
-    y[(size_t)m * N + n] = from_float<OutT>(gelu ? epilogue_gelu<OutT>(v) : v);
+    y[(size_t)m * N + n] = from_float<OutT>(n >= gelu_from ? epilogue_gelu<OutT>(v) : v);
 }
 #define TAIL_SUM(T, TNAME)                                                                                 \
     extern "C" __global__ void nvfp4_sm90_tail_sum_##TNAME(const float* part, T* y, int M, int N, int bt,   \
                                                            int tile0, int tiles, int splits, float alpha,   \
-                                                           const T* bias, int bias_len, int gelu) {         \
-        tail_sum<T>(part, y, M, N, bt, tile0, tiles, splits, alpha, bias, bias_len, gelu);                  \
+                                                           const T* bias, int bias_len, int gelu_from) {    \
+        tail_sum<T>(part, y, M, N, bt, tile0, tiles, splits, alpha, bias, bias_len, gelu_from);             \
     }
 TAIL_SUM(float, f32)
 TAIL_SUM(__nv_bfloat16, bf16)

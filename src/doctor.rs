@@ -233,6 +233,48 @@ pub fn check_backend(
                     rel_max_err(&got_b, &want_b),
                     tol,
                 ));
+                // GELU on the features from a third of N on (a fused q/k/v/MLP projection's MLP
+                // columns): in the epilogue where there is one, a pass over those columns else.
+                let from = p.n / 3;
+                let want_f = host(cpu_b.forward_act_from(&x, from)?)?;
+                let got_f = host(gpu_b.forward_act_from(&xg, from)?)?;
+                results.push(CheckResult::new(
+                    format!("{backend} {mode} {dtype:?} {} + bias, GELU from feature {from}", p.label),
+                    rel_max_err(&got_f, &want_f),
+                    tol,
+                ));
+                // The input in two parts (the second a column slice of a wider tensor): read in
+                // place by the Hopper GEMM where the split falls on a 64-wide K tile, else
+                // concatenated first; either way the very bits of the whole input.
+                if dtype == DType::BF16 {
+                    let c = (p.k / 2) / 64 * 64;
+                    let c = if c == 0 { p.k / 2 } else { c };
+                    let w = p.k - c;
+                    let pad = 32;
+                    let wide = Tensor::cat(
+                        &[
+                            &Tensor::zeros((p.m, pad), DType::BF16, &Device::Cpu)?,
+                            &x.narrow(1, c, w)?,
+                            &x.narrow(1, 0, pad.min(p.k))?,
+                        ],
+                        1,
+                    )?
+                    .to_device(device)?;
+                    let second = wide.narrow(1, pad, w)?;
+                    let first = x.narrow(1, 0, c)?.contiguous()?.to_device(device)?;
+                    let in_place = gpu_b.reads_parts_like(&first, c)?;
+                    let got_p = host(gpu_b.forward_parts(&first, &second)?)?;
+                    let whole = host(gpu_b.forward_act(&xg, false)?)?;
+                    results.push(CheckResult::new(
+                        format!(
+                            "{backend} {mode} bf16 {} + bias, input as {c} + {w} features ({}), vs whole",
+                            p.label,
+                            if in_place { "read in place" } else { "concatenated" }
+                        ),
+                        rel_max_err(&got_p, &whole),
+                        0.0,
+                    ));
+                }
             }
             outs.push(got);
         }
@@ -630,13 +672,40 @@ pub fn check_fused(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
         let bias = Tensor::randn(0f32, 1.0, c, device)?.to_dtype(DType::BF16)?;
         let layer = || crate::linear::Linear::Dense(candle_nn::Linear::new(weight.clone(), Some(bias.clone())));
         let split = OutProj::new(layer(), c)?;
-        if !split.split() {
+        if !matches!(split, OutProj::Split { .. }) {
             candle_core::bail!("a bf16 dense layer on the GPU was not split");
         }
         let whole = OutProj::Whole(layer());
         let o = Tensor::randn(0f32, 1.0, (1, 2, rows, c / 2), device)?.to_dtype(DType::BF16)?;
         let m = Tensor::randn(0f32, 1.0, (1, rows, w), device)?.to_dtype(DType::BF16)?;
         let back = |o: &Tensor| crate::parallel::Returning::done(o.clone());
+        // A W4A16 projection given the MLP part activated (by its producer) reads the attention
+        // output and the MLP part where they lie on Hopper: the same GEMM inputs as `cat_act`
+        // makes, so the very same bits.
+        if device.is_cuda() {
+            let p = Problem::random(1, c + w, c, 12)?;
+            let q = crate::linear::Linear::Nvfp4(Nvfp4Linear::new(
+                &p.w,
+                None,
+                Some(bias.clone()),
+                Backend::Trtllm,
+                ActMode::W4A16,
+                device,
+            )?);
+            let proj = OutProj::new(q, c)?;
+            let in_place = proj.wants_activated(&m, c)?;
+            let activated = crate::models::fused::cat_act(None, &m, MlpAct::GeluTanh)?;
+            let got = proj.forward(back(&o), &activated, MlpAct::GeluTanh, true)?;
+            let want = proj.forward(back(&o), &m, MlpAct::GeluTanh, false)?;
+            out.push(CheckResult::new(
+                format!(
+                    "w4a16 output projection {rows}x({c}+{w}), MLP part activated before ({}), vs cat_act",
+                    if in_place { "read in place" } else { "concatenated" }
+                ),
+                rel_max_err(&host(&got)?, &host(&want)?),
+                0.0,
+            ));
+        }
         let got = split.forward(back(&o), &m, MlpAct::GeluTanh, false)?;
         let want = whole.forward(back(&o), &m, MlpAct::GeluTanh, false)?;
         out.push(CheckResult::new(
@@ -660,7 +729,7 @@ pub fn check_fused(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
                 )?))
             };
             let split = OutProj::new(fp8()?, c)?;
-            if !split.split() {
+            if !matches!(split, OutProj::Split { .. }) {
                 candle_core::bail!("an fp8 layer on the GPU was not split");
             }
             let got = split.forward(back(&o), &m, MlpAct::GeluTanh, false)?;
@@ -788,7 +857,14 @@ pub fn check_fused(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
     // cat(o, act(m)) with m a column slice of a fused projection, and the activation alone.
     use crate::models::fused::{cat_act, MlpAct};
     for (rows, c, w, act) in
-        [(4608, 3072, 12288, MlpAct::GeluTanh), (4608, 6144, 18432, MlpAct::SwiGlu), (77, 0, 40, MlpAct::SwiGlu)]
+        // (The first three take the 16-byte-vector kernel in bf16; the last, rows of 8 + 20
+        // values, the element loop.)
+        [
+            (4608, 3072, 12288, MlpAct::GeluTanh),
+            (4608, 6144, 18432, MlpAct::SwiGlu),
+            (77, 0, 40, MlpAct::SwiGlu),
+            (33, 8, 20, MlpAct::GeluTanh),
+        ]
     {
         for dtype in [DType::BF16, DType::F32] {
             let mw = if act == MlpAct::SwiGlu { 2 * w } else { w };

@@ -291,6 +291,50 @@ impl Linear {
         self.forward_act(x, true)
     }
 
+    /// Whether [`Linear::forward_gelu_from`] runs as one GEMM with the activation in its epilogue
+    /// (a W4A16 NVFP4 layer on Hopper); elsewhere it costs a pass over the activated features.
+    pub fn gelu_from_in_gemm(&self, x: &Tensor) -> Result<bool> {
+        match self {
+            Linear::Nvfp4(q) if q.mode() == ActMode::W4A16 => q.act_in_gemm(x),
+            _ => Ok(false),
+        }
+    }
+
+    /// The layer with tanh-GELU on output features `>= from` only (the MLP part of a fused
+    /// q/k/v/MLP projection).
+    pub fn forward_gelu_from(&self, x: &Tensor, from: usize) -> Result<Tensor> {
+        if let Linear::Nvfp4(q) = self {
+            return crate::profile::span(crate::profile::Part::Linear, x.device(), || q.forward_act_from(x, from));
+        }
+        let y = self.forward(x)?;
+        let n = y.dim(candle_core::D::Minus1)?;
+        if from >= n {
+            return Ok(y);
+        }
+        let act = crate::models::ops::gelu_tanh(&y.narrow(candle_core::D::Minus1, from, n - from)?)?;
+        Tensor::cat(&[&y.narrow(candle_core::D::Minus1, 0, from)?, &act], candle_core::D::Minus1)
+    }
+
+    /// Whether [`Linear::forward_parts`] reads an input split after `c` features, rows as `like`'s,
+    /// in one GEMM without writing the concatenation (a W4A16 NVFP4 layer on Hopper).
+    pub fn reads_parts_like(&self, like: &Tensor, c: usize) -> Result<bool> {
+        match self {
+            Linear::Nvfp4(q) => q.reads_parts_like(like, c),
+            _ => Ok(false),
+        }
+    }
+
+    /// `cat(first, second) W^T + b`: where the layer reads the parts in place, one GEMM and no
+    /// concatenation; else the concatenation, then the layer.
+    pub fn forward_parts(&self, first: &Tensor, second: &Tensor) -> Result<Tensor> {
+        if let Linear::Nvfp4(q) = self {
+            return crate::profile::span(crate::profile::Part::Linear, first.device(), || {
+                q.forward_parts(first, second)
+            });
+        }
+        self.forward(&Tensor::cat(&[first, second], candle_core::D::Minus1)?)
+    }
+
     fn forward_act(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
         let gelu_after = |y: Tensor| if gelu { crate::models::ops::gelu_tanh(&y) } else { Ok(y) };
         match self {

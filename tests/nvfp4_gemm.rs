@@ -192,6 +192,38 @@ fn gemm_handles_batched_inputs_and_bias() {
     assert!(max_diff(&yb, &want) <= 2f32.powi(-8) * max_abs(&want));
 }
 
+/// The fused-projection forms against the plain layer on the fixture: GELU on the features from
+/// `from` on only (the others untouched), and the input given in two parts (the second a column
+/// slice of a wider tensor) as the concatenation. (On Hopper the GEMM does both itself; `candiff
+/// doctor` checks it against these.)
+#[test]
+fn gelu_from_a_feature_and_two_part_inputs_match_the_plain_layer() {
+    let f = open("nvfp4/gemm_cases.safetensors");
+    let c = cases().into_iter().find(|c| c.m > 1 && c.k >= 32).expect("a case with M > 1, K >= 32");
+    let w = canonical(&f, &c);
+    let x = Tensor::from_vec(f32s(&f, &format!("{}x", c.p)), (1, c.m, c.k), &Device::Cpu).unwrap();
+    let bias = Tensor::arange(0f32, c.n as f32, &Device::Cpu).unwrap();
+    let l = Nvfp4Linear::new(&w, None, Some(bias), Backend::Trtllm, ActMode::W4A16, &Device::Cpu).unwrap();
+    let rows = |t: Tensor| -> Vec<Vec<f32>> { t.squeeze(0).unwrap().to_vec2().unwrap() };
+    let plain = rows(l.forward(&x).unwrap());
+    let from = c.n / 3;
+    let got = rows(l.forward_act_from(&x, from).unwrap());
+    let gelu = |v: f32| 0.5 * v * (1.0 + (0.797_884_6 * (v + 0.044_715 * v * v * v)).tanh());
+    for (g, p) in got.iter().zip(&plain) {
+        assert_eq!(&g[..from], &p[..from], "features below {from} must not be activated");
+        for (a, b) in g[from..].iter().zip(&p[from..]) {
+            assert!((a - gelu(*b)).abs() <= 1e-5 * (1.0 + b.abs()), "GELU({b}) = {a}");
+        }
+    }
+    assert_eq!(rows(l.forward_act_from(&x, 0).unwrap()), rows(l.forward_act(&x, true).unwrap()));
+    // Two parts: the first `k / 2` features, then the rest read from the middle of a wider tensor.
+    let k1 = c.k / 2;
+    let rest = x.narrow(2, k1, c.k - k1).unwrap();
+    let wide = Tensor::cat(&[&rest, &rest], 2).unwrap();
+    let second = wide.narrow(2, 0, c.k - k1).unwrap();
+    assert_eq!(rows(l.forward_parts(&x.narrow(2, 0, k1).unwrap(), &second).unwrap()), plain);
+}
+
 /// The Hopper kernel (kernels/nvfp4_sm90.cu) dequantizes without a lookup table: a byte's two
 /// E2M1 codes are placed into bf16 bits (magnitude to bits 8:6, sign to 15: the code's value times
 /// 2^-126, the 0.5 code a subnormal) and multiplied by bf16(scale x 2^119). This mirrors that bit

@@ -483,15 +483,30 @@ pub fn cat_act(
     swiglu: bool,
 ) -> Result<CudaStorage> {
     let dtype = m.dtype();
-    let name = format!("cat_act_{}", suffix(dtype)?);
+    // 16-byte vectors where every row piece starts on one (bf16: 8 values).
+    const VEC: usize = 8;
+    let o_start = o.map_or(0, |(_, l)| l.start_offset());
+    let vec = dtype == DType::BF16 && [c, w, m_stride, m_start, o_start].iter().all(|v| v.is_multiple_of(VEC));
+    let name = if vec { "cat_act_vec_bf16".to_string() } else { format!("cat_act_{}", suffix(dtype)?) };
     let dev = &m.device;
     let f = function_in(dev, Kernels::Fused, &name)?;
     let stream = dev.cuda_stream();
     let n = rows * (c + w);
     let mut y = alloc(m, dtype, n)?;
     let (ms_i, rows_i, c_i, w_i, sw_i) = (m_stride as i64, rows as i64, c as i32, w as i32, swiglu as i32);
-    let blocks = (n as u64).div_ceil(EW_THREADS as u64).clamp(1, EW_MAX_BLOCKS) as u32;
-    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (EW_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let cfg = if vec {
+        // Vectors of a row along x, rows along y (grid-strided past the y limit).
+        const MAX_GRID_Y: usize = 65_535;
+        let per_row = ((c + w) / VEC).div_ceil(EW_THREADS as usize) as u32;
+        LaunchConfig {
+            grid_dim: (per_row.max(1), rows.clamp(1, MAX_GRID_Y) as u32, 1),
+            block_dim: (EW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    } else {
+        let blocks = (n as u64).div_ceil(EW_THREADS as u64).clamp(1, EW_MAX_BLOCKS) as u32;
+        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (EW_THREADS, 1, 1), shared_mem_bytes: 0 }
+    };
     macro_rules! go {
         ($t:ty) => {{
             let mv = m.as_cuda_slice::<$t>()?.slice(m_start..);

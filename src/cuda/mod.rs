@@ -406,11 +406,79 @@ pub(crate) struct GemmCall<'a> {
     pub out_dtype: DType,
 }
 
-/// A layer's bias and activation applied in the GEMM's epilogue (the sm90 W4A16 GEMM's, where
-/// [`epilogue_in_gemm`] says it runs): the bias `[N]` in the output's dtype, contiguous.
+/// What the sm90 W4A16 GEMM fuses around the product where [`epilogue_in_gemm`] (and, for a
+/// second input part, [`parts_in_gemm`]) says it runs: the bias `[N]` in the output's dtype
+/// (contiguous), tanh-GELU on output features `>= gelu_from`, and the input's features past the
+/// first part's read from `second` (rows of either part may be strided).
 pub struct Epilogue<'a> {
     pub bias: Option<(&'a CudaStorage, &'a Layout)>,
-    pub gelu: bool,
+    pub gelu_from: Option<usize>,
+    pub second: Option<(&'a CudaStorage, &'a Layout)>,
+}
+
+/// bf16 rows read where they lie by the sm90 GEMM: the view from the first row's start, the row
+/// count, and the row stride in elements. The kernel copies 16-byte pieces, so the start and the
+/// stride must keep 16-byte alignment; the last dimension must be dense and the leading ones must
+/// collapse into one uniform row stride (a slice of columns, as a fused projection's outputs are).
+fn strided_rows<'a>(s: &'a CudaStorage, l: &Layout) -> Result<Option<(CudaView<'a, bf16>, usize, usize)>> {
+    const ALIGN_ELEMS: usize = 16 / std::mem::size_of::<bf16>();
+    let (dims, strides) = (l.shape().dims(), l.stride());
+    let Some((&w, lead)) = dims.split_last() else { return Ok(None) };
+    if s.dtype() != DType::BF16 || w == 0 || strides[dims.len() - 1] != 1 {
+        return Ok(None);
+    }
+    let rows: usize = lead.iter().product();
+    // The row stride: that of the innermost leading dimension of size > 1 (w when there is none);
+    // every outer one must be a whole multiple of rows at that stride.
+    let mut ld = None;
+    let mut expect = 0;
+    for i in (0..lead.len()).rev() {
+        if lead[i] == 1 {
+            continue;
+        }
+        match ld {
+            None => {
+                ld = Some(strides[i]);
+                expect = strides[i] * lead[i];
+            }
+            Some(_) if strides[i] == expect => expect *= lead[i],
+            Some(_) => return Ok(None),
+        }
+    }
+    let ld = ld.unwrap_or(w);
+    if ld < w || !ld.is_multiple_of(ALIGN_ELEMS) || !l.start_offset().is_multiple_of(ALIGN_ELEMS) {
+        return Ok(None);
+    }
+    let start = l.start_offset();
+    let end = start + (rows - 1) * ld + w;
+    Ok(Some((s.as_cuda_slice::<bf16>()?.slice(start..end), rows, ld)))
+}
+
+/// Whether `[first, second] W^T` of this W4A16 layer (the input's features split after the first
+/// part's) runs as one sm90 GEMM reading both parts where they lie ([`epilogue_in_gemm`]'s
+/// conditions, both parts bf16 rows of 16-byte alignment, the split on a 64-wide K tile).
+pub fn parts_in_gemm(op: &Nvfp4Matmul, first: &candle_core::Tensor, second: &candle_core::Tensor) -> Result<bool> {
+    let (c, w) = (first.dims().last().copied().unwrap_or(0), second.dims().last().copied().unwrap_or(0));
+    let rows = |t: &candle_core::Tensor| t.elem_count() / t.dims().last().copied().unwrap_or(1).max(1);
+    if c + w != op.k
+        || !c.is_multiple_of(tiling::SM90_K_TILE)
+        || c == 0
+        || w == 0
+        || rows(first) != rows(second)
+        || first.dtype() != DType::BF16
+        || second.dtype() != DType::BF16
+        || !first.device().same_device(second.device())
+    {
+        return Ok(false);
+    }
+    let fits = |t: &candle_core::Tensor| -> Result<bool> {
+        let (st, l) = t.storage_and_layout();
+        Ok(match &*st {
+            candle_core::Storage::Cuda(s) => strided_rows(s, l)?.is_some(),
+            _ => false,
+        })
+    };
+    Ok(fits(first)? && fits(second)? && epilogue_in_gemm(op, first, None)? && rows(first) > tiling::SM90_GEMV_MAX_M)
 }
 
 /// Whether `act(x W^T + b)` of this W4A16 layer runs as one GEMM with the bias and activation in
@@ -418,7 +486,7 @@ pub struct Epilogue<'a> {
 /// in the output's dtype (x's, bf16 for bf16 input). Else the caller adds them in a pass after.
 pub fn epilogue_in_gemm(op: &Nvfp4Matmul, x: &candle_core::Tensor, bias: Option<&candle_core::Tensor>) -> Result<bool> {
     let candle_core::Device::Cuda(dev) = x.device() else { return Ok(false) };
-    let m = x.elem_count() / op.k.max(1);
+    let m = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
     let out_dtype = match x.dtype() {
         DType::F32 | DType::F16 => x.dtype(),
         _ => DType::BF16,
@@ -454,6 +522,9 @@ pub fn nvfp4_linear_fwd(
     }
     if op.mode == ActMode::Fp8 {
         return fp8::linear_fwd(op, s1, l1, s2, l2, s3, l3);
+    }
+    if let Some(second) = epi.and_then(|e| e.second) {
+        return sm90_parts_fwd(op, (s1, l1), second, (s2, l2), (s3, l3), epi.expect("has a second part"));
     }
     let dev = s1.device().clone();
     let dims = l1.shape().dims();
@@ -540,6 +611,65 @@ pub fn nvfp4_linear_fwd(
     let out =
         launch_gemm(&call, cfg, "nvfp4 gemm", |suffix| function(&dev, &format!("nvfp4_{kernel}_{layout}_{suffix}")))?;
     Ok((out, Shape::from(out_dims)))
+}
+
+/// `[first, second] W^T` by the sm90 GEMM, both parts read where they lie (the caller checked
+/// [`parts_in_gemm`]; anything else is an error here, never a different path).
+fn sm90_parts_fwd(
+    op: &Nvfp4Matmul,
+    (s1, l1): (&CudaStorage, &Layout),
+    (sb, lb): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    epi: &Epilogue,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (Some((x, m, ldx)), Some((x2, m2, ldx2))) = (strided_rows(s1, l1)?, strided_rows(sb, lb)?) else {
+        candle_core::bail!(
+            "nvfp4 linear: a two-part input needs bf16 rows with 16-byte alignment; found {:?} {:?} and {:?} {:?}",
+            s1.dtype(),
+            l1,
+            sb.dtype(),
+            lb
+        );
+    };
+    let c = l1.shape().dims().last().copied().unwrap_or(0);
+    let w_part = lb.shape().dims().last().copied().unwrap_or(0);
+    if m != m2 || c + w_part != op.k || !c.is_multiple_of(tiling::SM90_K_TILE) {
+        candle_core::bail!(
+            "nvfp4 linear: two input parts of {m} x {c} and {m2} x {w_part} for K = {} (the split on a multiple of {})",
+            op.k,
+            tiling::SM90_K_TILE
+        );
+    }
+    if op.backend != Backend::Trtllm
+        || op.mode != ActMode::W4A16
+        || m <= tiling::SM90_GEMV_MAX_M
+        || !use_wgmma(&dev, op.k)?
+    {
+        candle_core::bail!(
+            "nvfp4 linear: a two-part input is read by the trtllm W4A16 GEMM on Hopper (M > {}) only; this is {} {} at M = {m}",
+            tiling::SM90_GEMV_MAX_M,
+            op.backend,
+            op.mode
+        );
+    }
+    let w = view::<u8>(s2, l2, "weight")?;
+    let sc = view::<u8>(s3, l3, "scale")?;
+    let call = GemmCall { op, dev: &dev, x: &x, w: &w, sc: &sc, m, out_dtype: DType::BF16 };
+    let mut out_dims = l1.shape().dims().to_vec();
+    *out_dims.last_mut().expect("non-empty") = op.n;
+    let input = Parts { x2: &x2, ldx, ldx2, k_split: c };
+    Ok((sm90_gemm_parts(&call, Some(epi), &input)?, Shape::from(out_dims)))
+}
+
+/// The sm90 GEMM's input as two parts (see kernels/nvfp4_sm90.cu): features `< k_split` from the
+/// call's x (rows `ldx` apart), the rest from `x2` (rows `ldx2` apart).
+struct Parts<'a> {
+    x2: &'a CudaView<'a, bf16>,
+    ldx: usize,
+    ldx2: usize,
+    k_split: usize,
 }
 
 /// Which kernels run the trtllm variant's W4A16 product (`CANDIFF_TRTLLM_GEMM`): `auto` (the Hopper
@@ -689,6 +819,11 @@ fn sm90_policy_sms(dev: &CudaDevice) -> Result<usize> {
 /// The trtllm variant on Hopper: the weight dequantized in registers as wgmma's A operand; the
 /// last wave split along K where it would run mostly empty ([`tiling::sm90_plan`]).
 fn sm90_gemm(call: &GemmCall, epi: Option<&Epilogue>) -> Result<CudaStorage> {
+    let whole = Parts { x2: call.x, ldx: call.op.k, ldx2: call.op.k, k_split: call.op.k };
+    sm90_gemm_parts(call, epi, &whole)
+}
+
+fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Result<CudaStorage> {
     check_sm90_weight(call, "nvfp4 sm90 gemm")?;
     let GemmCall { op, dev, m, .. } = *call;
     let (forced_tokens, split_tail) = sm90_overrides()?;
@@ -729,7 +864,9 @@ fn sm90_gemm(call: &GemmCall, epi: Option<&Epilogue>) -> Result<CudaStorage> {
     let args = GemmArgs::of(call);
     let bias = epi.and_then(|e| e.bias).map(|(b, l)| BiasView::of(b, l, call.out_dtype)).transpose()?;
     let bias_len = bias.as_ref().map_or(0, BiasView::len) as i32;
-    let gelu = i32::from(epi.is_some_and(|e| e.gelu));
+    // Features from gelu_from on are activated (i32::MAX: none).
+    let gelu_from = epi.and_then(|e| e.gelu_from).map_or(i32::MAX, |f| f.min(i32::MAX as usize) as i32);
+    let (ldx, ldx2, k_split) = (input.ldx as i32, input.ldx2 as i32, input.k_split as i32);
     let null = 0u64;
     for (tile0, ctas, splits) in [(0, whole, 1), (whole, tail * parts, parts)] {
         if ctas == 0 {
@@ -740,8 +877,11 @@ fn sm90_gemm(call: &GemmCall, epi: Option<&Epilogue>) -> Result<CudaStorage> {
         args.push(&mut b, call, &mut y)?;
         b.arg(&tile0).arg(&splits).arg(&part_ptr);
         BiasView::push(&mut b, bias.as_ref(), &null);
-        b.arg(&bias_len).arg(&gelu);
-        // SAFETY: argument types match the kernel's signature; one CTA per tile or part.
+        b.arg(&bias_len).arg(&gelu_from);
+        b.arg(input.x2).arg(&ldx).arg(&ldx2).arg(&k_split);
+        // SAFETY: argument types match the kernel's signature; one CTA per tile or part; every
+        // row the kernel reads lies in x (features < k_split, rows ldx apart) or x2 (rows ldx2
+        // apart), whose views end at their last row's last feature.
         unsafe { b.launch(grid(ctas)) }.map_err(wrap("nvfp4 sm90 gemm"))?;
     }
     if tail > 0 {
@@ -752,7 +892,7 @@ fn sm90_gemm(call: &GemmCall, epi: Option<&Epilogue>) -> Result<CudaStorage> {
         push_output(&mut b, &mut y)?;
         b.arg(&args.m).arg(&args.n).arg(&bt_i).arg(&whole_i).arg(&tail_i).arg(&parts_i).arg(&args.alpha);
         BiasView::push(&mut b, bias.as_ref(), &null);
-        b.arg(&bias_len).arg(&gelu);
+        b.arg(&bias_len).arg(&gelu_from);
         // SAFETY: argument types match; one thread per (tile, token, feature) of the split tiles.
         unsafe { b.launch(launch_1d(tail * bt as usize * SM90_ROWS as usize)) }.map_err(wrap("nvfp4 sm90 tail sum"))?;
     }

@@ -335,7 +335,10 @@ impl CustomOp3 for Nvfp4Matmul {
 struct Nvfp4LinearAct<'a> {
     op: &'a Nvfp4Matmul,
     bias: Option<&'a Tensor>,
-    gelu: bool,
+    /// tanh-GELU on output features from this one on.
+    gelu_from: Option<usize>,
+    /// The input's features past the first operand's (read where they lie).
+    second: Option<&'a Tensor>,
 }
 
 #[cfg(feature = "cuda")]
@@ -373,7 +376,15 @@ impl CustomOp3 for Nvfp4LinearAct<'_> {
             },
             None => None,
         };
-        let epi = crate::cuda::Epilogue { bias, gelu: self.gelu };
+        let guard2 = self.second.map(|t| t.storage_and_layout());
+        let second = match &guard2 {
+            Some((st, l)) => match &**st {
+                candle_core::Storage::Cuda(c) => Some((c, *l)),
+                _ => candle_core::bail!("nvfp4 linear: the input's second part is not on the GPU"),
+            },
+            None => None,
+        };
+        let epi = crate::cuda::Epilogue { bias, gelu_from: self.gelu_from, second };
         crate::cuda::nvfp4_linear_fwd(self.op, s1, l1, s2, l2, s3, l3, Some(&epi))
     }
 }
@@ -732,6 +743,93 @@ impl Module for Nvfp4Linear {
 impl Nvfp4Linear {
     /// The layer, then tanh-GELU when `gelu`; on the GPU the bias add and GELU are one fused pass.
     pub fn forward_act(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+        if gelu {
+            self.forward_act_from(x, 0)
+        } else {
+            self.forward_act_plain(x)
+        }
+    }
+
+    /// Whether this layer's W4A16 GEMM applies the bias and a GELU of some output features in its
+    /// epilogue for input `x` ([`Self::forward_act_from`] then needs no pass after it).
+    pub fn act_in_gemm(&self, x: &Tensor) -> Result<bool> {
+        #[cfg(feature = "cuda")]
+        if self.op.n == self.n_out {
+            return crate::cuda::epilogue_in_gemm(&self.op, x, self.bias.as_ref());
+        }
+        let _ = x;
+        Ok(false)
+    }
+
+    /// The layer with tanh-GELU on output features `>= from` only (a fused q/k/v/MLP projection
+    /// activating its MLP part): in the W4A16 GEMM's epilogue on Hopper, else a pass after it.
+    pub fn forward_act_from(&self, x: &Tensor, from: usize) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        #[cfg(feature = "cuda")]
+        if self.op.mode != ActMode::Fp8 && self.act_in_gemm(&x)? {
+            let op = Nvfp4LinearAct { op: &self.op, bias: self.bias.as_ref(), gelu_from: Some(from), second: None };
+            return x.apply_op3_no_bwd(&self.weight, &self.scale, &op);
+        }
+        if from == 0 {
+            return self.forward_act_gelu_after(&x);
+        }
+        let y = self.forward_act_plain(&x)?;
+        let n = y.dim(candle_core::D::Minus1)?;
+        if from >= n {
+            return Ok(y);
+        }
+        let act = crate::models::ops::gelu_tanh(&y.narrow(candle_core::D::Minus1, from, n - from)?)?;
+        Tensor::cat(&[&y.narrow(candle_core::D::Minus1, 0, from)?, &act], candle_core::D::Minus1)
+    }
+
+    /// `cat(first, second) W^T + b`, the input split along its features after `first`'s: on
+    /// Hopper one W4A16 GEMM reads both parts where they lie ([`crate::cuda::parts_in_gemm`]), so
+    /// the concatenation is never written; elsewhere it is made and the layer applied.
+    pub fn forward_parts(&self, first: &Tensor, second: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.op.mode == ActMode::W4A16
+            && self.op.n == self.n_out
+            && crate::cuda::parts_in_gemm(&self.op, first, second)?
+            && crate::cuda::epilogue_in_gemm(&self.op, first, self.bias.as_ref())?
+        {
+            let op = Nvfp4LinearAct { op: &self.op, bias: self.bias.as_ref(), gelu_from: None, second: Some(second) };
+            return first.apply_op3_no_bwd(&self.weight, &self.scale, &op);
+        }
+        self.forward_act_plain(&Tensor::cat(&[first, second], candle_core::D::Minus1)?)
+    }
+
+    /// Whether [`Self::forward_parts`] will read an input split after `c` features, with rows as
+    /// `like`'s (bf16, on its device), in one GEMM when both parts are fresh tensors: what a model
+    /// asks before it decides to apply the MLP activation in the producer.
+    /// `CANDIFF_PARTS_IN_GEMM=0` turns the in-place read off (the concatenation is made), for A/B
+    /// measurements.
+    pub fn reads_parts_like(&self, like: &Tensor, c: usize) -> Result<bool> {
+        static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let enabled = *ENABLED.get_or_init(|| std::env::var("CANDIFF_PARTS_IN_GEMM").as_deref() != Ok("0"));
+        #[cfg(feature = "cuda")]
+        if enabled
+            && self.op.mode == ActMode::W4A16
+            && self.op.n == self.n_out
+            && like.dtype() == DType::BF16
+            && c > 0
+            && c < self.op.k
+            && c.is_multiple_of(crate::nvfp4::tiling::SM90_K_TILE)
+        {
+            return crate::cuda::epilogue_in_gemm(&self.op, like, self.bias.as_ref());
+        }
+        let _ = (like, c, enabled);
+        Ok(false)
+    }
+
+    fn forward_act_gelu_after(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act_inner(x, true)
+    }
+
+    fn forward_act_plain(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act_inner(x, false)
+    }
+
+    fn forward_act_inner(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
         // FP8 on a GPU: bias and GELU in cuBLASLt's epilogue where the library runs the scaled
         // GEMM (and the output needs no narrowing).
         #[cfg(feature = "cuda")]
@@ -756,7 +854,8 @@ impl Nvfp4Linear {
         // W4A16 on Hopper: bias and GELU in the GEMM's epilogue.
         #[cfg(feature = "cuda")]
         if (self.bias.is_some() || gelu) && crate::cuda::epilogue_in_gemm(&self.op, &x, self.bias.as_ref())? {
-            let op = Nvfp4LinearAct { op: &self.op, bias: self.bias.as_ref(), gelu };
+            let op =
+                Nvfp4LinearAct { op: &self.op, bias: self.bias.as_ref(), gelu_from: gelu.then_some(0), second: None };
             let y = x.apply_op3_no_bwd(&self.weight, &self.scale, &op)?;
             return if self.op.n != self.n_out { y.narrow(candle_core::D::Minus1, 0, self.n_out) } else { Ok(y) };
         }

@@ -85,17 +85,19 @@ impl Proj {
     pub(crate) fn forward_input(&self, x: &Input) -> Result<Vec<Tensor>> {
         match self {
             Proj::Split(ls) => ls.iter().map(|l| l.forward_input(x)).collect(),
-            Proj::Fused(l, sizes) => {
-                let y = l.forward_input(x)?;
-                let mut out = Vec::with_capacity(sizes.len());
-                let mut start = 0;
-                for &s in sizes {
-                    out.push(y.narrow(D::Minus1, start, s)?);
-                    start += s;
-                }
-                Ok(out)
-            }
+            Proj::Fused(l, sizes) => Self::split_outputs(&l.forward_input(x)?, sizes),
         }
+    }
+
+    /// A fused projection's output as its parts' slices.
+    pub(crate) fn split_outputs(y: &Tensor, sizes: &[usize]) -> Result<Vec<Tensor>> {
+        let mut out = Vec::with_capacity(sizes.len());
+        let mut start = 0;
+        for &s in sizes {
+            out.push(y.narrow(D::Minus1, start, s)?);
+            start += s;
+        }
+        Ok(out)
     }
 }
 
@@ -184,9 +186,14 @@ impl OutProj {
         })
     }
 
-    /// Whether an MLP activation applied by the producer ([`Linear::forward_gelu`]) is welcome.
-    pub(crate) fn split(&self) -> bool {
-        matches!(self, OutProj::Split { .. })
+    /// Whether the producer should apply the MLP activation for an input with rows as `like`'s
+    /// and `o_dim` attention features: a split projection, or one that reads the attention output
+    /// and the activated MLP part where they lie ([`Linear::reads_parts_like`]: no `cat` pass).
+    pub(crate) fn wants_activated(&self, like: &Tensor, o_dim: usize) -> Result<bool> {
+        match self {
+            OutProj::Split { .. } => Ok(true),
+            OutProj::Whole(l) => l.reads_parts_like(like, o_dim),
+        }
     }
 
     /// Whether [`OutProj::forward_gated`] folds `gate` into its GEMMs (both parts of a split
@@ -219,15 +226,16 @@ impl OutProj {
     }
 
     /// `W cat(o, act(mlp))` with `o` from `returning` (`[B, H, S, D]`); `mlp` has its activation
-    /// applied already when `activated` (only with [`OutProj::split`]).
+    /// applied already when `activated` ([`OutProj::wants_activated`]).
     pub(crate) fn forward(&self, returning: Returning, mlp: &Tensor, act: MlpAct, activated: bool) -> Result<Tensor> {
         match self {
             OutProj::Whole(l) => {
-                if activated {
-                    candle_core::bail!("OutProj: an activated MLP input needs the split projection");
-                }
                 let o = merge_heads(&returning.wait()?)?;
-                l.forward(&cat_act(Some(&o), mlp, act)?)
+                if activated {
+                    l.forward_parts(&o, mlp)
+                } else {
+                    l.forward(&cat_act(Some(&o), mlp, act)?)
+                }
             }
             OutProj::Split { o: wo, mlp: wm } => {
                 let a = if activated { mlp.clone() } else { cat_act(None, mlp, act)? };
@@ -392,6 +400,8 @@ struct SingleBlock {
     /// BFL `linear2`.
     proj_out: OutProj,
     heads: usize,
+    /// Attention features (the output projection's first input part).
+    dim: usize,
 }
 
 impl SingleBlock {
@@ -414,6 +424,7 @@ impl SingleBlock {
                     norm_k: rms(&attn.pp("norm_k"), "weight", cfg.attention_head_dim)?,
                     proj_out: OutProj::new(wb.pp("proj_out").linear(dim + hidden, dim, true)?, dim)?,
                     heads: cfg.num_attention_heads,
+                    dim,
                 }
             }
             Naming::Bfl => Self {
@@ -424,6 +435,7 @@ impl SingleBlock {
                 norm_k: rms(&wb.pp("norm").pp("key_norm"), "scale", cfg.attention_head_dim)?,
                 proj_out: OutProj::new(wb.pp("linear2").linear(dim + hidden, dim, true)?, dim)?,
                 heads: cfg.num_attention_heads,
+                dim,
             },
         })
     }
@@ -442,16 +454,31 @@ impl SingleBlock {
         let xn = Input::ln_modulate(x, &m[0], &m[1], EPS, &readers)?;
         // q, k, v first; a separate MLP projection's GEMM (independent of attention) then runs
         // while they travel between ranks.
-        let p = self.qkv.forward_input(&xn)?;
+        // The MLP activation goes to its producer's epilogue where the output projection takes
+        // it as is (split, or reading attention and MLP parts in place).
+        let dim = self.dim;
+        let want_act = match &xn {
+            Input::Tensor(t) => self.proj_out.wants_activated(t, dim)?,
+            #[cfg(feature = "cuda")]
+            Input::Fp8(_) => matches!(self.proj_out, OutProj::Split { .. }),
+        };
+        let (p, fused_act) = match (&self.qkv, &xn) {
+            (Proj::Fused(l, sizes), Input::Tensor(t))
+                if want_act && self.proj_mlp.is_none() && sizes.len() == 4 && l.gelu_from_in_gemm(t)? =>
+            {
+                (Proj::split_outputs(&l.forward_gelu_from(t, sizes[..3].iter().sum())?, sizes)?, true)
+            }
+            _ => (self.qkv.forward_input(&xn)?, false),
+        };
         let stream = StreamQkv { q: &p[0], k: &p[1], v: &p[2], norm_q: &self.norm_q, norm_k: &self.norm_k, rope };
         let attending = start_joint_attention(sp, &[stream], self.heads)?;
         // The MLP projection (GELU in its epilogue where the output projection is split) queued
         // while q, k, v travel; its share of the output projection while the attention output
         // travels back.
         let (mlp, activated) = match &self.proj_mlp {
-            Some(l) if self.proj_out.split() => (l.forward_gelu_input(&xn)?, true),
+            Some(l) if want_act => (l.forward_gelu_input(&xn)?, true),
             Some(l) => (l.forward_input(&xn)?, false),
-            None => (p[3].clone(), false),
+            None => (p[3].clone(), fused_act),
         };
         let returning = attending.finish_start(attention)?;
         self.proj_out.forward_gated(returning, &mlp, MlpAct::GeluTanh, activated, &m[2], x)
