@@ -421,8 +421,9 @@ __device__ __forceinline__ int x_unit_offset(int token, int u) {
     return token * kGemvXRow + 16 * ((u & ~7) | ((u ^ ((u >> 3) + 4 * (token & 1))) & 7));
 }
 
-// NT = n8 token tiles (1: M <= 8, 2: M <= 16).
-template <int NT, int SPLIT, typename OutT>
+// NT = n8 token tiles (1: M <= 8, 2: M <= 16). ACCS = accumulator sets the k16 steps alternate
+// between (shorter chains of dependent mma; added at the end).
+template <int NT, int SPLIT, typename OutT, int ACCS>
 __device__ __forceinline__ void gemv_sm90(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w,
                                           const uint8_t* __restrict__ sc, OutT* __restrict__ y, int M, int N,
                                           int K, int row_bytes, int scale_cols, float alpha) {
@@ -469,11 +470,13 @@ __device__ __forceinline__ void gemv_sm90(const __nv_bfloat16* __restrict__ x, c
         }
     };
 
-    float acc[NT][4];
+    float accs[ACCS][NT][4];
 #pragma unroll
-    for (int j = 0; j < NT; j++)
+    for (int a = 0; a < ACCS; a++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) acc[j][e] = 0.0f;
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) accs[a][j][e] = 0.0f;
 
     uint4 w_lo[2], w_hi[2];
     uint32_t s_lo, s_hi;
@@ -507,11 +510,21 @@ __device__ __forceinline__ void gemv_sm90(const __nv_bfloat16* __restrict__ x, c
                 a[2] = dequant_pair(cl[i], sh + 8, sp_lo[s / 4]);
                 a[3] = dequant_pair(ch[i], sh + 8, sp_hi[s / 4]);
 #pragma unroll
-                for (int j = 0; j < NT; j++) mma_bf16_16816(acc[j], a, h ? xv[j].z : xv[j].x, h ? xv[j].w : xv[j].y);
+                for (int j = 0; j < NT; j++)
+                    mma_bf16_16816(accs[h % ACCS][j], a, h ? xv[j].z : xv[j].x, h ? xv[j].w : xv[j].y);
             }
         }
     }
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            acc[j][e] = accs[0][j][e];
+#pragma unroll
+            for (int a = 1; a < ACCS; a++) acc[j][e] += accs[a][j][e];
+        }
 
     const float out_scale = alpha * kScaleBias;
     if constexpr (SPLIT == 1) {
@@ -550,12 +563,16 @@ __device__ __forceinline__ void gemv_sm90(const __nv_bfloat16* __restrict__ x, c
 }  // namespace
 
 // SPLIT = 1: no cluster; SPLIT > 1: SPLIT CTAs per cluster along y, the grid's y extent.
+// Two accumulator sets everywhere; three CTAs per SM for one token tile (its registers allow it),
+// two for two (three made them spill). Measured per shape, split and form in docs/PERF.md
+// (session 16): 2-7% faster than one set at two CTAs per SM.
+constexpr int kGemvAccSets = 2;
 #define GEMV_SM90_T(NT, SPLIT, T, TNAME)                                                                  \
-    extern "C" __global__ void __cluster_dims__(1, SPLIT, 1) __launch_bounds__(kGemvWarps * 32, 2)          \
+    extern "C" __global__ void __cluster_dims__(1, SPLIT, 1) __launch_bounds__(kGemvWarps * 32, NT == 1 ? 3 : 2) \
         nvfp4_gemv_sm90_nt##NT##_s##SPLIT##_##TNAME(const __nv_bfloat16* x, const uint8_t* w,              \
                                                     const uint8_t* sc, T* y, int M, int N, int K,          \
                                                     int row_bytes, int scale_cols, float alpha) {          \
-        gemv_sm90<NT, SPLIT, T>(x, w, sc, y, M, N, K, row_bytes, scale_cols, alpha);                       \
+        gemv_sm90<NT, SPLIT, T, kGemvAccSets>(x, w, sc, y, M, N, K, row_bytes, scale_cols, alpha);         \
     }
 #define GEMV_SM90(NT, SPLIT)                       \
     GEMV_SM90_T(NT, SPLIT, float, f32)             \
