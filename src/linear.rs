@@ -306,13 +306,7 @@ impl Linear {
         if let Linear::Nvfp4(q) = self {
             return crate::profile::span(crate::profile::Part::Linear, x.device(), || q.forward_act_from(x, from));
         }
-        let y = self.forward(x)?;
-        let n = y.dim(candle_core::D::Minus1)?;
-        if from >= n {
-            return Ok(y);
-        }
-        let act = crate::models::ops::gelu_tanh(&y.narrow(candle_core::D::Minus1, from, n - from)?)?;
-        Tensor::cat(&[&y.narrow(candle_core::D::Minus1, 0, from)?, &act], candle_core::D::Minus1)
+        crate::models::ops::gelu_tanh_from(&self.forward(x)?, from)
     }
 
     /// Whether [`Linear::forward_parts`] reads an input split after `c` features, rows as `like`'s,

@@ -49,6 +49,17 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     x.gelu()
 }
 
+/// tanh-GELU on the last dimension's features `>= from` only, the rest as they are (the MLP part
+/// of a fused q/k/v/MLP projection's output, where no GEMM epilogue applied it).
+pub fn gelu_tanh_from(y: &Tensor, from: usize) -> Result<Tensor> {
+    let n = y.dim(D::Minus1)?;
+    if from >= n {
+        return Ok(y.clone());
+    }
+    let act = gelu_tanh(&y.narrow(D::Minus1, from, n - from)?)?;
+    Tensor::cat(&[&y.narrow(D::Minus1, 0, from)?, &act], D::Minus1)
+}
+
 /// Sinusoidal embedding of `t` (`[B]`, any float dtype) with `dim` channels, order [cos, sin],
 /// frequencies `exp(-ln(max_period) i / half)`, computed in f32.
 pub fn timestep_embedding(t: &Tensor, dim: usize, max_period: f64) -> Result<Tensor> {

@@ -341,6 +341,21 @@ struct Nvfp4LinearAct<'a> {
     second: Option<&'a Tensor>,
 }
 
+/// A tensor's GPU storage and layout from its read guard, if there is a tensor.
+#[cfg(feature = "cuda")]
+fn cuda_part<'a>(
+    guard: &'a Option<(candle_core::StorageRef<'_>, &'a Layout)>,
+    what: &str,
+) -> Result<Option<(&'a candle_core::CudaStorage, &'a Layout)>> {
+    match guard {
+        Some((st, l)) => match &**st {
+            candle_core::Storage::Cuda(c) => Ok(Some((c, *l))),
+            _ => candle_core::bail!("nvfp4 linear: {what} is not on the GPU"),
+        },
+        None => Ok(None),
+    }
+}
+
 #[cfg(feature = "cuda")]
 impl CustomOp3 for Nvfp4LinearAct<'_> {
     fn name(&self) -> &'static str {
@@ -368,22 +383,10 @@ impl CustomOp3 for Nvfp4LinearAct<'_> {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let guard = self.bias.map(|b| b.storage_and_layout());
-        let bias = match &guard {
-            Some((st, l)) => match &**st {
-                candle_core::Storage::Cuda(c) => Some((c, *l)),
-                _ => candle_core::bail!("nvfp4 linear: the bias is not on the GPU"),
-            },
-            None => None,
-        };
-        let guard2 = self.second.map(|t| t.storage_and_layout());
-        let second = match &guard2 {
-            Some((st, l)) => match &**st {
-                candle_core::Storage::Cuda(c) => Some((c, *l)),
-                _ => candle_core::bail!("nvfp4 linear: the input's second part is not on the GPU"),
-            },
-            None => None,
-        };
+        let (bias_guard, second_guard) =
+            (self.bias.map(|t| t.storage_and_layout()), self.second.map(|t| t.storage_and_layout()));
+        let bias = cuda_part(&bias_guard, "the bias")?;
+        let second = cuda_part(&second_guard, "the input's second part")?;
         let epi = crate::cuda::Epilogue { bias, gelu_from: self.gelu_from, second };
         crate::cuda::nvfp4_linear_fwd(self.op, s1, l1, s2, l2, s3, l3, Some(&epi))
     }
@@ -741,15 +744,6 @@ impl Module for Nvfp4Linear {
 }
 
 impl Nvfp4Linear {
-    /// The layer, then tanh-GELU when `gelu`; on the GPU the bias add and GELU are one fused pass.
-    pub fn forward_act(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
-        if gelu {
-            self.forward_act_from(x, 0)
-        } else {
-            self.forward_act_plain(x)
-        }
-    }
-
     /// Whether this layer's W4A16 GEMM applies the bias and a GELU of some output features in its
     /// epilogue for input `x` ([`Self::forward_act_from`] then needs no pass after it).
     pub fn act_in_gemm(&self, x: &Tensor) -> Result<bool> {
@@ -764,22 +758,16 @@ impl Nvfp4Linear {
     /// The layer with tanh-GELU on output features `>= from` only (a fused q/k/v/MLP projection
     /// activating its MLP part): in the W4A16 GEMM's epilogue on Hopper, else a pass after it.
     pub fn forward_act_from(&self, x: &Tensor, from: usize) -> Result<Tensor> {
+        if from == 0 {
+            return self.forward_act(x, true);
+        }
         let x = x.contiguous()?;
         #[cfg(feature = "cuda")]
-        if self.op.mode != ActMode::Fp8 && self.act_in_gemm(&x)? {
+        if self.act_in_gemm(&x)? {
             let op = Nvfp4LinearAct { op: &self.op, bias: self.bias.as_ref(), gelu_from: Some(from), second: None };
             return x.apply_op3_no_bwd(&self.weight, &self.scale, &op);
         }
-        if from == 0 {
-            return self.forward_act_gelu_after(&x);
-        }
-        let y = self.forward_act_plain(&x)?;
-        let n = y.dim(candle_core::D::Minus1)?;
-        if from >= n {
-            return Ok(y);
-        }
-        let act = crate::models::ops::gelu_tanh(&y.narrow(candle_core::D::Minus1, from, n - from)?)?;
-        Tensor::cat(&[&y.narrow(candle_core::D::Minus1, 0, from)?, &act], candle_core::D::Minus1)
+        crate::models::ops::gelu_tanh_from(&self.forward_act(&x, false)?, from)
     }
 
     /// `cat(first, second) W^T + b`, the input split along its features after `first`'s: on
@@ -795,7 +783,7 @@ impl Nvfp4Linear {
             let op = Nvfp4LinearAct { op: &self.op, bias: self.bias.as_ref(), gelu_from: None, second: Some(second) };
             return first.apply_op3_no_bwd(&self.weight, &self.scale, &op);
         }
-        self.forward_act_plain(&Tensor::cat(&[first, second], candle_core::D::Minus1)?)
+        self.forward_act(&Tensor::cat(&[first, second], candle_core::D::Minus1)?, false)
     }
 
     /// Whether [`Self::forward_parts`] will read an input split after `c` features, with rows as
@@ -821,15 +809,8 @@ impl Nvfp4Linear {
         Ok(false)
     }
 
-    fn forward_act_gelu_after(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_act_inner(x, true)
-    }
-
-    fn forward_act_plain(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_act_inner(x, false)
-    }
-
-    fn forward_act_inner(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+    /// The layer, then tanh-GELU when `gelu`; on the GPU the bias add and GELU are one fused pass.
+    pub fn forward_act(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
         // FP8 on a GPU: bias and GELU in cuBLASLt's epilogue where the library runs the scaled
         // GEMM (and the output needs no narrowing).
         #[cfg(feature = "cuda")]
