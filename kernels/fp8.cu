@@ -22,7 +22,6 @@ namespace {
 constexpr int kThreads = 256;  // threads per row block
 constexpr int kWarp = 32;
 constexpr int kGroup = 16;        // NVFP4 block size along K
-using fp8c::f_to_e4m3;
 using fp8c::kFp8Max;
 using fp8c::row_scale;
 
@@ -57,8 +56,8 @@ extern "C" __global__ void nvfp4_to_fp8_weight(const uint8_t* __restrict__ packe
     const uint8_t* s = scales + r * (K / kGroup);
     float amax = 0.f;
     for (int k = threadIdx.x; k < K; k += kThreads) amax = fmaxf(amax, fabsf(nvfp4_value(p, s, k, ws2)));
-    const float scale = row_scale(block_max(amax));
-    for (int k = threadIdx.x; k < K; k += kThreads) out[r * K + k] = f_to_e4m3(__fdiv_rn(nvfp4_value(p, s, k, ws2), scale));
+    const float scale = row_scale(block_max(amax)), inv = fp8c::inv_scale(scale);
+    for (int k = threadIdx.x; k < K; k += kThreads) out[r * K + k] = fp8c::quant_e4m3(nvfp4_value(p, s, k, ws2), inv);
     if (threadIdx.x == 0) row_scales[r] = scale;
 }
 
@@ -69,8 +68,8 @@ extern "C" __global__ void fp8_quant_rows(const __nv_bfloat16* __restrict__ x, i
     const __nv_bfloat16* xr = x + r * K;
     float amax = 0.f;
     for (int k = threadIdx.x; k < K; k += kThreads) amax = fmaxf(amax, fabsf(__bfloat162float(xr[k])));
-    const float scale = row_scale(block_max(amax));
-    for (int k = threadIdx.x; k < K; k += kThreads) out[r * K + k] = f_to_e4m3(__fdiv_rn(__bfloat162float(xr[k]), scale));
+    const float scale = row_scale(block_max(amax)), inv = fp8c::inv_scale(scale);
+    for (int k = threadIdx.x; k < K; k += kThreads) out[r * K + k] = fp8c::quant_e4m3(__bfloat162float(xr[k]), inv);
     if (threadIdx.x == 0) row_scales[r] = scale;
 }
 
@@ -86,11 +85,11 @@ __device__ void quant_rows_vec(const __nv_bfloat16* __restrict__ x, int K, uint8
     uint4 v[NV];
     const float amax = rowv::load_row<THREADS, NV>(x + r * K, nv, v, [](float f) { return fabsf(f); },
                                                   [](float a, float b) { return fmaxf(a, b); });
-    const float scale = row_scale(fp8c::block_max<THREADS>(amax));
+    const float scale = row_scale(fp8c::block_max<THREADS>(amax)), inv = fp8c::inv_scale(scale);
     rowv::each_vec<THREADS, NV>(nv, [&](int j, int i) {
         float f[rowv::kVec];
         rowv::unpack8(v[j], f);
-        reinterpret_cast<uint2*>(out + r * K)[i] = rowv::e4m3x8(f, scale);
+        reinterpret_cast<uint2*>(out + r * K)[i] = rowv::e4m3x8(f, inv);
     });
     if (threadIdx.x == 0) row_scales[r] = scale;
 }
@@ -216,6 +215,7 @@ template <typename T>
 __device__ void attn_quant(const T* __restrict__ x, int H, int S, int D, long long sb, long long sh, long long ss,
                            long long rows, float* scalars, int t, float target, uint8_t* __restrict__ out) {
     const float descale = attn_descale(__uint_as_float(reinterpret_cast<const unsigned int*>(scalars)[t * kSlot]), target);
+    const float inv = fp8c::inv_scale(descale);
     const int lane = threadIdx.x % kWarp;
     const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / kWarp;
     const long long warps = (gridDim.x * (long long)blockDim.x) / kWarp;
@@ -227,10 +227,10 @@ __device__ void attn_quant(const T* __restrict__ x, int H, int S, int D, long lo
         for (int d = lane * kVec; d < D; d += kWarp * kVec) {
             const Vec4<T> v = *reinterpret_cast<const Vec4<T>*>(row + d);
             uchar4 q;
-            q.x = f_to_e4m3(__fdiv_rn(to_f<T>(v.v[0]), descale));
-            q.y = f_to_e4m3(__fdiv_rn(to_f<T>(v.v[1]), descale));
-            q.z = f_to_e4m3(__fdiv_rn(to_f<T>(v.v[2]), descale));
-            q.w = f_to_e4m3(__fdiv_rn(to_f<T>(v.v[3]), descale));
+            q.x = fp8c::quant_e4m3(to_f<T>(v.v[0]), inv);
+            q.y = fp8c::quant_e4m3(to_f<T>(v.v[1]), inv);
+            q.z = fp8c::quant_e4m3(to_f<T>(v.v[2]), inv);
+            q.w = fp8c::quant_e4m3(to_f<T>(v.v[3]), inv);
             *reinterpret_cast<uchar4*>(o + d) = q;
         }
     }
@@ -257,13 +257,14 @@ template <typename T>
 __device__ void attn_quant_flat(const T* __restrict__ x, long long n, float* scalars, int t, float target,
                                 uint8_t* __restrict__ out) {
     const float descale = attn_descale(__uint_as_float(reinterpret_cast<const unsigned int*>(scalars)[t * kSlot]), target);
+    const float inv = fp8c::inv_scale(descale);
     for (long long i = (blockIdx.x * (long long)blockDim.x + threadIdx.x) * 8; i < n; i += gridDim.x * (long long)blockDim.x * 8) {
         const uint4 raw = *reinterpret_cast<const uint4*>(x + i);
         const T* v = reinterpret_cast<const T*>(&raw);
         uint2 q;
         uint8_t* b = reinterpret_cast<uint8_t*>(&q);
 #pragma unroll
-        for (int j = 0; j < 8; j++) b[j] = f_to_e4m3(__fdiv_rn(to_f<T>(v[j]), descale));
+        for (int j = 0; j < 8; j++) b[j] = fp8c::quant_e4m3(to_f<T>(v[j]), inv);
         *reinterpret_cast<uint2*>(out + i) = q;
     }
     if (blockIdx.x == 0 && threadIdx.x == 0) attn_write_scalars(scalars, t, descale);

@@ -2,6 +2,7 @@
 // fp8-mode activations rounds, scales and reduces the same way (the doctor compares their bytes).
 #pragma once
 
+#include <cfloat>
 #include <cuda_fp8.h>
 #include <stdint.h>
 
@@ -20,6 +21,15 @@ __device__ __forceinline__ uint16_t f2_to_e4m3x2(float a, float b) {
 
 // A row's (or tensor's) scale from its amax: amax / 448, or 1 for all zeros (its codes are 0 either way).
 __device__ __forceinline__ float row_scale(float amax) { return amax > 0.f ? __fdiv_rn(amax, kFp8Max) : 1.f; }
+
+// What every quantizer multiplies by: 1 / scale rounded once, so each value costs one multiply
+// instead of an IEEE division (about ten instructions, which made the row kernels that quantize
+// issue-bound: docs/PERF.md, session 17). Capped at FLT_MAX: a scale below 1 / FLT_MAX (amax
+// under ~1e-36) would give inf, and 0 * inf a NaN code. CPU reference: src/nvfp4/fp8.rs `inv_scale`.
+__device__ __forceinline__ float inv_scale(float scale) { return fminf(__frcp_rn(scale), FLT_MAX); }
+
+// One value's E4M3 code with the multiplier from inv_scale.
+__device__ __forceinline__ uint8_t quant_e4m3(float v, float inv) { return f_to_e4m3(__fmul_rn(v, inv)); }
 
 // Max over a block of THREADS threads; every thread gets the result.
 template <int THREADS>

@@ -12,6 +12,7 @@
 #include <cuda_fp8.h>
 #include <stdint.h>
 
+#include "fastdiv.cuh"
 #include "fp8_common.cuh"
 #include "gelu.cuh"
 #include "row_vec.cuh"
@@ -48,6 +49,8 @@ __device__ float block_sum(float v) { return block_sum_n<kThreads>(v); }
 __device__ __forceinline__ long long mod_row(long long row, int s, int sm) {
     return sm == 1 ? row / s : row;  // [B, S] rows -> [B, Sm] modulation rows
 }
+// The same for the row kernels' block index (below 2^31): a 32-bit division, not a 64-bit one.
+__device__ __forceinline__ unsigned mod_row(unsigned row, int s, int sm) { return sm == 1 ? row / unsigned(s) : row; }
 
 // Mean and 1 / std of a row: the two reductions of ln_modulate, shared with its E4M3 variant so that
 // both see the same values bit for bit.
@@ -99,8 +102,8 @@ __device__ void ln_modulate_fp8_bf16(const __nv_bfloat16* __restrict__ x, const 
     float amax = 0.f;
     for (int i = threadIdx.x; i < c; i += kThreads) amax = fmaxf(amax, fabsf(value(i)));
     amax = fp8c::block_max<kThreads>(amax);
-    const float rs = fp8c::row_scale(amax);
-    for (int i = threadIdx.x; i < c; i += kThreads) q[row * c + i] = fp8c::f_to_e4m3(__fdiv_rn(value(i), rs));
+    const float rs = fp8c::row_scale(amax), inv = fp8c::inv_scale(rs);
+    for (int i = threadIdx.x; i < c; i += kThreads) q[row * c + i] = fp8c::quant_e4m3(value(i), inv);
     if (threadIdx.x == 0) row_scales[row] = rs;
 }
 
@@ -121,19 +124,21 @@ struct Vec16 {
     T v[kN];
 };
 
-// gated_add over 16-byte vectors (c a multiple of kN): one index division per vector.
+// gated_add over 16-byte vectors (c a multiple of kN, fewer than 2^31 elements: the host checks):
+// the row and the modulation row by fast divisions (fastdiv.cuh; (mul, shift) of c and s).
 template <typename T>
 __device__ void gated_add_vec(const T* __restrict__ x, const T* __restrict__ u, const float* __restrict__ gate,
-                              T* __restrict__ y, long long nvec, int c, int s, int sm) {
+                              T* __restrict__ y, long long nvec, int c, int s, int sm, unsigned c_mul,
+                              unsigned c_shift, unsigned s_mul, unsigned s_shift) {
     constexpr int kN = Vec16<T>::kN;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < nvec;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long e = i * kN;
-        const long long row = e / c;
-        const int col = e % c;
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < nvec; i += gridDim.x * blockDim.x) {
+        const unsigned e = i * kN;
+        const unsigned row = fastdiv::div(e, c_mul, c_shift);
+        const int col = e - row * c;
+        const unsigned mrow = sm == 1 ? fastdiv::div(row, s_mul, s_shift) : row;
         const Vec16<T> a = reinterpret_cast<const Vec16<T>*>(x)[i];
         const Vec16<T> b = reinterpret_cast<const Vec16<T>*>(u)[i];
-        const float* gp = gate + mod_row(row, s, sm) * c + col;
+        const float* gp = gate + (long long)mrow * c + col;
         float g[kN];
 #pragma unroll
         for (int k = 0; k < kN; k += 4) *reinterpret_cast<float4*>(g + k) = *reinterpret_cast<const float4*>(gp + k);
@@ -148,8 +153,9 @@ __device__ void gated_add_vec(const T* __restrict__ x, const T* __restrict__ u, 
 
 #define FUSED_VEC(T, SUF)                                                                                        \
     extern "C" __global__ void gated_add_vec_##SUF(const T* x, const T* u, const float* gate, T* y, long long nvec, \
-                                                   int c, int s, int sm) {                                       \
-        gated_add_vec<T>(x, u, gate, y, nvec, c, s, sm);                                                         \
+                                                   int c, int s, int sm, unsigned c_mul, unsigned c_shift,       \
+                                                   unsigned s_mul, unsigned s_shift) {                           \
+        gated_add_vec<T>(x, u, gate, y, nvec, c, s, sm, c_mul, c_shift, s_mul, s_shift);                        \
     }
 
 FUSED_VEC(float, f32)
@@ -222,6 +228,12 @@ __device__ void bias_act(const T* __restrict__ x, const T* __restrict__ bias, T*
     }
 }
 
+// (mul, shift) of fast divisions by qk_norm_rope's heads, s_len and hl (fastdiv.cuh; passed by
+// value, laid out as src/cuda/fused.rs `QkDivs`).
+struct QkDivs {
+    unsigned heads_mul, heads_shift, s_mul, s_shift, hl_mul, hl_shift;
+};
+
 // Four consecutive elements of T in one load / store.
 template <typename T>
 struct alignas(4 * sizeof(T)) Four {
@@ -261,11 +273,11 @@ __device__ __forceinline__ void qk_norm_rope_rows4(const T* __restrict__ x, long
                                                    const T* __restrict__ w, const float* __restrict__ cos,
                                                    const float* __restrict__ sin, T* __restrict__ y, long long yb,
                                                    long long ys, long long yp, int hl, int s_len, int heads, int d,
-                                                   long long row0, float eps, int mode, int lane) {
-    const int h0 = row0 % heads;
-    const long long bs = row0 / heads;
-    const int s = bs % s_len;
-    const long long b = bs / s_len;
+                                                   unsigned row0, const QkDivs& dv, float eps, int mode, int lane) {
+    const unsigned bs = fastdiv::div(row0, dv.heads_mul, dv.heads_shift);
+    const int h0 = row0 - bs * heads;
+    const unsigned b = fastdiv::div(bs, dv.s_mul, dv.s_shift);
+    const int s = bs - b * s_len;
     const T* xr = x + b * sb + s * ss;
     Four<T> in[R];
 #pragma unroll
@@ -280,7 +292,8 @@ __device__ __forceinline__ void qk_norm_rope_rows4(const T* __restrict__ x, long
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         const int h = h0 + r;
-        T* yr = y + (long long)(h / hl) * yp + b * yb + s * ys + (long long)(h % hl) * d;
+        const unsigned piece = fastdiv::div(h, dv.hl_mul, dv.hl_shift);
+        T* yr = y + (long long)piece * yp + b * yb + s * ys + (long long)(h - piece * hl) * d;
         reinterpret_cast<Four<T>*>(yr)[lane] = qk_norm_rope_four<T>(in[r], wv, c, sn, d, eps, mode);
     }
 }
@@ -298,27 +311,29 @@ template <typename T>
 __device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss, long long sh,
                              const T* __restrict__ w, const float* __restrict__ cos, const float* __restrict__ sin,
                              T* __restrict__ y, long long yb, long long ys, long long yp, int hl, int s_len, int heads,
-                             int d, long long rows, float eps, int mode, int vec_rows) {
-    const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / kWarp;
+                             int d, long long rows, float eps, int mode, int vec_rows, const QkDivs& dv) {
+    // Row indices below 2^31 (the host checks), so fast divisions by heads, s_len and hl.
+    const unsigned warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarp;
     const int lane = threadIdx.x % kWarp;
     if (vec_rows > 0) {
-        const long long row0 = warp * vec_rows;
+        const unsigned row0 = warp * vec_rows;
         if (row0 >= rows) return;
         if (vec_rows == 4)
-            qk_norm_rope_rows4<T, 4>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, row0, eps, mode, lane);
+            qk_norm_rope_rows4<T, 4>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, row0, dv, eps, mode, lane);
         else if (vec_rows == 2)
-            qk_norm_rope_rows4<T, 2>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, row0, eps, mode, lane);
+            qk_norm_rope_rows4<T, 2>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, row0, dv, eps, mode, lane);
         else
-            qk_norm_rope_rows4<T, 1>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, row0, eps, mode, lane);
+            qk_norm_rope_rows4<T, 1>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, row0, dv, eps, mode, lane);
         return;
     }
     if (warp >= rows) return;
-    const int h = warp % heads;
-    const long long bs = warp / heads;
-    const int s = bs % s_len;
-    const long long b = bs / s_len;
+    const unsigned bs = fastdiv::div(warp, dv.heads_mul, dv.heads_shift);
+    const int h = warp - bs * heads;
+    const unsigned b = fastdiv::div(bs, dv.s_mul, dv.s_shift);
+    const int s = bs - b * s_len;
+    const unsigned piece = fastdiv::div(h, dv.hl_mul, dv.hl_shift);
     const T* xr = x + b * sb + s * ss + (long long)h * sh;
-    T* yr = y + (long long)(h / hl) * yp + b * yb + s * ys + (long long)(h % hl) * d;
+    T* yr = y + (long long)piece * yp + b * yb + s * ys + (long long)(h - piece * hl) * d;
     if (mode == 0) {
         for (int i = lane; i < d; i += kWarp) yr[i] = xr[i];
         return;
@@ -350,8 +365,8 @@ __device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss
     extern "C" __global__ void qk_norm_rope_##SUF(const T* x, long long sb, long long ss, long long sh, const T* w, \
                                                   const float* cos, const float* sin, T* y, long long yb,             \
                                                   long long ys, long long yp, int hl, int s_len, int heads, int d,    \
-                                                  long long rows, float eps, int mode, int vec_rows) {                \
-        qk_norm_rope<T>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, rows, eps, mode, vec_rows);  \
+                                                  long long rows, float eps, int mode, int vec_rows, QkDivs dv) {     \
+        qk_norm_rope<T>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, rows, eps, mode, vec_rows, dv); \
     }
 
 BLOCK_OPS(float, f32)
@@ -474,7 +489,7 @@ SP_OPS(unsigned short, u2b)
 // ops (src/models/fused.rs `rms_rope`).
 constexpr int kRowVecs = 8;
 
-// With `y8`, the values (rounded to T) go out as E4M3 codes e4m3(v / descale) instead: FP8
+// With `y8`, the values (rounded to T) go out as E4M3 codes e4m3(v * (1 / descale)) instead: FP8
 // attention's q or k with a scale fixed beforehand (no amax pass), the same bytes as quantizing
 // the T output with that scale.
 template <typename T>
@@ -485,6 +500,7 @@ __device__ void rms_rope(const T* __restrict__ x, const T* __restrict__ w, const
     const Four<T>* xr = reinterpret_cast<const Four<T>*>(x + row * c);
     Four<T>* yr = reinterpret_cast<Four<T>*>(y + row * c);
     const int n4 = c / 4;
+    const float inv = fp8c::inv_scale(descale);
     Four<T> v[kRowVecs];
     float sq = 0.f;
 #pragma unroll
@@ -522,10 +538,10 @@ __device__ void rms_rope(const T* __restrict__ x, const T* __restrict__ w, const
         }
         if (y8) {
             uchar4 q;
-            q.x = fp8c::f_to_e4m3(__fdiv_rn(to_f(out.v[0]), descale));
-            q.y = fp8c::f_to_e4m3(__fdiv_rn(to_f(out.v[1]), descale));
-            q.z = fp8c::f_to_e4m3(__fdiv_rn(to_f(out.v[2]), descale));
-            q.w = fp8c::f_to_e4m3(__fdiv_rn(to_f(out.v[3]), descale));
+            q.x = fp8c::quant_e4m3(to_f(out.v[0]), inv);
+            q.y = fp8c::quant_e4m3(to_f(out.v[1]), inv);
+            q.z = fp8c::quant_e4m3(to_f(out.v[2]), inv);
+            q.w = fp8c::quant_e4m3(to_f(out.v[3]), inv);
             reinterpret_cast<uchar4*>(y8 + row * c)[i] = q;
         } else {
             yr[i] = out;
@@ -578,7 +594,7 @@ __device__ void ln_modulate_rows(const __nv_bfloat16* __restrict__ x, const floa
         for (int k = 0; k < kVec; ++k) ssd += (f[k] - mean) * (f[k] - mean);
     });
     const float rstd = 1.f / sqrtf(block_sum_n<THREADS>(ssd) / c + eps);
-    const long long m = mod_row(row, s, sm) * c;
+    const long long m = (long long)mod_row(unsigned(row), s, sm) * c;
     float amax = 0.f;
     each_vec<THREADS, NV>(nv, [&](int j, int i) {
         float f[kVec];
@@ -600,11 +616,11 @@ __device__ void ln_modulate_rows(const __nv_bfloat16* __restrict__ x, const floa
         }
     });
     if (!FP8) return;
-    const float rs = fp8c::row_scale(fp8c::block_max<THREADS>(amax));
+    const float rs = fp8c::row_scale(fp8c::block_max<THREADS>(amax)), inv = fp8c::inv_scale(rs);
     each_vec<THREADS, NV>(nv, [&](int j, int i) {
         float f[kVec];
         unpack8(v[j], f);
-        reinterpret_cast<uint2*>(q + row * c)[i] = e4m3x8(f, rs);
+        reinterpret_cast<uint2*>(q + row * c)[i] = e4m3x8(f, inv);
     });
     if (threadIdx.x == 0) row_scales[row] = rs;
 }
@@ -617,6 +633,7 @@ __device__ void rms_rope_rows(const __nv_bfloat16* __restrict__ x, const __nv_bf
                               __nv_bfloat16* __restrict__ y, uint8_t* __restrict__ y8, float descale, int c, int d,
                               int s_len, float eps, int rope) {
     const long long row = blockIdx.x;
+    const float inv = fp8c::inv_scale(descale);
     const int nv = c / kVec;
     uint4 v[NV];
     const float sq = load_row<THREADS, NV>(x + row * c, nv, v, [](float f) { return f * f; }, [](float a, float b) { return a + b; });
@@ -643,7 +660,7 @@ __device__ void rms_rope_rows(const __nv_bfloat16* __restrict__ x, const __nv_bf
         const uint4 out = pack8(f);
         if (y8) {
             unpack8(out, f);
-            reinterpret_cast<uint2*>(y8 + row * c)[i] = e4m3x8(f, descale);
+            reinterpret_cast<uint2*>(y8 + row * c)[i] = e4m3x8(f, inv);
         } else {
             reinterpret_cast<uint4*>(y + row * c)[i] = out;
         }

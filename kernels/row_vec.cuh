@@ -31,11 +31,12 @@ __device__ __forceinline__ uint4 pack8(const float* f) {
     return u;
 }
 
-// Eight values to E4M3 codes as x / scale (the division of every quantizer here), packed.
-__device__ __forceinline__ uint2 e4m3x8(const float* f, float scale) {
+// Eight values to E4M3 codes as x * inv (inv = fp8c::inv_scale(scale), as every quantizer
+// here), packed.
+__device__ __forceinline__ uint2 e4m3x8(const float* f, float inv) {
     uint16_t b[4];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) b[k] = fp8c::f2_to_e4m3x2(__fdiv_rn(f[2 * k], scale), __fdiv_rn(f[2 * k + 1], scale));
+    for (int k = 0; k < 4; ++k) b[k] = fp8c::f2_to_e4m3x2(__fmul_rn(f[2 * k], inv), __fmul_rn(f[2 * k + 1], inv));
     return make_uint2(b[0] | (uint32_t(b[1]) << 16), b[2] | (uint32_t(b[3]) << 16));
 }
 

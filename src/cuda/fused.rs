@@ -165,7 +165,12 @@ pub fn gated_add(
     let es = dtype.size_in_bytes();
     let per_vec = VEC_BYTES / es;
     let aligned = |l: &Layout| (l.start_offset() * es).is_multiple_of(VEC_BYTES);
-    let vec = c % per_vec == 0 && aligned(xl) && aligned(ul) && gl.start_offset().is_multiple_of(F32_PER_VEC);
+    // The vector kernel's index arithmetic is 32-bit (fast divisions): fewer than 2^31 elements.
+    let vec = c % per_vec == 0
+        && aligned(xl)
+        && aligned(ul)
+        && gl.start_offset().is_multiple_of(F32_PER_VEC)
+        && rows * c < FastDiv::LIMIT;
     let name = format!("gated_add{}_{}", if vec { "_vec" } else { "" }, suffix(dtype)?);
     let dev = &x.device;
     let f = function_in(dev, Kernels::Fused, &name)?;
@@ -178,6 +183,7 @@ pub fn gated_add(
     let (n_i, c_i, s_i, sm_i) = (units as i64, c as i32, s as i32, sm as i32);
     let blocks = (units as u64).div_ceil(EW_THREADS as u64).clamp(1, EW_MAX_BLOCKS) as u32;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (EW_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let divs = if vec { Some((FastDiv::new(c)?, FastDiv::new(s)?)) } else { None };
     with_view!(dtype, x, xl, "x", |xv| {
         with_view!(dtype, u, ul, "u", |uv| {
             let mut b = stream.launch_builder(&f);
@@ -189,6 +195,9 @@ pub fn gated_add(
                 _ => unreachable!("allocated above"),
             };
             b.arg(&n_i).arg(&c_i).arg(&s_i).arg(&sm_i);
+            if let Some((fc, fs)) = &divs {
+                b.arg(&fc.mul).arg(&fc.shift).arg(&fs.mul).arg(&fs.shift);
+            }
             // SAFETY: as in ln_modulate; `n` bounds x, u and y.
             unsafe { b.launch(cfg) }.map_err(wrap("gated_add"))?;
         })
@@ -288,10 +297,23 @@ fn qk_rows_per_warp() -> usize {
         _ => QK_ROWS_PER_WARP,
     })
 }
+/// (mul, shift) of the fast divisions of `qk_norm_rope`'s row index by the head count, the
+/// sequence length and the heads per piece (kernels/fused.cu `QkDivs`, passed by value).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct QkDivs {
+    heads: FastDiv,
+    s_len: FastDiv,
+    hl: FastDiv,
+}
+
+// SAFETY: plain `repr(C)` u32 fields, the kernel's struct of six unsigned ints.
+unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for QkDivs {}
+
 /// Head size the four-per-lane path of `qk_norm_rope` covers (a warp x 4).
 const VEC4_ROW: usize = 128;
 
-pub use crate::models::fused::{HeadsIn, HeadsOut};
+pub use crate::models::fused::{FastDiv, HeadsIn, HeadsOut};
 
 /// A storage and its layout (a RoPE table).
 pub type Table<'a> = (&'a CudaStorage, &'a Layout);
@@ -325,6 +347,12 @@ pub fn qk_norm_rope(
     let f = function_in(&dev, Kernels::Fused, &name)?;
     let stream = dev.cuda_stream();
     let rows = b * s * h;
+    if rows >= FastDiv::LIMIT {
+        candle_core::bail!(
+            "qk_norm_rope: {rows} head rows (b {b} x s {s} x h {h}); the kernel indexes fewer than 2^31"
+        );
+    }
+    let divs = QkDivs { heads: FastDiv::new(h)?, s_len: FastDiv::new(s)?, hl: FastDiv::new(dst.hl)? };
     let i64s = [src.sb, src.ss, src.sh].map(|v| v as i64);
     let o64s = [dst.yb, dst.ys, dst.yp].map(|v| v as i64);
     let (hl_i, s_i, h_i, d_i, rows_i) = (dst.hl as i32, s as i32, h as i32, d as i32, rows as i64);
@@ -366,7 +394,7 @@ pub fn qk_norm_rope(
                 _ => bld.arg(&null).arg(&null),
             };
             bld.arg(&mut yv).arg(&o64s[0]).arg(&o64s[1]).arg(&o64s[2]);
-            bld.arg(&hl_i).arg(&s_i).arg(&h_i).arg(&d_i).arg(&rows_i).arg(&eps).arg(&mode).arg(&vec_rows);
+            bld.arg(&hl_i).arg(&s_i).arg(&h_i).arg(&d_i).arg(&rows_i).arg(&eps).arg(&mode).arg(&vec_rows).arg(&divs);
             // SAFETY: argument types match the kernel; the caller checked that every (b, s, h, d)
             // offset lies inside x and y, and cos/sin (read only with RoPE) hold s rows of d/2.
             unsafe { bld.launch(cfg) }.map_err(wrap("qk_norm_rope"))?;

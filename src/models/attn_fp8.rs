@@ -22,7 +22,7 @@ pub const V_TARGET: f32 = E4M3_MAX / 1.125;
 type Dims4 = (usize, usize, usize, usize);
 
 /// E4M3 codes of `x` with one scale: `descale = amax / target` (1 for an all-zero tensor), codes
-/// `e4m3(x / descale)`: the GPU quantizer's operations in its order.
+/// `e4m3(x * (1 / descale))`: the GPU quantizer's operations in its order.
 pub fn quantize_per_tensor(x: &[f32], target: f32) -> (Vec<u8>, f32) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let descale = if amax > 0.0 { amax / target } else { 1.0 };
@@ -41,9 +41,11 @@ pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     reference_with(q, k, v, None)
 }
 
-/// E4M3 codes of `x` with a given descale.
+/// E4M3 codes of `x` with a given descale: `e4m3(x * (1 / descale))`, as the GPU quantizers
+/// ([`crate::nvfp4::fp8::inv_scale`]).
 pub fn quantize_with(x: &[f32], descale: f32) -> Vec<u8> {
-    x.iter().map(|&v| e4m3_encode(v / descale)).collect()
+    let inv = crate::nvfp4::fp8::inv_scale(descale);
+    x.iter().map(|&v| e4m3_encode(v * inv)).collect()
 }
 
 /// [`reference`] with q and k quantized with given descales (`qk_descales`, as when their producer

@@ -439,7 +439,7 @@ pub fn rms_rope(
     rms_rope_impl(x, weight, eps, heads, rope, None)
 }
 
-/// [`rms_rope`] written as E4M3 codes of `value / descale` (u8 `[B, S, C]`, GPU only): FP8
+/// [`rms_rope`] written as E4M3 codes of `value * (1 / descale)` (u8 `[B, S, C]`, GPU only): FP8
 /// attention's q or k with a scale fixed beforehand, e.g. from the bound the norm puts on the
 /// values ([`rms_bound`]). The same bytes as [`rms_rope`] then quantizing with that scale.
 #[cfg(feature = "cuda")]
@@ -562,6 +562,36 @@ fn norm_rope_impl(
         None => xh,
     };
     crate::models::ops::apply_rope(&xh, cos, sin)?.transpose(1, 2)?.contiguous()
+}
+
+/// Division by a divisor fixed for a launch, as kernels/fastdiv.cuh computes it: `n / d` =
+/// `(n * mul) >> shift` for every `n < 2^31`, with `shift = 31 + ceil(log2 d)` and
+/// `mul = ceil(2^shift / d)` (below 2^32 for `d < 2^31`). The kernels take (mul, shift) in place
+/// of 64-bit divisions in their index arithmetic.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FastDiv {
+    pub mul: u32,
+    pub shift: u32,
+}
+
+impl FastDiv {
+    /// Largest dividend (exclusive) and divisor the form is exact for.
+    pub const LIMIT: usize = 1 << 31;
+
+    pub fn new(d: usize) -> Result<Self> {
+        if d == 0 || d >= Self::LIMIT {
+            candle_core::bail!("FastDiv: divisor {d} outside [1, 2^31)");
+        }
+        let shift = 31 + d.next_power_of_two().trailing_zeros();
+        let mul = (1u64 << shift).div_ceil(d as u64);
+        Ok(Self { mul: u32::try_from(mul).map_err(|_| candle_core::Error::Msg(format!("FastDiv: {d}")))?, shift })
+    }
+
+    /// The kernels' formula (the reference their index arithmetic is tested against).
+    pub fn div(&self, n: u32) -> u32 {
+        ((n as u64 * self.mul as u64) >> self.shift) as u32
+    }
 }
 
 /// Where the `qk_norm_rope` kernel reads: element (b, s, h, d) at `start + b*sb + s*ss + h*sh + d`.
@@ -730,5 +760,36 @@ pub fn cat_act(o: Option<&Tensor>, m: &Tensor, act: MlpAct) -> Result<Tensor> {
     match o {
         Some(o) => Tensor::cat(&[o, &a], 2),
         None => Ok(a),
+    }
+}
+
+#[cfg(test)]
+mod fast_div_tests {
+    use super::FastDiv;
+
+    /// Exact against integer division over divisors from 1 to large, powers of two and their
+    /// neighbours, and dividends up to 2^31 - 1 (edges and pseudo-random ones).
+    #[test]
+    fn fast_division_is_exact_below_2_pow_31() {
+        let mut divisors: Vec<usize> = (1..=300).collect();
+        for k in 1..31 {
+            let p = 1usize << k;
+            divisors.extend([p - 1, p, p + 1]);
+        }
+        divisors.extend([3072, 4608, 27280, 76_000, 1_000_003, (1 << 31) - 1]);
+        let mut rng = crate::rng::Rng::new(11);
+        for &d in &divisors {
+            let f = FastDiv::new(d).unwrap();
+            let mut ns: Vec<u32> = vec![0, 1, (1 << 31) - 1, (1 << 31) - 2];
+            for m in [1usize, 2, 3, 1000, 77_777] {
+                let q = (m * d).min((1 << 31) - 1) as u32;
+                ns.extend([q, q.saturating_sub(1), q.saturating_add(1).min((1 << 31) - 1)]);
+            }
+            ns.extend((0..200).map(|_| (rng.next_u64() % (1 << 31)) as u32));
+            for n in ns {
+                assert_eq!(f.div(n), n / d as u32, "{n} / {d} with {f:?}");
+            }
+        }
+        assert!(FastDiv::new(0).is_err() && FastDiv::new(1 << 31).is_err());
     }
 }

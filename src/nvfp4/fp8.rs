@@ -22,6 +22,15 @@ pub fn row_scale(amax: f32) -> f32 {
     }
 }
 
+/// What every E4M3 quantizer multiplies by: `1 / scale` rounded once, capped at `f32::MAX` (a
+/// scale below `1 / f32::MAX` would give infinity, and `0 * inf` a NaN code). The GPU kernels
+/// multiply too (kernels/fp8_common.cuh `inv_scale`): one multiply per value instead of a
+/// division, which made their row kernels issue-bound; both round the same way, so the codes
+/// match bit for bit.
+pub fn inv_scale(scale: f32) -> f32 {
+    (1.0 / scale).min(f32::MAX)
+}
+
 /// Element `i` of row `r` of a canonical NVFP4 weight, `(e2m1 * block scale) * weight_scale_2` in
 /// f32 (the kernel's operation order).
 fn value(w: &Nvfp4Weight, r: usize, i: usize) -> f32 {
@@ -49,8 +58,9 @@ pub fn weight_to_fp8(w: &Nvfp4Weight) -> (Vec<u8>, Vec<f32>) {
 pub fn quantize_row(x: &[f32], out: &mut [u8]) -> f32 {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let scale = row_scale(amax);
+    let inv = inv_scale(scale);
     for (o, v) in out.iter_mut().zip(x) {
-        *o = e4m3_encode(v / scale);
+        *o = e4m3_encode(v * inv);
     }
     scale
 }

@@ -352,6 +352,11 @@ impl SeqParallel {
             && !*GENERIC.get_or_init(|| std::env::var_os(SP_GENERIC_ENV).is_some())
     }
 
+    /// Ranks sharing the sequence.
+    pub fn ranks(&self) -> usize {
+        self.group.size()
+    }
+
     /// (offset, length) of this rank's share of segment `seg`, in the segment's own positions.
     pub fn local(&self, seg: usize) -> (usize, usize) {
         let s = &self.sizes[seg];

@@ -13,7 +13,7 @@ use crate::linear::{Input, Linear, WeightBuilder};
 use crate::models::fused::{cat_act, gated_add, ln_modulate, MlpAct};
 use crate::models::ops::{attention, merge_heads, rope_tables, timestep_embedding, RmsNorm};
 use crate::parallel::pack::{QkvPack, Slot};
-use crate::parallel::{attend_packed_start, Attending, Group, Returning, SeqParallel};
+use crate::parallel::{attend_packed_start, attend_start, Attending, Group, Returning, SeqParallel};
 
 /// Norm epsilon of every LayerNorm and q/k RMSNorm in FLUX.
 const EPS: f64 = 1e-6;
@@ -114,6 +114,7 @@ impl Embedder {
             Naming::Diffusers => ("linear_1", "linear_2"),
             Naming::Bfl => ("in_layer", "out_layer"),
         };
+        let wb = wb.per_sample();
         Ok(Self { linear_1: wb.pp(a).linear(in_dim, dim, bias)?, linear_2: wb.pp(b).linear(dim, dim, bias)? })
     }
 
@@ -130,7 +131,8 @@ pub(crate) fn split_rope(rope: &Rope, n: usize) -> Result<(Rope, Rope)> {
 }
 
 /// One stream's share of a joint attention: its q, k, v projections `[B, S_run, H*D]`, the q/k
-/// norms and its rows of the RoPE tables.
+/// norms and its rows of the RoPE tables; `v_heads`, where the producer has it, v as a
+/// `[B, H, S_run, D]` view of the projection's output ([`heads_view`]).
 pub(crate) struct StreamQkv<'a> {
     pub q: &'a Tensor,
     pub k: &'a Tensor,
@@ -138,6 +140,24 @@ pub(crate) struct StreamQkv<'a> {
     pub norm_q: &'a RmsNorm,
     pub norm_k: &'a RmsNorm,
     pub rope: &'a Rope,
+    pub v_heads: Option<&'a Tensor>,
+}
+
+/// Columns `start .. start + heads * d` of a contiguous `[B, S, N]` projection output as a
+/// `[B, heads, S, d]` view (no copy), or `None` where the columns do not fall on whole heads.
+pub(crate) fn heads_view(y: &Tensor, start: usize, heads: usize, d: usize) -> Result<Option<Tensor>> {
+    let (b, s, n) = y.dims3()?;
+    if !y.is_contiguous() || !n.is_multiple_of(d) || !start.is_multiple_of(d) || start + heads * d > n {
+        return Ok(None);
+    }
+    Ok(Some(y.reshape((b, s, n / d, d))?.narrow(2, start / d, heads)?.transpose(1, 2)?))
+}
+
+/// Whether one stream's attention on one GPU reads v in place (`CANDIFF_V_IN_PLACE=0` copies it
+/// into the q/k/v buffer as several streams need, for A/B measurements).
+fn v_in_place() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("CANDIFF_V_IN_PLACE").as_deref() != Ok("0"))
 }
 
 /// q, k, v of the streams, one after another along the sequence: q and k normalized and rotated,
@@ -148,6 +168,17 @@ pub(crate) fn start_joint_attention<'a>(
     streams: &[StreamQkv],
     heads: usize,
 ) -> Result<Attending<'a>> {
+    // One stream on one GPU: q and k normalized and rotated into their own buffers, and v read by
+    // the attention where its projection wrote it (cuDNN takes strided views): the copy of v into
+    // a joint buffer, a full pass over it, is not made. (Several streams need the joint buffer.)
+    if let [st] = streams {
+        let local = sp.is_none_or(|sp| sp.ranks() == 1);
+        if let Some(v) = st.v_heads.filter(|v| local && v.device().is_cuda() && v_in_place()) {
+            let q = st.norm_q.norm_rope(st.q, heads, &st.rope.0, &st.rope.1)?;
+            let k = st.norm_k.norm_rope(st.k, heads, &st.rope.0, &st.rope.1)?;
+            return attend_start(sp, &q, &k, v);
+        }
+    }
     let (b, _, hd) = streams[0].q.dims3()?;
     let s_loc = streams.iter().map(|s| s.q.dim(1)).sum::<Result<usize>>()?;
     let mut pack = QkvPack::new(sp, streams[0].q, s_loc, b, heads, hd / heads)?;
@@ -283,8 +314,8 @@ impl DoubleBlock {
                     Ok(Proj::Split(names.iter().map(|n| attn.pp(n).linear(dim, dim, true)).collect::<Result<_>>()?))
                 };
                 Self {
-                    norm1: wb.pp("norm1").pp("linear").linear(dim, 6 * dim, true)?,
-                    norm1_context: wb.pp("norm1_context").pp("linear").linear(dim, 6 * dim, true)?,
+                    norm1: wb.per_sample().pp("norm1").pp("linear").linear(dim, 6 * dim, true)?,
+                    norm1_context: wb.per_sample().pp("norm1_context").pp("linear").linear(dim, 6 * dim, true)?,
                     qkv: split(["to_q", "to_k", "to_v"])?.fused()?,
                     add_qkv: split(["add_q_proj", "add_k_proj", "add_v_proj"])?.fused()?,
                     norm_q: rms(&attn.pp("norm_q"), "weight", cfg.attention_head_dim)?,
@@ -309,7 +340,7 @@ impl DoubleBlock {
                     let attn = wb.pp(format!("{s}_attn"));
                     let norm = attn.pp("norm");
                     Ok((
-                        wb.pp(format!("{s}_mod")).pp("lin").linear(dim, 6 * dim, true)?,
+                        wb.per_sample().pp(format!("{s}_mod")).pp("lin").linear(dim, 6 * dim, true)?,
                         Proj::Fused(attn.pp("qkv").linear(dim, 3 * dim, true)?, vec![dim; 3]),
                         rms(&norm.pp("query_norm"), "scale", cfg.attention_head_dim)?,
                         rms(&norm.pp("key_norm"), "scale", cfg.attention_head_dim)?,
@@ -368,8 +399,17 @@ impl DoubleBlock {
                 norm_q: &self.norm_added_q,
                 norm_k: &self.norm_added_k,
                 rope: &rope_t,
+                v_heads: None,
             },
-            StreamQkv { q: &iq[0], k: &iq[1], v: &iq[2], norm_q: &self.norm_q, norm_k: &self.norm_k, rope: &rope_i },
+            StreamQkv {
+                q: &iq[0],
+                k: &iq[1],
+                v: &iq[2],
+                norm_q: &self.norm_q,
+                norm_k: &self.norm_k,
+                rope: &rope_i,
+                v_heads: None,
+            },
         ];
         let o = merge_heads(&start_joint_attention(sp, &streams, self.heads)?.finish(attention)?)?;
         let o_txt = o.narrow(1, 0, s_txt)?;
@@ -412,7 +452,7 @@ impl SingleBlock {
             Naming::Diffusers => {
                 let attn = wb.pp("attn");
                 Self {
-                    norm: wb.pp("norm").pp("linear").linear(dim, 3 * dim, true)?,
+                    norm: wb.per_sample().pp("norm").pp("linear").linear(dim, 3 * dim, true)?,
                     qkv: Proj::Split(vec![
                         attn.pp("to_q").linear(dim, dim, true)?,
                         attn.pp("to_k").linear(dim, dim, true)?,
@@ -428,7 +468,7 @@ impl SingleBlock {
                 }
             }
             Naming::Bfl => Self {
-                norm: wb.pp("modulation").pp("lin").linear(dim, 3 * dim, true)?,
+                norm: wb.per_sample().pp("modulation").pp("lin").linear(dim, 3 * dim, true)?,
                 qkv: Proj::Fused(wb.pp("linear1").linear(dim, 3 * dim + hidden, true)?, vec![dim, dim, dim, hidden]),
                 proj_mlp: None,
                 norm_q: rms(&wb.pp("norm").pp("query_norm"), "scale", cfg.attention_head_dim)?,
@@ -462,15 +502,35 @@ impl SingleBlock {
             #[cfg(feature = "cuda")]
             Input::Fp8(_) => matches!(self.proj_out, OutProj::Split { .. }),
         };
-        let (p, fused_act) = match (&self.qkv, &xn) {
+        let (whole, fused_act) = match (&self.qkv, &xn) {
             (Proj::Fused(l, sizes), Input::Tensor(t))
                 if want_act && self.proj_mlp.is_none() && sizes.len() == 4 && l.gelu_from_in_gemm(t)? =>
             {
-                (Proj::split_outputs(&l.forward_gelu_from(t, sizes[..3].iter().sum())?, sizes)?, true)
+                (Some(l.forward_gelu_from(t, sizes[..3].iter().sum())?), true)
             }
-            _ => (self.qkv.forward_input(&xn)?, false),
+            (Proj::Fused(l, _), _) => (Some(l.forward_input(&xn)?), false),
+            _ => (None, false),
         };
-        let stream = StreamQkv { q: &p[0], k: &p[1], v: &p[2], norm_q: &self.norm_q, norm_k: &self.norm_k, rope };
+        let (p, v_heads) = match (&whole, &self.qkv) {
+            (Some(y), Proj::Fused(_, sizes)) => {
+                (Proj::split_outputs(y, sizes)?, heads_view(y, sizes[0] + sizes[1], self.heads, dim / self.heads)?)
+            }
+            // Separate projections: v is its own (contiguous) output.
+            _ => {
+                let p = self.qkv.forward_input(&xn)?;
+                let v = heads_view(&p[2], 0, self.heads, dim / self.heads)?;
+                (p, v)
+            }
+        };
+        let stream = StreamQkv {
+            q: &p[0],
+            k: &p[1],
+            v: &p[2],
+            norm_q: &self.norm_q,
+            norm_k: &self.norm_k,
+            rope,
+            v_heads: v_heads.as_ref(),
+        };
         let attending = start_joint_attention(sp, &[stream], self.heads)?;
         // The MLP projection (GELU in its epilogue where the output projection is split) queued
         // while q, k, v travel; its share of the output projection while the attention output
@@ -548,7 +608,7 @@ impl FluxTransformer {
             single_transformer_blocks: (0..cfg.num_single_layers)
                 .map(|i| SingleBlock::new(&wb.pp(single).pp(i), naming, cfg))
                 .collect::<Result<_>>()?,
-            norm_out: norm_out.linear(dim, 2 * dim, true)?,
+            norm_out: norm_out.per_sample().linear(dim, 2 * dim, true)?,
             proj_out: proj_out.linear(dim, p * cfg.out_channels(), true)?,
         })
     }

@@ -14,7 +14,9 @@ use candle_core::{DType, Module, Result, Tensor, D};
 
 use super::config::Flux2Config;
 use crate::linear::{Linear, WeightBuilder};
-use crate::models::flux::model::{chunks, split_rope, start_joint_attention, Embedder, OutProj, Proj, StreamQkv};
+use crate::models::flux::model::{
+    chunks, heads_view, split_rope, start_joint_attention, Embedder, OutProj, Proj, StreamQkv,
+};
 use crate::models::flux::Naming;
 use crate::models::fused::{cat_act, ln_modulate, MlpAct};
 use crate::models::ops::{attention, merge_heads, rope_tables, timestep_embedding, RmsNorm};
@@ -134,6 +136,7 @@ impl DoubleBlock {
                 norm_q: &self.txt.norm_q,
                 norm_k: &self.txt.norm_k,
                 rope: &rope_t,
+                v_heads: None,
             },
             StreamQkv {
                 q: &iq[0],
@@ -142,6 +145,7 @@ impl DoubleBlock {
                 norm_q: &self.img.norm_q,
                 norm_k: &self.img.norm_k,
                 rope: &rope_i,
+                v_heads: None,
             },
         ];
         let o = merge_heads(&start_joint_attention(sp, &streams, h)?.finish(attention)?)?;
@@ -201,7 +205,16 @@ impl SingleBlock {
         let p = self.to_qkv_mlp_proj.forward(&ln_modulate(x, &m[0], &m[1], self.eps)?)?;
         let part = |i: usize| p.narrow(D::Minus1, i * dim, dim);
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        let stream = StreamQkv { q: &q, k: &k, v: &v, norm_q: &self.norm_q, norm_k: &self.norm_k, rope };
+        let v_heads = heads_view(&p, 2 * dim, h, dim / h)?;
+        let stream = StreamQkv {
+            q: &q,
+            k: &k,
+            v: &v,
+            norm_q: &self.norm_q,
+            norm_k: &self.norm_k,
+            rope,
+            v_heads: v_heads.as_ref(),
+        };
         let returning = start_joint_attention(sp, &[stream], h)?.finish_start(attention)?;
         // cat(attention, swiglu(mlp)) through the output projection, reading the projection's MLP
         // columns in place.
@@ -273,16 +286,28 @@ impl Flux2Transformer {
             } else {
                 None
             },
-            double_stream_modulation_img: wb.pp("double_stream_modulation_img").pp(lin).linear(dim, 6 * dim, false)?,
-            double_stream_modulation_txt: wb.pp("double_stream_modulation_txt").pp(lin).linear(dim, 6 * dim, false)?,
-            single_stream_modulation: wb.pp("single_stream_modulation").pp(lin).linear(dim, 3 * dim, false)?,
+            double_stream_modulation_img: wb.per_sample().pp("double_stream_modulation_img").pp(lin).linear(
+                dim,
+                6 * dim,
+                false,
+            )?,
+            double_stream_modulation_txt: wb.per_sample().pp("double_stream_modulation_txt").pp(lin).linear(
+                dim,
+                6 * dim,
+                false,
+            )?,
+            single_stream_modulation: wb.per_sample().pp("single_stream_modulation").pp(lin).linear(
+                dim,
+                3 * dim,
+                false,
+            )?,
             transformer_blocks: (0..cfg.num_layers)
                 .map(|i| DoubleBlock::new(&wb.pp(&double).pp(i), naming, cfg))
                 .collect::<Result<_>>()?,
             single_transformer_blocks: (0..cfg.num_single_layers)
                 .map(|i| SingleBlock::new(&wb.pp(&single).pp(i), naming, cfg))
                 .collect::<Result<_>>()?,
-            norm_out: norm_out.linear(dim, 2 * dim, false)?,
+            norm_out: norm_out.per_sample().linear(dim, 2 * dim, false)?,
             proj_out: proj_out.linear(dim, p * cfg.out_channels(), false)?,
         })
     }
