@@ -2,8 +2,8 @@
 // multiply-and-shift of Granlund & Montgomery, in CUTLASS's FastDivmod form): index arithmetic in
 // the element-wise kernels divided 64-bit integers by runtime values, ~70 instructions each, and
 // that made them issue-bound (docs/PERF.md, session 17). The host computes (mul, shift) for
-// divisors in [1, 2^31) (src/cuda/mod.rs `FastDiv`, which also holds the reference of this
-// formula and its test); exact for dividends below 2^31.
+// divisors in [1, 2^31) (src/models/fused.rs `FastDiv`, which also holds the reference of
+// this formula and its test); exact for dividends below 2^31.
 #pragma once
 
 namespace fastdiv {

@@ -310,6 +310,11 @@ struct QkDivs {
 // SAFETY: plain `repr(C)` u32 fields, the kernel's struct of six unsigned ints.
 unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for QkDivs {}
 
+/// Most head rows of one `qk_norm_rope` launch: its thread and row indices are 32-bit (fast
+/// divisions need rows below 2^31, and each row may take a warp of 32 threads), so 2^27 (~2.8M
+/// tokens of 48 heads).
+const QK_MAX_ROWS: usize = 1 << 27;
+
 /// Head size the four-per-lane path of `qk_norm_rope` covers (a warp x 4).
 const VEC4_ROW: usize = 128;
 
@@ -347,9 +352,9 @@ pub fn qk_norm_rope(
     let f = function_in(&dev, Kernels::Fused, &name)?;
     let stream = dev.cuda_stream();
     let rows = b * s * h;
-    if rows >= FastDiv::LIMIT {
+    if rows >= QK_MAX_ROWS {
         candle_core::bail!(
-            "qk_norm_rope: {rows} head rows (b {b} x s {s} x h {h}); the kernel indexes fewer than 2^31"
+            "qk_norm_rope: {rows} head rows (b {b} x s {s} x h {h}); the kernel takes fewer than {QK_MAX_ROWS}"
         );
     }
     let divs = QkDivs { heads: FastDiv::new(h)?, s_len: FastDiv::new(s)?, hl: FastDiv::new(dst.hl)? };
