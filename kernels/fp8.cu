@@ -161,6 +161,56 @@ extern "C" __global__ void fp8_gate_fold_f32(const float* sw, const float* b, co
     gate_fold(sw, b, gate, sw_out, b_out, n);
 }
 
+// mod_finish: a block's modulation vectors as f32 (the fused ops read f32 shift / scale / gate) and,
+// in the same launch, each of up to kModJobs gates folded into an fp8 layer's row scales and bias
+// as gate_fold does (the gate read from the projection's own output: its f32 value is exact). Grid
+// y: part 0 the f32 copy of `mod` (skipped when out is null), part 1 + j job j. One launch per
+// block instead of a cast and one fold per gated layer (1.2 ms in 305 launches of a FLUX.1 fp8
+// step, docs/PERF.md session 17).
+constexpr int kModJobs = 4;  // fold jobs per launch (src/cuda/fp8.rs MOD_JOBS)
+struct FoldJob {
+    const float* sw;   // the layer's weight scales [n]
+    const void* b;     // its bias [n] (T; null: none)
+    float* sw_out;     // [n]
+    void* b_out;       // [n] (T; null without a bias)
+    long long gate;    // the gate's first element in mod
+    int n;
+};
+struct ModJobs {
+    FoldJob job[kModJobs];
+    int count;
+};
+
+template <typename T>
+__device__ void mod_finish(const T* __restrict__ mod, float* __restrict__ out, long long len, const ModJobs& jobs) {
+    const int part = blockIdx.y;
+    const long long step = (long long)gridDim.x * blockDim.x;
+    const long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (part == 0) {
+        if (out)
+            for (long long i = first; i < len; i += step) out[i] = to_f(mod[i]);
+        return;
+    }
+    if (part > jobs.count) return;
+    const FoldJob& j = jobs.job[part - 1];
+    const T* b = static_cast<const T*>(j.b);
+    T* b_out = static_cast<T*>(j.b_out);
+    for (long long i = first; i < j.n; i += step) {
+        const float g = to_f(mod[j.gate + i]);
+        j.sw_out[i] = __fmul_rn(j.sw[i], g);
+        if (b) b_out[i] = from_f<T>(__fmul_rn(to_f(b[i]), g));
+    }
+}
+extern "C" __global__ void mod_finish_bf16(const __nv_bfloat16* mod, float* out, long long len, ModJobs jobs) {
+    mod_finish(mod, out, len, jobs);
+}
+extern "C" __global__ void mod_finish_f16(const __half* mod, float* out, long long len, ModJobs jobs) {
+    mod_finish(mod, out, len, jobs);
+}
+extern "C" __global__ void mod_finish_f32(const float* mod, float* out, long long len, ModJobs jobs) {
+    mod_finish(mod, out, len, jobs);
+}
+
 // ---- FP8 attention (`--attention fp8`): the conversions around cuDNN's FP8 flash attention ----
 // q, k, v are [B, H, S, D] views (D contiguous, rows 8-byte aligned) quantized per tensor to E4M3
 // [B, S, H, D]; the scalars live in one f32 buffer, slot i at ATTN_SLOT_FLOATS * i (16-byte

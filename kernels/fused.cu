@@ -298,6 +298,73 @@ __device__ __forceinline__ void qk_norm_rope_rows4(const T* __restrict__ x, long
     }
 }
 
+// Eight consecutive 16-bit elements in one 16-byte access.
+template <typename T>
+struct alignas(16) Eight {
+    T v[8];
+};
+
+// R rows of one token as qk_norm_rope_rows4, but by a half-warp with eight elements (four RoPE
+// pairs) per lane: 16-byte accesses and a four-step reduction, about half the instructions per
+// element of the four-per-lane form, which ncu found issue-bound (SM 65%, DRAM 42%; docs/PERF.md
+// session 17). 16-bit types only; same arithmetic and roundings per element.
+template <typename T, int R>
+__device__ __forceinline__ void qk_norm_rope_rows8(const T* __restrict__ x, long long sb, long long ss, long long sh,
+                                                   const T* __restrict__ w, const float* __restrict__ cos,
+                                                   const float* __restrict__ sin, T* __restrict__ y, long long yb,
+                                                   long long ys, long long yp, int hl, int s_len, int heads, int d,
+                                                   unsigned row0, const QkDivs& dv, float eps, int mode, int lane) {
+    // This half-warp's lanes: its shuffles (offsets < 16) never leave it, so the other half may
+    // have returned already (past the last row).
+    const unsigned half_mask = 0xffffu << (lane & 16);
+    const int l16 = lane % 16;
+    const unsigned bs = fastdiv::div(row0, dv.heads_mul, dv.heads_shift);
+    const int h0 = row0 - bs * heads;
+    const unsigned b = fastdiv::div(bs, dv.s_mul, dv.s_shift);
+    const int s = bs - b * s_len;
+    const T* xr = x + b * sb + s * ss;
+    Eight<T> in[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) in[r] = reinterpret_cast<const Eight<T>*>(xr + (long long)(h0 + r) * sh)[l16];
+    Eight<T> wv{};
+    float4 c = make_float4(1.f, 1.f, 1.f, 1.f), sn = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (mode == 2) wv = reinterpret_cast<const Eight<T>*>(w)[l16];
+    if (mode >= 1) {
+        c = reinterpret_cast<const float4*>(cos + (long long)s * (d / 2))[l16];
+        sn = reinterpret_cast<const float4*>(sin + (long long)s * (d / 2))[l16];
+    }
+    const float cs[4] = {c.x, c.y, c.z, c.w}, ss4[4] = {sn.x, sn.y, sn.z, sn.w};
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        float f[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) f[k] = to_f(in[r].v[k]);
+        if (mode == 2) {
+            float sq = 0.f;
+#pragma unroll
+            for (int k = 0; k < 8; ++k) sq += f[k] * f[k];
+            for (int o = 8; o > 0; o /= 2) sq += __shfl_xor_sync(half_mask, sq, o);
+            const float rstd = rsqrtf(sq / d + eps);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) f[k] = to_f(from_f<T>(f[k] * rstd * to_f(wv.v[k])));
+        }
+        Eight<T> out;
+        if (mode == 0) {
+            out = in[r];
+        } else {
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                out.v[2 * p] = from_f<T>(f[2 * p] * cs[p] - f[2 * p + 1] * ss4[p]);
+                out.v[2 * p + 1] = from_f<T>(f[2 * p] * ss4[p] + f[2 * p + 1] * cs[p]);
+            }
+        }
+        const int h = h0 + r;
+        const unsigned piece = fastdiv::div(h, dv.hl_mul, dv.hl_shift);
+        T* yr = y + (long long)piece * yp + b * yb + s * ys + (long long)(h - piece * hl) * d;
+        reinterpret_cast<Eight<T>*>(yr)[l16] = out;
+    }
+}
+
 // qk_norm_rope: per-head RMSNorm (learned weight) then interleaved-pair RoPE of q or k, or RoPE
 // alone, or a plain copy (v): a strided [B, S, H, D] view in, rows written wherever the caller's
 // layout puts them. Element (b, s, h, d) of x sits at b*sb + s*ss + h*sh + d (a slice of a fused
@@ -306,7 +373,8 @@ __device__ __forceinline__ void qk_norm_rope_rows4(const T* __restrict__ x, long
 // sequence-parallel send buffer [n, S, B, hl, D] whose piece j holds heads j*hl ... The
 // normalized value is rounded to T before the rotation, as the unfused ops do. One warp per
 // (b, s, h) row of D = 2 * pairs elements, or with vec_rows = R > 0 (D = 128, aligned, R divides
-// H) R rows of one token per warp, four elements per lane. mode: 0 copy, 1 RoPE, 2 norm + RoPE.
+// H) R rows of one token per warp, four elements per lane (qk_norm_rope8 below: eight per lane).
+// mode: 0 copy, 1 RoPE, 2 norm + RoPE.
 template <typename T>
 __device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss, long long sh,
                              const T* __restrict__ w, const float* __restrict__ cos, const float* __restrict__ sin,
@@ -372,6 +440,39 @@ __device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss
 BLOCK_OPS(float, f32)
 BLOCK_OPS(__nv_bfloat16, bf16)
 BLOCK_OPS(__half, f16)
+
+// qk_norm_rope with eight 16-bit values per lane: R = vec_rows rows of one token per half-warp
+// (D = 128, R divides H, every offset 16-byte aligned; the host checks). A kernel of its own so
+// that its registers do not lower the four-per-lane form's occupancy (sharing one kernel took both
+// to 69 registers, 3 CTAs per SM; docs/PERF.md session 18), bounded to kQk8Ctas CTAs per SM.
+constexpr int kQk8Threads = 256;  // src/cuda/fused.rs QK_THREADS
+constexpr int kQk8Ctas = 4;       // CTAs per SM the register bound keeps (56 registers, no spills)
+template <typename T>
+__device__ void qk_norm_rope8(const T* __restrict__ x, long long sb, long long ss, long long sh,
+                              const T* __restrict__ w, const float* __restrict__ cos, const float* __restrict__ sin,
+                              T* __restrict__ y, long long yb, long long ys, long long yp, int hl, int s_len, int heads,
+                              int d, long long rows, float eps, int mode, int vec_rows, const QkDivs& dv) {
+    const unsigned half_id = (blockIdx.x * blockDim.x + threadIdx.x) / (kWarp / 2);
+    const int lane = threadIdx.x % kWarp;
+    const unsigned row0 = half_id * vec_rows;
+    if (row0 >= rows) return;
+    if (vec_rows == 4)
+        qk_norm_rope_rows8<T, 4>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, row0, dv, eps, mode, lane);
+    else if (vec_rows == 2)
+        qk_norm_rope_rows8<T, 2>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, row0, dv, eps, mode, lane);
+    else
+        qk_norm_rope_rows8<T, 1>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, row0, dv, eps, mode, lane);
+}
+#define QK8(T, SUF)                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(kQk8Threads, kQk8Ctas) qk_norm_rope8_##SUF(                        \
+        const T* x, long long sb, long long ss, long long sh, const T* w, const float* cos, const float* sin, T* y,    \
+        long long yb, long long ys, long long yp, int hl, int s_len, int heads, int d, long long rows, float eps,      \
+        int mode, int vec_rows, QkDivs dv) {                                                                          \
+        qk_norm_rope8<T>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, rows, eps, mode, vec_rows,   \
+                         dv);                                                                                         \
+    }
+QK8(__nv_bfloat16, bf16)
+QK8(__half, f16)
 
 // cat_act: y[r] = [o[r] (c values), act(m[r])] in one pass, for the parallel (single-stream) blocks
 // whose output projection takes cat(attention, mlp): act = tanh-GELU (w values of m) or SwiGLU

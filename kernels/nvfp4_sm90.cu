@@ -26,10 +26,11 @@
 // stores its f32 sums in `part` ([CTA][token][feature]), which `nvfp4_sm90_tail_sum` adds up in a
 // fixed order (deterministic) and writes to y.
 //
-// Epilogue (both writers of y): y = act(alpha * sum + bias[n]) in f32, one rounding to the output
-// type, with bias (features n < bias_len; null: none) and act = tanh-GELU on features
-// n >= gelu_from (hardware tanh for 16-bit outputs): the linear layer's bias and activation without
-// another pass over y; gelu_from > 0 activates only the MLP columns of a fused q/k/v/MLP projection.
+// Epilogue (every writer of y: the GEMM, its tail sum and the GEMV below): y = act(alpha * sum +
+// bias[n]) in f32, one rounding to the output type, with bias (features n < bias_len; null: none)
+// and act = tanh-GELU on features n >= gelu_from (hardware tanh for 16-bit outputs): the linear
+// layer's bias and activation without another pass over y; gelu_from > 0 activates only the MLP
+// columns of a fused q/k/v/MLP projection.
 //
 // Input in two parts: K < k_split from x, the rest from x2 (each with its own row stride), so an
 // output projection reads cat(attention output, MLP activation) where they lie (no cat pass: 8.5 ms
@@ -426,7 +427,8 @@ __device__ __forceinline__ int x_unit_offset(int token, int u) {
 template <int NT, int SPLIT, typename OutT, int ACCS>
 __device__ __forceinline__ void gemv_sm90(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w,
                                           const uint8_t* __restrict__ sc, OutT* __restrict__ y, int M, int N,
-                                          int K, int row_bytes, int scale_cols, float alpha) {
+                                          int K, int row_bytes, int scale_cols, float alpha,
+                                          const OutT* __restrict__ bias, int bias_len, int gelu_from) {
     __shared__ __align__(128) uint8_t xs[kGemvXStages][kGemvTokens * kGemvXRow];
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
     const int tile = blockIdx.x, slice = SPLIT > 1 ? blockIdx.y : 0;
@@ -527,6 +529,12 @@ __device__ __forceinline__ void gemv_sm90(const __nv_bfloat16* __restrict__ x, c
         }
 
     const float out_scale = alpha * kScaleBias;
+    // The GEMM's epilogue (bias, GELU from feature gelu_from on, one rounding): no pass after a
+    // small layer (the blocks' modulation: 76 bias passes of a FLUX.1 step, docs/PERF.md session 18).
+    auto store = [&](int m, int n, float sum) {
+        const float v = sum * out_scale + bias_of(bias, bias_len, n);
+        y[(size_t)m * N + n] = from_float<OutT>(n >= gelu_from ? epilogue_gelu<OutT>(v) : v);
+    };
     if constexpr (SPLIT == 1) {
         // Accumulator (row g or g + 8 of the warp's 16, token 8 j + 2 t + {0, 1}) -> y[token, n].
 #pragma unroll
@@ -535,7 +543,7 @@ __device__ __forceinline__ void gemv_sm90(const __nv_bfloat16* __restrict__ x, c
             for (int e = 0; e < 4; e++) {
                 const int m = 8 * j + 2 * t + (e & 1);
                 const int n = logical_row<0>((e & 2) ? p_hi : p_lo);
-                if (m < M && n < N) y[(size_t)m * N + n] = from_float<OutT>(acc[j][e] * out_scale);
+                if (m < M && n < N) store(m, n, acc[j][e]);
             }
     } else {
         // Partial sums into shared memory (the activation stages are free now), then this CTA adds
@@ -555,7 +563,7 @@ __device__ __forceinline__ void gemv_sm90(const __nv_bfloat16* __restrict__ x, c
 #pragma unroll
             for (int q = 0; q < SPLIT; q++) sum += ld_cluster_f32(&partial[r][m], q);
             const int n = logical_row<0>(tile * 128 + r);
-            if (m < M && n < N) y[(size_t)m * N + n] = from_float<OutT>(sum * out_scale);
+            if (m < M && n < N) store(m, n, sum);
         }
         cluster_sync();  // no CTA leaves while another still reads its shared memory
     }
@@ -571,8 +579,10 @@ constexpr int kGemvAccSets = 2;
     extern "C" __global__ void __cluster_dims__(1, SPLIT, 1) __launch_bounds__(kGemvWarps * 32, NT == 1 ? 3 : 2) \
         nvfp4_gemv_sm90_nt##NT##_s##SPLIT##_##TNAME(const __nv_bfloat16* x, const uint8_t* w,              \
                                                     const uint8_t* sc, T* y, int M, int N, int K,          \
-                                                    int row_bytes, int scale_cols, float alpha) {          \
-        gemv_sm90<NT, SPLIT, T, kGemvAccSets>(x, w, sc, y, M, N, K, row_bytes, scale_cols, alpha);         \
+                                                    int row_bytes, int scale_cols, float alpha,            \
+                                                    const T* bias, int bias_len, int gelu_from) {          \
+        gemv_sm90<NT, SPLIT, T, kGemvAccSets>(x, w, sc, y, M, N, K, row_bytes, scale_cols, alpha, bias,    \
+                                              bias_len, gelu_from);                                        \
     }
 #define GEMV_SM90(NT, SPLIT)                       \
     GEMV_SM90_T(NT, SPLIT, float, f32)             \

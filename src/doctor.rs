@@ -747,7 +747,14 @@ pub fn check_fused(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
             if !(split.folds_gate(&m, &gate)) {
                 candle_core::bail!("a split fp8 projection on the GPU does not fold the gate");
             }
-            let got = split.forward_gated(back(&o), &m, MlpAct::GeluTanh, false, &gate, &residual)?;
+            let got = split.forward_gated(
+                back(&o),
+                &m,
+                MlpAct::GeluTanh,
+                false,
+                &crate::linear::Gate::from(&gate),
+                &residual,
+            )?;
             let want = crate::models::fused::gated_add(
                 &residual,
                 &split.forward(back(&o), &m, MlpAct::GeluTanh, false)?,
@@ -760,12 +767,60 @@ pub fn check_fused(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
             ));
             let layer = fp8()?;
             let x = Tensor::randn(0f32, 1.0, (1, rows, c + w), device)?.to_dtype(DType::BF16)?;
-            let got = layer.forward_gated(&x, &gate, &residual)?;
+            let got = layer.forward_gated(&x, &crate::linear::Gate::from(&gate), &residual)?;
             let want = crate::models::fused::gated_add(&residual, &layer.forward(&x)?, &gate)?;
             out.push(CheckResult::new(
                 format!("gated residual in the fp8 GEMM {rows}x{}x{c}", c + w),
                 rel_max_err(&host(&got)?, &host(&want)?),
                 TWO_ROUNDINGS_TOL,
+            ));
+            // A block's modulation (a W4A16 projection with its bias in the GEMV's epilogue, then
+            // one launch for the f32 copy and the folds of gate 1 into `layer` and both parts of
+            // `split`) against the projection converted by to_dtype and each layer folding the
+            // gate itself: the very same bits.
+            let mp = Problem::random(1, c, 3 * c, 12)?;
+            let mbias = Tensor::randn(0f32, 1.0, 3 * c, device)?.to_dtype(DType::BF16)?;
+            let mod_layer = crate::linear::Linear::Nvfp4(Nvfp4Linear::new(
+                &mp.w,
+                None,
+                Some(mbias),
+                Backend::Trtllm,
+                ActMode::W4A16,
+                device,
+            )?);
+            let temb = Tensor::randn(0f32, 1.0, (1, c), device)?.to_dtype(DType::BF16)?;
+            let mut gated: Vec<&crate::linear::Linear> = split.gated_layers();
+            gated.push(&layer);
+            let (vecs, gates) = crate::linear::modulation(&mod_layer, &temb, 3, &[(1, &gated)])?;
+            if gates[0].fold_count() != gated.len() {
+                candle_core::bail!("the modulation folded its gate into {} of 3 fp8 layers", gates[0].fold_count());
+            }
+            let plain = mod_layer.forward(&temb)?.to_dtype(DType::F32)?.chunk(3, candle_core::D::Minus1)?;
+            let mut diff = 0f32;
+            for (a, b) in vecs.iter().zip(&plain) {
+                diff = diff.max(rel_max_err(&host(a)?, &host(b)?));
+            }
+            out.push(CheckResult::new(format!("modulation 1x{c} -> 3x{c} as f32, vs to_dtype"), diff, 0.0));
+            let got = split.forward_gated(back(&o), &m, MlpAct::GeluTanh, false, &gates[0], &residual)?;
+            let want = split.forward_gated(
+                back(&o),
+                &m,
+                MlpAct::GeluTanh,
+                false,
+                &crate::linear::Gate::from(&plain[1]),
+                &residual,
+            )?;
+            out.push(CheckResult::new(
+                format!("gate folded with the modulation, split fp8 projection {rows}x({c}+{w}), vs folded there"),
+                rel_max_err(&host(&got)?, &host(&want)?),
+                0.0,
+            ));
+            let got = layer.forward_gated(&x, &gates[0], &residual)?;
+            let want = layer.forward_gated(&x, &crate::linear::Gate::from(&plain[1]), &residual)?;
+            out.push(CheckResult::new(
+                format!("gate folded with the modulation, fp8 GEMM {rows}x{}x{c}, vs folded there", c + w),
+                rel_max_err(&host(&got)?, &host(&want)?),
+                0.0,
             ));
         }
     }
@@ -826,9 +881,11 @@ pub fn check_fused(device: &Device) -> candle_core::Result<Vec<CheckResult>> {
     }
     // Per-head RMSNorm + RoPE, reading a strided slice of a fused projection (as the models do)
     // against the unfused composition on the CPU. Head counts 24, 6 and 5 at D = 128 take 4, 2 and
-    // 1 rows per warp on the four-per-lane path; D = 64 the one-row path.
+    // 1 rows per row group; 16-bit slices starting at a multiple of 8 values take eight per lane
+    // (the 37-token one ends in a warp whose second half has no rows), the one at 4 values four
+    // per lane; D = 64 the one-row path.
     for (b, s, h, d, extra) in
-        [(1, 4608, 24, 128, 2 * 3072), (2, 33, 6, 128, 8), (1, 50, 5, 128, 0), (2, 77, 3, 64, 40)]
+        [(1, 4608, 24, 128, 2 * 3072), (2, 33, 6, 128, 8), (1, 37, 6, 128, 16), (1, 50, 5, 128, 0), (2, 77, 3, 64, 40)]
     {
         for dtype in [DType::BF16, DType::F32] {
             let wide = Tensor::randn(0f32, 1.0, (b, s, h * d + extra), device)?.to_dtype(dtype)?;

@@ -17,6 +17,85 @@ pub enum Linear {
     Probed(Box<Probed>),
 }
 
+/// A gate of the blocks' gated residuals (`[B, N]` or `[B, 1, N]` f32, one per batch element) and,
+/// where the block's [`modulation`] made them, its products with the weight scales and biases of
+/// the fp8 layers it multiplies: those layers then skip their own fold launch.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    pub vec: Tensor,
+    folds: Vec<crate::nvfp4::linear::Folded>,
+}
+
+impl From<&Tensor> for Gate {
+    fn from(vec: &Tensor) -> Self {
+        Gate { vec: vec.clone(), folds: Vec::new() }
+    }
+}
+
+impl Gate {
+    /// How many layers' folds came with the gate.
+    pub fn fold_count(&self) -> usize {
+        self.folds.len()
+    }
+
+    /// The fold made for the layer whose weight scales and bias are `scale` and `bias`.
+    pub fn folded_for(&self, scale: &Tensor, bias: Option<&Tensor>) -> Option<&crate::nvfp4::linear::Folded> {
+        let of = (scale.id(), bias.map(Tensor::id));
+        self.folds.iter().find(|f| f.of == of)
+    }
+}
+
+/// A block's `n` modulation vectors `layer(temb_act)` (each `[B, F / n]`) as f32, the form the
+/// fused ops read, and one [`Gate`] per `(chunk, layers)` of `gated`, folded for each of those
+/// layers that takes its gate in its GEMM ([`Linear::folds_gate`]). On a GPU the f32 copy and every
+/// fold are one launch after the projection (else a cast and a launch per fold: 1.2 ms in 305
+/// launches of a FLUX.1 fp8 step, docs/PERF.md session 17).
+pub fn modulation(
+    layer: &Linear,
+    temb_act: &Tensor,
+    n: usize,
+    gated: &[(usize, &[&Linear])],
+) -> Result<(Vec<Tensor>, Vec<Gate>)> {
+    let y = layer.forward(temb_act)?;
+    let width = y.dim(candle_core::D::Minus1)?;
+    if n == 0 || !width.is_multiple_of(n) || gated.iter().any(|&(c, _)| c >= n) {
+        candle_core::bail!(
+            "modulation: {width} features into {n} vectors, gates at {gated:?}",
+            gated = gated.iter().map(|g| g.0).collect::<Vec<_>>()
+        );
+    }
+    #[cfg(feature = "cuda")]
+    if y.device().is_cuda() {
+        let dim = width / n;
+        let mut jobs = Vec::new();
+        let mut owners = Vec::new();
+        for (i, &(c, layers)) in gated.iter().enumerate() {
+            // A per-sample gate view, only to ask the layers (no copy).
+            let gate = y.narrow(candle_core::D::Minus1, c * dim, dim)?;
+            for l in layers {
+                let Linear::Nvfp4(q) = l else { continue };
+                if !l.folds_gate(&y, &gate) {
+                    continue;
+                }
+                if let Some((scale, bias)) = q.fold_parts(dim) {
+                    jobs.push(crate::cuda::fp8::FoldJob { scale, bias, gate: c * dim });
+                    owners.push((i, (scale.id(), bias.map(Tensor::id))));
+                }
+            }
+        }
+        let (v, folded) = crate::cuda::fp8::modulation_finish(&y, &jobs)?;
+        let vecs = v.chunk(n, candle_core::D::Minus1)?;
+        let mut gates: Vec<Gate> = gated.iter().map(|&(c, _)| Gate::from(&vecs[c])).collect();
+        for ((i, of), (scale, bias)) in owners.into_iter().zip(folded) {
+            gates[i].folds.push(crate::nvfp4::linear::Folded { of, scale, bias });
+        }
+        return Ok((vecs, gates));
+    }
+    let vecs = y.to_dtype(DType::F32)?.chunk(n, candle_core::D::Minus1)?;
+    let gates = gated.iter().map(|&(c, _)| Gate::from(&vecs[c])).collect();
+    Ok((vecs, gates))
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_act(x, false)
@@ -218,21 +297,22 @@ impl Linear {
     }
 
     /// [`Linear::forward_gated`] for either form of input.
-    pub fn forward_gated_input(&self, x: &Input, gate: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    pub fn forward_gated_input(&self, x: &Input, gate: &Gate, residual: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Linear::Nvfp4(q) = self {
-            if self.folds_gate(residual, gate) {
-                let gate = gate.flatten_all()?.to_dtype(candle_core::DType::F32)?;
+            if self.folds_gate(residual, &gate.vec) {
+                let folded = q.fold_parts(gate.vec.elem_count()).and_then(|(scale, bias)| gate.folded_for(scale, bias));
+                let g = gate.vec.flatten_all()?.to_dtype(candle_core::DType::F32)?;
                 let y = crate::profile::span(crate::profile::Part::Linear, residual.device(), || match x {
-                    Input::Tensor(t) => q.forward_gated_fp8(t, &gate, residual),
-                    Input::Fp8(a) => q.forward_gated_fp8_act(a, &gate, residual),
+                    Input::Tensor(t) => q.forward_gated_fp8(t, &g, folded, residual),
+                    Input::Fp8(a) => q.forward_gated_fp8_act(a, &g, folded, residual),
                 })?;
                 if let Some(y) = y {
                     return Ok(y);
                 }
             }
         }
-        crate::models::fused::gated_add(residual, &self.forward_input(x)?, gate)
+        crate::models::fused::gated_add(residual, &self.forward_input(x)?, &gate.vec)
     }
 
     /// Whether [`Linear::forward_gated`] folds `gate` into this layer's GEMM (an fp8-mode layer on
@@ -254,7 +334,7 @@ impl Linear {
     /// `[B, N]` or `[B, 1, N]` f32, one per batch element). Where [`Linear::folds_gate`], the gate
     /// rides in the fp8 GEMM's scales and bias and the residual is its C; otherwise the GEMM then
     /// the fused gated add.
-    pub fn forward_gated(&self, x: &Tensor, gate: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    pub fn forward_gated(&self, x: &Tensor, gate: &Gate, residual: &Tensor) -> Result<Tensor> {
         self.forward_gated_input(&Input::Tensor(x.clone()), gate, residual)
     }
 
@@ -798,10 +878,42 @@ mod tests {
         let l = Linear::Dense(candle_nn::Linear::new(draw(&[6, 8]), Some(draw(&[6]))));
         let (x, gate, residual) = (draw(&[2, 3, 8]), draw(&[2, 6]), draw(&[2, 3, 6]));
         assert!(!l.folds_gate(&x, &gate));
-        let got = l.forward_gated(&x, &gate, &residual).unwrap();
+        let got = l.forward_gated(&x, &Gate::from(&gate), &residual).unwrap();
         let want = (&residual + l.forward(&x).unwrap().broadcast_mul(&gate.unsqueeze(1).unwrap()).unwrap()).unwrap();
         let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(d <= 1e-5, "max difference {d}");
+    }
+
+    /// A block's modulation on the CPU: the projection's output as f32 in `n` chunks, each gate
+    /// the chunk it names (no folds off the GPU), and a width that does not split into `n` or a
+    /// gate past the last chunk refused.
+    #[test]
+    fn modulation_is_the_projection_in_f32_chunks() {
+        let mut rng = crate::rng::Rng::new(11);
+        let mut draw = |shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            Tensor::from_vec((0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
+        };
+        let proj = Linear::Dense(candle_nn::Linear::new(
+            draw(&[12, 5]).to_dtype(DType::BF16).unwrap(),
+            Some(draw(&[12]).to_dtype(DType::BF16).unwrap()),
+        ));
+        let gated = Linear::Dense(candle_nn::Linear::new(draw(&[4, 4]), None));
+        let temb = draw(&[1, 5]).to_dtype(DType::BF16).unwrap();
+        let (vecs, gates) = modulation(&proj, &temb, 3, &[(1, &[&gated]), (2, &[])]).unwrap();
+        let want = proj.forward(&temb).unwrap().to_dtype(DType::F32).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(vecs.len(), 3);
+        for (i, v) in vecs.iter().enumerate() {
+            assert_eq!(v.dtype(), DType::F32);
+            assert_eq!(flat(v), flat(&want.narrow(1, 4 * i, 4).unwrap()));
+        }
+        assert_eq!(gates.len(), 2);
+        assert_eq!(flat(&gates[0].vec), flat(&vecs[1]));
+        assert_eq!(flat(&gates[1].vec), flat(&vecs[2]));
+        assert_eq!(gates[0].fold_count(), 0);
+        assert!(modulation(&proj, &temb, 5, &[]).is_err());
+        assert!(modulation(&proj, &temb, 3, &[(3, &[])]).is_err());
     }
 
     /// Layers that do not read E4M3 get the normalized tensor itself, and a layer reads either

@@ -4,11 +4,11 @@
 //! and every offset in bytes, so every element type moves bit-exactly.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice};
 use candle_core::{DType, Layout, Result};
 
-use super::{function_in, wrap, Kernels};
+use super::{address, function_in, wrap, Kernels};
 
 /// Threads per block and the most blocks of the grid-stride copies.
 const THREADS: u32 = 256;
@@ -31,19 +31,6 @@ fn elem_bytes(d: DType) -> Result<usize> {
         DType::F32 => Ok(4),
         d => candle_core::bail!("sequence-parallel exchange takes bf16, f16 or f32, found {d:?}"),
     }
-}
-
-/// Device address of element `offset` of `s`.
-fn address(s: &CudaStorage, offset: usize) -> Result<u64> {
-    let stream = s.device.cuda_stream();
-    let (base, es) = match &s.slice {
-        CudaStorageSlice::BF16(x) => (x.device_ptr(&stream).0, 2),
-        CudaStorageSlice::F16(x) => (x.device_ptr(&stream).0, 2),
-        CudaStorageSlice::F32(x) => (x.device_ptr(&stream).0, 4),
-        CudaStorageSlice::U32(x) => (x.device_ptr(&stream).0, 4),
-        _ => candle_core::bail!("sequence-parallel exchange: unexpected storage {:?}", s.dtype()),
-    };
-    Ok(base + (offset * es) as u64)
 }
 
 /// An uninitialized buffer of `n` elements of `dtype` (every kernel below writes all of it).

@@ -535,3 +535,140 @@ pub fn gate_fold(scale: &Tensor, bias: Option<&Tensor>, gate: &Tensor) -> Result
     let st = CudaStorage { slice: CudaStorageSlice::F32(s_out), device: dev.clone() };
     Ok((Tensor::from_storage(candle_core::Storage::Cuda(st), n, none(), false), b_out))
 }
+
+/// Fold jobs per `mod_finish` launch (`kModJobs` in kernels/fp8.cu).
+const MOD_JOBS: usize = 4;
+
+/// A layer's folded per-row weight scales and bias (none without one).
+pub type ScaleBias = (Tensor, Option<Tensor>);
+
+/// One fold of [`modulation_finish`]: an fp8 layer's per-row weight scales (`[n]` f32) and bias
+/// (`[n]`, the modulation's dtype), and where the gate's `n` values start in the modulation output.
+pub struct FoldJob<'a> {
+    pub scale: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub gate: usize,
+}
+
+/// kernels/fp8.cu `FoldJob` (pointers as device addresses; 0 is null).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct FoldJobArg {
+    sw: u64,
+    b: u64,
+    sw_out: u64,
+    b_out: u64,
+    gate: i64,
+    n: i32,
+    _pad: i32,
+}
+
+/// kernels/fp8.cu `ModJobs`, passed by value.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct ModJobsArg {
+    job: [FoldJobArg; MOD_JOBS],
+    count: i32,
+    _pad: i32,
+}
+
+// SAFETY: plain `repr(C)` integers laid out as the kernel's structs (8-byte fields first, explicit
+// tail padding).
+unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for ModJobsArg {}
+
+/// A block's modulation projection output `modv` (bf16, f16 or f32, contiguous) as f32, and each
+/// job's gate folded into its layer's scales and bias exactly as [`gate_fold`] does, in one launch
+/// per [`MOD_JOBS`] jobs instead of a cast and a launch per fold. The folded pairs come back in
+/// the jobs' order.
+pub fn modulation_finish(modv: &Tensor, jobs: &[FoldJob]) -> Result<(Tensor, Vec<ScaleBias>)> {
+    let dtype = modv.dtype();
+    let suffix = match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        DType::F32 => "f32",
+        d => candle_core::bail!("modulation_finish: a {d:?} modulation; expected bf16, f16 or f32"),
+    };
+    let modv = modv.contiguous()?;
+    let len = modv.elem_count();
+    if dtype == DType::F32 && jobs.is_empty() {
+        return Ok((modv, Vec::new()));
+    }
+    for j in jobs {
+        let n = j.scale.elem_count();
+        let bias_ok = j.bias.is_none_or(|b| b.dtype() == dtype && b.elem_count() == n);
+        if j.scale.dtype() != DType::F32 || !bias_ok || j.gate + n > len {
+            candle_core::bail!(
+                "modulation_finish: a fold of {n} {:?} scales (bias {:?}) from modulation value {} of {len} {dtype:?}",
+                j.scale.dtype(),
+                j.bias.map(|b| (b.dims().to_vec(), b.dtype())),
+                j.gate
+            );
+        }
+    }
+    let candle_core::Device::Cuda(dev) = modv.device() else {
+        candle_core::bail!("modulation_finish: GPU tensors only")
+    };
+    let dev = dev.clone();
+    let stream = dev.cuda_stream();
+    let f = function_in(&dev, Kernels::Fp8, &format!("mod_finish_{suffix}"))?;
+    // Address and length of a contiguous GPU tensor the caller keeps alive past the launch.
+    let cuda = |t: &Tensor| -> Result<(u64, usize)> {
+        if !t.is_contiguous() {
+            candle_core::bail!("modulation_finish: a strided {:?} tensor; expected a contiguous one", t.dims());
+        }
+        let (st, l) = t.storage_and_layout();
+        let candle_core::Storage::Cuda(c) = &*st else { candle_core::bail!("modulation_finish: GPU tensors only") };
+        Ok((super::address(c, l.start_offset())?, t.elem_count()))
+    };
+    // Outputs the kernel writes whole (part 0 the f32 copy, part 1 + j job j's n values).
+    let uninit = |d: DType, n: usize| -> Result<Tensor> {
+        // SAFETY: the launch below writes every element.
+        let slice = unsafe {
+            match d {
+                DType::F32 => CudaStorageSlice::F32(stream.alloc(n).map_err(wrap("alloc"))?),
+                DType::BF16 => CudaStorageSlice::BF16(stream.alloc(n).map_err(wrap("alloc"))?),
+                _ => CudaStorageSlice::F16(stream.alloc(n).map_err(wrap("alloc"))?),
+            }
+        };
+        let st = CudaStorage { slice, device: dev.clone() };
+        Ok(Tensor::from_storage(candle_core::Storage::Cuda(st), n, candle_core::op::BackpropOp::none(), false))
+    };
+    // The f32 copy (none needed for an f32 modulation).
+    let out = if dtype == DType::F32 { modv.clone() } else { uninit(DType::F32, len)?.reshape(modv.shape())? };
+    let (mod_ptr, _) = cuda(&modv)?;
+    let out_ptr = if dtype == DType::F32 { 0 } else { cuda(&out)?.0 };
+    let mut folded = Vec::with_capacity(jobs.len());
+    let groups: Vec<&[FoldJob]> = if jobs.is_empty() { vec![&[]] } else { jobs.chunks(MOD_JOBS).collect() };
+    for (i, group) in groups.into_iter().enumerate() {
+        let mut arg = ModJobsArg { count: group.len() as i32, ..Default::default() };
+        let mut widest = if i == 0 { len } else { 0 };
+        for (slot, j) in arg.job.iter_mut().zip(group) {
+            let (sw, n) = cuda(j.scale)?;
+            let sw_out = uninit(DType::F32, n)?;
+            let b_out = j.bias.map(|_| uninit(dtype, n)).transpose()?;
+            *slot = FoldJobArg {
+                sw,
+                b: j.bias.map(|b| cuda(b).map(|p| p.0)).transpose()?.unwrap_or(0),
+                sw_out: cuda(&sw_out)?.0,
+                b_out: b_out.as_ref().map(|b| cuda(b).map(|p| p.0)).transpose()?.unwrap_or(0),
+                gate: j.gate as i64,
+                n: n as i32,
+                _pad: 0,
+            };
+            widest = widest.max(n);
+            folded.push((sw_out, b_out));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (widest.div_ceil(ROW_THREADS as usize).max(1) as u32, 1 + group.len() as u32, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (out_i, len_i) = (if i == 0 { out_ptr } else { 0u64 }, len as i64);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mod_ptr).arg(&out_i).arg(&len_i).arg(&arg);
+        // SAFETY: every address points into a live tensor of the stated length and dtype (checked
+        // above); part 0 writes out[0..len], part 1 + j job j's n scales and biases.
+        unsafe { b.launch(cfg) }.map_err(wrap("mod_finish"))?;
+    }
+    Ok((out, folded))
+}

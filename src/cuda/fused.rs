@@ -297,6 +297,13 @@ fn qk_rows_per_warp() -> usize {
         _ => QK_ROWS_PER_WARP,
     })
 }
+/// Whether `qk_norm_rope` may take eight 16-bit values per lane (half a warp per row group);
+/// `CANDIFF_QK_LANE8=0` keeps four per lane (a warp per row group), for A/B measurements.
+fn qk_lane8() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("CANDIFF_QK_LANE8").as_deref() != Ok("0"))
+}
+
 /// (mul, shift) of the fast divisions of `qk_norm_rope`'s row index by the head count, the
 /// sequence length and the heads per piece (kernels/fused.cu `QkDivs`, passed by value).
 #[repr(C)]
@@ -347,9 +354,7 @@ pub fn qk_norm_rope(
         (false, false) => 0,
         (true, false) => candle_core::bail!("qk_norm_rope: the norm runs only with RoPE"),
     };
-    let name = format!("qk_norm_rope_{}", suffix(dtype)?);
     let dev = x.device.clone();
-    let f = function_in(&dev, Kernels::Fused, &name)?;
     let stream = dev.cuda_stream();
     let rows = b * s * h;
     if rows >= QK_MAX_ROWS {
@@ -374,8 +379,22 @@ pub fn qk_norm_rope(
     let per_warp =
         if vec4 { [4, 2, 1].into_iter().find(|&r| r <= most && h.is_multiple_of(r)).unwrap_or(1) } else { 1 };
     let vec_rows = if vec4 { per_warp as i32 } else { 0 };
+    // Eight per lane, half a warp per row group, where 16-bit values keep every offset 16-byte
+    // aligned (cos / sin rows too).
+    let eight = |v: usize| v.is_multiple_of(8);
+    let lane8 = vec4
+        && qk_lane8()
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && [src.start, src.sb, src.ss, src.sh, dst.start, dst.yb, dst.ys, dst.yp].into_iter().all(eight)
+        && w.is_none_or(|(_, wl)| eight(wl.start_offset()))
+        && rope.is_none_or(|((_, cl), (_, sl))| {
+            cl.start_offset().is_multiple_of(4) && sl.start_offset().is_multiple_of(4)
+        });
+    let groups_per_warp = if lane8 { 2 } else { 1 };
     let warps_per_block = (QK_THREADS / 32) as u64;
-    let blocks = (rows.div_ceil(per_warp) as u64).div_ceil(warps_per_block).max(1) as u32;
+    let blocks = (rows.div_ceil(per_warp * groups_per_warp) as u64).div_ceil(warps_per_block).max(1) as u32;
+    let name = format!("qk_norm_rope{}_{}", if lane8 { "8" } else { "" }, suffix(dtype)?);
+    let f = function_in(&dev, Kernels::Fused, &name)?;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (QK_THREADS, 1, 1), shared_mem_bytes: 0 };
     macro_rules! go {
         ($t:ty, $yv:ident) => {{

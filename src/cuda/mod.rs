@@ -287,6 +287,20 @@ fn view<'a, T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
 }
 
+/// Device address of element `offset` of `s` (bf16, f16, f32 or u32 storage): for kernels that
+/// take pointers inside a struct argument or at an offset the launch builder cannot express.
+pub(crate) fn address(s: &CudaStorage, offset: usize) -> Result<u64> {
+    let stream = s.device.cuda_stream();
+    let (base, es) = match &s.slice {
+        CudaStorageSlice::BF16(x) => (x.device_ptr(&stream).0, 2),
+        CudaStorageSlice::F16(x) => (x.device_ptr(&stream).0, 2),
+        CudaStorageSlice::F32(x) => (x.device_ptr(&stream).0, 4),
+        CudaStorageSlice::U32(x) => (x.device_ptr(&stream).0, 4),
+        _ => candle_core::bail!("a device address of {:?} storage: expected bf16, f16, f32 or u32", s.dtype()),
+    };
+    Ok(base + (offset * es) as u64)
+}
+
 /// Alignment in bytes of every fresh device allocation, which the GEMM kernels may rely on for x.
 const ALLOC_ALIGN_BYTES: usize = 256;
 
@@ -481,12 +495,11 @@ pub fn parts_in_gemm(op: &Nvfp4Matmul, first: &candle_core::Tensor, second: &can
     Ok(fits(first)? && fits(second)? && epilogue_in_gemm(op, first, None)? && rows(first) > tiling::SM90_GEMV_MAX_M)
 }
 
-/// Whether `act(x W^T + b)` of this W4A16 layer runs as one GEMM with the bias and activation in
-/// its epilogue on this device: the trtllm variant's sm90 GEMM (M above the GEMV's), with the bias
+/// Whether `act(x W^T + b)` of this W4A16 layer runs as one kernel with the bias and activation in
+/// its epilogue on this device: the trtllm variant's sm90 GEMM or GEMV (M <= 16), with the bias
 /// in the output's dtype (x's, bf16 for bf16 input). Else the caller adds them in a pass after.
 pub fn epilogue_in_gemm(op: &Nvfp4Matmul, x: &candle_core::Tensor, bias: Option<&candle_core::Tensor>) -> Result<bool> {
     let candle_core::Device::Cuda(dev) = x.device() else { return Ok(false) };
-    let m = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
     let out_dtype = match x.dtype() {
         DType::F32 | DType::F16 => x.dtype(),
         _ => DType::BF16,
@@ -495,7 +508,6 @@ pub fn epilogue_in_gemm(op: &Nvfp4Matmul, x: &candle_core::Tensor, bias: Option<
     Ok(op.backend == Backend::Trtllm
         && op.mode == ActMode::W4A16
         && op.kind == LayoutKind::Trtllm
-        && m > tiling::SM90_GEMV_MAX_M
         && bias_fits
         && use_wgmma(dev, op.k)?)
 }
@@ -585,9 +597,7 @@ pub fn nvfp4_linear_fwd(
         if m > tiling::SM90_GEMV_MAX_M {
             return Ok((sm90_gemm(&call, epi)?, Shape::from(out_dims)));
         }
-        if epi.is_none() {
-            return Ok((sm90_gemv(&call)?, Shape::from(out_dims)));
-        }
+        return Ok((sm90_gemv(&call, epi)?, Shape::from(out_dims)));
     }
     if epi.is_some() {
         candle_core::bail!("nvfp4 linear: a fused bias/activation epilogue asked of a kernel without one (M = {m})");
@@ -749,8 +759,9 @@ fn check_sm90_weight(call: &GemmCall, what: &str) -> Result<()> {
 }
 
 /// The trtllm variant on Hopper for M <= `GEMV_MAX_M`: tensor-core GEMV, one 128-row tile per CTA
-/// or per cluster of CTAs that split K (kernels/nvfp4_sm90.cu `gemv_sm90`).
-fn sm90_gemv(call: &GemmCall) -> Result<CudaStorage> {
+/// or per cluster of CTAs that split K (kernels/nvfp4_sm90.cu `gemv_sm90`), with the GEMM's bias
+/// and GELU epilogue (a two-part input is the GEMM's alone: [`parts_in_gemm`]).
+fn sm90_gemv(call: &GemmCall, epi: Option<&Epilogue>) -> Result<CudaStorage> {
     check_sm90_weight(call, "nvfp4 sm90 gemv")?;
     let GemmCall { op, dev, m, .. } = *call;
     // n8 token tiles of the mma: one up to 8 tokens, two up to 16.
@@ -763,9 +774,31 @@ fn sm90_gemv(call: &GemmCall) -> Result<CudaStorage> {
         block_dim: (SM90_GEMV_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    launch_gemm(call, cfg, "nvfp4 sm90 gemv", |suffix| {
-        function_in(dev, Kernels::Sm90, &format!("nvfp4_gemv_sm90_nt{tiles}_s{split}_{suffix}"))
-    })
+    if epi.is_some_and(|e| e.second.is_some()) {
+        candle_core::bail!("nvfp4 sm90 gemv: an input in two parts (M = {m}); only the GEMM reads one");
+    }
+    let stream = dev.cuda_stream();
+    let (mut y, suffix) = gemm_output(call)?;
+    let f = function_in(dev, Kernels::Sm90, &format!("nvfp4_gemv_sm90_nt{tiles}_s{split}_{suffix}"))?;
+    let args = GemmArgs::of(call);
+    let bias = epi.and_then(|e| e.bias).map(|(b, l)| BiasView::of(b, l, call.out_dtype)).transpose()?;
+    let bias_len = bias.as_ref().map_or(0, BiasView::len) as i32;
+    let gelu_from = gelu_from_arg(epi);
+    let null = 0u64;
+    {
+        let mut b = stream.launch_builder(&f);
+        args.push(&mut b, call, &mut y)?;
+        BiasView::push(&mut b, bias.as_ref(), &null);
+        b.arg(&bias_len).arg(&gelu_from);
+        // SAFETY: argument types match the kernel's signature; it writes every element of y.
+        unsafe { b.launch(cfg) }.map_err(wrap("nvfp4 sm90 gemv"))?;
+    }
+    Ok(CudaStorage { slice: y, device: dev.clone() })
+}
+
+/// The epilogues' `gelu_from` argument: features from it on are activated (i32::MAX: none).
+fn gelu_from_arg(epi: Option<&Epilogue>) -> i32 {
+    epi.and_then(|e| e.gelu_from).map_or(i32::MAX, |f| f.min(i32::MAX as usize) as i32)
 }
 
 /// CTAs per 128-row tile of the GEMV (its K split, a compiled cluster size): the fewest that give
@@ -864,8 +897,7 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
     let args = GemmArgs::of(call);
     let bias = epi.and_then(|e| e.bias).map(|(b, l)| BiasView::of(b, l, call.out_dtype)).transpose()?;
     let bias_len = bias.as_ref().map_or(0, BiasView::len) as i32;
-    // Features from gelu_from on are activated (i32::MAX: none).
-    let gelu_from = epi.and_then(|e| e.gelu_from).map_or(i32::MAX, |f| f.min(i32::MAX as usize) as i32);
+    let gelu_from = gelu_from_arg(epi);
     let (ldx, ldx2, k_split) = (input.ldx as i32, input.ldx2 as i32, input.k_split as i32);
     let null = 0u64;
     for (tile0, ctas, splits) in [(0, whole, 1), (whole, tail * parts, parts)] {

@@ -392,6 +392,16 @@ impl CustomOp3 for Nvfp4LinearAct<'_> {
     }
 }
 
+/// A gate folded into an fp8 layer ([`Nvfp4Linear::fold_parts`]): its weight scales times the gate
+/// and its bias times the gate, and the scale and bias tensors they came from (which layer they
+/// belong to: the two parts of a split projection share their scales, only one has the bias).
+#[derive(Debug, Clone)]
+pub struct Folded {
+    pub of: (candle_core::TensorId, Option<candle_core::TensorId>),
+    pub scale: Tensor,
+    pub bias: Option<Tensor>,
+}
+
 /// A linear layer with an NVFP4 weight in one backend's layout.
 #[derive(Debug, Clone)]
 pub struct Nvfp4Linear {
@@ -580,19 +590,27 @@ impl Nvfp4Linear {
     /// per output feature) folded into the per-row weight scales and the bias and `residual` added
     /// by the GEMM (beta = 1): one GEMM and one tiny launch instead of a GEMM and a gated-add pass
     /// over the output. `None` where the layer's rows are padded (the caller takes the plain path).
+    /// `folded`: the gate's products with this layer's scales and bias made beforehand
+    /// ([`Self::fold_parts`], [`crate::cuda::fp8::modulation_finish`]); `None` folds here.
     #[cfg(feature = "cuda")]
-    pub fn forward_gated_fp8(&self, x: &Tensor, gate: &Tensor, residual: &Tensor) -> Result<Option<Tensor>> {
-        if !self.gate_foldable(gate) {
+    pub fn forward_gated_fp8(
+        &self,
+        x: &Tensor,
+        gate: &Tensor,
+        folded: Option<&Folded>,
+        residual: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        if self.fold_parts(gate.elem_count()).is_none() {
             return Ok(None);
         }
-        self.forward_gated_fp8_act(&crate::cuda::fp8::Fp8Act::quantize(x)?, gate, residual)
+        self.forward_gated_fp8_act(&crate::cuda::fp8::Fp8Act::quantize(x)?, gate, folded, residual)
     }
 
-    /// Whether `gate` can ride in this layer's fp8 row scales: fp8 mode, unpadded rows, one gate
-    /// value per output feature.
-    #[cfg(feature = "cuda")]
-    fn gate_foldable(&self, gate: &Tensor) -> bool {
-        self.op.mode == ActMode::Fp8 && self.op.n == self.n_out && gate.elem_count() == self.n_out
+    /// The per-row weight scales and bias a gate of `n` values rides in, where it can: fp8 mode,
+    /// unpadded rows, one gate value per output feature.
+    pub fn fold_parts(&self, n: usize) -> Option<(&Tensor, Option<&Tensor>)> {
+        (self.op.mode == ActMode::Fp8 && self.op.n == self.n_out && n == self.n_out)
+            .then_some((&self.scale, self.bias.as_ref()))
     }
 
     /// [`Self::forward_gated_fp8`] on activations quantized beforehand.
@@ -601,27 +619,28 @@ impl Nvfp4Linear {
         &self,
         x: &crate::cuda::fp8::Fp8Act,
         gate: &Tensor,
+        folded: Option<&Folded>,
         residual: &Tensor,
     ) -> Result<Option<Tensor>> {
-        if !self.gate_foldable(gate) {
+        if self.fold_parts(gate.elem_count()).is_none() {
             return Ok(None);
         }
         let residual = residual.to_dtype(x.dtype)?;
-        let (scale, bias) = crate::cuda::fp8::gate_fold(&self.scale, self.bias.as_ref(), gate)?;
-        let (y, applied) = crate::cuda::fp8::linear_act_with_epilogue(
-            &self.op,
-            x,
-            &self.weight,
-            &scale,
-            bias.as_ref(),
-            false,
-            Some(&residual),
-        )?;
+        let here;
+        let (scale, bias) = match folded {
+            Some(f) => (&f.scale, f.bias.as_ref()),
+            None => {
+                here = crate::cuda::fp8::gate_fold(&self.scale, self.bias.as_ref(), gate)?;
+                (&here.0, here.1.as_ref())
+            }
+        };
+        let (y, applied) =
+            crate::cuda::fp8::linear_act_with_epilogue(&self.op, x, &self.weight, scale, bias, false, Some(&residual))?;
         if applied {
             return Ok(Some(y));
         }
         // No scaled GEMM in this cuBLASLt: y holds gate ⊙ x W^T already; bias and residual after.
-        let y = match &bias {
+        let y = match bias {
             Some(b) => crate::models::fused::bias_act(&y, b, false)?,
             None => y,
         };
@@ -802,6 +821,7 @@ impl Nvfp4Linear {
             && c > 0
             && c < self.op.k
             && c.is_multiple_of(crate::nvfp4::tiling::SM90_K_TILE)
+            && like.elem_count() / like.dim(candle_core::D::Minus1)?.max(1) > crate::nvfp4::tiling::SM90_GEMV_MAX_M
         {
             return crate::cuda::epilogue_in_gemm(&self.op, like, self.bias.as_ref());
         }

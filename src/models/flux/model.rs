@@ -9,7 +9,7 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 
 use super::config::FluxConfig;
-use crate::linear::{Input, Linear, WeightBuilder};
+use crate::linear::{modulation, Gate, Input, Linear, WeightBuilder};
 use crate::models::fused::{cat_act, gated_add, ln_modulate, MlpAct};
 use crate::models::ops::{attention, merge_heads, rope_tables, timestep_embedding, RmsNorm};
 use crate::parallel::pack::{QkvPack, Slot};
@@ -193,12 +193,6 @@ pub(crate) fn start_joint_attention<'a>(
     attend_packed_start(sp, pack.finish()?)
 }
 
-/// A block's `n` modulation vectors from silu(temb): one projection, converted to f32 once (the
-/// fused ops read f32 shift / scale / gate; per-vector conversions would each be a kernel).
-fn modulation(layer: &Linear, temb_act: &Tensor, n: usize) -> Result<Vec<Tensor>> {
-    chunks(&layer.forward(temb_act)?.to_dtype(DType::F32)?, n)
-}
-
 /// The output projection of a parallel (single-stream) block, applied to `cat(o, act(mlp))`.
 /// Split along its inputs where that pays (a dense half-precision or fp8-mode layer on a GPU,
 /// [`Linear::split_inputs`]): the MLP part's GEMM runs while the attention output travels back
@@ -227,6 +221,15 @@ impl OutProj {
         }
     }
 
+    /// The layers a gate of [`OutProj::forward_gated`] may fold into (a split projection's two
+    /// parts; a whole one takes the gated-add pass), for [`crate::linear::modulation`].
+    pub(crate) fn gated_layers(&self) -> Vec<&Linear> {
+        match self {
+            OutProj::Split { o, mlp } => vec![o, mlp],
+            OutProj::Whole(_) => Vec::new(),
+        }
+    }
+
     /// Whether [`OutProj::forward_gated`] folds `gate` into its GEMMs (both parts of a split
     /// projection fold it; `x`: any tensor on the activations' device).
     pub(crate) fn folds_gate(&self, x: &Tensor, gate: &Tensor) -> bool {
@@ -242,18 +245,18 @@ impl OutProj {
         mlp: &Tensor,
         act: MlpAct,
         activated: bool,
-        gate: &Tensor,
+        gate: &Gate,
         residual: &Tensor,
     ) -> Result<Tensor> {
         if let OutProj::Split { o: wo, mlp: wm } = self {
-            if self.folds_gate(mlp, gate) {
+            if self.folds_gate(mlp, &gate.vec) {
                 let a = if activated { mlp.clone() } else { cat_act(None, mlp, act)? };
                 let y = wm.forward_gated(&a, gate, residual)?;
                 let o = merge_heads(&returning.wait()?)?;
                 return wo.forward_gated(&o, gate, &y);
             }
         }
-        gated_add(residual, &self.forward(returning, mlp, act, activated)?, gate)
+        gated_add(residual, &self.forward(returning, mlp, act, activated)?, &gate.vec)
     }
 
     /// `W cat(o, act(mlp))` with `o` from `returning` (`[B, H, S, D]`); `mlp` has its activation
@@ -380,8 +383,10 @@ impl DoubleBlock {
         rope: &(Tensor, Tensor),
         sp: Option<&SeqParallel>,
     ) -> Result<(Tensor, Tensor)> {
-        let m = modulation(&self.norm1, temb_act, 6)?;
-        let c = modulation(&self.norm1_context, temb_act, 6)?;
+        // Gates 2 and 5 multiply the attention and MLP outputs (folded into fp8 layers' GEMMs).
+        let (m, mg) = modulation(&self.norm1, temb_act, 6, &[(2, &[&self.to_out]), (5, &[&self.ff.1])])?;
+        let (c, cg) =
+            modulation(&self.norm1_context, temb_act, 6, &[(2, &[&self.to_add_out]), (5, &[&self.ff_context.1])])?;
         // Normalized inputs straight to E4M3 where every reader is an fp8 layer (Input::ln_modulate).
         let img_n = Input::ln_modulate(img, &m[0], &m[1], EPS, &self.qkv.layers())?;
         let txt_n = Input::ln_modulate(txt, &c[0], &c[1], EPS, &self.add_qkv.layers())?;
@@ -416,13 +421,13 @@ impl DoubleBlock {
         let o_img = o.narrow(1, s_txt, o.dim(1)? - s_txt)?;
 
         // Gated residuals: in the GEMMs' epilogues where the layers allow (Linear::forward_gated).
-        let img = self.to_out.forward_gated(&o_img, &m[2], img)?;
+        let img = self.to_out.forward_gated(&o_img, &mg[0], img)?;
         let img_n = Input::ln_modulate(&img, &m[3], &m[4], EPS, &[&self.ff.0])?;
-        let img = self.ff.1.forward_gated(&self.ff.0.forward_gelu_input(&img_n)?, &m[5], &img)?;
+        let img = self.ff.1.forward_gated(&self.ff.0.forward_gelu_input(&img_n)?, &mg[1], &img)?;
 
-        let txt = self.to_add_out.forward_gated(&o_txt, &c[2], txt)?;
+        let txt = self.to_add_out.forward_gated(&o_txt, &cg[0], txt)?;
         let txt_n = Input::ln_modulate(&txt, &c[3], &c[4], EPS, &[&self.ff_context.0])?;
-        let txt = self.ff_context.1.forward_gated(&self.ff_context.0.forward_gelu_input(&txt_n)?, &c[5], &txt)?;
+        let txt = self.ff_context.1.forward_gated(&self.ff_context.0.forward_gelu_input(&txt_n)?, &cg[1], &txt)?;
         Ok((img, txt))
     }
 }
@@ -487,7 +492,7 @@ impl SingleBlock {
         rope: &(Tensor, Tensor),
         sp: Option<&SeqParallel>,
     ) -> Result<Tensor> {
-        let m = modulation(&self.norm, temb_act, 3)?;
+        let (m, g) = modulation(&self.norm, temb_act, 3, &[(2, &self.proj_out.gated_layers())])?;
         // One normalized input for q, k, v and the MLP projection (quantized once in fp8 mode).
         let mut readers = self.qkv.layers();
         readers.extend(self.proj_mlp.as_ref());
@@ -541,7 +546,7 @@ impl SingleBlock {
             None => (p[3].clone(), fused_act),
         };
         let returning = attending.finish_start(attention)?;
-        self.proj_out.forward_gated(returning, &mlp, MlpAct::GeluTanh, activated, &m[2], x)
+        self.proj_out.forward_gated(returning, &mlp, MlpAct::GeluTanh, activated, &g[0], x)
     }
 }
 
@@ -689,7 +694,7 @@ impl FluxTransformer {
             x = b.forward(&x, &temb_act, &rope, sp)?;
         }
         let img = x.narrow(1, s_txt, x.dim(1)? - s_txt)?;
-        let mods = modulation(&self.norm_out, &temb_act, 2)?;
+        let (mods, _) = modulation(&self.norm_out, &temb_act, 2, &[])?;
         let (shift, scale) = match self.naming {
             Naming::Diffusers => (&mods[1], &mods[0]),
             Naming::Bfl => (&mods[0], &mods[1]),

@@ -13,7 +13,7 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 
 use super::config::Flux2Config;
-use crate::linear::{Linear, WeightBuilder};
+use crate::linear::{Gate, Linear, WeightBuilder};
 use crate::models::flux::model::{
     chunks, heads_view, split_rope, start_joint_attention, Embedder, OutProj, Proj, StreamQkv,
 };
@@ -153,9 +153,9 @@ impl DoubleBlock {
         let o_img = o.narrow(1, s_txt, o.dim(1)? - s_txt)?;
 
         let run = |s: &Stream, x: &Tensor, o: &Tensor, m: &[Tensor]| -> Result<Tensor> {
-            let x = s.out.forward_gated(o, &m[2], x)?;
+            let x = s.out.forward_gated(o, &Gate::from(&m[2]), x)?;
             let xn = ln_modulate(&x, &m[3], &m[4], eps)?;
-            s.mlp_out.forward_gated(&swiglu(&s.mlp_in.forward(&xn)?)?, &m[5], &x)
+            s.mlp_out.forward_gated(&swiglu(&s.mlp_in.forward(&xn)?)?, &Gate::from(&m[5]), &x)
         };
         Ok((run(&self.img, img, &o_img, m)?, run(&self.txt, txt, &o_txt, c)?))
     }
@@ -219,7 +219,7 @@ impl SingleBlock {
         // cat(attention, swiglu(mlp)) through the output projection, reading the projection's MLP
         // columns in place.
         let mlp = p.narrow(D::Minus1, 3 * dim, p.dim(D::Minus1)? - 3 * dim)?;
-        self.to_out.forward_gated(returning, &mlp, MlpAct::SwiGlu, false, &m[2], x)
+        self.to_out.forward_gated(returning, &mlp, MlpAct::SwiGlu, false, &Gate::from(&m[2]), x)
     }
 }
 

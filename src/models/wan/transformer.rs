@@ -7,7 +7,7 @@
 use candle_core::{DType, DeviceLocation, Module, Result, Tensor};
 
 use super::config::WanConfig;
-use crate::linear::{Input, Linear, WeightBuilder};
+use crate::linear::{Gate, Input, Linear, WeightBuilder};
 use crate::models::fused::rms_rope;
 use crate::models::ops::{attention, gelu_tanh, heads, merge_heads, rope_tables, timestep_embedding, RmsNorm};
 use crate::parallel::{attend, Group, SeqParallel};
@@ -93,7 +93,7 @@ impl Attention {
             }
         };
         match residual {
-            Residual::Gated { gate, x } => self.to_out.forward_gated_input(&o, gate, x),
+            Residual::Gated { gate, x } => self.to_out.forward_gated_input(&o, &Gate::from(gate), x),
             Residual::Add(x) => self.to_out.forward_acc_input(&o, x),
         }
     }
@@ -260,7 +260,7 @@ impl Block {
         let x = self.attn2.forward(&h, Some(ctx), None, None, Residual::Add(&x))?;
 
         let h = Input::ln_modulate(&x, &c_shift, &c_scale, self.eps, &[&self.ffn_in])?;
-        self.ffn_out.forward_gated(&self.ffn_in.forward_gelu_input(&h)?, &c_gate, &x)
+        self.ffn_out.forward_gated(&self.ffn_in.forward_gelu_input(&h)?, &Gate::from(&c_gate), &x)
     }
 }
 
