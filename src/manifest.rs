@@ -12,6 +12,7 @@ const BUILTIN: &[(&str, &str)] = &[
     ("flux.1-dev-nvfp4.toml", include_str!("../models/flux.1-dev-nvfp4.toml")),
     ("flux.1-tiny.toml", include_str!("../models/flux.1-tiny.toml")),
     ("flux.1-dev-random.toml", include_str!("../models/flux.1-dev-random.toml")),
+    ("flux.1-dev-nvfp4-random.toml", include_str!("../models/flux.1-dev-nvfp4-random.toml")),
     ("flux.2-dev.toml", include_str!("../models/flux.2-dev.toml")),
     ("flux.2-dev-nvfp4.toml", include_str!("../models/flux.2-dev-nvfp4.toml")),
     ("flux.2-dev-nvfp4-mixed.toml", include_str!("../models/flux.2-dev-nvfp4-mixed.toml")),
@@ -100,6 +101,11 @@ pub struct Manifest {
     /// name (full-size runs of kernels and NVFP4 error without a download; the outputs are noise).
     #[serde(default)]
     pub random_weights: bool,
+    /// With random weights: the transformer's linears whose names contain one of these become
+    /// random NVFP4 layers (the whole pipeline's memory and speed of an NVFP4 checkpoint, no
+    /// download). FLUX.1 only.
+    #[serde(default)]
+    pub random_nvfp4: Vec<String>,
     pub defaults: Defaults,
 }
 
@@ -109,8 +115,16 @@ fn main_rev() -> String {
 
 impl Manifest {
     pub fn parse(text: &str, file: &str) -> CResult<Self> {
-        toml::from_str(text)
-            .map_err(|e| CandiffError::bad_config(file, format!("invalid manifest: {e}"), "Fix the TOML."))
+        let m: Self = toml::from_str(text)
+            .map_err(|e| CandiffError::bad_config(file, format!("invalid manifest: {e}"), "Fix the TOML."))?;
+        if !m.random_nvfp4.is_empty() && (!m.random_weights || m.family != Family::Flux1) {
+            return Err(CandiffError::bad_config(
+                file,
+                "random_nvfp4 is set on a manifest that is not a FLUX.1 one with random_weights = true",
+                "Drop random_nvfp4, or set random_weights = true on a flux1 manifest.",
+            ));
+        }
+        Ok(m)
     }
 
     /// Every built-in manifest.
@@ -163,5 +177,11 @@ mod tests {
         let d = Manifest::find("flux.2-dev-nvfp4-mixed").unwrap();
         assert_eq!(d.scales_from.unwrap().file.as_deref(), Some("flux2-dev-nvfp4.safetensors"));
         assert!(!Manifest::find("flux.2-dev").unwrap().defaults.distilled);
+        let r = Manifest::find("flux.1-dev-nvfp4-random").unwrap();
+        assert!(r.random_weights && r.random_nvfp4 == ["transformer_blocks."]);
+        assert!(Manifest::find("flux.1-dev-random").unwrap().random_nvfp4.is_empty());
+        let bad = "name = \"x\"\ndescription = \"\"\nfamily = \"flux1\"\nrepo = \"r\"\nrandom_nvfp4 = [\"a\"]\n\
+                   [defaults]\nsteps = 1\nguidance = 1.0\nwidth = 16\nheight = 16\nmax_sequence_length = 8\n";
+        assert!(Manifest::parse(bad, "bad.toml").unwrap_err().to_string().contains("random_nvfp4"));
     }
 }

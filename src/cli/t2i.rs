@@ -396,6 +396,7 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
     };
     let mut files = FluxFiles::new(&root, transformer.as_deref());
     files.random_weights = random;
+    files.random_nvfp4 = m.random_nvfp4.clone();
     if let Some(tok) = &m.clip_tokenizer {
         if !files.clip_tokenizer.is_file() {
             files.clip_tokenizer = source_path(tok, "main")?;

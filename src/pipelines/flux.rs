@@ -34,6 +34,9 @@ pub struct FluxFiles {
     pub clip_tokenizer: PathBuf,
     /// Random weights for every component (configs and tokenizers only are read).
     pub random_weights: bool,
+    /// With random weights: the transformer linears made random NVFP4 layers (names containing one
+    /// of these; the manifest's `random_nvfp4`).
+    pub random_nvfp4: Vec<String>,
 }
 
 impl FluxFiles {
@@ -43,7 +46,14 @@ impl FluxFiles {
         let own = if transformer.is_dir() { transformer.join("config.json") } else { PathBuf::new() };
         let transformer_config = if own.is_file() { own } else { base_tr.join("config.json") };
         let clip_tokenizer = root.join("tokenizer/tokenizer.json");
-        Self { root: root.to_path_buf(), transformer, transformer_config, clip_tokenizer, random_weights: false }
+        Self {
+            root: root.to_path_buf(),
+            transformer,
+            transformer_config,
+            clip_tokenizer,
+            random_weights: false,
+            random_nvfp4: Vec::new(),
+        }
     }
 
     /// The weights of component `dir` (`text_encoder`, `vae`, ...).
@@ -168,7 +178,7 @@ impl FluxRun<'_> {
 
         let t1 = Instant::now();
         let (wb, naming) = if self.files.random_weights {
-            (self.opts.random_weights(), crate::models::flux::Naming::Diffusers)
+            (self.opts.random_weights(self.files.random_nvfp4.clone()), crate::models::flux::Naming::Diffusers)
         } else {
             self.opts.transformer_weights(&self.files.transformer)?
         };

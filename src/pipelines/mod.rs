@@ -25,23 +25,94 @@ pub struct RunStats {
     pub text_encoder: Option<String>,
 }
 
-/// Device memory in use, sampled where a pipeline calls [`PeakMemory::sample`]; the largest kept.
-pub(crate) struct PeakMemory(Option<usize>);
+/// Peak device memory of a run: the device's memory in use where a pipeline calls
+/// [`PeakMemory::sample`], and at least what was in use outside the stream-ordered allocator's pool
+/// at the start plus that pool's high-water mark over the run (every tensor comes from the pool, so
+/// this counts the moments between samples too: a text encoder freed before the next sample).
+pub(crate) struct PeakMemory {
+    sampled: Option<usize>,
+    outside_pool: Option<usize>,
+    device: Device,
+}
 
 impl PeakMemory {
     pub(crate) fn start(device: &Device) -> Self {
-        Self(gpu_used(device))
+        let used = gpu_used(device);
+        let pool = pool_reset_high(device);
+        Self { sampled: used, outside_pool: used.zip(pool).map(|(u, p)| u.saturating_sub(p)), device: device.clone() }
     }
 
     pub(crate) fn sample(&mut self, device: &Device) {
-        if let (Some(p), Some(now)) = (self.0.as_mut(), gpu_used(device)) {
+        if let (Some(p), Some(now)) = (self.sampled.as_mut(), gpu_used(device)) {
             *p = (*p).max(now);
         }
     }
 
     pub(crate) fn get(&self) -> Option<usize> {
-        self.0
+        let through_pool = self.outside_pool.zip(pool_high(&self.device)).map(|(o, h)| o + h);
+        match (self.sampled, through_pool) {
+            (Some(s), Some(t)) => Some(s.max(t)),
+            (s, t) => s.or(t),
+        }
     }
+}
+
+/// The default memory pool of `device`'s GPU (where cudarc's stream-ordered allocations come from).
+#[cfg(feature = "cuda")]
+fn default_pool(device: &Device) -> Option<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Device::Cuda(d) = device else { return None };
+    let ctx = d.cuda_stream().context().clone();
+    if !ctx.has_async_alloc() || ctx.bind_to_thread().is_err() {
+        return None;
+    }
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: a valid device ordinal of a live context; the driver writes the pool handle.
+    let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+    (r == sys::CUresult::CUDA_SUCCESS).then_some(pool)
+}
+
+/// Resets the pool's high-water mark to what it holds in use now, and returns that.
+#[cfg(feature = "cuda")]
+fn pool_reset_high(device: &Device) -> Option<usize> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let pool = default_pool(device)?;
+    let mut used = 0u64;
+    let mut zero = 0u64;
+    // SAFETY: u64 attributes of a valid pool; setting USED_MEM_HIGH takes 0 (reset to current).
+    unsafe {
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT;
+        if sys::cuMemPoolGetAttribute(pool, attr, (&mut used as *mut u64).cast()) != sys::CUresult::CUDA_SUCCESS {
+            return None;
+        }
+        let high = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        if sys::cuMemPoolSetAttribute(pool, high, (&mut zero as *mut u64).cast()) != sys::CUresult::CUDA_SUCCESS {
+            return None;
+        }
+    }
+    Some(used as usize)
+}
+
+/// The pool's high-water mark since the last reset.
+#[cfg(feature = "cuda")]
+fn pool_high(device: &Device) -> Option<usize> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let pool = default_pool(device)?;
+    let mut high = 0u64;
+    let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+    // SAFETY: a u64 attribute of a valid pool.
+    let r = unsafe { sys::cuMemPoolGetAttribute(pool, attr, (&mut high as *mut u64).cast()) };
+    (r == sys::CUresult::CUDA_SUCCESS).then_some(high as usize)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn pool_reset_high(_: &Device) -> Option<usize> {
+    None
+}
+
+#[cfg(not(feature = "cuda"))]
+fn pool_high(_: &Device) -> Option<usize> {
+    None
 }
 
 /// Errors unless the image size is a positive multiple of `multiple` pixels on both sides.
@@ -74,9 +145,10 @@ impl<'a> RunOptions<'a> {
         Self { device, world, ..self.clone() }
     }
 
-    /// Random weights drawn per tensor name (`--random-weights`), with the run's hooks.
-    pub(crate) fn random_weights(&self) -> crate::linear::WeightBuilder<'a> {
-        crate::linear::WeightBuilder::synthetic(self.dtype, self.device, Vec::new(), self.nvfp4)
+    /// Random weights drawn per tensor name (`--random-weights`), with the run's hooks; linears
+    /// whose names contain one of `nvfp4_paths` are random NVFP4 layers.
+    pub(crate) fn random_weights(&self, nvfp4_paths: Vec<String>) -> crate::linear::WeightBuilder<'a> {
+        crate::linear::WeightBuilder::synthetic(self.dtype, self.device, nvfp4_paths, self.nvfp4)
             .with_hooks(self.hooks.clone())
     }
 

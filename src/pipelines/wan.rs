@@ -238,7 +238,7 @@ impl WanRun<'_> {
             // Under the expert's folder name: the two experts share module names, and random
             // weights are drawn per name.
             let expert = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-            self.opts.random_weights().pp(expert)
+            self.opts.random_weights(Vec::new()).pp(expert)
         } else {
             self.opts.transformer_weights(dir)?.0
         };
