@@ -234,6 +234,25 @@ struct QkDivs {
     unsigned heads_mul, heads_shift, s_mul, s_shift, hl_mul, hl_shift;
 };
 
+// Head row r = (b * S + s) * H + h of qk_norm_rope split into its batch, token and head.
+struct QkRow {
+    unsigned b;
+    int s, h;
+};
+__device__ __forceinline__ QkRow qk_row(unsigned r, const QkDivs& dv, int heads, int s_len) {
+    const unsigned bs = fastdiv::div(r, dv.heads_mul, dv.heads_shift);
+    const unsigned b = fastdiv::div(bs, dv.s_mul, dv.s_shift);
+    return {b, static_cast<int>(bs - b * s_len), static_cast<int>(r - bs * heads)};
+}
+
+// Where head h of (b, s) goes: (h / hl) * yp + b * yb + s * ys + (h % hl) * d.
+template <typename T>
+__device__ __forceinline__ T* qk_out(T* y, unsigned b, int s, int h, const QkDivs& dv, int hl, long long yb,
+                                     long long ys, long long yp, int d) {
+    const unsigned piece = fastdiv::div(h, dv.hl_mul, dv.hl_shift);
+    return y + (long long)piece * yp + b * yb + s * ys + (long long)(h - piece * hl) * d;
+}
+
 // Four consecutive elements of T in one load / store.
 template <typename T>
 struct alignas(4 * sizeof(T)) Four {
@@ -274,10 +293,7 @@ __device__ __forceinline__ void qk_norm_rope_rows4(const T* __restrict__ x, long
                                                    const float* __restrict__ sin, T* __restrict__ y, long long yb,
                                                    long long ys, long long yp, int hl, int s_len, int heads, int d,
                                                    unsigned row0, const QkDivs& dv, float eps, int mode, int lane) {
-    const unsigned bs = fastdiv::div(row0, dv.heads_mul, dv.heads_shift);
-    const int h0 = row0 - bs * heads;
-    const unsigned b = fastdiv::div(bs, dv.s_mul, dv.s_shift);
-    const int s = bs - b * s_len;
+    const auto [b, s, h0] = qk_row(row0, dv, heads, s_len);
     const T* xr = x + b * sb + s * ss;
     Four<T> in[R];
 #pragma unroll
@@ -291,9 +307,7 @@ __device__ __forceinline__ void qk_norm_rope_rows4(const T* __restrict__ x, long
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-        const int h = h0 + r;
-        const unsigned piece = fastdiv::div(h, dv.hl_mul, dv.hl_shift);
-        T* yr = y + (long long)piece * yp + b * yb + s * ys + (long long)(h - piece * hl) * d;
+        T* yr = qk_out(y, b, s, h0 + r, dv, hl, yb, ys, yp, d);
         reinterpret_cast<Four<T>*>(yr)[lane] = qk_norm_rope_four<T>(in[r], wv, c, sn, d, eps, mode);
     }
 }
@@ -318,10 +332,7 @@ __device__ __forceinline__ void qk_norm_rope_rows8(const T* __restrict__ x, long
     // have returned already (past the last row).
     const unsigned half_mask = 0xffffu << (lane & 16);
     const int l16 = lane % 16;
-    const unsigned bs = fastdiv::div(row0, dv.heads_mul, dv.heads_shift);
-    const int h0 = row0 - bs * heads;
-    const unsigned b = fastdiv::div(bs, dv.s_mul, dv.s_shift);
-    const int s = bs - b * s_len;
+    const auto [b, s, h0] = qk_row(row0, dv, heads, s_len);
     const T* xr = x + b * sb + s * ss;
     Eight<T> in[R];
 #pragma unroll
@@ -358,9 +369,7 @@ __device__ __forceinline__ void qk_norm_rope_rows8(const T* __restrict__ x, long
                 out.v[2 * p + 1] = from_f<T>(f[2 * p] * ss4[p] + f[2 * p + 1] * cs[p]);
             }
         }
-        const int h = h0 + r;
-        const unsigned piece = fastdiv::div(h, dv.hl_mul, dv.hl_shift);
-        T* yr = y + (long long)piece * yp + b * yb + s * ys + (long long)(h - piece * hl) * d;
+        T* yr = qk_out(y, b, s, h0 + r, dv, hl, yb, ys, yp, d);
         reinterpret_cast<Eight<T>*>(yr)[l16] = out;
     }
 }
@@ -395,13 +404,9 @@ __device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss
         return;
     }
     if (warp >= rows) return;
-    const unsigned bs = fastdiv::div(warp, dv.heads_mul, dv.heads_shift);
-    const int h = warp - bs * heads;
-    const unsigned b = fastdiv::div(bs, dv.s_mul, dv.s_shift);
-    const int s = bs - b * s_len;
-    const unsigned piece = fastdiv::div(h, dv.hl_mul, dv.hl_shift);
+    const auto [b, s, h] = qk_row(warp, dv, heads, s_len);
     const T* xr = x + b * sb + s * ss + (long long)h * sh;
-    T* yr = y + (long long)piece * yp + b * yb + s * ys + (long long)(h - piece * hl) * d;
+    T* yr = qk_out(y, b, s, h, dv, hl, yb, ys, yp, d);
     if (mode == 0) {
         for (int i = lane; i < d; i += kWarp) yr[i] = xr[i];
         return;
