@@ -77,7 +77,10 @@ pub fn modulation(
                 if !l.folds_gate(&y, &gate) {
                     continue;
                 }
-                if let Some((scale, bias)) = q.fold_parts(dim) {
+                // The launch writes folded biases in the modulation's dtype; a layer whose bias
+                // has another folds the gate itself (Nvfp4Linear::forward_gated_fp8).
+                if let Some((scale, bias)) = q.fold_parts(dim).filter(|(_, b)| b.is_none_or(|b| b.dtype() == y.dtype()))
+                {
                     jobs.push(crate::cuda::fp8::FoldJob { scale, bias, gate: c * dim });
                     owners.push((i, (scale.id(), bias.map(Tensor::id))));
                 }
