@@ -374,6 +374,21 @@ __device__ __forceinline__ void qk_norm_rope_rows8(const T* __restrict__ x, long
     }
 }
 
+// Calls f(RowsPerGroup<R>{}) for the row-group size r (4, 2, else 1) as a compile-time constant.
+template <int R>
+struct RowsPerGroup {
+    static constexpr int value = R;
+};
+template <typename F>
+__device__ __forceinline__ void with_rows(int r, F&& f) {
+    if (r == 4)
+        f(RowsPerGroup<4>{});
+    else if (r == 2)
+        f(RowsPerGroup<2>{});
+    else
+        f(RowsPerGroup<1>{});
+}
+
 // qk_norm_rope: per-head RMSNorm (learned weight) then interleaved-pair RoPE of q or k, or RoPE
 // alone, or a plain copy (v): a strided [B, S, H, D] view in, rows written wherever the caller's
 // layout puts them. Element (b, s, h, d) of x sits at b*sb + s*ss + h*sh + d (a slice of a fused
@@ -395,12 +410,10 @@ __device__ void qk_norm_rope(const T* __restrict__ x, long long sb, long long ss
     if (vec_rows > 0) {
         const unsigned row0 = warp * vec_rows;
         if (row0 >= rows) return;
-        if (vec_rows == 4)
-            qk_norm_rope_rows4<T, 4>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, row0, dv, eps, mode, lane);
-        else if (vec_rows == 2)
-            qk_norm_rope_rows4<T, 2>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, row0, dv, eps, mode, lane);
-        else
-            qk_norm_rope_rows4<T, 1>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, row0, dv, eps, mode, lane);
+        with_rows(vec_rows, [&](auto r) {
+            qk_norm_rope_rows4<T, decltype(r)::value>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d,
+                                                      row0, dv, eps, mode, lane);
+        });
         return;
     }
     if (warp >= rows) return;
@@ -461,12 +474,10 @@ __device__ void qk_norm_rope8(const T* __restrict__ x, long long sb, long long s
     const int lane = threadIdx.x % kWarp;
     const unsigned row0 = half_id * vec_rows;
     if (row0 >= rows) return;
-    if (vec_rows == 4)
-        qk_norm_rope_rows8<T, 4>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, row0, dv, eps, mode, lane);
-    else if (vec_rows == 2)
-        qk_norm_rope_rows8<T, 2>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, row0, dv, eps, mode, lane);
-    else
-        qk_norm_rope_rows8<T, 1>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, row0, dv, eps, mode, lane);
+    with_rows(vec_rows, [&](auto r) {
+        qk_norm_rope_rows8<T, decltype(r)::value>(x, sb, ss, sh, w, cos, sin, y, yb, ys, yp, hl, s_len, heads, d, row0,
+                                                  dv, eps, mode, lane);
+    });
 }
 #define QK8(T, SUF)                                                                                                   \
     extern "C" __global__ void __launch_bounds__(kQk8Threads, kQk8Ctas) qk_norm_rope8_##SUF(                        \

@@ -847,15 +847,20 @@ fn random_nvfp4(n: usize, k: usize, seed: u64) -> Result<crate::nvfp4::Nvfp4Weig
 mod tests {
     use super::*;
 
+    /// Standard-normal f32 CPU tensors of any shape, drawn in turn from one seeded stream.
+    fn normal_tensors(seed: u64) -> impl FnMut(&[usize]) -> Tensor {
+        let mut rng = crate::rng::Rng::new(seed);
+        move |shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            Tensor::from_vec((0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
+        }
+    }
+
     /// The row-split diagnostic computes the same rows (the CPU GEMM does not depend on M), in
     /// order, with the bias, for uneven blocks; 2-D inputs are left whole.
     #[test]
     fn gemm_row_split_keeps_every_row() {
-        let mut rng = crate::rng::Rng::new(11);
-        let mut draw = |shape: &[usize]| {
-            let n: usize = shape.iter().product();
-            Tensor::from_vec((0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
-        };
+        let mut draw = normal_tensors(11);
         let l = Linear::Dense(candle_nn::Linear::new(draw(&[5, 8]), Some(draw(&[5]))));
         let x = draw(&[2, 7, 8]);
         let whole = l.forward(&x).unwrap();
@@ -873,11 +878,7 @@ mod tests {
     /// `residual + gate ⊙ (x W^T + b)`, gate per batch element, against plain tensor ops.
     #[test]
     fn forward_gated_is_the_gated_residual() {
-        let mut rng = crate::rng::Rng::new(5);
-        let mut draw = |shape: &[usize]| {
-            let n: usize = shape.iter().product();
-            Tensor::from_vec((0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
-        };
+        let mut draw = normal_tensors(5);
         let l = Linear::Dense(candle_nn::Linear::new(draw(&[6, 8]), Some(draw(&[6]))));
         let (x, gate, residual) = (draw(&[2, 3, 8]), draw(&[2, 6]), draw(&[2, 3, 6]));
         assert!(!l.folds_gate(&x, &gate));
@@ -892,11 +893,7 @@ mod tests {
     /// gate past the last chunk refused.
     #[test]
     fn modulation_is_the_projection_in_f32_chunks() {
-        let mut rng = crate::rng::Rng::new(11);
-        let mut draw = |shape: &[usize]| {
-            let n: usize = shape.iter().product();
-            Tensor::from_vec((0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
-        };
+        let mut draw = normal_tensors(11);
         let proj = Linear::Dense(candle_nn::Linear::new(
             draw(&[12, 5]).to_dtype(DType::BF16).unwrap(),
             Some(draw(&[12]).to_dtype(DType::BF16).unwrap()),
@@ -923,11 +920,7 @@ mod tests {
     /// form of input the same way.
     #[test]
     fn ln_modulate_input_is_the_normalized_tensor_for_other_layers() {
-        let mut rng = crate::rng::Rng::new(9);
-        let mut draw = |shape: &[usize]| {
-            let n: usize = shape.iter().product();
-            Tensor::from_vec((0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
-        };
+        let mut draw = normal_tensors(9);
         let l = Linear::Dense(candle_nn::Linear::new(draw(&[6, 8]), Some(draw(&[6]))));
         let (x, shift, scale) = (draw(&[2, 3, 8]), draw(&[2, 8]), draw(&[2, 8]));
         assert!(!l.reads_fp8_act(8, DType::BF16));
