@@ -16,9 +16,11 @@
 // times the block scale x 2^119 (converted once per tile); the product has at most 6 significant
 // bits and lies in [2^-17, 21], and the epilogue multiplies by alpha x 2^7.
 //
-// A warp-specialized form (producer warpgroup, mbarriers, setmaxnreg; commit 5b0b4db) was 15-25%
-// slower at M >= 1024 and gave one wrong result (docs/PERF.md, session 12), a third register set
-// for the A fragments slower too (session 13): this form stays.
+// A warp-specialized form with cp.async copies (producer warpgroup, mbarriers, setmaxnreg; commit
+// 5b0b4db) was 15-25% slower at M >= 1024 and gave one wrong result (docs/PERF.md, session 12), a
+// third register set for the A fragments slower too (session 13). The TMA form at the end of this
+// file (CTA pairs sharing the activation tile, copies by one producer thread) replaces this one
+// wherever the feature blocks pair up; this form runs elsewhere and for comparisons.
 //
 // Tiles (128 features x BT tokens) are numbered feature block fastest. One launch takes tiles
 // tile0 .. tile0 + gridDim.x - 1 over all of K; with splits > 1 (the last, partly filled wave of a
@@ -55,6 +57,10 @@ constexpr int kTileBytesPerToken = kBK * 2;
 constexpr int kAtomBytes = 8 * kTileBytesPerToken;  // 8 rows of the 128-byte swizzle pattern
 constexpr float kScaleBias = 128.0f;                // 2^7: dequantized weights are w x 2^-7
 constexpr float kBf16ScaleBias = 0x1p119f;          // 2^119 x 2^-126 (placed codes) = 2^-7
+
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -137,6 +143,63 @@ __device__ __forceinline__ float bias_of(const OutT* __restrict__ bias, int bias
     return (bias != nullptr && n < bias_len) ? static_cast<float>(bias[n]) : 0.f;
 }
 
+// A fragments of one K tile from shared memory: the 32 code bytes of this thread's two rows (`lo`,
+// `hi`) and their scale words (`s_lo`, `s_hi` in the tile's 512-byte 128x4 scale block).
+// Fragment of k16 step s: (row g, k 2t..2t+1), (row g+8, same), (row g, k +8), (row g+8, k +8);
+// code word j of a row holds k = 8j + 2t, 8j + 2t + 1 in byte t, so step s uses words 2s, 2s+1.
+__device__ __forceinline__ void dequant_rows(const uint8_t* lo, const uint8_t* hi, uint32_t word_lo,
+                                             uint32_t word_hi, uint32_t sh, uint32_t (&a)[4][4]) {
+    const uint4 lo0 = *reinterpret_cast<const uint4*>(lo);
+    const uint4 lo1 = *reinterpret_cast<const uint4*>(lo + 16);
+    const uint4 hi0 = *reinterpret_cast<const uint4*>(hi);
+    const uint4 hi1 = *reinterpret_cast<const uint4*>(hi + 16);
+    uint32_t s_lo[4], s_hi[4];
+    scale_pairs(word_lo, s_lo);
+    scale_pairs(word_hi, s_hi);
+    const uint32_t w_lo[8] = {lo0.x, lo0.y, lo0.z, lo0.w, lo1.x, lo1.y, lo1.z, lo1.w};
+    const uint32_t w_hi[8] = {hi0.x, hi0.y, hi0.z, hi0.w, hi1.x, hi1.y, hi1.z, hi1.w};
+#pragma unroll
+    for (int s = 0; s < 4; s++) {
+        a[s][0] = dequant_pair(w_lo[2 * s], sh, s_lo[s]);
+        a[s][1] = dequant_pair(w_hi[2 * s], sh, s_hi[s]);
+        a[s][2] = dequant_pair(w_lo[2 * s + 1], sh, s_lo[s]);
+        a[s][3] = dequant_pair(w_hi[2 * s + 1], sh, s_hi[s]);
+    }
+}
+
+// The accumulators (row g or g+8 of the warp's 16 = features n_lo / n_hi, token 8j + 2t + {0,1}) of
+// a CTA's tile leave either as unscaled partial sums into its block `pblock` of `part`
+// ([token][feature], split tiles) or as y[token, n] = act(alpha x 2^7 x sum + bias[n]) (the
+// thread's two biases loaded once).
+template <int BT, typename OutT>
+__device__ __forceinline__ void store_tile(const float (&acc)[BT / 2], int splits, float* __restrict__ part,
+                                           int pblock, int r_lo, int r_hi, int n_lo, int n_hi, int m0, int t,
+                                           OutT* __restrict__ y, int M, int N, float alpha,
+                                           const OutT* __restrict__ bias, int bias_len, int gelu_from) {
+    if (splits > 1) {
+        float* p = part + (size_t)pblock * kRows * BT;
+#pragma unroll
+        for (int j = 0; j < BT / 8; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) p[(8 * j + 2 * t + (e & 1)) * kRows + ((e & 2) ? r_hi : r_lo)] = acc[4 * j + e];
+        }
+        return;
+    }
+    const float out_scale = alpha * kScaleBias;
+    const float b_lo = bias_of(bias, bias_len, n_lo), b_hi = bias_of(bias, bias_len, n_hi);
+#pragma unroll
+    for (int j = 0; j < BT / 8; j++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int m = m0 + 8 * j + 2 * t + (e & 1);
+            int n = (e & 2) ? n_hi : n_lo;
+            float v = acc[4 * j + e] * out_scale + ((e & 2) ? b_hi : b_lo);
+            if (n >= gelu_from) v = epilogue_gelu<OutT>(v);
+            if (m < M && n < N) y[(size_t)m * N + n] = from_float<OutT>(v);
+        }
+    }
+}
+
 template <int BT, typename OutT>
 __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w,
                                           const uint8_t* __restrict__ sc, OutT* __restrict__ y, int M, int N,
@@ -213,26 +276,11 @@ __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, c
         if (tid < 32) cp_async16(scales_smem + st * 512 + tid * 16, scale_src + (size_t)kt * 512, true);
     };
 
-    // A fragment of k16 step s: (row g, k 2t..2t+1), (row g+8, same), (row g, k +8), (row g+8, k +8);
-    // code word j of a row holds k = 8j + 2t, 8j + 2t + 1 in byte t, so step s uses words 2s, 2s+1.
     auto dequant = [&](int st, uint32_t (&a)[4][4]) {
         const uint8_t* cs = codes_smem + st * kCodeBytes;
-        const uint4 lo0 = *reinterpret_cast<const uint4*>(cs + r_lo * (kBK / 2));
-        const uint4 lo1 = *reinterpret_cast<const uint4*>(cs + r_lo * (kBK / 2) + 16);
-        const uint4 hi0 = *reinterpret_cast<const uint4*>(cs + r_hi * (kBK / 2));
-        const uint4 hi1 = *reinterpret_cast<const uint4*>(cs + r_hi * (kBK / 2) + 16);
-        uint32_t s_lo[4], s_hi[4];
-        scale_pairs(*reinterpret_cast<const uint32_t*>(scales_smem + st * 512 + sw_lo), s_lo);
-        scale_pairs(*reinterpret_cast<const uint32_t*>(scales_smem + st * 512 + sw_hi), s_hi);
-        const uint32_t w_lo[8] = {lo0.x, lo0.y, lo0.z, lo0.w, lo1.x, lo1.y, lo1.z, lo1.w};
-        const uint32_t w_hi[8] = {hi0.x, hi0.y, hi0.z, hi0.w, hi1.x, hi1.y, hi1.z, hi1.w};
-#pragma unroll
-        for (int s = 0; s < 4; s++) {
-            a[s][0] = dequant_pair(w_lo[2 * s], sh, s_lo[s]);
-            a[s][1] = dequant_pair(w_hi[2 * s], sh, s_hi[s]);
-            a[s][2] = dequant_pair(w_lo[2 * s + 1], sh, s_lo[s]);
-            a[s][3] = dequant_pair(w_hi[2 * s + 1], sh, s_hi[s]);
-        }
+        const uint8_t* ss = scales_smem + st * 512;
+        dequant_rows(cs + r_lo * (kBK / 2), cs + r_hi * (kBK / 2), *reinterpret_cast<const uint32_t*>(ss + sw_lo),
+                     *reinterpret_cast<const uint32_t*>(ss + sw_hi), sh, a);
     };
 
     float acc[kAcc];
@@ -278,31 +326,8 @@ __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, c
     }
     wgmma_wait<0>();
 
-    if (splits > 1) {  // partial sums, unscaled: [token][feature] of this CTA's block of `part`
-        float* p = part + (size_t)blockIdx.x * kRows * BT;
-#pragma unroll
-        for (int j = 0; j < BT / 8; j++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) p[(8 * j + 2 * t + (e & 1)) * kRows + ((e & 2) ? r_hi : r_lo)] = acc[4 * j + e];
-        }
-        return;
-    }
-
-    // Accumulator (row g or g+8 of the warp's 16, token 8j + 2t + {0,1}) -> y[token, n]; this
-    // thread's two features' biases loaded once.
-    const float out_scale = alpha * kScaleBias;
-    const float b_lo = bias_of(bias, bias_len, n_lo), b_hi = bias_of(bias, bias_len, n_hi);
-#pragma unroll
-    for (int j = 0; j < BT / 8; j++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            int m = m0 + 8 * j + 2 * t + (e & 1);
-            int n = (e & 2) ? n_hi : n_lo;
-            float v = acc[4 * j + e] * out_scale + ((e & 2) ? b_hi : b_lo);
-            if (n >= gelu_from) v = epilogue_gelu<OutT>(v);
-            if (m < M && n < N) y[(size_t)m * N + n] = from_float<OutT>(v);
-        }
-    }
+    store_tile<BT, OutT>(acc, splits, part, blockIdx.x, r_lo, r_hi, n_lo, n_hi, m0, t, y, M, N, alpha, bias, bias_len,
+                         gelu_from);
 }
 
 }  // namespace
@@ -400,10 +425,6 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
         "{%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 
 // f32 at the same shared-memory offset in CTA `rank` of the cluster.
@@ -596,3 +617,243 @@ GEMV_SM90(2, 1)
 GEMV_SM90(2, 2)
 GEMV_SM90(2, 4)
 GEMV_SM90(2, 8)
+
+// ---------------------------------------------------------------------------------------------
+// The same GEMM with TMA copies and CTA pairs (`nvfp4_gemm_sm90_tma_*`): the form that runs where
+// the 128-feature blocks pair up (N / 128 even, as in every FLUX.1/FLUX.2/Wan2.2 linear); the
+// cp.async form above stays for the rest and for comparisons (`CANDIFF_SM90_GEMM=pipe`). Same tiles,
+// same dequantization, same wgmmas in the same K order: the two forms give the same bits.
+//
+// Why (docs/PERF.md, sessions 14 and 19): with every thread issuing cp.async copies and a CTA
+// barrier per K tile, the cp.async form's main loop takes ~1340-1460 cycles per tile against 1024
+// of tensor work, even with no dequantization; halving the activation traffic was worth 6-8%.
+// - A cluster of two CTAs computes the two neighbouring feature blocks of the same BT tokens. Each
+//   CTA's TMA fetches half of the tile's activations and multicasts it into both CTAs, so every
+//   activation byte crosses from L2 once per pair.
+// - One thread of a third (producer) warpgroup issues all copies of a stage: its activation half
+//   (2-D tensor map, 128-byte swizzle, the layout wgmma's descriptor expects), the tile's 128 code
+//   rows (2-D tensor map, in physical trtllm row order: each thread reads its rows at their
+//   physical slots) and the 512-byte scale block (one bulk copy). Out-of-range tokens and features
+//   arrive as zeros. The two consumer warpgroups spend no instructions on copies.
+// - No CTA-wide barrier in the loop: a stage's "full" mbarrier counts the bytes in, and its "empty"
+//   mbarrier takes one arrival from each consumer warpgroup of both CTAs once that warpgroup's
+//   wgmmas of the stage completed (a copy into a stage writes both CTAs' shared memory).
+namespace {
+namespace tma {
+
+constexpr int kCtas = 2;                               // CTAs per cluster (along the feature blocks)
+constexpr uint32_t kEmptyArrivals = 2 * kCtas;         // one per warpgroup of each CTA
+constexpr int kCodeTileBytes = kRows * kBK / 2;        // 128 rows x 32 code bytes
+constexpr int kScaleTileBytes = 512;                   // one 128x4 scale tile
+constexpr uint16_t kBothCtas = (1u << kCtas) - 1;      // multicast mask
+
+// The driver's opaque CUtensorMap (128 bytes, 64-byte aligned), passed by value as a
+// __grid_constant__ kernel parameter; the TMA instructions take its generic address.
+struct alignas(64) TensorMap {
+    uint64_t opaque[16];
+};
+
+__device__ __forceinline__ uint32_t cta_rank() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nWAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+// One arrival on the barrier at the same offset in CTA `rank` of the cluster (this one included).
+// CTA-scope release (the default): the arrival publishes no writes of ours, it only says that our
+// wgmmas finished reading the stage; a cluster-scope release would fence every time.
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
+    asm volatile(
+        "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+        "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+        "r"(rank)
+        : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const TensorMap* map, uint32_t bar, int c0, int c1) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+        : "memory");
+}
+// The box lands at offset `dst` of every CTA in `mask`, each CTA's barrier at offset `bar` counting it.
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const TensorMap* map, uint32_t bar, int c0, int c1,
+                                                      uint16_t mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%3, "
+        "%4}], [%2], %5;\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "h"(mask)
+        : "memory");
+}
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+}
+__device__ __forceinline__ void prefetch_map(const TensorMap* map) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
+// Tiles as in gemm_sm90, taken in pairs: cluster c (CTAs 2c, 2c + 1; `tile0` even) takes tiles
+// tile0 + 2 (c / splits) + rank over the K tiles of part c % splits.
+// Warpgroups 0 and 1 consume (dequantize, wgmma); one thread of warpgroup 2 issues the copies, up
+// to STAGES tiles ahead, its warpgroup's registers handed to the consumers (setmaxnreg). Thread 0
+// issuing them between its own warpgroup's wgmmas instead ran 2-7% slower (docs/PERF.md, session 19).
+constexpr int kConsumerWarps = kThreads / 32;
+constexpr int kProducerThreads = 128;
+// setmaxnreg budgets: 2 x 128 x 232 + 128 x 40 = 64512 of the SM's 65536 registers.
+constexpr int kConsumerRegs = 232;
+constexpr int kProducerRegs = 40;
+static_assert(2 * 128 * kConsumerRegs + kProducerThreads * kProducerRegs <= 65536, "register file");
+template <int BT, typename OutT, int STAGES>
+__device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act2, const TensorMap* codes_map,
+                                     const uint8_t* __restrict__ sc, OutT* __restrict__ y, int M, int N, int K,
+                                     int scale_cols, float alpha, int tile0, int splits, float* __restrict__ part,
+                                     const OutT* __restrict__ bias, int bias_len, int gelu_from, int k_split) {
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+    constexpr int kActBytes = BT * kTileBytesPerToken;
+    uint8_t* const codes_smem = smem + STAGES * kActBytes;
+    uint8_t* const scales_smem = codes_smem + STAGES * kCodeTileBytes;
+    const uint32_t full0 = smem_addr(scales_smem + STAGES * kScaleTileBytes), empty0 = full0 + 8 * STAGES;
+    const uint32_t act0 = smem_addr(smem);
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int wg = warp / 4, wq = warp % 4, g = lane / 4, t = lane % 4;
+    const uint32_t rank = cta_rank();
+    const int cluster = (int)blockIdx.x / kCtas;
+    const int feature_blocks = (N + kRows - 1) / kRows;
+    const int pair = cluster / splits, part_k = cluster % splits;
+    const int tile = tile0 + kCtas * pair + (int)rank;
+    const int n0 = (tile % feature_blocks) * kRows, m0 = (tile / feature_blocks) * BT;
+    const int ktiles_all = (K + kBK - 1) / kBK;
+    const int per_part = (ktiles_all + splits - 1) / splits;
+    const int kb = min(ktiles_all, part_k * per_part), nt = min(ktiles_all, kb + per_part) - kb;
+
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; s++) {
+            mbar_init(full0 + 8 * s, 1);
+            mbar_init(empty0 + 8 * s, kEmptyArrivals);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        prefetch_map(act1);
+        prefetch_map(act2);
+        prefetch_map(codes_map);
+    }
+    cluster_sync();  // both CTAs' barriers initialized before any copy or arrival reaches them
+
+    if (warp >= kConsumerWarps) {  // the producer warpgroup
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs) : "memory");
+        if (warp == kConsumerWarps && lane == 0) {
+            const uint8_t* scale_src = sc + swizzle_offset(n0, 0, scale_cols);
+            for (int j = 0; j < nt; j++) {
+                const int st = j % STAGES, kt = kb + j;
+                // The stage's previous tile released by all four consumer warpgroups of the pair.
+                if (j >= STAGES) mbar_wait(empty0 + 8 * st, (uint32_t)(j / STAGES - 1) & 1u);
+                const uint32_t bar = full0 + 8 * st;
+                mbar_expect_tx(bar, kActBytes + kCodeTileBytes + kScaleTileBytes);
+                const int col = kt * kBK;
+                const bool first = col < k_split;
+                tma_load_2d_multicast(act0 + st * kActBytes + rank * (kActBytes / kCtas), first ? act1 : act2, bar,
+                                      first ? col : col - k_split, m0 + (int)rank * (BT / kCtas), kBothCtas);
+                tma_load_2d(smem_addr(codes_smem + st * kCodeTileBytes), codes_map, bar, kt * (kBK / 2), n0);
+                bulk_load(smem_addr(scales_smem + st * kScaleTileBytes), scale_src + (size_t)kt * kScaleTileBytes,
+                          kScaleTileBytes, bar);
+            }
+        }
+        // (The consumers' cluster barrier below, which every thread of both CTAs must reach.)
+        asm volatile("barrier.cluster.arrive.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs) : "memory");
+
+    const uint32_t sh = 8u * t;
+    const int r_lo = wg * 64 + wq * 16 + g, r_hi = r_lo + 8;
+    const int p_lo = physical_row<0>(r_lo), p_hi = physical_row<0>(r_hi);
+    const int sw_lo = swizzle_offset(p_lo, 0, 4), sw_hi = swizzle_offset(p_hi, 0, 4);
+    auto dequant = [&](int i, uint32_t (&a)[4][4]) {
+        const int st = i % STAGES;
+        mbar_wait(full0 + 8 * st, (uint32_t)(i / STAGES) & 1u);
+        const uint8_t* cs = codes_smem + st * kCodeTileBytes;
+        const uint8_t* ss = scales_smem + st * kScaleTileBytes;
+        dequant_rows(cs + p_lo * (kBK / 2), cs + p_hi * (kBK / 2), *reinterpret_cast<const uint32_t*>(ss + sw_lo),
+                     *reinterpret_cast<const uint32_t*>(ss + sw_hi), sh, a);
+    };
+
+    float acc[BT / 2];
+#pragma unroll
+    for (int i = 0; i < BT / 2; i++) acc[i] = 0.0f;
+    uint32_t a0[4][4], a1[4][4];
+    if (nt > 0) dequant(0, a0);
+
+    // One K tile, as gemm_sm90's step: issue tile i's wgmmas, release tile i - 1's stage (in both
+    // CTAs) once its wgmmas completed, dequantize tile i + 1 while tile i's run.
+    auto step = [&](int i, uint32_t (&cur)[4][4], uint32_t (&next)[4][4]) {
+        const uint32_t stage = act0 + (i % STAGES) * kActBytes;
+        wgmma_fence();
+#pragma unroll
+        for (int s = 0; s < 4; s++) {
+            const uint64_t d = desc_sw128(stage + s * 32);
+            if constexpr (BT == 256) wgmma_m64n256k16_rs(acc, cur[s], d);
+            else wgmma_m64n128k16_rs(acc, cur[s], d);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+        if (i >= 1 && tid % 128 == 0) {
+            const uint32_t bar = empty0 + 8 * ((i - 1) % STAGES);
+#pragma unroll
+            for (int c = 0; c < kCtas; c++) mbar_arrive_cluster(bar, (uint32_t)c);
+        }
+        if (i + 1 < nt) dequant(i + 1, next);
+    };
+    for (int i = 0; i < nt; i += 2) {
+        step(i, a0, a1);
+        if (i + 1 < nt) step(i + 1, a1, a0);
+    }
+    wgmma_wait<0>();
+    // The other CTA may still arrive on this one's barriers until it passes here; the wait before
+    // leaving keeps this CTA's shared memory alive until then (the epilogue runs in between).
+    asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+    const int pblock = (tile - tile0) * splits + part_k;
+    store_tile<BT, OutT>(acc, splits, part, pblock, r_lo, r_hi, n0 + r_lo, n0 + r_hi, m0, t, y, M, N, alpha, bias,
+                         bias_len, gelu_from);
+    asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+}  // namespace tma
+}  // namespace
+
+// Dynamic shared memory: STAGES x (activation tile, weight codes, scales), 2 x STAGES mbarriers,
+// 1024 bytes of alignment slack. Grid: two CTAs per tile pair (or per tile pair and K part).
+#define GEMM_SM90_TMA(BT, T, TNAME, STAGES)                                                                \
+    extern "C" __global__ void __cluster_dims__(tma::kCtas, 1, 1)                                         \
+        __launch_bounds__(kThreads + tma::kProducerThreads, 1) nvfp4_gemm_sm90_tma_s##STAGES##_bt##BT##_##TNAME( \
+            const __grid_constant__ tma::TensorMap act1, const __grid_constant__ tma::TensorMap act2,        \
+            const __grid_constant__ tma::TensorMap codes, const uint8_t* sc, T* y, int M, int N, int K,      \
+            int scale_cols, float alpha, int tile0, int splits, float* part, const T* bias, int bias_len,   \
+            int gelu_from, int k_split) {                                                                   \
+        tma::gemm<BT, T, STAGES>(&act1, &act2, &codes, sc, y, M, N, K, scale_cols, alpha, tile0, splits,     \
+                                 part, bias, bias_len, gelu_from, k_split);                                  \
+    }
+// 5 stages (as the cp.async form) and 6 (227 KiB of shared memory at 256 tokens); the host picks.
+#define GEMM_SM90_TMA_STAGES(BT, T, TNAME) \
+    GEMM_SM90_TMA(BT, T, TNAME, 5)         \
+    GEMM_SM90_TMA(BT, T, TNAME, 6)
+GEMM_SM90_TMA_STAGES(128, float, f32)
+GEMM_SM90_TMA_STAGES(128, __nv_bfloat16, bf16)
+GEMM_SM90_TMA_STAGES(128, __half, f16)
+GEMM_SM90_TMA_STAGES(256, float, f32)
+GEMM_SM90_TMA_STAGES(256, __nv_bfloat16, bf16)
+GEMM_SM90_TMA_STAGES(256, __half, f16)

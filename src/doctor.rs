@@ -48,6 +48,9 @@ impl Problem {
             (517, 1024, 640),
             (9, 1040, 130),
             (16, 5120, 384),
+            // An even number of 128-feature blocks at several hundred tokens: the Hopper GEMM's
+            // TMA form with its CTA pairs, split along K when planned for 4 SMs.
+            (520, 576, 768),
         ];
         let mut rng = Rng::new(seed);
         for _ in 0..extra {

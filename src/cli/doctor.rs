@@ -127,10 +127,43 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
             // Hopper's wgmma GEMM splits a mostly empty last wave along K; planned as for a GPU of
             // 4 multiprocessors, the standard problems take that path too.
             println!("trtllm with the last wave split along K (planned for 4 SMs) vs CPU reference:");
-            let (mut r, _) =
+            let (mut r, split_default) =
                 crate::cuda::with_sm90_policy_sms(4, || check_backend(Backend::Trtllm, &device, &problems))?;
             for c in &mut r {
                 c.what = format!("{} (tail split)", c.what);
+            }
+            failed += print_results(&r);
+            all.extend(r);
+            // The GEMM's two forms (TMA copies into CTA pairs where the feature blocks pair up,
+            // cp.async copies elsewhere) run the same wgmmas in the same order: the very same bits,
+            // whole and with the last wave split.
+            println!(
+                "trtllm's Hopper GEMM, cp.async form vs the default (TMA where it applies), max |diff| / max |y|:"
+            );
+            let default =
+                outputs.iter().find(|(b, _)| *b == Backend::Trtllm).map(|(_, o)| o.clone()).unwrap_or_default();
+            let pipe = |sms: usize| {
+                crate::cuda::with_sm90_form(crate::cuda::Sm90Form::Pipe, || {
+                    crate::cuda::with_sm90_policy_sms(sms, || check_backend(Backend::Trtllm, &device, &problems))
+                })
+            };
+            let mut r = Vec::new();
+            for (label, sms, reference) in [("whole", 0, &default), ("tail split", 4, &split_default)] {
+                let (checks, outs) = pipe(sms)?;
+                failed += checks.iter().filter(|c| !c.pass).count();
+                all.extend(checks.into_iter().map(|mut c| {
+                    c.what = format!("{} (cp.async form, {label})", c.what);
+                    c
+                }));
+                // (check_backend's outputs: W4A16 then W4A4 per problem.)
+                let cases = problems.iter().flat_map(|p| [(p, "w4a16"), (p, "w4a4")]);
+                for ((got, want), (p, mode)) in outs.iter().zip(reference).zip(cases) {
+                    r.push(CheckResult::new(
+                        format!("trtllm {mode} f32 {} cp.async form vs default ({label})", p.label),
+                        crate::doctor::rel_max_err(got, want),
+                        0.0,
+                    ));
+                }
             }
             failed += print_results(&r);
             all.extend(r);

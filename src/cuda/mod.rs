@@ -89,6 +89,14 @@ const SM90_GEMV_CHUNK_BYTES: usize = 128;
 const SM90_GEMV_THREADS: u32 = 256;
 /// Slack to align the first stage to the 1024-byte period of the 128-byte swizzle.
 const SM90_ALIGN_SLACK: u32 = 1024;
+/// The TMA form's CTAs per cluster (`tma::kCtas`: a pair of feature blocks), the bytes of one of
+/// its mbarriers (a full and an empty one per stage), its producer warpgroup
+/// (`tma::kProducerThreads`, after the two consumer ones) and its compiled pipeline depths.
+const SM90_TMA_CTAS: usize = 2;
+const SM90_BARRIER_BYTES: u32 = 8;
+const SM90_TMA_PRODUCER_THREADS: u32 = 128;
+const SM90_TMA_STAGE_CHOICES: [u32; 2] = [5, 6];
+const SM90_TMA_DEFAULT_STAGES: u32 = 6;
 /// The oldest GPU our kernels are built for (bf16 tensor cores, sm_80).
 pub const MIN_COMPUTE_CAPABILITY: (i32, i32) = (8, 0);
 
@@ -831,6 +839,126 @@ thread_local! {
     /// SM count the wgmma GEMM's tiling decisions assume (0: the device's). `doctor` lowers it so
     /// that its small products take the split-tail path too.
     static SM90_POLICY_SMS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// The wgmma GEMM's form for this thread (`None`: `CANDIFF_SM90_GEMM`); `doctor` runs both.
+    static SM90_FORM: std::cell::Cell<Option<Sm90Form>> = const { std::cell::Cell::new(None) };
+}
+
+/// The two forms of the sm90 W4A16 GEMM (kernels/nvfp4_sm90.cu), which give the same bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sm90Form {
+    /// TMA copies into CTA pairs that share the activation tile, where the product suits them
+    /// (an even number of 128-feature blocks and of unsplit tiles, 16-byte aligned rows, inputs
+    /// of at least one TMA box); the cp.async form elsewhere.
+    Auto,
+    /// Every thread's cp.async copies and a CTA barrier per K tile (comparisons).
+    Pipe,
+}
+
+/// `CANDIFF_SM90_GEMM` = `auto` (default) or `pipe`, read once per process; a thread's
+/// [`with_sm90_form`] overrides it.
+fn sm90_form() -> Result<Sm90Form> {
+    if let Some(f) = SM90_FORM.with(|c| c.get()) {
+        return Ok(f);
+    }
+    static FORM: OnceLock<std::result::Result<Sm90Form, String>> = OnceLock::new();
+    let form = FORM.get_or_init(|| match std::env::var("CANDIFF_SM90_GEMM").as_deref() {
+        Err(_) | Ok("") | Ok("auto") => Ok(Sm90Form::Auto),
+        Ok("pipe") => Ok(Sm90Form::Pipe),
+        Ok(other) => Err(format!("CANDIFF_SM90_GEMM={other}: expected auto or pipe")),
+    });
+    Ok(form.clone().map_err(CandiffError::Unsupported)?)
+}
+
+/// `CANDIFF_SM90_TMA_STAGES` = 5 or 6: the TMA form's pipeline depth (measurements), read once.
+fn sm90_tma_stages() -> Result<u32> {
+    static STAGES: OnceLock<std::result::Result<u32, String>> = OnceLock::new();
+    let stages = STAGES.get_or_init(|| match std::env::var("CANDIFF_SM90_TMA_STAGES").as_deref() {
+        Err(_) | Ok("") => Ok(SM90_TMA_DEFAULT_STAGES),
+        Ok(v) => v
+            .parse()
+            .ok()
+            .filter(|s| SM90_TMA_STAGE_CHOICES.contains(s))
+            .ok_or_else(|| format!("CANDIFF_SM90_TMA_STAGES={v}: expected one of {SM90_TMA_STAGE_CHOICES:?}")),
+    });
+    Ok(stages.clone().map_err(CandiffError::Unsupported)?)
+}
+
+/// Runs `f` with the wgmma GEMM in `form` on this thread (`doctor` compares the two forms).
+pub fn with_sm90_form<R>(form: Sm90Form, f: impl FnOnce() -> R) -> R {
+    let before = SM90_FORM.with(|c| c.replace(Some(form)));
+    let r = f();
+    SM90_FORM.with(|c| c.set(before));
+    r
+}
+
+/// A TMA tensor map (the driver's opaque 128-byte descriptor), passed by value to the TMA form.
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct TensorMap(sys::CUtensorMap);
+
+// SAFETY: plain bytes the kernel takes as a `__grid_constant__` parameter of the same size.
+unsafe impl DeviceRepr for TensorMap {}
+
+/// A 2-D row-major tensor (`rows` x `cols` elements of `elem_bytes`, rows `row_bytes` apart) read
+/// in boxes of `box_cols` x `box_rows`; elements outside it arrive as zeros.
+struct Tile2d {
+    ptr: u64,
+    dtype: sys::CUtensorMapDataType,
+    elem_bytes: u64,
+    cols: u64,
+    rows: u64,
+    row_bytes: u64,
+    box_cols: u32,
+    box_rows: u32,
+    swizzle: sys::CUtensorMapSwizzle,
+}
+
+impl Tile2d {
+    fn encode(&self) -> Result<TensorMap> {
+        let dims = [self.cols, self.rows];
+        let strides = [self.row_bytes];
+        let boxes = [self.box_cols, self.box_rows];
+        let element_strides = [1u32, 1];
+        let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+        // SAFETY: every array has the rank's length (2, strides 1); the driver only writes `map`.
+        let r = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                map.as_mut_ptr(),
+                self.dtype,
+                2,
+                self.ptr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                element_strides.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                self.swizzle,
+                // The next K tiles of the same rows come along into L2.
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            candle_core::bail!(
+                "nvfp4 sm90 gemm: the driver refused a TMA descriptor ({r:?}) for {} x {} elements of {} bytes, rows {} bytes apart, boxes {} x {}, at {:#x}",
+                self.rows,
+                self.cols,
+                self.elem_bytes,
+                self.row_bytes,
+                self.box_rows,
+                self.box_cols,
+                self.ptr
+            );
+        }
+        // SAFETY: initialized by the successful call above.
+        Ok(TensorMap(unsafe { map.assume_init() }))
+    }
+
+    /// What TMA needs of the global tensor: a 16-byte aligned start and row pitch.
+    fn fits(ptr: u64, row_bytes: u64) -> bool {
+        const TMA_ALIGN: u64 = 16;
+        ptr.is_multiple_of(TMA_ALIGN) && row_bytes.is_multiple_of(TMA_ALIGN)
+    }
 }
 
 /// Runs `f` with the wgmma GEMM planning for a GPU of `sms` multiprocessors (checks of the
@@ -863,10 +991,21 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
     let plan = tiling::sm90_plan(m, op.n, op.k, sm90_policy_sms(dev)?, forced_tokens, split_tail);
     let (tiles, tail, parts) = (plan.tiles, plan.tail, plan.parts);
     let bt = plan.tokens_per_cta as u32;
-    let smem = SM90_STAGES * (bt * SM90_TILE_BYTES_PER_TOKEN + SM90_WEIGHT_TILE_BYTES) + SM90_ALIGN_SLACK;
     let stream = dev.cuda_stream();
+    let maps = match sm90_form()? {
+        Sm90Form::Auto => sm90_tma_maps(call, input, &plan)?,
+        Sm90Form::Pipe => None,
+    };
+    let (stages, barriers, threads, kernel) = match maps {
+        Some(_) => {
+            let s = sm90_tma_stages()?;
+            (s, 2 * s * SM90_BARRIER_BYTES, SM90_THREADS + SM90_TMA_PRODUCER_THREADS, format!("tma_s{s}_"))
+        }
+        None => (SM90_STAGES, 0, SM90_THREADS, String::new()),
+    };
+    let smem = stages * (bt * SM90_TILE_BYTES_PER_TOKEN + SM90_WEIGHT_TILE_BYTES) + SM90_ALIGN_SLACK + barriers;
     let (mut y, suffix) = gemm_output(call)?;
-    let name = format!("nvfp4_gemm_sm90_bt{bt}_{suffix}");
+    let name = format!("nvfp4_gemm_sm90_{kernel}bt{bt}_{suffix}");
     let f = function_in(dev, Kernels::Sm90, &name)?;
     {
         // More than the default 48 KiB of dynamic shared memory: allowed once per function.
@@ -880,7 +1019,7 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
     }
     let grid = |ctas: usize| LaunchConfig {
         grid_dim: (ctas as u32, 1, 1),
-        block_dim: (SM90_THREADS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: smem,
     };
     // The weight holds ceil(N / 128) x 128 rows of whole 64-wide K tiles (checked above), as the
@@ -906,6 +1045,21 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
         }
         let (tile0, splits) = (tile0 as i32, splits as i32);
         let mut b = stream.launch_builder(&f);
+        if let Some(maps) = &maps {
+            // The inputs are read through the maps: their views stay borrowed for the launch.
+            let (_x, _x2, _w) = (call.x.device_ptr(&stream), input.x2.device_ptr(&stream), call.w.device_ptr(&stream));
+            b.arg(&maps.act).arg(&maps.act2).arg(&maps.codes).arg(call.sc);
+            push_output(&mut b, &mut y)?;
+            b.arg(&args.m).arg(&args.n).arg(&args.k).arg(&args.scale_cols).arg(&args.alpha);
+            b.arg(&tile0).arg(&splits).arg(&part_ptr);
+            BiasView::push(&mut b, bias.as_ref(), &null);
+            b.arg(&bias_len).arg(&gelu_from).arg(&k_split);
+            // SAFETY: argument types match the kernel's signature; two CTAs (one cluster) per tile
+            // pair or pair part, `ctas` and `tile0` even (sm90_tma_maps); the maps cover x, x2 and
+            // the weight's padded rows exactly, and the scale blocks read lie in whole 128x4 tiles.
+            unsafe { b.launch(grid(ctas)) }.map_err(wrap("nvfp4 sm90 gemm (tma)"))?;
+            continue;
+        }
         args.push(&mut b, call, &mut y)?;
         b.arg(&tile0).arg(&splits).arg(&part_ptr);
         BiasView::push(&mut b, bias.as_ref(), &null);
@@ -929,6 +1083,75 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
         unsafe { b.launch(launch_1d(tail * bt as usize * SM90_ROWS as usize)) }.map_err(wrap("nvfp4 sm90 tail sum"))?;
     }
     Ok(CudaStorage { slice: y, device: dev.clone() })
+}
+
+/// The TMA form's descriptors: the input's first part, its second (the first again for one part)
+/// and the weight codes.
+struct Sm90Maps {
+    act: TensorMap,
+    act2: TensorMap,
+    codes: TensorMap,
+}
+
+/// The TMA form's descriptors where it takes this product (see [`Sm90Form::Auto`]), else `None`
+/// (the cp.async form runs). Its clusters pair neighbouring feature blocks, so the tile count and
+/// the whole (unsplit) tiles must both be even.
+fn sm90_tma_maps(call: &GemmCall, input: &Parts, plan: &tiling::Sm90Plan) -> Result<Option<Sm90Maps>> {
+    let GemmCall { op, dev, m, .. } = *call;
+    let stream = dev.cuda_stream();
+    let pairs = op.n.div_ceil(SM90_ROWS as usize).is_multiple_of(SM90_TMA_CTAS)
+        && (plan.tiles - plan.tail).is_multiple_of(SM90_TMA_CTAS);
+    if !pairs {
+        return Ok(None);
+    }
+    let x_ptr = call.x.device_ptr(&stream).0;
+    let x2_ptr = input.x2.device_ptr(&stream).0;
+    let w_ptr = call.w.device_ptr(&stream).0;
+    let sc_ptr = call.sc.device_ptr(&stream).0;
+    const BF16_BYTES: u64 = 2;
+    let aligned = Tile2d::fits(x_ptr, input.ldx as u64 * BF16_BYTES)
+        && Tile2d::fits(x2_ptr, input.ldx2 as u64 * BF16_BYTES)
+        && Tile2d::fits(w_ptr, op.weight_row_bytes as u64)
+        && Tile2d::fits(sc_ptr, 0);
+    // Each CTA of a pair fetches half of the tile's tokens (and multicasts them to both). A box
+    // may not exceed its tensor (the driver's rule), so small inputs keep the cp.async form.
+    let box_rows = plan.tokens_per_cta / SM90_TMA_CTAS;
+    let k_tile = tiling::SM90_K_TILE;
+    let boxes_fit =
+        m >= box_rows && input.k_split >= k_tile && (input.k_split == op.k || op.k - input.k_split >= k_tile);
+    if !aligned || !boxes_fit {
+        return Ok(None);
+    }
+    let box_rows = box_rows as u32;
+    let bf16 = sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    let sw128 = sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B;
+    let part = |ptr: u64, cols: usize, ld: usize| Tile2d {
+        ptr,
+        dtype: bf16,
+        elem_bytes: BF16_BYTES,
+        cols: cols as u64,
+        rows: m as u64,
+        row_bytes: ld as u64 * BF16_BYTES,
+        box_cols: k_tile as u32,
+        box_rows,
+        swizzle: sw128,
+    };
+    let act = part(x_ptr, input.k_split, input.ldx).encode()?;
+    let act2 = if input.k_split < op.k { part(x2_ptr, op.k - input.k_split, input.ldx2).encode()? } else { act };
+    let rows = op.n.div_ceil(SM90_ROWS as usize) * SM90_ROWS as usize;
+    let codes = Tile2d {
+        ptr: w_ptr,
+        dtype: sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+        elem_bytes: 1,
+        cols: op.weight_row_bytes as u64,
+        rows: rows as u64,
+        row_bytes: op.weight_row_bytes as u64,
+        box_cols: (k_tile / 2) as u32,
+        box_rows: SM90_ROWS,
+        swizzle: sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+    }
+    .encode()?;
+    Ok(Some(Sm90Maps { act, act2, codes }))
 }
 
 /// The output of a W4A16 GEMM, `m x N` elements of the call's output dtype (f32, f16, else bf16),
