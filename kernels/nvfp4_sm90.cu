@@ -342,12 +342,15 @@ __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, c
         gemm_sm90<BT, T>(x, w, sc, y, M, N, K, row_bytes, scale_cols, alpha, tile0, splits, part, bias,    \
                          bias_len, gelu_from, x2, ldx, ldx2, k_split);                                      \
     }
-GEMM_SM90(128, float, f32)
-GEMM_SM90(128, __nv_bfloat16, bf16)
-GEMM_SM90(128, __half, f16)
-GEMM_SM90(256, float, f32)
-GEMM_SM90(256, __nv_bfloat16, bf16)
-GEMM_SM90(256, __half, f16)
+// Every GEMM form is compiled for these tokens per CTA and output types.
+#define GEMM_SM90_INSTANCES(FORM)         \
+    FORM(128, float, f32)                 \
+    FORM(128, __nv_bfloat16, bf16)        \
+    FORM(128, __half, f16)                \
+    FORM(256, float, f32)                 \
+    FORM(256, __nv_bfloat16, bf16)        \
+    FORM(256, __half, f16)
+GEMM_SM90_INSTANCES(GEMM_SM90)
 
 // The split tiles' sums: one thread per (tile, token, feature), features fastest (coalesced reads
 // of `part` and writes of y), the parts added in order; scaled as the unsplit epilogue scales.
@@ -851,9 +854,4 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
 #define GEMM_SM90_TMA_STAGES(BT, T, TNAME) \
     GEMM_SM90_TMA(BT, T, TNAME, 5)         \
     GEMM_SM90_TMA(BT, T, TNAME, 6)
-GEMM_SM90_TMA_STAGES(128, float, f32)
-GEMM_SM90_TMA_STAGES(128, __nv_bfloat16, bf16)
-GEMM_SM90_TMA_STAGES(128, __half, f16)
-GEMM_SM90_TMA_STAGES(256, float, f32)
-GEMM_SM90_TMA_STAGES(256, __nv_bfloat16, bf16)
-GEMM_SM90_TMA_STAGES(256, __half, f16)
+GEMM_SM90_INSTANCES(GEMM_SM90_TMA_STAGES)
