@@ -149,12 +149,13 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
             };
             let mut r = Vec::new();
             for (label, sms, reference) in [("whole", 0, &default), ("tail split", 4, &split_default)] {
-                let (checks, outs) = pipe(sms)?;
-                failed += checks.iter().filter(|c| !c.pass).count();
-                all.extend(checks.into_iter().map(|mut c| {
+                let (mut checks, outs) = pipe(sms)?;
+                for c in &mut checks {
                     c.what = format!("{} (cp.async form, {label})", c.what);
-                    c
-                }));
+                }
+                // (Printed like every other check, so a failure shows in the log, not just the count.)
+                failed += print_results(&checks);
+                all.extend(checks);
                 // (check_backend's outputs: W4A16 then W4A4 per problem.)
                 let cases = problems.iter().flat_map(|p| [(p, "w4a16"), (p, "w4a4")]);
                 for ((got, want), (p, mode)) in outs.iter().zip(reference).zip(cases) {
