@@ -649,6 +649,7 @@ constexpr uint32_t kEmptyArrivals = 2 * kCtas;         // one per warpgroup of e
 constexpr int kCodeTileBytes = kRows * kBK / 2;        // 128 rows x 32 code bytes
 constexpr int kScaleTileBytes = 512;                   // one 128x4 scale tile
 constexpr uint16_t kBothCtas = (1u << kCtas) - 1;      // multicast mask
+constexpr int kConsumerWarps = kThreads / 32;          // the two consumer warpgroups' warps
 
 // The driver's opaque CUtensorMap (128 bytes, 64-byte aligned), passed by value as a
 // __grid_constant__ kernel parameter; the TMA instructions take its generic address.
@@ -708,42 +709,147 @@ __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_
 __device__ __forceinline__ void prefetch_map(const TensorMap* map) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
+// A box of shared memory (written by this thread's warp, then fenced) stored at {c0, c1} of the
+// map's tensor (clipped at its edges) as this thread's next bulk group.
+__device__ __forceinline__ void tma_store_2d(const TensorMap* map, uint32_t src, int c0, int c1) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n"
+        "cp.async.bulk.commit_group;\n" ::"l"(reinterpret_cast<uint64_t>(map)),
+        "r"(src), "r"(c0), "r"(c1)
+        : "memory");
+}
+// This thread's bulk stores have finished reading shared memory (it may be written again).
+__device__ __forceinline__ void tma_store_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+__device__ __forceinline__ void tma_store_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+// Four 8x8 16-bit matrices, transposed: lane l gives the address of row l % 8 of matrix l / 8.
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0),
+                 "r"(r1), "r"(r2), "r"(r3)
+                 : "memory");
+}
+template <typename OutT>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    if constexpr (std::is_same_v<OutT, __nv_bfloat16>) {
+        __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<uint32_t*>(&v);
+    } else {
+        __half2 v = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<uint32_t*>(&v);
+    }
+}
 
-// Tiles as in gemm_sm90, taken in pairs: cluster c (CTAs 2c, 2c + 1; `tile0` even) takes tiles
-// tile0 + 2 (c / splits) + rank over the K tiles of part c % splits.
+// The TMA-store epilogue (16-bit outputs): each warp's 16 features x BT tokens leave through a
+// staging box of 16 features x kStoreTokens tokens (32-byte rows, 32-byte swizzle: stmatrix's 8
+// rows of a matrix hit 8 different bank groups) that one TMA store copies out, clipped at M and
+// N, while the warp goes on to its next unit. The per-element stores this replaces (128 per thread,
+// each row of a warp's store 16 bytes) cost ~2.8k of the ~11.7k cycles around each tile pair, 5%
+// of a K = 3072 product (docs/PERF.md, session 20).
+constexpr int kStoreTokens = 128;                       // tokens per staging box
+constexpr int kStoreBoxBytes = kStoreTokens * 16 * 2;   // 16 features x 2 bytes per token row
+constexpr int kStoreBytes = kConsumerWarps * kStoreBoxBytes;
+// Byte offset of (token row, 16-byte half) in a warp's box: the 32-byte swizzle (bit 4 ^= bit 7).
+__device__ __forceinline__ uint32_t store_box_offset(int row, int half) {
+    const uint32_t off = (uint32_t)row * 32u + (uint32_t)half * 16u;
+    return off ^ ((off >> 3) & 16u);
+}
+
+// Work units as in gemm_sm90's tiles, taken in pairs: unit u (`units` of them) is the tile pair
+// tile0 + 2 (u / splits) + rank over the K tiles of part u % splits. Persistent: cluster c of the
+// grid's G takes units c, c + G, c + 2G, ... (G = units: one each). The producer runs on into the
+// next unit's stages while the consumers store a finished tile, so the pipeline fills once per
+// cluster rather than once per tile (docs/PERF.md, session 20).
 // Warpgroups 0 and 1 consume (dequantize, wgmma); one thread of warpgroup 2 issues the copies, up
 // to STAGES tiles ahead, its warpgroup's registers handed to the consumers (setmaxnreg). Thread 0
 // issuing them between its own warpgroup's wgmmas instead ran 2-7% slower (docs/PERF.md, session 19).
-constexpr int kConsumerWarps = kThreads / 32;
 constexpr int kProducerThreads = 128;
 // setmaxnreg budgets: 2 x 128 x 232 + 128 x 40 = 64512 of the SM's 65536 registers.
 constexpr int kConsumerRegs = 232;
 constexpr int kProducerRegs = 40;
 static_assert(2 * 128 * kConsumerRegs + kProducerThreads * kProducerRegs <= 65536, "register file");
-template <int BT, typename OutT, int STAGES>
+
+// Where unit u lies: its tile (this CTA's of the pair), first output token and feature, and K range.
+struct Unit {
+    int tile, part_k, m0, n0, kb, nt;
+    __device__ __forceinline__ Unit(int u, uint32_t rank, int tile0, int splits, int N, int K, int BT) {
+        const int feature_blocks = (N + kRows - 1) / kRows;
+        part_k = u % splits;
+        tile = tile0 + kCtas * (u / splits) + (int)rank;
+        n0 = (tile % feature_blocks) * kRows;
+        m0 = (tile / feature_blocks) * BT;
+        const int ktiles_all = (K + kBK - 1) / kBK;
+        const int per_part = (ktiles_all + splits - 1) / splits;
+        kb = min(ktiles_all, part_k * per_part);
+        nt = min(ktiles_all, kb + per_part) - kb;
+    }
+};
+
+// A warp's 16 features (f0 .. f0 + 15; this thread's n_lo, n_hi) x BT tokens from m0 through its
+// staging box `box`: y = act(alpha x 2^7 x sum + bias[n]) packed in pairs of tokens, stmatrix'ed
+// transposed (token rows of 16 features), one TMA store per kStoreTokens tokens. The box is free
+// again once the previous store read it (the wait, by the lane that issued it).
+template <int BT, typename OutT>
+__device__ __forceinline__ void store_tile_tma(const float (&acc)[BT / 2], const TensorMap* out_map, uint32_t box,
+                                               int lane, int f0, int m0, int n_lo, int n_hi, float alpha,
+                                               const OutT* __restrict__ bias, int bias_len, int gelu_from) {
+    const float out_scale = alpha * kScaleBias;
+    const float b_lo = bias_of(bias, bias_len, n_lo), b_hi = bias_of(bias, bias_len, n_hi);
+    const bool gelu_lo = n_lo >= gelu_from, gelu_hi = n_hi >= gelu_from;
+    auto value = [&](int i) {
+        const bool hi = i & 2;
+        float v = acc[i] * out_scale + (hi ? b_hi : b_lo);
+        return (hi ? gelu_hi : gelu_lo) ? epilogue_gelu<OutT>(v) : v;
+    };
+    // Lane l addresses row l % 8 of matrix l / 8: matrices (group j, lo), (j, hi), (j + 1, lo),
+    // (j + 1, hi) of 8 tokens x 8 features.
+    const int mat = lane / 8, row = lane % 8;
+    const uint32_t lane_off = store_box_offset(8 * (mat / 2) + row, mat % 2);
+#pragma unroll
+    for (int h = 0; h < BT / kStoreTokens; h++) {
+        if (lane == 0) tma_store_wait_read();
+        __syncwarp();
+#pragma unroll
+        for (int jj = 0; jj < kStoreTokens / 8; jj += 2) {
+            const int j = h * (kStoreTokens / 8) + jj;
+            // (store_box_offset of row 8 jj + r is its offset for row r plus 8 jj x 32: the
+            // swizzle bit comes from bit 7, which 8 jj x 32 = 256 jj leaves alone.)
+            stmatrix_x4_trans(box + lane_off + 256u * jj, pack2<OutT>(value(4 * j), value(4 * j + 1)),
+                              pack2<OutT>(value(4 * j + 2), value(4 * j + 3)),
+                              pack2<OutT>(value(4 * j + 4), value(4 * j + 5)),
+                              pack2<OutT>(value(4 * j + 6), value(4 * j + 7)));
+        }
+        // The box's generic-proxy writes made visible to the TMA unit's reads.
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncwarp();
+        if (lane == 0) tma_store_2d(out_map, box, f0, m0 + h * kStoreTokens);
+    }
+}
+
+// TMA_STORE (16-bit outputs): unsplit tiles leave through the TMA-store epilogue and `out_map`
+// (y as [M][N], boxes of 16 features x kStoreTokens tokens); else (and for split tiles) as
+// store_tile writes them.
+template <int BT, typename OutT, int STAGES, bool TMA_STORE>
 __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act2, const TensorMap* codes_map,
-                                     const uint8_t* __restrict__ sc, OutT* __restrict__ y, int M, int N, int K,
-                                     int scale_cols, float alpha, int tile0, int splits, float* __restrict__ part,
-                                     const OutT* __restrict__ bias, int bias_len, int gelu_from, int k_split) {
+                                     const TensorMap* out_map, const uint8_t* __restrict__ sc, OutT* __restrict__ y,
+                                     int M, int N, int K, int scale_cols, float alpha, int tile0, int splits,
+                                     int units, float* __restrict__ part, const OutT* __restrict__ bias,
+                                     int bias_len, int gelu_from, int k_split) {
+    static_assert(!TMA_STORE || sizeof(OutT) == 2, "the TMA-store epilogue writes 16-bit outputs");
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
     constexpr int kActBytes = BT * kTileBytesPerToken;
     uint8_t* const codes_smem = smem + STAGES * kActBytes;
     uint8_t* const scales_smem = codes_smem + STAGES * kCodeTileBytes;
-    const uint32_t full0 = smem_addr(scales_smem + STAGES * kScaleTileBytes), empty0 = full0 + 8 * STAGES;
+    // (Every region above is a multiple of 256 bytes: the staging boxes keep their swizzle.)
+    uint8_t* const store_smem = scales_smem + STAGES * kScaleTileBytes;
+    const uint32_t full0 = smem_addr(store_smem + (TMA_STORE ? kStoreBytes : 0)), empty0 = full0 + 8 * STAGES;
     const uint32_t act0 = smem_addr(smem);
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int wg = warp / 4, wq = warp % 4, g = lane / 4, t = lane % 4;
     const uint32_t rank = cta_rank();
-    const int cluster = (int)blockIdx.x / kCtas;
-    const int feature_blocks = (N + kRows - 1) / kRows;
-    const int pair = cluster / splits, part_k = cluster % splits;
-    const int tile = tile0 + kCtas * pair + (int)rank;
-    const int n0 = (tile % feature_blocks) * kRows, m0 = (tile / feature_blocks) * BT;
-    const int ktiles_all = (K + kBK - 1) / kBK;
-    const int per_part = (ktiles_all + splits - 1) / splits;
-    const int kb = min(ktiles_all, part_k * per_part), nt = min(ktiles_all, kb + per_part) - kb;
+    const int first_unit = (int)blockIdx.x / kCtas, clusters = (int)gridDim.x / kCtas;
 
     if (tid == 0) {
         for (int s = 0; s < STAGES; s++) {
@@ -754,26 +860,34 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
         prefetch_map(act1);
         prefetch_map(act2);
         prefetch_map(codes_map);
+        if constexpr (TMA_STORE) prefetch_map(out_map);
     }
     cluster_sync();  // both CTAs' barriers initialized before any copy or arrival reaches them
 
+    // Stage use c (counted over all of this cluster's units, the same in both CTAs) goes to stage
+    // c % STAGES in phase c / STAGES.
     if (warp >= kConsumerWarps) {  // the producer warpgroup
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs) : "memory");
         if (warp == kConsumerWarps && lane == 0) {
-            const uint8_t* scale_src = sc + swizzle_offset(n0, 0, scale_cols);
-            for (int j = 0; j < nt; j++) {
-                const int st = j % STAGES, kt = kb + j;
-                // The stage's previous tile released by all four consumer warpgroups of the pair.
-                if (j >= STAGES) mbar_wait(empty0 + 8 * st, (uint32_t)(j / STAGES - 1) & 1u);
-                const uint32_t bar = full0 + 8 * st;
-                mbar_expect_tx(bar, kActBytes + kCodeTileBytes + kScaleTileBytes);
-                const int col = kt * kBK;
-                const bool first = col < k_split;
-                tma_load_2d_multicast(act0 + st * kActBytes + rank * (kActBytes / kCtas), first ? act1 : act2, bar,
-                                      first ? col : col - k_split, m0 + (int)rank * (BT / kCtas), kBothCtas);
-                tma_load_2d(smem_addr(codes_smem + st * kCodeTileBytes), codes_map, bar, kt * (kBK / 2), n0);
-                bulk_load(smem_addr(scales_smem + st * kScaleTileBytes), scale_src + (size_t)kt * kScaleTileBytes,
-                          kScaleTileBytes, bar);
+            int c = 0;
+            for (int u = first_unit; u < units; u += clusters) {
+                const Unit w(u, rank, tile0, splits, N, K, BT);
+                const uint8_t* scale_src = sc + swizzle_offset(w.n0, 0, scale_cols);
+                for (int j = 0; j < w.nt; j++, c++) {
+                    const int st = c % STAGES, kt = w.kb + j;
+                    // The stage's previous tile released by all four consumer warpgroups of the pair.
+                    if (c >= STAGES) mbar_wait(empty0 + 8 * st, (uint32_t)(c / STAGES - 1) & 1u);
+                    const uint32_t bar = full0 + 8 * st;
+                    mbar_expect_tx(bar, kActBytes + kCodeTileBytes + kScaleTileBytes);
+                    const int col = kt * kBK;
+                    const bool first = col < k_split;
+                    tma_load_2d_multicast(act0 + st * kActBytes + rank * (kActBytes / kCtas), first ? act1 : act2,
+                                          bar, first ? col : col - k_split, w.m0 + (int)rank * (BT / kCtas),
+                                          kBothCtas);
+                    tma_load_2d(smem_addr(codes_smem + st * kCodeTileBytes), codes_map, bar, kt * (kBK / 2), w.n0);
+                    bulk_load(smem_addr(scales_smem + st * kScaleTileBytes), scale_src + (size_t)kt * kScaleTileBytes,
+                              kScaleTileBytes, bar);
+                }
             }
         }
         // (The consumers' cluster barrier below, which every thread of both CTAs must reach.)
@@ -786,72 +900,101 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
     const int r_lo = wg * 64 + wq * 16 + g, r_hi = r_lo + 8;
     const int p_lo = physical_row<0>(r_lo), p_hi = physical_row<0>(r_hi);
     const int sw_lo = swizzle_offset(p_lo, 0, 4), sw_hi = swizzle_offset(p_hi, 0, 4);
-    auto dequant = [&](int i, uint32_t (&a)[4][4]) {
-        const int st = i % STAGES;
-        mbar_wait(full0 + 8 * st, (uint32_t)(i / STAGES) & 1u);
+    // Stage use c: wait until its copies landed, dequantize this thread's fragments.
+    auto dequant = [&](int c, uint32_t (&a)[4][4]) {
+        const int st = c % STAGES;
+        mbar_wait(full0 + 8 * st, (uint32_t)(c / STAGES) & 1u);
         const uint8_t* cs = codes_smem + st * kCodeTileBytes;
         const uint8_t* ss = scales_smem + st * kScaleTileBytes;
         dequant_rows(cs + p_lo * (kBK / 2), cs + p_hi * (kBK / 2), *reinterpret_cast<const uint32_t*>(ss + sw_lo),
                      *reinterpret_cast<const uint32_t*>(ss + sw_hi), sh, a);
     };
-
-    float acc[BT / 2];
+    // Stage use c done with by this warpgroup (its wgmmas completed): one arrival in each CTA.
+    auto release = [&](int c) {
+        if (tid % 128 == 0) {
+            const uint32_t bar = empty0 + 8 * (c % STAGES);
 #pragma unroll
-    for (int i = 0; i < BT / 2; i++) acc[i] = 0.0f;
-    uint32_t a0[4][4], a1[4][4];
-    if (nt > 0) dequant(0, a0);
-
-    // One K tile, as gemm_sm90's step: issue tile i's wgmmas, release tile i - 1's stage (in both
-    // CTAs) once its wgmmas completed, dequantize tile i + 1 while tile i's run.
-    auto step = [&](int i, uint32_t (&cur)[4][4], uint32_t (&next)[4][4]) {
-        const uint32_t stage = act0 + (i % STAGES) * kActBytes;
-        wgmma_fence();
-#pragma unroll
-        for (int s = 0; s < 4; s++) {
-            const uint64_t d = desc_sw128(stage + s * 32);
-            if constexpr (BT == 256) wgmma_m64n256k16_rs(acc, cur[s], d);
-            else wgmma_m64n128k16_rs(acc, cur[s], d);
+            for (int r = 0; r < kCtas; r++) mbar_arrive_cluster(bar, (uint32_t)r);
         }
-        wgmma_commit();
-        wgmma_wait<1>();
-        if (i >= 1 && tid % 128 == 0) {
-            const uint32_t bar = empty0 + 8 * ((i - 1) % STAGES);
-#pragma unroll
-            for (int c = 0; c < kCtas; c++) mbar_arrive_cluster(bar, (uint32_t)c);
-        }
-        if (i + 1 < nt) dequant(i + 1, next);
     };
-    for (int i = 0; i < nt; i += 2) {
-        step(i, a0, a1);
-        if (i + 1 < nt) step(i + 1, a1, a0);
+
+    int c0 = 0;  // stage use of the unit's first K tile
+    for (int u = first_unit; u < units; u += clusters) {
+        const Unit w(u, rank, tile0, splits, N, K, BT);
+        const int nt = w.nt;
+        float acc[BT / 2];
+#pragma unroll
+        for (int i = 0; i < BT / 2; i++) acc[i] = 0.0f;
+        uint32_t a0[4][4], a1[4][4];
+        if (nt > 0) dequant(c0, a0);
+
+        // One K tile, as gemm_sm90's step: issue tile i's wgmmas, release tile i - 1's stage (in
+        // both CTAs) once its wgmmas completed, dequantize tile i + 1 while tile i's run. (Loading
+        // tile i + 1's words before the wait instead measured 2-5% slower, docs/PERF.md session 20.)
+        auto step = [&](int i, uint32_t (&cur)[4][4], uint32_t (&next)[4][4]) {
+            const uint32_t stage = act0 + ((c0 + i) % STAGES) * kActBytes;
+            wgmma_fence();
+#pragma unroll
+            for (int s = 0; s < 4; s++) {
+                const uint64_t d = desc_sw128(stage + s * 32);
+                if constexpr (BT == 256) wgmma_m64n256k16_rs(acc, cur[s], d);
+                else wgmma_m64n128k16_rs(acc, cur[s], d);
+            }
+            wgmma_commit();
+            wgmma_wait<1>();
+            if (i >= 1) release(c0 + i - 1);
+            if (i + 1 < nt) dequant(c0 + i + 1, next);
+        };
+        for (int i = 0; i < nt; i += 2) {
+            step(i, a0, a1);
+            if (i + 1 < nt) step(i + 1, a1, a0);
+        }
+        wgmma_wait<0>();
+        if (nt > 0) release(c0 + nt - 1);
+        c0 += nt;
+        if (TMA_STORE && splits == 1) {
+            store_tile_tma<BT, OutT>(acc, out_map, smem_addr(store_smem) + warp * kStoreBoxBytes, lane,
+                                     w.n0 + wg * 64 + wq * 16, w.m0, w.n0 + r_lo, w.n0 + r_hi, alpha, bias,
+                                     bias_len, gelu_from);
+        } else {
+            const int pblock = (w.tile - tile0) * splits + w.part_k;
+            store_tile<BT, OutT>(acc, splits, part, pblock, r_lo, r_hi, w.n0 + r_lo, w.n0 + r_hi, w.m0, t, y, M, N,
+                                 alpha, bias, bias_len, gelu_from);
+        }
     }
-    wgmma_wait<0>();
-    // The other CTA may still arrive on this one's barriers until it passes here; the wait before
-    // leaving keeps this CTA's shared memory alive until then (the epilogue runs in between).
-    asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
-    const int pblock = (tile - tile0) * splits + part_k;
-    store_tile<BT, OutT>(acc, splits, part, pblock, r_lo, r_hi, n0 + r_lo, n0 + r_hi, m0, t, y, M, N, alpha, bias,
-                         bias_len, gelu_from);
-    asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+    // This warp's stores have read their staging box (the shared memory is released below).
+    if (TMA_STORE && lane == 0) tma_store_wait_all();
+    // The other CTA may still arrive on this one's barriers until it passes here: this CTA's
+    // shared memory stays alive until then.
+    cluster_sync();
 }
 
 }  // namespace tma
 }  // namespace
 
-// Dynamic shared memory: STAGES x (activation tile, weight codes, scales), 2 x STAGES mbarriers,
-// 1024 bytes of alignment slack. Grid: two CTAs per tile pair (or per tile pair and K part).
-#define GEMM_SM90_TMA(BT, T, TNAME, STAGES)                                                                \
+// Dynamic shared memory: STAGES x (activation tile, weight codes, scales), the staging boxes of the
+// TMA-store epilogue (tmast kernels), 2 x STAGES mbarriers, 1024 bytes of alignment slack. Grid: two
+// CTAs per cluster, at most one cluster per unit (tile pair, or tile pair and K part); the host
+// launches as many clusters as fit on the GPU at once.
+#define GEMM_SM90_TMA(BT, T, TNAME, STAGES, STORE, KIND)                                                   \
     extern "C" __global__ void __cluster_dims__(tma::kCtas, 1, 1)                                         \
-        __launch_bounds__(kThreads + tma::kProducerThreads, 1) nvfp4_gemm_sm90_tma_s##STAGES##_bt##BT##_##TNAME( \
+        __launch_bounds__(kThreads + tma::kProducerThreads, 1) nvfp4_gemm_sm90_##KIND##_s##STAGES##_bt##BT##_##TNAME( \
             const __grid_constant__ tma::TensorMap act1, const __grid_constant__ tma::TensorMap act2,        \
-            const __grid_constant__ tma::TensorMap codes, const uint8_t* sc, T* y, int M, int N, int K,      \
-            int scale_cols, float alpha, int tile0, int splits, float* part, const T* bias, int bias_len,   \
-            int gelu_from, int k_split) {                                                                   \
-        tma::gemm<BT, T, STAGES>(&act1, &act2, &codes, sc, y, M, N, K, scale_cols, alpha, tile0, splits,     \
-                                 part, bias, bias_len, gelu_from, k_split);                                  \
+            const __grid_constant__ tma::TensorMap codes, const __grid_constant__ tma::TensorMap out,        \
+            const uint8_t* sc, T* y, int M, int N, int K, int scale_cols, float alpha, int tile0, int splits, \
+            int units, float* part, const T* bias, int bias_len, int gelu_from, int k_split) {               \
+        tma::gemm<BT, T, STAGES, STORE>(&act1, &act2, &codes, &out, sc, y, M, N, K, scale_cols, alpha, tile0, \
+                                        splits, units, part, bias, bias_len, gelu_from, k_split);            \
     }
-// 5 stages (as the cp.async form) and 6 (227 KiB of shared memory at 256 tokens); the host picks.
-#define GEMM_SM90_TMA_STAGES(BT, T, TNAME) \
-    GEMM_SM90_TMA(BT, T, TNAME, 5)         \
-    GEMM_SM90_TMA(BT, T, TNAME, 6)
+// Per-element stores: 5 stages (as the cp.async form) and 6 (227 KiB of shared memory at 256 tokens);
+// the host picks. The TMA-store epilogue (16-bit outputs): 5 stages, its staging boxes taking the
+// sixth's room.
+#define GEMM_SM90_TMA_STAGES(BT, T, TNAME)     \
+    GEMM_SM90_TMA(BT, T, TNAME, 5, false, tma) \
+    GEMM_SM90_TMA(BT, T, TNAME, 6, false, tma)
+#define GEMM_SM90_TMA_STORE(BT, T, TNAME) GEMM_SM90_TMA(BT, T, TNAME, 5, true, tmast)
 GEMM_SM90_INSTANCES(GEMM_SM90_TMA_STAGES)
+GEMM_SM90_TMA_STORE(128, __nv_bfloat16, bf16)
+GEMM_SM90_TMA_STORE(128, __half, f16)
+GEMM_SM90_TMA_STORE(256, __nv_bfloat16, bf16)
+GEMM_SM90_TMA_STORE(256, __half, f16)

@@ -136,34 +136,54 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
             all.extend(r);
             // The GEMM's two forms (TMA copies into CTA pairs where the feature blocks pair up,
             // cp.async copies elsewhere) run the same wgmmas in the same order: the very same bits,
-            // whole and with the last wave split.
+            // whole and with the last wave split; so does the TMA form with a few persistent
+            // clusters each taking many units (3: uneven shares).
+            for (what, clusters) in crate::cuda::sm90_tma_resident_clusters(&device)? {
+                println!("  {what}: {clusters} clusters of 2 CTAs resident at once");
+            }
             println!(
-                "trtllm's Hopper GEMM, cp.async form vs the default (TMA where it applies), max |diff| / max |y|:"
+                "trtllm's Hopper GEMM in other forms vs the default (TMA where it applies), max |diff| / max |y|:"
             );
             let default =
                 outputs.iter().find(|(b, _)| *b == Backend::Trtllm).map(|(_, o)| o.clone()).unwrap_or_default();
-            let pipe = |sms: usize| {
-                crate::cuda::with_sm90_form(crate::cuda::Sm90Form::Pipe, || {
-                    crate::cuda::with_sm90_policy_sms(sms, || check_backend(Backend::Trtllm, &device, &problems))
-                })
-            };
+            use crate::cuda::{with_sm90_clusters, with_sm90_form, with_sm90_store, Sm90Clusters, Sm90Form, Sm90Store};
+            const FEW_CLUSTERS: usize = 3;
+            let forms = [
+                ("cp.async form", Sm90Form::Pipe, Sm90Clusters::Fit, Sm90Store::Tma),
+                ("TMA form in 3 clusters", Sm90Form::Auto, Sm90Clusters::AtMost(FEW_CLUSTERS), Sm90Store::Tma),
+                ("TMA form, per-element stores", Sm90Form::Auto, Sm90Clusters::Fit, Sm90Store::Direct),
+            ];
             let mut r = Vec::new();
-            for (label, sms, reference) in [("whole", 0, &default), ("tail split", 4, &split_default)] {
-                let (mut checks, outs) = pipe(sms)?;
-                for c in &mut checks {
-                    c.what = format!("{} (cp.async form, {label})", c.what);
-                }
-                // (Printed like every other check, so a failure shows in the log, not just the count.)
-                failed += print_results(&checks);
-                all.extend(checks);
-                // (check_backend's outputs: W4A16 then W4A4 per problem.)
-                let cases = problems.iter().flat_map(|p| [(p, "w4a16"), (p, "w4a4")]);
-                for ((got, want), (p, mode)) in outs.iter().zip(reference).zip(cases) {
-                    r.push(CheckResult::new(
-                        format!("trtllm {mode} f32 {} cp.async form vs default ({label})", p.label),
-                        crate::doctor::rel_max_err(got, want),
-                        0.0,
-                    ));
+            for (form, sm90_form, clusters, store) in forms {
+                for (label, sms, reference) in [("whole", 0, &default), ("tail split", 4, &split_default)] {
+                    let (mut checks, outs) = with_sm90_form(sm90_form, || {
+                        with_sm90_clusters(clusters, || {
+                            with_sm90_store(store, || {
+                                crate::cuda::with_sm90_policy_sms(sms, || {
+                                    check_backend(Backend::Trtllm, &device, &problems)
+                                })
+                            })
+                        })
+                    })?;
+                    for c in &mut checks {
+                        c.what = format!("{} ({form}, {label})", c.what);
+                    }
+                    // (Printed like every other check, so a failure shows in the log, not just the count.)
+                    failed += print_results(&checks);
+                    all.extend(checks);
+                    // (check_backend's outputs: BACKEND_OUTPUTS for W4A16, then for W4A4, per problem.)
+                    let cases = problems.iter().flat_map(|p| {
+                        ["w4a16", "w4a4"]
+                            .into_iter()
+                            .flat_map(move |mode| crate::doctor::BACKEND_OUTPUTS.map(|out| (p, mode, out)))
+                    });
+                    for ((got, want), (p, mode, out)) in outs.iter().zip(reference).zip(cases) {
+                        r.push(CheckResult::new(
+                            format!("trtllm {mode} {out} {} {form} vs default ({label})", p.label),
+                            crate::doctor::rel_max_err(got, want),
+                            0.0,
+                        ));
+                    }
                 }
             }
             failed += print_results(&r);
@@ -182,7 +202,12 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
             let mut r = Vec::new();
             for (b, outs) in &outputs[1..] {
                 let worst =
-                    outs.iter().zip(&outputs[0].1).map(|(a, o)| crate::doctor::rel_l2(a, o)).fold(0f32, f32::max);
+                    // (The f32 outputs: the variants' bf16 roundings may fall apart where their f32 sums do.)
+                    outs.iter()
+                        .zip(&outputs[0].1)
+                        .step_by(crate::doctor::BACKEND_OUTPUTS.len())
+                        .map(|(a, o)| crate::doctor::rel_l2(a, o))
+                        .fold(0f32, f32::max);
                 r.push(CheckResult::new(format!("{b} vs {}", outputs[0].0), worst, AGREEMENT_TOL));
             }
             failed += print_results(&r);

@@ -97,6 +97,13 @@ const SM90_BARRIER_BYTES: u32 = 8;
 const SM90_TMA_PRODUCER_THREADS: u32 = 128;
 const SM90_TMA_STAGE_CHOICES: [u32; 2] = [5, 6];
 const SM90_TMA_DEFAULT_STAGES: u32 = 6;
+/// The TMA-store epilogue (`tmast` kernels): a warp's box of 16 features x 128 tokens
+/// (`tma::kStoreTokens`), eight consumer warps' boxes in shared memory, which leaves room for 5
+/// stages at 256 tokens.
+const SM90_TMA_STORE_BOX_FEATURES: u32 = 16;
+const SM90_TMA_STORE_BOX_TOKENS: u32 = 128;
+const SM90_TMA_STORE_STAGING_BYTES: u32 = 8 * SM90_TMA_STORE_BOX_FEATURES * SM90_TMA_STORE_BOX_TOKENS * 2;
+const SM90_TMA_STORE_STAGES: u32 = 5;
 /// The oldest GPU our kernels are built for (bf16 tensor cores, sm_80).
 pub const MIN_COMPUTE_CAPABILITY: (i32, i32) = (8, 0);
 
@@ -841,6 +848,135 @@ thread_local! {
     static SM90_POLICY_SMS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// The wgmma GEMM's form for this thread (`None`: `CANDIFF_SM90_GEMM`); `doctor` runs both.
     static SM90_FORM: std::cell::Cell<Option<Sm90Form>> = const { std::cell::Cell::new(None) };
+    /// The TMA form's cluster count for this thread (`None`: `CANDIFF_SM90_CLUSTERS`); `doctor`
+    /// runs a few clusters through many units.
+    static SM90_CLUSTERS: std::cell::Cell<Option<Sm90Clusters>> = const { std::cell::Cell::new(None) };
+    /// The TMA form's 16-bit epilogue for this thread (`None`: `CANDIFF_SM90_STORE`).
+    static SM90_STORE: std::cell::Cell<Option<Sm90Store>> = const { std::cell::Cell::new(None) };
+}
+
+type ThreadSetting<T> = std::thread::LocalKey<std::cell::Cell<Option<T>>>;
+
+/// A GEMM setting: this thread's override (`doctor` runs several), else environment variable
+/// `var` parsed once per process (unset reads as ""); a bad value is an error at every use.
+fn setting<T: Copy>(
+    local: &'static ThreadSetting<T>,
+    env: &'static OnceLock<std::result::Result<T, String>>,
+    var: &str,
+    parse: fn(&str) -> std::result::Result<T, String>,
+) -> Result<T> {
+    if let Some(v) = local.with(|c| c.get()) {
+        return Ok(v);
+    }
+    let v = env.get_or_init(|| parse(std::env::var(var).as_deref().unwrap_or("")));
+    Ok(v.clone().map_err(CandiffError::Unsupported)?)
+}
+
+/// Runs `f` with `local` overridden to `value` on this thread.
+fn with_setting<T: Copy, R>(local: &'static ThreadSetting<T>, value: T, f: impl FnOnce() -> R) -> R {
+    let before = local.with(|c| c.replace(Some(value)));
+    let r = f();
+    local.with(|c| c.set(before));
+    r
+}
+
+/// How the TMA form writes 16-bit outputs (the same bits either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sm90Store {
+    /// Through shared memory and a TMA store per warp and 128 tokens, where y's rows allow (N a
+    /// multiple of 8, at least 16 features and 128 tokens); per element elsewhere.
+    Tma,
+    /// Per element from the accumulators (comparisons).
+    Direct,
+}
+
+/// `CANDIFF_SM90_STORE` = `tma` (default) or `direct`; a thread's [`with_sm90_store`] overrides it.
+fn sm90_store() -> Result<Sm90Store> {
+    static ENV: OnceLock<std::result::Result<Sm90Store, String>> = OnceLock::new();
+    setting(&SM90_STORE, &ENV, "CANDIFF_SM90_STORE", |v| match v {
+        "" | "tma" => Ok(Sm90Store::Tma),
+        "direct" => Ok(Sm90Store::Direct),
+        other => Err(format!("CANDIFF_SM90_STORE={other}: expected tma or direct")),
+    })
+}
+
+/// Runs `f` with the TMA form's 16-bit epilogue `store` on this thread (`doctor`).
+pub fn with_sm90_store<R>(store: Sm90Store, f: impl FnOnce() -> R) -> R {
+    with_setting(&SM90_STORE, store, f)
+}
+
+/// How many clusters the TMA form launches for `units` tile pairs (each cluster takes every
+/// G-th unit; the same bits for any G).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sm90Clusters {
+    /// As many as the GPU holds at once (the driver's occupancy answer): persistent clusters, the
+    /// pipeline filled once per cluster.
+    Fit,
+    /// One per unit, the GPU scheduling them in waves (comparisons).
+    PerUnit,
+    /// At most this many (checks of the persistent loop).
+    AtMost(usize),
+}
+
+impl Sm90Clusters {
+    fn parse(v: &str) -> std::result::Result<Self, String> {
+        match v {
+            "" | "fit" => Ok(Self::Fit),
+            "units" => Ok(Self::PerUnit),
+            n => n
+                .parse()
+                .ok()
+                .filter(|&n: &usize| n > 0)
+                .map(Self::AtMost)
+                .ok_or_else(|| format!("CANDIFF_SM90_CLUSTERS={v}: expected fit, units or a positive count")),
+        }
+    }
+}
+
+/// `CANDIFF_SM90_CLUSTERS` = `fit` (default), `units` or a count; a thread's
+/// [`with_sm90_clusters`] overrides it.
+fn sm90_clusters() -> Result<Sm90Clusters> {
+    static ENV: OnceLock<std::result::Result<Sm90Clusters, String>> = OnceLock::new();
+    setting(&SM90_CLUSTERS, &ENV, "CANDIFF_SM90_CLUSTERS", Sm90Clusters::parse)
+}
+
+/// Runs `f` with the TMA form launching `clusters` on this thread (`doctor`).
+pub fn with_sm90_clusters<R>(clusters: Sm90Clusters, f: impl FnOnce() -> R) -> R {
+    with_setting(&SM90_CLUSTERS, clusters, f)
+}
+
+/// Clusters of `function` (launched with `threads` per CTA and `smem` bytes of dynamic shared
+/// memory) resident on the GPU at once, from the driver; asked once per function and device.
+fn resident_clusters(dev: &CudaDevice, function: &CudaFunction, name: &str, threads: u32, smem: u32) -> Result<usize> {
+    static CACHE: OnceLock<Mutex<HashMap<(DeviceId, String), usize>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(n) = cache.lock().expect("cluster cache poisoned").get(&(dev.id(), name.to_string())) {
+        return Ok(*n);
+    }
+    let stream = dev.cuda_stream();
+    // The kernel's compile-time cluster shape applies; the grid is one cluster.
+    let config = sys::CUlaunchConfig {
+        gridDimX: SM90_TMA_CTAS as u32,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: threads,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem,
+        hStream: stream.cu_stream(),
+        attrs: std::ptr::null_mut(),
+        numAttrs: 0,
+    };
+    let mut n: std::ffi::c_int = 0;
+    // SAFETY: `function` is a loaded kernel of this context; `config` and `n` outlive the call.
+    let r = unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, function.cu_function(), &config) };
+    if r != sys::CUresult::CUDA_SUCCESS || n <= 0 {
+        candle_core::bail!(
+            "nvfp4 sm90 gemm: the driver found no room for a cluster of {name} ({r:?}, {n} clusters; {threads} threads and {smem} bytes of shared memory per CTA)"
+        );
+    }
+    cache.lock().expect("cluster cache poisoned").insert((dev.id(), name.to_string()), n as usize);
+    Ok(n as usize)
 }
 
 /// The two forms of the sm90 W4A16 GEMM (kernels/nvfp4_sm90.cu), which give the same bits.
@@ -854,19 +990,14 @@ pub enum Sm90Form {
     Pipe,
 }
 
-/// `CANDIFF_SM90_GEMM` = `auto` (default) or `pipe`, read once per process; a thread's
-/// [`with_sm90_form`] overrides it.
+/// `CANDIFF_SM90_GEMM` = `auto` (default) or `pipe`; a thread's [`with_sm90_form`] overrides it.
 fn sm90_form() -> Result<Sm90Form> {
-    if let Some(f) = SM90_FORM.with(|c| c.get()) {
-        return Ok(f);
-    }
-    static FORM: OnceLock<std::result::Result<Sm90Form, String>> = OnceLock::new();
-    let form = FORM.get_or_init(|| match std::env::var("CANDIFF_SM90_GEMM").as_deref() {
-        Err(_) | Ok("") | Ok("auto") => Ok(Sm90Form::Auto),
-        Ok("pipe") => Ok(Sm90Form::Pipe),
-        Ok(other) => Err(format!("CANDIFF_SM90_GEMM={other}: expected auto or pipe")),
-    });
-    Ok(form.clone().map_err(CandiffError::Unsupported)?)
+    static ENV: OnceLock<std::result::Result<Sm90Form, String>> = OnceLock::new();
+    setting(&SM90_FORM, &ENV, "CANDIFF_SM90_GEMM", |v| match v {
+        "" | "auto" => Ok(Sm90Form::Auto),
+        "pipe" => Ok(Sm90Form::Pipe),
+        other => Err(format!("CANDIFF_SM90_GEMM={other}: expected auto or pipe")),
+    })
 }
 
 /// `CANDIFF_SM90_TMA_STAGES` = 5 or 6: the TMA form's pipeline depth (measurements), read once.
@@ -885,10 +1016,7 @@ fn sm90_tma_stages() -> Result<u32> {
 
 /// Runs `f` with the wgmma GEMM in `form` on this thread (`doctor` compares the two forms).
 pub fn with_sm90_form<R>(form: Sm90Form, f: impl FnOnce() -> R) -> R {
-    let before = SM90_FORM.with(|c| c.replace(Some(form)));
-    let r = f();
-    SM90_FORM.with(|c| c.set(before));
-    r
+    with_setting(&SM90_FORM, form, f)
 }
 
 /// A TMA tensor map (the driver's opaque 128-byte descriptor), passed by value to the TMA form.
@@ -977,6 +1105,52 @@ fn sm90_policy_sms(dev: &CudaDevice) -> Result<usize> {
     }
 }
 
+/// A wgmma GEMM kernel allowed `smem` bytes of dynamic shared memory (more than the default
+/// 48 KiB: raised once per function).
+fn sm90_function(dev: &CudaDevice, name: &str, smem: u32) -> Result<CudaFunction> {
+    let f = function_in(dev, Kernels::Sm90, name)?;
+    static RAISED: OnceLock<Mutex<std::collections::HashSet<(DeviceId, String)>>> = OnceLock::new();
+    let mut raised = RAISED.get_or_init(Default::default).lock().expect("sm90 attribute cache poisoned");
+    if !raised.contains(&(dev.id(), name.to_string())) {
+        f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .map_err(wrap("sm90 gemm shared memory"))?;
+        raised.insert((dev.id(), name.to_string()));
+    }
+    Ok(f)
+}
+
+/// The TMA form's dynamic shared memory at `bt` tokens per CTA and `stages` stages, with the
+/// TMA-store epilogue's staging boxes or without.
+fn sm90_tma_smem(bt: u32, stages: u32, tma_store: bool) -> u32 {
+    let staging = if tma_store { SM90_TMA_STORE_STAGING_BYTES } else { 0 };
+    stages * (bt * SM90_TILE_BYTES_PER_TOKEN + SM90_WEIGHT_TILE_BYTES)
+        + staging
+        + SM90_ALIGN_SLACK
+        + 2 * stages * SM90_BARRIER_BYTES
+}
+
+/// The TMA form's bf16 kernels at the configured depth and the clusters of each the GPU holds at
+/// once (`doctor` prints them: the persistent grid's size).
+pub fn sm90_tma_resident_clusters(device: &candle_core::Device) -> Result<Vec<(String, usize)>> {
+    let candle_core::Device::Cuda(dev) = device else {
+        candle_core::bail!("the sm90 GEMM runs on a CUDA device; found {device:?}")
+    };
+    let (kind, stages, tma_store) = match sm90_store()? {
+        Sm90Store::Tma => ("tmast", SM90_TMA_STORE_STAGES, true),
+        Sm90Store::Direct => ("tma", sm90_tma_stages()?, false),
+    };
+    let threads = SM90_THREADS + SM90_TMA_PRODUCER_THREADS;
+    [128u32, 256]
+        .into_iter()
+        .map(|bt| {
+            let name = format!("nvfp4_gemm_sm90_{kind}_s{stages}_bt{bt}_bf16");
+            let smem = sm90_tma_smem(bt, stages, tma_store);
+            let f = sm90_function(dev, &name, smem)?;
+            Ok((name.clone(), resident_clusters(dev, &f, &name, threads, smem)?))
+        })
+        .collect()
+}
+
 /// The trtllm variant on Hopper: the weight dequantized in registers as wgmma's A operand; the
 /// last wave split along K where it would run mostly empty ([`tiling::sm90_plan`]).
 fn sm90_gemm(call: &GemmCall, epi: Option<&Epilogue>) -> Result<CudaStorage> {
@@ -996,27 +1170,29 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
         Sm90Form::Auto => sm90_tma_maps(call, input, &plan)?,
         Sm90Form::Pipe => None,
     };
-    let (stages, barriers, threads, kernel) = match maps {
-        Some(_) => {
-            let s = sm90_tma_stages()?;
-            (s, 2 * s * SM90_BARRIER_BYTES, SM90_THREADS + SM90_TMA_PRODUCER_THREADS, format!("tma_s{s}_"))
-        }
-        None => (SM90_STAGES, 0, SM90_THREADS, String::new()),
-    };
-    let smem = stages * (bt * SM90_TILE_BYTES_PER_TOKEN + SM90_WEIGHT_TILE_BYTES) + SM90_ALIGN_SLACK + barriers;
     let (mut y, suffix) = gemm_output(call)?;
-    let name = format!("nvfp4_gemm_sm90_{kernel}bt{bt}_{suffix}");
-    let f = function_in(dev, Kernels::Sm90, &name)?;
-    {
-        // More than the default 48 KiB of dynamic shared memory: allowed once per function.
-        static RAISED: OnceLock<Mutex<std::collections::HashSet<(DeviceId, String)>>> = OnceLock::new();
-        let mut raised = RAISED.get_or_init(Default::default).lock().expect("sm90 attribute cache poisoned");
-        if !raised.contains(&(dev.id(), name.clone())) {
-            f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                .map_err(wrap("sm90 gemm shared memory"))?;
-            raised.insert((dev.id(), name));
+    let store_map = match (&maps, sm90_store()?) {
+        (Some(_), Sm90Store::Tma) => sm90_store_map(call, &y)?,
+        _ => None,
+    };
+    let (smem, threads, kernel) = match (&maps, &store_map) {
+        (Some(_), Some(_)) => (
+            sm90_tma_smem(bt, SM90_TMA_STORE_STAGES, true),
+            SM90_THREADS + SM90_TMA_PRODUCER_THREADS,
+            format!("tmast_s{SM90_TMA_STORE_STAGES}_"),
+        ),
+        (Some(_), None) => {
+            let s = sm90_tma_stages()?;
+            (sm90_tma_smem(bt, s, false), SM90_THREADS + SM90_TMA_PRODUCER_THREADS, format!("tma_s{s}_"))
         }
-    }
+        (None, _) => (
+            SM90_STAGES * (bt * SM90_TILE_BYTES_PER_TOKEN + SM90_WEIGHT_TILE_BYTES) + SM90_ALIGN_SLACK,
+            SM90_THREADS,
+            String::new(),
+        ),
+    };
+    let name = format!("nvfp4_gemm_sm90_{kernel}bt{bt}_{suffix}");
+    let f = sm90_function(dev, &name, smem)?;
     let grid = |ctas: usize| LaunchConfig {
         grid_dim: (ctas as u32, 1, 1),
         block_dim: (threads, 1, 1),
@@ -1048,16 +1224,29 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
         if let Some(maps) = &maps {
             // The inputs are read through the maps: their views stay borrowed for the launch.
             let (_x, _x2, _w) = (call.x.device_ptr(&stream), input.x2.device_ptr(&stream), call.w.device_ptr(&stream));
-            b.arg(&maps.act).arg(&maps.act2).arg(&maps.codes).arg(call.sc);
+            // (The per-element kernels take the codes' map in the output map's place, unread.)
+            b.arg(&maps.act)
+                .arg(&maps.act2)
+                .arg(&maps.codes)
+                .arg(store_map.as_ref().unwrap_or(&maps.codes))
+                .arg(call.sc);
             push_output(&mut b, &mut y)?;
             b.arg(&args.m).arg(&args.n).arg(&args.k).arg(&args.scale_cols).arg(&args.alpha);
-            b.arg(&tile0).arg(&splits).arg(&part_ptr);
+            // A unit: a tile pair or pair part, `ctas` and `tile0` even (sm90_tma_maps).
+            let units = ctas / SM90_TMA_CTAS;
+            let clusters = match sm90_clusters()? {
+                Sm90Clusters::Fit => units.min(resident_clusters(dev, &f, &name, threads, smem)?),
+                Sm90Clusters::PerUnit => units,
+                Sm90Clusters::AtMost(n) => units.min(n),
+            };
+            let units = units as i32;
+            b.arg(&tile0).arg(&splits).arg(&units).arg(&part_ptr);
             BiasView::push(&mut b, bias.as_ref(), &null);
             b.arg(&bias_len).arg(&gelu_from).arg(&k_split);
-            // SAFETY: argument types match the kernel's signature; two CTAs (one cluster) per tile
-            // pair or pair part, `ctas` and `tile0` even (sm90_tma_maps); the maps cover x, x2 and
-            // the weight's padded rows exactly, and the scale blocks read lie in whole 128x4 tiles.
-            unsafe { b.launch(grid(ctas)) }.map_err(wrap("nvfp4 sm90 gemm (tma)"))?;
+            // SAFETY: argument types match the kernel's signature; two CTAs per cluster, each
+            // cluster taking whole units; the maps cover x, x2, y and the weight's padded rows
+            // exactly, and the scale blocks read lie in whole 128x4 tiles.
+            unsafe { b.launch(grid(SM90_TMA_CTAS * clusters)) }.map_err(wrap("nvfp4 sm90 gemm (tma)"))?;
             continue;
         }
         args.push(&mut b, call, &mut y)?;
@@ -1152,6 +1341,45 @@ fn sm90_tma_maps(call: &GemmCall, input: &Parts, plan: &tiling::Sm90Plan) -> Res
     }
     .encode()?;
     Ok(Some(Sm90Maps { act, act2, codes }))
+}
+
+/// The TMA-store epilogue's descriptor of y (`[m][N]`, 16-bit; boxes of 16 features x 128 tokens,
+/// the 32-byte swizzle of the kernel's staging boxes), where y allows: 16-bit elements, rows a
+/// multiple of 16 bytes, at least one box of features and tokens (a box may not exceed its
+/// tensor). `None`: the kernel stores per element.
+fn sm90_store_map(call: &GemmCall, y: &CudaStorageSlice) -> Result<Option<TensorMap>> {
+    let GemmCall { op, dev, m, .. } = *call;
+    let stream = dev.cuda_stream();
+    let (ptr, dtype) = match y {
+        CudaStorageSlice::BF16(v) => {
+            (v.device_ptr(&stream).0, sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16)
+        }
+        CudaStorageSlice::F16(v) => {
+            (v.device_ptr(&stream).0, sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16)
+        }
+        _ => return Ok(None),
+    };
+    const ELEM_BYTES: u64 = 2;
+    let row_bytes = op.n as u64 * ELEM_BYTES;
+    if !Tile2d::fits(ptr, row_bytes)
+        || op.n < SM90_TMA_STORE_BOX_FEATURES as usize
+        || m < SM90_TMA_STORE_BOX_TOKENS as usize
+    {
+        return Ok(None);
+    }
+    Tile2d {
+        ptr,
+        dtype,
+        elem_bytes: ELEM_BYTES,
+        cols: op.n as u64,
+        rows: m as u64,
+        row_bytes,
+        box_cols: SM90_TMA_STORE_BOX_FEATURES,
+        box_rows: SM90_TMA_STORE_BOX_TOKENS,
+        swizzle: sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_32B,
+    }
+    .encode()
+    .map(Some)
 }
 
 /// The output of a W4A16 GEMM, `m x N` elements of the call's output dtype (f32, f16, else bf16),
