@@ -1119,14 +1119,20 @@ fn sm90_function(dev: &CudaDevice, name: &str, smem: u32) -> Result<CudaFunction
     Ok(f)
 }
 
-/// The TMA form's dynamic shared memory at `bt` tokens per CTA and `stages` stages, with the
-/// TMA-store epilogue's staging boxes or without.
-fn sm90_tma_smem(bt: u32, stages: u32, tma_store: bool) -> u32 {
-    let staging = if tma_store { SM90_TMA_STORE_STAGING_BYTES } else { 0 };
-    stages * (bt * SM90_TILE_BYTES_PER_TOKEN + SM90_WEIGHT_TILE_BYTES)
+/// The TMA form's kernel-name infix (`tmast_s5_`: the TMA-store epilogue, 5 stages; `tma_sS_`:
+/// per-element stores, the configured depth) and its dynamic shared memory at `bt` tokens per CTA:
+/// the stages, the staging boxes of the TMA store, the mbarriers and the alignment slack.
+fn sm90_tma_kernel(bt: u32, tma_store: bool) -> Result<(String, u32)> {
+    let (kind, stages, staging) = if tma_store {
+        ("tmast", SM90_TMA_STORE_STAGES, SM90_TMA_STORE_STAGING_BYTES)
+    } else {
+        ("tma", sm90_tma_stages()?, 0)
+    };
+    let smem = stages * (bt * SM90_TILE_BYTES_PER_TOKEN + SM90_WEIGHT_TILE_BYTES)
         + staging
         + SM90_ALIGN_SLACK
-        + 2 * stages * SM90_BARRIER_BYTES
+        + 2 * stages * SM90_BARRIER_BYTES;
+    Ok((format!("{kind}_s{stages}_"), smem))
 }
 
 /// The TMA form's bf16 kernels at the configured depth and the clusters of each the GPU holds at
@@ -1135,16 +1141,13 @@ pub fn sm90_tma_resident_clusters(device: &candle_core::Device) -> Result<Vec<(S
     let candle_core::Device::Cuda(dev) = device else {
         candle_core::bail!("the sm90 GEMM runs on a CUDA device; found {device:?}")
     };
-    let (kind, stages, tma_store) = match sm90_store()? {
-        Sm90Store::Tma => ("tmast", SM90_TMA_STORE_STAGES, true),
-        Sm90Store::Direct => ("tma", sm90_tma_stages()?, false),
-    };
+    let tma_store = sm90_store()? == Sm90Store::Tma;
     let threads = SM90_THREADS + SM90_TMA_PRODUCER_THREADS;
     [128u32, 256]
         .into_iter()
         .map(|bt| {
-            let name = format!("nvfp4_gemm_sm90_{kind}_s{stages}_bt{bt}_bf16");
-            let smem = sm90_tma_smem(bt, stages, tma_store);
+            let (kernel, smem) = sm90_tma_kernel(bt, tma_store)?;
+            let name = format!("nvfp4_gemm_sm90_{kernel}bt{bt}_bf16");
             let f = sm90_function(dev, &name, smem)?;
             Ok((name.clone(), resident_clusters(dev, &f, &name, threads, smem)?))
         })
@@ -1175,17 +1178,12 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
         (Some(_), Sm90Store::Tma) => sm90_store_map(call, &y)?,
         _ => None,
     };
-    let (smem, threads, kernel) = match (&maps, &store_map) {
-        (Some(_), Some(_)) => (
-            sm90_tma_smem(bt, SM90_TMA_STORE_STAGES, true),
-            SM90_THREADS + SM90_TMA_PRODUCER_THREADS,
-            format!("tmast_s{SM90_TMA_STORE_STAGES}_"),
-        ),
-        (Some(_), None) => {
-            let s = sm90_tma_stages()?;
-            (sm90_tma_smem(bt, s, false), SM90_THREADS + SM90_TMA_PRODUCER_THREADS, format!("tma_s{s}_"))
+    let (smem, threads, kernel) = match maps {
+        Some(_) => {
+            let (kernel, smem) = sm90_tma_kernel(bt, store_map.is_some())?;
+            (smem, SM90_THREADS + SM90_TMA_PRODUCER_THREADS, kernel)
         }
-        (None, _) => (
+        None => (
             SM90_STAGES * (bt * SM90_TILE_BYTES_PER_TOKEN + SM90_WEIGHT_TILE_BYTES) + SM90_ALIGN_SLACK,
             SM90_THREADS,
             String::new(),
