@@ -7,9 +7,11 @@
 // through descriptors as B), weight codes and block scales of each 64-wide K tile come through one
 // cp.async pipeline in shared memory.
 //
-// CTA: two warpgroups, 128 output features (64 each) x BT tokens. Per tile a thread reads the 32
-// code bytes of each of its two weight rows and one 4-byte scale word per row (the 128x4 scale
-// swizzle keeps a row's four scales of a 64-wide K tile together).
+// CTA: two warpgroups, 128 output features (64 each) x BT tokens. Per tile a thread reads its 8
+// code bytes of each of its two weight rows (the weight is prepared in the Hopper code order,
+// LayoutKind::TrtllmSm90: each thread of a quad finds the 16 codes it needs of a row's K tile in 8
+// bytes of its own) and one 4-byte scale word per row (the 128x4 scale swizzle keeps a row's four
+// scales of a 64-wide K tile together).
 //
 // Dequantization, exact at every step: a code's magnitude bits (exponent 2, mantissa 1) go into
 // bf16 bits 8:6 (value x 2^-126; the 0.5 code is a bf16 subnormal, which bf16 arithmetic keeps),
@@ -85,24 +87,27 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// Byte `sh / 8` of `w` (two E2M1 codes, low nibble = even k) as a bf16 pair holding code x 2^-126:
-// magnitude bits (exponent 2, mantissa 1) to bits 8:6 of each half, signs to bits 15 and 31. The
-// multiplications place both nibbles at once: the byte alone (a byte permute, zeros above) times
-// 2^6 + 2^18 gives two copies in bits 13:6 and 25:18 that cannot carry into each other, so only the
-// sign bits need masking first (5 integer operations; a shift and two masks took 6).
-__device__ __forceinline__ uint32_t e2m1x2_bf16_raw(uint32_t w, uint32_t sh) {
-    constexpr uint32_t kMagMul = (1u << 6) | (1u << 18);  // low nibble -> bits 8:6, high -> 24:22
-    constexpr uint32_t kKeep = (7u << 6) | (7u << 22) | 0x80008000u;
-    constexpr uint32_t kByteZeros = 0x4440u;  // __byte_perm selector: bytes 1-3 from the zero word
-    const uint32_t b = __byte_perm(w, 0u, kByteZeros | (sh >> 3));
-    const uint32_t mag = b * kMagMul;
-    const uint32_t sgn = (b & 0x88u) * 0x01001000u;  // bit 3 -> 15, bit 7 -> 31
-    return (mag | sgn) & kKeep;
+// Pair j (0..3) of a 32-bit word of the Hopper code order (src/nvfp4/layout.rs `sm90_code_bits`,
+// prepared at load) as a bf16 pair holding code x 2^-126: magnitude bits (exponent 2, mantissa 1) at
+// bf16 bits 8:6, signs at 15 and 31. The order puts each pair's eight bits where a mask (j = 0), a
+// rotation and a mask (1, 2), or a mask, a multiplication by three powers of two (shifted copies
+// that never carry into the kept bits) and a mask (3) place them: 2 operations per pair on average,
+// where the linear order took 5 (docs/PERF.md, session 21). Constants as in layout.rs.
+constexpr uint32_t kPairBits = 0x81C081C0u;
+constexpr uint32_t kRot1 = 10, kRot2 = 13;
+constexpr uint32_t kPair3Src = 0x001B001Bu, kPair3Mul = (1u << 2) | (1u << 7) | (1u << 12);
+__device__ __forceinline__ uint32_t sm90_pair(uint32_t w, int j) {
+    switch (j) {  // (always a constant after unrolling)
+        case 0: return w & kPairBits;
+        case 1: return __funnelshift_l(w, w, kRot1) & kPairBits;
+        case 2: return __funnelshift_l(w, w, kRot2) & kPairBits;
+        default: return ((w & kPair3Src) * kPair3Mul) & kPairBits;
+    }
 }
 
-// One bf16x2 A-fragment register: the codes of byte `sh / 8` of `w` times the scale pair `s2`.
-__device__ __forceinline__ uint32_t dequant_pair(uint32_t w, uint32_t sh, uint32_t s2) {
-    uint32_t raw = e2m1x2_bf16_raw(w, sh);
+// Pair j of word w times the scale pair `s2`: one bf16x2 A-fragment register (exact).
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t w, int j, uint32_t s2) {
+    uint32_t raw = sm90_pair(w, j);
     __nv_bfloat162 b = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&raw), *reinterpret_cast<__nv_bfloat162*>(&s2));
     return *reinterpret_cast<uint32_t*>(&b);
 }
@@ -143,27 +148,26 @@ __device__ __forceinline__ float bias_of(const OutT* __restrict__ bias, int bias
     return (bias != nullptr && n < bias_len) ? static_cast<float>(bias[n]) : 0.f;
 }
 
-// A fragments of one K tile from shared memory: the 32 code bytes of this thread's two rows (`lo`,
-// `hi`) and their scale words (`s_lo`, `s_hi` in the tile's 512-byte 128x4 scale block).
-// Fragment of k16 step s: (row g, k 2t..2t+1), (row g+8, same), (row g, k +8), (row g+8, k +8);
-// code word j of a row holds k = 8j + 2t, 8j + 2t + 1 in byte t, so step s uses words 2s, 2s+1.
+// A fragments of one K tile from shared memory: this thread's 8 code bytes (words w = 0, 1) of each
+// of its two rows (`lo`, `hi`: the rows' 32 bytes of the tile) and their scale words (`word_lo`,
+// `word_hi`, from the tile's 512-byte 128x4 scale block). Fragment of k16 step s: (row g, k 16s +
+// 2t, +1), (row g+8, same), (row g, k + 8), (row g+8, k + 8): word s / 2, pairs 2 (s % 2) and
+// 2 (s % 2) + 1; block scale s.
 __device__ __forceinline__ void dequant_rows(const uint8_t* lo, const uint8_t* hi, uint32_t word_lo,
-                                             uint32_t word_hi, uint32_t sh, uint32_t (&a)[4][4]) {
-    const uint4 lo0 = *reinterpret_cast<const uint4*>(lo);
-    const uint4 lo1 = *reinterpret_cast<const uint4*>(lo + 16);
-    const uint4 hi0 = *reinterpret_cast<const uint4*>(hi);
-    const uint4 hi1 = *reinterpret_cast<const uint4*>(hi + 16);
+                                             uint32_t word_hi, int t, uint32_t (&a)[4][4]) {
+    const uint2 l = *reinterpret_cast<const uint2*>(lo + 8 * t);
+    const uint2 h = *reinterpret_cast<const uint2*>(hi + 8 * t);
     uint32_t s_lo[4], s_hi[4];
     scale_pairs(word_lo, s_lo);
     scale_pairs(word_hi, s_hi);
-    const uint32_t w_lo[8] = {lo0.x, lo0.y, lo0.z, lo0.w, lo1.x, lo1.y, lo1.z, lo1.w};
-    const uint32_t w_hi[8] = {hi0.x, hi0.y, hi0.z, hi0.w, hi1.x, hi1.y, hi1.z, hi1.w};
+    const uint32_t w_lo[2] = {l.x, l.y}, w_hi[2] = {h.x, h.y};
 #pragma unroll
     for (int s = 0; s < 4; s++) {
-        a[s][0] = dequant_pair(w_lo[2 * s], sh, s_lo[s]);
-        a[s][1] = dequant_pair(w_hi[2 * s], sh, s_hi[s]);
-        a[s][2] = dequant_pair(w_lo[2 * s + 1], sh, s_lo[s]);
-        a[s][3] = dequant_pair(w_hi[2 * s + 1], sh, s_hi[s]);
+        const int j = 2 * (s % 2);
+        a[s][0] = dequant_pair(w_lo[s / 2], j, s_lo[s]);
+        a[s][1] = dequant_pair(w_hi[s / 2], j, s_hi[s]);
+        a[s][2] = dequant_pair(w_lo[s / 2], j + 1, s_lo[s]);
+        a[s][3] = dequant_pair(w_hi[s / 2], j + 1, s_hi[s]);
     }
 }
 
@@ -227,7 +231,6 @@ __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, c
     const int ktiles_all = (K + kBK - 1) / kBK;
     const int per_part = (ktiles_all + splits - 1) / splits;
     const int kb = min(ktiles_all, part_k * per_part), ktiles = min(ktiles_all, kb + per_part);
-    const uint32_t sh = 8u * t;  // this thread's byte within each 4-byte code word
 
     // Copies of one K tile's weight bytes: thread tid takes 16 bytes of physical row n0 + tid / 2
     // (rows read in order) and stores them at the row's logical slot, so that each warp later
@@ -280,7 +283,7 @@ __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, c
         const uint8_t* cs = codes_smem + st * kCodeBytes;
         const uint8_t* ss = scales_smem + st * 512;
         dequant_rows(cs + r_lo * (kBK / 2), cs + r_hi * (kBK / 2), *reinterpret_cast<const uint32_t*>(ss + sw_lo),
-                     *reinterpret_cast<const uint32_t*>(ss + sw_hi), sh, a);
+                     *reinterpret_cast<const uint32_t*>(ss + sw_hi), t, a);
     };
 
     float acc[kAcc];
@@ -528,13 +531,14 @@ __device__ __forceinline__ void gemv_sm90(const __nv_bfloat16* __restrict__ x, c
                 xv[j] = *reinterpret_cast<const uint4*>(&xs[st][x_unit_offset(g + 8 * j, t * 8 + i)]);
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                const int s = 2 * i + h;
-                const uint32_t sh = 16u * h;  // bytes 2 h and 2 h + 1 of word i
+                // Step s takes the pairs k = 4s, 4s + 1 and 4s + 2, 4s + 3 of the thread's 64: in
+                // the Hopper code order pair i % 4 of words 2q + i / 4 for q = 2h, 2h + 1.
+                const int s = 2 * i + h, j = i % 4, wi = i / 4;
                 uint32_t a[4];
-                a[0] = dequant_pair(cl[i], sh, sp_lo[s / 4]);
-                a[1] = dequant_pair(ch[i], sh, sp_hi[s / 4]);
-                a[2] = dequant_pair(cl[i], sh + 8, sp_lo[s / 4]);
-                a[3] = dequant_pair(ch[i], sh + 8, sp_hi[s / 4]);
+                a[0] = dequant_pair(cl[4 * h + wi], j, sp_lo[s / 4]);
+                a[1] = dequant_pair(ch[4 * h + wi], j, sp_hi[s / 4]);
+                a[2] = dequant_pair(cl[4 * h + 2 + wi], j, sp_lo[s / 4]);
+                a[3] = dequant_pair(ch[4 * h + 2 + wi], j, sp_hi[s / 4]);
 #pragma unroll
                 for (int j = 0; j < NT; j++)
                     mma_bf16_16816(accs[h % ACCS][j], a, h ? xv[j].z : xv[j].x, h ? xv[j].w : xv[j].y);
@@ -896,7 +900,6 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
     }
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs) : "memory");
 
-    const uint32_t sh = 8u * t;
     const int r_lo = wg * 64 + wq * 16 + g, r_hi = r_lo + 8;
     const int p_lo = physical_row<0>(r_lo), p_hi = physical_row<0>(r_hi);
     const int sw_lo = swizzle_offset(p_lo, 0, 4), sw_hi = swizzle_offset(p_hi, 0, 4);
@@ -907,7 +910,7 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
         const uint8_t* cs = codes_smem + st * kCodeTileBytes;
         const uint8_t* ss = scales_smem + st * kScaleTileBytes;
         dequant_rows(cs + p_lo * (kBK / 2), cs + p_hi * (kBK / 2), *reinterpret_cast<const uint32_t*>(ss + sw_lo),
-                     *reinterpret_cast<const uint32_t*>(ss + sw_hi), sh, a);
+                     *reinterpret_cast<const uint32_t*>(ss + sw_hi), t, a);
     };
     // Stage use c done with by this warpgroup (its wgmmas completed): one arrival in each CTA.
     auto release = [&](int c) {

@@ -90,6 +90,11 @@ fn layouts_are_bit_exact_both_ways() {
         assert_bytes_eq(&t.weight, &raw(&f, &format!("{}trtllm_weight", c.p)), &format!("{}trtllm_weight", c.p));
         assert_bytes_eq(&t.scale, &raw(&f, &format!("{}trtllm_scale", c.p)), &format!("{}trtllm_scale", c.p));
         assert_eq!(t.to_canonical(w.weight_scale_2).unwrap(), w);
+        // trtllm on Hopper: the same rows and scales, codes in the Hopper kernels' order.
+        let h = PreparedLayout::prepare(&w, LayoutKind::TrtllmSm90);
+        assert_eq!((h.weight_rows, h.weight_row_bytes), (t.weight_rows, t.weight_row_bytes));
+        assert_bytes_eq(&h.scale, &t.scale, "trtllm sm90 scales");
+        assert_eq!(h.to_canonical(w.weight_scale_2).unwrap(), w);
         // cutlass / cudnn.
         let u = PreparedLayout::prepare(&w, LayoutKind::Cutlass);
         assert_eq!([u.weight_rows, u.weight_row_bytes].to_vec(), shape(&f, &format!("{}cutlass_weight", c.p)));
@@ -149,20 +154,16 @@ fn gemm_matches_references_for_every_backend_and_mode() {
                 assert!(d <= tol, "{} {backend} {mode}: max diff {d} > {tol}", c.p);
                 outs.push(y);
             }
-            // The cudnn variant's layout on GPUs without FP4 tensor cores.
-            let l = Nvfp4Linear::with_layout(
-                &w,
-                Some(input_scale),
-                None,
-                Backend::Cudnn,
-                LayoutKind::CutlassLinearScales,
-                mode,
-                &Device::Cpu,
-            )
-            .unwrap();
-            let y: Vec<f32> = l.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            assert!(max_diff(&y, &want) <= tol, "{} cudnn-linear {mode}", c.p);
-            outs.push(y);
+            // The layouts chosen on some GPUs: cudnn's without FP4 tensor cores, trtllm's on Hopper.
+            for (backend, kind) in
+                [(Backend::Cudnn, LayoutKind::CutlassLinearScales), (Backend::Trtllm, LayoutKind::TrtllmSm90)]
+            {
+                let l =
+                    Nvfp4Linear::with_layout(&w, Some(input_scale), None, backend, kind, mode, &Device::Cpu).unwrap();
+                let y: Vec<f32> = l.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                assert!(max_diff(&y, &want) <= tol, "{} {kind:?} {mode}", c.p);
+                outs.push(y);
+            }
             // Every layout holds the same numbers, so the reference gives identical outputs.
             for (i, o) in outs.iter().enumerate().skip(1) {
                 assert_eq!(&outs[0], o, "{} {mode}: layout {i} differs from trtllm", c.p);

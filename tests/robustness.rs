@@ -2,7 +2,7 @@
 //! conversions round-trip on random shapes.
 
 use candiff::nvfp4::config::{self, infer, parse_hf_quant_config, parse_model_config, resolve, Overrides};
-use candiff::nvfp4::layout::{swizzle_scales, unswizzle_scales, LayoutKind, Nvfp4Weight, PreparedLayout};
+use candiff::nvfp4::layout::{code_in_row, swizzle_scales, unswizzle_scales, LayoutKind, Nvfp4Weight, PreparedLayout};
 use candiff::nvfp4::quant::quantize_weight;
 use candiff::safetensors::{parse_header, serialize, Header};
 use proptest::prelude::*;
@@ -138,14 +138,18 @@ proptest! {
         // Any byte but the NaN codes is a valid scale for layout purposes.
         let scales: Vec<u8> = (0..n * kb).map(|_| (next() as u8) & 0x7E).collect();
         let w = Nvfp4Weight::new(n, k, packed, scales, 0.5).unwrap();
-        for kind in [LayoutKind::Trtllm, LayoutKind::Cutlass, LayoutKind::CutlassLinearScales] {
+        for kind in [LayoutKind::Trtllm, LayoutKind::TrtllmSm90, LayoutKind::Cutlass, LayoutKind::CutlassLinearScales] {
             let p = PreparedLayout::prepare(&w, kind);
             prop_assert_eq!(p.to_canonical(0.5).unwrap(), w.clone());
-            // Padding is zero.
+            // Padding is zero (codes past K, wherever a layout keeps them).
             let nonzero_pad = (0..p.weight_rows).any(|r| {
                 let logical = (0..n).any(|l| PreparedLayout::physical_row(kind, l) == r);
                 let row = &p.weight[r * p.weight_row_bytes..(r + 1) * p.weight_row_bytes];
-                if logical { row[k / 2..].iter().any(|&b| b != 0) } else { row.iter().any(|&b| b != 0) }
+                if logical {
+                    (k..2 * p.weight_row_bytes).any(|kk| code_in_row(kind, row, kk) != 0)
+                } else {
+                    row.iter().any(|&b| b != 0)
+                }
             });
             prop_assert!(!nonzero_pad);
         }

@@ -257,6 +257,8 @@ pub fn layout_for(backend: Backend, dev: &CudaDevice) -> Result<LayoutKind> {
     Ok(match backend {
         // cuDNN's engines without FP4 tensor cores only take linear block scales.
         Backend::Cudnn if cc.0 < 10 => LayoutKind::CutlassLinearScales,
+        // The Hopper kernels read their own code order (fewer instructions per weight).
+        Backend::Trtllm if hopper_kernels(dev)? => LayoutKind::TrtllmSm90,
         b => b.layout(),
     })
 }
@@ -520,11 +522,7 @@ pub fn epilogue_in_gemm(op: &Nvfp4Matmul, x: &candle_core::Tensor, bias: Option<
         _ => DType::BF16,
     };
     let bias_fits = bias.is_none_or(|b| b.dtype() == out_dtype && b.rank() == 1 && b.dim(0).is_ok_and(|n| n <= op.n));
-    Ok(op.backend == Backend::Trtllm
-        && op.mode == ActMode::W4A16
-        && op.kind == LayoutKind::Trtllm
-        && bias_fits
-        && use_wgmma(dev, op.k)?)
+    Ok(op.backend == Backend::Trtllm && op.mode == ActMode::W4A16 && bias_fits && use_wgmma(dev, op)?)
 }
 
 /// `y = alpha * (x ⊗ W)` on the GPU for a prepared NVFP4 weight; with `epi`, `act(y + bias)` in
@@ -607,8 +605,7 @@ pub fn nvfp4_linear_fwd(
         #[allow(unreachable_patterns)]
         b => candle_core::bail!("the NVFP4 {b} variant is not in this build"),
     }
-    debug_assert_eq!(op.kind, LayoutKind::Trtllm);
-    if use_wgmma(&dev, op.k)? {
+    if use_wgmma(&dev, op)? {
         if m > tiling::SM90_GEMV_MAX_M {
             return Ok((sm90_gemm(&call, epi)?, Shape::from(out_dims)));
         }
@@ -670,7 +667,7 @@ fn sm90_parts_fwd(
     if op.backend != Backend::Trtllm
         || op.mode != ActMode::W4A16
         || m <= tiling::SM90_GEMV_MAX_M
-        || !use_wgmma(&dev, op.k)?
+        || !use_wgmma(&dev, op)?
     {
         candle_core::bail!(
             "nvfp4 linear: a two-part input is read by the trtllm W4A16 GEMM on Hopper (M > {}) only; this is {} {} at M = {m}",
@@ -698,9 +695,10 @@ struct Parts<'a> {
 }
 
 /// Which kernels run the trtllm variant's W4A16 product (`CANDIFF_TRTLLM_GEMM`): `auto` (the Hopper
-/// kernels on compute capability 9.0 when K is a multiple of 8 — wgmma GEMM, tensor-core GEMV for
-/// M <= 16 — else the portable ones), `wgmma` (the Hopper kernels or an error), `mma` (the portable
-/// kernels, for comparisons).
+/// kernels on compute capability 9.0 — wgmma GEMM, tensor-core GEMV for M <= 16 — else the portable
+/// ones), `wgmma` (the Hopper kernels or an error), `mma` (the portable kernels, for comparisons).
+/// Chosen when a layer is prepared: the Hopper kernels read the [`LayoutKind::TrtllmSm90`] code
+/// order, the portable ones [`LayoutKind::Trtllm`]'s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TrtllmGemm {
     Auto,
@@ -720,19 +718,35 @@ fn trtllm_gemm_choice() -> Result<TrtllmGemm> {
     choice.clone().map_err(|e| CandiffError::Unsupported(e).into())
 }
 
-/// Does the wgmma kernel take this GEMM? (It needs sm_90 and 16-byte aligned activation rows.)
-fn use_wgmma(dev: &CudaDevice, k: usize) -> Result<bool> {
-    let fits = compute_capability(dev)? == (9, 0) && k.is_multiple_of(8);
+/// Does the trtllm variant prepare its weights for the Hopper kernels on this device?
+fn hopper_kernels(dev: &CudaDevice) -> Result<bool> {
+    let sm90 = compute_capability(dev)? == (9, 0);
     match trtllm_gemm_choice()? {
-        TrtllmGemm::Auto => Ok(fits),
+        TrtllmGemm::Auto => Ok(sm90),
         TrtllmGemm::Mma => Ok(false),
-        TrtllmGemm::Wgmma if fits => Ok(true),
+        TrtllmGemm::Wgmma if sm90 => Ok(true),
         TrtllmGemm::Wgmma => Err(CandiffError::Unsupported(format!(
-            "CANDIFF_TRTLLM_GEMM=wgmma needs compute capability 9.0 and K a multiple of 8; this GPU is {:?}, K = {k}. Unset it to pick the kernel automatically",
+            "CANDIFF_TRTLLM_GEMM=wgmma needs compute capability 9.0; this GPU is {:?}. Unset it to pick the kernels automatically",
             compute_capability(dev)?
         ))
         .into()),
     }
+}
+
+/// Does the Hopper GEMM/GEMV take this layer? Exactly when its weight was prepared in their code
+/// order (activation rows are 16-byte aligned: K is a multiple of 16 for every NVFP4 weight).
+fn use_wgmma(dev: &CudaDevice, op: &Nvfp4Matmul) -> Result<bool> {
+    if op.kind != LayoutKind::TrtllmSm90 {
+        return Ok(false);
+    }
+    let cc = compute_capability(dev)?;
+    if cc != (9, 0) {
+        return Err(CandiffError::Unsupported(format!(
+            "this NVFP4 weight was prepared in the Hopper kernels' code order, which runs on compute capability 9.0 only; this GPU is {cc:?}: load the layer on this device (its layout is chosen there)"
+        ))
+        .into());
+    }
+    Ok(true)
 }
 
 /// `CANDIFF_SM90_TOKENS` = 128 or 256: tokens per CTA of the wgmma kernel, overriding

@@ -5,8 +5,8 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor};
 
-use super::format::{e2m1_decode, e4m3_decode, unpack_byte, NibbleOrder, GROUP_SIZE};
-use super::layout::{LayoutKind, Nvfp4Weight, PreparedLayout};
+use super::format::{e2m1_decode, e4m3_decode, GROUP_SIZE};
+use super::layout::{code_in_row, LayoutKind, Nvfp4Weight, PreparedLayout};
 use super::quant::quantize_row;
 
 /// Environment variable choosing the NVFP4 backend when no CLI flag does.
@@ -171,10 +171,8 @@ impl Nvfp4Matmul {
         for r in 0..self.n {
             for b in 0..kb {
                 let sv = e4m3_decode(view.scale(r, b));
-                for j in 0..GROUP_SIZE / 2 {
-                    let (c0, c1) = unpack_byte(view.code_byte(r, b * GROUP_SIZE / 2 + j), NibbleOrder::Low);
-                    out[r * self.k + b * GROUP_SIZE + 2 * j] = e2m1_decode(c0) * sv;
-                    out[r * self.k + b * GROUP_SIZE + 2 * j + 1] = e2m1_decode(c1) * sv;
+                for kk in b * GROUP_SIZE..(b + 1) * GROUP_SIZE {
+                    out[r * self.k + kk] = e2m1_decode(view.code(r, kk)) * sv;
                 }
             }
         }
@@ -231,9 +229,11 @@ struct PreparedView<'a> {
 }
 
 impl PreparedView<'_> {
+    /// E2M1 code `k` of logical row `n`.
     #[inline]
-    fn code_byte(&self, n: usize, j: usize) -> u8 {
-        self.weight[PreparedLayout::physical_row(self.kind, n) * self.row_bytes + j]
+    fn code(&self, n: usize, k: usize) -> u8 {
+        let p = PreparedLayout::physical_row(self.kind, n);
+        code_in_row(self.kind, &self.weight[p * self.row_bytes..(p + 1) * self.row_bytes], k)
     }
     #[inline]
     fn scale(&self, n: usize, b: usize) -> u8 {
