@@ -533,12 +533,12 @@ __device__ __forceinline__ void gemv_sm90(const __nv_bfloat16* __restrict__ x, c
             for (int h = 0; h < 2; h++) {
                 // Step s takes the pairs k = 4s, 4s + 1 and 4s + 2, 4s + 3 of the thread's 64: in
                 // the Hopper code order pair i % 4 of words 2q + i / 4 for q = 2h, 2h + 1.
-                const int s = 2 * i + h, j = i % 4, wi = i / 4;
+                const int s = 2 * i + h, pair = i % 4, wi = i / 4;
                 uint32_t a[4];
-                a[0] = dequant_pair(cl[4 * h + wi], j, sp_lo[s / 4]);
-                a[1] = dequant_pair(ch[4 * h + wi], j, sp_hi[s / 4]);
-                a[2] = dequant_pair(cl[4 * h + 2 + wi], j, sp_lo[s / 4]);
-                a[3] = dequant_pair(ch[4 * h + 2 + wi], j, sp_hi[s / 4]);
+                a[0] = dequant_pair(cl[4 * h + wi], pair, sp_lo[s / 4]);
+                a[1] = dequant_pair(ch[4 * h + wi], pair, sp_hi[s / 4]);
+                a[2] = dequant_pair(cl[4 * h + 2 + wi], pair, sp_lo[s / 4]);
+                a[3] = dequant_pair(ch[4 * h + 2 + wi], pair, sp_hi[s / 4]);
 #pragma unroll
                 for (int j = 0; j < NT; j++)
                     mma_bf16_16816(accs[h % ACCS][j], a, h ? xv[j].z : xv[j].x, h ? xv[j].w : xv[j].y);
