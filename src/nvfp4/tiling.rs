@@ -25,14 +25,21 @@ pub struct Sm90Plan {
     pub parts: usize,
 }
 
+/// Inputs from which a product of a few hundred tokens still takes 256 tokens per CTA: its K
+/// split into up to [`SM90_MAX_TAIL_SPLIT`] parts keeps each part long (at 256 and 512 tokens,
+/// N 3072-5120, K 12288-15360: 10-32% faster than 128 tokens in twice as many CTAs, Nsight Compute
+/// kernel times, docs/PERF.md session 22; at K = 3072 up to 39% slower).
+pub const SM90_LONG_K: usize = 8192;
+
 /// Tokens per CTA: 256 (more work per dequantized weight) when that still gives at least half as
-/// many CTAs as SMs, else 128 (measured on an H200, docs/PERF.md); `forced` overrides it.
-pub fn sm90_tokens_per_cta(sms: usize, m: usize, n: usize, forced: Option<usize>) -> usize {
+/// many CTAs as SMs, or from 256 tokens when K is long ([`SM90_LONG_K`]), else 128 (measured on
+/// an H200, docs/PERF.md); `forced` overrides it.
+pub fn sm90_tokens_per_cta(sms: usize, m: usize, n: usize, k: usize, forced: Option<usize>) -> usize {
     if let Some(bt) = forced {
         return bt;
     }
     let ctas_256 = n.div_ceil(SM90_ROWS) * m.div_ceil(256);
-    if 2 * ctas_256 >= sms {
+    if 2 * ctas_256 >= sms || (m >= 256 && k >= SM90_LONG_K) {
         256
     } else {
         128
@@ -46,7 +53,7 @@ pub fn sm90_tokens_per_cta(sms: usize, m: usize, n: usize, forced: Option<usize>
 /// N = 3072 on an H200 (132 SMs) 432 tiles leave 36, a last wave 27% full. A product of at most
 /// half a wave is all "last wave": every tile is split (M = 256, N = 3072: 48 tiles in 2 parts).
 pub fn sm90_plan(m: usize, n: usize, k: usize, sms: usize, forced_tokens: Option<usize>, split_tail: bool) -> Sm90Plan {
-    let tokens_per_cta = sm90_tokens_per_cta(sms, m, n, forced_tokens);
+    let tokens_per_cta = sm90_tokens_per_cta(sms, m, n, k, forced_tokens);
     let tiles = n.div_ceil(SM90_ROWS) * m.div_ceil(tokens_per_cta);
     let whole = Sm90Plan { tokens_per_cta, tiles, tail: 0, parts: 1 };
     let tail = tiles % sms.max(1);
@@ -82,14 +89,22 @@ mod tests {
         assert_eq!(sm90_plan(4608, 9216, 3072, H200_SMS, None, true).parts, 1);
         // Off when asked.
         assert_eq!(sm90_plan(4608, 3072, 3072, H200_SMS, None, false).parts, 1);
-        // At most half a wave: every tile split. 256 tokens, N 3072: 48 tiles of 128 tokens, in 2
-        // parts (96 CTAs); the 512 text tokens of the context embedder (96 tiles, 73% of a wave)
-        // stay whole.
+        // At most half a wave: every tile split. 256 tokens, N 3072, K 3072: 48 tiles of 128
+        // tokens, in 2 parts (96 CTAs); the 512 text tokens of the context embedder (96 tiles, 73%
+        // of a wave) stay whole.
         assert_eq!(
-            sm90_plan(256, 3072, 12288, H200_SMS, None, true),
+            sm90_plan(256, 3072, 3072, H200_SMS, None, true),
             Sm90Plan { tokens_per_cta: 128, tiles: 48, tail: 48, parts: 2 }
         );
         assert_eq!(sm90_plan(512, 3072, 4096, H200_SMS, None, true).parts, 1);
+        // Long K (a rank's text-stream MLP down projection, 256 tokens, K 12288): 24 tiles of 256
+        // tokens in 4 parts of 48 K tiles (96 CTAs), not 48 of 128 in 2.
+        assert_eq!(
+            sm90_plan(256, 3072, 12288, H200_SMS, None, true),
+            Sm90Plan { tokens_per_cta: 256, tiles: 24, tail: 24, parts: 4 }
+        );
+        // Below 256 tokens the rule is unchanged (a 256-token tile would be mostly empty).
+        assert_eq!(sm90_plan(200, 3072, 12288, H200_SMS, None, true).tokens_per_cta, 128);
         // Too few K tiles to split: K = 192 is 3 tiles.
         assert_eq!(sm90_plan(4608, 3072, 192, H200_SMS, None, true).parts, 1);
     }
