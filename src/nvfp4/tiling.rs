@@ -25,6 +25,10 @@ pub struct Sm90Plan {
     pub parts: usize,
 }
 
+/// Tokens per CTA of the wgmma GEMM (the N of each warpgroup's wgmma: m64n256k16 or m64n128k16).
+pub const SM90_WIDE_TOKENS: usize = 256;
+pub const SM90_NARROW_TOKENS: usize = 128;
+
 /// Inputs from which a product of a few hundred tokens still takes 256 tokens per CTA: its K
 /// split into up to [`SM90_MAX_TAIL_SPLIT`] parts keeps each part long (at 256 and 512 tokens,
 /// N 3072-5120, K 12288-15360: 10-32% faster than 128 tokens in twice as many CTAs, Nsight Compute
@@ -38,11 +42,11 @@ pub fn sm90_tokens_per_cta(sms: usize, m: usize, n: usize, k: usize, forced: Opt
     if let Some(bt) = forced {
         return bt;
     }
-    let ctas_256 = n.div_ceil(SM90_ROWS) * m.div_ceil(256);
-    if 2 * ctas_256 >= sms || (m >= 256 && k >= SM90_LONG_K) {
-        256
+    let ctas_wide = n.div_ceil(SM90_ROWS) * m.div_ceil(SM90_WIDE_TOKENS);
+    if 2 * ctas_wide >= sms || (m >= SM90_WIDE_TOKENS && k >= SM90_LONG_K) {
+        SM90_WIDE_TOKENS
     } else {
-        128
+        SM90_NARROW_TOKENS
     }
 }
 
