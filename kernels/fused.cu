@@ -571,10 +571,13 @@ extern "C" __global__ void cat_act_vec_bf16(const __nv_bfloat16* __restrict__ o,
 // offset), so any element type moves bit-exactly. CPU reference: the Candle composition in
 // src/parallel/mod.rs, compared by `candiff doctor`.
 
-// out[b][s][j*h + hh][:] = recv[j][s][b][hh][:]: the outputs of every member's heads for the local
-// tokens, back in the [B, S_local, H, D] layout the output projection reads.
+// out[b][s][head0 + j*h + hh][:] = recv[j][s][b][hh][:] in a [B, S_local, ht, D] output: the
+// outputs of every member's heads of one head chunk for the local tokens, placed among all `ht`
+// heads (one chunk: head0 = 0, ht = n*h) in the [B, S_local, H, D] layout the output projection
+// reads. Threads step through the chunk in the output's order, so writes stay coalesced per row.
 template <typename U>
-__device__ void sp_unpack_out(const U* __restrict__ recv, U* __restrict__ out, int n, int s_loc, int b, int h, int dv) {
+__device__ void sp_unpack_out(const U* __restrict__ recv, U* __restrict__ out, int n, int s_loc, int b, int h, int dv,
+                              int ht, int head0) {
     const long long total = (long long)b * s_loc * n * h * dv;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
@@ -584,13 +587,15 @@ __device__ void sp_unpack_out(const U* __restrict__ recv, U* __restrict__ out, i
         const int j = r % n; r /= n;
         const int s = r % s_loc;
         const int bb = r / s_loc;
-        out[i] = recv[(((long long)(j * s_loc + s) * b + bb) * h + hh) * dv + x];
+        out[(((long long)bb * s_loc + s) * ht + head0 + j * h + hh) * dv + x] =
+            recv[(((long long)(j * s_loc + s) * b + bb) * h + hh) * dv + x];
     }
 }
 
-#define SP_OPS(U, SUF)                                                                                              \
-    extern "C" __global__ void sp_unpack_out_##SUF(const U* recv, U* out, int n, int s_loc, int b, int h, int dv) { \
-        sp_unpack_out<U>(recv, out, n, s_loc, b, h, dv);                                                           \
+#define SP_OPS(U, SUF)                                                                                          \
+    extern "C" __global__ void sp_unpack_out_##SUF(const U* recv, U* out, int n, int s_loc, int b, int h, int dv, \
+                                                  int ht, int head0) {                                          \
+        sp_unpack_out<U>(recv, out, n, s_loc, b, h, dv, ht, head0);                                             \
     }
 
 SP_OPS(uint4, u16b)

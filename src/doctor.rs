@@ -992,14 +992,15 @@ pub fn check_exchange(device: &Device) -> candle_core::Result<Vec<CheckResult>> 
             0.0,
         ));
     }
-    // (ranks, batch, heads, head size, segments, dtype, q as a transposed view)
+    // (ranks, batch, heads, head size, segments, dtype, q as a transposed view, head chunks)
     let cases = [
-        (2, 1, 24, 128, vec![37, 300], DType::BF16, true),
-        (4, 2, 8, 8, vec![13], DType::F32, false),
-        (3, 1, 6, 4, vec![5, 11], DType::BF16, true),
-        (2, 2, 4, 3, vec![9, 4], DType::F16, false),
+        (2, 1, 24, 128, vec![37, 300], DType::BF16, true, 1),
+        (2, 1, 24, 128, vec![37, 300], DType::BF16, true, 3),
+        (4, 2, 8, 8, vec![13], DType::F32, false, 2),
+        (3, 1, 6, 4, vec![5, 11], DType::BF16, true, 1),
+        (2, 2, 4, 3, vec![9, 4], DType::F16, false, 2),
     ];
-    for (n, b, heads, d, segments, dtype, transposed) in cases {
+    for (n, b, heads, d, segments, dtype, transposed, chunks) in cases {
         let s: usize = segments.iter().sum();
         let run = |dev: &Device| -> candle_core::Result<Vec<Vec<f32>>> {
             // The same draws on both sides: made on the CPU, then moved.
@@ -1010,7 +1011,7 @@ pub fn check_exchange(device: &Device) -> candle_core::Result<Vec<CheckResult>> 
             };
             let (q, k, v) = (draw(1)?, draw(2)?, draw(3)?);
             let outs = launch(&Placement::Shared(n, dev.clone()), DEFAULT_TIMEOUT, |rank| {
-                let sp = SeqParallel::new(rank.world.clone(), &segments);
+                let sp = SeqParallel::new(rank.world.clone(), &segments).with_head_chunks(chunks);
                 // Onto the ranks' own device (on a GPU, the stream they share).
                 let (q, k, v) = (q.to_device(&rank.device)?, k.to_device(&rank.device)?, v.to_device(&rank.device)?);
                 let mine = |t: &Tensor, view: bool| -> candle_core::Result<Tensor> {
@@ -1046,7 +1047,7 @@ pub fn check_exchange(device: &Device) -> candle_core::Result<Vec<CheckResult>> 
             .fold(0f32, f32::max);
         out.push(CheckResult::new(
             format!(
-                "Ulysses exchange {n} ranks B{b} H{heads} D{d} S{segments:?} {dtype:?}{}",
+                "Ulysses exchange {n} ranks B{b} H{heads} D{d} S{segments:?} {dtype:?}{} in {chunks} head chunk(s)",
                 if transposed { " strided" } else { "" }
             ),
             worst,

@@ -67,13 +67,14 @@ fn exchanges_deliver_every_rank_its_pieces() {
     }
 }
 
-/// The full-sequence attention (q, k, v `[B, H, S, D]`) against every rank's share of it.
-fn ulysses_matches(n: usize, heads: usize, segments: &[usize]) {
+/// The full-sequence attention (q, k, v `[B, H, S, D]`) against every rank's share of it, the
+/// heads exchanged and attended over in `chunks` parts.
+fn ulysses_matches(n: usize, heads: usize, segments: &[usize], chunks: usize) {
     let s: usize = segments.iter().sum();
     let (q, k, v) = (data(&[1, heads, s, 8], 1), data(&[1, heads, s, 8], 2), data(&[1, heads, s, 8], 3));
     let want = candiff::models::ops::attention(&q, &k, &v).unwrap();
     let shards = launch(&cpu(n), DEFAULT_TIMEOUT, |rank| {
-        let sp = SeqParallel::new(rank.world.clone(), segments);
+        let sp = SeqParallel::new(rank.world.clone(), segments).with_head_chunks(chunks);
         // This rank's rows: its share of each segment, segments in order.
         let mine = |t: &Tensor| -> candle_core::Result<Tensor> {
             let mut parts = Vec::new();
@@ -103,18 +104,18 @@ fn ulysses_matches(n: usize, heads: usize, segments: &[usize]) {
         let want_rows = want.index_select(&Tensor::new(idx.as_slice(), &Device::Cpu).unwrap(), 2).unwrap();
         assert_eq!(o.dims(), want_rows.dims());
         // Same keys in the same order per head: the very same sums.
-        assert_eq!(flat(o), flat(&want_rows), "{n} ranks, rank {r}");
+        assert_eq!(flat(o), flat(&want_rows), "{n} ranks, {chunks} head chunks, rank {r}");
     }
 }
 
 /// The GPU writers' placement of q, k, v rows (`QkvPack::placement`, the output formula of
 /// kernels/fused.cu `qk_norm_rope`) puts every row where the CPU composition of the pack puts it,
 /// for runs of tokens written one after another (FLUX's text then image rows).
-fn pack_placement_matches_the_composition(n: usize, heads: usize, runs: &[usize], b: usize) {
+fn pack_placement_matches_the_composition(n: usize, heads: usize, runs: &[usize], b: usize, chunks: usize) {
     let d = 4;
     let s_loc: usize = runs.iter().sum();
     let outs = launch(&cpu(n), DEFAULT_TIMEOUT, |rank| {
-        let sp = SeqParallel::new(rank.world.clone(), &[s_loc * n]);
+        let sp = SeqParallel::new(rank.world.clone(), &[s_loc * n]).with_head_chunks(chunks);
         let like = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
         let mut pack = QkvPack::new(Some(&sp), &like, s_loc, b, heads, d)?;
         let mut formula = vec![f32::NAN; 3 * s_loc * b * heads * d];
@@ -143,16 +144,34 @@ fn pack_placement_matches_the_composition(n: usize, heads: usize, runs: &[usize]
     })
     .unwrap();
     for (r, (formula, composed)) in outs.iter().enumerate() {
-        assert_eq!(formula, composed, "{n} ranks, rank {r}");
+        assert_eq!(formula, composed, "{n} ranks, {chunks} head chunks, rank {r}");
     }
 }
 
 #[test]
 fn pack_placement_formula_matches_the_composition() {
-    pack_placement_matches_the_composition(2, 4, &[5, 12], 1);
-    pack_placement_matches_the_composition(3, 6, &[4, 7], 2);
-    pack_placement_matches_the_composition(4, 8, &[3, 10], 1);
-    pack_placement_matches_the_composition(1, 2, &[9], 2);
+    pack_placement_matches_the_composition(2, 4, &[5, 12], 1, 1);
+    pack_placement_matches_the_composition(3, 6, &[4, 7], 2, 1);
+    pack_placement_matches_the_composition(4, 8, &[3, 10], 1, 1);
+    pack_placement_matches_the_composition(1, 2, &[9], 2, 1);
+    // Head chunks: piece c*n + j holds chunk c's heads of member j.
+    pack_placement_matches_the_composition(2, 12, &[5, 12], 1, 3);
+    pack_placement_matches_the_composition(4, 16, &[3, 10], 2, 2);
+}
+
+/// Head chunk counts that do not divide a rank's heads are refused with the ones that do.
+#[test]
+fn head_chunks_that_do_not_divide_are_refused() {
+    let errs = launch(&cpu(2), DEFAULT_TIMEOUT, |rank| {
+        let sp = SeqParallel::new(rank.world.clone(), &[8]).with_head_chunks(4);
+        let like = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
+        Ok(QkvPack::new(Some(&sp), &like, 4, 1, 12, 4).err().map(|e| e.to_string()))
+    })
+    .unwrap();
+    for e in errs {
+        let e = e.expect("4 chunks of 6 heads refused");
+        assert!(e.contains("must divide the 6 heads") && e.contains("use one of: 1, 2, 3, 6"), "{e}");
+    }
 }
 
 /// A pack missing tokens (or with tokens written twice) is refused instead of sending
@@ -173,33 +192,39 @@ fn incomplete_pack_is_refused() {
     assert!(e.contains("written twice"), "{e}");
 }
 
-/// kernels/fused.cu `sp_unpack_out`'s index formula, run here as a loop, against the Candle
-/// composition it replaces: every member's heads of the local tokens into one row per token.
+/// kernels/fused.cu `sp_unpack_out`'s index formula, run here as a loop over each head chunk's
+/// received outputs, against the Candle composition it replaces: every member's heads of every
+/// chunk for the local tokens into one row per token (chunk c, member j: heads (c*n + j)*h ..).
 #[test]
 fn unpack_out_formula_matches_the_composition() {
-    for (n, s_loc, b, h, d) in [(2, 5, 1, 3, 4), (4, 3, 2, 2, 2), (3, 7, 1, 1, 8)] {
-        let recv = data(&[n, s_loc, b, h, d], 7);
-        let rv = flat(&recv);
-        let total = n * s_loc * b * h * d;
-        let formula: Vec<f32> = (0..total)
-            .map(|i| {
+    for (n, s_loc, b, h, d, chunks) in [(2, 5, 1, 3, 4, 1), (4, 3, 2, 2, 2, 1), (3, 7, 1, 1, 8, 1), (2, 5, 2, 3, 4, 3)]
+    {
+        let recvs: Vec<Tensor> = (0..chunks).map(|c| data(&[n, s_loc, b, h, d], 7 + c as u64)).collect();
+        let ht = chunks * n * h;
+        let mut formula = vec![f32::NAN; chunks * n * s_loc * b * h * d];
+        for (c, recv) in recvs.iter().enumerate() {
+            let rv = flat(recv);
+            for i in 0..n * s_loc * b * h * d {
                 let (x, r) = (i % d, i / d);
                 let (hh, r) = (r % h, r / h);
                 let (j, r) = (r % n, r / n);
                 let (s, bb) = (r % s_loc, r / s_loc);
-                rv[(((j * s_loc + s) * b + bb) * h + hh) * d + x]
-            })
-            .collect();
-        let composed = recv.permute((2, 1, 0, 3, 4)).unwrap().contiguous().unwrap();
-        assert_eq!(formula, flat(&composed), "n {n} s {s_loc} b {b} h {h} d {d}");
+                formula[((bb * s_loc + s) * ht + c * n * h + j * h + hh) * d + x] =
+                    rv[(((j * s_loc + s) * b + bb) * h + hh) * d + x];
+            }
+        }
+        let composed = Tensor::cat(&recvs, 0).unwrap().permute((2, 1, 0, 3, 4)).unwrap().contiguous().unwrap();
+        assert_eq!(formula, flat(&composed), "n {n} s {s_loc} b {b} h {h} d {d} chunks {chunks}");
     }
 }
 
 #[test]
 fn ulysses_attention_equals_the_full_attention() {
-    ulysses_matches(2, 4, &[5, 12]);
-    ulysses_matches(4, 4, &[3, 10]);
-    ulysses_matches(2, 2, &[9]);
+    ulysses_matches(2, 4, &[5, 12], 1);
+    ulysses_matches(4, 4, &[3, 10], 1);
+    ulysses_matches(2, 2, &[9], 1);
+    ulysses_matches(2, 12, &[5, 12], 3);
+    ulysses_matches(4, 16, &[3, 10], 2);
 }
 
 fn load(rel: &str) -> HashMap<String, Tensor> {

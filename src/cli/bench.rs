@@ -350,16 +350,30 @@ fn scaling(
         let _ = crate::profile::take(device)?;
         let (ms, host_ms) = timed(device, iters.max(1), false, || step().map(|_| ()), fence)?;
         log::info!("host enqueue {host_ms:.1} ms/step of {ms:.1}");
-        if let Some(parts) = crate::profile::take(device)? {
-            let per: Vec<f64> = parts.iter().map(|x| x / iters.max(1) as f64).collect();
+        if let Some(prof) = crate::profile::take(device)? {
+            let per: Vec<f64> = prof.parts.iter().map(|x| x / iters.max(1) as f64).collect();
             println!(
-                "  rank {rank}: per step {ms:.1} ms on the GPU stream: linear {:.1}, attention {:.1}, exchange kernels {:.1}, exchange waits {:.1}, rest {:.1} (CANDIFF_PROFILE)",
+                "  rank {rank}: per step {ms:.1} ms on the GPU stream: linear {:.1}, attention {:.1}, exchange kernels {:.1}, exchange waits {:.1} (q/k/v in {:.1}, output back {:.1}), rest {:.1} (CANDIFF_PROFILE)",
                 per[0],
                 per[1],
                 per[2],
+                per[3] + per[4],
                 per[3],
+                per[4],
                 ms - per.iter().sum::<f64>()
             );
+            for (label, count, total) in &prof.transfers {
+                let it = iters.max(1) as f64;
+                println!(
+                    "  rank {rank}: transfers '{label}' {:.0} per step, {:.1} ms per step on the communication stream ({:.3} ms each, a late peer included)",
+                    *count as f64 / it,
+                    total / it,
+                    total / *count as f64
+                );
+            }
+            if let Some(path) = crate::profile::write_timeline(rank)? {
+                println!("  rank {rank}: timeline of the {iters} measured steps in {path}");
+            }
         }
         Ok((ms, out))
     };
@@ -553,8 +567,8 @@ fn wan_step(a: &WanStepArgs) -> anyhow::Result<()> {
             "wan {} {v:<22} {ms:>9.1} ms/call  ({}x{}x{} frames = {tokens} tokens, {} txt; built in {build_s:.1}s; GPU in use {})",
             a.model, a.width, a.height, a.frames, a.txt_tokens, gib(mem)
         );
-        if let Some(parts) = crate::profile::take(&device)? {
-            let per: Vec<f64> = parts.iter().map(|x| x / a.iters as f64).collect();
+        if let Some(prof) = crate::profile::take(&device)? {
+            let per: Vec<f64> = prof.parts.iter().map(|x| x / a.iters as f64).collect();
             println!(
                 "  per call on the GPU stream: linear {:.1}, attention {:.1}, rest {:.1} ms (CANDIFF_PROFILE); host queued a call in {queued_ms:.1} ms",
                 per[0],

@@ -52,29 +52,45 @@ fn grid(total: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// The received outputs (`[n, S_local, B, h, D]`, one piece per member's heads) into
-/// `[B, S_local, n*h, D]`.
+/// The received outputs of each head chunk (`[n, S_local, B, h, D]`, one piece per member's heads
+/// of the chunk) into `[B, S_local, C*n*h, D]`: chunk `c`'s piece `j` holds heads
+/// `(c*n + j)*h ..`. One launch per chunk into the one output.
 pub fn unpack_out(
-    recv: (&CudaStorage, &Layout),
+    recvs: &[(&CudaStorage, &Layout)],
     (n, s_loc, b, h, d): (usize, usize, usize, usize, usize),
 ) -> Result<CudaStorage> {
-    let (r, rl) = recv;
-    let dtype = r.dtype();
+    let Some(&(first, _)) = recvs.first() else { candle_core::bail!("unpack_out: no received chunks") };
+    let dtype = first.dtype();
     let es = elem_bytes(dtype)?;
-    let total = n * s_loc * b * h * d;
-    if rl.shape().elem_count() != total || !rl.is_contiguous() {
-        candle_core::bail!("unpack_out: received {} elements, expected {total} contiguous", rl.shape().elem_count());
+    let per_chunk = n * s_loc * b * h * d;
+    let mut offsets = vec![d * es];
+    for (r, rl) in recvs {
+        if rl.shape().elem_count() != per_chunk || !rl.is_contiguous() || r.dtype() != dtype {
+            candle_core::bail!(
+                "unpack_out: received {} elements of {:?}, expected {per_chunk} contiguous of {dtype:?}",
+                rl.shape().elem_count(),
+                r.dtype()
+            );
+        }
+        offsets.push(rl.start_offset() * es);
     }
-    let (u, suf) = unit(&[d * es, rl.start_offset() * es])?;
-    let out = alloc(r, dtype, total)?;
-    let dev = &r.device;
+    let (u, suf) = unit(&offsets)?;
+    let chunks = recvs.len();
+    let out = alloc(first, dtype, chunks * per_chunk)?;
+    let dev = &first.device;
     let f = function_in(dev, Kernels::Fused, &format!("sp_unpack_out_{suf}"))?;
     let stream = dev.cuda_stream();
-    let (src, dst) = (address(r, rl.start_offset())?, address(&out, 0)?);
+    let dst = address(&out, 0)?;
     let (n_i, s_i, b_i, h_i, dv_i) = (n as i32, s_loc as i32, b as i32, h as i32, (d * es / u) as i32);
-    let mut bld = stream.launch_builder(&f);
-    bld.arg(&src).arg(&dst).arg(&n_i).arg(&s_i).arg(&b_i).arg(&h_i).arg(&dv_i);
-    // SAFETY: `total` elements in and out, checked above.
-    unsafe { bld.launch(grid(total * es / u)) }.map_err(wrap("sp_unpack_out"))?;
+    let ht = (chunks * n * h) as i32;
+    for (c, (r, rl)) in recvs.iter().enumerate() {
+        let src = address(r, rl.start_offset())?;
+        let head0 = (c * n * h) as i32;
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&src).arg(&dst).arg(&n_i).arg(&s_i).arg(&b_i).arg(&h_i).arg(&dv_i).arg(&ht).arg(&head0);
+        // SAFETY: `per_chunk` elements in, checked above; the writes land in the chunk's heads of
+        // the `chunks * per_chunk`-element output.
+        unsafe { bld.launch(grid(per_chunk * es / u)) }.map_err(wrap("sp_unpack_out"))?;
+    }
     Ok(out)
 }

@@ -29,23 +29,13 @@ pub(super) const MAX_ALIGN_BYTES: u32 = 256;
 /// (m, n, k, dtype, GELU, bias, alignments of x, W and y/C, SM target) of a dense GEMM.
 type DenseKey = (usize, usize, usize, DType, bool, bool, [u32; 3], i32);
 
-/// Multiprocessors left to an exchange in flight (NCCL's kernels) by the GEMMs that run beside
-/// it: `CANDIFF_COMM_SMS` (0: none), else this. cuBLAS's Hopper kernels are persistent, one
-/// block per multiprocessor: without a carve-out the transfer's blocks wait for the whole GEMM.
-/// Measured on 2 H200s, FLUX.1 1024² step (docs/PERF.md, session 8): 0 -> 97.9 ms, 8 -> 96.3,
-/// 16 -> 94.4, 32 -> 95.3.
-const DEFAULT_COMM_SMS: usize = 16;
-
-/// The SM count target of a GEMM enqueued now on `dev` (0: the library's choice).
+/// The SM count target of a GEMM enqueued now on `dev` (0: the library's choice): all but
+/// [`super::comm_carve`] while an exchange is in flight.
 pub(super) fn sm_target(dev: &CudaDevice) -> Result<i32> {
-    static COMM_SMS: OnceLock<usize> = OnceLock::new();
-    let carve = *COMM_SMS.get_or_init(|| {
-        std::env::var("CANDIFF_COMM_SMS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_COMM_SMS)
-    });
-    if carve == 0 || !crate::parallel::transfers_in_flight() {
-        return Ok(0);
+    match super::comm_carve() {
+        0 => Ok(0),
+        carve => Ok(super::sm_count(dev)?.saturating_sub(carve).max(1) as i32),
     }
-    Ok(super::sm_count(dev)?.saturating_sub(carve).max(1) as i32)
 }
 
 /// (m, n, k, out dtype, outer-vector scales, epilogue, SM target, C's alignment) of an FP8 GEMM.

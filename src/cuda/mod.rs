@@ -1114,8 +1114,30 @@ pub fn with_sm90_policy_sms<R>(sms: usize, f: impl FnOnce() -> R) -> R {
 
 fn sm90_policy_sms(dev: &CudaDevice) -> Result<usize> {
     match SM90_POLICY_SMS.with(|c| c.get()) {
-        0 => Ok(device_props(dev)?.sms),
+        0 => Ok(device_props(dev)?.sms.saturating_sub(comm_carve()).max(1)),
         n => Ok(n),
+    }
+}
+
+/// Multiprocessors left to an exchange in flight (NCCL's kernels) by the GEMMs that run beside
+/// it: `CANDIFF_COMM_SMS` (0: none), else this. The GEMMs on Hopper (cuBLAS's and the wgmma
+/// W4A16 one) are persistent, one block per multiprocessor using all its registers: without a
+/// carve-out the transfer's blocks wait for the whole GEMM. Measured for cuBLAS on 2 H200s,
+/// FLUX.1 1024² bf16 step (docs/PERF.md, session 8): 0 -> 97.9 ms, 8 -> 96.3, 16 -> 94.4,
+/// 32 -> 95.3.
+const DEFAULT_COMM_SMS: usize = 16;
+
+/// The multiprocessors a GEMM enqueued now leaves free: [`DEFAULT_COMM_SMS`] (or
+/// `CANDIFF_COMM_SMS`) while this rank has an exchange in flight, else 0.
+pub(crate) fn comm_carve() -> usize {
+    static COMM_SMS: OnceLock<usize> = OnceLock::new();
+    let carve = *COMM_SMS.get_or_init(|| {
+        std::env::var("CANDIFF_COMM_SMS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_COMM_SMS)
+    });
+    if crate::parallel::transfers_in_flight() {
+        carve
+    } else {
+        0
     }
 }
 
@@ -1247,7 +1269,12 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
             // A unit: a tile pair or pair part, `ctas` and `tile0` even (sm90_tma_maps).
             let units = ctas / SM90_TMA_CTAS;
             let clusters = match sm90_clusters()? {
-                Sm90Clusters::Fit => units.min(resident_clusters(dev, &f, &name, threads, smem)?),
+                // Beside a transfer in flight, the carve-out's multiprocessors stay free for it.
+                Sm90Clusters::Fit => units.min(
+                    resident_clusters(dev, &f, &name, threads, smem)?
+                        .saturating_sub(comm_carve().div_ceil(SM90_TMA_CTAS))
+                        .max(1),
+                ),
                 Sm90Clusters::PerUnit => units,
                 Sm90Clusters::AtMost(n) => units.min(n),
             };

@@ -25,11 +25,16 @@ fn with_cuda<T>(
     f(&args)
 }
 
-/// The received outputs `[n, S_local, B, h, D]` into `[B, S_local, n*h, D]`.
+/// The received outputs of each head chunk, `[n, S_local, B, h, D]` each, into
+/// `[B, S_local, C*n*h, D]` (chunk `c`, member `j`: heads `(c*n + j)*h ..`).
 #[cfg(feature = "cuda")]
-pub fn unpack_out(recv: &Tensor, (n, s, b, h, d): (usize, usize, usize, usize, usize)) -> Result<Tensor> {
-    let st = with_cuda(&[recv], |a| crate::cuda::exchange::unpack_out(a[0], (n, s, b, h, d)))?;
-    Ok(cuda_tensor(st, (b, s, n * h, d)))
+pub fn unpack_out(recvs: &[Tensor], (n, s, b, h, d): (usize, usize, usize, usize, usize)) -> Result<Tensor> {
+    let refs: Vec<&Tensor> = recvs.iter().collect();
+    let st = with_cuda(&refs, |a| {
+        let args: Vec<_> = a.iter().map(|&(s, l)| (s, l)).collect();
+        crate::cuda::exchange::unpack_out(&args, (n, s, b, h, d))
+    })?;
+    Ok(cuda_tensor(st, (b, s, recvs.len() * n * h, d)))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -38,6 +43,6 @@ fn no_cuda() -> candle_core::Error {
 }
 
 #[cfg(not(feature = "cuda"))]
-pub fn unpack_out(_: &Tensor, _: (usize, usize, usize, usize, usize)) -> Result<Tensor> {
+pub fn unpack_out(_: &[Tensor], _: (usize, usize, usize, usize, usize)) -> Result<Tensor> {
     Err(no_cuda())
 }

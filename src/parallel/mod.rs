@@ -335,13 +335,67 @@ pub struct SeqParallel {
     group: Group,
     /// `sizes[seg][member]`: tokens of segment `seg` held by `member`.
     sizes: Vec<Vec<usize>>,
+    /// Head chunks asked for ([`SeqParallel::with_head_chunks`]); `None`: [`SP_CHUNKS_ENV`] or
+    /// the default.
+    chunks: Option<usize>,
 }
+
+/// `CANDIFF_SP_CHUNKS`: how many head chunks each sequence-parallel attention exchanges and
+/// attends over one after another (a divisor of the heads each rank attends over).
+pub const SP_CHUNKS_ENV: &str = "CANDIFF_SP_CHUNKS";
+
+/// Head chunks by default (the largest divisor of a rank's heads not above it): chunk `c`'s
+/// attention runs while chunk `c + 1`'s q, k, v arrive and chunk `c - 1`'s output goes back, so
+/// only the first chunk's inputs and the last one's output wait in the open.
+pub const SP_CHUNKS_DEFAULT: usize = 2;
 
 impl SeqParallel {
     /// Shards segments of `totals` tokens evenly over the group.
     pub fn new(group: Group, totals: &[usize]) -> Self {
         let n = group.size();
-        Self { sizes: totals.iter().map(|&t| split_sizes(t, n)).collect(), group }
+        Self { sizes: totals.iter().map(|&t| split_sizes(t, n)).collect(), group, chunks: None }
+    }
+
+    /// Exchanges and attends over the heads in `chunks` parts (see [`SP_CHUNKS_DEFAULT`]);
+    /// it must divide the heads each rank attends over.
+    pub fn with_head_chunks(mut self, chunks: usize) -> Self {
+        self.chunks = Some(chunks);
+        self
+    }
+
+    /// Head chunks for `hl` heads per rank: the count asked for (by [`Self::with_head_chunks`],
+    /// else [`SP_CHUNKS_ENV`]), which must divide `hl`; else the largest divisor of `hl` up to
+    /// [`SP_CHUNKS_DEFAULT`]. One rank exchanges nothing: one chunk.
+    pub(crate) fn head_chunks(&self, hl: usize) -> Result<usize> {
+        if self.group.size() == 1 || hl == 0 {
+            return Ok(1);
+        }
+        let asked = match self.chunks {
+            Some(c) => Some((c, "with_head_chunks".to_string())),
+            None => match std::env::var(SP_CHUNKS_ENV) {
+                Ok(v) => Some((
+                    v.trim().parse::<usize>().map_err(|_| {
+                        CandiffError::Parallel(format!(
+                            "{SP_CHUNKS_ENV}={v}: expected a positive whole number of head chunks"
+                        ))
+                    })?,
+                    format!("{SP_CHUNKS_ENV}={v}"),
+                )),
+                Err(_) => None,
+            },
+        };
+        match asked {
+            Some((c, _)) if c >= 1 && hl.is_multiple_of(c) => Ok(c),
+            Some((_, why)) => {
+                let ok: Vec<String> = (1..=hl).filter(|c| hl.is_multiple_of(*c)).map(|c| c.to_string()).collect();
+                Err(CandiffError::Parallel(format!(
+                    "{why}: the head chunks must divide the {hl} heads each rank attends over; use one of: {}",
+                    ok.join(", ")
+                ))
+                .into())
+            }
+            None => Ok((1..=SP_CHUNKS_DEFAULT.min(hl)).rev().find(|c| hl.is_multiple_of(*c)).unwrap_or(1)),
+        }
     }
 
     /// Whether the exchange kernels apply (a CUDA build, tensors on a GPU).
@@ -400,11 +454,12 @@ impl SeqParallel {
         self.sizes[..seg].iter().map(|s| s[m]).sum()
     }
 
-    /// The pieces of the q, k, v exchange (elements of `row` each per token): to member `m`, its
-    /// heads of this rank's tokens, slot by slot and segment by segment; from member `p`, its
-    /// tokens of this rank's heads, placed in the single-rank token order of each slot. Returns
-    /// (sends, receives, received length).
-    fn qkv_spans(&self, row: usize) -> (Vec<Vec<Span>>, Vec<Vec<Span>>, usize) {
+    /// The pieces of head chunk `chunk`'s q, k, v exchange out of a buffer of `pieces` pieces
+    /// (`[3, pieces, S_local, B, h, D]`, `row` = B*h*D elements per token): to member `m`, its
+    /// heads of the chunk (piece `chunk * n + m`) of this rank's tokens, slot by slot and segment
+    /// by segment; from member `p`, its tokens of this rank's heads of the chunk, placed in the
+    /// single-rank token order of each slot. Returns (sends, receives, received length).
+    fn qkv_spans(&self, row: usize, chunk: usize, pieces: usize) -> (Vec<Vec<Span>>, Vec<Vec<Span>>, usize) {
         let (n, me) = (self.group.size(), self.group.index());
         let s_loc = self.held(me);
         let s_total: usize = self.sizes.iter().flatten().sum();
@@ -414,7 +469,10 @@ impl SeqParallel {
                 (0..3)
                     .flat_map(|t| {
                         segs.clone().map(move |seg| {
-                            (((t * n + m) * s_loc + self.local_start(seg, me)) * row, self.sizes[seg][me] * row)
+                            (
+                                ((t * pieces + chunk * n + m) * s_loc + self.local_start(seg, me)) * row,
+                                self.sizes[seg][me] * row,
+                            )
                         })
                     })
                     .collect()
@@ -453,73 +511,96 @@ impl SeqParallel {
         (sends, recvs, n * s_loc * row)
     }
 
-    /// Starts the q, k, v exchange of a packed buffer `[3, n, S_local, B, h, D]`
-    /// ([`pack::QkvPack`]); the result, `[3, S, B, h, D]` in the single-rank token order, is
-    /// valid after the wait.
-    fn start_qkv(&self, qkv: &Tensor) -> Result<(Tensor, Pending, (usize, usize, usize))> {
-        let &[_, n, s_loc, b, h, d] = qkv.dims() else {
+    /// Starts the q, k, v exchanges of a packed buffer `[3, C*n, S_local, B, h, D]`
+    /// ([`pack::QkvPack`]), one per head chunk; each result, `[3, S, B, h, D]` in the single-rank
+    /// token order, is valid after its wait.
+    fn start_qkv(&self, qkv: &Tensor) -> Result<(ChunksInFlight, (usize, usize, usize))> {
+        let &[_, pieces, s_loc, b, h, d] = qkv.dims() else {
             candle_core::bail!(
-                "sequence-parallel exchange: expected a [3, n, S, B, h, D] buffer, found {:?}",
+                "sequence-parallel exchange: expected a [3, pieces, S, B, h, D] buffer, found {:?}",
                 qkv.dims()
             )
         };
-        if n != self.group.size() || s_loc != self.held(self.group.index()) {
+        let n = self.group.size();
+        if !pieces.is_multiple_of(n) || s_loc != self.held(self.group.index()) {
             candle_core::bail!(
-                "sequence-parallel exchange: a buffer for {n} ranks x {s_loc} tokens, the group has {} ranks and this one holds {}",
-                self.group.size(),
+                "sequence-parallel exchange: a buffer of {pieces} pieces x {s_loc} tokens, the group has {n} ranks and this one holds {}",
                 self.held(self.group.index())
             );
         }
-        let (sends, recvs, len) = self.qkv_spans(b * h * d);
         let g = &self.group;
-        let (recv, pending) = g.t.exchange_start(&g.members, &qkv.flatten_all()?, &sends, len, &recvs)?;
-        Ok((recv, pending, (b, h, d)))
+        let send = qkv.flatten_all()?;
+        let chunks = (0..pieces / n)
+            .map(|c| {
+                let (sends, recvs, len) = self.qkv_spans(b * h * d, c, pieces);
+                crate::profile::transfer_labelled("q/k/v in", || {
+                    g.t.exchange_start(&g.members, &send, &sends, len, &recvs)
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((chunks, (b, h, d)))
     }
 
-    /// Attention once the q, k, v exchange is under way: waits for it, attends over the whole
-    /// sequence for this rank's heads, and starts sending each member its tokens' outputs
-    /// ([`Returning::wait`] joins the heads of the local tokens).
+    /// Attention once the q, k, v exchanges are under way, chunk by chunk: waits for a chunk's
+    /// inputs, attends over the whole sequence for its heads, and starts sending each member its
+    /// tokens' outputs, while the next chunk's inputs are still arriving ([`Returning::wait`]
+    /// joins the heads of the local tokens).
     fn finish_start<'a>(
         &'a self,
-        recv: Tensor,
-        pending: Pending,
+        recvs: ChunksInFlight,
         (b, h, d): (usize, usize, usize),
         attn: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
     ) -> Result<Returning<'a>> {
         let g = &self.group;
-        let dev = recv.device().clone();
-        span(Part::ExchangeWait, &dev, || pending.wait())?;
         let s_total: usize = self.sizes.iter().flatten().sum();
-        let qkv = recv.reshape((3, s_total, b, h, d))?;
-        // Each of q, k, v: contiguous [S, B, h, D] seen as [B, h, S, D] (the single-rank layout).
-        let pick = |t: usize| qkv.get(t)?.permute((1, 2, 0, 3));
-        let o = span(Part::Attention, &dev, || attn(&pick(0)?, &pick(1)?, &pick(2)?))?;
-        // Token-major rows (a view of the attention's [B, S, h, D] output when B = 1): each
-        // member's tokens are runs of them.
-        let rows = o.permute((2, 0, 1, 3))?.contiguous()?.flatten_all()?;
-        let (sends, recvs, len) = self.out_spans(b * h * d);
-        let (back, pending) =
-            span(Part::Exchange, &dev, || g.t.exchange_start(&g.members, &rows, &sends, len, &recvs))?;
-        Ok(Returning(Ret::InFlight { sp: self, back, pending, dims: (b, h, d) }))
+        let (sends, back_spans, len) = self.out_spans(b * h * d);
+        let mut backs = Vec::with_capacity(recvs.len());
+        for (recv, pending) in recvs {
+            let dev = recv.device().clone();
+            span(Part::ExchangeWaitIn, &dev, || pending.wait())?;
+            let qkv = recv.reshape((3, s_total, b, h, d))?;
+            // Each of q, k, v: contiguous [S, B, h, D] seen as [B, h, S, D] (the single-rank layout).
+            let pick = |t: usize| qkv.get(t)?.permute((1, 2, 0, 3));
+            let o = span(Part::Attention, &dev, || attn(&pick(0)?, &pick(1)?, &pick(2)?))?;
+            // Token-major rows (a view of the attention's [B, S, h, D] output when B = 1): each
+            // member's tokens are runs of them.
+            let rows = o.permute((2, 0, 1, 3))?.contiguous()?.flatten_all()?;
+            backs.push(span(Part::Exchange, &dev, || {
+                crate::profile::transfer_labelled("output back", || {
+                    g.t.exchange_start(&g.members, &rows, &sends, len, &back_spans)
+                })
+            })?);
+        }
+        Ok(Returning(Ret::InFlight { sp: self, backs, dims: (b, h, d) }))
     }
 
-    /// The received outputs `[n, S_local, B, h, D]` (after the wait) as `[B, H, S_local, D]`.
-    fn join_heads(&self, back: Tensor, pending: Pending, (b, h, d): (usize, usize, usize)) -> Result<Tensor> {
+    /// The received outputs, `[n, S_local, B, h, D]` per head chunk (after the waits), as
+    /// `[B, H, S_local, D]`: chunk `c`'s member `j` holds heads `(c*n + j)*h ..`.
+    fn join_heads(&self, backs: ChunksInFlight, (b, h, d): (usize, usize, usize)) -> Result<Tensor> {
         let n = self.group.size();
         let s_loc = self.held(self.group.index());
-        let dev = back.device().clone();
-        span(Part::ExchangeWait, &dev, || pending.wait())?;
+        let mut recv = Vec::with_capacity(backs.len());
+        for (back, pending) in backs {
+            span(Part::ExchangeWaitOut, back.device(), || pending.wait())?;
+            recv.push(back);
+        }
+        let dev = recv[0].device().clone();
+        let heads = recv.len() * n * h;
         span(Part::Exchange, &dev, || {
-            if Self::fused(&back) {
-                exchange::unpack_out(&back, (n, s_loc, b, h, d))
+            if Self::fused(&recv[0]) {
+                exchange::unpack_out(&recv, (n, s_loc, b, h, d))
             } else {
-                // [n, S_local, B, h, D] -> [B, S_local, n*h, D].
-                back.reshape((n, s_loc, b, h, d))?.permute((2, 1, 0, 3, 4))?.contiguous()?.reshape((b, s_loc, n * h, d))
+                // C x [n, S_local, B, h, D] -> [C*n, S_local, B, h, D] -> [B, S_local, C*n*h, D].
+                let pieces = recv.iter().map(|r| r.reshape((n, s_loc, b, h, d))).collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&pieces, 0)?.permute((2, 1, 0, 3, 4))?.contiguous()?.reshape((b, s_loc, heads, d))
             }
         })?
         .transpose(1, 2)
     }
 }
+
+/// Per head chunk, an exchange's received buffer and its transfer (valid after the wait).
+type ChunksInFlight = Vec<(Tensor, Pending)>;
 
 /// Set (to anything), the exchanges use the Candle composition instead of the exchange kernels
 /// on GPUs too (a diagnostic: the composition is their CPU reference).
@@ -531,7 +612,12 @@ pub struct Attending<'a>(Started<'a>);
 
 enum Started<'a> {
     Local(Tensor, Tensor, Tensor),
-    Sharded { sp: &'a SeqParallel, recv: Tensor, pending: Pending, dims: (usize, usize, usize) },
+    /// One (received q/k/v, pending transfer) per head chunk.
+    Sharded {
+        sp: &'a SeqParallel,
+        recvs: ChunksInFlight,
+        dims: (usize, usize, usize),
+    },
 }
 
 /// Starts the attention of local q, k, v `[B, H, S_local, D]` (any strides with a unit last
@@ -561,8 +647,8 @@ pub fn attend_start<'a>(sp: Option<&'a SeqParallel>, q: &Tensor, k: &Tensor, v: 
 pub fn attend_packed_start(sp: Option<&SeqParallel>, qkv: Tensor) -> Result<Attending<'_>> {
     match sp {
         Some(sp) if sp.group.size() > 1 => {
-            let (recv, pending, dims) = span(Part::Exchange, qkv.device(), || sp.start_qkv(&qkv))?;
-            Ok(Attending(Started::Sharded { sp, recv, pending, dims }))
+            let (recvs, dims) = span(Part::Exchange, qkv.device(), || sp.start_qkv(&qkv))?;
+            Ok(Attending(Started::Sharded { sp, recvs, dims }))
         }
         _ => {
             let (q, k, v) = pack::views(&qkv)?;
@@ -584,7 +670,7 @@ impl<'a> Attending<'a> {
             Started::Local(q, k, v) => {
                 Ok(Returning(Ret::Done(span(Part::Attention, q.device(), || attn(&q, &k, &v))?)))
             }
-            Started::Sharded { sp, recv, pending, dims } => sp.finish_start(recv, pending, dims, attn),
+            Started::Sharded { sp, recvs, dims } => sp.finish_start(recvs, dims, attn),
         }
     }
 }
@@ -595,7 +681,12 @@ pub struct Returning<'a>(Ret<'a>);
 
 enum Ret<'a> {
     Done(Tensor),
-    InFlight { sp: &'a SeqParallel, back: Tensor, pending: Pending, dims: (usize, usize, usize) },
+    /// One (received outputs, pending transfer) per head chunk.
+    InFlight {
+        sp: &'a SeqParallel,
+        backs: ChunksInFlight,
+        dims: (usize, usize, usize),
+    },
 }
 
 impl Returning<'_> {
@@ -608,7 +699,7 @@ impl Returning<'_> {
     pub fn wait(self) -> Result<Tensor> {
         match self.0 {
             Ret::Done(o) => Ok(o),
-            Ret::InFlight { sp, back, pending, dims } => sp.join_heads(back, pending, dims),
+            Ret::InFlight { sp, backs, dims } => sp.join_heads(backs, dims),
         }
     }
 }

@@ -213,6 +213,9 @@ impl AllToAll<'_> {
         // allocation of `out`).
         let cs = &self.t.comm_stream;
         cs.join(&stream).map_err(candle_core::Error::wrap)?;
+        let timed = crate::profile::enabled();
+        let timing = || cs.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT));
+        let start = if timed { Some(timing().map_err(candle_core::Error::wrap)?) } else { None };
         {
             let (sp, _g1) = src.device_ptr(cs);
             let (rp, _g2) = out.device_ptr_mut(cs);
@@ -227,6 +230,9 @@ impl AllToAll<'_> {
             // SAFETY: pieces lie within the buffers (checked by `check_spans`); the buffers'
             // stream-ordered lifetimes cover the transfers.
             unsafe { transfer(self.comm, cs.cu_stream() as _, &peers, &sends, &recvs, "all-to-all")? };
+        }
+        if let Some(start) = start {
+            crate::profile::record_transfer(start, timing().map_err(candle_core::Error::wrap)?);
         }
         let done = cs.record_event(None).map_err(candle_core::Error::wrap)?;
         *self.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(done);

@@ -1,6 +1,8 @@
 //! q, k, v of one attention written once, straight into the buffer the attention (one rank) or
-//! the sequence-parallel exchange (several) reads: `[3, n, S_local, B, H/n, D]`, piece `j` of q, k
-//! and v holding the heads member `j` attends over. The producers (per-head RMSNorm + RoPE of q
+//! the sequence-parallel exchange (several) reads: `[3, C*n, S_local, B, H/(C*n), D]` for `n` ranks
+//! and `C` head chunks ([`SeqParallel::head_chunks`]), piece `c*n + j` of q, k and v holding the
+//! heads of chunk `c` that member `j` attends over (heads `(c*n + j)*H/(C*n) ..`): each chunk's
+//! pieces for every member are contiguous, one exchange per chunk. The producers (per-head RMSNorm + RoPE of q
 //! and k, the copy of v) write their rows there on the GPU (`qk_norm_rope`'s output placement),
 //! so no stack, concatenation or packing pass runs between the projections and the all-to-all.
 //! With one rank, q is `buf[0, 0]`, a `[S, B, H, D]` array the attention reads through strides.
@@ -24,7 +26,8 @@ pub enum Slot {
 
 /// The q, k, v buffer of one attention being filled (see the module's comment).
 pub struct QkvPack {
-    n: usize,
+    /// Pieces along the heads: ranks x head chunks.
+    pieces: usize,
     s_loc: usize,
     b: usize,
     heads: usize,
@@ -59,22 +62,23 @@ impl QkvPack {
             ))
             .into());
         }
+        let pieces = n * sp.map_or(Ok(1), |sp| sp.head_chunks(heads / n))?;
         let filled = Default::default();
         #[cfg(feature = "cuda")]
         if like.device().is_cuda() && (n == 1 || SeqParallel::fused(like)) {
             let st = crate::cuda::fused::uninit_like(like, 3 * s_loc * b * heads * d)?;
-            return Ok(Self { n, s_loc, b, heads, d, filled, store: Store::Gpu(st, like.dtype()) });
+            return Ok(Self { pieces, s_loc, b, heads, d, filled, store: Store::Gpu(st, like.dtype()) });
         }
         let _ = like;
-        Ok(Self { n, s_loc, b, heads, d, filled, store: Store::Parts(Default::default()) })
+        Ok(Self { pieces, s_loc, b, heads, d, filled, store: Store::Parts(Default::default()) })
     }
 
     /// Where row (b, s, h) of slot `t`'s tokens from `s0` on goes in the buffer (elements).
     pub fn placement(&self, t: Slot, s0: usize) -> HeadsOut {
-        let hl = self.heads / self.n;
+        let hl = self.heads / self.pieces;
         let row = self.b * hl * self.d;
         HeadsOut {
-            start: ((t as usize * self.n) * self.s_loc + s0) * row,
+            start: ((t as usize * self.pieces) * self.s_loc + s0) * row,
             yb: hl * self.d,
             ys: row,
             yp: self.s_loc * row,
@@ -147,8 +151,8 @@ impl QkvPack {
         }
     }
 
-    /// The filled buffer, `[3, n, S_local, B, H/n, D]`; errors unless every slot's tokens were
-    /// written exactly once.
+    /// The filled buffer, `[3, C*n, S_local, B, H/(C*n), D]`; errors unless every slot's tokens
+    /// were written exactly once.
     pub fn finish(self) -> Result<Tensor> {
         for (t, runs) in self.filled.iter().enumerate() {
             let mut runs = runs.clone();
@@ -164,7 +168,7 @@ impl QkvPack {
                 candle_core::bail!("QkvPack: slot {t} holds {next} of {} tokens", self.s_loc);
             }
         }
-        let (n, hl) = (self.n, self.heads / self.n);
+        let (n, hl) = (self.pieces, self.heads / self.pieces);
         match self.store {
             #[cfg(feature = "cuda")]
             Store::Gpu(st, _) => Ok(Tensor::from_storage(
@@ -178,7 +182,7 @@ impl QkvPack {
                 for p in parts.iter_mut() {
                     p.sort_by_key(|(s0, _)| *s0);
                     let rows: Vec<&Tensor> = p.iter().map(|(_, r)| r).collect();
-                    // [B, S, H, D] -> [B, S, n, h, D] -> [n, S, B, h, D].
+                    // [B, S, H, D] -> [B, S, C*n, h, D] -> [C*n, S, B, h, D].
                     let all = Tensor::cat(&rows, 1)?;
                     slots.push(all.reshape((self.b, self.s_loc, n, hl, self.d))?.permute((2, 1, 0, 3, 4))?);
                 }

@@ -289,6 +289,13 @@ fn rms(wb: &WeightBuilder, name: &str, dim: usize) -> Result<RmsNorm> {
     Ok(RmsNorm::new(wb.vb().get(dim, name)?, EPS))
 }
 
+/// A block's modulation vectors and gates ([`modulation`]): a double-stream block's image and
+/// text streams', or a single-stream block's.
+enum BlockMods {
+    Double((Vec<Tensor>, Vec<Gate>), (Vec<Tensor>, Vec<Gate>)),
+    Single((Vec<Tensor>, Vec<Gate>)),
+}
+
 #[derive(Debug, Clone)]
 struct DoubleBlock {
     norm1: Linear,
@@ -375,18 +382,29 @@ impl DoubleBlock {
         })
     }
 
+    /// The image and text streams' modulations. Gates 2 and 5 multiply the attention and MLP
+    /// outputs (folded into fp8 layers' GEMMs).
+    fn modulations(&self, temb_act: &Tensor) -> Result<BlockMods> {
+        let img = modulation(&self.norm1, temb_act, 6, &[(2, &[&self.to_out]), (5, &[&self.ff.1])])?;
+        let txt =
+            modulation(&self.norm1_context, temb_act, 6, &[(2, &[&self.to_add_out]), (5, &[&self.ff_context.1])])?;
+        Ok(BlockMods::Double(img, txt))
+    }
+
+    /// `mods` from [`Self::modulations`]; `fill` queues independent work (the next block's
+    /// modulation) where this block would otherwise wait for an exchange.
     fn forward(
         &self,
         img: &Tensor,
         txt: &Tensor,
-        temb_act: &Tensor,
+        mods: BlockMods,
         rope: &(Tensor, Tensor),
         sp: Option<&SeqParallel>,
+        fill: &mut dyn FnMut() -> Result<()>,
     ) -> Result<(Tensor, Tensor)> {
-        // Gates 2 and 5 multiply the attention and MLP outputs (folded into fp8 layers' GEMMs).
-        let (m, mg) = modulation(&self.norm1, temb_act, 6, &[(2, &[&self.to_out]), (5, &[&self.ff.1])])?;
-        let (c, cg) =
-            modulation(&self.norm1_context, temb_act, 6, &[(2, &[&self.to_add_out]), (5, &[&self.ff_context.1])])?;
+        let BlockMods::Double((m, mg), (c, cg)) = mods else {
+            candle_core::bail!("a double-stream block given a single-stream block's modulation")
+        };
         // Normalized inputs straight to E4M3 where every reader is an fp8 layer (Input::ln_modulate).
         let img_n = Input::ln_modulate(img, &m[0], &m[1], EPS, &self.qkv.layers())?;
         let txt_n = Input::ln_modulate(txt, &c[0], &c[1], EPS, &self.add_qkv.layers())?;
@@ -416,7 +434,10 @@ impl DoubleBlock {
                 v_heads: None,
             },
         ];
-        let o = merge_heads(&start_joint_attention(sp, &streams, self.heads)?.finish(attention)?)?;
+        let attending = start_joint_attention(sp, &streams, self.heads)?;
+        // Sharded, nothing else of this block can run until the first heads' q, k, v arrive.
+        fill()?;
+        let o = merge_heads(&attending.finish(attention)?)?;
         let o_txt = o.narrow(1, 0, s_txt)?;
         let o_img = o.narrow(1, s_txt, o.dim(1)? - s_txt)?;
 
@@ -485,14 +506,22 @@ impl SingleBlock {
         })
     }
 
+    fn modulations(&self, temb_act: &Tensor) -> Result<BlockMods> {
+        Ok(BlockMods::Single(modulation(&self.norm, temb_act, 3, &[(2, &self.proj_out.gated_layers())])?))
+    }
+
+    /// `mods` from [`Self::modulations`]; `fill` as in [`DoubleBlock::forward`].
     fn forward(
         &self,
         x: &Tensor,
-        temb_act: &Tensor,
+        mods: BlockMods,
         rope: &(Tensor, Tensor),
         sp: Option<&SeqParallel>,
+        fill: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Tensor> {
-        let (m, g) = modulation(&self.norm, temb_act, 3, &[(2, &self.proj_out.gated_layers())])?;
+        let BlockMods::Single((m, g)) = mods else {
+            candle_core::bail!("a single-stream block given a double-stream block's modulation")
+        };
         // One normalized input for q, k, v and the MLP projection (quantized once in fp8 mode).
         let mut readers = self.qkv.layers();
         readers.extend(self.proj_mlp.as_ref());
@@ -539,13 +568,21 @@ impl SingleBlock {
         let attending = start_joint_attention(sp, &[stream], self.heads)?;
         // The MLP projection (GELU in its epilogue where the output projection is split) queued
         // while q, k, v travel; its share of the output projection while the attention output
-        // travels back.
+        // travels back. A whole output projection waits for the attention output instead: the
+        // next block's modulation goes there, else here beside the MLP projection.
+        let split = matches!(self.proj_out, OutProj::Split { .. });
+        if split {
+            fill()?;
+        }
         let (mlp, activated) = match &self.proj_mlp {
             Some(l) if want_act => (l.forward_gelu_input(&xn)?, true),
             Some(l) => (l.forward_input(&xn)?, false),
             None => (p[3].clone(), fused_act),
         };
         let returning = attending.finish_start(attention)?;
+        if !split {
+            fill()?;
+        }
         self.proj_out.forward_gated(returning, &mlp, MlpAct::GeluTanh, activated, &g[0], x)
     }
 }
@@ -685,14 +722,54 @@ impl FluxTransformer {
         let mut txt = self.context_embedder.forward(&txt.to_dtype(dtype)?)?;
         // Every modulation projection reads silu(temb): computed once.
         let temb_act = temb.silu()?;
-        for b in &self.transformer_blocks {
-            (img, txt) = b.forward(&img, &txt, &temb_act, &rope, sp)?;
+        // Block kinds label the profiler's timeline (CANDIFF_PROFILE_TIMELINE).
+        let outer = crate::profile::set_scope("double");
+        // Sharded, each block's modulation (a projection of temb alone) is made while the block
+        // before it waits for an exchange ([`DoubleBlock::forward`]'s `fill`): on 2 H200s the
+        // exchange waits of a FLUX.1 fp8 step fell from 8.8 to 3.3 ms (docs/PERF.md, session 23).
+        // Unsharded there is nothing to wait for, and each block makes its own first.
+        let prefetch = sp.is_some_and(|sp| sp.ranks() > 1);
+        let nd = self.transformer_blocks.len();
+        let blocks = nd + self.single_transformer_blocks.len();
+        let mods_of = |i: usize| -> Result<Option<BlockMods>> {
+            match i {
+                i if i < nd => self.transformer_blocks[i].modulations(&temb_act).map(Some),
+                i if i < blocks => self.single_transformer_blocks[i - nd].modulations(&temb_act).map(Some),
+                _ => Ok(None),
+            }
+        };
+        let mut next = if prefetch { mods_of(0)? } else { None };
+        let take = |i: usize, next: &mut Option<BlockMods>| -> Result<BlockMods> {
+            match next.take() {
+                Some(m) => Ok(m),
+                None => mods_of(i)?.ok_or_else(|| candle_core::Error::Msg(format!("no block {i}"))),
+            }
+        };
+        for (i, b) in self.transformer_blocks.iter().enumerate() {
+            let mods = take(i, &mut next)?;
+            let mut fill = || -> Result<()> {
+                if prefetch {
+                    next = mods_of(i + 1)?;
+                }
+                Ok(())
+            };
+            (img, txt) = b.forward(&img, &txt, mods, &rope, sp, &mut fill)?;
         }
         let s_txt = txt.dim(1)?;
         let mut x = Tensor::cat(&[txt, img], 1)?;
-        for b in &self.single_transformer_blocks {
-            x = b.forward(&x, &temb_act, &rope, sp)?;
+        crate::profile::set_scope("single");
+        for (j, b) in self.single_transformer_blocks.iter().enumerate() {
+            let i = nd + j;
+            let mods = take(i, &mut next)?;
+            let mut fill = || -> Result<()> {
+                if prefetch {
+                    next = mods_of(i + 1)?;
+                }
+                Ok(())
+            };
+            x = b.forward(&x, mods, &rope, sp, &mut fill)?;
         }
+        crate::profile::set_scope(outer);
         let img = x.narrow(1, s_txt, x.dim(1)? - s_txt)?;
         let (mods, _) = modulation(&self.norm_out, &temb_act, 2, &[])?;
         let (shift, scale) = match self.naming {
