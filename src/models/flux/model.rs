@@ -739,21 +739,23 @@ impl FluxTransformer {
             }
         };
         let mut next = if prefetch { mods_of(0)? } else { None };
+        // Block i's modulation: prefetched, else made now.
         let take = |i: usize, next: &mut Option<BlockMods>| -> Result<BlockMods> {
             match next.take() {
                 Some(m) => Ok(m),
                 None => mods_of(i)?.ok_or_else(|| candle_core::Error::Msg(format!("no block {i}"))),
             }
         };
+        // Block i's `fill`: block i + 1's modulation, when prefetching.
+        let fill = |i: usize, next: &mut Option<BlockMods>| -> Result<()> {
+            if prefetch {
+                *next = mods_of(i + 1)?;
+            }
+            Ok(())
+        };
         for (i, b) in self.transformer_blocks.iter().enumerate() {
             let mods = take(i, &mut next)?;
-            let mut fill = || -> Result<()> {
-                if prefetch {
-                    next = mods_of(i + 1)?;
-                }
-                Ok(())
-            };
-            (img, txt) = b.forward(&img, &txt, mods, &rope, sp, &mut fill)?;
+            (img, txt) = b.forward(&img, &txt, mods, &rope, sp, &mut || fill(i, &mut next))?;
         }
         let s_txt = txt.dim(1)?;
         let mut x = Tensor::cat(&[txt, img], 1)?;
@@ -761,13 +763,7 @@ impl FluxTransformer {
         for (j, b) in self.single_transformer_blocks.iter().enumerate() {
             let i = nd + j;
             let mods = take(i, &mut next)?;
-            let mut fill = || -> Result<()> {
-                if prefetch {
-                    next = mods_of(i + 1)?;
-                }
-                Ok(())
-            };
-            x = b.forward(&x, mods, &rope, sp, &mut fill)?;
+            x = b.forward(&x, mods, &rope, sp, &mut || fill(i, &mut next))?;
         }
         crate::profile::set_scope(outer);
         let img = x.narrow(1, s_txt, x.dim(1)? - s_txt)?;
