@@ -39,6 +39,11 @@ pub struct ExchangeArgs {
     pub mib: Vec<usize>,
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
+    /// Also time exchanges whose bytes per peer go in this many pieces (a FLUX q/k/v exchange
+    /// sends 6 per peer: q, k, v x text, image), with and without the rank's own piece (which
+    /// NCCL copies like a peer's): what each transfer and each piece cost beyond the bytes.
+    #[arg(long, value_delimiter = ',')]
+    pub pieces: Vec<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -273,8 +278,73 @@ fn exchange(a: &ExchangeArgs) -> anyhow::Result<()> {
             let worst = rates.iter().map(|r| r[i]).fold(f64::INFINITY, f64::min);
             println!("{n} GPUs, all-to-all of {m} MiB pieces: {:.1} GB/s sent per rank (slowest rank)", worst / 1e9);
         }
+        if a.pieces.is_empty() {
+            continue;
+        }
+        let cases: Vec<(usize, usize, bool)> =
+            a.mib.iter().flat_map(|&m| a.pieces.iter().flat_map(move |&k| [(m, k, true), (m, k, false)])).collect();
+        let times = launch(&Placement::Gpus(n), DEFAULT_TIMEOUT, |rank| {
+            cases
+                .iter()
+                .map(|&(m, k, own)| probe_pieces(&rank.world, &rank.device, m << 20, k, own, a.iters))
+                .collect::<candle_core::Result<Vec<_>>>()
+        })?;
+        for (i, (m, k, own)) in cases.iter().enumerate() {
+            let worst = times.iter().map(|t| t[i]).fold(0f64, f64::max);
+            println!(
+                "{n} GPUs, {m} MiB per peer in {k} piece(s), own piece {}: {:.1} us per exchange ({:.1} GB/s sent per rank, slowest rank)",
+                if *own { "copied" } else { "skipped" },
+                worst * 1e6,
+                ((m << 20) * (n - 1)) as f64 / worst / 1e9
+            );
+        }
     }
     Ok(())
+}
+
+/// Seconds per exchange of `bytes` per peer, each peer's bytes in `pieces` sends and receives,
+/// the rank's own bytes copied through the transport too or not (`own`), started and waited for
+/// one after another as a step's attentions do.
+fn probe_pieces(
+    world: &crate::parallel::Group,
+    device: &candle_core::Device,
+    bytes: usize,
+    pieces: usize,
+    own: bool,
+    iters: usize,
+) -> candle_core::Result<f64> {
+    let (n, me, iters, pieces) = (world.size(), world.index(), iters.max(1), pieces.max(1));
+    let per = bytes / 2 / pieces;
+    let elems = per * pieces;
+    let send = candle_core::Tensor::zeros(n * elems, candle_core::DType::BF16, device)?;
+    let peers: Vec<usize> = (0..n).filter(|&m| own || m != me).collect();
+    let run = |base: usize, on: bool| -> Vec<crate::parallel::Span> {
+        if on {
+            (0..pieces).map(|k| (base + k * per, per)).collect()
+        } else {
+            Vec::new()
+        }
+    };
+    let sends: Vec<_> = (0..n).map(|m| run(m * elems, own || m != me)).collect();
+    let recvs: Vec<_> = (0..n)
+        .map(|p| match peers.iter().position(|&q| q == p) {
+            Some(j) => run(j * elems, true),
+            None => Vec::new(),
+        })
+        .collect();
+    let recv_len = peers.len() * elems;
+    let once = || -> candle_core::Result<()> {
+        let (_, pending) = world.exchange_start(&send, &sends, recv_len, &recvs)?;
+        pending.wait()
+    };
+    once()?;
+    world.fence()?;
+    let t0 = std::time::Instant::now();
+    for _ in 0..iters {
+        once()?;
+    }
+    world.fence()?;
+    Ok(t0.elapsed().as_secs_f64() / iters as f64)
 }
 
 /// Bytes each rank sends per second in an all-to-all of `PROBE_BYTES` pieces (what the

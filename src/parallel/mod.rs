@@ -290,6 +290,18 @@ impl Group {
         Ok(out)
     }
 
+    /// [`Transport::exchange_start`] among the group's members (pieces as (start, length) in
+    /// elements of `send` and of the `recv_len`-element result, per member in member order).
+    pub fn exchange_start(
+        &self,
+        send: &Tensor,
+        sends: &[Vec<Span>],
+        recv_len: usize,
+        recvs: &[Vec<Span>],
+    ) -> Result<(Tensor, Pending)> {
+        self.t.exchange_start(&self.members, send, sends, recv_len, recvs)
+    }
+
     /// [`Transport::all_to_all`] among the group's members: `send` is 1-D, `send_counts[i]`
     /// elements for member `i` in member order; returns `recv_counts[i]` from each, in order.
     pub fn all_to_all_flat(&self, send: &Tensor, send_counts: &[usize], recv_counts: &[usize]) -> Result<Tensor> {
@@ -454,41 +466,29 @@ impl SeqParallel {
         self.sizes[..seg].iter().map(|s| s[m]).sum()
     }
 
-    /// The pieces of head chunk `chunk`'s q, k, v exchange out of a buffer of `pieces` pieces
-    /// (`[3, pieces, S_local, B, h, D]`, `row` = B*h*D elements per token): to member `m`, its
-    /// heads of the chunk (piece `chunk * n + m`) of this rank's tokens, slot by slot and segment
-    /// by segment; from member `p`, its tokens of this rank's heads of the chunk, placed in the
-    /// single-rank token order of each slot. Returns (sends, receives, received length).
+    /// The pieces of head chunk `chunk`'s q, k, v exchange out of a token-major buffer of
+    /// `pieces` pieces (`[pieces, S_local, 3, B, h, D]`, `row` = 3*B*h*D elements per token): to
+    /// member `m`, its heads of the chunk (piece `chunk * n + m`) of this rank's tokens, one run
+    /// per segment; from member `p`, its tokens of this rank's heads of the chunk, placed in the
+    /// single-rank token order (`[S, 3, B, h, D]`). Returns (sends, receives, received length).
     fn qkv_spans(&self, row: usize, chunk: usize, pieces: usize) -> (Vec<Vec<Span>>, Vec<Vec<Span>>, usize) {
         let (n, me) = (self.group.size(), self.group.index());
         let s_loc = self.held(me);
         let s_total: usize = self.sizes.iter().flatten().sum();
         let segs = 0..self.sizes.len();
+        let piece = |m: usize| (chunk * n + m) * s_loc;
         let sends = (0..n)
             .map(|m| {
-                (0..3)
-                    .flat_map(|t| {
-                        segs.clone().map(move |seg| {
-                            (
-                                ((t * pieces + chunk * n + m) * s_loc + self.local_start(seg, me)) * row,
-                                self.sizes[seg][me] * row,
-                            )
-                        })
-                    })
+                segs.clone()
+                    .map(|seg| ((piece(m) + self.local_start(seg, me)) * row, self.sizes[seg][me] * row))
                     .collect()
             })
             .collect();
         let recvs = (0..n)
-            .map(|p| {
-                (0..3)
-                    .flat_map(|t| {
-                        segs.clone()
-                            .map(move |seg| ((t * s_total + self.global_start(seg, p)) * row, self.sizes[seg][p] * row))
-                    })
-                    .collect()
-            })
+            .map(|p| segs.clone().map(|seg| (self.global_start(seg, p) * row, self.sizes[seg][p] * row)).collect())
             .collect();
-        (sends, recvs, 3 * s_total * row)
+        debug_assert!(pieces.is_multiple_of(n) && chunk < pieces / n);
+        (sends, recvs, s_total * row)
     }
 
     /// The pieces of the output exchange: to member `m`, the attention output rows of its tokens
@@ -511,13 +511,13 @@ impl SeqParallel {
         (sends, recvs, n * s_loc * row)
     }
 
-    /// Starts the q, k, v exchanges of a packed buffer `[3, C*n, S_local, B, h, D]`
-    /// ([`pack::QkvPack`]), one per head chunk; each result, `[3, S, B, h, D]` in the single-rank
+    /// Starts the q, k, v exchanges of a packed buffer `[C*n, S_local, 3, B, h, D]`
+    /// ([`pack::QkvPack`]), one per head chunk; each result, `[S, 3, B, h, D]` in the single-rank
     /// token order, is valid after its wait.
     fn start_qkv(&self, qkv: &Tensor) -> Result<(ChunksInFlight, (usize, usize, usize))> {
-        let &[_, pieces, s_loc, b, h, d] = qkv.dims() else {
+        let &[pieces, s_loc, 3, b, h, d] = qkv.dims() else {
             candle_core::bail!(
-                "sequence-parallel exchange: expected a [3, pieces, S, B, h, D] buffer, found {:?}",
+                "sequence-parallel exchange: expected a [pieces, S, 3, B, h, D] buffer, found {:?}",
                 qkv.dims()
             )
         };
@@ -532,7 +532,7 @@ impl SeqParallel {
         let send = qkv.flatten_all()?;
         let chunks = (0..pieces / n)
             .map(|c| {
-                let (sends, recvs, len) = self.qkv_spans(b * h * d, c, pieces);
+                let (sends, recvs, len) = self.qkv_spans(3 * b * h * d, c, pieces);
                 crate::profile::transfer_labelled("q/k/v in", || {
                     g.t.exchange_start(&g.members, &send, &sends, len, &recvs)
                 })
@@ -558,9 +558,10 @@ impl SeqParallel {
         for (recv, pending) in recvs {
             let dev = recv.device().clone();
             span(Part::ExchangeWaitIn, &dev, || pending.wait())?;
-            let qkv = recv.reshape((3, s_total, b, h, d))?;
-            // Each of q, k, v: contiguous [S, B, h, D] seen as [B, h, S, D] (the single-rank layout).
-            let pick = |t: usize| qkv.get(t)?.permute((1, 2, 0, 3));
+            let qkv = recv.reshape((s_total, 3, b, h, d))?;
+            // Each of q, k, v: [S, B, h, D] rows 3*B*h*D apart, seen as [B, h, S, D] (the attention
+            // takes any strides with a unit one along D).
+            let pick = |t: usize| qkv.narrow(1, t, 1)?.squeeze(1)?.permute((1, 2, 0, 3));
             let o = span(Part::Attention, &dev, || attn(&pick(0)?, &pick(1)?, &pick(2)?))?;
             // Token-major rows (a view of the attention's [B, S, h, D] output when B = 1): each
             // member's tokens are runs of them.

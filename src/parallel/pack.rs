@@ -1,8 +1,10 @@
 //! q, k, v of one attention written once, straight into the buffer the attention (one rank) or
-//! the sequence-parallel exchange (several) reads: `[3, C*n, S_local, B, H/(C*n), D]` for `n` ranks
-//! and `C` head chunks ([`SeqParallel::head_chunks`]), piece `c*n + j` of q, k and v holding the
-//! heads of chunk `c` that member `j` attends over (heads `(c*n + j)*H/(C*n) ..`): each chunk's
-//! pieces for every member are contiguous, one exchange per chunk. The producers (per-head RMSNorm + RoPE of q
+//! the sequence-parallel exchange (several) reads. One rank: `[3, 1, S, B, H, D]`. Several:
+//! `[C*n, S_local, 3, B, H/(C*n), D]` for `n` ranks and `C` head chunks
+//! ([`SeqParallel::head_chunks`]), piece `c*n + j` holding the heads of chunk `c` that member `j`
+//! attends over (heads `(c*n + j)*H/(C*n) ..`), token by token with its q, k and v rows side by
+//! side: what a member gets of a chunk is one run per segment of tokens (NCCL's point-to-point
+//! transfers cost ~20 us per piece beyond their bytes, docs/PERF.md session 23). The producers (per-head RMSNorm + RoPE of q
 //! and k, the copy of v) write their rows there on the GPU (`qk_norm_rope`'s output placement),
 //! so no stack, concatenation or packing pass runs between the projections and the all-to-all.
 //! With one rank, q is `buf[0, 0]`, a `[S, B, H, D]` array the attention reads through strides.
@@ -28,6 +30,8 @@ pub enum Slot {
 pub struct QkvPack {
     /// Pieces along the heads: ranks x head chunks.
     pieces: usize,
+    /// Token-major (several ranks) rather than slot-major (one).
+    token_major: bool,
     s_loc: usize,
     b: usize,
     heads: usize,
@@ -67,22 +71,38 @@ impl QkvPack {
         #[cfg(feature = "cuda")]
         if like.device().is_cuda() && (n == 1 || SeqParallel::fused(like)) {
             let st = crate::cuda::fused::uninit_like(like, 3 * s_loc * b * heads * d)?;
-            return Ok(Self { pieces, s_loc, b, heads, d, filled, store: Store::Gpu(st, like.dtype()) });
+            return Ok(Self {
+                pieces,
+                token_major: n > 1,
+                s_loc,
+                b,
+                heads,
+                d,
+                filled,
+                store: Store::Gpu(st, like.dtype()),
+            });
         }
         let _ = like;
-        Ok(Self { pieces, s_loc, b, heads, d, filled, store: Store::Parts(Default::default()) })
+        Ok(Self { pieces, token_major: n > 1, s_loc, b, heads, d, filled, store: Store::Parts(Default::default()) })
     }
 
     /// Where row (b, s, h) of slot `t`'s tokens from `s0` on goes in the buffer (elements).
     pub fn placement(&self, t: Slot, s0: usize) -> HeadsOut {
         let hl = self.heads / self.pieces;
         let row = self.b * hl * self.d;
-        HeadsOut {
-            start: ((t as usize * self.pieces) * self.s_loc + s0) * row,
-            yb: hl * self.d,
-            ys: row,
-            yp: self.s_loc * row,
-            hl,
+        let t = t as usize;
+        if self.token_major {
+            // [pieces, S, 3, B, hl, D].
+            HeadsOut { start: (s0 * 3 + t) * row, yb: hl * self.d, ys: 3 * row, yp: 3 * self.s_loc * row, hl }
+        } else {
+            // [3, pieces, S, B, hl, D].
+            HeadsOut {
+                start: ((t * self.pieces) * self.s_loc + s0) * row,
+                yb: hl * self.d,
+                ys: row,
+                yp: self.s_loc * row,
+                hl,
+            }
         }
     }
 
@@ -151,8 +171,9 @@ impl QkvPack {
         }
     }
 
-    /// The filled buffer, `[3, C*n, S_local, B, H/(C*n), D]`; errors unless every slot's tokens
-    /// were written exactly once.
+    /// The filled buffer (see the module's comment: `[3, 1, S, B, H, D]` for one rank,
+    /// `[C*n, S_local, 3, B, H/(C*n), D]` for several); errors unless every slot's tokens were
+    /// written exactly once.
     pub fn finish(self) -> Result<Tensor> {
         for (t, runs) in self.filled.iter().enumerate() {
             let mut runs = runs.clone();
@@ -169,11 +190,16 @@ impl QkvPack {
             }
         }
         let (n, hl) = (self.pieces, self.heads / self.pieces);
+        let shape: candle_core::Shape = if self.token_major {
+            (n, self.s_loc, 3, self.b, hl, self.d).into()
+        } else {
+            (3, n, self.s_loc, self.b, hl, self.d).into()
+        };
         match self.store {
             #[cfg(feature = "cuda")]
             Store::Gpu(st, _) => Ok(Tensor::from_storage(
                 candle_core::Storage::Cuda(st),
-                (3, n, self.s_loc, self.b, hl, self.d),
+                shape,
                 candle_core::op::BackpropOp::none(),
                 false,
             )),
@@ -186,7 +212,7 @@ impl QkvPack {
                     let all = Tensor::cat(&rows, 1)?;
                     slots.push(all.reshape((self.b, self.s_loc, n, hl, self.d))?.permute((2, 1, 0, 3, 4))?);
                 }
-                Tensor::stack(&slots, 0)?.contiguous()
+                Tensor::stack(&slots, if self.token_major { 2 } else { 0 })?.contiguous()?.reshape(shape)
             }
         }
     }
