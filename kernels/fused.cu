@@ -393,8 +393,9 @@ __device__ __forceinline__ void with_rows(int r, F&& f) {
 // alone, or a plain copy (v): a strided [B, S, H, D] view in, rows written wherever the caller's
 // layout puts them. Element (b, s, h, d) of x sits at b*sb + s*ss + h*sh + d (a slice of a fused
 // qkv output, or an attention-layout view, read in place); row (b, s, h) of the output starts at
-// (h / hl)*yp + b*yb + s*ys + (h % hl)*D: a contiguous [B, S, H, D] (hl = H, yp = 0), or the
-// sequence-parallel send buffer [n, S, B, hl, D] whose piece j holds heads j*hl ... The
+// (h / hl)*yp + b*yb + s*ys + (h % hl)*D: a contiguous [B, S, H, D] (hl = H, yp = 0), or one
+// slot of the sequence-parallel send buffer [pieces, S, 3, B, hl, D] whose piece j holds heads
+// j*hl ... (src/parallel/pack.rs). The
 // normalized value is rounded to T before the rotation, as the unfused ops do. One warp per
 // (b, s, h) row of D = 2 * pairs elements, or with vec_rows = R > 0 (D = 128, aligned, R divides
 // H) R rows of one token per warp, four elements per lane (qk_norm_rope8 below: eight per lane).
