@@ -7,8 +7,8 @@
 //! do not nest; what no span covers is the rest of the step (element-wise kernels, copies).
 //! Each rank thread keeps its own record.
 //!
-//! With [`TIMELINE_ENV`] set as well, each exchange's transfer on the communication stream is timed
-//! too (from when that stream may start it to when it lands, so a late peer counts), and every span
+//! Each exchange's transfer is timed on the communication stream too (from when that stream may
+//! start it to when it lands, so a late peer counts). With [`TIMELINE_ENV`] set as well, every span
 //! and transfer of the measured steps is written out with its block kind ([`set_scope`]): where a
 //! sharded step waits, and for what.
 

@@ -30,10 +30,7 @@ fn with_cuda<T>(
 #[cfg(feature = "cuda")]
 pub fn unpack_out(recvs: &[Tensor], (n, s, b, h, d): (usize, usize, usize, usize, usize)) -> Result<Tensor> {
     let refs: Vec<&Tensor> = recvs.iter().collect();
-    let st = with_cuda(&refs, |a| {
-        let args: Vec<_> = a.iter().map(|&(s, l)| (s, l)).collect();
-        crate::cuda::exchange::unpack_out(&args, (n, s, b, h, d))
-    })?;
+    let st = with_cuda(&refs, |a| crate::cuda::exchange::unpack_out(a, (n, s, b, h, d)))?;
     Ok(cuda_tensor(st, (b, s, recvs.len() * n * h, d)))
 }
 

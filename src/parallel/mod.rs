@@ -361,6 +361,12 @@ pub const SP_CHUNKS_ENV: &str = "CANDIFF_SP_CHUNKS";
 /// only the first chunk's inputs and the last one's output wait in the open.
 pub const SP_CHUNKS_DEFAULT: usize = 2;
 
+/// [`SP_CHUNKS_ENV`] as set, read once (every sharded attention asks).
+fn sp_chunks_env() -> Option<&'static str> {
+    static V: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    V.get_or_init(|| std::env::var(SP_CHUNKS_ENV).ok()).as_deref()
+}
+
 impl SeqParallel {
     /// Shards segments of `totals` tokens evenly over the group.
     pub fn new(group: Group, totals: &[usize]) -> Self {
@@ -384,8 +390,8 @@ impl SeqParallel {
         }
         let asked = match self.chunks {
             Some(c) => Some((c, "with_head_chunks".to_string())),
-            None => match std::env::var(SP_CHUNKS_ENV) {
-                Ok(v) => Some((
+            None => match sp_chunks_env() {
+                Some(v) => Some((
                     v.trim().parse::<usize>().map_err(|_| {
                         CandiffError::Parallel(format!(
                             "{SP_CHUNKS_ENV}={v}: expected a positive whole number of head chunks"
@@ -393,7 +399,7 @@ impl SeqParallel {
                     })?,
                     format!("{SP_CHUNKS_ENV}={v}"),
                 )),
-                Err(_) => None,
+                None => None,
             },
         };
         match asked {
@@ -466,12 +472,12 @@ impl SeqParallel {
         self.sizes[..seg].iter().map(|s| s[m]).sum()
     }
 
-    /// The pieces of head chunk `chunk`'s q, k, v exchange out of a token-major buffer of
-    /// `pieces` pieces (`[pieces, S_local, 3, B, h, D]`, `row` = 3*B*h*D elements per token): to
+    /// The pieces of head chunk `chunk`'s q, k, v exchange out of the token-major pack buffer
+    /// (`[C*n, S_local, 3, B, h, D]`, `row` = 3*B*h*D elements per token): to
     /// member `m`, its heads of the chunk (piece `chunk * n + m`) of this rank's tokens, one run
     /// per segment; from member `p`, its tokens of this rank's heads of the chunk, placed in the
     /// single-rank token order (`[S, 3, B, h, D]`). Returns (sends, receives, received length).
-    fn qkv_spans(&self, row: usize, chunk: usize, pieces: usize) -> (Vec<Vec<Span>>, Vec<Vec<Span>>, usize) {
+    fn qkv_spans(&self, row: usize, chunk: usize) -> (Vec<Vec<Span>>, Vec<Vec<Span>>, usize) {
         let (n, me) = (self.group.size(), self.group.index());
         let s_loc = self.held(me);
         let s_total: usize = self.sizes.iter().flatten().sum();
@@ -487,7 +493,6 @@ impl SeqParallel {
         let recvs = (0..n)
             .map(|p| segs.clone().map(|seg| (self.global_start(seg, p) * row, self.sizes[seg][p] * row)).collect())
             .collect();
-        debug_assert!(pieces.is_multiple_of(n) && chunk < pieces / n);
         (sends, recvs, s_total * row)
     }
 
@@ -532,7 +537,7 @@ impl SeqParallel {
         let send = qkv.flatten_all()?;
         let chunks = (0..pieces / n)
             .map(|c| {
-                let (sends, recvs, len) = self.qkv_spans(3 * b * h * d, c, pieces);
+                let (sends, recvs, len) = self.qkv_spans(3 * b * h * d, c);
                 crate::profile::transfer_labelled("q/k/v in", || {
                     g.t.exchange_start(&g.members, &send, &sends, len, &recvs)
                 })

@@ -4,9 +4,9 @@
 //! ([`SeqParallel::head_chunks`]), piece `c*n + j` holding the heads of chunk `c` that member `j`
 //! attends over (heads `(c*n + j)*H/(C*n) ..`), token by token with its q, k and v rows side by
 //! side: what a member gets of a chunk is one run per segment of tokens (NCCL's point-to-point
-//! transfers cost ~20 us per piece beyond their bytes, docs/PERF.md session 23). The producers (per-head RMSNorm + RoPE of q
-//! and k, the copy of v) write their rows there on the GPU (`qk_norm_rope`'s output placement),
-//! so no stack, concatenation or packing pass runs between the projections and the all-to-all.
+//! transfers cost ~20 us per piece beyond their bytes, docs/PERF.md session 23). The producers
+//! (per-head RMSNorm + RoPE of q and k, the copy of v) write their rows there on the GPU
+//! (`qk_norm_rope`'s output placement), so no stack, concatenation or packing pass runs between the projections and the all-to-all.
 //! With one rank, q is `buf[0, 0]`, a `[S, B, H, D]` array the attention reads through strides.
 //!
 //! Elsewhere (the CPU, or `CANDIFF_SP_GENERIC` on GPUs) the pieces are kept and joined by Candle
