@@ -621,6 +621,8 @@ pub struct LoadHooks {
 pub struct Nvfp4Options {
     pub backend: Backend,
     pub mode: ActMode,
+    /// fp8 mode's accumulation (`--fp8-accum`).
+    pub fp8_accum: crate::nvfp4::fp8::Fp8Accum,
 }
 
 /// Where weights come from.
@@ -771,14 +773,7 @@ impl<'a> WeightBuilder<'a> {
                         "`{module}`: W4A4 needs the layer's input range; run a calibrating reference first (candiff compare does)"
                     );
                 }
-                let nl = Nvfp4Linear::new(
-                    &qw,
-                    input_scale,
-                    d.bias().cloned(),
-                    self.opts.backend,
-                    self.opts.mode,
-                    self.vb.device(),
-                )?;
+                let nl = self.nvfp4_layer(&qw, input_scale, d.bias().cloned())?;
                 if q.keep_dense_twin {
                     twin = Some(d.clone());
                 }
@@ -804,8 +799,7 @@ impl<'a> WeightBuilder<'a> {
                     return Ok(Linear::Dense(candle_nn::Linear::new(w, b)));
                 }
                 let w = random_nvfp4(out_dim, in_dim, module.len() as u64)?;
-                let l = Nvfp4Linear::new(&w, Some(1.0), b, self.opts.backend, self.opts.mode, self.vb.device())?;
-                return Ok(Linear::Nvfp4(l));
+                return Ok(Linear::Nvfp4(self.nvfp4_layer(&w, Some(1.0), b)?));
             }
         };
         let is_nvfp4 = ckpt.plan.as_ref().is_some_and(|p| p.is_quantized(&module));
@@ -823,8 +817,18 @@ impl<'a> WeightBuilder<'a> {
             );
         }
         let b = if bias { Some(self.vb.get(out_dim, "bias")?) } else { None };
-        let l = Nvfp4Linear::new(&w, input_scale, b, self.opts.backend, self.opts.mode, self.vb.device())?;
-        Ok(Linear::Nvfp4(l))
+        Ok(Linear::Nvfp4(self.nvfp4_layer(&w, input_scale, b)?))
+    }
+
+    /// An NVFP4 layer of `w` as this builder's options say (backend, mode, fp8 accumulation).
+    fn nvfp4_layer(
+        &self,
+        w: &crate::nvfp4::Nvfp4Weight,
+        input_scale: Option<f32>,
+        bias: Option<Tensor>,
+    ) -> Result<Nvfp4Linear> {
+        let o = self.opts;
+        Ok(Nvfp4Linear::new(w, input_scale, bias, o.backend, o.mode, self.vb.device())?.with_fp8_accum(o.fp8_accum))
     }
 }
 
@@ -941,7 +945,12 @@ mod tests {
     fn per_sample_layers_run_w4a16_in_fp8_mode() {
         use crate::nvfp4::Backend;
         let builder = |backend, mode| {
-            WeightBuilder::synthetic(DType::F32, &Device::Cpu, vec!["blocks".into()], Nvfp4Options { backend, mode })
+            WeightBuilder::synthetic(
+                DType::F32,
+                &Device::Cpu,
+                vec!["blocks".into()],
+                Nvfp4Options { backend, mode, ..Default::default() },
+            )
         };
         let mode = |l: &Linear| match l {
             Linear::Nvfp4(q) => q.mode(),
@@ -960,5 +969,20 @@ mod tests {
         let x = x.unwrap();
         let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(flat(per_sample.forward(&x).unwrap()), flat(w4a16.forward(&x).unwrap()));
+    }
+
+    /// `--fp8-accum` reaches every NVFP4 layer a builder makes (the GPU GEMM reads it from the op).
+    #[test]
+    fn fp8_accumulation_reaches_the_layers() {
+        use crate::nvfp4::fp8::Fp8Accum;
+        use crate::nvfp4::Backend;
+        for accum in [Fp8Accum::F32, Fp8Accum::Fast] {
+            let opts = Nvfp4Options { backend: Backend::Trtllm, mode: ActMode::Fp8, fp8_accum: accum };
+            let b = WeightBuilder::synthetic(DType::F32, &Device::Cpu, vec!["blocks".into()], opts);
+            match b.pp("blocks.0.ff").linear(64, 32, true).unwrap() {
+                Linear::Nvfp4(q) => assert_eq!(q.op().fp8_accum, accum),
+                _ => panic!("an NVFP4 layer expected"),
+            }
+        }
     }
 }

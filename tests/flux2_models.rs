@@ -187,8 +187,13 @@ fn nvfp4_layers_match_the_per_layer_references_bit_for_bit_inputs() {
     let mut checked = 0;
     for backend in Backend::ALL {
         for mode in [ActMode::W4A16, ActMode::W4A4] {
-            let wb =
-                WeightBuilder::new(ckpt.clone(), DType::F32, &Device::Cpu, Nvfp4Options { backend, mode }).unwrap();
+            let wb = WeightBuilder::new(
+                ckpt.clone(),
+                DType::F32,
+                &Device::Cpu,
+                Nvfp4Options { backend, mode, ..Default::default() },
+            )
+            .unwrap();
             for m in &modules {
                 let key = |s: &str| format!("b1.layer.{m}.{s}");
                 let x = &io[&key("x")];
@@ -231,7 +236,13 @@ fn nvfp4_transformer_matches_w4a16_and_w4a4_for_every_backend() {
     for (file, borrow) in &files {
         for backend in Backend::ALL {
             for (mode, key, tol) in [(ActMode::W4A16, "out_w4a16", 1e-3), (ActMode::W4A4, "out_w4a4", 2e-2)] {
-                let m = model_with("transformer", file, DType::F32, Nvfp4Options { backend, mode }, borrow.as_deref());
+                let m = model_with(
+                    "transformer",
+                    file,
+                    DType::F32,
+                    Nvfp4Options { backend, mode, ..Default::default() },
+                    borrow.as_deref(),
+                );
                 for b in [1, 2] {
                     let (out, _) = run(&m, &io, b, DType::F32);
                     let r = rel_l2(&out, &q[&format!("b{b}.{key}")]);
@@ -246,7 +257,7 @@ fn nvfp4_transformer_matches_w4a16_and_w4a4_for_every_backend() {
         "transformer",
         &nvfp4_mixed(),
         DType::F32,
-        Nvfp4Options { backend: Backend::Trtllm, mode: ActMode::W4A4 },
+        Nvfp4Options { backend: Backend::Trtllm, mode: ActMode::W4A4, ..Default::default() },
         None,
     );
     let (out, _) = run(&m, &io, 1, DType::F32);

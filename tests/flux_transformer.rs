@@ -100,14 +100,22 @@ fn nvfp4_checkpoints_match_their_references() {
     for (rel, suffix) in cases {
         for backend in Backend::ALL {
             // W4A16: within 1e-2 (bf16 rounding of linear inputs can flip with 1e-7 upstream noise).
-            let m = model(&fixtures().join(rel), DType::F32, Nvfp4Options { backend, mode: ActMode::W4A16 });
+            let m = model(
+                &fixtures().join(rel),
+                DType::F32,
+                Nvfp4Options { backend, mode: ActMode::W4A16, ..Default::default() },
+            );
             let (y1, y2) = run(&m, &io, DType::F32);
             let (w1, w2) = (flat(&q[&format!("out_w4a16{suffix}")]), flat(&q[&format!("b2_out_w4a16{suffix}")]));
             let (d1, d2) = (common::max_diff(&y1, &w1), common::max_diff(&y2, &w2));
             assert!(d1 <= 1e-2 && d2 <= 1e-2, "{rel} {backend} w4a16: {d1} / {d2}");
             // W4A4 end to end: discontinuous, so only gross errors are caught here (the per-layer
             // probes are bit-exact in nvfp4_checkpoints.rs).
-            let m = model(&fixtures().join(rel), DType::F32, Nvfp4Options { backend, mode: ActMode::W4A4 });
+            let m = model(
+                &fixtures().join(rel),
+                DType::F32,
+                Nvfp4Options { backend, mode: ActMode::W4A4, ..Default::default() },
+            );
             let (y1, y2) = run(&m, &io, DType::F32);
             let (w1, w2) = (flat(&q[&format!("out_w4a4{suffix}")]), flat(&q[&format!("b2_out_w4a4{suffix}")]));
             let (r1, r2) = (rel_l2(&y1, &w1), rel_l2(&y2, &w2));
@@ -129,7 +137,7 @@ const F32_TOL: f32 = 3e-5;
 fn nvfp4_exports_agree_with_each_other() {
     // ModelOpt and compressed-tensors hold the same weights (global scales within 1 ulp).
     let io = load("flux1_tiny/io.safetensors");
-    let opts = Nvfp4Options { backend: Backend::Trtllm, mode: ActMode::W4A16 };
+    let opts = Nvfp4Options { backend: Backend::Trtllm, mode: ActMode::W4A16, ..Default::default() };
     let a = run(&model(&fixtures().join("flux1_tiny/transformer_nvfp4_modelopt"), DType::F32, opts), &io, DType::F32);
     let b = run(&model(&fixtures().join("flux1_tiny/transformer_nvfp4_ct"), DType::F32, opts), &io, DType::F32);
     let d = common::max_diff(&a.0, &b.0).max(common::max_diff(&a.1, &b.1));

@@ -159,7 +159,7 @@ fn probes_through_the_linear_abstraction() {
                 ckpt.clone(),
                 DType::F32,
                 &Device::Cpu,
-                Nvfp4Options { backend, mode: ActMode::W4A4 },
+                Nvfp4Options { backend, mode: ActMode::W4A4, ..Default::default() },
             )
             .unwrap();
             for m in &modules {

@@ -88,7 +88,7 @@ fn fp8_transformer_steps_stay_close_to_w4a16() {
     let ckpt = Arc::new(
         Checkpoint::open(&fixtures().join("flux1_tiny/transformer_nvfp4_modelopt"), &Overrides::default()).unwrap(),
     );
-    let opts = Nvfp4Options { backend: Backend::Trtllm, mode: ActMode::Fp8 };
+    let opts = Nvfp4Options { backend: Backend::Trtllm, mode: ActMode::Fp8, ..Default::default() };
     let wb = WeightBuilder::new(ckpt, DType::F32, &Device::Cpu, opts).unwrap();
     let m = candiff::models::flux::FluxTransformer::new(&cfg, &wb, Naming::Diffusers).unwrap();
     let g = |k: &str| io[k].clone();

@@ -480,7 +480,7 @@ fn nvfp4_layers_sharded_equal_one_rank() {
     let t = Tensor::new(&[900f32], &Device::Cpu).unwrap();
     const GUIDANCE: f64 = 5.0;
     for mode in [ActMode::W4A16, ActMode::W4A4] {
-        let opts = Nvfp4Options { backend: Backend::Trtllm, mode };
+        let opts = Nvfp4Options { backend: Backend::Trtllm, mode, ..Default::default() };
         // Each rank builds its own model, as `bench wan-step --gpus` does.
         let step = |world: Option<&candiff::parallel::Group>| -> candle_core::Result<Vec<f32>> {
             let wb = WeightBuilder::synthetic(DType::F32, &Device::Cpu, vec!["blocks.".into()], opts);

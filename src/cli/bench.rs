@@ -192,6 +192,14 @@ pub struct FluxStepArgs {
     pub device: String,
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
+    /// One GPU: write each variant's output (f32, little-endian) to DIR/<variant>.f32, for
+    /// comparing runs under different settings (`--against`).
+    #[arg(long, value_name = "DIR")]
+    pub save: Option<std::path::PathBuf>,
+    /// One GPU: the rel. L2 distance of each variant's output from DIR/<variant>.f32 (written by
+    /// `--save` in an earlier run with the same shapes).
+    #[arg(long, value_name = "DIR")]
+    pub against: Option<std::path::PathBuf>,
     /// Mark the timed calls as the range a profiler started with `--profile-from-start off`
     /// collects (e.g. `ncu --profile-from-start off --metrics gpu__time_duration.sum`; summed per
     /// kernel by scripts/ncu_kernel_table.py).
@@ -240,18 +248,20 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Parses `bf16` / `nvfp4:<backend>:<mode>` into (NVFP4 module paths, options).
+/// Parses `bf16` / `nvfp4:<backend>:<mode>` (fp8 optionally `+fastacc`) into (NVFP4 module
+/// paths, options).
 fn variant(v: &str, nvfp4_paths: &str) -> anyhow::Result<(Vec<String>, crate::linear::Nvfp4Options)> {
-    use crate::nvfp4::{ActMode, Backend};
-    Ok(match v.split(':').collect::<Vec<_>>()[..] {
-        ["bf16"] => (Vec::new(), crate::linear::Nvfp4Options::default()),
-        ["nvfp4", b, m] => {
-            let backend = Backend::from_name(b).ok_or_else(|| anyhow::anyhow!("unknown backend `{b}`"))?;
-            let mode: ActMode = m.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-            (vec![nvfp4_paths.to_string()], crate::linear::Nvfp4Options { backend, mode })
-        }
-        _ => anyhow::bail!("variant `{v}`: use bf16 or nvfp4:<backend>:<mode>"),
-    })
+    use crate::compare::run::{Variant, VariantKind};
+    let parsed = Variant::parse(v)?;
+    anyhow::ensure!(
+        !parsed.fp8_attention,
+        "variant `{v}`: the step benches take FP8 attention from CANDIFF_ATTENTION=fp8, not +fp8attn"
+    );
+    let paths = match parsed.kind {
+        VariantKind::Bf16 => Vec::new(),
+        VariantKind::Nvfp4 { .. } => vec![nvfp4_paths.to_string()],
+    };
+    Ok((paths, parsed.nvfp4_options()))
 }
 
 /// Guidance of the benchmarked Wan step (any value > 1: both branches run).
@@ -612,12 +622,7 @@ fn wan_step(a: &WanStepArgs) -> anyhow::Result<()> {
     let t = Tensor::new(&[900f32], &device)?;
     let tokens = f * (h / 2) * (w / 2);
     let mut rows = Vec::new();
-    // The first variant's output, when there are others to compare with it. Synthetic NVFP4
-    // layers draw their own codes (not the bf16 weights quantized), so only variants of the same
-    // weight kind compare: NVFP4 against NVFP4 (e.g. w4a16 against fp8), bf16 against bf16.
-    let mut first: Option<(String, Vec<f32>)> = None;
-    let nvfp4 = |v: &str| v.starts_with("nvfp4");
-    let compare_first = a.variants.iter().skip(1).any(|v| nvfp4(v) == nvfp4(&a.variants[0]));
+    let mut outputs = StepOutputs::new(&a.variants, a.save.as_deref(), a.against.as_deref());
     for v in &a.variants {
         let (paths, opts) = variant(v, "blocks.")?;
         let t0 = Instant::now();
@@ -648,32 +653,7 @@ fn wan_step(a: &WanStepArgs) -> anyhow::Result<()> {
         }
         let mut row = serde_json::json!({"model": a.model, "variant": v, "ms_per_call": ms, "width": a.width,
             "height": a.height, "frames": a.frames, "tokens": tokens, "txt_tokens": a.txt_tokens});
-        if a.save.is_some() || a.against.is_some() || compare_first {
-            let out: Vec<f32> = step()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            let file = format!("{}.f32", v.replace(':', "-"));
-            if let Some(dir) = &a.save {
-                std::fs::create_dir_all(dir)?;
-                std::fs::write(dir.join(&file), out.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
-            }
-            if let Some(dir) = &a.against {
-                let bytes = std::fs::read(dir.join(&file))?;
-                let other: Vec<f32> =
-                    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-                anyhow::ensure!(other.len() == out.len(), "{}: {} values, this run {}", file, other.len(), out.len());
-                let d = crate::doctor::rel_l2(&out, &other);
-                println!("  rel. L2 vs {}: {d:.3e}", dir.join(&file).display());
-                row["rel_l2_vs_saved"] = serde_json::json!(d);
-            }
-            match &first {
-                Some((name, base)) if nvfp4(name) == nvfp4(v) => {
-                    let d = crate::doctor::rel_l2(&out, base);
-                    println!("  rel. L2 vs {name}: {d:.3e}");
-                    row["rel_l2_vs_first"] = serde_json::json!(d);
-                }
-                Some(_) => {}
-                None => first = Some((v.clone(), out)),
-            }
-        }
+        outputs.record(v, &mut row, step)?;
         rows.push(row);
         drop(model);
     }
@@ -681,6 +661,74 @@ fn wan_step(a: &WanStepArgs) -> anyhow::Result<()> {
         std::fs::write(out, serde_json::to_string_pretty(&rows)?)?;
     }
     Ok(())
+}
+
+/// What the one-GPU step benches do with each variant's output: `--save DIR` writes it to
+/// `DIR/<variant>.f32` (f32, little-endian), `--against DIR` prints its rel. L2 distance from that
+/// file, and every later variant of the first one's weight kind is compared with the first.
+/// Synthetic NVFP4 layers draw their own codes (not the bf16 weights quantized), so only variants
+/// of one kind compare: NVFP4 against NVFP4 (e.g. fp8 against fp8+fastacc), bf16 against bf16.
+struct StepOutputs<'a> {
+    save: Option<&'a std::path::Path>,
+    against: Option<&'a std::path::Path>,
+    compare_first: bool,
+    first: Option<(String, Vec<f32>)>,
+}
+
+impl<'a> StepOutputs<'a> {
+    fn new(variants: &[String], save: Option<&'a std::path::Path>, against: Option<&'a std::path::Path>) -> Self {
+        let compare_first = variants.iter().skip(1).any(|v| is_nvfp4(v) == is_nvfp4(&variants[0]));
+        Self { save, against, compare_first, first: None }
+    }
+
+    /// Runs `step` once more for its output when anything needs it; results go into `row`.
+    fn record(
+        &mut self,
+        variant: &str,
+        row: &mut serde_json::Value,
+        step: impl Fn() -> candle_core::Result<candle_core::Tensor>,
+    ) -> anyhow::Result<()> {
+        if self.save.is_none() && self.against.is_none() && !self.compare_first {
+            return Ok(());
+        }
+        let out: Vec<f32> = step()?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        let file = format!("{}.f32", variant.replace(':', "-"));
+        if let Some(dir) = self.save {
+            std::fs::create_dir_all(dir)?;
+            std::fs::write(dir.join(&file), out.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
+        }
+        if let Some(dir) = self.against {
+            let path = dir.join(&file);
+            let bytes =
+                std::fs::read(&path).map_err(|e| anyhow::anyhow!("--against: reading {}: {e}", path.display()))?;
+            let other: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            anyhow::ensure!(
+                other.len() == out.len(),
+                "{}: {} values, this run {} (same shapes expected)",
+                path.display(),
+                other.len(),
+                out.len()
+            );
+            let d = crate::doctor::rel_l2(&out, &other);
+            println!("  rel. L2 vs {}: {d:.3e}", path.display());
+            row["rel_l2_vs_saved"] = serde_json::json!(d);
+        }
+        match &self.first {
+            Some((name, base)) if is_nvfp4(name) == is_nvfp4(variant) => {
+                let d = crate::doctor::rel_l2(&out, base);
+                println!("  rel. L2 vs {name}: {d:.3e}");
+                row["rel_l2_vs_first"] = serde_json::json!(d);
+            }
+            Some(_) => {}
+            None if self.compare_first => self.first = Some((variant.to_string(), out)),
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+fn is_nvfp4(variant: &str) -> bool {
+    variant.starts_with("nvfp4")
 }
 
 fn wan_decode(a: &WanDecodeArgs) -> anyhow::Result<()> {
@@ -789,8 +837,9 @@ fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
     let device = super::t2i::parse_device(Some(&a.device))?;
     let t = Tensor::new(&[0.5f32], &device)?;
     let g = Tensor::new(&[3.5f32], &device)?;
-    let randn = |shape: (usize, usize, usize)| -> candle_core::Result<Tensor> {
-        Tensor::randn(0f32, 1.0, shape, &device)?.to_dtype(DType::BF16)
+    // Seeded on the host: the same inputs in every run, for --save / --against.
+    let randn = |shape: (usize, usize, usize), seed: u64| -> candle_core::Result<Tensor> {
+        host_randn(&[shape.0, shape.1, shape.2], seed, &device, DType::BF16)
     };
     // One boxed step per model family.
     type Step<'a> = Box<dyn Fn() -> candle_core::Result<Tensor> + 'a>;
@@ -799,10 +848,9 @@ fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
             "flux.1-dev" => {
                 let cfg = crate::models::flux::FluxConfig::default();
                 let model = crate::models::flux::FluxTransformer::new(&cfg, wb, Naming::Diffusers)?;
-                let img = randn((1, lh * lw, cfg.in_channels))?;
-                let txt = randn((1, a.txt_tokens, cfg.joint_attention_dim))?;
-                let pooled =
-                    Tensor::randn(0f32, 1.0, (1, cfg.pooled_projection_dim), &device)?.to_dtype(DType::BF16)?;
+                let img = randn((1, lh * lw, cfg.in_channels), 1)?;
+                let txt = randn((1, a.txt_tokens, cfg.joint_attention_dim), 2)?;
+                let pooled = host_randn(&[1, cfg.pooled_projection_dim], 3, &device, DType::BF16)?;
                 let ids = crate::models::flux::sampling::image_ids(lh * 2, lw * 2, &device)?;
                 let txt_ids = Tensor::zeros((a.txt_tokens, 3), DType::F32, &device)?;
                 let (t, g) = (t.clone(), g.clone());
@@ -811,8 +859,8 @@ fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
             name => {
                 let cfg = flux2_config(name)?;
                 let model = crate::models::flux2::Flux2Transformer::new(&cfg, wb, Naming::Diffusers)?;
-                let img = randn((1, lh * lw, cfg.in_channels))?;
-                let txt = randn((1, a.txt_tokens, cfg.joint_attention_dim))?;
+                let img = randn((1, lh * lw, cfg.in_channels), 1)?;
+                let txt = randn((1, a.txt_tokens, cfg.joint_attention_dim), 2)?;
                 let ids = crate::models::flux2::sampling::image_ids(lh, lw, &device)?;
                 let txt_ids = crate::models::flux2::sampling::text_ids(a.txt_tokens, &device)?;
                 let g = cfg.guidance_embeds.then(|| g.clone());
@@ -822,6 +870,7 @@ fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
         })
     };
     let mut rows = Vec::new();
+    let mut outputs = StepOutputs::new(&a.variants, a.save.as_deref(), a.against.as_deref());
     for v in &a.variants {
         let (paths, opts) = variant(v, "transformer_blocks.")?;
         let t0 = Instant::now();
@@ -843,8 +892,10 @@ fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
             a.txt_tokens,
             peak.map(|b| format!(", GPU memory in use {:.1} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or_default()
         );
-        rows.push(serde_json::json!({"model": a.model, "variant": v, "ms_per_step": ms, "width": a.width,
-            "height": a.height, "txt_tokens": a.txt_tokens, "gpu_used_bytes": peak}));
+        let mut row = serde_json::json!({"model": a.model, "variant": v, "ms_per_step": ms, "width": a.width,
+            "height": a.height, "txt_tokens": a.txt_tokens, "gpu_used_bytes": peak});
+        outputs.record(v, &mut row, &step)?;
+        rows.push(row);
         drop(step);
     }
     if let Some(out) = &a.out {
@@ -865,6 +916,7 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
     use candle_core::{DType, Device, Module, Tensor};
 
     use crate::doctor::Problem;
+    use crate::nvfp4::fp8::Fp8Accum;
     use crate::nvfp4::{ActMode, Backend};
 
     let device = crate::cuda_support::cuda_device(args.gpu, false)?;
@@ -894,28 +946,41 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
         .flat_map(|b| [(*b, ActMode::W4A16), (*b, ActMode::W4A4)])
         .chain(std::iter::once((Backend::Trtllm, ActMode::Fp8)))
         .collect();
-    let label =
-        |b: Backend, mode: ActMode| if mode == ActMode::Fp8 { "fp8".to_string() } else { format!("{b} {mode}") };
-    let runs: Vec<(Backend, ActMode)> = if args.variants.is_empty() {
-        all
+    // (backend, mode, fast FP8 accumulation)
+    let label = |b: Backend, mode: ActMode, fast: bool| match (mode, fast) {
+        (ActMode::Fp8, false) => "fp8".to_string(),
+        (ActMode::Fp8, true) => "fp8 fastacc".to_string(),
+        _ => format!("{b} {mode}"),
+    };
+    let runs: Vec<(Backend, ActMode, bool)> = if args.variants.is_empty() {
+        all.iter().map(|&(b, mode)| (b, mode, false)).collect()
     } else {
         let mut runs = Vec::new();
         for v in &args.variants {
-            let (b, mode) = v.split_once(':').ok_or_else(|| anyhow::anyhow!("variant `{v}`: use <backend>:<mode>"))?;
+            let (base, fast) = match v.strip_suffix(crate::compare::run::FAST_ACCUM_SUFFIX) {
+                Some(b) => (b, true),
+                None => (v.as_str(), false),
+            };
+            let (b, mode) =
+                base.split_once(':').ok_or_else(|| anyhow::anyhow!("variant `{v}`: use <backend>:<mode>"))?;
             let b = Backend::from_name(b).ok_or_else(|| anyhow::anyhow!("variant `{v}`: unknown backend `{b}`"))?;
             let mode: ActMode = mode.parse().map_err(|e: String| anyhow::anyhow!("variant `{v}`: {e}"))?;
+            anyhow::ensure!(!fast || mode == ActMode::Fp8, "variant `{v}`: +fastacc applies to fp8 mode only");
             let mode_run = if mode == ActMode::Fp8 { (Backend::Trtllm, mode) } else { (b, mode) };
             if !all.contains(&mode_run) {
                 anyhow::bail!("variant `{v}` is not available in this build or on this GPU");
             }
-            runs.push(mode_run);
+            runs.push((mode_run.0, mode_run.1, fast));
         }
         runs
     };
     println!("GPU: {name}");
     println!(
         "| M | K x N | cuBLAS bf16 ms (TFLOP/s) | {} |",
-        runs.iter().map(|&(b, mode)| format!("{} ms (x bf16)", label(b, mode))).collect::<Vec<_>>().join(" | ")
+        runs.iter()
+            .map(|&(b, mode, fast)| format!("{} ms (x bf16)", label(b, mode, fast)))
+            .collect::<Vec<_>>()
+            .join(" | ")
     );
     println!("|---|---|---|{}", "---|".repeat(runs.len()));
     let mut rows = Vec::new();
@@ -931,14 +996,15 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
             let t_ref = time(&mut || x.matmul(&w.t()?).map(|_| ()))?;
             let mut cells = vec![format!("{:.3} ({:.0})", t_ref * 1e3, flops / t_ref / 1e12)];
             let mut entry = serde_json::json!({"m": m, "k": k, "n": n, "cublas_bf16_s": t_ref});
-            for &(b, mode) in &runs {
+            for &(b, mode, fast) in &runs {
                 let b = &b;
                 {
-                    let measured = p
-                        .layer(*b, mode, &device)
-                        .map_err(anyhow::Error::from)
-                        .and_then(|l| time(&mut || l.forward(&x).map(|_| ())));
-                    let key = if mode == ActMode::Fp8 { "fp8".to_string() } else { format!("{b}_{mode}") };
+                    let accum = if fast { Fp8Accum::Fast } else { Fp8Accum::F32 };
+                    let measured = p.layer(*b, mode, &device).map_err(anyhow::Error::from).and_then(|l| {
+                        let l = l.with_fp8_accum(accum);
+                        time(&mut || l.forward(&x).map(|_| ()))
+                    });
+                    let key = label(*b, mode, fast).replace(' ', "_");
                     match measured {
                         Ok(t) => {
                             cells.push(format!("{:.3} ({:.2}x)", t * 1e3, t_ref / t));

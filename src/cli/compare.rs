@@ -17,6 +17,7 @@ use crate::pipelines::wan::{WanFiles, FRAMES_PER_LATENT};
   candiff compare --model wan-tiny --prompts my-prompts.jsonl --exclude proj_out
   candiff compare --model flux.1-dev-random --width 512 --height 512 --clip off   (full size, random weights, no download)
   candiff compare --model wan2.2-ti2v-5b --variants bf16,bf16+fp8attn,nvfp4:trtllm:fp8+fp8attn   (what FP8 attention costs)
+  candiff compare --model flux.1-dev --variants bf16,nvfp4:trtllm:fp8,nvfp4:trtllm:fp8+fastacc   (what fast FP8 accumulation costs)
 
 NVFP4 variants quantize the bf16 checkpoint at load with the ModelOpt rule; W4A4 activation scales
 come from the reference run (calibration on the same prompts). An interrupted run resumes from --out.")]
@@ -33,7 +34,8 @@ pub struct CompareArgs {
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub seeds: Vec<u64>,
     /// `bf16` or `nvfp4:<trtllm|cutlass|cudnn>:<w4a16|w4a4|fp8>`, each optionally with `+fp8attn`
-    /// (its transformer attention in FP8, as `--attention fp8`; GPU, cudnn builds).
+    /// (its transformer attention in FP8, as `--attention fp8`; GPU, cudnn builds); fp8 ones
+    /// also with `+fastacc` (fast FP8 accumulation, as `--fp8-accum fast`).
     #[arg(long, value_delimiter = ',', default_value = "bf16,nvfp4:trtllm:w4a16,nvfp4:trtllm:w4a4,nvfp4:trtllm:fp8")]
     pub variants: Vec<String>,
     /// The variant the others are measured against.

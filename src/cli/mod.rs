@@ -64,6 +64,12 @@ pub struct RunArgs {
     /// f32 scores).
     #[arg(long, env = "CANDIFF_ATTENTION", value_enum)]
     pub attention: Option<crate::models::ops::AttentionImpl>,
+    /// How `--nvfp4-mode fp8` GEMMs accumulate: `f32` (partial sums promoted to f32, the default)
+    /// or `fast` (the FP8 tensor cores' own accumulator for all of K: ~7% faster FLUX.1 step on an
+    /// H200, ~2.5e-2 rel. L2 off the f32 step output, and several GPUs no longer match one
+    /// exactly; `candiff compare` with `+fastacc` variants shows what it costs).
+    #[arg(long, env = "CANDIFF_FP8_ACCUM", value_enum, default_value_t)]
+    pub fp8_accum: crate::nvfp4::fp8::Fp8Accum,
     #[command(flatten)]
     pub nvfp4: Nvfp4ReadArgs,
     /// Generate on N GPUs (0..N-1) at once: each transformer call's tokens sharded over them
@@ -106,10 +112,18 @@ impl RunArgs {
         }
     }
 
-    /// Fixes the attention implementation for the run (`--attention`).
-    pub fn apply_attention(&self) -> anyhow::Result<()> {
+    /// Fixes the attention implementation for the run (`--attention`) and checks that
+    /// `--fp8-accum fast` comes with fp8 mode (elsewhere it would change nothing).
+    pub fn apply_choices(&self) -> anyhow::Result<()> {
         if let Some(choice) = self.attention {
             crate::models::ops::set_attention_impl(choice)?;
+        }
+        if self.fp8_accum != crate::nvfp4::fp8::Fp8Accum::F32 && self.nvfp4_mode != crate::nvfp4::ActMode::Fp8 {
+            anyhow::bail!(
+                "--fp8-accum {} applies to --nvfp4-mode fp8 GEMMs; this run is --nvfp4-mode {} (drop --fp8-accum or CANDIFF_FP8_ACCUM, or add --nvfp4-mode fp8)",
+                self.fp8_accum,
+                self.nvfp4_mode
+            );
         }
         Ok(())
     }
@@ -123,6 +137,7 @@ impl RunArgs {
         crate::linear::Nvfp4Options {
             backend: crate::nvfp4::Backend::resolve(self.nvfp4_backend),
             mode: self.nvfp4_mode,
+            fp8_accum: self.fp8_accum,
         }
     }
 

@@ -16,6 +16,7 @@ use super::learned::{clip_score, cosine as cosine_t, Clip, Lpips, Rgb8};
 use super::metrics::{cosine, mean_std, psnr, ssim, Image};
 use crate::error::{CResult, CandiffError};
 use crate::linear::{LayerStats, LoadHooks, Nvfp4Options, Probe, QuantCache, QuantizeSpec};
+use crate::nvfp4::fp8::Fp8Accum;
 use crate::nvfp4::{ActMode, Backend, Overrides};
 use crate::pipelines::flux::{FluxFiles, FluxRun, T2iRequest};
 use crate::pipelines::flux2::{EncoderMode, Flux2Files, Flux2Request, Flux2Run};
@@ -51,24 +52,37 @@ pub struct Variant {
     /// FP8 attention for this variant (`+fp8attn`); otherwise the process's choice.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub fp8_attention: bool,
+    /// fp8 mode's GEMMs with fast accumulation (`+fastacc`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub fast_accum: bool,
 }
 
 /// The variant suffix that runs its transformer attention in FP8 (`--attention fp8`).
 pub const FP8_ATTENTION_SUFFIX: &str = "+fp8attn";
+/// The variant suffix that runs an fp8-mode variant's GEMMs with fast accumulation
+/// (`--fp8-accum fast`).
+pub const FAST_ACCUM_SUFFIX: &str = "+fastacc";
 
 impl Variant {
     /// `bf16` or `nvfp4:<trtllm|cutlass|cudnn>:<w4a16|w4a4|fp8>`, optionally followed by
-    /// `+fp8attn` (FP8 attention).
+    /// `+fp8attn` (FP8 attention) and, for fp8 mode, `+fastacc` (fast accumulation), in either
+    /// order.
     pub fn parse(s: &str) -> CResult<Self> {
         let bad = |why: String| {
             CandiffError::Unsupported(format!(
-                "variant `{s}`: {why}; use bf16 or nvfp4:<trtllm|cutlass|cudnn>:<w4a16|w4a4|fp8>, optionally with {FP8_ATTENTION_SUFFIX}"
+                "variant `{s}`: {why}; use bf16 or nvfp4:<trtllm|cutlass|cudnn>:<w4a16|w4a4|fp8>, optionally with {FP8_ATTENTION_SUFFIX} and (fp8) {FAST_ACCUM_SUFFIX}"
             ))
         };
-        let (base, fp8_attention) = match s.strip_suffix(FP8_ATTENTION_SUFFIX) {
-            Some(b) => (b, true),
-            None => (s, false),
-        };
+        let (mut base, mut fp8_attention, mut fast_accum) = (s, false, false);
+        loop {
+            if let Some(b) = base.strip_suffix(FP8_ATTENTION_SUFFIX).filter(|_| !fp8_attention) {
+                (base, fp8_attention) = (b, true);
+            } else if let Some(b) = base.strip_suffix(FAST_ACCUM_SUFFIX).filter(|_| !fast_accum) {
+                (base, fast_accum) = (b, true);
+            } else {
+                break;
+            }
+        }
         let kind = match base.split(':').collect::<Vec<_>>()[..] {
             ["bf16"] => VariantKind::Bf16,
             ["nvfp4", b, m] => VariantKind::Nvfp4 {
@@ -77,7 +91,21 @@ impl Variant {
             },
             _ => return Err(bad("unrecognized form".into())),
         };
-        Ok(Self { label: s.replace(':', "-"), kind, fp8_attention })
+        if fast_accum && !matches!(kind, VariantKind::Nvfp4 { mode: ActMode::Fp8, .. }) {
+            return Err(bad(format!("{FAST_ACCUM_SUFFIX} applies to fp8 mode only")));
+        }
+        Ok(Self { label: s.replace(':', "-"), kind, fp8_attention, fast_accum })
+    }
+
+    /// How this variant's NVFP4 layers execute.
+    pub fn nvfp4_options(&self) -> Nvfp4Options {
+        match self.kind {
+            VariantKind::Nvfp4 { backend, mode } => {
+                let fp8_accum = if self.fast_accum { Fp8Accum::Fast } else { Fp8Accum::F32 };
+                Nvfp4Options { backend, mode, fp8_accum }
+            }
+            VariantKind::Bf16 => Nvfp4Options::default(),
+        }
     }
 }
 
@@ -314,10 +342,7 @@ impl Runner<'_> {
         prompt: &str,
         seed: u64,
     ) -> candle_core::Result<Output> {
-        let nvfp4 = match variant.kind {
-            VariantKind::Nvfp4 { backend, mode } => Nvfp4Options { backend, mode },
-            VariantKind::Bf16 => Nvfp4Options::default(),
-        };
+        let nvfp4 = variant.nvfp4_options();
         let mut latents = Vec::new();
         let t0 = Instant::now();
         let s = &self.settings;
@@ -837,6 +862,22 @@ mod tests {
         let b = Variant::parse("bf16").unwrap();
         assert!(!b.fp8_attention && b.kind == VariantKind::Bf16);
         assert!(Variant::parse("bf16+fp8").is_err());
+    }
+
+    #[test]
+    fn fast_accumulation_parses_in_either_order_for_fp8_only() {
+        for s in ["nvfp4:trtllm:fp8+fastacc+fp8attn", "nvfp4:trtllm:fp8+fp8attn+fastacc"] {
+            let v = Variant::parse(s).unwrap();
+            assert!(v.fast_accum && v.fp8_attention, "{s}");
+            assert_eq!(v.nvfp4_options().fp8_accum, Fp8Accum::Fast);
+        }
+        let plain = Variant::parse("nvfp4:cutlass:fp8").unwrap();
+        assert_eq!(plain.nvfp4_options().fp8_accum, Fp8Accum::F32);
+        assert_eq!(plain.nvfp4_options().backend, Backend::Cutlass);
+        for s in ["nvfp4:trtllm:w4a16+fastacc", "bf16+fastacc", "nvfp4:trtllm:fp8+fastacc+fastacc"] {
+            let e = Variant::parse(s).unwrap_err().to_string();
+            assert!(e.contains(s), "{e}");
+        }
     }
 
     #[test]

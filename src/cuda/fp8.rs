@@ -22,6 +22,7 @@ use super::lt::{
     alignment, device_lt, epilogue, half_tensor_address, heuristic, matmul_tn, set, Descs, MAX_ALIGN_BYTES,
 };
 use super::{function_in, input_bf16, view, wrap, Kernels};
+use crate::nvfp4::fp8::Fp8Accum;
 use crate::nvfp4::linear::Nvfp4Matmul;
 use crate::nvfp4::Nvfp4Weight;
 
@@ -75,10 +76,16 @@ pub fn weight_to_fp8(w: &Nvfp4Weight, device: &Device) -> Result<(Tensor, Tensor
 }
 
 /// Descriptors of one FP8 GEMM (E4M3 operands, TN), with per-row / per-token scale vectors when
-/// `outer_vec`.
-fn descs(m: usize, n: usize, k: usize, out: DType, outer_vec: bool) -> Result<Descs> {
+/// `outer_vec`, accumulating as `accum` says.
+fn descs(m: usize, n: usize, k: usize, out: DType, outer_vec: bool, accum: Fp8Accum) -> Result<Descs> {
     use ltsys::cublasLtMatmulDescAttributes_t as A;
     let descs = Descs::tn(m, n, k, ltsys::cudaDataType::CUDA_R_8F_E4M3, out)?;
+    // An int8_t attribute: 1 keeps the sum in the tensor cores for all of K.
+    let fast: i8 = match accum {
+        Fp8Accum::F32 => 0,
+        Fp8Accum::Fast => 1,
+    };
+    set(descs.matmul, A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast)?;
     if outer_vec {
         let mode = ltsys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
         set(descs.matmul, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode)?;
@@ -358,7 +365,7 @@ fn gemm_fp8(
     let mut plan = None;
     let mut why = String::new();
     for outer_vec in [true, false] {
-        let d = descs(m, n, k, out_dtype, outer_vec)?;
+        let d = descs(m, n, k, out_dtype, outer_vec, op.fp8_accum)?;
         // The epilogue (bias, GELU) only where the scales are applied inside the GEMM.
         let epilogue = match (outer_vec, ep) {
             (true, Some(e)) => epilogue(e.bias.is_some(), e.gelu),
@@ -378,7 +385,7 @@ fn gemm_fp8(
             set(d.matmul, ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &sms)?;
         }
         let c_align = ep.and_then(|e| e.acc).map_or(MAX_ALIGN_BYTES, alignment);
-        let key = (m, n, k, out_dtype, outer_vec, epilogue as u32, sms, c_align);
+        let key = (m, n, k, out_dtype, outer_vec, epilogue as u32, sms, c_align, op.fp8_accum);
         let algo = match ltd.fp8_algos.get(&key) {
             Some(a) => *a,
             None => {

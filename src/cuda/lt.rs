@@ -38,8 +38,9 @@ pub(super) fn sm_target(dev: &CudaDevice) -> Result<i32> {
     }
 }
 
-/// (m, n, k, out dtype, outer-vector scales, epilogue, SM target, C's alignment) of an FP8 GEMM.
-pub type Fp8Key = (usize, usize, usize, DType, bool, u32, i32, u32);
+/// (m, n, k, out dtype, outer-vector scales, epilogue, SM target, C's alignment, accumulation) of
+/// an FP8 GEMM.
+pub type Fp8Key = (usize, usize, usize, DType, bool, u32, i32, u32, crate::nvfp4::fp8::Fp8Accum);
 
 /// One cuBLASLt handle and workspace per device, with the algorithms picked so far.
 pub struct Lt {

@@ -10,6 +10,36 @@
 use super::format::{e2m1_decode, e4m3_decode, e4m3_encode, GROUP_SIZE};
 use super::layout::Nvfp4Weight;
 
+/// How an fp8-mode GEMM accumulates its K products (`--fp8-accum`).
+///
+/// Hopper's FP8 tensor cores add products into an accumulator with fewer mantissa bits than
+/// f32. By default cuBLASLt moves the partial sums into f32 registers every few K steps
+/// (`F32`: the GPU output is within ~3e-4 of max |y| of the f32 CPU reference, docs/PERF.md).
+/// `Fast` leaves the sum in the tensor cores for all of K (cuBLASLt's fast accumulation, what
+/// TransformerEngine and torchao use for inference GEMMs): on an H200 ~10% faster GEMMs and a
+/// ~7% faster FLUX.1 fp8 step, but errors up to ~5e-3 of max |y| at K = 4096-5120, a step
+/// output ~2.5e-2 (rel. L2) away from the `F32` one, and outputs that depend on how many
+/// tokens share a GEMM (several GPUs no longer reproduce one exactly). Measured in
+/// docs/PERF.md, session 24.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fp8Accum {
+    /// Partial sums promoted to f32 registers (cuBLASLt's default).
+    #[default]
+    F32,
+    /// The tensor cores' own accumulator throughout K (faster, less exact).
+    Fast,
+}
+
+impl std::fmt::Display for Fp8Accum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Fp8Accum::F32 => "f32",
+            Fp8Accum::Fast => "fast",
+        })
+    }
+}
+
 /// Largest finite E4M3 value.
 pub const FP8_MAX: f32 = 448.0;
 

@@ -133,6 +133,8 @@ pub struct Nvfp4Matmul {
     pub mode: ActMode,
     pub weight_scale_2: f32,
     pub input_scale: f32,
+    /// How fp8 mode's GEMM accumulates (other modes ignore it).
+    pub fp8_accum: super::fp8::Fp8Accum,
 }
 
 impl Nvfp4Matmul {
@@ -463,6 +465,7 @@ impl Nvfp4Linear {
             mode,
             weight_scale_2: w.weight_scale_2,
             input_scale: input_scale.unwrap_or(1.0),
+            fp8_accum: Default::default(),
         };
         Ok(Self { op, weight, scale, bias, n_out: w.n })
     }
@@ -502,6 +505,7 @@ impl Nvfp4Linear {
             mode: ActMode::Fp8,
             weight_scale_2: w.weight_scale_2,
             input_scale: 1.0,
+            fp8_accum: Default::default(),
         };
         Ok(Self { op, weight, scale, bias, n_out: w.n })
     }
@@ -717,6 +721,12 @@ impl Nvfp4Linear {
         }
         self.op.mode = mode;
         Ok(())
+    }
+
+    /// How the layer's FP8 GEMM accumulates (fp8 mode; other modes ignore it).
+    pub fn with_fp8_accum(mut self, accum: super::fp8::Fp8Accum) -> Self {
+        self.op.fp8_accum = accum;
+        self
     }
 
     pub fn in_features(&self) -> usize {
