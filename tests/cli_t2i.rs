@@ -56,6 +56,10 @@ fn bad_requests_fail_before_any_work() {
         (vec!["--model", "tiny", "--prompt", "x", "--dtype", "f8"], "unknown --dtype"),
         (vec!["--model", "tiny", "--prompt", "x", "--output", "/no/such/dir/x.png"], "does not exist"),
         (vec!["--model", "tiny", "--prompt", "x", "--fp8-accum", "fast"], "applies to --nvfp4-mode fp8"),
+        (
+            vec!["--model", "tiny", "--prompt", "x", "--device", "cpu", "--nvfp4-mode", "fp8", "--fp8-accum", "fast"],
+            "this run is on the CPU",
+        ),
     ] {
         let (ok, log) = t2i(&args);
         assert!(!ok && log.contains(want), "{args:?}: {log}");

@@ -65,9 +65,9 @@ pub struct RunArgs {
     #[arg(long, env = "CANDIFF_ATTENTION", value_enum)]
     pub attention: Option<crate::models::ops::AttentionImpl>,
     /// How `--nvfp4-mode fp8` GEMMs accumulate: `f32` (partial sums promoted to f32, the default)
-    /// or `fast` (the FP8 tensor cores' own accumulator for all of K: ~7% faster FLUX.1 step on an
-    /// H200, ~2.5e-2 rel. L2 off the f32 step output, and several GPUs no longer match one
-    /// exactly; `candiff compare` with `+fastacc` variants shows what it costs).
+    /// or `fast` (the FP8 tensor cores' own accumulator for all of K: 7% faster FLUX.1 step on an
+    /// H200, a random-weight step 2.5e-2 rel. L2 off the f32 one (FLUX.2-dev 0.29), and several GPUs
+    /// no longer match one exactly; `candiff compare` with `+fastacc` variants shows what it costs).
     #[arg(long, env = "CANDIFF_FP8_ACCUM", value_enum, default_value_t)]
     pub fp8_accum: crate::nvfp4::fp8::Fp8Accum,
     #[command(flatten)]
@@ -113,17 +113,26 @@ impl RunArgs {
     }
 
     /// Fixes the attention implementation for the run (`--attention`) and checks that
-    /// `--fp8-accum fast` comes with fp8 mode (elsewhere it would change nothing).
-    pub fn apply_choices(&self) -> anyhow::Result<()> {
+    /// `--fp8-accum fast` comes with fp8 mode on a GPU (elsewhere it would change nothing: the CPU
+    /// reference always accumulates in f32).
+    pub fn apply_choices(&self, device: &candle_core::Device) -> anyhow::Result<()> {
         if let Some(choice) = self.attention {
             crate::models::ops::set_attention_impl(choice)?;
         }
-        if self.fp8_accum != crate::nvfp4::fp8::Fp8Accum::F32 && self.nvfp4_mode != crate::nvfp4::ActMode::Fp8 {
-            anyhow::bail!(
-                "--fp8-accum {} applies to --nvfp4-mode fp8 GEMMs; this run is --nvfp4-mode {} (drop --fp8-accum or CANDIFF_FP8_ACCUM, or add --nvfp4-mode fp8)",
-                self.fp8_accum,
-                self.nvfp4_mode
-            );
+        if self.fp8_accum != crate::nvfp4::fp8::Fp8Accum::F32 {
+            if self.nvfp4_mode != crate::nvfp4::ActMode::Fp8 {
+                anyhow::bail!(
+                    "--fp8-accum {} applies to --nvfp4-mode fp8 GEMMs; this run is --nvfp4-mode {} (drop --fp8-accum or CANDIFF_FP8_ACCUM, or add --nvfp4-mode fp8)",
+                    self.fp8_accum,
+                    self.nvfp4_mode
+                );
+            }
+            if !device.is_cuda() {
+                anyhow::bail!(
+                    "--fp8-accum {} selects how the GPU's FP8 tensor cores accumulate; this run is on the CPU, whose fp8 path always accumulates in f32 (drop --fp8-accum or CANDIFF_FP8_ACCUM, or run on --device cuda)",
+                    self.fp8_accum
+                );
+            }
         }
         Ok(())
     }

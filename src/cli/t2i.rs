@@ -366,7 +366,7 @@ pub fn run(a: &T2iArgs) -> anyhow::Result<()> {
         anyhow::ensure!(parent.is_dir(), "the output folder {} does not exist", parent.display());
     }
     let placement = a.run.placement(&device)?;
-    a.run.apply_choices()?;
+    a.run.apply_choices(&device)?;
     let random = a.random_weights || m.random_weights;
     if m.family == crate::manifest::Family::Flux2 {
         anyhow::ensure!(!random, "random weights are supported for FLUX.1 and Wan2.2 models; {} is FLUX.2", m.name);

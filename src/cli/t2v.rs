@@ -102,7 +102,7 @@ pub fn run(a: &T2vArgs) -> anyhow::Result<()> {
     let device = parse_device(a.run.device.as_deref())?;
     let dtype = parse_dtype(a.run.dtype.as_deref(), &device)?;
     let placement = a.run.placement(&device)?;
-    a.run.apply_choices()?;
+    a.run.apply_choices(&device)?;
 
     let t0 = std::time::Instant::now();
     // Configs first (a few KB): sizes are validated before the weights are fetched.

@@ -16,10 +16,10 @@ use super::layout::Nvfp4Weight;
 /// f32. By default cuBLASLt moves the partial sums into f32 registers every few K steps
 /// (`F32`: the GPU output is within ~3e-4 of max |y| of the f32 CPU reference, docs/PERF.md).
 /// `Fast` leaves the sum in the tensor cores for all of K (cuBLASLt's fast accumulation, what
-/// TransformerEngine and torchao use for inference GEMMs): on an H200 ~10% faster GEMMs and a
-/// ~7% faster FLUX.1 fp8 step, but errors up to ~5e-3 of max |y| at K = 4096-5120, a step
-/// output ~2.5e-2 (rel. L2) away from the `F32` one, and outputs that depend on how many
-/// tokens share a GEMM (several GPUs no longer reproduce one exactly). Measured in
+/// TransformerEngine and torchao use for inference GEMMs): on an H200 3-22% less GEMM time and a
+/// 7% faster FLUX.1 fp8 step, but errors up to ~5e-3 of max |y| at K = 4096-5120, a random-weight
+/// step output 2.5e-2 (rel. L2; FLUX.2-dev 0.29) away from the `F32` one, and outputs that depend
+/// on how many tokens share a GEMM (several GPUs no longer reproduce one exactly). Measured in
 /// docs/PERF.md, session 24.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
