@@ -11,7 +11,9 @@ kernels (a few microseconds each). Run it under ncu and read the GPU's own durat
 The bench runs, for each shape and each M, cuBLAS bf16 and then each variant, each as 3 warm-up and
 at least 5 timed calls; consecutive kernels are grouped into runs of "ours" (names starting with
 `nvfp4_` or `fp8_`) and "cuBLAS" (everything else) in that order, and each run reports the median
-of its per-call kernel time (a call that launches several kernels is summed).
+of its per-call kernel time (a call that launches several kernels is summed). For our own kernels
+only: an fp8 variant runs cuBLASLt's kernels and is timed twice (with and without its quantization
+pass), which this grouping cannot tell apart; read fp8 from the bench's own table.
 """
 import argparse
 import csv

@@ -974,15 +974,19 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
         }
         runs
     };
+    // fp8 runs get a second column: the GEMM alone, its input quantized beforehand, as the models'
+    // fused producers (LayerNorm-modulation, attention output) hand it over.
+    let headers: Vec<String> = runs
+        .iter()
+        .flat_map(|&(b, mode, fast)| {
+            let l = label(b, mode, fast);
+            let alone = (mode == ActMode::Fp8).then(|| format!("{l} GEMM alone ms (x bf16)"));
+            std::iter::once(format!("{l} ms (x bf16)")).chain(alone)
+        })
+        .collect();
     println!("GPU: {name}");
-    println!(
-        "| M | K x N | cuBLAS bf16 ms (TFLOP/s) | {} |",
-        runs.iter()
-            .map(|&(b, mode, fast)| format!("{} ms (x bf16)", label(b, mode, fast)))
-            .collect::<Vec<_>>()
-            .join(" | ")
-    );
-    println!("|---|---|---|{}", "---|".repeat(runs.len()));
+    println!("| M | K x N | cuBLAS bf16 ms (TFLOP/s) | {} |", headers.join(" | "));
+    println!("|---|---|---|{}", "---|".repeat(headers.len()));
     let mut rows = Vec::new();
     for shape in &args.shapes {
         let (k, n) = shape.split_once('x').ok_or_else(|| anyhow::anyhow!("shape `{shape}` must be KxN"))?;
@@ -1002,19 +1006,34 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
                     let accum = if fast { Fp8Accum::Fast } else { Fp8Accum::F32 };
                     let measured = p.layer(*b, mode, &device).map_err(anyhow::Error::from).and_then(|l| {
                         let l = l.with_fp8_accum(accum);
-                        time(&mut || l.forward(&x).map(|_| ()))
+                        let whole = time(&mut || l.forward(&x).map(|_| ()))?;
+                        let alone = match mode {
+                            ActMode::Fp8 => {
+                                let a = crate::cuda::fp8::Fp8Act::quantize(&x)?;
+                                Some(time(&mut || l.forward_fp8_act(&a, false).map(|_| ()))?)
+                            }
+                            _ => None,
+                        };
+                        Ok((whole, alone))
                     });
                     let key = label(*b, mode, fast).replace(' ', "_");
                     match measured {
-                        Ok(t) => {
+                        Ok((t, alone)) => {
                             cells.push(format!("{:.3} ({:.2}x)", t * 1e3, t_ref / t));
                             entry[format!("{key}_s")] = serde_json::json!(t);
+                            if let Some(t) = alone {
+                                cells.push(format!("{:.3} ({:.2}x)", t * 1e3, t_ref / t));
+                                entry[format!("{key}_gemm_only_s")] = serde_json::json!(t);
+                            }
                         }
                         Err(e) => {
                             // A variant that cannot run this shape is reported, and the table goes on.
                             let first = e.to_string().lines().next().unwrap_or_default().to_string();
                             eprintln!("{b} {mode} at M={m} {k}x{n}: {e}");
                             cells.push("unsupported".into());
+                            if mode == ActMode::Fp8 {
+                                cells.push("unsupported".into());
+                            }
                             entry[format!("{key}_error")] = serde_json::json!(first);
                         }
                     }
