@@ -80,12 +80,11 @@ pub fn weight_to_fp8(w: &Nvfp4Weight, device: &Device) -> Result<(Tensor, Tensor
 fn descs(m: usize, n: usize, k: usize, out: DType, outer_vec: bool, accum: Fp8Accum) -> Result<Descs> {
     use ltsys::cublasLtMatmulDescAttributes_t as A;
     let descs = Descs::tn(m, n, k, ltsys::cudaDataType::CUDA_R_8F_E4M3, out)?;
-    // An int8_t attribute: 1 keeps the sum in the tensor cores for all of K.
-    let fast: i8 = match accum {
-        Fp8Accum::F32 => 0,
-        Fp8Accum::Fast => 1,
-    };
-    set(descs.matmul, A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast)?;
+    // An int8_t attribute, 0 (f32 promotion) unless set: 1 keeps the sum in the tensor cores for
+    // all of K. Set only when asked, so the default path makes no extra call per GEMM.
+    if accum == Fp8Accum::Fast {
+        set(descs.matmul, A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &1i8)?;
+    }
     if outer_vec {
         let mode = ltsys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
         set(descs.matmul, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode)?;
