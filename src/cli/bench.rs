@@ -1007,13 +1007,12 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
                     let measured = p.layer(*b, mode, &device).map_err(anyhow::Error::from).and_then(|l| {
                         let l = l.with_fp8_accum(accum);
                         let whole = time(&mut || l.forward(&x).map(|_| ()))?;
-                        let alone = match mode {
-                            ActMode::Fp8 => {
-                                let a = crate::cuda::fp8::Fp8Act::quantize(&x)?;
-                                Some(time(&mut || l.forward_fp8_act(&a, false).map(|_| ()))?)
-                            }
-                            _ => None,
-                        };
+                        // Its own result: a layer that cannot take a quantized input still has its
+                        // whole time reported.
+                        let alone = (mode == ActMode::Fp8).then(|| {
+                            let a = crate::cuda::fp8::Fp8Act::quantize(&x)?;
+                            time(&mut || l.forward_fp8_act(&a, false).map(|_| ()))
+                        });
                         Ok((whole, alone))
                     });
                     let key = label(*b, mode, fast).replace(' ', "_");
@@ -1021,9 +1020,16 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
                         Ok((t, alone)) => {
                             cells.push(format!("{:.3} ({:.2}x)", t * 1e3, t_ref / t));
                             entry[format!("{key}_s")] = serde_json::json!(t);
-                            if let Some(t) = alone {
-                                cells.push(format!("{:.3} ({:.2}x)", t * 1e3, t_ref / t));
-                                entry[format!("{key}_gemm_only_s")] = serde_json::json!(t);
+                            match alone {
+                                Some(Ok(t)) => {
+                                    cells.push(format!("{:.3} ({:.2}x)", t * 1e3, t_ref / t));
+                                    entry[format!("{key}_gemm_only_s")] = serde_json::json!(t);
+                                }
+                                Some(Err(e)) => {
+                                    eprintln!("{b} {mode} GEMM alone at M={m} {k}x{n}: {e}");
+                                    cells.push("unsupported".into());
+                                }
+                                None => {}
                             }
                         }
                         Err(e) => {

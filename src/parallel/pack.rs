@@ -6,7 +6,8 @@
 //! side: what a member gets of a chunk is one run per segment of tokens (NCCL's point-to-point
 //! transfers cost ~20 us per piece beyond their bytes, docs/PERF.md session 23). The producers
 //! (per-head RMSNorm + RoPE of q and k, the copy of v) write their rows there on the GPU
-//! (`qk_norm_rope`'s output placement), so no stack, concatenation or packing pass runs between the projections and the all-to-all.
+//! (`qk_norm_rope`'s output placement), so no stack, concatenation or packing pass runs between
+//! the projections and the all-to-all.
 //! With one rank, q is `buf[0, 0]`, a `[S, B, H, D]` array the attention reads through strides.
 //!
 //! Elsewhere (the CPU, or `CANDIFF_SP_GENERIC` on GPUs) the pieces are kept and joined by Candle
@@ -67,23 +68,16 @@ impl QkvPack {
             .into());
         }
         let pieces = n * sp.map_or(Ok(1), |sp| sp.head_chunks(heads / n))?;
-        let filled = Default::default();
-        #[cfg(feature = "cuda")]
-        if like.device().is_cuda() && (n == 1 || SeqParallel::fused(like)) {
-            let st = crate::cuda::fused::uninit_like(like, 3 * s_loc * b * heads * d)?;
-            return Ok(Self {
-                pieces,
-                token_major: n > 1,
-                s_loc,
-                b,
-                heads,
-                d,
-                filled,
-                store: Store::Gpu(st, like.dtype()),
-            });
-        }
-        let _ = like;
-        Ok(Self { pieces, token_major: n > 1, s_loc, b, heads, d, filled, store: Store::Parts(Default::default()) })
+        // Packed on the GPU where the producers can write it; elsewhere the pieces are kept.
+        let store = || -> Result<Store> {
+            #[cfg(feature = "cuda")]
+            if like.device().is_cuda() && (n == 1 || SeqParallel::fused(like)) {
+                return Ok(Store::Gpu(crate::cuda::fused::uninit_like(like, 3 * s_loc * b * heads * d)?, like.dtype()));
+            }
+            let _ = like;
+            Ok(Store::Parts(Default::default()))
+        };
+        Ok(Self { pieces, token_major: n > 1, s_loc, b, heads, d, filled: Default::default(), store: store()? })
     }
 
     /// Where row (b, s, h) of slot `t`'s tokens from `s0` on goes in the buffer (elements).
