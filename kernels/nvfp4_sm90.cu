@@ -449,6 +449,105 @@ __device__ __forceinline__ int x_unit_offset(int token, int u) {
     return token * kGemvXRow + 16 * ((u & ~7) | ((u ^ ((u >> 3) + 4 * (token & 1))) & 7));
 }
 
+// One 256-wide K chunk of a warp's 16 rows: the thread's 32 code bytes of rows lo and hi (`w_lo`,
+// `w_hi`) and their scale words, against the chunk's activations (`xload(j, i)`: the 16 bytes of
+// unit i of the thread's 64 k for token 8 j + g), into the accumulator sets.
+template <int NT, int ACCS, typename XLoad>
+__device__ __forceinline__ void gemv_chunk(float (&accs)[ACCS][NT][4], const uint4 (&w_lo)[2], const uint4 (&w_hi)[2],
+                                           uint32_t s_lo, uint32_t s_hi, XLoad xload) {
+    const uint32_t cl[8] = {w_lo[0].x, w_lo[0].y, w_lo[0].z, w_lo[0].w, w_lo[1].x, w_lo[1].y, w_lo[1].z, w_lo[1].w};
+    const uint32_t ch[8] = {w_hi[0].x, w_hi[0].y, w_hi[0].z, w_hi[0].w, w_hi[1].x, w_hi[1].y, w_hi[1].z, w_hi[1].w};
+    uint32_t sp_lo[4], sp_hi[4];
+    scale_pairs(s_lo, sp_lo);
+    scale_pairs(s_hi, sp_hi);
+#pragma unroll
+    for (int i = 0; i < 8; i++) {  // unit i of this thread's 64 k: k16 steps 2 i and 2 i + 1
+        uint4 xv[NT];
+#pragma unroll
+        for (int j = 0; j < NT; j++) xv[j] = xload(j, i);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            // Step s takes the pairs k = 4s, 4s + 1 and 4s + 2, 4s + 3 of the thread's 64: in
+            // the Hopper code order pair i % 4 of words 2q + i / 4 for q = 2h, 2h + 1.
+            const int s = 2 * i + h, pair = i % 4, wi = i / 4;
+            uint32_t a[4];
+            a[0] = dequant_pair(cl[4 * h + wi], pair, sp_lo[s / 4]);
+            a[1] = dequant_pair(ch[4 * h + wi], pair, sp_hi[s / 4]);
+            a[2] = dequant_pair(cl[4 * h + 2 + wi], pair, sp_lo[s / 4]);
+            a[3] = dequant_pair(ch[4 * h + 2 + wi], pair, sp_hi[s / 4]);
+#pragma unroll
+            for (int j = 0; j < NT; j++)
+                mma_bf16_16816(accs[h % ACCS][j], a, h ? xv[j].z : xv[j].x, h ? xv[j].w : xv[j].y);
+        }
+    }
+}
+
+// The GEMV's end: the accumulator sets added, then y written (SPLIT = 1) or the cluster's partial
+// sums added through distributed shared memory (`partial`: 128 x 16 floats of this CTA's shared
+// memory, free by now). Every thread of the CTA calls it; `computes`: this thread holds sums (the
+// bulk form's copying warp does not).
+template <int NT, int SPLIT, typename OutT, int ACCS>
+__device__ __forceinline__ void gemv_finish(const float (&accs)[ACCS][NT][4], float (*partial)[kGemvTokens],
+                                            bool computes, int tile, int slice, OutT* __restrict__ y, int M, int N,
+                                            float alpha, const OutT* __restrict__ bias, int bias_len, int gelu_from) {
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int p_lo = tile * 128 + warp * 16 + g, p_hi = p_lo + 8;
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            acc[j][e] = accs[0][j][e];
+#pragma unroll
+            for (int a = 1; a < ACCS; a++) acc[j][e] += accs[a][j][e];
+        }
+
+    const float out_scale = alpha * kScaleBias;
+    // The GEMM's epilogue (bias, GELU from feature gelu_from on, one rounding): no pass after a
+    // small layer (the blocks' modulation: 76 bias passes of a FLUX.1 step, docs/PERF.md session 18).
+    auto store = [&](int m, int n, float sum) {
+        const float v = sum * out_scale + bias_of(bias, bias_len, n);
+        y[(size_t)m * N + n] = from_float<OutT>(n >= gelu_from ? epilogue_gelu<OutT>(v) : v);
+    };
+    if constexpr (SPLIT == 1) {
+        if (!computes) return;
+        // Accumulator (row g or g + 8 of the warp's 16, token 8 j + 2 t + {0, 1}) -> y[token, n].
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int m = 8 * j + 2 * t + (e & 1);
+                const int n = logical_row<0>((e & 2) ? p_hi : p_lo);
+                if (m < M && n < N) store(m, n, acc[j][e]);
+            }
+    } else {
+        // Partial sums into shared memory, then this CTA adds rows 128 / SPLIT x slice .. of the
+        // tile over every CTA of the cluster.
+        __syncthreads();
+        if (computes) {
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    partial[warp * 16 + g + (e & 2 ? 8 : 0)][8 * j + 2 * t + (e & 1)] =
+                        j < NT ? acc[j < NT ? j : 0][e] : 0.0f;
+        }
+        cluster_sync();
+        constexpr int kRowsPerCta = 128 / SPLIT;
+        if (computes) {
+            for (int i = tid; i < kRowsPerCta * kGemvTokens; i += kGemvWarps * 32) {
+                const int r = slice * kRowsPerCta + i / kGemvTokens, m = i % kGemvTokens;
+                float sum = 0.0f;
+#pragma unroll
+                for (int q = 0; q < SPLIT; q++) sum += ld_cluster_f32(&partial[r][m], q);
+                const int n = logical_row<0>(tile * 128 + r);
+                if (m < M && n < N) store(m, n, sum);
+            }
+        }
+        cluster_sync();  // no CTA leaves while another still reads its shared memory
+    }
+}
+
 // NT = n8 token tiles (1: M <= 8, 2: M <= 16). ACCS = accumulator sets the k16 steps alternate
 // between (shorter chains of dependent mma; added at the end).
 template <int NT, int SPLIT, typename OutT, int ACCS>
@@ -517,84 +616,17 @@ __device__ __forceinline__ void gemv_sm90(const __nv_bfloat16* __restrict__ x, c
         asm volatile("cp.async.wait_group %0;\n" ::"n"(kGemvXStages - 2) : "memory");
         __syncthreads();  // chunk c visible to all; every warp is done with chunk c - 1's stage
         load_x(c + kGemvXStages - 1, (c - c_begin + kGemvXStages - 1) % kGemvXStages);
-        const uint32_t cl[8] = {w_lo[0].x, w_lo[0].y, w_lo[0].z, w_lo[0].w, w_lo[1].x, w_lo[1].y, w_lo[1].z, w_lo[1].w};
-        const uint32_t ch[8] = {w_hi[0].x, w_hi[0].y, w_hi[0].z, w_hi[0].w, w_hi[1].x, w_hi[1].y, w_hi[1].z, w_hi[1].w};
-        uint32_t sp_lo[4], sp_hi[4];
-        scale_pairs(s_lo, sp_lo);
-        scale_pairs(s_hi, sp_hi);
+        const uint4 cur_lo[2] = {w_lo[0], w_lo[1]}, cur_hi[2] = {w_hi[0], w_hi[1]};
+        const uint32_t cur_s_lo = s_lo, cur_s_hi = s_hi;
         load_w(c + 1, w_lo, w_hi, s_lo, s_hi);  // next chunk's weight in flight during this one's math
-#pragma unroll
-        for (int i = 0; i < 8; i++) {  // unit i of this thread's 64 k: k16 steps 2 i and 2 i + 1
-            uint4 xv[NT];
-#pragma unroll
-            for (int j = 0; j < NT; j++)
-                xv[j] = *reinterpret_cast<const uint4*>(&xs[st][x_unit_offset(g + 8 * j, t * 8 + i)]);
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                // Step s takes the pairs k = 4s, 4s + 1 and 4s + 2, 4s + 3 of the thread's 64: in
-                // the Hopper code order pair i % 4 of words 2q + i / 4 for q = 2h, 2h + 1.
-                const int s = 2 * i + h, pair = i % 4, wi = i / 4;
-                uint32_t a[4];
-                a[0] = dequant_pair(cl[4 * h + wi], pair, sp_lo[s / 4]);
-                a[1] = dequant_pair(ch[4 * h + wi], pair, sp_hi[s / 4]);
-                a[2] = dequant_pair(cl[4 * h + 2 + wi], pair, sp_lo[s / 4]);
-                a[3] = dequant_pair(ch[4 * h + 2 + wi], pair, sp_hi[s / 4]);
-#pragma unroll
-                for (int j = 0; j < NT; j++)
-                    mma_bf16_16816(accs[h % ACCS][j], a, h ? xv[j].z : xv[j].x, h ? xv[j].w : xv[j].y);
-            }
-        }
+        gemv_chunk<NT, ACCS>(accs, cur_lo, cur_hi, cur_s_lo, cur_s_hi, [&](int j, int i) {
+            return *reinterpret_cast<const uint4*>(&xs[st][x_unit_offset(g + 8 * j, t * 8 + i)]);
+        });
     }
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-    float acc[NT][4];
-#pragma unroll
-    for (int j = 0; j < NT; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            acc[j][e] = accs[0][j][e];
-#pragma unroll
-            for (int a = 1; a < ACCS; a++) acc[j][e] += accs[a][j][e];
-        }
-
-    const float out_scale = alpha * kScaleBias;
-    // The GEMM's epilogue (bias, GELU from feature gelu_from on, one rounding): no pass after a
-    // small layer (the blocks' modulation: 76 bias passes of a FLUX.1 step, docs/PERF.md session 18).
-    auto store = [&](int m, int n, float sum) {
-        const float v = sum * out_scale + bias_of(bias, bias_len, n);
-        y[(size_t)m * N + n] = from_float<OutT>(n >= gelu_from ? epilogue_gelu<OutT>(v) : v);
-    };
-    if constexpr (SPLIT == 1) {
-        // Accumulator (row g or g + 8 of the warp's 16, token 8 j + 2 t + {0, 1}) -> y[token, n].
-#pragma unroll
-        for (int j = 0; j < NT; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int m = 8 * j + 2 * t + (e & 1);
-                const int n = logical_row<0>((e & 2) ? p_hi : p_lo);
-                if (m < M && n < N) store(m, n, acc[j][e]);
-            }
-    } else {
-        // Partial sums into shared memory (the activation stages are free now), then this CTA adds
-        // rows 128 / SPLIT x slice .. of the tile over every CTA of the cluster.
-        __syncthreads();
-        float(*partial)[kGemvTokens] = reinterpret_cast<float(*)[kGemvTokens]>(&xs[0][0]);  // [128 rows][16]
-#pragma unroll
-        for (int j = 0; j < 2; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++)
-                partial[warp * 16 + g + (e & 2 ? 8 : 0)][8 * j + 2 * t + (e & 1)] = j < NT ? acc[j < NT ? j : 0][e] : 0.0f;
-        cluster_sync();
-        constexpr int kRowsPerCta = 128 / SPLIT;
-        for (int i = tid; i < kRowsPerCta * kGemvTokens; i += kGemvWarps * 32) {
-            const int r = slice * kRowsPerCta + i / kGemvTokens, m = i % kGemvTokens;
-            float sum = 0.0f;
-#pragma unroll
-            for (int q = 0; q < SPLIT; q++) sum += ld_cluster_f32(&partial[r][m], q);
-            const int n = logical_row<0>(tile * 128 + r);
-            if (m < M && n < N) store(m, n, sum);
-        }
-        cluster_sync();  // no CTA leaves while another still reads its shared memory
-    }
+    // (The activation stages are free now: the partial sums of a split go there.)
+    gemv_finish<NT, SPLIT, OutT, ACCS>(accs, reinterpret_cast<float(*)[kGemvTokens]>(&xs[0][0]), true, tile, slice, y,
+                                       M, N, alpha, bias, bias_len, gelu_from);
 }
 }  // namespace
 
@@ -973,7 +1005,162 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
 }
 
 }  // namespace tma
+
+// ---------------------------------------------------------------------------------------------
+// The GEMV (M <= 16) with TMA copies (`nvfp4_gemv_sm90_bulk_*`, the default where K >= 256; the form
+// above stays for shorter K and comparisons: `CANDIFF_SM90_GEMV=reg`). Same chunks, same mma order,
+// same bits.
+//
+// Why: the form above keeps one weight chunk per thread in flight in registers (16 KB per CTA),
+// and most SMs hold one or two of its CTAs, so every warp waits for DRAM once per chunk: 31% of
+// the bandwidth at M = 1 (docs/PERF.md, session 16). Here a ninth warp fills a pipeline of
+// kGemvBulkStages chunks in shared memory: the tile's 128 code rows of a chunk in one 2-D TMA box
+// (128-byte swizzle: the lanes of a quarter-warp read 8 different bank groups), its 4 scale tiles
+// in one bulk copy (2 KB, contiguous in the 128x4 swizzle), and the activations through cp.async
+// (zero past M and K, in the form above's layout) whose completion arrives on the same mbarrier.
+// No CTA barrier in the loop: a stage's "full" mbarrier counts the TMA bytes and the copying
+// lanes' cp.async arrivals, its "empty" mbarrier one arrival per computing warp. (Per-row bulk
+// copies of 128 bytes instead of the box measured 2.5x slower than the form above: session 25.)
+constexpr int kGemvBulkStages = 4;
+constexpr int kBulkCodeBytes = 128 * kGemvChunkBytes;    // one box: 128 rows x 128 code bytes
+constexpr int kBulkScaleBytes = 4 * kScaleTileBytes;
+constexpr int kBulkThreads = (kGemvWarps + 1) * 32;
+constexpr uint32_t kBulkFullArrivals = 1 + 32;           // the expect_tx and the copying lanes' cp.async
+template <int NT>
+constexpr int bulk_stage_bytes() {
+    return kBulkCodeBytes + kBulkScaleBytes + NT * 8 * kGemvXRow;  // multiples of 1024: boxes stay aligned
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// One arrival on `bar` once this thread's cp.async copies so far have landed.
+__device__ __forceinline__ void cp_async_arrive(uint32_t bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+template <int NT, int SPLIT, typename OutT, int ACCS>
+__device__ __forceinline__ void gemv_sm90_bulk(const tma::TensorMap* codes_map, const __nv_bfloat16* __restrict__ x,
+                                               const uint8_t* __restrict__ sc, OutT* __restrict__ y, int M, int N,
+                                               int K, int row_bytes, int scale_cols, float alpha,
+                                               const OutT* __restrict__ bias, int bias_len, int gelu_from) {
+    constexpr int S = kGemvBulkStages, SB = bulk_stage_bytes<NT>();
+    extern __shared__ __align__(128) uint8_t smem_raw[];
+    // The 128-byte swizzle repeats every 1024 bytes: boxes start at multiples of it.
+    uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+    const uint32_t bars = smem_addr(smem + S * SB);  // full[S], then empty[S]
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int tile = blockIdx.x, slice = SPLIT > 1 ? blockIdx.y : 0;
+    const int chunks = (row_bytes + kGemvChunkBytes - 1) / kGemvChunkBytes;
+    const int c_begin = slice * chunks / SPLIT, c_end = (slice + 1) * chunks / SPLIT;
+
+    if (tid == 0) {
+        tma::prefetch_map(codes_map);
+        for (int s = 0; s < S; s++) {
+            tma::mbar_init(bars + 8 * s, kBulkFullArrivals);
+            tma::mbar_init(bars + 8 * (S + s), kGemvWarps);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    float accs[ACCS][NT][4];
+#pragma unroll
+    for (int a = 0; a < ACCS; a++)
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) accs[a][j][e] = 0.0f;
+
+    if (warp == kGemvWarps) {
+        // The copying warp: chunk c into stage (c - c_begin) % S once its previous chunk is read.
+        for (int c = c_begin; c < c_end; c++) {
+            const int it = c - c_begin, st = it % S;
+            if (it >= S) tma::mbar_wait(bars + 8 * (S + st), (it / S - 1) & 1);
+            uint8_t* codes = smem + st * SB;
+            uint8_t* xs = codes + kBulkCodeBytes + kBulkScaleBytes;
+            const uint32_t full = bars + 8 * st;
+            const int off = c * kGemvChunkBytes;
+            if (lane == 0) {
+                // Whole 64-wide K tiles of scales; the box's bytes past the row arrive as zeros.
+                const int scale_bytes = min(kGemvChunkBytes, row_bytes - off) / kGemvThreadBytes * kScaleTileBytes;
+                tma::mbar_expect_tx(full, kBulkCodeBytes + scale_bytes);
+                tma::tma_load_2d(smem_addr(codes), codes_map, full, off, tile * 128);
+                tma::bulk_load(smem_addr(codes + kBulkCodeBytes),
+                               sc + ((size_t)tile * (scale_cols / 4) + 4 * (size_t)c) * kScaleTileBytes, scale_bytes,
+                               full);
+            }
+#pragma unroll
+            for (int token = 0; token < NT * 8; token++) {
+                const int k = c * kGemvChunk + 8 * lane;
+                const bool ok = token < M && k < K;
+                cp_async16(xs + x_unit_offset(token, lane), ok ? (const void*)(x + (size_t)token * K + k) : (const void*)x,
+                           ok);
+            }
+            cp_async_arrive(full);
+        }
+    } else {
+        const int r_lo = warp * 16 + g, r_hi = r_lo + 8;
+        // This thread's two 16-byte units of a code row (2 t, 2 t + 1) under the 128-byte swizzle.
+        const int c_off_lo = r_lo * kGemvChunkBytes, c_off_hi = r_hi * kGemvChunkBytes;
+        const int u0_lo = 16 * ((2 * t) ^ (r_lo & 7)), u1_lo = 16 * ((2 * t + 1) ^ (r_lo & 7));
+        const int u0_hi = 16 * ((2 * t) ^ (r_hi & 7)), u1_hi = 16 * ((2 * t + 1) ^ (r_hi & 7));
+        // This thread's scale word of a chunk: tile t of the four, row r's word (128x4 swizzle).
+        const int s_off_lo = kBulkCodeBytes + t * kScaleTileBytes + (r_lo % 32) * 16 + (r_lo / 32) * 4;
+        const int s_off_hi = kBulkCodeBytes + t * kScaleTileBytes + (r_hi % 32) * 16 + (r_hi / 32) * 4;
+        for (int c = c_begin; c < c_end; c++) {
+            const int it = c - c_begin, st = it % S;
+            tma::mbar_wait(bars + 8 * st, (it / S) & 1);
+            const uint8_t* stage = smem + st * SB;
+            const uint8_t* xs = stage + kBulkCodeBytes + kBulkScaleBytes;
+            uint4 lo[2], hi[2];
+            uint32_t s_lo = 0, s_hi = 0;
+            if (c * kGemvChunkBytes + t * kGemvThreadBytes < row_bytes) {
+                lo[0] = *reinterpret_cast<const uint4*>(stage + c_off_lo + u0_lo);
+                lo[1] = *reinterpret_cast<const uint4*>(stage + c_off_lo + u1_lo);
+                hi[0] = *reinterpret_cast<const uint4*>(stage + c_off_hi + u0_hi);
+                hi[1] = *reinterpret_cast<const uint4*>(stage + c_off_hi + u1_hi);
+                s_lo = *reinterpret_cast<const uint32_t*>(stage + s_off_lo);
+                s_hi = *reinterpret_cast<const uint32_t*>(stage + s_off_hi);
+            } else {
+                lo[0] = lo[1] = hi[0] = hi[1] = make_uint4(0, 0, 0, 0);
+            }
+            gemv_chunk<NT, ACCS>(accs, lo, hi, s_lo, s_hi, [&](int j, int i) {
+                return *reinterpret_cast<const uint4*>(xs + x_unit_offset(g + 8 * j, t * 8 + i));
+            });
+            __syncwarp();
+            if (lane == 0) mbar_arrive(bars + 8 * (S + st));
+        }
+    }
+    // Every copy was waited for: the first stage holds the partial sums of a split.
+    gemv_finish<NT, SPLIT, OutT, ACCS>(accs, reinterpret_cast<float(*)[kGemvTokens]>(smem), warp < kGemvWarps, tile,
+                                       slice, y, M, N, alpha, bias, bias_len, gelu_from);
+}
 }  // namespace
+
+// Dynamic shared memory: 1024 bytes of alignment slack, kGemvBulkStages x bulk_stage_bytes<NT>() and
+// 2 x stages mbarriers (the host's `sm90_gemv_bulk_smem`). Grid as the form above; 288 threads.
+#define GEMV_SM90_BULK_T(NT, SPLIT, T, TNAME)                                                              \
+    extern "C" __global__ void __cluster_dims__(1, SPLIT, 1) __launch_bounds__(kBulkThreads, 2)            \
+        nvfp4_gemv_sm90_bulk_nt##NT##_s##SPLIT##_##TNAME(                                                  \
+            const __grid_constant__ tma::TensorMap codes, const __nv_bfloat16* x, const uint8_t* w,         \
+            const uint8_t* sc, T* y, int M, int N, int K, int row_bytes, int scale_cols, float alpha,       \
+            const T* bias, int bias_len, int gelu_from) {                                                  \
+        gemv_sm90_bulk<NT, SPLIT, T, kGemvAccSets>(&codes, x, sc, y, M, N, K, row_bytes, scale_cols, alpha, \
+                                                   bias, bias_len, gelu_from);                             \
+    }
+#define GEMV_SM90_BULK(NT, SPLIT)                    \
+    GEMV_SM90_BULK_T(NT, SPLIT, float, f32)          \
+    GEMV_SM90_BULK_T(NT, SPLIT, __nv_bfloat16, bf16) \
+    GEMV_SM90_BULK_T(NT, SPLIT, __half, f16)
+GEMV_SM90_BULK(1, 1)
+GEMV_SM90_BULK(1, 2)
+GEMV_SM90_BULK(1, 4)
+GEMV_SM90_BULK(1, 8)
+GEMV_SM90_BULK(2, 1)
+GEMV_SM90_BULK(2, 2)
+GEMV_SM90_BULK(2, 4)
+GEMV_SM90_BULK(2, 8)
 
 // Dynamic shared memory: STAGES x (activation tile, weight codes, scales), the staging boxes of the
 // TMA-store epilogue (tmast kernels), 2 x STAGES mbarriers, 1024 bytes of alignment slack. Grid: two

@@ -146,21 +146,30 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
             );
             let default =
                 outputs.iter().find(|(b, _)| *b == Backend::Trtllm).map(|(_, o)| o.clone()).unwrap_or_default();
-            use crate::cuda::{with_sm90_clusters, with_sm90_form, with_sm90_store, Sm90Clusters, Sm90Form, Sm90Store};
+            use crate::cuda::{
+                with_sm90_clusters, with_sm90_form, with_sm90_gemv_form, with_sm90_store, Sm90Clusters, Sm90Form,
+                Sm90GemvForm, Sm90Store,
+            };
             const FEW_CLUSTERS: usize = 3;
+            // (The GEMV's register form, M <= 16: the same mmas in the same order as its default
+            // bulk-copy form.)
+            let (fit, tma, bulk) = (Sm90Clusters::Fit, Sm90Store::Tma, Sm90GemvForm::Bulk);
             let forms = [
-                ("cp.async form", Sm90Form::Pipe, Sm90Clusters::Fit, Sm90Store::Tma),
-                ("TMA form in 3 clusters", Sm90Form::Auto, Sm90Clusters::AtMost(FEW_CLUSTERS), Sm90Store::Tma),
-                ("TMA form, per-element stores", Sm90Form::Auto, Sm90Clusters::Fit, Sm90Store::Direct),
+                ("cp.async form", Sm90Form::Pipe, fit, tma, bulk),
+                ("TMA form in 3 clusters", Sm90Form::Auto, Sm90Clusters::AtMost(FEW_CLUSTERS), tma, bulk),
+                ("TMA form, per-element stores", Sm90Form::Auto, fit, Sm90Store::Direct, bulk),
+                ("GEMV register form", Sm90Form::Auto, fit, tma, Sm90GemvForm::Reg),
             ];
             let mut r = Vec::new();
-            for (form, sm90_form, clusters, store) in forms {
+            for (form, sm90_form, clusters, store, gemv) in forms {
                 for (label, sms, reference) in [("whole", 0, &default), ("tail split", 4, &split_default)] {
                     let (mut checks, outs) = with_sm90_form(sm90_form, || {
                         with_sm90_clusters(clusters, || {
                             with_sm90_store(store, || {
-                                crate::cuda::with_sm90_policy_sms(sms, || {
-                                    check_backend(Backend::Trtllm, &device, &problems)
+                                with_sm90_gemv_form(gemv, || {
+                                    crate::cuda::with_sm90_policy_sms(sms, || {
+                                        check_backend(Backend::Trtllm, &device, &problems)
+                                    })
                                 })
                             })
                         })

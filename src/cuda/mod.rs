@@ -87,6 +87,8 @@ const SM90_WEIGHT_TILE_BYTES: u32 = 128 * 32 + 512;
 const SM90_GEMV_MAX_SPLIT: usize = 8;
 const SM90_GEMV_CHUNK_BYTES: usize = 128;
 const SM90_GEMV_THREADS: u32 = 256;
+/// The bulk GEMV: the eight computing warps and the copying one.
+const SM90_GEMV_BULK_THREADS: u32 = 288;
 /// Slack to align the first stage to the 1024-byte period of the 128-byte swizzle.
 const SM90_ALIGN_SLACK: u32 = 1024;
 /// The TMA form's CTAs per cluster (`tma::kCtas`: a pair of feature blocks), the bytes of one of
@@ -797,18 +799,23 @@ fn sm90_gemv(call: &GemmCall, epi: Option<&Epilogue>) -> Result<CudaStorage> {
     let tiles = if m <= 8 { 1 } else { 2 };
     let row_tiles = op.n.div_ceil(SM90_ROWS as usize);
     let chunks = op.weight_row_bytes.div_ceil(SM90_GEMV_CHUNK_BYTES);
-    let split = sm90_gemv_split(row_tiles, chunks, device_props(dev)?.sms)?;
-    let cfg = LaunchConfig {
-        grid_dim: (row_tiles as u32, split, 1),
-        block_dim: (SM90_GEMV_THREADS, 1, 1),
-        shared_mem_bytes: 0,
+    let codes_map = match sm90_gemv_form()? {
+        Sm90GemvForm::Bulk => sm90_gemv_codes_map(call)?,
+        Sm90GemvForm::Reg => None,
     };
+    let split = sm90_gemv_split(row_tiles, chunks, device_props(dev)?.sms, codes_map.is_some())?;
+    let (form, threads, smem) = match codes_map {
+        Some(_) => ("bulk_", SM90_GEMV_BULK_THREADS, sm90_gemv_bulk_smem(tiles)),
+        None => ("", SM90_GEMV_THREADS, 0),
+    };
+    let cfg =
+        LaunchConfig { grid_dim: (row_tiles as u32, split, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
     if epi.is_some_and(|e| e.second.is_some()) {
         candle_core::bail!("nvfp4 sm90 gemv: an input in two parts (M = {m}); only the GEMM reads one");
     }
     let stream = dev.cuda_stream();
     let (mut y, suffix) = gemm_output(call)?;
-    let f = function_in(dev, Kernels::Sm90, &format!("nvfp4_gemv_sm90_nt{tiles}_s{split}_{suffix}"))?;
+    let f = sm90_function(dev, &format!("nvfp4_gemv_sm90_{form}nt{tiles}_s{split}_{suffix}"), smem)?;
     let args = GemmArgs::of(call);
     let bias = epi.and_then(|e| e.bias).map(|(b, l)| BiasView::of(b, l, call.out_dtype)).transpose()?;
     let bias_len = bias.as_ref().map_or(0, BiasView::len) as i32;
@@ -816,6 +823,11 @@ fn sm90_gemv(call: &GemmCall, epi: Option<&Epilogue>) -> Result<CudaStorage> {
     let null = 0u64;
     {
         let mut b = stream.launch_builder(&f);
+        // The weight is read through the map: its view stays borrowed for the launch.
+        let _w = codes_map.as_ref().map(|_| call.w.device_ptr(&stream));
+        if let Some(map) = &codes_map {
+            b.arg(map);
+        }
         args.push(&mut b, call, &mut y)?;
         BiasView::push(&mut b, bias.as_ref(), &null);
         b.arg(&bias_len).arg(&gelu_from);
@@ -825,17 +837,89 @@ fn sm90_gemv(call: &GemmCall, epi: Option<&Epilogue>) -> Result<CudaStorage> {
     Ok(CudaStorage { slice: y, device: dev.clone() })
 }
 
+/// The two forms of the sm90 GEMV (kernels/nvfp4_sm90.cu), which give the same bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sm90GemvForm {
+    /// A copying warp fills a pipeline of whole chunks in shared memory (TMA boxes of codes),
+    /// where the weight allows a box; the register form elsewhere.
+    Bulk,
+    /// Each thread loads its next chunk into registers (comparisons).
+    Reg,
+}
+
+/// `CANDIFF_SM90_GEMV` = `bulk` (default; where [`sm90_gemv_codes_map`] allows) or `reg`; a thread's [`with_sm90_gemv_form`] overrides it.
+fn sm90_gemv_form() -> Result<Sm90GemvForm> {
+    static ENV: OnceLock<std::result::Result<Sm90GemvForm, String>> = OnceLock::new();
+    setting(&SM90_GEMV_FORM, &ENV, "CANDIFF_SM90_GEMV", |v| match v {
+        "" | "bulk" => Ok(Sm90GemvForm::Bulk),
+        "reg" => Ok(Sm90GemvForm::Reg),
+        other => Err(format!("CANDIFF_SM90_GEMV={other}: expected bulk or reg")),
+    })
+}
+
+/// Runs `f` with the GEMV in `form` on this thread (`doctor` compares the two forms).
+pub fn with_sm90_gemv_form<R>(form: Sm90GemvForm, f: impl FnOnce() -> R) -> R {
+    with_setting(&SM90_GEMV_FORM, form, f)
+}
+
+/// The bulk GEMV's dynamic shared memory for `tiles` n8 token tiles (kernels/nvfp4_sm90.cu
+/// `kGemvBulkStages`, `bulk_stage_bytes`): the alignment slack, its stages (a box of 128 code rows
+/// of a chunk, four scale tiles, 8 tokens' chunk per tile) and a full and an empty mbarrier per stage.
+const fn sm90_gemv_bulk_smem(tiles: u32) -> u32 {
+    const STAGES: u32 = 4;
+    const CODE_BYTES: u32 = SM90_ROWS * SM90_GEMV_CHUNK_BYTES as u32;
+    const SCALE_BYTES: u32 = 4 * 512;
+    const TOKEN_BYTES: u32 = 2 * 256;
+    SM90_ALIGN_SLACK + STAGES * (CODE_BYTES + SCALE_BYTES + tiles * 8 * TOKEN_BYTES) + 2 * STAGES * SM90_BARRIER_BYTES
+}
+
+/// The bulk GEMV's descriptor of the weight codes (boxes of 128 rows x one 128-byte chunk, 128-byte
+/// swizzle), where the weight allows: rows of at least one chunk (K >= 256), a 16-byte aligned
+/// start. `None`: the register form runs.
+fn sm90_gemv_codes_map(call: &GemmCall) -> Result<Option<TensorMap>> {
+    let op = call.op;
+    let stream = call.dev.cuda_stream();
+    let w_ptr = call.w.device_ptr(&stream).0;
+    let row_bytes = op.weight_row_bytes;
+    if row_bytes < SM90_GEMV_CHUNK_BYTES || !Tile2d::fits(w_ptr, row_bytes as u64) {
+        return Ok(None);
+    }
+    let map = Tile2d {
+        ptr: w_ptr,
+        dtype: sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+        elem_bytes: 1,
+        cols: row_bytes as u64,
+        rows: (op.n.div_ceil(SM90_ROWS as usize) * SM90_ROWS as usize) as u64,
+        row_bytes: row_bytes as u64,
+        box_cols: SM90_GEMV_CHUNK_BYTES as u32,
+        box_rows: SM90_ROWS,
+        swizzle: sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+    }
+    .encode()?;
+    Ok(Some(map))
+}
+// Two bulk GEMV CTAs per SM (its `__launch_bounds__`): 228 KiB of shared memory per Hopper SM, 1 KiB
+// of it reserved per CTA.
+const _: () = {
+    const SM_SMEM: u32 = 228 * 1024;
+    const RESERVED_PER_CTA: u32 = 1024;
+    assert!(2 * (sm90_gemv_bulk_smem(1) + RESERVED_PER_CTA) <= SM_SMEM);
+    assert!(2 * (sm90_gemv_bulk_smem(2) + RESERVED_PER_CTA) <= SM_SMEM);
+};
+
 /// The epilogues' `gelu_from` argument: features from it on are activated (i32::MAX: none).
 fn gelu_from_arg(epi: Option<&Epilogue>) -> i32 {
     epi.and_then(|e| e.gelu_from).map_or(i32::MAX, |f| f.min(i32::MAX as usize) as i32)
 }
 
 /// CTAs per 128-row tile of the GEMV (its K split, a compiled cluster size): the fewest that give
-/// at least 1.4 CTAs per SM, with at least two 256-wide K chunks each. The split sweep on an H200
-/// (docs/PERF.md, session 9) found the best split of each FLUX/Wan shape at 1.5-2.5 CTAs per SM,
-/// except where that left a CTA under two chunks; the next split down was never more than 7% slower.
+/// at least 0.5 CTAs per SM for the bulk form (`bulk`), 1.4 for the register form, with at least
+/// two 256-wide K chunks each. Split sweeps on an H200 (docs/PERF.md): the register form's best
+/// split of each FLUX/Wan shape at 1.5-2.5 CTAs per SM (session 9; the next split down never more
+/// than 7% slower); the bulk form's at 0.55-1.1, or within 2% of it there (session 25: its CTAs
+/// keep enough bytes in flight on their own, and each split adds a cluster reduction).
 /// `CANDIFF_SM90_GEMV_SPLIT` = 1, 2, 4 or 8 overrides it (for measurements).
-fn sm90_gemv_split(row_tiles: usize, chunks: usize, sms: usize) -> Result<u32> {
+fn sm90_gemv_split(row_tiles: usize, chunks: usize, sms: usize, bulk: bool) -> Result<u32> {
     // Read once per process, as CANDIFF_TRTLLM_GEMM: consulted on every linear.
     static FORCED: OnceLock<std::result::Result<Option<u32>, String>> = OnceLock::new();
     let forced = FORCED.get_or_init(|| match std::env::var("CANDIFF_SM90_GEMV_SPLIT").as_deref() {
@@ -846,11 +930,12 @@ fn sm90_gemv_split(row_tiles: usize, chunks: usize, sms: usize) -> Result<u32> {
     if let Some(split) = forced.clone().map_err(CandiffError::Unsupported)? {
         return Ok(split);
     }
+    // CTAs per SM wanted, as a ratio of integers.
+    const BULK_CTAS_PER_SM: (usize, usize) = (1, 2);
+    const REG_CTAS_PER_SM: (usize, usize) = (7, 5);
+    let (num, den) = if bulk { BULK_CTAS_PER_SM } else { REG_CTAS_PER_SM };
     let mut split = 1;
-    // 1.4 CTAs per SM as a ratio of integers.
-    const CTAS_PER_SM: (usize, usize) = (7, 5);
-    while split < SM90_GEMV_MAX_SPLIT && CTAS_PER_SM.1 * row_tiles * split < CTAS_PER_SM.0 * sms && 4 * split <= chunks
-    {
+    while split < SM90_GEMV_MAX_SPLIT && den * row_tiles * split < num * sms && 4 * split <= chunks {
         split *= 2;
     }
     Ok(split as u32)
@@ -862,6 +947,8 @@ thread_local! {
     static SM90_POLICY_SMS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// The wgmma GEMM's form for this thread (`None`: `CANDIFF_SM90_GEMM`); `doctor` runs both.
     static SM90_FORM: std::cell::Cell<Option<Sm90Form>> = const { std::cell::Cell::new(None) };
+    /// The GEMV's form for this thread (`None`: `CANDIFF_SM90_GEMV`); `doctor` runs both.
+    static SM90_GEMV_FORM: std::cell::Cell<Option<Sm90GemvForm>> = const { std::cell::Cell::new(None) };
     /// The TMA form's cluster count for this thread (`None`: `CANDIFF_SM90_CLUSTERS`); `doctor`
     /// runs a few clusters through many units.
     static SM90_CLUSTERS: std::cell::Cell<Option<Sm90Clusters>> = const { std::cell::Cell::new(None) };
