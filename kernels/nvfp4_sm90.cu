@@ -644,18 +644,17 @@ constexpr int kGemvAccSets = 2;
         gemv_sm90<NT, SPLIT, T, kGemvAccSets>(x, w, sc, y, M, N, K, row_bytes, scale_cols, alpha, bias,    \
                                               bias_len, gelu_from);                                        \
     }
-#define GEMV_SM90(NT, SPLIT)                       \
-    GEMV_SM90_T(NT, SPLIT, float, f32)             \
-    GEMV_SM90_T(NT, SPLIT, __nv_bfloat16, bf16)    \
-    GEMV_SM90_T(NT, SPLIT, __half, f16)
-GEMV_SM90(1, 1)
-GEMV_SM90(1, 2)
-GEMV_SM90(1, 4)
-GEMV_SM90(1, 8)
-GEMV_SM90(2, 1)
-GEMV_SM90(2, 2)
-GEMV_SM90(2, 4)
-GEMV_SM90(2, 8)
+// Every GEMV form in every output type, token tile count and compiled K split (cluster size).
+#define GEMV_SM90_INSTANCES(FORM)                                                                    \
+    FORM(1, 1, float, f32) FORM(1, 1, __nv_bfloat16, bf16) FORM(1, 1, __half, f16)                   \
+    FORM(1, 2, float, f32) FORM(1, 2, __nv_bfloat16, bf16) FORM(1, 2, __half, f16)                   \
+    FORM(1, 4, float, f32) FORM(1, 4, __nv_bfloat16, bf16) FORM(1, 4, __half, f16)                   \
+    FORM(1, 8, float, f32) FORM(1, 8, __nv_bfloat16, bf16) FORM(1, 8, __half, f16)                   \
+    FORM(2, 1, float, f32) FORM(2, 1, __nv_bfloat16, bf16) FORM(2, 1, __half, f16)                   \
+    FORM(2, 2, float, f32) FORM(2, 2, __nv_bfloat16, bf16) FORM(2, 2, __half, f16)                   \
+    FORM(2, 4, float, f32) FORM(2, 4, __nv_bfloat16, bf16) FORM(2, 4, __half, f16)                   \
+    FORM(2, 8, float, f32) FORM(2, 8, __nv_bfloat16, bf16) FORM(2, 8, __half, f16)
+GEMV_SM90_INSTANCES(GEMV_SM90_T)
 
 // ---------------------------------------------------------------------------------------------
 // The same GEMM with TMA copies and CTA pairs (`nvfp4_gemm_sm90_tma_*`): the form that runs where
@@ -1149,18 +1148,7 @@ __device__ __forceinline__ void gemv_sm90_bulk(const tma::TensorMap* codes_map, 
         gemv_sm90_bulk<NT, SPLIT, T, kGemvAccSets>(&codes, x, sc, y, M, N, K, row_bytes, scale_cols, alpha, \
                                                    bias, bias_len, gelu_from);                             \
     }
-#define GEMV_SM90_BULK(NT, SPLIT)                    \
-    GEMV_SM90_BULK_T(NT, SPLIT, float, f32)          \
-    GEMV_SM90_BULK_T(NT, SPLIT, __nv_bfloat16, bf16) \
-    GEMV_SM90_BULK_T(NT, SPLIT, __half, f16)
-GEMV_SM90_BULK(1, 1)
-GEMV_SM90_BULK(1, 2)
-GEMV_SM90_BULK(1, 4)
-GEMV_SM90_BULK(1, 8)
-GEMV_SM90_BULK(2, 1)
-GEMV_SM90_BULK(2, 2)
-GEMV_SM90_BULK(2, 4)
-GEMV_SM90_BULK(2, 8)
+GEMV_SM90_INSTANCES(GEMV_SM90_BULK_T)
 
 // Dynamic shared memory: STAGES x (activation tile, weight codes, scales), the staging boxes of the
 // TMA-store epilogue (tmast kernels), 2 x STAGES mbarriers, 1024 bytes of alignment slack. Grid: two

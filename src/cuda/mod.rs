@@ -847,7 +847,8 @@ pub enum Sm90GemvForm {
     Reg,
 }
 
-/// `CANDIFF_SM90_GEMV` = `bulk` (default; where [`sm90_gemv_codes_map`] allows) or `reg`; a thread's [`with_sm90_gemv_form`] overrides it.
+/// `CANDIFF_SM90_GEMV` = `bulk` (default; where [`sm90_gemv_codes_map`] allows) or `reg`; a
+/// thread's [`with_sm90_gemv_form`] overrides it.
 fn sm90_gemv_form() -> Result<Sm90GemvForm> {
     static ENV: OnceLock<std::result::Result<Sm90GemvForm, String>> = OnceLock::new();
     setting(&SM90_GEMV_FORM, &ENV, "CANDIFF_SM90_GEMV", |v| match v {
@@ -898,6 +899,7 @@ fn sm90_gemv_codes_map(call: &GemmCall) -> Result<Option<TensorMap>> {
     .encode()?;
     Ok(Some(map))
 }
+
 // Two bulk GEMV CTAs per SM (its `__launch_bounds__`): 228 KiB of shared memory per Hopper SM, 1 KiB
 // of it reserved per CTA.
 const _: () = {
