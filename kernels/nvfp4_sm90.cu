@@ -598,13 +598,7 @@ __device__ __forceinline__ void gemv_sm90(const __nv_bfloat16* __restrict__ x, c
         }
     };
 
-    float accs[ACCS][NT][4];
-#pragma unroll
-    for (int a = 0; a < ACCS; a++)
-#pragma unroll
-        for (int j = 0; j < NT; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) accs[a][j][e] = 0.0f;
+    float accs[ACCS][NT][4] = {};
 
     uint4 w_lo[2], w_hi[2];
     uint32_t s_lo, s_hi;
@@ -1029,6 +1023,8 @@ template <int NT>
 constexpr int bulk_stage_bytes() {
     return kBulkCodeBytes + kBulkScaleBytes + NT * 8 * kGemvXRow;  // multiples of 1024: boxes stay aligned
 }
+static_assert(bulk_stage_bytes<1>() % 1024 == 0 && bulk_stage_bytes<2>() % 1024 == 0,
+              "each stage's code box must start on the 128-byte swizzle's 1024-byte period");
 
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
@@ -1063,13 +1059,7 @@ __device__ __forceinline__ void gemv_sm90_bulk(const tma::TensorMap* codes_map, 
     }
     __syncthreads();
 
-    float accs[ACCS][NT][4];
-#pragma unroll
-    for (int a = 0; a < ACCS; a++)
-#pragma unroll
-        for (int j = 0; j < NT; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) accs[a][j][e] = 0.0f;
+    float accs[ACCS][NT][4] = {};
 
     if (warp == kGemvWarps) {
         // The copying warp: chunk c into stage (c - c_begin) % S once its previous chunk is read.
