@@ -526,22 +526,26 @@ __device__ __forceinline__ void gemv_finish(const float (&accs)[ACCS][NT][4], fl
         __syncthreads();
         if (computes) {
 #pragma unroll
-            for (int j = 0; j < 2; j++)
+            for (int j = 0; j < NT; j++)
 #pragma unroll
                 for (int e = 0; e < 4; e++)
-                    partial[warp * 16 + g + (e & 2 ? 8 : 0)][8 * j + 2 * t + (e & 1)] =
-                        j < NT ? acc[j < NT ? j : 0][e] : 0.0f;
+                    partial[warp * 16 + g + (e & 2 ? 8 : 0)][8 * j + 2 * t + (e & 1)] = acc[j][e];
         }
         cluster_sync();
+        // Only the M tokens' sums travel (M = 1: 16 of the 256 a 16-token pass read before).
         constexpr int kRowsPerCta = 128 / SPLIT;
+        const int tokens = min(M, NT * 8);
         if (computes) {
-            for (int i = tid; i < kRowsPerCta * kGemvTokens; i += kGemvWarps * 32) {
-                const int r = slice * kRowsPerCta + i / kGemvTokens, m = i % kGemvTokens;
+            for (int i = tid; i < kRowsPerCta * tokens; i += kGemvWarps * 32) {
+                const int r = slice * kRowsPerCta + i / tokens, m = i % tokens;
+                float part[SPLIT];
+#pragma unroll
+                for (int q = 0; q < SPLIT; q++) part[q] = ld_cluster_f32(&partial[r][m], q);
                 float sum = 0.0f;
 #pragma unroll
-                for (int q = 0; q < SPLIT; q++) sum += ld_cluster_f32(&partial[r][m], q);
+                for (int q = 0; q < SPLIT; q++) sum += part[q];
                 const int n = logical_row<0>(tile * 128 + r);
-                if (m < M && n < N) store(m, n, sum);
+                if (n < N) store(m, n, sum);
             }
         }
         cluster_sync();  // no CTA leaves while another still reads its shared memory
@@ -1006,7 +1010,7 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
 //
 // Why: the form above keeps one weight chunk per thread in flight in registers (16 KB per CTA),
 // and most SMs hold one or two of its CTAs, so every warp waits for DRAM once per chunk: 31% of
-// the bandwidth at M = 1 (docs/PERF.md, session 16). Here a ninth warp fills a pipeline of
+// the bandwidth at M = 1 (docs/PERF.md, session 16). Here a copying warp fills a pipeline of
 // kGemvBulkStages chunks in shared memory: the tile's 128 code rows of a chunk in one 2-D TMA box
 // (128-byte swizzle: the lanes of a quarter-warp read 8 different bank groups), its 4 scale tiles
 // in one bulk copy (2 KB, contiguous in the 128x4 swizzle), and the activations through cp.async
@@ -1089,36 +1093,50 @@ __device__ __forceinline__ void gemv_sm90_bulk(const tma::TensorMap* codes_map, 
             cp_async_arrive(full);
         }
     } else {
+        // Everything a thread reads of a stage sits at a fixed offset from the stage's start:
+        // the offsets are computed once, and the loop below is unrolled over the stages so that
+        // each read is one shared load at (offset register + constant), with no address
+        // arithmetic per chunk (a third of the loop's instructions before: session 26).
         const int r_lo = warp * 16 + g, r_hi = r_lo + 8;
         // This thread's two 16-byte units of a code row (2 t, 2 t + 1) under the 128-byte swizzle.
-        const int c_off_lo = r_lo * kGemvChunkBytes, c_off_hi = r_hi * kGemvChunkBytes;
-        const int u0_lo = 16 * ((2 * t) ^ (r_lo & 7)), u1_lo = 16 * ((2 * t + 1) ^ (r_lo & 7));
-        const int u0_hi = 16 * ((2 * t) ^ (r_hi & 7)), u1_hi = 16 * ((2 * t + 1) ^ (r_hi & 7));
+        const uint32_t o_lo0 = r_lo * kGemvChunkBytes + 16 * ((2 * t) ^ (r_lo & 7));
+        const uint32_t o_lo1 = r_lo * kGemvChunkBytes + 16 * ((2 * t + 1) ^ (r_lo & 7));
+        const uint32_t o_hi0 = r_hi * kGemvChunkBytes + 16 * ((2 * t) ^ (r_hi & 7));
+        const uint32_t o_hi1 = r_hi * kGemvChunkBytes + 16 * ((2 * t + 1) ^ (r_hi & 7));
         // This thread's scale word of a chunk: tile t of the four, row r's word (128x4 swizzle).
-        const int s_off_lo = kBulkCodeBytes + t * kScaleTileBytes + (r_lo % 32) * 16 + (r_lo / 32) * 4;
-        const int s_off_hi = kBulkCodeBytes + t * kScaleTileBytes + (r_hi % 32) * 16 + (r_hi / 32) * 4;
-        for (int c = c_begin; c < c_end; c++) {
-            const int it = c - c_begin, st = it % S;
-            tma::mbar_wait(bars + 8 * st, (it / S) & 1);
-            const uint8_t* stage = smem + st * SB;
-            const uint8_t* xs = stage + kBulkCodeBytes + kBulkScaleBytes;
-            uint4 lo[2], hi[2];
+        const uint32_t o_s_lo = kBulkCodeBytes + t * kScaleTileBytes + (r_lo % 32) * 16 + (r_lo / 32) * 4;
+        const uint32_t o_s_hi = kBulkCodeBytes + t * kScaleTileBytes + (r_hi % 32) * 16 + (r_hi / 32) * 4;
+        // This thread's activation units; token g + 8's sit 8 rows after token g's (same swizzle).
+        uint32_t o_x[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) o_x[i] = kBulkCodeBytes + kBulkScaleBytes + x_unit_offset(g, t * 8 + i);
+        // Chunks where this thread has a code piece: a piece past the row arrives as zeros (the
+        // box's bytes outside the tensor), but its scale word is not copied, so it reads as 0.
+        const int piece_end = (row_bytes - t * kGemvThreadBytes + kGemvChunkBytes - 1) / kGemvChunkBytes;
+        auto consume = [&](const uint8_t* stage, int c) {
+            const uint4 lo[2] = {*reinterpret_cast<const uint4*>(stage + o_lo0),
+                                 *reinterpret_cast<const uint4*>(stage + o_lo1)};
+            const uint4 hi[2] = {*reinterpret_cast<const uint4*>(stage + o_hi0),
+                                 *reinterpret_cast<const uint4*>(stage + o_hi1)};
             uint32_t s_lo = 0, s_hi = 0;
-            if (c * kGemvChunkBytes + t * kGemvThreadBytes < row_bytes) {
-                lo[0] = *reinterpret_cast<const uint4*>(stage + c_off_lo + u0_lo);
-                lo[1] = *reinterpret_cast<const uint4*>(stage + c_off_lo + u1_lo);
-                hi[0] = *reinterpret_cast<const uint4*>(stage + c_off_hi + u0_hi);
-                hi[1] = *reinterpret_cast<const uint4*>(stage + c_off_hi + u1_hi);
-                s_lo = *reinterpret_cast<const uint32_t*>(stage + s_off_lo);
-                s_hi = *reinterpret_cast<const uint32_t*>(stage + s_off_hi);
-            } else {
-                lo[0] = lo[1] = hi[0] = hi[1] = make_uint4(0, 0, 0, 0);
+            if (c < piece_end) {
+                s_lo = *reinterpret_cast<const uint32_t*>(stage + o_s_lo);
+                s_hi = *reinterpret_cast<const uint32_t*>(stage + o_s_hi);
             }
             gemv_chunk<NT, ACCS>(accs, lo, hi, s_lo, s_hi, [&](int j, int i) {
-                return *reinterpret_cast<const uint4*>(xs + x_unit_offset(g + 8 * j, t * 8 + i));
+                return *reinterpret_cast<const uint4*>(stage + o_x[i] + j * 8 * kGemvXRow);
             });
-            __syncwarp();
-            if (lane == 0) mbar_arrive(bars + 8 * (S + st));
+        };
+        for (int c0 = c_begin, phase = 0; c0 < c_end; c0 += S, phase ^= 1) {
+#pragma unroll
+            for (int st = 0; st < S; st++) {
+                const int c = c0 + st;
+                if (c >= c_end) break;
+                tma::mbar_wait(bars + 8 * st, phase);
+                consume(smem + st * SB, c);
+                __syncwarp();
+                if (lane == 0) mbar_arrive(bars + 8 * (S + st));
+            }
         }
     }
     // Every copy was waited for: the first stage holds the partial sums of a split.
