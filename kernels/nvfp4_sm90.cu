@@ -433,13 +433,11 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// f32 at the same shared-memory offset in CTA `rank` of the cluster.
-__device__ __forceinline__ float ld_cluster_f32(const float* local, uint32_t rank) {
+// `v` to the same shared-memory offset in CTA `rank` of the cluster.
+__device__ __forceinline__ void st_cluster_f32(float* local, uint32_t rank, float v) {
     uint32_t remote;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(local)), "r"(rank));
-    float v;
-    asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
-    return v;
+    asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(remote), "f"(v) : "memory");
 }
 
 // Byte offset of 16-byte unit u (0..31) of a token's chunk row: XOR-swizzled within each group of 8
@@ -483,13 +481,16 @@ __device__ __forceinline__ void gemv_chunk(float (&accs)[ACCS][NT][4], const uin
 }
 
 // The GEMV's end: the accumulator sets added, then y written (SPLIT = 1) or the cluster's partial
-// sums added through distributed shared memory (`partial`: 128 x 16 floats of this CTA's shared
-// memory, free by now). Every thread of the CTA calls it; `computes`: this thread holds sums (the
-// bulk form's copying warp does not).
+// sums added through distributed shared memory (`xfer`: kGemvXferFloats<NT> floats of this CTA's
+// shared memory that nothing else uses, so that other CTAs may write them while this one still
+// computes). Every thread of the CTA calls it; `computes`: this thread holds sums (the bulk form's
+// copying warp does not).
+template <int NT>
+constexpr int kGemvXferFloats = 128 * NT * 8;
 template <int NT, int SPLIT, typename OutT, int ACCS>
-__device__ __forceinline__ void gemv_finish(const float (&accs)[ACCS][NT][4], float (*partial)[kGemvTokens],
-                                            bool computes, int tile, int slice, OutT* __restrict__ y, int M, int N,
-                                            float alpha, const OutT* __restrict__ bias, int bias_len, int gelu_from) {
+__device__ __forceinline__ void gemv_finish(const float (&accs)[ACCS][NT][4], float* xfer, bool computes, int tile,
+                                            int slice, OutT* __restrict__ y, int M, int N, float alpha,
+                                            const OutT* __restrict__ bias, int bias_len, int gelu_from) {
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
     const int p_lo = tile * 128 + warp * 16 + g, p_hi = p_lo + 8;
     float acc[NT][4];
@@ -521,34 +522,36 @@ __device__ __forceinline__ void gemv_finish(const float (&accs)[ACCS][NT][4], fl
                 if (m < M && n < N) store(m, n, acc[j][e]);
             }
     } else {
-        // Partial sums into shared memory, then this CTA adds rows 128 / SPLIT x slice .. of the
-        // tile over every CTA of the cluster.
-        __syncthreads();
+        // CTA q (its cluster rank, = its slice) owns rows 128 / SPLIT x q .. of the tile: every CTA
+        // stores its partial sums of those rows into the owner's xfer, in the slot of its own rank;
+        // one cluster barrier (release, acquire) makes them visible, and the owner adds the slots
+        // in rank order. After the barrier no CTA touches another's shared memory, so none has to
+        // wait for the others to leave (pulling the sums instead took a second barrier: with the
+        // remote loads ~0.7 us at split 4, docs/PERF.md session 26).
+        constexpr int kRowsPerCta = 128 / SPLIT, kTokens = NT * 8;
         if (computes) {
 #pragma unroll
             for (int j = 0; j < NT; j++)
 #pragma unroll
-                for (int e = 0; e < 4; e++)
-                    partial[warp * 16 + g + (e & 2 ? 8 : 0)][8 * j + 2 * t + (e & 1)] = acc[j][e];
+                for (int e = 0; e < 4; e++) {
+                    const int r = warp * 16 + g + (e & 2 ? 8 : 0), m = 8 * j + 2 * t + (e & 1);
+                    st_cluster_f32(&xfer[((r % kRowsPerCta) * SPLIT + slice) * kTokens + m], r / kRowsPerCta,
+                                   acc[j][e]);
+                }
         }
         cluster_sync();
-        // Only the M tokens' sums travel (M = 1: 16 of the 256 a 16-token pass read before).
-        constexpr int kRowsPerCta = 128 / SPLIT;
-        const int tokens = min(M, NT * 8);
+        // Only the M tokens' sums are added (M = 1: 16 of the 256 a 16-token pass would).
+        const int tokens = min(M, kTokens);
         if (computes) {
             for (int i = tid; i < kRowsPerCta * tokens; i += kGemvWarps * 32) {
-                const int r = slice * kRowsPerCta + i / tokens, m = i % tokens;
-                float part[SPLIT];
-#pragma unroll
-                for (int q = 0; q < SPLIT; q++) part[q] = ld_cluster_f32(&partial[r][m], q);
+                const int r = i / tokens, m = i % tokens;
                 float sum = 0.0f;
 #pragma unroll
-                for (int q = 0; q < SPLIT; q++) sum += part[q];
-                const int n = logical_row<0>(tile * 128 + r);
+                for (int q = 0; q < SPLIT; q++) sum += xfer[(r * SPLIT + q) * kTokens + m];
+                const int n = logical_row<0>(tile * 128 + slice * kRowsPerCta + r);
                 if (n < N) store(m, n, sum);
             }
         }
-        cluster_sync();  // no CTA leaves while another still reads its shared memory
     }
 }
 
@@ -560,6 +563,7 @@ __device__ __forceinline__ void gemv_sm90(const __nv_bfloat16* __restrict__ x, c
                                           int K, int row_bytes, int scale_cols, float alpha,
                                           const OutT* __restrict__ bias, int bias_len, int gelu_from) {
     __shared__ __align__(128) uint8_t xs[kGemvXStages][kGemvTokens * kGemvXRow];
+    __shared__ float xfer[SPLIT > 1 ? kGemvXferFloats<NT> : 1];
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
     const int tile = blockIdx.x, slice = SPLIT > 1 ? blockIdx.y : 0;
     const int p_lo = tile * 128 + warp * 16 + g, p_hi = p_lo + 8;
@@ -622,9 +626,7 @@ __device__ __forceinline__ void gemv_sm90(const __nv_bfloat16* __restrict__ x, c
         });
     }
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-    // (The activation stages are free now: the partial sums of a split go there.)
-    gemv_finish<NT, SPLIT, OutT, ACCS>(accs, reinterpret_cast<float(*)[kGemvTokens]>(&xs[0][0]), true, tile, slice, y,
-                                       M, N, alpha, bias, bias_len, gelu_from);
+    gemv_finish<NT, SPLIT, OutT, ACCS>(accs, xfer, true, tile, slice, y, M, N, alpha, bias, bias_len, gelu_from);
 }
 }  // namespace
 
@@ -1139,14 +1141,15 @@ __device__ __forceinline__ void gemv_sm90_bulk(const tma::TensorMap* codes_map, 
             }
         }
     }
-    // Every copy was waited for: the first stage holds the partial sums of a split.
-    gemv_finish<NT, SPLIT, OutT, ACCS>(accs, reinterpret_cast<float(*)[kGemvTokens]>(smem), warp < kGemvWarps, tile,
-                                       slice, y, M, N, alpha, bias, bias_len, gelu_from);
+    // A split's partial sums travel through the xfer floats after the barriers.
+    gemv_finish<NT, SPLIT, OutT, ACCS>(accs, reinterpret_cast<float*>(smem + S * SB + 2 * S * 8), warp < kGemvWarps,
+                                       tile, slice, y, M, N, alpha, bias, bias_len, gelu_from);
 }
 }  // namespace
 
-// Dynamic shared memory: 1024 bytes of alignment slack, kGemvBulkStages x bulk_stage_bytes<NT>() and
-// 2 x stages mbarriers (the host's `sm90_gemv_bulk_smem`). Grid as the form above; 288 threads.
+// Dynamic shared memory: 1024 bytes of alignment slack, kGemvBulkStages x bulk_stage_bytes<NT>(),
+// 2 x stages mbarriers and, for SPLIT > 1, kGemvXferFloats<NT> floats (the host's
+// `sm90_gemv_bulk_smem`). Grid as the form above; 288 threads.
 #define GEMV_SM90_BULK_T(NT, SPLIT, T, TNAME)                                                              \
     extern "C" __global__ void __cluster_dims__(1, SPLIT, 1) __launch_bounds__(kBulkThreads, 2)            \
         nvfp4_gemv_sm90_bulk_nt##NT##_s##SPLIT##_##TNAME(                                                  \

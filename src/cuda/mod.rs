@@ -805,7 +805,7 @@ fn sm90_gemv(call: &GemmCall, epi: Option<&Epilogue>) -> Result<CudaStorage> {
     };
     let split = sm90_gemv_split(row_tiles, chunks, device_props(dev)?.sms, codes_map.is_some())?;
     let (form, threads, smem) = match codes_map {
-        Some(_) => ("bulk_", SM90_GEMV_BULK_THREADS, sm90_gemv_bulk_smem(tiles)),
+        Some(_) => ("bulk_", SM90_GEMV_BULK_THREADS, sm90_gemv_bulk_smem(tiles, split)),
         None => ("", SM90_GEMV_THREADS, 0),
     };
     let cfg =
@@ -863,15 +863,21 @@ pub fn with_sm90_gemv_form<R>(form: Sm90GemvForm, f: impl FnOnce() -> R) -> R {
     with_setting(&SM90_GEMV_FORM, form, f)
 }
 
-/// The bulk GEMV's dynamic shared memory for `tiles` n8 token tiles (kernels/nvfp4_sm90.cu
-/// `kGemvBulkStages`, `bulk_stage_bytes`): the alignment slack, its stages (a box of 128 code rows
-/// of a chunk, four scale tiles, 8 tokens' chunk per tile) and a full and an empty mbarrier per stage.
-const fn sm90_gemv_bulk_smem(tiles: u32) -> u32 {
+/// The bulk GEMV's dynamic shared memory for `tiles` n8 token tiles and a K split over `split` CTAs
+/// (kernels/nvfp4_sm90.cu `kGemvBulkStages`, `bulk_stage_bytes`, `kGemvXferFloats`): the alignment
+/// slack, its stages (a box of 128 code rows of a chunk, four scale tiles, 8 tokens' chunk per
+/// tile), a full and an empty mbarrier per stage and, split, the f32 partial sums other CTAs send.
+const fn sm90_gemv_bulk_smem(tiles: u32, split: u32) -> u32 {
     const STAGES: u32 = 4;
     const CODE_BYTES: u32 = SM90_ROWS * SM90_GEMV_CHUNK_BYTES as u32;
     const SCALE_BYTES: u32 = 4 * 512;
     const TOKEN_BYTES: u32 = 2 * 256;
-    SM90_ALIGN_SLACK + STAGES * (CODE_BYTES + SCALE_BYTES + tiles * 8 * TOKEN_BYTES) + 2 * STAGES * SM90_BARRIER_BYTES
+    const F32_BYTES: u32 = 4;
+    let xfer = if split > 1 { SM90_ROWS * tiles * 8 * F32_BYTES } else { 0 };
+    SM90_ALIGN_SLACK
+        + STAGES * (CODE_BYTES + SCALE_BYTES + tiles * 8 * TOKEN_BYTES)
+        + 2 * STAGES * SM90_BARRIER_BYTES
+        + xfer
 }
 
 /// The bulk GEMV's descriptor of the weight codes (boxes of 128 rows x one 128-byte chunk, 128-byte
@@ -900,13 +906,17 @@ fn sm90_gemv_codes_map(call: &GemmCall) -> Result<Option<TensorMap>> {
     Ok(Some(map))
 }
 
-// Two bulk GEMV CTAs per SM (its `__launch_bounds__`): 228 KiB of shared memory per Hopper SM, 1 KiB
-// of it reserved per CTA.
+// Two bulk GEMV CTAs per SM (its `__launch_bounds__`) where the grid may exceed the SMs: 228 KiB of
+// shared memory per Hopper SM, 1 KiB of it reserved per CTA. A split grid has fewer CTAs than SMs
+// (`sm90_gemv_split`: below 0.5 CTAs per SM unsplit, then doubled at most until 0.5): one per SM
+// is enough there, and 16 tokens split take that room.
 const _: () = {
     const SM_SMEM: u32 = 228 * 1024;
     const RESERVED_PER_CTA: u32 = 1024;
-    assert!(2 * (sm90_gemv_bulk_smem(1) + RESERVED_PER_CTA) <= SM_SMEM);
-    assert!(2 * (sm90_gemv_bulk_smem(2) + RESERVED_PER_CTA) <= SM_SMEM);
+    assert!(2 * (sm90_gemv_bulk_smem(1, 1) + RESERVED_PER_CTA) <= SM_SMEM);
+    assert!(2 * (sm90_gemv_bulk_smem(2, 1) + RESERVED_PER_CTA) <= SM_SMEM);
+    assert!(2 * (sm90_gemv_bulk_smem(1, 2) + RESERVED_PER_CTA) <= SM_SMEM);
+    assert!(sm90_gemv_bulk_smem(2, 2) + RESERVED_PER_CTA <= SM_SMEM);
 };
 
 /// The epilogues' `gelu_from` argument: features from it on are activated (i32::MAX: none).
