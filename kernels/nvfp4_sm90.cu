@@ -1050,6 +1050,8 @@ __device__ __forceinline__ void gemv_sm90_bulk(const tma::TensorMap* codes_map, 
     // The 128-byte swizzle repeats every 1024 bytes: boxes start at multiples of it.
     uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
     const uint32_t bars = smem_addr(smem + S * SB);  // full[S], then empty[S]
+    // A split's partial sums from the other CTAs, after the barriers.
+    float* xfer = reinterpret_cast<float*>(smem + S * SB + 2 * S * 8);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
     const int tile = blockIdx.x, slice = SPLIT > 1 ? blockIdx.y : 0;
     const int chunks = (row_bytes + kGemvChunkBytes - 1) / kGemvChunkBytes;
@@ -1141,9 +1143,8 @@ __device__ __forceinline__ void gemv_sm90_bulk(const tma::TensorMap* codes_map, 
             }
         }
     }
-    // A split's partial sums travel through the xfer floats after the barriers.
-    gemv_finish<NT, SPLIT, OutT, ACCS>(accs, reinterpret_cast<float*>(smem + S * SB + 2 * S * 8), warp < kGemvWarps,
-                                       tile, slice, y, M, N, alpha, bias, bias_len, gelu_from);
+    gemv_finish<NT, SPLIT, OutT, ACCS>(accs, xfer, warp < kGemvWarps, tile, slice, y, M, N, alpha, bias, bias_len,
+                                       gelu_from);
 }
 }  // namespace
 
