@@ -33,3 +33,19 @@ static tma::TensorMap make_map(const void* w, int rows, int row_bytes) {
 // The bulk GEMV's signature (kernels/nvfp4_sm90.cu GEMV_SM90_BULK_T).
 typedef void (*Kern)(const tma::TensorMap, const __nv_bfloat16*, const uint8_t*, const uint8_t*, __nv_bfloat16*, int, int,
                      int, int, int, float, const __nv_bfloat16*, int, int);
+// Garbage inputs: `copies` weight and scale copies of `maxw` / `maxs` bytes (launches rotate over
+// them, so each reads DRAM), 16 tokens of activations up to K = 20000, and y for `y_elems` values;
+// two timing events.
+struct Garbage {
+    static constexpr int copies = 6;
+    uint8_t *w, *sc;
+    __nv_bfloat16 *x, *y;
+    size_t maxw, maxs;
+    cudaEvent_t e0, e1;
+    Garbage(size_t maxw_, size_t maxs_, size_t y_elems) : maxw(maxw_), maxs(maxs_) {
+        CK(cudaMalloc(&w, copies * maxw)); CK(cudaMalloc(&sc, copies * maxs));
+        CK(cudaMalloc(&x, 16 * 20000 * 2)); CK(cudaMalloc(&y, y_elems * 2));
+        CK(cudaMemset(w, 0x35, copies * maxw)); CK(cudaMemset(sc, 0x30, copies * maxs)); CK(cudaMemset(x, 0x3c, 16 * 20000 * 2));
+        cudaEventCreate(&e0); cudaEventCreate(&e1);
+    }
+};

@@ -5,12 +5,12 @@
 #include "2026-11-30-s27-probe-common.h"
 int main(int argc, char** argv) {
     load_encoder();
-    const int copies = 6;
-    const size_t maxw = 264ull * 128 * 7680, maxs = maxw / 8;
-    uint8_t *w, *sc; __nv_bfloat16 *x, *y;
-    CK(cudaMalloc(&w, copies * maxw)); CK(cudaMalloc(&sc, copies * maxs)); CK(cudaMalloc(&x, 16 * 20000 * 2)); CK(cudaMalloc(&y, 16 * 40000 * 2));
-    CK(cudaMemset(w, 0x35, copies * maxw)); CK(cudaMemset(sc, 0x30, copies * maxs)); CK(cudaMemset(x, 0x3c, 16 * 20000 * 2));
-    cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
+    Garbage g(264ull * 128 * 7680, 264ull * 128 * 7680 / 8, 16 * 40000);
+    const int copies = g.copies;
+    const size_t maxw = g.maxw, maxs = g.maxs;
+    uint8_t *w = g.w, *sc = g.sc;
+    __nv_bfloat16 *x = g.x, *y = g.y;
+    cudaEvent_t e0 = g.e0, e1 = g.e1;
     const int Ks[] = {3072, 5120, 15360};
     const int tiles_list[] = {24, 48, 66, 72, 96, 108, 120, 132, 144, 198, 264};
     Kern kerns[2] = {nvfp4_gemv_sm90_bulk_nt1_s1_bf16, nvfp4_gemv_sm90_bulk_nt2_s1_bf16};

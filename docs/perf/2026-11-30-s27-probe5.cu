@@ -8,13 +8,14 @@
 typedef void (*SKern)(const tma::TensorMap, const __nv_bfloat16*, const uint8_t*, const uint8_t*, __nv_bfloat16*, int, int, int, int, int, float, const __nv_bfloat16*, int, int, float*, unsigned*);
 int main(int argc, char** argv) {
     load_encoder();
-    const int copies = 6;
-    const size_t maxw = 48ull << 20, maxs = 6ull << 20;
-    uint8_t *w, *sc; __nv_bfloat16 *x, *y; float* part; unsigned* counters;
-    CK(cudaMalloc(&w, copies * maxw)); CK(cudaMalloc(&sc, copies * maxs)); CK(cudaMalloc(&x, 16 * 20000 * 2)); CK(cudaMalloc(&y, 16 * 20000 * 2));
+    Garbage g(48ull << 20, 6ull << 20, 16 * 20000);
+    const int copies = g.copies;
+    const size_t maxw = g.maxw, maxs = g.maxs;
+    uint8_t *w = g.w, *sc = g.sc;
+    __nv_bfloat16 *x = g.x, *y = g.y;
+    float* part; unsigned* counters;
     CK(cudaMalloc(&part, 2 * 264 * 128 * 16 * 4)); CK(cudaMalloc(&counters, 4096 * 4)); CK(cudaMemset(counters, 0, 4096 * 4));
-    CK(cudaMemset(w, 0x35, copies * maxw)); CK(cudaMemset(sc, 0x30, copies * maxs)); CK(cudaMemset(x, 0x3c, 16 * 20000 * 2));
-    cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
+    cudaEvent_t e0 = g.e0, e1 = g.e1;
     struct Shape { int K, N, split; } shapes[] = {{3072, 3072, 4}, {3072, 9216, 1}, {3072, 18432, 1}, {15360, 3072, 4}, {12288, 3072, 4}, {5120, 13824, 1}};
     Kern kerns[2][3] = {{nvfp4_gemv_sm90_bulk_nt1_s1_bf16, nvfp4_gemv_sm90_bulk_nt1_s2_bf16, nvfp4_gemv_sm90_bulk_nt1_s4_bf16},
                         {nvfp4_gemv_sm90_bulk_nt2_s1_bf16, nvfp4_gemv_sm90_bulk_nt2_s2_bf16, nvfp4_gemv_sm90_bulk_nt2_s4_bf16}};
