@@ -205,6 +205,10 @@ pub struct FluxStepArgs {
     /// kernel by scripts/ncu_kernel_table.py).
     #[arg(long)]
     pub profiler_range: bool,
+    /// One GPU: also time the step replayed as a CUDA graph (captured once), next to the plain
+    /// one: what launching each kernel from the host costs the step.
+    #[arg(long)]
+    pub graph: bool,
 }
 
 #[derive(Debug, Args)]
@@ -234,6 +238,12 @@ pub struct GemmArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
+    /// Time calls in a chain instead, as a model's projections run with the host ahead of the
+    /// GPU: per call of a CUDA graph of back-to-back calls on distinct copies of the layer
+    /// (together larger than the L2 cache), GPU time between two events. Small products are
+    /// measured there without the host's launch cost, and without a profiler.
+    #[arg(long)]
+    pub chain: bool,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -567,6 +577,32 @@ fn timed(
     Ok((t.elapsed().as_secs_f64() * 1e3 / iters as f64, queued_ms))
 }
 
+/// Milliseconds per step replayed as a CUDA graph (at least `iters` replays), and the rel. L2
+/// distance of the last replay's output (copied by the graph into a buffer of its own) from a
+/// plain step's.
+#[cfg(feature = "cuda")]
+fn step_graph_ms(
+    device: &Device,
+    iters: usize,
+    step: &dyn Fn() -> candle_core::Result<candle_core::Tensor>,
+) -> anyhow::Result<(f64, f32)> {
+    let want = step()?;
+    let out = want.zeros_like()?;
+    let body = || out.slice_set(&step()?.contiguous()?, 0, 0);
+    let ms = graph_seconds(device, 0, iters, &body)? * 1e3;
+    let host = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>();
+    Ok((ms, crate::doctor::rel_l2(&host(&out)?, &host(&want)?)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn step_graph_ms(
+    _: &Device,
+    _: usize,
+    _: &dyn Fn() -> candle_core::Result<candle_core::Tensor>,
+) -> anyhow::Result<(f64, f32)> {
+    anyhow::bail!("--graph times CUDA graphs: build with --features cuda (see README)")
+}
+
 fn wan_step(a: &WanStepArgs) -> anyhow::Result<()> {
     use std::time::Instant;
 
@@ -788,6 +824,11 @@ fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
     // Both families pack 16x16 pixels into one token at full size.
     let (lh, lw) = (a.height / 16, a.width / 16);
     anyhow::ensure!(lh * 16 == a.height && lw * 16 == a.width, "--width and --height must be multiples of 16");
+    anyhow::ensure!(
+        !a.graph || a.gpus.is_empty(),
+        "--graph times the step on one GPU; run it without --gpus {:?}",
+        a.gpus
+    );
     if !a.gpus.is_empty() {
         if a.model != "flux.1-dev" {
             flux2_config(&a.model)?;
@@ -834,7 +875,14 @@ fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let device = super::t2i::parse_device(Some(&a.device))?;
+    let mut device = super::t2i::parse_device(Some(&a.device))?;
+    if a.graph {
+        // Graph capture on a stream of the device's own.
+        let candle_core::DeviceLocation::Cuda { gpu_id } = device.location() else {
+            anyhow::bail!("--graph needs a CUDA device, found --device {}", a.device)
+        };
+        device = crate::cuda_support::cuda_device(gpu_id, true)?;
+    }
     let t = Tensor::new(&[0.5f32], &device)?;
     let g = Tensor::new(&[3.5f32], &device)?;
     // Seeded on the host: the same inputs in every run, for --save / --against.
@@ -894,6 +942,16 @@ fn flux_step(a: &FluxStepArgs) -> anyhow::Result<()> {
         );
         let mut row = serde_json::json!({"model": a.model, "variant": v, "ms_per_step": ms, "width": a.width,
             "height": a.height, "txt_tokens": a.txt_tokens, "gpu_used_bytes": peak});
+        if a.graph {
+            let (graph_ms, dist) = step_graph_ms(&device, a.iters, &step)?;
+            println!(
+                "{} {v:<24} {graph_ms:>9.1} ms/step as a CUDA graph ({:.3}x the plain step; its output's rel. L2 vs the plain step's: {dist:.3e})",
+                a.model,
+                graph_ms / ms
+            );
+            row["graph_ms_per_step"] = serde_json::json!(graph_ms);
+            row["graph_output_rel_l2"] = serde_json::json!(dist);
+        }
         outputs.record(v, &mut row, &step)?;
         rows.push(row);
         drop(step);
@@ -909,15 +967,68 @@ fn gemm(_: &GemmArgs) -> anyhow::Result<()> {
     anyhow::bail!("`bench gemm` measures GPU kernels: build with --features cuda (see README)")
 }
 
+/// `bench gemm`'s NVFP4 runs, `(backend, mode, fast FP8 accumulation)`: those `variants` name
+/// (`<backend>:<mode>`, fp8 with an optional fast-accumulation suffix), else every backend of this
+/// build in both modes, and fp8.
+#[cfg(feature = "cuda")]
+fn gemm_runs(
+    variants: &[String],
+    device: &candle_core::Device,
+) -> anyhow::Result<Vec<(crate::nvfp4::Backend, crate::nvfp4::ActMode, bool)>> {
+    use crate::nvfp4::{ActMode, Backend};
+    let backends: Vec<Backend> =
+        Backend::ALL.into_iter().filter(|b| crate::cuda_support::check_backend(*b, device).is_ok()).collect();
+    // FP8 mode runs one cuBLASLt path whatever the backend: one column.
+    let all: Vec<(Backend, ActMode)> = backends
+        .iter()
+        .flat_map(|b| [(*b, ActMode::W4A16), (*b, ActMode::W4A4)])
+        .chain(std::iter::once((Backend::Trtllm, ActMode::Fp8)))
+        .collect();
+    if variants.is_empty() {
+        return Ok(all.iter().map(|&(b, mode)| (b, mode, false)).collect());
+    }
+    let mut runs = Vec::new();
+    for v in variants {
+        let (base, fast) = match v.strip_suffix(crate::compare::run::FAST_ACCUM_SUFFIX) {
+            Some(b) => (b, true),
+            None => (v.as_str(), false),
+        };
+        let (b, mode) = base.split_once(':').ok_or_else(|| anyhow::anyhow!("variant `{v}`: use <backend>:<mode>"))?;
+        let b = Backend::from_name(b).ok_or_else(|| anyhow::anyhow!("variant `{v}`: unknown backend `{b}`"))?;
+        let mode: ActMode = mode.parse().map_err(|e: String| anyhow::anyhow!("variant `{v}`: {e}"))?;
+        anyhow::ensure!(!fast || mode == ActMode::Fp8, "variant `{v}`: +fastacc applies to fp8 mode only");
+        let mode_run = if mode == ActMode::Fp8 { (Backend::Trtllm, mode) } else { (b, mode) };
+        if !all.contains(&mode_run) {
+            anyhow::bail!("variant `{v}` is not available in this build or on this GPU");
+        }
+        runs.push((mode_run.0, mode_run.1, fast));
+    }
+    Ok(runs)
+}
+
+/// A `bench gemm` run's column label.
+#[cfg(feature = "cuda")]
+fn gemm_label(b: crate::nvfp4::Backend, mode: crate::nvfp4::ActMode, fast: bool) -> String {
+    use crate::nvfp4::ActMode;
+    match (mode, fast) {
+        (ActMode::Fp8, false) => "fp8".to_string(),
+        (ActMode::Fp8, true) => "fp8 fastacc".to_string(),
+        _ => format!("{b} {mode}"),
+    }
+}
+
 #[cfg(feature = "cuda")]
 fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
+    if args.chain {
+        return gemm_chain(args);
+    }
     use std::time::Instant;
 
     use candle_core::{DType, Device, Module, Tensor};
 
     use crate::doctor::Problem;
     use crate::nvfp4::fp8::Fp8Accum;
-    use crate::nvfp4::{ActMode, Backend};
+    use crate::nvfp4::ActMode;
 
     let device = crate::cuda_support::cuda_device(args.gpu, false)?;
     let Device::Cuda(dev) = &device else { unreachable!() };
@@ -938,42 +1049,8 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
         device.synchronize()?;
         Ok(start.elapsed().as_secs_f64() / iters as f64)
     };
-    let backends: Vec<Backend> =
-        Backend::ALL.into_iter().filter(|b| crate::cuda_support::check_backend(*b, &device).is_ok()).collect();
-    // FP8 mode runs one cuBLASLt path whatever the backend: one column.
-    let all: Vec<(Backend, ActMode)> = backends
-        .iter()
-        .flat_map(|b| [(*b, ActMode::W4A16), (*b, ActMode::W4A4)])
-        .chain(std::iter::once((Backend::Trtllm, ActMode::Fp8)))
-        .collect();
-    // (backend, mode, fast FP8 accumulation)
-    let label = |b: Backend, mode: ActMode, fast: bool| match (mode, fast) {
-        (ActMode::Fp8, false) => "fp8".to_string(),
-        (ActMode::Fp8, true) => "fp8 fastacc".to_string(),
-        _ => format!("{b} {mode}"),
-    };
-    let runs: Vec<(Backend, ActMode, bool)> = if args.variants.is_empty() {
-        all.iter().map(|&(b, mode)| (b, mode, false)).collect()
-    } else {
-        let mut runs = Vec::new();
-        for v in &args.variants {
-            let (base, fast) = match v.strip_suffix(crate::compare::run::FAST_ACCUM_SUFFIX) {
-                Some(b) => (b, true),
-                None => (v.as_str(), false),
-            };
-            let (b, mode) =
-                base.split_once(':').ok_or_else(|| anyhow::anyhow!("variant `{v}`: use <backend>:<mode>"))?;
-            let b = Backend::from_name(b).ok_or_else(|| anyhow::anyhow!("variant `{v}`: unknown backend `{b}`"))?;
-            let mode: ActMode = mode.parse().map_err(|e: String| anyhow::anyhow!("variant `{v}`: {e}"))?;
-            anyhow::ensure!(!fast || mode == ActMode::Fp8, "variant `{v}`: +fastacc applies to fp8 mode only");
-            let mode_run = if mode == ActMode::Fp8 { (Backend::Trtllm, mode) } else { (b, mode) };
-            if !all.contains(&mode_run) {
-                anyhow::bail!("variant `{v}` is not available in this build or on this GPU");
-            }
-            runs.push((mode_run.0, mode_run.1, fast));
-        }
-        runs
-    };
+    let runs = gemm_runs(&args.variants, &device)?;
+    let label = gemm_label;
     // fp8 runs get a second column: the GEMM alone, its input quantized beforehand, as the models'
     // fused producers (LayerNorm-modulation, attention output) hand it over.
     let headers: Vec<String> = runs
@@ -1051,6 +1128,134 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
     }
     if let Some(out) = &args.out {
         std::fs::write(out, serde_json::to_string_pretty(&serde_json::json!({"gpu": name, "rows": rows}))?)?;
+    }
+    Ok(())
+}
+
+/// NVFP4 weight bytes a `--chain` run spreads its calls over: five times an H200's 50 MiB L2, so
+/// that, as with a model's layers, no call finds its weights left in the cache by the graph's
+/// previous launch.
+#[cfg(feature = "cuda")]
+const CHAIN_WEIGHT_BYTES: usize = 256 << 20;
+
+/// Seconds per run of `body` captured once as a CUDA graph on `device`'s stream (a stream of its
+/// own: see [`crate::cuda_support::cuda_device`]): `body` runs once outside the capture (kernels
+/// load, libraries pick their algorithms, the memory pool grows), one graph launch sizes the run,
+/// then back-to-back launches, at least `min_launches` and `min_ms`, between two events.
+/// Candle's strided kernels copy their dims and strides from the host at each call, which a graph
+/// would replay from a freed host buffer (session 28: `bmul_f32` read out of bounds): its cache of
+/// those uploads is on from the first run through the capture, so the capture reuses the device
+/// copies made by the first run (and fails, rather than copy, if it finds one missing).
+#[cfg(feature = "cuda")]
+fn graph_seconds(
+    device: &candle_core::Device,
+    min_ms: u64,
+    min_launches: usize,
+    body: &dyn Fn() -> candle_core::Result<()>,
+) -> anyhow::Result<f64> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let candle_core::Device::Cuda(dev) = device else {
+        anyhow::bail!("CUDA graph timing needs a CUDA device, found {device:?}")
+    };
+    let stream = dev.cuda_stream();
+    let event = || stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT));
+    let _uploads = dev.enable_cuda_graph_htod_cache();
+    body()?;
+    device.synchronize()?;
+    stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
+    let captured = body();
+    // The capture ends whatever happened inside it.
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    captured?;
+    let graph = graph?.ok_or_else(|| anyhow::anyhow!("the CUDA graph capture recorded nothing"))?;
+    let before = event()?;
+    graph.launch()?;
+    let after = event()?;
+    after.synchronize()?;
+    let once_ms = f64::from(before.elapsed_ms(&after)?).max(1e-3);
+    let launches = ((min_ms as f64 / once_ms).ceil() as usize).max(min_launches);
+    let t = std::time::Instant::now();
+    let start = event()?;
+    for _ in 0..launches {
+        graph.launch()?;
+    }
+    let end = event()?;
+    end.synchronize()?;
+    let (host_s, gpu_s) = (t.elapsed().as_secs_f64(), f64::from(start.elapsed_ms(&end)?) * 1e-3);
+    // The host only queues launches here; if that took longer, the events timed the host.
+    anyhow::ensure!(
+        host_s < 2.0 * gpu_s + 0.05,
+        "the graph launches took {host_s:.3} s on the host for {gpu_s:.3} s on the GPU: not a GPU time"
+    );
+    Ok(gpu_s / launches as f64)
+}
+
+/// `bench gemm --chain`: see [`GemmArgs::chain`].
+#[cfg(feature = "cuda")]
+fn gemm_chain(args: &GemmArgs) -> anyhow::Result<()> {
+    use candle_core::{DType, Device, Module, Tensor};
+
+    use crate::doctor::Problem;
+    use crate::nvfp4::fp8::Fp8Accum;
+
+    // A stream of its own: the legacy default stream cannot be captured.
+    let device = crate::cuda_support::cuda_device(args.gpu, true)?;
+    let Device::Cuda(dev) = &device else { unreachable!() };
+    let (name, _, _) = crate::cuda::device_info(dev)?;
+    let runs = gemm_runs(&args.variants, &device)?;
+    // Seconds per call of the calls `f(0..calls)` captured as one graph.
+    let graph_time = |calls: usize, f: &dyn Fn(usize) -> candle_core::Result<()>| -> anyhow::Result<f64> {
+        const MIN_LAUNCHES: usize = 3;
+        let body = || (0..calls).try_for_each(f);
+        Ok(graph_seconds(&device, args.min_ms, MIN_LAUNCHES, &body)? / calls as f64)
+    };
+    let labels: Vec<String> = runs.iter().map(|&(b, mode, fast)| gemm_label(b, mode, fast)).collect();
+    println!("GPU: {name}");
+    println!("Per call, in a CUDA graph of back-to-back calls over L copies of the layer (GPU time):");
+    println!(
+        "| M | K x N | L | cuBLAS bf16 us | {} |",
+        labels.iter().map(|l| format!("{l} us")).collect::<Vec<_>>().join(" | ")
+    );
+    println!("|---|---|---|---|{}", "---|".repeat(runs.len()));
+    let mut rows = Vec::new();
+    for shape in &args.shapes {
+        let (k, n) = shape.split_once('x').ok_or_else(|| anyhow::anyhow!("shape `{shape}` must be KxN"))?;
+        let (k, n): (usize, usize) = (k.parse()?, n.parse()?);
+        let p = Problem::random(1, k, n, (k * 7 + n) as u64)?;
+        // As many copies as keep the NVFP4 weights out of the L2 cache between two of a copy's calls.
+        let copies = CHAIN_WEIGHT_BYTES.div_ceil(p.w.packed.len() + p.w.scales.len()).max(2);
+        let w = Tensor::from_vec(p.w.dequantize(), (n, k), &Device::Cpu)?.to_dtype(DType::BF16)?.to_device(&device)?;
+        let dense = (0..copies).map(|_| w.copy()).collect::<candle_core::Result<Vec<_>>>()?;
+        drop(w);
+        let layers = runs
+            .iter()
+            .map(|&(b, mode, fast)| {
+                let accum = if fast { Fp8Accum::Fast } else { Fp8Accum::F32 };
+                (0..copies)
+                    .map(|_| p.layer(b, mode, &device).map(|l| l.with_fp8_accum(accum)))
+                    .collect::<candle_core::Result<Vec<_>>>()
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        for &m in &args.m {
+            let mut rng = crate::rng::Rng::new((m * 31 + k) as u64);
+            let x = Tensor::from_vec(rng.normal_bf16_values(m * k, 1.0), (m, k), &Device::Cpu)?
+                .to_dtype(DType::BF16)?
+                .to_device(&device)?;
+            let t_ref = graph_time(copies, &|i| x.matmul(&dense[i].t()?).map(|_| ()))?;
+            let mut cells = Vec::new();
+            let mut entry = serde_json::json!({"m": m, "k": k, "n": n, "copies": copies, "cublas_bf16_s": t_ref});
+            for (label, copies_of_run) in labels.iter().zip(&layers) {
+                let t = graph_time(copies, &|i| copies_of_run[i].forward(&x).map(|_| ()))?;
+                cells.push(format!("{:.2} ({:.2}x)", t * 1e6, t_ref / t));
+                entry[format!("{}_s", label.replace(' ', "_"))] = serde_json::json!(t);
+            }
+            println!("| {m} | {k}x{n} | {copies} | {:.2} | {} |", t_ref * 1e6, cells.join(" | "));
+            rows.push(entry);
+        }
+    }
+    if let Some(out) = &args.out {
+        let v = serde_json::json!({"gpu": name, "timing": "per call, CUDA graph over distinct copies of each layer", "rows": rows});
+        std::fs::write(out, serde_json::to_string_pretty(&v)?)?;
     }
     Ok(())
 }
