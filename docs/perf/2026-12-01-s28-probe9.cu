@@ -9,12 +9,7 @@
 int main(int argc, char** argv) {
     load_encoder();
     Garbage g(48ull << 20, 6ull << 20, 16 * 20000);
-    const int copies = g.copies;
-    const size_t maxw = g.maxw, maxs = g.maxs;
-    uint8_t *w = g.w, *sc = g.sc;
-    __nv_bfloat16 *x = g.x, *y = g.y;
     cudaStream_t st; CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-    cudaEvent_t e0 = g.e0, e1 = g.e1;
     struct Shape { int K, N, split; } shapes[] = {{3072, 3072, 4}, {3072, 9216, 1}, {15360, 3072, 4}, {5120, 13824, 1}};
     Kern kerns[3] = {nvfp4_gemv_sm90_bulk_nt1_s1_bf16, nvfp4_gemv_sm90_bulk_nt1_s2_bf16, nvfp4_gemv_sm90_bulk_nt1_s4_bf16};
     const char* names[] = {"plain", "pdl", "pdl+alloc", "plain+alloc"};
@@ -22,7 +17,7 @@ int main(int argc, char** argv) {
         const int rb = s.K / 2, tiles = s.N / 128, M = 1;
         const int smem = 1024 + 4 * (16384 + 2048 + 4096) + 16 * 4 + (s.split > 1 ? 128 * 8 * 4 : 0);
         std::vector<tma::TensorMap> maps;
-        for (int c = 0; c < copies; c++) maps.push_back(make_map(w + c * maxw, s.N, rb));
+        for (int c = 0; c < g.copies; c++) maps.push_back(make_map(g.w + c * g.maxw, s.N, rb));
         Kern k = kerns[s.split == 1 ? 0 : s.split == 2 ? 1 : 2];
         CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
         for (int graph = 0; graph <= 1; graph++) {
@@ -30,15 +25,15 @@ int main(int argc, char** argv) {
             for (int mode = 0; mode < 4; mode++) {
                 const bool pdl = mode == 1 || mode == 2, alloc = mode >= 2;
                 auto launch = [&](int i) {
-                    __nv_bfloat16* yy = y;
+                    __nv_bfloat16* yy = g.y;
                     if (alloc) CK(cudaMallocAsync((void**)&yy, s.N * 2 * 16, st));
                     cudaLaunchConfig_t cfg = {};
                     cfg.gridDim = dim3(tiles, s.split); cfg.blockDim = dim3(288); cfg.dynamicSmemBytes = smem; cfg.stream = st;
                     cudaLaunchAttribute at; at.id = cudaLaunchAttributeProgrammaticStreamSerialization; at.val.programmaticStreamSerializationAllowed = 1;
                     cfg.attrs = &at; cfg.numAttrs = pdl;
-                    const uint8_t* wp = w + (i % copies) * maxw; const uint8_t* sp = sc + (i % copies) * maxs;
+                    const uint8_t* wp = g.w + (i % g.copies) * g.maxw; const uint8_t* sp = g.sc + (i % g.copies) * g.maxs;
                     float alpha = 1.0f; const __nv_bfloat16* bias = nullptr; int bl = 0, gf = 1 << 30, K = s.K, N = s.N, sc16 = s.K / 16, rbb = rb;
-                    CK(cudaLaunchKernelEx(&cfg, k, maps[i % copies], (const __nv_bfloat16*)x, wp, sp, yy, M, N, K, rbb, sc16, alpha, bias, bl, gf));
+                    CK(cudaLaunchKernelEx(&cfg, k, maps[i % g.copies], (const __nv_bfloat16*)g.x, wp, sp, yy, M, N, K, rbb, sc16, alpha, bias, bl, gf));
                     if (alloc) CK(cudaFreeAsync(yy, st));
                 };
                 const int it = 30;
@@ -46,10 +41,10 @@ int main(int argc, char** argv) {
                 CK(cudaStreamSynchronize(st));
                 float ms;
                 if (!graph) {
-                    cudaEventRecord(e0, st);
+                    cudaEventRecord(g.e0, st);
                     for (int i = 0; i < it; i++) launch(i);
-                    cudaEventRecord(e1, st); CK(cudaEventSynchronize(e1));
-                    cudaEventElapsedTime(&ms, e0, e1);
+                    cudaEventRecord(g.e1, st); CK(cudaEventSynchronize(g.e1));
+                    cudaEventElapsedTime(&ms, g.e0, g.e1);
                     ms /= it;
                 } else {
                     cudaGraph_t gr; cudaGraphExec_t ge;
@@ -58,10 +53,10 @@ int main(int argc, char** argv) {
                     CK(cudaStreamEndCapture(st, &gr));
                     CK(cudaGraphInstantiate(&ge, gr, 0));
                     CK(cudaGraphLaunch(ge, st)); CK(cudaStreamSynchronize(st));
-                    cudaEventRecord(e0, st);
+                    cudaEventRecord(g.e0, st);
                     for (int r = 0; r < 20; r++) CK(cudaGraphLaunch(ge, st));
-                    cudaEventRecord(e1, st); CK(cudaEventSynchronize(e1));
-                    cudaEventElapsedTime(&ms, e0, e1);
+                    cudaEventRecord(g.e1, st); CK(cudaEventSynchronize(g.e1));
+                    cudaEventElapsedTime(&ms, g.e0, g.e1);
                     ms /= 20 * it;
                     cudaGraphExecDestroy(ge); cudaGraphDestroy(gr);
                 }

@@ -1006,6 +1006,13 @@ fn gemm_runs(
     Ok(runs)
 }
 
+/// A `bench gemm` weight shape, `KxN`.
+#[cfg(feature = "cuda")]
+fn gemm_shape(shape: &str) -> anyhow::Result<(usize, usize)> {
+    let (k, n) = shape.split_once('x').ok_or_else(|| anyhow::anyhow!("shape `{shape}` must be KxN"))?;
+    Ok((k.parse()?, n.parse()?))
+}
+
 /// A `bench gemm` run's column label.
 #[cfg(feature = "cuda")]
 fn gemm_label(b: crate::nvfp4::Backend, mode: crate::nvfp4::ActMode, fast: bool) -> String {
@@ -1050,13 +1057,12 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
         Ok(start.elapsed().as_secs_f64() / iters as f64)
     };
     let runs = gemm_runs(&args.variants, &device)?;
-    let label = gemm_label;
     // fp8 runs get a second column: the GEMM alone, its input quantized beforehand, as the models'
     // fused producers (LayerNorm-modulation, attention output) hand it over.
     let headers: Vec<String> = runs
         .iter()
         .flat_map(|&(b, mode, fast)| {
-            let l = label(b, mode, fast);
+            let l = gemm_label(b, mode, fast);
             let alone = (mode == ActMode::Fp8).then(|| format!("{l} GEMM alone ms (x bf16)"));
             std::iter::once(format!("{l} ms (x bf16)")).chain(alone)
         })
@@ -1066,8 +1072,7 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
     println!("|---|---|---|{}", "---|".repeat(headers.len()));
     let mut rows = Vec::new();
     for shape in &args.shapes {
-        let (k, n) = shape.split_once('x').ok_or_else(|| anyhow::anyhow!("shape `{shape}` must be KxN"))?;
-        let (k, n): (usize, usize) = (k.parse()?, n.parse()?);
+        let (k, n) = gemm_shape(shape)?;
         for &m in &args.m {
             let p = Problem::random(m, k, n, (m * 31 + k * 7 + n) as u64)?;
             let x = Tensor::from_vec(p.x.clone(), (m, k), &Device::Cpu)?.to_dtype(DType::BF16)?.to_device(&device)?;
@@ -1092,7 +1097,7 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
                         });
                         Ok((whole, alone))
                     });
-                    let key = label(*b, mode, fast).replace(' ', "_");
+                    let key = gemm_label(*b, mode, fast).replace(' ', "_");
                     match measured {
                         Ok((t, alone)) => {
                             cells.push(format!("{:.3} ({:.2}x)", t * 1e3, t_ref / t));
@@ -1198,7 +1203,7 @@ fn gemm_chain(args: &GemmArgs) -> anyhow::Result<()> {
     use crate::doctor::Problem;
     use crate::nvfp4::fp8::Fp8Accum;
 
-    // A stream of its own: the legacy default stream cannot be captured.
+    // Captured on a stream of the device's own ([`graph_seconds`]).
     let device = crate::cuda_support::cuda_device(args.gpu, true)?;
     let Device::Cuda(dev) = &device else { unreachable!() };
     let (name, _, _) = crate::cuda::device_info(dev)?;
@@ -1219,8 +1224,7 @@ fn gemm_chain(args: &GemmArgs) -> anyhow::Result<()> {
     println!("|---|---|---|---|{}", "---|".repeat(runs.len()));
     let mut rows = Vec::new();
     for shape in &args.shapes {
-        let (k, n) = shape.split_once('x').ok_or_else(|| anyhow::anyhow!("shape `{shape}` must be KxN"))?;
-        let (k, n): (usize, usize) = (k.parse()?, n.parse()?);
+        let (k, n) = gemm_shape(shape)?;
         let p = Problem::random(1, k, n, (k * 7 + n) as u64)?;
         // As many copies as keep the NVFP4 weights out of the L2 cache between two of a copy's calls.
         let copies = CHAIN_WEIGHT_BYTES.div_ceil(p.w.packed.len() + p.w.scales.len()).max(2);
