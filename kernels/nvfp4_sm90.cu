@@ -28,7 +28,8 @@
 // tile0 .. tile0 + gridDim.x - 1 over all of K; with splits > 1 (the last, partly filled wave of a
 // large product) CTA b takes tile tile0 + b / splits over the K tiles of part b % splits and
 // stores its f32 sums in `part` ([CTA][token][feature]), which `nvfp4_sm90_tail_sum` adds up in a
-// fixed order (deterministic) and writes to y.
+// fixed order (deterministic) and writes to y. (The TMA form below adds a split tile's parts
+// inside one cluster instead, in the same order: `sum_parts`.)
 //
 // Epilogue (every writer of y: the GEMM, its tail sum and the GEMV below): y = act(alpha * sum +
 // bias[n]) in f32, one rounding to the output type, with bias (features n < bias_len; null: none)
@@ -861,16 +862,80 @@ __device__ __forceinline__ void store_tile_tma(const float (&acc)[BT / 2], const
     }
 }
 
+// K parts inside a cluster (KS > 1, short products, docs/PERF.md session 29): the cluster is KS CTA
+// pairs, pair p computing the tile pair over K part p; the parts' sums meet in distributed shared
+// memory instead of going through global memory to a second kernel (`nvfp4_sm90_tail_sum`). Each
+// CTA writes its f32 sums into its own activation stages (float4 j of thread tid at j x 256 + tid:
+// acc[4 j .. 4 j + 3], conflict-free), one cluster barrier publishes them, and CTA p of a pair
+// finishes the tokens of groups j in [p J / KS, (p + 1) J / KS) (J = BT / 8 groups of 8 tokens):
+// it reads the KS parts' sums at the same offset in the pair's KS CTAs, adds them in part order
+// from 0 (tail_sum's order: the same bits) and stores y per element. The kernel's last cluster
+// barrier keeps every CTA's shared memory alive until the others have read it.
+constexpr int kSumBytesPerToken = kRows * 4;  // f32 sums of a token's 128 features
+
+__device__ __forceinline__ float4 ld_cluster_f32x4(uint32_t local, uint32_t rank) {
+    uint32_t remote;
+    float4 v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(remote)
+                 : "memory");
+    return v;
+}
+
+template <int BT, typename OutT, int KS>
+__device__ __forceinline__ void sum_parts(const float (&acc)[BT / 2], float4* sums, uint32_t kpart, uint32_t rank,
+                                          int tid, int t, int m0, int n_lo, int n_hi, OutT* __restrict__ y, int M,
+                                          int N, float alpha, const OutT* __restrict__ bias, int bias_len,
+                                          int gelu_from) {
+    constexpr int J = BT / 8, kPerPart = (J + KS - 1) / KS;
+#pragma unroll
+    for (int j = 0; j < J; j++)
+        sums[j * kThreads + tid] = make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]);
+    cluster_sync();
+    const int jb = (int)kpart * J / KS, je = ((int)kpart + 1) * J / KS;
+    const float out_scale = alpha * kScaleBias;
+    const float b_lo = bias_of(bias, bias_len, n_lo), b_hi = bias_of(bias, bias_len, n_hi);
+    const uint32_t base = smem_addr(sums + tid);
+#pragma unroll
+    for (int jj = 0; jj < kPerPart; jj++) {
+        const int j = jb + jj;
+        if (j >= je) break;
+        float4 part[KS];
+#pragma unroll
+        for (int q = 0; q < KS; q++) part[q] = ld_cluster_f32x4(base + j * kThreads * 16, kCtas * q + rank);
+        float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int q = 0; q < KS; q++) {
+            s[0] += part[q].x;
+            s[1] += part[q].y;
+            s[2] += part[q].z;
+            s[3] += part[q].w;
+        }
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int m = m0 + 8 * j + 2 * t + (e & 1), n = (e & 2) ? n_hi : n_lo;
+            float v = s[e] * out_scale + ((e & 2) ? b_hi : b_lo);
+            if (n >= gelu_from) v = epilogue_gelu<OutT>(v);
+            if (m < M && n < N) y[(size_t)m * N + n] = from_float<OutT>(v);
+        }
+    }
+}
+
 // TMA_STORE (16-bit outputs): unsplit tiles leave through the TMA-store epilogue and `out_map`
 // (y as [M][N], boxes of 16 features x kStoreTokens tokens); else (and for split tiles) as
 // store_tile writes them.
-template <int BT, typename OutT, int STAGES, bool TMA_STORE>
+template <int BT, typename OutT, int STAGES, bool TMA_STORE, int KS>
 __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act2, const TensorMap* codes_map,
                                      const TensorMap* out_map, const uint8_t* __restrict__ sc, OutT* __restrict__ y,
                                      int M, int N, int K, int scale_cols, float alpha, int tile0, int splits,
                                      int units, float* __restrict__ part, const OutT* __restrict__ bias,
                                      int bias_len, int gelu_from, int k_split) {
     static_assert(!TMA_STORE || sizeof(OutT) == 2, "the TMA-store epilogue writes 16-bit outputs");
+    static_assert(KS == 1 || !TMA_STORE, "K parts in a cluster store per element");
+    static_assert(KS == 1 || BT * kSumBytesPerToken <= STAGES * BT * kTileBytesPerToken,
+                  "the parts' sums fit in the activation stages");
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
     constexpr int kActBytes = BT * kTileBytesPerToken;
@@ -883,8 +948,17 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int wg = warp / 4, wq = warp % 4, g = lane / 4, t = lane % 4;
-    const uint32_t rank = cta_rank();
-    const int first_unit = (int)blockIdx.x / kCtas, clusters = (int)gridDim.x / kCtas;
+    // KS > 1: ranks 2 p and 2 p + 1 are the CTA pair of K part p (the pair's rank: `rank`).
+    const uint32_t cluster_rank = cta_rank(), rank = cluster_rank % kCtas, kpart = KS > 1 ? cluster_rank / kCtas : 0;
+    const uint16_t pair_mask = (uint16_t)(kBothCtas << (kCtas * kpart));
+    const int first_unit = (int)blockIdx.x / (kCtas * KS), clusters = (int)gridDim.x / (kCtas * KS);
+    // With K parts the sums pass through the activation stages, which another unit's copies would
+    // overwrite: one unit per cluster (the host launches that many; anything else is a bug).
+    if (KS > 1 && clusters != units) __trap();
+    // Unit u of this CTA: with K parts, tile pair u over this CTA's part.
+    auto unit = [&](int u) {
+        return KS > 1 ? Unit(u * KS + (int)kpart, rank, tile0, KS, N, K, BT) : Unit(u, rank, tile0, splits, N, K, BT);
+    };
 
     if (tid == 0) {
         for (int s = 0; s < STAGES; s++) {
@@ -906,7 +980,7 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
         if (warp == kConsumerWarps && lane == 0) {
             int c = 0;
             for (int u = first_unit; u < units; u += clusters) {
-                const Unit w(u, rank, tile0, splits, N, K, BT);
+                const Unit w = unit(u);
                 const uint8_t* scale_src = sc + swizzle_offset(w.n0, 0, scale_cols);
                 for (int j = 0; j < w.nt; j++, c++) {
                     const int st = c % STAGES, kt = w.kb + j;
@@ -918,15 +992,18 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
                     const bool first = col < k_split;
                     tma_load_2d_multicast(act0 + st * kActBytes + rank * (kActBytes / kCtas), first ? act1 : act2,
                                           bar, first ? col : col - k_split, w.m0 + (int)rank * (BT / kCtas),
-                                          kBothCtas);
+                                          pair_mask);
                     tma_load_2d(smem_addr(codes_smem + st * kCodeTileBytes), codes_map, bar, kt * (kBK / 2), w.n0);
                     bulk_load(smem_addr(scales_smem + st * kScaleTileBytes), scale_src + (size_t)kt * kScaleTileBytes,
                               kScaleTileBytes, bar);
                 }
             }
         }
-        // (The consumers' cluster barrier below, which every thread of both CTAs must reach.)
-        asm volatile("barrier.cluster.arrive.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
+        // (The consumers' cluster barriers below, which every thread of the cluster must reach:
+        // the last one, and with K parts one per unit.)
+        const int my_units = first_unit < units ? (units - first_unit + clusters - 1) / clusters : 0;
+        for (int i = 0; i < 1 + (KS > 1 ? my_units : 0); i++)
+            asm volatile("barrier.cluster.arrive.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
         return;
     }
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs) : "memory");
@@ -948,13 +1025,13 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
         if (tid % 128 == 0) {
             const uint32_t bar = empty0 + 8 * (c % STAGES);
 #pragma unroll
-            for (int r = 0; r < kCtas; r++) mbar_arrive_cluster(bar, (uint32_t)r);
+            for (int r = 0; r < kCtas; r++) mbar_arrive_cluster(bar, kCtas * kpart + (uint32_t)r);
         }
     };
 
     int c0 = 0;  // stage use of the unit's first K tile
     for (int u = first_unit; u < units; u += clusters) {
-        const Unit w(u, rank, tile0, splits, N, K, BT);
+        const Unit w = unit(u);
         const int nt = w.nt;
         float acc[BT / 2];
 #pragma unroll
@@ -986,7 +1063,13 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
         wgmma_wait<0>();
         if (nt > 0) release(c0 + nt - 1);
         c0 += nt;
-        if (TMA_STORE && splits == 1) {
+        if constexpr (KS > 1) {
+            // Every wgmma of this CTA has read its stages (both warpgroups), and no copy is left
+            // to land in them (one unit per cluster): the activation stages take the sums.
+            asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
+            sum_parts<BT, OutT, KS>(acc, reinterpret_cast<float4*>(smem), kpart, rank, tid, t, w.m0,
+                                    w.n0 + r_lo, w.n0 + r_hi, y, M, N, alpha, bias, bias_len, gelu_from);
+        } else if (TMA_STORE && splits == 1) {
             store_tile_tma<BT, OutT>(acc, out_map, smem_addr(store_smem) + warp * kStoreBoxBytes, lane,
                                      w.n0 + wg * 64 + wq * 16, w.m0, w.n0 + r_lo, w.n0 + r_hi, alpha, bias,
                                      bias_len, gelu_from);
@@ -1166,14 +1249,15 @@ GEMV_SM90_INSTANCES(GEMV_SM90_BULK_T)
 // TMA-store epilogue (tmast kernels), 2 x STAGES mbarriers, 1024 bytes of alignment slack. Grid: two
 // CTAs per cluster, at most one cluster per unit (tile pair, or tile pair and K part); the host
 // launches as many clusters as fit on the GPU at once.
-#define GEMM_SM90_TMA(BT, T, TNAME, STAGES, STORE, KIND)                                                   \
-    extern "C" __global__ void __cluster_dims__(tma::kCtas, 1, 1)                                         \
+#define GEMM_SM90_TMA(BT, T, TNAME, STAGES, STORE, KIND) GEMM_SM90_TMA_KS(BT, T, TNAME, STAGES, STORE, KIND, 1)
+#define GEMM_SM90_TMA_KS(BT, T, TNAME, STAGES, STORE, KIND, KS)                                            \
+    extern "C" __global__ void __cluster_dims__(tma::kCtas * KS, 1, 1)                                    \
         __launch_bounds__(kThreads + tma::kProducerThreads, 1) nvfp4_gemm_sm90_##KIND##_s##STAGES##_bt##BT##_##TNAME( \
             const __grid_constant__ tma::TensorMap act1, const __grid_constant__ tma::TensorMap act2,        \
             const __grid_constant__ tma::TensorMap codes, const __grid_constant__ tma::TensorMap out,        \
             const uint8_t* sc, T* y, int M, int N, int K, int scale_cols, float alpha, int tile0, int splits, \
             int units, float* part, const T* bias, int bias_len, int gelu_from, int k_split) {               \
-        tma::gemm<BT, T, STAGES, STORE>(&act1, &act2, &codes, &out, sc, y, M, N, K, scale_cols, alpha, tile0, \
+        tma::gemm<BT, T, STAGES, STORE, KS>(&act1, &act2, &codes, &out, sc, y, M, N, K, scale_cols, alpha, tile0, \
                                         splits, units, part, bias, bias_len, gelu_from, k_split);            \
     }
 // Per-element stores: 5 stages (as the cp.async form) and 6 (227 KiB of shared memory at 256 tokens);
@@ -1188,3 +1272,10 @@ GEMM_SM90_TMA_STORE(128, __nv_bfloat16, bf16)
 GEMM_SM90_TMA_STORE(128, __half, f16)
 GEMM_SM90_TMA_STORE(256, __nv_bfloat16, bf16)
 GEMM_SM90_TMA_STORE(256, __half, f16)
+// K parts in the cluster (`tmak{KS}_s6_`): 2, 3 or 4 parts (clusters of 4, 6, 8 CTAs), per-element
+// stores, 6 stages (the host's SM90_TMA_SPLIT_STAGES).
+#define GEMM_SM90_TMA_PARTS(BT, T, TNAME)                  \
+    GEMM_SM90_TMA_KS(BT, T, TNAME, 6, false, tmak2, 2)     \
+    GEMM_SM90_TMA_KS(BT, T, TNAME, 6, false, tmak3, 3)     \
+    GEMM_SM90_TMA_KS(BT, T, TNAME, 6, false, tmak4, 4)
+GEMM_SM90_INSTANCES(GEMM_SM90_TMA_PARTS)

@@ -138,8 +138,8 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
             // cp.async copies elsewhere) run the same wgmmas in the same order: the very same bits,
             // whole and with the last wave split; so does the TMA form with a few persistent
             // clusters each taking many units (3: uneven shares).
-            for (what, clusters) in crate::cuda::sm90_tma_resident_clusters(&device)? {
-                println!("  {what}: {clusters} clusters of 2 CTAs resident at once");
+            for (what, ctas, clusters) in crate::cuda::sm90_tma_resident_clusters(&device)? {
+                println!("  {what}: {clusters} clusters of {ctas} CTAs resident at once");
             }
             println!(
                 "trtllm's Hopper GEMM in other forms vs the default (TMA where it applies), max |diff| / max |y|:"

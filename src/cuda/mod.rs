@@ -106,6 +106,10 @@ const SM90_TMA_STORE_BOX_FEATURES: u32 = 16;
 const SM90_TMA_STORE_BOX_TOKENS: u32 = 128;
 const SM90_TMA_STORE_STAGING_BYTES: u32 = 8 * SM90_TMA_STORE_BOX_FEATURES * SM90_TMA_STORE_BOX_TOKENS * 2;
 const SM90_TMA_STORE_STAGES: u32 = 5;
+/// The TMA form with K parts in its clusters (`tmak{2,3,4}` kernels, split tiles): per-element
+/// stores, 6 stages whatever `CANDIFF_SM90_TMA_STAGES` says; up to 4 parts (clusters of 8 CTAs,
+/// the portable limit).
+const SM90_TMA_SPLIT_STAGES: u32 = 6;
 /// The oldest GPU our kernels are built for (bf16 tensor cores, sm_80).
 pub const MIN_COMPUTE_CAPABILITY: (i32, i32) = (8, 0);
 
@@ -751,12 +755,25 @@ fn use_wgmma(dev: &CudaDevice, op: &Nvfp4Matmul) -> Result<bool> {
     Ok(true)
 }
 
+/// The last wave of the wgmma GEMM (`CANDIFF_SM90_TAIL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sm90Tail {
+    /// `0`: every tile whole.
+    Whole,
+    /// `1` (default): split along K where [`tiling::sm90_plan`] says; the TMA form adds the parts'
+    /// sums inside a cluster (distributed shared memory), the cp.async form through global memory
+    /// and a second kernel.
+    Split,
+    /// `global`: split, the TMA form's sums through global memory too (comparisons).
+    SplitGlobal,
+}
+
 /// `CANDIFF_SM90_TOKENS` = 128 or 256: tokens per CTA of the wgmma kernel, overriding
-/// [`tiling::sm90_tokens_per_cta`]; `CANDIFF_SM90_TAIL=0`: no split of the last wave (both for
-/// measurements).
-fn sm90_overrides() -> Result<(Option<usize>, bool)> {
+/// [`tiling::sm90_tokens_per_cta`]; `CANDIFF_SM90_TAIL` = `0` (no split of the last wave) or
+/// `global` ([`Sm90Tail`]; all for measurements).
+fn sm90_overrides() -> Result<(Option<usize>, Sm90Tail)> {
     // Read once per process, as CANDIFF_TRTLLM_GEMM: consulted on every linear.
-    static FORCED: OnceLock<std::result::Result<(Option<usize>, bool), String>> = OnceLock::new();
+    static FORCED: OnceLock<std::result::Result<(Option<usize>, Sm90Tail), String>> = OnceLock::new();
     let forced = FORCED.get_or_init(|| {
         let tokens = match std::env::var("CANDIFF_SM90_TOKENS").as_deref() {
             Ok("128") => Some(128),
@@ -765,9 +782,10 @@ fn sm90_overrides() -> Result<(Option<usize>, bool)> {
             Ok(other) => return Err(format!("CANDIFF_SM90_TOKENS={other}: expected 128 or 256")),
         };
         let split_tail = match std::env::var("CANDIFF_SM90_TAIL").as_deref() {
-            Ok("0") => false,
-            Ok("1") | Err(_) | Ok("") => true,
-            Ok(other) => return Err(format!("CANDIFF_SM90_TAIL={other}: expected 0 or 1")),
+            Ok("0") => Sm90Tail::Whole,
+            Ok("1") | Err(_) | Ok("") => Sm90Tail::Split,
+            Ok("global") => Sm90Tail::SplitGlobal,
+            Ok(other) => return Err(format!("CANDIFF_SM90_TAIL={other}: expected 0, 1 or global")),
         };
         Ok((tokens, split_tail))
     });
@@ -1058,9 +1076,17 @@ pub fn with_sm90_clusters<R>(clusters: Sm90Clusters, f: impl FnOnce() -> R) -> R
     with_setting(&SM90_CLUSTERS, clusters, f)
 }
 
-/// Clusters of `function` (launched with `threads` per CTA and `smem` bytes of dynamic shared
-/// memory) resident on the GPU at once, from the driver; asked once per function and device.
-fn resident_clusters(dev: &CudaDevice, function: &CudaFunction, name: &str, threads: u32, smem: u32) -> Result<usize> {
+/// Clusters of `function` (compiled for clusters of `ctas` CTAs, launched with `threads` per CTA
+/// and `smem` bytes of dynamic shared memory) resident on the GPU at once, from the driver; asked
+/// once per function and device.
+fn resident_clusters(
+    dev: &CudaDevice,
+    function: &CudaFunction,
+    name: &str,
+    ctas: usize,
+    threads: u32,
+    smem: u32,
+) -> Result<usize> {
     static CACHE: OnceLock<Mutex<HashMap<(DeviceId, String), usize>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     if let Some(n) = cache.lock().expect("cluster cache poisoned").get(&(dev.id(), name.to_string())) {
@@ -1069,7 +1095,7 @@ fn resident_clusters(dev: &CudaDevice, function: &CudaFunction, name: &str, thre
     let stream = dev.cuda_stream();
     // The kernel's compile-time cluster shape applies; the grid is one cluster.
     let config = sys::CUlaunchConfig {
-        gridDimX: SM90_TMA_CTAS as u32,
+        gridDimX: ctas as u32,
         gridDimY: 1,
         gridDimZ: 1,
         blockDimX: threads,
@@ -1257,11 +1283,13 @@ fn sm90_function(dev: &CudaDevice, name: &str, smem: u32) -> Result<CudaFunction
 /// The TMA form's kernel-name infix (`tmast_s5_`: the TMA-store epilogue, 5 stages; `tma_sS_`:
 /// per-element stores, the configured depth) and its dynamic shared memory at `bt` tokens per CTA:
 /// the stages, the staging boxes of the TMA store, the mbarriers and the alignment slack.
-fn sm90_tma_kernel(bt: u32, tma_store: bool) -> Result<(String, u32)> {
-    let (kind, stages, staging) = if tma_store {
-        ("tmast", SM90_TMA_STORE_STAGES, SM90_TMA_STORE_STAGING_BYTES)
+fn sm90_tma_kernel(bt: u32, tma_store: bool, parts: usize) -> Result<(String, u32)> {
+    let (kind, stages, staging) = if parts > 1 {
+        (format!("tmak{parts}"), SM90_TMA_SPLIT_STAGES, 0)
+    } else if tma_store {
+        ("tmast".to_string(), SM90_TMA_STORE_STAGES, SM90_TMA_STORE_STAGING_BYTES)
     } else {
-        ("tma", sm90_tma_stages()?, 0)
+        ("tma".to_string(), sm90_tma_stages()?, 0)
     };
     let smem = stages * (bt * SM90_TILE_BYTES_PER_TOKEN + SM90_WEIGHT_TILE_BYTES)
         + staging
@@ -1270,23 +1298,54 @@ fn sm90_tma_kernel(bt: u32, tma_store: bool) -> Result<(String, u32)> {
     Ok((format!("{kind}_s{stages}_"), smem))
 }
 
-/// The TMA form's bf16 kernels at the configured depth and the clusters of each the GPU holds at
-/// once (`doctor` prints them: the persistent grid's size).
-pub fn sm90_tma_resident_clusters(device: &candle_core::Device) -> Result<Vec<(String, usize)>> {
+/// The TMA form's bf16 kernels at the configured depth, and those with K parts in their clusters,
+/// with the CTAs of their clusters and how many clusters the GPU holds at once (`doctor` prints
+/// them: the persistent grid's size, the room [`tiling::sm90_plan`] splits tiles within).
+pub fn sm90_tma_resident_clusters(device: &candle_core::Device) -> Result<Vec<(String, usize, usize)>> {
     let candle_core::Device::Cuda(dev) = device else {
         candle_core::bail!("the sm90 GEMM runs on a CUDA device; found {device:?}")
     };
     let tma_store = sm90_store()? == Sm90Store::Tma;
     let threads = SM90_THREADS + SM90_TMA_PRODUCER_THREADS;
-    [128u32, 256]
-        .into_iter()
-        .map(|bt| {
-            let (kernel, smem) = sm90_tma_kernel(bt, tma_store)?;
+    let kinds = [(128u32, 1usize), (256, 1)].into_iter().chain((2..=tiling::SM90_MAX_TAIL_SPLIT).map(|p| (256, p)));
+    kinds
+        .map(|(bt, parts)| {
+            let (kernel, smem) = sm90_tma_kernel(bt, tma_store && parts == 1, parts)?;
             let name = format!("nvfp4_gemm_sm90_{kernel}bt{bt}_bf16");
             let f = sm90_function(dev, &name, smem)?;
-            Ok((name.clone(), resident_clusters(dev, &f, &name, threads, smem)?))
+            let ctas = SM90_TMA_CTAS * parts;
+            Ok((name.clone(), ctas, resident_clusters(dev, &f, &name, ctas, threads, smem)?))
         })
         .collect()
+}
+
+/// Clusters of each K split's kernel the GPU holds at once (the 256-token kernels: one CTA per
+/// multiprocessor whatever the tokens, so the same room for 128), less the carve-out's share while
+/// an exchange is in flight. Both GEMM forms plan with it, so they split alike.
+fn sm90_cluster_room(dev: &CudaDevice) -> Result<tiling::ClusterRoom> {
+    // (Asked of the driver once per device: this runs before every GEMM.)
+    static CACHE: OnceLock<Mutex<HashMap<DeviceId, tiling::ClusterRoom>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let cached = cache.lock().expect("cluster room cache poisoned").get(&dev.id()).copied();
+    let mut room = match cached {
+        Some(room) => room,
+        None => {
+            let threads = SM90_THREADS + SM90_TMA_PRODUCER_THREADS;
+            let mut room = tiling::ClusterRoom::default();
+            for (parts, slot) in room.iter_mut().enumerate().skip(2) {
+                let (kernel, smem) = sm90_tma_kernel(256, false, parts)?;
+                let name = format!("nvfp4_gemm_sm90_{kernel}bt256_bf16");
+                let f = sm90_function(dev, &name, smem)?;
+                *slot = resident_clusters(dev, &f, &name, SM90_TMA_CTAS * parts, threads, smem)?;
+            }
+            cache.lock().expect("cluster room cache poisoned").insert(dev.id(), room);
+            room
+        }
+    };
+    for (parts, slot) in room.iter_mut().enumerate().skip(2) {
+        *slot = slot.saturating_sub(comm_carve().div_ceil(SM90_TMA_CTAS * parts));
+    }
+    Ok(room)
 }
 
 /// The trtllm variant on Hopper: the weight dequantized in registers as wgmma's A operand; the
@@ -1299,8 +1358,10 @@ fn sm90_gemm(call: &GemmCall, epi: Option<&Epilogue>) -> Result<CudaStorage> {
 fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Result<CudaStorage> {
     check_sm90_weight(call, "nvfp4 sm90 gemm")?;
     let GemmCall { op, dev, m, .. } = *call;
-    let (forced_tokens, split_tail) = sm90_overrides()?;
-    let plan = tiling::sm90_plan(m, op.n, op.k, sm90_policy_sms(dev)?, forced_tokens, split_tail);
+    let (forced_tokens, tail_mode) = sm90_overrides()?;
+    let split_tail = tail_mode != Sm90Tail::Whole;
+    let room = if split_tail { sm90_cluster_room(dev)? } else { tiling::ClusterRoom::default() };
+    let plan = tiling::sm90_plan(m, op.n, op.k, sm90_policy_sms(dev)?, forced_tokens, split_tail, &room);
     let (tiles, tail, parts) = (plan.tiles, plan.tail, plan.parts);
     let bt = plan.tokens_per_cta as u32;
     let stream = dev.cuda_stream();
@@ -1313,9 +1374,12 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
         (Some(_), Sm90Store::Tma) => sm90_store_map(call, &y)?,
         _ => None,
     };
+    // The TMA form's split tiles add their parts' sums inside each cluster (one kernel, no
+    // workspace); the cp.async form's through global memory and the tail-sum kernel.
+    let sums_in_cluster = maps.is_some() && tail > 0 && tail_mode == Sm90Tail::Split;
     let (smem, threads, kernel) = match maps {
         Some(_) => {
-            let (kernel, smem) = sm90_tma_kernel(bt, store_map.is_some())?;
+            let (kernel, smem) = sm90_tma_kernel(bt, store_map.is_some(), 1)?;
             (smem, SM90_THREADS + SM90_TMA_PRODUCER_THREADS, kernel)
         }
         None => (
@@ -1336,7 +1400,7 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
     let whole = tiles - tail;
     // The split tiles' partial sums (only when there are some: no allocation per unsplit call).
     // SAFETY: the split tiles write every element (zero sums for an empty K range).
-    let part = (tail > 0)
+    let part = (tail > 0 && !sums_in_cluster)
         .then(|| unsafe { stream.alloc::<f32>(tail * parts * SM90_ROWS as usize * bt as usize) })
         .transpose()
         .map_err(wrap("alloc"))?;
@@ -1348,12 +1412,28 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
     let gelu_from = gelu_from_arg(epi);
     let (ldx, ldx2, k_split) = (input.ldx as i32, input.ldx2 as i32, input.k_split as i32);
     let null = 0u64;
+    // The kernel with K parts in its clusters, where the split tiles take it.
+    let split_kernel = if sums_in_cluster {
+        let (kernel, smem) = sm90_tma_kernel(bt, false, parts)?;
+        let name = format!("nvfp4_gemm_sm90_{kernel}bt{bt}_{suffix}");
+        Some((sm90_function(dev, &name, smem)?, smem))
+    } else {
+        None
+    };
+    let split_grid = |ctas: usize| LaunchConfig {
+        grid_dim: (ctas as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: split_kernel.as_ref().map_or(smem, |k| k.1),
+    };
     for (tile0, ctas, splits) in [(0, whole, 1), (whole, tail * parts, parts)] {
         if ctas == 0 {
             continue;
         }
         let (tile0, splits) = (tile0 as i32, splits as i32);
-        let mut b = stream.launch_builder(&f);
+        let mut b = match &split_kernel {
+            Some((f, _)) if splits > 1 => stream.launch_builder(f),
+            _ => stream.launch_builder(&f),
+        };
         if let Some(maps) = &maps {
             // The inputs are read through the maps: their views stay borrowed for the launch.
             let (_x, _x2, _w) = (call.x.device_ptr(&stream), input.x2.device_ptr(&stream), call.w.device_ptr(&stream));
@@ -1367,10 +1447,24 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
             b.arg(&args.m).arg(&args.n).arg(&args.k).arg(&args.scale_cols).arg(&args.alpha);
             // A unit: a tile pair or pair part, `ctas` and `tile0` even (sm90_tma_maps).
             let units = ctas / SM90_TMA_CTAS;
+            if splits > 1 && sums_in_cluster {
+                // One cluster per tile pair, its `splits` CTA pairs each taking a part of K; all
+                // launched (the kernel needs one unit per cluster), whatever the cluster setting.
+                let pairs = units / splits as usize;
+                let units = pairs as i32;
+                b.arg(&tile0).arg(&splits).arg(&units).arg(&part_ptr);
+                BiasView::push(&mut b, bias.as_ref(), &null);
+                b.arg(&bias_len).arg(&gelu_from).arg(&k_split);
+                // SAFETY: as the launch below; the kernel's cluster is `splits` CTA pairs
+                // (`tmak{splits}`), one per tile pair, and writes every element of those tiles.
+                unsafe { b.launch(split_grid(SM90_TMA_CTAS * splits as usize * pairs)) }
+                    .map_err(wrap("nvfp4 sm90 gemm (tma, parts in the cluster)"))?;
+                continue;
+            }
             let clusters = match sm90_clusters()? {
                 // Beside a transfer in flight, the carve-out's multiprocessors stay free for it.
                 Sm90Clusters::Fit => units.min(
-                    resident_clusters(dev, &f, &name, threads, smem)?
+                    resident_clusters(dev, &f, &name, SM90_TMA_CTAS, threads, smem)?
                         .saturating_sub(comm_carve().div_ceil(SM90_TMA_CTAS))
                         .max(1),
                 ),
@@ -1397,7 +1491,7 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
         // apart), whose views end at their last row's last feature.
         unsafe { b.launch(grid(ctas)) }.map_err(wrap("nvfp4 sm90 gemm"))?;
     }
-    if tail > 0 {
+    if tail > 0 && !sums_in_cluster {
         let f = function_in(dev, Kernels::Sm90, &format!("nvfp4_sm90_tail_sum_{suffix}"))?;
         let (bt_i, whole_i, tail_i, parts_i) = (bt as i32, whole as i32, tail as i32, parts as i32);
         let mut b = stream.launch_builder(&f);

@@ -9,9 +9,20 @@ pub const SM90_K_TILE: usize = 64;
 /// Up to this many tokens the GEMV kernel runs instead of the GEMM.
 pub const SM90_GEMV_MAX_M: usize = 16;
 /// Largest K split of the last wave's tiles, and the fewest K tiles a part keeps (its pipeline
-/// fills with 3 before the first wgmma).
+/// fills with 3 before the first wgmma). The TMA form puts a tile pair's parts in one cluster
+/// (2 x parts CTAs): 4 parts make 8, the largest portable cluster.
 pub const SM90_MAX_TAIL_SPLIT: usize = 4;
 pub const SM90_MIN_TAIL_KTILES: usize = 4;
+
+/// Clusters of `p` CTA pairs (a tile pair's K parts, 2 x p CTAs) the GPU holds at once, by p
+/// (entries 0 and 1 unused). Clusters must fit in one GPU processing cluster, so the driver's count
+/// can be below `sms / (2 p)`.
+pub type ClusterRoom = [usize; SM90_MAX_TAIL_SPLIT + 1];
+
+/// What a GPU of `sms` multiprocessors would hold if clusters could span them freely.
+pub fn ideal_cluster_room(sms: usize) -> ClusterRoom {
+    std::array::from_fn(|p| if p < 2 { 0 } else { sms / (2 * p) })
+}
 
 /// The launch plan of one product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,11 +63,20 @@ pub fn sm90_tokens_per_cta(sms: usize, m: usize, n: usize, k: usize, forced: Opt
 
 /// The plan for `m` tokens, `n` features and `k` inputs on `sms` multiprocessors (one CTA per SM
 /// at a time). The tiles left for a last wave, when that wave is at most half full, are split into
-/// parts along K (as many as fill the SMs, up to [`SM90_MAX_TAIL_SPLIT`]), so that wave takes a
-/// fraction of a wave's time; `split_tail = false` keeps every tile whole. At M = 4608 and
-/// N = 3072 on an H200 (132 SMs) 432 tiles leave 36, a last wave 27% full. A product of at most
-/// half a wave is all "last wave": every tile is split (M = 256, N = 3072: 48 tiles in 2 parts).
-pub fn sm90_plan(m: usize, n: usize, k: usize, sms: usize, forced_tokens: Option<usize>, split_tail: bool) -> Sm90Plan {
+/// parts along K (as many as fill the SMs, up to [`SM90_MAX_TAIL_SPLIT`], and no more than let
+/// every tile pair's cluster of parts be resident at once, `room`), so that wave takes a fraction
+/// of a wave's time; `split_tail = false` keeps every tile whole. At M = 4608 and N = 3072 on an
+/// H200 (132 SMs) 432 tiles leave 36, a last wave 27% full. A product of at most half a wave is all
+/// "last wave": every tile is split (M = 256, N = 3072: 48 tiles in 2 parts).
+pub fn sm90_plan(
+    m: usize,
+    n: usize,
+    k: usize,
+    sms: usize,
+    forced_tokens: Option<usize>,
+    split_tail: bool,
+    room: &ClusterRoom,
+) -> Sm90Plan {
     let tokens_per_cta = sm90_tokens_per_cta(sms, m, n, k, forced_tokens);
     let tiles = n.div_ceil(SM90_ROWS) * m.div_ceil(tokens_per_cta);
     let whole = Sm90Plan { tokens_per_cta, tiles, tail: 0, parts: 1 };
@@ -64,7 +84,10 @@ pub fn sm90_plan(m: usize, n: usize, k: usize, sms: usize, forced_tokens: Option
     if !split_tail || tail == 0 || 2 * tail > sms {
         return whole;
     }
-    let parts = (sms / tail).min(SM90_MAX_TAIL_SPLIT).min(k.div_ceil(SM90_K_TILE) / SM90_MIN_TAIL_KTILES);
+    let most = (sms / tail).min(SM90_MAX_TAIL_SPLIT).min(k.div_ceil(SM90_K_TILE) / SM90_MIN_TAIL_KTILES);
+    // A cluster that waits for another to finish would cost the split what it saves (measured on
+    // an H200, docs/PERF.md session 29).
+    let parts = (2..=most).rev().find(|&p| tail.div_ceil(2) <= room[p]).unwrap_or(1);
     if parts < 2 {
         whole
     } else {
@@ -81,36 +104,59 @@ mod tests {
 
     #[test]
     fn flux_shapes_on_an_h200() {
+        let room = ideal_cluster_room(H200_SMS);
         // Single blocks' output projection (K 15360) and the square 3072 products at 4608 tokens:
         // 432 tiles, 36 left after 3 waves, split in 3 (108 CTAs).
         for k in [3072, 12288, 15360] {
-            let p = sm90_plan(4608, 3072, k, H200_SMS, None, true);
+            let p = sm90_plan(4608, 3072, k, H200_SMS, None, true, &room);
             assert_eq!(p, Sm90Plan { tokens_per_cta: 256, tiles: 432, tail: 36, parts: 3 }, "K = {k}");
         }
         // 4096 image tokens (double blocks): 384 tiles, a last wave 91% full: no split.
-        assert_eq!(sm90_plan(4096, 3072, 3072, H200_SMS, None, true).parts, 1);
+        assert_eq!(sm90_plan(4096, 3072, 3072, H200_SMS, None, true, &room).parts, 1);
         // QKV (N 9216) at 4608: 1296 tiles, 108 left (82% full): no split.
-        assert_eq!(sm90_plan(4608, 9216, 3072, H200_SMS, None, true).parts, 1);
+        assert_eq!(sm90_plan(4608, 9216, 3072, H200_SMS, None, true, &room).parts, 1);
         // Off when asked.
-        assert_eq!(sm90_plan(4608, 3072, 3072, H200_SMS, None, false).parts, 1);
+        assert_eq!(sm90_plan(4608, 3072, 3072, H200_SMS, None, false, &room).parts, 1);
         // At most half a wave: every tile split. 256 tokens, N 3072, K 3072: 48 tiles of 128
         // tokens, in 2 parts (96 CTAs); the 512 text tokens of the context embedder (96 tiles, 73%
         // of a wave) stay whole.
         assert_eq!(
-            sm90_plan(256, 3072, 3072, H200_SMS, None, true),
+            sm90_plan(256, 3072, 3072, H200_SMS, None, true, &room),
             Sm90Plan { tokens_per_cta: 128, tiles: 48, tail: 48, parts: 2 }
         );
-        assert_eq!(sm90_plan(512, 3072, 4096, H200_SMS, None, true).parts, 1);
+        assert_eq!(sm90_plan(512, 3072, 4096, H200_SMS, None, true, &room).parts, 1);
         // Long K (a rank's text-stream MLP down projection, 256 tokens, K 12288): 24 tiles of 256
         // tokens in 4 parts of 48 K tiles (96 CTAs), not 48 of 128 in 2.
         assert_eq!(
-            sm90_plan(256, 3072, 12288, H200_SMS, None, true),
+            sm90_plan(256, 3072, 12288, H200_SMS, None, true, &room),
             Sm90Plan { tokens_per_cta: 256, tiles: 24, tail: 24, parts: 4 }
         );
         // Below 256 tokens the rule is unchanged (a 256-token tile would be mostly empty).
-        assert_eq!(sm90_plan(200, 3072, 12288, H200_SMS, None, true).tokens_per_cta, 128);
+        assert_eq!(sm90_plan(200, 3072, 12288, H200_SMS, None, true, &room).tokens_per_cta, 128);
         // Too few K tiles to split: K = 192 is 3 tiles.
-        assert_eq!(sm90_plan(4608, 3072, 192, H200_SMS, None, true).parts, 1);
+        assert_eq!(sm90_plan(4608, 3072, 192, H200_SMS, None, true, &room).parts, 1);
+    }
+
+    #[test]
+    fn parts_whose_clusters_do_not_fit_at_once_are_fewer() {
+        // 4608 tokens, N 3072: 36 split tiles, 18 clusters. The ideal H200 holds 22 clusters of
+        // 6 CTAs: 3 parts. A GPU holding only 16 clusters of 6 takes 2 parts (18 clusters of 4), and
+        // one holding too few of any size keeps the tiles whole.
+        let mut room = ideal_cluster_room(H200_SMS);
+        assert_eq!(sm90_plan(4608, 3072, 15360, H200_SMS, None, true, &room).parts, 3);
+        room[3] = 16;
+        let p = sm90_plan(4608, 3072, 15360, H200_SMS, None, true, &room);
+        assert_eq!((p.tail, p.parts), (36, 2));
+        room[2] = 17;
+        assert_eq!(sm90_plan(4608, 3072, 15360, H200_SMS, None, true, &room).parts, 1);
+        // Every plan's clusters fit in the room it was given.
+        for m in [256, 512, 1024, 2304, 4608] {
+            for (n, k) in [(3072, 3072), (3072, 15360), (5120, 13824), (9216, 3072)] {
+                let room = ideal_cluster_room(H200_SMS);
+                let p = sm90_plan(m, n, k, H200_SMS, None, true, &room);
+                assert!(p.parts < 2 || p.tail.div_ceil(2) <= room[p.parts], "{m} x {n} x {k}: {p:?}");
+            }
+        }
     }
 
     #[test]
@@ -118,7 +164,8 @@ mod tests {
         for tiles_m in [300, 517, 1000, 4608, 9000] {
             for n in [128, 640, 3072, 5120] {
                 for sms in [4, 7, 114, 132] {
-                    let p = sm90_plan(tiles_m, n, 4096, sms, None, true);
+                    let room = ideal_cluster_room(sms);
+                    let p = sm90_plan(tiles_m, n, 4096, sms, None, true, &room);
                     assert!(p.tail * p.parts <= sms, "{p:?} on {sms} SMs");
                     assert!(p.parts <= SM90_MAX_TAIL_SPLIT);
                     if p.parts > 1 {
@@ -140,7 +187,7 @@ mod tests {
             .iter()
             .filter(|p| p.m > SM90_GEMV_MAX_M)
             .filter(|p| {
-                let plan = sm90_plan(p.m, p.n, p.k, DOCTOR_PLAN_SMS, None, true);
+                let plan = sm90_plan(p.m, p.n, p.k, DOCTOR_PLAN_SMS, None, true, &ideal_cluster_room(H200_SMS));
                 plan.parts > 1 && plan.tiles > plan.tail
             })
             .map(|p| p.label.clone())
