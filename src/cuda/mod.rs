@@ -1314,7 +1314,9 @@ pub fn sm90_tma_resident_clusters(device: &candle_core::Device) -> Result<Vec<(S
             let name = format!("nvfp4_gemm_sm90_{kernel}bt{bt}_bf16");
             let f = sm90_function(dev, &name, smem)?;
             let ctas = SM90_TMA_CTAS * parts;
-            Ok((name.clone(), ctas, resident_clusters(dev, &f, &name, ctas, threads, smem)?))
+            let clusters = resident_clusters(dev, &f, &name, ctas, threads, smem);
+            // (K-part clusters that do not fit are not used: 0, as the plan takes it.)
+            Ok((name.clone(), ctas, if parts > 1 { clusters.unwrap_or(0) } else { clusters? }))
         })
         .collect()
 }
@@ -1336,7 +1338,8 @@ fn sm90_cluster_room(dev: &CudaDevice) -> Result<tiling::ClusterRoom> {
                 let (kernel, smem) = sm90_tma_kernel(256, false, parts)?;
                 let name = format!("nvfp4_gemm_sm90_{kernel}bt256_bf16");
                 let f = sm90_function(dev, &name, smem)?;
-                *slot = resident_clusters(dev, &f, &name, SM90_TMA_CTAS * parts, threads, smem)?;
+                // A cluster size the GPU cannot hold at all (a small MIG slice) is just not used.
+                *slot = resident_clusters(dev, &f, &name, SM90_TMA_CTAS * parts, threads, smem).unwrap_or(0);
             }
             cache.lock().expect("cluster room cache poisoned").insert(dev.id(), room);
             room
