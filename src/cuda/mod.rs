@@ -1307,18 +1307,31 @@ pub fn sm90_tma_resident_clusters(device: &candle_core::Device) -> Result<Vec<(S
     };
     let tma_store = sm90_store()? == Sm90Store::Tma;
     let threads = SM90_THREADS + SM90_TMA_PRODUCER_THREADS;
-    let kinds = [(128u32, 1usize), (256, 1)].into_iter().chain((2..=tiling::SM90_MAX_TAIL_SPLIT).map(|p| (256, p)));
-    kinds
-        .map(|(bt, parts)| {
-            let (kernel, smem) = sm90_tma_kernel(bt, tma_store && parts == 1, parts)?;
+    let mut rows = [128u32, 256]
+        .into_iter()
+        .map(|bt| {
+            let (kernel, smem) = sm90_tma_kernel(bt, tma_store, 1)?;
             let name = format!("nvfp4_gemm_sm90_{kernel}bt{bt}_bf16");
             let f = sm90_function(dev, &name, smem)?;
-            let ctas = SM90_TMA_CTAS * parts;
-            let clusters = resident_clusters(dev, &f, &name, ctas, threads, smem);
-            // (K-part clusters that do not fit are not used: 0, as the plan takes it.)
-            Ok((name.clone(), ctas, if parts > 1 { clusters.unwrap_or(0) } else { clusters? }))
+            Ok((name.clone(), SM90_TMA_CTAS, resident_clusters(dev, &f, &name, SM90_TMA_CTAS, threads, smem)?))
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    for parts in 2..=tiling::SM90_MAX_TAIL_SPLIT {
+        let (name, clusters) = sm90_parts_room(dev, parts)?;
+        rows.push((name, SM90_TMA_CTAS * parts, clusters));
+    }
+    Ok(rows)
+}
+
+/// The kernel with `parts` K parts in its clusters (256 tokens, bf16) and the clusters of it the
+/// GPU holds at once; 0 where it cannot hold one at all (a small MIG slice): that split is not used.
+fn sm90_parts_room(dev: &CudaDevice, parts: usize) -> Result<(String, usize)> {
+    let (kernel, smem) = sm90_tma_kernel(256, false, parts)?;
+    let name = format!("nvfp4_gemm_sm90_{kernel}bt256_bf16");
+    let f = sm90_function(dev, &name, smem)?;
+    let threads = SM90_THREADS + SM90_TMA_PRODUCER_THREADS;
+    let clusters = resident_clusters(dev, &f, &name, SM90_TMA_CTAS * parts, threads, smem).unwrap_or(0);
+    Ok((name, clusters))
 }
 
 /// Clusters of each K split's kernel the GPU holds at once (the 256-token kernels: one CTA per
@@ -1332,14 +1345,9 @@ fn sm90_cluster_room(dev: &CudaDevice) -> Result<tiling::ClusterRoom> {
     let mut room = match cached {
         Some(room) => room,
         None => {
-            let threads = SM90_THREADS + SM90_TMA_PRODUCER_THREADS;
             let mut room = tiling::ClusterRoom::default();
             for (parts, slot) in room.iter_mut().enumerate().skip(2) {
-                let (kernel, smem) = sm90_tma_kernel(256, false, parts)?;
-                let name = format!("nvfp4_gemm_sm90_{kernel}bt256_bf16");
-                let f = sm90_function(dev, &name, smem)?;
-                // A cluster size the GPU cannot hold at all (a small MIG slice) is just not used.
-                *slot = resident_clusters(dev, &f, &name, SM90_TMA_CTAS * parts, threads, smem).unwrap_or(0);
+                *slot = sm90_parts_room(dev, parts)?.1;
             }
             cache.lock().expect("cluster room cache poisoned").insert(dev.id(), room);
             room
@@ -1393,7 +1401,7 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
     };
     let name = format!("nvfp4_gemm_sm90_{kernel}bt{bt}_{suffix}");
     let f = sm90_function(dev, &name, smem)?;
-    let grid = |ctas: usize| LaunchConfig {
+    let grid = |ctas: usize, smem: u32| LaunchConfig {
         grid_dim: (ctas as u32, 1, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: smem,
@@ -1423,19 +1431,14 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
     } else {
         None
     };
-    let split_grid = |ctas: usize| LaunchConfig {
-        grid_dim: (ctas as u32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: split_kernel.as_ref().map_or(smem, |k| k.1),
-    };
     for (tile0, ctas, splits) in [(0, whole, 1), (whole, tail * parts, parts)] {
         if ctas == 0 {
             continue;
         }
         let (tile0, splits) = (tile0 as i32, splits as i32);
-        let mut b = match &split_kernel {
-            Some((f, _)) if splits > 1 => stream.launch_builder(f),
-            _ => stream.launch_builder(&f),
+        let (mut b, launch_smem) = match &split_kernel {
+            Some((f, split_smem)) if splits > 1 => (stream.launch_builder(f), *split_smem),
+            _ => (stream.launch_builder(&f), smem),
         };
         if let Some(maps) = &maps {
             // The inputs are read through the maps: their views stay borrowed for the launch.
@@ -1460,7 +1463,7 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
                 b.arg(&bias_len).arg(&gelu_from).arg(&k_split);
                 // SAFETY: as the launch below; the kernel's cluster is `splits` CTA pairs
                 // (`tmak{splits}`), one per tile pair, and writes every element of those tiles.
-                unsafe { b.launch(split_grid(SM90_TMA_CTAS * splits as usize * pairs)) }
+                unsafe { b.launch(grid(SM90_TMA_CTAS * splits as usize * pairs, launch_smem)) }
                     .map_err(wrap("nvfp4 sm90 gemm (tma, parts in the cluster)"))?;
                 continue;
             }
@@ -1481,7 +1484,7 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
             // SAFETY: argument types match the kernel's signature; two CTAs per cluster, each
             // cluster taking whole units; the maps cover x, x2, y and the weight's padded rows
             // exactly, and the scale blocks read lie in whole 128x4 tiles.
-            unsafe { b.launch(grid(SM90_TMA_CTAS * clusters)) }.map_err(wrap("nvfp4 sm90 gemm (tma)"))?;
+            unsafe { b.launch(grid(SM90_TMA_CTAS * clusters, launch_smem)) }.map_err(wrap("nvfp4 sm90 gemm (tma)"))?;
             continue;
         }
         args.push(&mut b, call, &mut y)?;
@@ -1492,7 +1495,7 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
         // SAFETY: argument types match the kernel's signature; one CTA per tile or part; every
         // row the kernel reads lies in x (features < k_split, rows ldx apart) or x2 (rows ldx2
         // apart), whose views end at their last row's last feature.
-        unsafe { b.launch(grid(ctas)) }.map_err(wrap("nvfp4 sm90 gemm"))?;
+        unsafe { b.launch(grid(ctas, launch_smem)) }.map_err(wrap("nvfp4 sm90 gemm"))?;
     }
     if tail > 0 && !sums_in_cluster {
         let f = function_in(dev, Kernels::Sm90, &format!("nvfp4_sm90_tail_sum_{suffix}"))?;
