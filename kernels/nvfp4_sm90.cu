@@ -317,8 +317,7 @@ __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, c
 #pragma unroll
         for (int s = 0; s < 4; s++) {
             const uint64_t d = desc_sw128(stage + s * 32);  // k16 step = 32 bytes along the row
-            if constexpr (BT == 256) wgmma_m64n256k16_rs(acc, cur[s], d);
-            else wgmma_m64n128k16_rs(acc, cur[s], d);
+            wgmma_rs<BT>(acc, cur[s], d);
         }
         wgmma_commit();
         wgmma_wait<1>();  // tile kt - 1 done: `next` may be overwritten
@@ -782,9 +781,22 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 // N, while the warp goes on to its next unit. The per-element stores this replaces (128 per thread,
 // each row of a warp's store 16 bytes) cost ~2.8k of the ~11.7k cycles around each tile pair, 5%
 // of a K = 3072 product (docs/PERF.md, session 20).
-constexpr int kStoreTokens = 128;                       // tokens per staging box
-constexpr int kStoreBoxBytes = kStoreTokens * 16 * 2;   // 16 features x 2 bytes per token row
-constexpr int kStoreBytes = kConsumerWarps * kStoreBoxBytes;
+// Tokens per staging box at BT tokens per CTA: the whole tile up to 128, else half of it (two
+// stores, the second box written once the first was read), where that half is a whole number of
+// stmatrix steps (16 tokens); the tile widths that fill the SMs with an odd number of such steps
+// (176, 208) take one box of BT (the host's `sm90_store_box_tokens`).
+template <int BT>
+constexpr int store_tokens() {
+    return BT <= 128 ? BT : (BT % 32 == 0 ? BT / 2 : BT);
+}
+template <int BT>
+constexpr int store_box_bytes() {
+    return store_tokens<BT>() * 16 * 2;  // 16 features x 2 bytes per token row
+}
+template <int BT>
+constexpr int store_bytes() {
+    return kConsumerWarps * store_box_bytes<BT>();
+}
 // Byte offset of (token row, 16-byte half) in a warp's box: the 32-byte swizzle (bit 4 ^= bit 7).
 __device__ __forceinline__ uint32_t store_box_offset(int row, int half) {
     const uint32_t off = (uint32_t)row * 32u + (uint32_t)half * 16u;
@@ -841,6 +853,8 @@ __device__ __forceinline__ void store_tile_tma(const float (&acc)[BT / 2], const
     // (j + 1, hi) of 8 tokens x 8 features.
     const int mat = lane / 8, row = lane % 8;
     const uint32_t lane_off = store_box_offset(8 * (mat / 2) + row, mat % 2);
+    constexpr int kStoreTokens = store_tokens<BT>();
+    static_assert(BT % kStoreTokens == 0 && kStoreTokens % 16 == 0, "whole stmatrix steps per box");
 #pragma unroll
     for (int h = 0; h < BT / kStoreTokens; h++) {
         if (lane == 0) tma_store_wait_read();
@@ -943,7 +957,7 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
     uint8_t* const scales_smem = codes_smem + STAGES * kCodeTileBytes;
     // (Every region above is a multiple of 256 bytes: the staging boxes keep their swizzle.)
     uint8_t* const store_smem = scales_smem + STAGES * kScaleTileBytes;
-    const uint32_t full0 = smem_addr(store_smem + (TMA_STORE ? kStoreBytes : 0)), empty0 = full0 + 8 * STAGES;
+    const uint32_t full0 = smem_addr(store_smem + (TMA_STORE ? store_bytes<BT>() : 0)), empty0 = full0 + 8 * STAGES;
     const uint32_t act0 = smem_addr(smem);
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -1048,8 +1062,7 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
 #pragma unroll
             for (int s = 0; s < 4; s++) {
                 const uint64_t d = desc_sw128(stage + s * 32);
-                if constexpr (BT == 256) wgmma_m64n256k16_rs(acc, cur[s], d);
-                else wgmma_m64n128k16_rs(acc, cur[s], d);
+                wgmma_rs<BT>(acc, cur[s], d);
             }
             wgmma_commit();
             wgmma_wait<1>();
@@ -1070,7 +1083,7 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
             sum_parts<BT, OutT, KS>(acc, reinterpret_cast<float4*>(smem), kpart, rank, tid, t, w.m0,
                                     w.n0 + r_lo, w.n0 + r_hi, y, M, N, alpha, bias, bias_len, gelu_from);
         } else if (TMA_STORE && splits == 1) {
-            store_tile_tma<BT, OutT>(acc, out_map, smem_addr(store_smem) + warp * kStoreBoxBytes, lane,
+            store_tile_tma<BT, OutT>(acc, out_map, smem_addr(store_smem) + warp * store_box_bytes<BT>(), lane,
                                      w.n0 + wg * 64 + wq * 16, w.m0, w.n0 + r_lo, w.n0 + r_hi, alpha, bias,
                                      bias_len, gelu_from);
         } else {
@@ -1272,6 +1285,27 @@ GEMM_SM90_TMA_STORE(128, __nv_bfloat16, bf16)
 GEMM_SM90_TMA_STORE(128, __half, f16)
 GEMM_SM90_TMA_STORE(256, __nv_bfloat16, bf16)
 GEMM_SM90_TMA_STORE(256, __half, f16)
+// Tile widths between 128 and 256 tokens (the host's tiling::SM90_FILL_TOKENS), which fill the
+// SMs where 256-token tiles leave many idle and would take as many waves (1024 tokens x 3072
+// features: 120 tiles of 208 tokens instead of 96 of 256 on 132 SMs). TMA form only, whole tiles
+// only (no K parts): the plan uses them only where neither is needed.
+#define GEMM_SM90_FILL_INSTANCES(FORM)    \
+    FORM(176, float, f32)                 \
+    FORM(176, __nv_bfloat16, bf16)        \
+    FORM(176, __half, f16)                \
+    FORM(208, float, f32)                 \
+    FORM(208, __nv_bfloat16, bf16)        \
+    FORM(208, __half, f16)                \
+    FORM(224, float, f32)                 \
+    FORM(224, __nv_bfloat16, bf16)        \
+    FORM(224, __half, f16)
+GEMM_SM90_FILL_INSTANCES(GEMM_SM90_TMA_STAGES)
+GEMM_SM90_TMA_STORE(176, __nv_bfloat16, bf16)
+GEMM_SM90_TMA_STORE(176, __half, f16)
+GEMM_SM90_TMA_STORE(208, __nv_bfloat16, bf16)
+GEMM_SM90_TMA_STORE(208, __half, f16)
+GEMM_SM90_TMA_STORE(224, __nv_bfloat16, bf16)
+GEMM_SM90_TMA_STORE(224, __half, f16)
 // K parts in the cluster (`tmak{KS}_s6_`): 2, 3 or 4 parts (clusters of 4, 6, 8 CTAs), per-element
 // stores, 6 stages (the host's SM90_TMA_SPLIT_STAGES).
 #define GEMM_SM90_TMA_PARTS(BT, T, TNAME)                  \

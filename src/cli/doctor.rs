@@ -147,33 +147,66 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
             let default =
                 outputs.iter().find(|(b, _)| *b == Backend::Trtllm).map(|(_, o)| o.clone()).unwrap_or_default();
             use crate::cuda::{
-                with_sm90_clusters, with_sm90_form, with_sm90_gemv_form, with_sm90_store, Sm90Clusters, Sm90Form,
-                Sm90GemvForm, Sm90Store,
+                with_sm90_clusters, with_sm90_form, with_sm90_gemv_form, with_sm90_store, with_sm90_tail,
+                with_sm90_tokens, Sm90Clusters, Sm90Form, Sm90GemvForm, Sm90Store, Sm90Tail, Sm90Tokens,
             };
             const FEW_CLUSTERS: usize = 3;
             // (The GEMV's register form, M <= 16: the same mmas in the same order as its default
             // bulk-copy form.)
-            let (fit, tma, bulk) = (Sm90Clusters::Fit, Sm90Store::Tma, Sm90GemvForm::Bulk);
+            // The tile widths between 128 and 256 tokens (TMA form, whole tiles: the plan never
+            // splits them) add each token's sums in the same K order: the same bits as the
+            // default with every tile whole (the default splits small products along K).
+            println!("trtllm with every tile whole vs CPU reference:");
+            let (mut r, whole_default) =
+                with_sm90_tail(Sm90Tail::Whole, || check_backend(Backend::Trtllm, &device, &problems))?;
+            for c in &mut r {
+                c.what = format!("{} (every tile whole)", c.what);
+            }
+            failed += print_results(&r);
+            all.extend(r);
+            let (fit, tma, bulk, plan) = (Sm90Clusters::Fit, Sm90Store::Tma, Sm90GemvForm::Bulk, Sm90Tokens::Plan);
             let forms = [
-                ("cp.async form", Sm90Form::Pipe, fit, tma, bulk),
-                ("TMA form in 3 clusters", Sm90Form::Auto, Sm90Clusters::AtMost(FEW_CLUSTERS), tma, bulk),
-                ("TMA form, per-element stores", Sm90Form::Auto, fit, Sm90Store::Direct, bulk),
-                ("GEMV register form", Sm90Form::Auto, fit, tma, Sm90GemvForm::Reg),
+                ("cp.async form", Sm90Form::Pipe, fit, tma, bulk, plan),
+                ("TMA form in 3 clusters", Sm90Form::Auto, Sm90Clusters::AtMost(FEW_CLUSTERS), tma, bulk, plan),
+                ("TMA form, per-element stores", Sm90Form::Auto, fit, Sm90Store::Direct, bulk, plan),
+                ("GEMV register form", Sm90Form::Auto, fit, tma, Sm90GemvForm::Reg, plan),
+                ("TMA form, 176 tokens per CTA", Sm90Form::Auto, fit, tma, bulk, Sm90Tokens::Forced(176)),
+                ("TMA form, 208 tokens per CTA", Sm90Form::Auto, fit, tma, bulk, Sm90Tokens::Forced(208)),
+                ("TMA form, 224 tokens per CTA", Sm90Form::Auto, fit, tma, bulk, Sm90Tokens::Forced(224)),
+                (
+                    "TMA form, 208 tokens per CTA in 3 clusters, per-element stores",
+                    Sm90Form::Auto,
+                    Sm90Clusters::AtMost(FEW_CLUSTERS),
+                    Sm90Store::Direct,
+                    bulk,
+                    Sm90Tokens::Forced(208),
+                ),
             ];
             let mut r = Vec::new();
-            for (form, sm90_form, clusters, store, gemv) in forms {
-                for (label, sms, reference) in [("whole", 0, &default), ("tail split", 4, &split_default)] {
-                    let (mut checks, outs) = with_sm90_form(sm90_form, || {
-                        with_sm90_clusters(clusters, || {
-                            with_sm90_store(store, || {
-                                with_sm90_gemv_form(gemv, || {
-                                    crate::cuda::with_sm90_policy_sms(sms, || {
-                                        check_backend(Backend::Trtllm, &device, &problems)
+            for (form, sm90_form, clusters, store, gemv, tokens) in forms {
+                // (A forced fill width never splits; where it cannot run, the base width takes
+                // over, kept whole too. The other forms plan as the default did.)
+                let (labels, whole): (&[_], _) = match tokens {
+                    Sm90Tokens::Forced(_) => (&[("every tile whole", 0, &whole_default)], true),
+                    _ => (&[("whole", 0, &default), ("tail split", 4, &split_default)], false),
+                };
+                for &(label, sms, reference) in labels {
+                    let run = || {
+                        with_sm90_form(sm90_form, || {
+                            with_sm90_clusters(clusters, || {
+                                with_sm90_store(store, || {
+                                    with_sm90_gemv_form(gemv, || {
+                                        with_sm90_tokens(tokens, || {
+                                            crate::cuda::with_sm90_policy_sms(sms, || {
+                                                check_backend(Backend::Trtllm, &device, &problems)
+                                            })
+                                        })
                                     })
                                 })
                             })
                         })
-                    })?;
+                    };
+                    let (mut checks, outs) = if whole { with_sm90_tail(Sm90Tail::Whole, run)? } else { run()? };
                     for c in &mut checks {
                         c.what = format!("{} ({form}, {label})", c.what);
                     }

@@ -99,13 +99,29 @@ const SM90_BARRIER_BYTES: u32 = 8;
 const SM90_TMA_PRODUCER_THREADS: u32 = 128;
 const SM90_TMA_STAGE_CHOICES: [u32; 2] = [5, 6];
 const SM90_TMA_DEFAULT_STAGES: u32 = 6;
-/// The TMA-store epilogue (`tmast` kernels): a warp's box of 16 features x 128 tokens
-/// (`tma::kStoreTokens`), eight consumer warps' boxes in shared memory, which leaves room for 5
-/// stages at 256 tokens.
+/// The TMA-store epilogue (`tmast` kernels): a warp's box of 16 features x
+/// [`sm90_store_box_tokens`] tokens, eight consumer warps' boxes in shared memory, which leaves
+/// room for 5 stages at 256 tokens.
 const SM90_TMA_STORE_BOX_FEATURES: u32 = 16;
-const SM90_TMA_STORE_BOX_TOKENS: u32 = 128;
-const SM90_TMA_STORE_STAGING_BYTES: u32 = 8 * SM90_TMA_STORE_BOX_FEATURES * SM90_TMA_STORE_BOX_TOKENS * 2;
+const SM90_CONSUMER_WARPS: u32 = 8;
 const SM90_TMA_STORE_STAGES: u32 = 5;
+/// Tokens per staging box at `bt` tokens per CTA (`tma::store_tokens`): the tile up to 128 tokens,
+/// else half of it where that is a whole number of 16-token stmatrix steps, else all of it (176,
+/// 208).
+fn sm90_store_box_tokens(bt: u32) -> u32 {
+    const STMATRIX_TOKENS: u32 = 16;
+    if bt <= 128 {
+        bt
+    } else if (bt / 2).is_multiple_of(STMATRIX_TOKENS) {
+        bt / 2
+    } else {
+        bt
+    }
+}
+/// The staging boxes' shared memory at `bt` tokens per CTA (16-bit outputs).
+fn sm90_store_staging_bytes(bt: u32) -> u32 {
+    SM90_CONSUMER_WARPS * SM90_TMA_STORE_BOX_FEATURES * sm90_store_box_tokens(bt) * 2
+}
 /// The TMA form with K parts in its clusters (`tmak{2,3,4}` kernels, split tiles): per-element
 /// stores, 6 stages whatever `CANDIFF_SM90_TMA_STAGES` says; up to 4 parts (clusters of 8 CTAs,
 /// the portable limit).
@@ -757,7 +773,7 @@ fn use_wgmma(dev: &CudaDevice, op: &Nvfp4Matmul) -> Result<bool> {
 
 /// The last wave of the wgmma GEMM (`CANDIFF_SM90_TAIL`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Sm90Tail {
+pub enum Sm90Tail {
     /// `0`: every tile whole.
     Whole,
     /// `1` (default): split along K where [`tiling::sm90_plan`] says; the TMA form adds the parts'
@@ -768,28 +784,57 @@ enum Sm90Tail {
     SplitGlobal,
 }
 
-/// `CANDIFF_SM90_TOKENS` = 128 or 256: tokens per CTA of the wgmma kernel, overriding
-/// [`tiling::sm90_tokens_per_cta`]; `CANDIFF_SM90_TAIL` = `0` (no split of the last wave) or
-/// `global` ([`Sm90Tail`]; all for measurements).
-fn sm90_overrides() -> Result<(Option<usize>, Sm90Tail)> {
-    // Read once per process, as CANDIFF_TRTLLM_GEMM: consulted on every linear.
-    static FORCED: OnceLock<std::result::Result<(Option<usize>, Sm90Tail), String>> = OnceLock::new();
-    let forced = FORCED.get_or_init(|| {
-        let tokens = match std::env::var("CANDIFF_SM90_TOKENS").as_deref() {
-            Ok("128") => Some(128),
-            Ok("256") => Some(256),
-            Err(_) | Ok("") => None,
-            Ok(other) => return Err(format!("CANDIFF_SM90_TOKENS={other}: expected 128 or 256")),
-        };
-        let split_tail = match std::env::var("CANDIFF_SM90_TAIL").as_deref() {
-            Ok("0") => Sm90Tail::Whole,
-            Ok("1") | Err(_) | Ok("") => Sm90Tail::Split,
-            Ok("global") => Sm90Tail::SplitGlobal,
-            Ok(other) => return Err(format!("CANDIFF_SM90_TAIL={other}: expected 0, 1 or global")),
-        };
-        Ok((tokens, split_tail))
-    });
-    Ok(forced.clone().map_err(CandiffError::Unsupported)?)
+/// Tokens per CTA of the wgmma GEMM (`CANDIFF_SM90_TOKENS`; all but the default for measurements).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sm90Tokens {
+    /// `plan` (default): [`tiling::sm90_plan`]'s choice, the fill widths included where the TMA
+    /// form runs.
+    Plan,
+    /// `nofill`: the plan's choice between 128 and 256 only (the rule before session 31).
+    NoFill,
+    /// A number: that many tokens (128 or 256 anywhere; the fill widths, 176, 208 and 224, where
+    /// the TMA form runs, the plan's choice elsewhere), never split along K but at 128 and 256.
+    Forced(usize),
+}
+
+impl Sm90Tokens {
+    fn parse(v: &str) -> std::result::Result<Self, String> {
+        match v {
+            "" | "plan" => Ok(Self::Plan),
+            "nofill" => Ok(Self::NoFill),
+            n => n.parse().ok().filter(|&bt| tiling::sm90_tokens_compiled(bt)).map(Self::Forced).ok_or_else(|| {
+                format!("CANDIFF_SM90_TOKENS={v}: expected plan, nofill, or one of 128, 176, 208, 224, 256")
+            }),
+        }
+    }
+}
+
+/// `CANDIFF_SM90_TOKENS` ([`Sm90Tokens`]); a thread's [`with_sm90_tokens`] overrides it.
+fn sm90_tokens() -> Result<Sm90Tokens> {
+    static ENV: OnceLock<std::result::Result<Sm90Tokens, String>> = OnceLock::new();
+    setting(&SM90_TOKENS, &ENV, "CANDIFF_SM90_TOKENS", Sm90Tokens::parse)
+}
+
+/// Runs `f` with the wgmma GEMM's tokens per CTA set to `tokens` on this thread (`doctor`).
+pub fn with_sm90_tokens<R>(tokens: Sm90Tokens, f: impl FnOnce() -> R) -> R {
+    with_setting(&SM90_TOKENS, tokens, f)
+}
+
+/// `CANDIFF_SM90_TAIL` = `0` (no split of the last wave) or `global` ([`Sm90Tail`]; for
+/// measurements); a thread's [`with_sm90_tail`] overrides it.
+fn sm90_tail() -> Result<Sm90Tail> {
+    static ENV: OnceLock<std::result::Result<Sm90Tail, String>> = OnceLock::new();
+    setting(&SM90_TAIL, &ENV, "CANDIFF_SM90_TAIL", |v| match v {
+        "1" | "" => Ok(Sm90Tail::Split),
+        "0" => Ok(Sm90Tail::Whole),
+        "global" => Ok(Sm90Tail::SplitGlobal),
+        other => Err(format!("CANDIFF_SM90_TAIL={other}: expected 0, 1 or global")),
+    })
+}
+
+/// Runs `f` with the wgmma GEMM's last wave handled as `tail` on this thread (`doctor`).
+pub fn with_sm90_tail<R>(tail: Sm90Tail, f: impl FnOnce() -> R) -> R {
+    with_setting(&SM90_TAIL, tail, f)
 }
 
 /// The Hopper kernels read whole 128-row tiles of whole 64-wide K tiles, as the trtllm layout pads
@@ -984,6 +1029,10 @@ thread_local! {
     static SM90_CLUSTERS: std::cell::Cell<Option<Sm90Clusters>> = const { std::cell::Cell::new(None) };
     /// The TMA form's 16-bit epilogue for this thread (`None`: `CANDIFF_SM90_STORE`).
     static SM90_STORE: std::cell::Cell<Option<Sm90Store>> = const { std::cell::Cell::new(None) };
+    /// The wgmma GEMM's tokens per CTA for this thread (`None`: `CANDIFF_SM90_TOKENS`).
+    static SM90_TOKENS: std::cell::Cell<Option<Sm90Tokens>> = const { std::cell::Cell::new(None) };
+    /// The wgmma GEMM's last wave for this thread (`None`: `CANDIFF_SM90_TAIL`).
+    static SM90_TAIL: std::cell::Cell<Option<Sm90Tail>> = const { std::cell::Cell::new(None) };
 }
 
 type ThreadSetting<T> = std::thread::LocalKey<std::cell::Cell<Option<T>>>;
@@ -1287,7 +1336,7 @@ fn sm90_tma_kernel(bt: u32, tma_store: bool, parts: usize) -> Result<(String, u3
     let (kind, stages, staging) = if parts > 1 {
         (format!("tmak{parts}"), SM90_TMA_SPLIT_STAGES, 0)
     } else if tma_store {
-        ("tmast".to_string(), SM90_TMA_STORE_STAGES, SM90_TMA_STORE_STAGING_BYTES)
+        ("tmast".to_string(), SM90_TMA_STORE_STAGES, sm90_store_staging_bytes(bt))
     } else {
         ("tma".to_string(), sm90_tma_stages()?, 0)
     };
@@ -1369,20 +1418,37 @@ fn sm90_gemm(call: &GemmCall, epi: Option<&Epilogue>) -> Result<CudaStorage> {
 fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Result<CudaStorage> {
     check_sm90_weight(call, "nvfp4 sm90 gemm")?;
     let GemmCall { op, dev, m, .. } = *call;
-    let (forced_tokens, tail_mode) = sm90_overrides()?;
+    let tail_mode = sm90_tail()?;
     let split_tail = tail_mode != Sm90Tail::Whole;
     let room = if split_tail { sm90_cluster_room(dev)? } else { tiling::ClusterRoom::default() };
-    let plan = tiling::sm90_plan(m, op.n, op.k, sm90_policy_sms(dev)?, forced_tokens, split_tail, &room);
+    let sms = sm90_policy_sms(dev)?;
+    let form = sm90_form()?;
+    let (forced, fill) = match sm90_tokens()? {
+        Sm90Tokens::Plan => (None, form == Sm90Form::Auto),
+        Sm90Tokens::NoFill => (None, false),
+        Sm90Tokens::Forced(bt) => (Some(bt), false),
+    };
+    let plan_with =
+        |forced: Option<usize>, fill: bool| tiling::sm90_plan(m, op.n, op.k, sms, forced, split_tail, fill, &room);
+    let maps_for = |plan: &tiling::Sm90Plan| match form {
+        Sm90Form::Auto => sm90_tma_maps(call, input, plan),
+        Sm90Form::Pipe => Ok(None),
+    };
+    let mut plan = plan_with(forced, fill);
+    let mut maps = maps_for(&plan)?;
+    let base_width = |bt: usize| bt == tiling::SM90_NARROW_TOKENS || bt == tiling::SM90_WIDE_TOKENS;
+    if maps.is_none() && !base_width(plan.tokens_per_cta) {
+        // The fill widths are compiled for the TMA form only; where it cannot run (odd feature
+        // blocks, unaligned rows, too few tokens for a box) the base rule's width does.
+        plan = plan_with(forced.filter(|&bt| base_width(bt)), false);
+        maps = maps_for(&plan)?;
+    }
     let (tiles, tail, parts) = (plan.tiles, plan.tail, plan.parts);
     let bt = plan.tokens_per_cta as u32;
     let stream = dev.cuda_stream();
-    let maps = match sm90_form()? {
-        Sm90Form::Auto => sm90_tma_maps(call, input, &plan)?,
-        Sm90Form::Pipe => None,
-    };
     let (mut y, suffix) = gemm_output(call)?;
     let store_map = match (&maps, sm90_store()?) {
-        (Some(_), Sm90Store::Tma) => sm90_store_map(call, &y)?,
+        (Some(_), Sm90Store::Tma) => sm90_store_map(call, &y, bt)?,
         _ => None,
     };
     // The TMA form's split tiles add their parts' sums inside each cluster (one kernel, no
@@ -1581,11 +1647,11 @@ fn sm90_tma_maps(call: &GemmCall, input: &Parts, plan: &tiling::Sm90Plan) -> Res
     Ok(Some(Sm90Maps { act, act2, codes }))
 }
 
-/// The TMA-store epilogue's descriptor of y (`[m][N]`, 16-bit; boxes of 16 features x 128 tokens,
-/// the 32-byte swizzle of the kernel's staging boxes), where y allows: 16-bit elements, rows a
-/// multiple of 16 bytes, at least one box of features and tokens (a box may not exceed its
-/// tensor). `None`: the kernel stores per element.
-fn sm90_store_map(call: &GemmCall, y: &CudaStorageSlice) -> Result<Option<TensorMap>> {
+/// The TMA-store epilogue's descriptor of y (`[m][N]`, 16-bit; boxes of 16 features x
+/// [`sm90_store_box_tokens`] at `bt` tokens per CTA, the 32-byte swizzle of the kernel's staging
+/// boxes), where y allows: 16-bit elements, rows a multiple of 16 bytes, at least one box of
+/// features and tokens (a box may not exceed its tensor). `None`: the kernel stores per element.
+fn sm90_store_map(call: &GemmCall, y: &CudaStorageSlice, bt: u32) -> Result<Option<TensorMap>> {
     let GemmCall { op, dev, m, .. } = *call;
     let stream = dev.cuda_stream();
     let (ptr, dtype) = match y {
@@ -1601,7 +1667,7 @@ fn sm90_store_map(call: &GemmCall, y: &CudaStorageSlice) -> Result<Option<Tensor
     let row_bytes = op.n as u64 * ELEM_BYTES;
     if !Tile2d::fits(ptr, row_bytes)
         || op.n < SM90_TMA_STORE_BOX_FEATURES as usize
-        || m < SM90_TMA_STORE_BOX_TOKENS as usize
+        || m < sm90_store_box_tokens(bt) as usize
     {
         return Ok(None);
     }
@@ -1613,7 +1679,7 @@ fn sm90_store_map(call: &GemmCall, y: &CudaStorageSlice) -> Result<Option<Tensor
         rows: m as u64,
         row_bytes,
         box_cols: SM90_TMA_STORE_BOX_FEATURES,
-        box_rows: SM90_TMA_STORE_BOX_TOKENS,
+        box_rows: sm90_store_box_tokens(bt),
         swizzle: sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_32B,
     }
     .encode()

@@ -46,6 +46,15 @@ pub const SM90_NARROW_TOKENS: usize = 128;
 /// kernel times, docs/PERF.md session 22; at K = 3072 up to 39% slower).
 pub const SM90_LONG_K: usize = 8192;
 
+/// Tile widths between the two, for products whose 256-token tiles leave many SMs idle
+/// (`kernels/nvfp4_sm90.cu` compiles them for the TMA form's whole tiles only: no K parts).
+pub const SM90_FILL_TOKENS: [usize; 3] = [176, 208, 224];
+
+/// Every tile width the wgmma GEMM is compiled for.
+pub fn sm90_tokens_compiled(bt: usize) -> bool {
+    bt == SM90_NARROW_TOKENS || bt == SM90_WIDE_TOKENS || SM90_FILL_TOKENS.contains(&bt)
+}
+
 /// Tokens per CTA: 256 (more work per dequantized weight) when that still gives at least half as
 /// many CTAs as SMs, or from 256 tokens when K is long ([`SM90_LONG_K`]), else 128 (measured on
 /// an H200, docs/PERF.md); `forced` overrides it.
@@ -68,6 +77,16 @@ pub fn sm90_tokens_per_cta(sms: usize, m: usize, n: usize, k: usize, forced: Opt
 /// of a wave's time; `split_tail = false` keeps every tile whole. At M = 4608 and N = 3072 on an
 /// H200 (132 SMs) 432 tiles leave 36, a last wave 27% full. A product of at most half a wave is all
 /// "last wave": every tile is split (M = 256, N = 3072: 48 tiles in 2 parts).
+///
+/// With `fill` (the TMA form, which is compiled for [`SM90_FILL_TOKENS`]), a product left whole
+/// at 256 tokens per CTA takes the narrowest of those widths that needs no more waves: the same
+/// waves on more SMs. At 1024 tokens and N 3072 on an H200, 96 tiles of 256 tokens (73% of the
+/// SMs, one wave) become 120 of 208 (91%). Each tile is shorter by less than its tokens: a K tile
+/// costs ~900-990 cycles at 176-208 tokens against ~1050 at 256 (Nsight Compute, docs/PERF.md
+/// session 31: 0.85-0.87x the kernel time at 176 tokens for 0.69x the tokens, 0.92-0.94x at 208), since
+/// below 256 the dequantization, not the tensor work (4 cycles per token), sets the pace; narrower
+/// widths would gain nothing more.
+#[allow(clippy::too_many_arguments)]
 pub fn sm90_plan(
     m: usize,
     n: usize,
@@ -75,13 +94,27 @@ pub fn sm90_plan(
     sms: usize,
     forced_tokens: Option<usize>,
     split_tail: bool,
+    fill: bool,
     room: &ClusterRoom,
 ) -> Sm90Plan {
-    let tokens_per_cta = sm90_tokens_per_cta(sms, m, n, k, forced_tokens);
-    let tiles = n.div_ceil(SM90_ROWS) * m.div_ceil(tokens_per_cta);
+    let sms = sms.max(1);
+    let mut tokens_per_cta = sm90_tokens_per_cta(sms, m, n, k, forced_tokens);
+    let feature_blocks = n.div_ceil(SM90_ROWS);
+    let tiles_at = |bt: usize| feature_blocks * m.div_ceil(bt);
+    // Only the two base widths are compiled with K parts in their clusters.
+    let may_split = split_tail && (tokens_per_cta == SM90_NARROW_TOKENS || tokens_per_cta == SM90_WIDE_TOKENS);
+    let base_tail = tiles_at(tokens_per_cta) % sms;
+    let base_split = may_split && base_tail != 0 && 2 * base_tail <= sms;
+    if fill && forced_tokens.is_none() && tokens_per_cta == SM90_WIDE_TOKENS && !base_split {
+        let waves = tiles_at(SM90_WIDE_TOKENS).div_ceil(sms);
+        if let Some(bt) = SM90_FILL_TOKENS.into_iter().find(|&bt| m >= bt && tiles_at(bt).div_ceil(sms) == waves) {
+            tokens_per_cta = bt;
+        }
+    }
+    let tiles = tiles_at(tokens_per_cta);
     let whole = Sm90Plan { tokens_per_cta, tiles, tail: 0, parts: 1 };
-    let tail = tiles % sms.max(1);
-    if !split_tail || tail == 0 || 2 * tail > sms {
+    let tail = tiles % sms;
+    if !may_split || tail == 0 || 2 * tail > sms {
         return whole;
     }
     let most = (sms / tail).min(SM90_MAX_TAIL_SPLIT).min(k.div_ceil(SM90_K_TILE) / SM90_MIN_TAIL_KTILES);
@@ -108,33 +141,33 @@ mod tests {
         // Single blocks' output projection (K 15360) and the square 3072 products at 4608 tokens:
         // 432 tiles, 36 left after 3 waves, split in 3 (108 CTAs).
         for k in [3072, 12288, 15360] {
-            let p = sm90_plan(4608, 3072, k, H200_SMS, None, true, &room);
+            let p = sm90_plan(4608, 3072, k, H200_SMS, None, true, false, &room);
             assert_eq!(p, Sm90Plan { tokens_per_cta: 256, tiles: 432, tail: 36, parts: 3 }, "K = {k}");
         }
         // 4096 image tokens (double blocks): 384 tiles, a last wave 91% full: no split.
-        assert_eq!(sm90_plan(4096, 3072, 3072, H200_SMS, None, true, &room).parts, 1);
+        assert_eq!(sm90_plan(4096, 3072, 3072, H200_SMS, None, true, false, &room).parts, 1);
         // QKV (N 9216) at 4608: 1296 tiles, 108 left (82% full): no split.
-        assert_eq!(sm90_plan(4608, 9216, 3072, H200_SMS, None, true, &room).parts, 1);
+        assert_eq!(sm90_plan(4608, 9216, 3072, H200_SMS, None, true, false, &room).parts, 1);
         // Off when asked.
-        assert_eq!(sm90_plan(4608, 3072, 3072, H200_SMS, None, false, &room).parts, 1);
+        assert_eq!(sm90_plan(4608, 3072, 3072, H200_SMS, None, false, false, &room).parts, 1);
         // At most half a wave: every tile split. 256 tokens, N 3072, K 3072: 48 tiles of 128
         // tokens, in 2 parts (96 CTAs); the 512 text tokens of the context embedder (96 tiles, 73%
         // of a wave) stay whole.
         assert_eq!(
-            sm90_plan(256, 3072, 3072, H200_SMS, None, true, &room),
+            sm90_plan(256, 3072, 3072, H200_SMS, None, true, false, &room),
             Sm90Plan { tokens_per_cta: 128, tiles: 48, tail: 48, parts: 2 }
         );
-        assert_eq!(sm90_plan(512, 3072, 4096, H200_SMS, None, true, &room).parts, 1);
+        assert_eq!(sm90_plan(512, 3072, 4096, H200_SMS, None, true, false, &room).parts, 1);
         // Long K (a rank's text-stream MLP down projection, 256 tokens, K 12288): 24 tiles of 256
         // tokens in 4 parts of 48 K tiles (96 CTAs), not 48 of 128 in 2.
         assert_eq!(
-            sm90_plan(256, 3072, 12288, H200_SMS, None, true, &room),
+            sm90_plan(256, 3072, 12288, H200_SMS, None, true, false, &room),
             Sm90Plan { tokens_per_cta: 256, tiles: 24, tail: 24, parts: 4 }
         );
         // Below 256 tokens the rule is unchanged (a 256-token tile would be mostly empty).
-        assert_eq!(sm90_plan(200, 3072, 12288, H200_SMS, None, true, &room).tokens_per_cta, 128);
+        assert_eq!(sm90_plan(200, 3072, 12288, H200_SMS, None, true, false, &room).tokens_per_cta, 128);
         // Too few K tiles to split: K = 192 is 3 tiles.
-        assert_eq!(sm90_plan(4608, 3072, 192, H200_SMS, None, true, &room).parts, 1);
+        assert_eq!(sm90_plan(4608, 3072, 192, H200_SMS, None, true, false, &room).parts, 1);
     }
 
     #[test]
@@ -143,17 +176,17 @@ mod tests {
         // 6 CTAs: 3 parts. A GPU holding only 16 clusters of 6 takes 2 parts (18 clusters of 4), and
         // one holding too few of any size keeps the tiles whole.
         let mut room = ideal_cluster_room(H200_SMS);
-        assert_eq!(sm90_plan(4608, 3072, 15360, H200_SMS, None, true, &room).parts, 3);
+        assert_eq!(sm90_plan(4608, 3072, 15360, H200_SMS, None, true, false, &room).parts, 3);
         room[3] = 16;
-        let p = sm90_plan(4608, 3072, 15360, H200_SMS, None, true, &room);
+        let p = sm90_plan(4608, 3072, 15360, H200_SMS, None, true, false, &room);
         assert_eq!((p.tail, p.parts), (36, 2));
         room[2] = 17;
-        assert_eq!(sm90_plan(4608, 3072, 15360, H200_SMS, None, true, &room).parts, 1);
+        assert_eq!(sm90_plan(4608, 3072, 15360, H200_SMS, None, true, false, &room).parts, 1);
         // Every plan's clusters fit in the room it was given.
         for m in [256, 512, 1024, 2304, 4608] {
             for (n, k) in [(3072, 3072), (3072, 15360), (5120, 13824), (9216, 3072)] {
                 let room = ideal_cluster_room(H200_SMS);
-                let p = sm90_plan(m, n, k, H200_SMS, None, true, &room);
+                let p = sm90_plan(m, n, k, H200_SMS, None, true, false, &room);
                 assert!(p.parts < 2 || p.tail.div_ceil(2) <= room[p.parts], "{m} x {n} x {k}: {p:?}");
             }
         }
@@ -165,11 +198,60 @@ mod tests {
             for n in [128, 640, 3072, 5120] {
                 for sms in [4, 7, 114, 132] {
                     let room = ideal_cluster_room(sms);
-                    let p = sm90_plan(tiles_m, n, 4096, sms, None, true, &room);
+                    let p = sm90_plan(tiles_m, n, 4096, sms, None, true, false, &room);
                     assert!(p.tail * p.parts <= sms, "{p:?} on {sms} SMs");
                     assert!(p.parts <= SM90_MAX_TAIL_SPLIT);
                     if p.parts > 1 {
                         assert!(2 * p.tail <= sms && (p.tiles >= sms || p.tail == p.tiles), "{p:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fill_widths_on_an_h200() {
+        let room = ideal_cluster_room(H200_SMS);
+        let plan = |m, n, k, fill| sm90_plan(m, n, k, H200_SMS, None, true, fill, &room);
+        // One wave either way: 96 tiles of 256 tokens -> 120 of 208 (1024 tokens, N 3072, any K
+        // the base rule leaves at 256), 80 -> 120 of 176 (512 tokens, N 5120).
+        for k in [3072, 12288, 15360] {
+            assert_eq!(plan(1024, 3072, k, false), Sm90Plan { tokens_per_cta: 256, tiles: 96, tail: 0, parts: 1 });
+            assert_eq!(plan(1024, 3072, k, true), Sm90Plan { tokens_per_cta: 208, tiles: 120, tail: 0, parts: 1 });
+        }
+        assert_eq!(plan(512, 5120, 5120, true), Sm90Plan { tokens_per_cta: 176, tiles: 120, tail: 0, parts: 1 });
+        // Two waves: 216 tiles -> 264 of 224 (2304 tokens, N 3072).
+        assert_eq!(plan(2304, 3072, 3072, true), Sm90Plan { tokens_per_cta: 224, tiles: 264, tail: 0, parts: 1 });
+        // Unchanged where a narrower width needs another wave or the base plan splits: FLUX's
+        // 4096 image tokens (384 tiles, 3 waves; 456 of 224 would take 4), its 4608 (split), and
+        // Wan2.2 A14B's 32760 tokens at N 5120.
+        assert_eq!(plan(4096, 3072, 3072, true).tokens_per_cta, 256);
+        assert_eq!(plan(4608, 3072, 3072, true), plan(4608, 3072, 3072, false));
+        assert_eq!(plan(32760, 5120, 5120, true).tokens_per_cta, 256);
+        // Nor where the base rule takes 128 tokens.
+        assert_eq!(plan(512, 3072, 3072, true).tokens_per_cta, 128);
+        // A forced width is kept, and widths other than 128 and 256 are never split.
+        let forced = sm90_plan(4608, 3072, 3072, H200_SMS, Some(208), true, true, &room);
+        assert_eq!(forced, Sm90Plan { tokens_per_cta: 208, tiles: 552, tail: 0, parts: 1 });
+    }
+
+    #[test]
+    fn fill_widths_never_add_a_wave_or_a_split() {
+        for sms in [4, 7, 114, 132] {
+            let room = ideal_cluster_room(sms);
+            for m in [176, 300, 512, 777, 1024, 2304, 4096, 4608, 9000] {
+                for n in [128, 640, 3072, 5120, 9216] {
+                    for k in [256, 3072, 12288] {
+                        let base = sm90_plan(m, n, k, sms, None, true, false, &room);
+                        let fill = sm90_plan(m, n, k, sms, None, true, true, &room);
+                        assert!(sm90_tokens_compiled(fill.tokens_per_cta), "{fill:?}");
+                        if fill != base {
+                            assert_eq!(base.tokens_per_cta, SM90_WIDE_TOKENS, "{m} x {n} x {k} on {sms}");
+                            assert!(SM90_FILL_TOKENS.contains(&fill.tokens_per_cta) && fill.tokens_per_cta <= m);
+                            assert_eq!((base.parts, fill.parts), (1, 1), "{m} x {n} x {k} on {sms}");
+                            assert_eq!(fill.tiles.div_ceil(sms), base.tiles.div_ceil(sms), "{m} x {n} x {k} on {sms}");
+                            assert!(fill.tiles >= base.tiles);
+                        }
                     }
                 }
             }
@@ -187,7 +269,7 @@ mod tests {
             .iter()
             .filter(|p| p.m > SM90_GEMV_MAX_M)
             .filter(|p| {
-                let plan = sm90_plan(p.m, p.n, p.k, DOCTOR_PLAN_SMS, None, true, &ideal_cluster_room(H200_SMS));
+                let plan = sm90_plan(p.m, p.n, p.k, DOCTOR_PLAN_SMS, None, true, false, &ideal_cluster_room(H200_SMS));
                 plan.parts > 1 && plan.tiles > plan.tail
             })
             .map(|p| p.label.clone())
