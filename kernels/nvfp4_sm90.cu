@@ -345,14 +345,13 @@ __device__ __forceinline__ void gemm_sm90(const __nv_bfloat16* __restrict__ x, c
         gemm_sm90<BT, T>(x, w, sc, y, M, N, K, row_bytes, scale_cols, alpha, tile0, splits, part, bias,    \
                          bias_len, gelu_from, x2, ldx, ldx2, k_split);                                      \
     }
+// A GEMM form at BT tokens per CTA for each output type.
+#define GEMM_SM90_TYPES(FORM, BT)   \
+    FORM(BT, float, f32)            \
+    FORM(BT, __nv_bfloat16, bf16)   \
+    FORM(BT, __half, f16)
 // Every GEMM form is compiled for these tokens per CTA and output types.
-#define GEMM_SM90_INSTANCES(FORM)         \
-    FORM(128, float, f32)                 \
-    FORM(128, __nv_bfloat16, bf16)        \
-    FORM(128, __half, f16)                \
-    FORM(256, float, f32)                 \
-    FORM(256, __nv_bfloat16, bf16)        \
-    FORM(256, __half, f16)
+#define GEMM_SM90_INSTANCES(FORM) GEMM_SM90_TYPES(FORM, 128) GEMM_SM90_TYPES(FORM, 256)
 GEMM_SM90_INSTANCES(GEMM_SM90)
 
 // The split tiles' sums: one thread per (tile, token, feature), features fastest (coalesced reads
@@ -1280,32 +1279,21 @@ GEMV_SM90_INSTANCES(GEMV_SM90_BULK_T)
     GEMM_SM90_TMA(BT, T, TNAME, 5, false, tma) \
     GEMM_SM90_TMA(BT, T, TNAME, 6, false, tma)
 #define GEMM_SM90_TMA_STORE(BT, T, TNAME) GEMM_SM90_TMA(BT, T, TNAME, 5, true, tmast)
+// The TMA-store epilogue's 16-bit outputs at BT tokens per CTA.
+#define GEMM_SM90_TMA_STORE_16(BT)                  \
+    GEMM_SM90_TMA_STORE(BT, __nv_bfloat16, bf16)    \
+    GEMM_SM90_TMA_STORE(BT, __half, f16)
 GEMM_SM90_INSTANCES(GEMM_SM90_TMA_STAGES)
-GEMM_SM90_TMA_STORE(128, __nv_bfloat16, bf16)
-GEMM_SM90_TMA_STORE(128, __half, f16)
-GEMM_SM90_TMA_STORE(256, __nv_bfloat16, bf16)
-GEMM_SM90_TMA_STORE(256, __half, f16)
+GEMM_SM90_TMA_STORE_16(128)
+GEMM_SM90_TMA_STORE_16(256)
 // Tile widths between 128 and 256 tokens (the host's tiling::SM90_FILL_TOKENS), which fill the
 // SMs where 256-token tiles leave many idle and would take as many waves (1024 tokens x 3072
 // features: 120 tiles of 208 tokens instead of 96 of 256 on 132 SMs). TMA form only, whole tiles
 // only (no K parts): the plan uses them only where neither is needed.
-#define GEMM_SM90_FILL_INSTANCES(FORM)    \
-    FORM(176, float, f32)                 \
-    FORM(176, __nv_bfloat16, bf16)        \
-    FORM(176, __half, f16)                \
-    FORM(208, float, f32)                 \
-    FORM(208, __nv_bfloat16, bf16)        \
-    FORM(208, __half, f16)                \
-    FORM(224, float, f32)                 \
-    FORM(224, __nv_bfloat16, bf16)        \
-    FORM(224, __half, f16)
-GEMM_SM90_FILL_INSTANCES(GEMM_SM90_TMA_STAGES)
-GEMM_SM90_TMA_STORE(176, __nv_bfloat16, bf16)
-GEMM_SM90_TMA_STORE(176, __half, f16)
-GEMM_SM90_TMA_STORE(208, __nv_bfloat16, bf16)
-GEMM_SM90_TMA_STORE(208, __half, f16)
-GEMM_SM90_TMA_STORE(224, __nv_bfloat16, bf16)
-GEMM_SM90_TMA_STORE(224, __half, f16)
+#define GEMM_SM90_FILL_WIDTH(BT) GEMM_SM90_TYPES(GEMM_SM90_TMA_STAGES, BT) GEMM_SM90_TMA_STORE_16(BT)
+GEMM_SM90_FILL_WIDTH(176)
+GEMM_SM90_FILL_WIDTH(208)
+GEMM_SM90_FILL_WIDTH(224)
 // K parts in the cluster (`tmak{KS}_s6_`): 2, 3 or 4 parts (clusters of 4, 6, 8 CTAs), per-element
 // stores, 6 stages (the host's SM90_TMA_SPLIT_STAGES).
 #define GEMM_SM90_TMA_PARTS(BT, T, TNAME)                  \

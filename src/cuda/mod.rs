@@ -1436,11 +1436,10 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
     };
     let mut plan = plan_with(forced, fill);
     let mut maps = maps_for(&plan)?;
-    let base_width = |bt: usize| bt == tiling::SM90_NARROW_TOKENS || bt == tiling::SM90_WIDE_TOKENS;
-    if maps.is_none() && !base_width(plan.tokens_per_cta) {
+    if maps.is_none() && !tiling::sm90_base_width(plan.tokens_per_cta) {
         // The fill widths are compiled for the TMA form only; where it cannot run (odd feature
         // blocks, unaligned rows, too few tokens for a box) the base rule's width does.
-        plan = plan_with(forced.filter(|&bt| base_width(bt)), false);
+        plan = plan_with(forced.filter(|&bt| tiling::sm90_base_width(bt)), false);
         maps = maps_for(&plan)?;
     }
     let (tiles, tail, parts) = (plan.tiles, plan.tail, plan.parts);

@@ -50,9 +50,14 @@ pub const SM90_LONG_K: usize = 8192;
 /// (`kernels/nvfp4_sm90.cu` compiles them for the TMA form's whole tiles only: no K parts).
 pub const SM90_FILL_TOKENS: [usize; 3] = [176, 208, 224];
 
+/// The two base widths: the only ones compiled for every form and with K parts in a cluster.
+pub fn sm90_base_width(bt: usize) -> bool {
+    bt == SM90_NARROW_TOKENS || bt == SM90_WIDE_TOKENS
+}
+
 /// Every tile width the wgmma GEMM is compiled for.
 pub fn sm90_tokens_compiled(bt: usize) -> bool {
-    bt == SM90_NARROW_TOKENS || bt == SM90_WIDE_TOKENS || SM90_FILL_TOKENS.contains(&bt)
+    sm90_base_width(bt) || SM90_FILL_TOKENS.contains(&bt)
 }
 
 /// Tokens per CTA: 256 (more work per dequantized weight) when that still gives at least half as
@@ -101,8 +106,7 @@ pub fn sm90_plan(
     let mut tokens_per_cta = sm90_tokens_per_cta(sms, m, n, k, forced_tokens);
     let feature_blocks = n.div_ceil(SM90_ROWS);
     let tiles_at = |bt: usize| feature_blocks * m.div_ceil(bt);
-    // Only the two base widths are compiled with K parts in their clusters.
-    let may_split = split_tail && (tokens_per_cta == SM90_NARROW_TOKENS || tokens_per_cta == SM90_WIDE_TOKENS);
+    let may_split = split_tail && sm90_base_width(tokens_per_cta);
     let base_tail = tiles_at(tokens_per_cta) % sms;
     let base_split = may_split && base_tail != 0 && 2 * base_tail <= sms;
     if fill && forced_tokens.is_none() && tokens_per_cta == SM90_WIDE_TOKENS && !base_split {
