@@ -52,6 +52,9 @@ impl Problem {
             // An even number of 128-feature blocks at several hundred tokens: the Hopper GEMM's
             // TMA form with its CTA pairs, split along K when planned for 4 SMs.
             (520, 576, 768),
+            // Few 256-token tiles at 512 tokens: the TMA form takes 256 tokens per CTA split
+            // along K in clusters where the base rule takes 128.
+            (512, 1024, 512),
         ];
         let mut rng = Rng::new(seed);
         for _ in 0..extra {

@@ -27,6 +27,17 @@ pub struct DoctorArgs {
     pub json: Option<std::path::PathBuf>,
 }
 
+/// Prints checks of a run in another configuration, each named with `label`, and keeps them; the
+/// number that failed.
+fn record_labelled(mut r: Vec<CheckResult>, label: &str, all: &mut Vec<CheckResult>) -> usize {
+    for c in &mut r {
+        c.what = format!("{} ({label})", c.what);
+    }
+    let failed = print_results(&r);
+    all.extend(r);
+    failed
+}
+
 fn print_results(results: &[CheckResult]) -> usize {
     let mut failed = 0;
     for r in results {
@@ -127,13 +138,9 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
             // Hopper's wgmma GEMM splits a mostly empty last wave along K; planned as for a GPU of
             // 4 multiprocessors, the standard problems take that path too.
             println!("trtllm with the last wave split along K (planned for 4 SMs) vs CPU reference:");
-            let (mut r, split_default) =
+            let (r, split_default) =
                 crate::cuda::with_sm90_policy_sms(4, || check_backend(Backend::Trtllm, &device, &problems))?;
-            for c in &mut r {
-                c.what = format!("{} (tail split)", c.what);
-            }
-            failed += print_results(&r);
-            all.extend(r);
+            failed += record_labelled(r, "tail split", &mut all);
             // The GEMM's two forms (TMA copies into CTA pairs where the feature blocks pair up,
             // cp.async copies elsewhere) run the same wgmmas in the same order: the very same bits,
             // whole and with the last wave split; so does the TMA form with a few persistent
@@ -157,13 +164,15 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
             // splits them) add each token's sums in the same K order: the same bits as the
             // default with every tile whole (the default splits small products along K).
             println!("trtllm with every tile whole vs CPU reference:");
-            let (mut r, whole_default) =
+            let (r, whole_default) =
                 with_sm90_tail(Sm90Tail::Whole, || check_backend(Backend::Trtllm, &device, &problems))?;
-            for c in &mut r {
-                c.what = format!("{} (every tile whole)", c.what);
-            }
-            failed += print_results(&r);
-            all.extend(r);
+            failed += record_labelled(r, "every tile whole", &mut all);
+            // The base plan (without the TMA form's rules: the fill widths, and 256 tokens split
+            // along K where the base takes 128), as the cp.async form plans: that form's reference.
+            println!("trtllm with the base plan vs CPU reference:");
+            let (r, base_default) =
+                with_sm90_tokens(Sm90Tokens::NoFill, || check_backend(Backend::Trtllm, &device, &problems))?;
+            failed += record_labelled(r, "base plan", &mut all);
             let (fit, tma, bulk, plan) = (Sm90Clusters::Fit, Sm90Store::Tma, Sm90GemvForm::Bulk, Sm90Tokens::Plan);
             let forms = [
                 ("cp.async form", Sm90Form::Pipe, fit, tma, bulk, plan),
@@ -186,8 +195,11 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
             for (form, sm90_form, clusters, store, gemv, tokens) in forms {
                 // (A forced fill width never splits; where it cannot run, the base width takes
                 // over, kept whole too. The other forms plan as the default did.)
-                let (labels, whole): (&[_], _) = match tokens {
-                    Sm90Tokens::Forced(_) => (&[("every tile whole", 0, &whole_default)], true),
+                let (labels, whole): (&[_], _) = match (tokens, sm90_form) {
+                    (Sm90Tokens::Forced(_), _) => (&[("every tile whole", 0, &whole_default)], true),
+                    (_, Sm90Form::Pipe) => {
+                        (&[("base plan", 0, &base_default), ("tail split", 4, &split_default)], false)
+                    }
                     _ => (&[("whole", 0, &default), ("tail split", 4, &split_default)], false),
                 };
                 for &(label, sms, reference) in labels {

@@ -790,7 +790,8 @@ pub enum Sm90Tokens {
     /// `plan` (default): [`tiling::sm90_plan`]'s choice, the fill widths included where the TMA
     /// form runs.
     Plan,
-    /// `nofill`: the plan's choice between 128 and 256 only (the rule before session 31).
+    /// `nofill`: the base plan, 128 or 256 tokens without the TMA form's rules (the fill widths
+    /// of session 31, 256 tokens split along K where the base takes 128 of session 32).
     NoFill,
     /// A number: that many tokens (128 or 256 anywhere; the fill widths, 176, 208 and 224, where
     /// the TMA form runs, the plan's choice elsewhere), never split along K but at 128 and 256.
@@ -1436,11 +1437,15 @@ fn sm90_gemm_parts(call: &GemmCall, epi: Option<&Epilogue>, input: &Parts) -> Re
     };
     let mut plan = plan_with(forced, fill);
     let mut maps = maps_for(&plan)?;
-    if maps.is_none() && !tiling::sm90_base_width(plan.tokens_per_cta) {
-        // The fill widths are compiled for the TMA form only; where it cannot run (odd feature
-        // blocks, unaligned rows, too few tokens for a box) the base rule's width does.
-        plan = plan_with(forced.filter(|&bt| tiling::sm90_base_width(bt)), false);
-        maps = maps_for(&plan)?;
+    if maps.is_none() {
+        // The fill widths are compiled for the TMA form only, and its K parts are added inside a
+        // cluster; where it cannot run (odd feature blocks, unaligned rows, too few tokens for a
+        // box) the base rule's plan does.
+        let base = plan_with(forced.filter(|&bt| tiling::sm90_base_width(bt)), false);
+        if base != plan {
+            plan = base;
+            maps = maps_for(&plan)?;
+        }
     }
     let (tiles, tail, parts) = (plan.tiles, plan.tail, plan.parts);
     let bt = plan.tokens_per_cta as u32;

@@ -90,7 +90,8 @@ pub fn sm90_tokens_per_cta(sms: usize, m: usize, n: usize, k: usize, forced: Opt
 /// costs ~900-990 cycles at 176-208 tokens against ~1050 at 256 (Nsight Compute, docs/PERF.md
 /// session 31: 0.85-0.87x the kernel time at 176 tokens for 0.69x the tokens, 0.92-0.94x at 208), since
 /// below 256 the dequantization, not the tensor work (4 cycles per token), sets the pace; narrower
-/// widths would gain nothing more.
+/// widths would gain nothing more. For the same reason the TMA form, from 256 tokens, takes 256
+/// tokens split along K where the base rule takes 128 (see the body).
 #[allow(clippy::too_many_arguments)]
 pub fn sm90_plan(
     m: usize,
@@ -104,6 +105,26 @@ pub fn sm90_plan(
 ) -> Sm90Plan {
     let sms = sms.max(1);
     let mut tokens_per_cta = sm90_tokens_per_cta(sms, m, n, k, forced_tokens);
+    // The TMA form (`fill`), from 256 tokens, where the base rule takes 128 (fewer 256-token
+    // tiles than half the SMs): 256-token tiles split along K (their parts added inside a
+    // cluster) fill the SMs as well and dequantize each weight tile for twice the tokens; taken
+    // where they split and pad the tokens no more than 128 would. (The cp.async form's split
+    // through global memory measured up to 39% slower at K = 3072, session 22.) A K tile
+    // costs about the same at 128 tokens as at 256 (~960 against ~1050 cycles, Nsight Compute,
+    // docs/PERF.md sessions 31-32); measured 5-16% faster on an H200 (256 x 3072x3072 and 5120x5120,
+    // 512 x 3072x3072, session 32 call 3).
+    if fill
+        && forced_tokens.is_none()
+        && split_tail
+        && tokens_per_cta == SM90_NARROW_TOKENS
+        && m >= SM90_WIDE_TOKENS
+        && 2 * m.div_ceil(SM90_WIDE_TOKENS) == m.div_ceil(SM90_NARROW_TOKENS)
+    {
+        let wide = sm90_plan(m, n, k, sms, Some(SM90_WIDE_TOKENS), split_tail, fill, room);
+        if wide.parts >= 2 {
+            return wide;
+        }
+    }
     let feature_blocks = n.div_ceil(SM90_ROWS);
     let tiles_at = |bt: usize| feature_blocks * m.div_ceil(bt);
     let may_split = split_tail && sm90_base_width(tokens_per_cta);
@@ -155,13 +176,25 @@ mod tests {
         // Off when asked.
         assert_eq!(sm90_plan(4608, 3072, 3072, H200_SMS, None, false, false, &room).parts, 1);
         // At most half a wave: every tile split. 256 tokens, N 3072, K 3072: 48 tiles of 128
-        // tokens, in 2 parts (96 CTAs); the 512 text tokens of the context embedder (96 tiles, 73%
-        // of a wave) stay whole.
+        // tokens in 2 parts (96 CTAs) in the cp.async form; the 512 text tokens of the context
+        // embedder (96 tiles, 73% of a wave) stay whole.
         assert_eq!(
             sm90_plan(256, 3072, 3072, H200_SMS, None, true, false, &room),
             Sm90Plan { tokens_per_cta: 128, tiles: 48, tail: 48, parts: 2 }
         );
         assert_eq!(sm90_plan(512, 3072, 4096, H200_SMS, None, true, false, &room).parts, 1);
+        // The TMA form takes 256 tokens split along K instead: 24 tiles in 4 parts (96 CTAs);
+        // 48 in 2 parts at 512 tokens; 40 in 3 (120 CTAs) at 256 tokens, N 5120, K 5120, not 80
+        // whole tiles of 128.
+        let tma = |m, n, k| sm90_plan(m, n, k, H200_SMS, None, true, true, &room);
+        assert_eq!(tma(256, 3072, 3072), Sm90Plan { tokens_per_cta: 256, tiles: 24, tail: 24, parts: 4 });
+        assert_eq!(tma(512, 3072, 4096), Sm90Plan { tokens_per_cta: 256, tiles: 48, tail: 48, parts: 2 });
+        assert_eq!(tma(256, 5120, 5120), Sm90Plan { tokens_per_cta: 256, tiles: 40, tail: 40, parts: 3 });
+        // It keeps 128 where 256 would pad more (300 tokens: 512 padded against 384), where the
+        // tiles are kept whole, and where K is too short to split (4 K tiles).
+        assert_eq!(tma(300, 3072, 3072).tokens_per_cta, 128);
+        assert_eq!(sm90_plan(512, 3072, 3072, H200_SMS, None, false, true, &room).tokens_per_cta, 128);
+        assert_eq!(tma(256, 3072, 256).tokens_per_cta, 128);
         // Long K (a rank's text-stream MLP down projection, 256 tokens, K 12288): 24 tiles of 256
         // tokens in 4 parts of 48 K tiles (96 CTAs), not 48 of 128 in 2.
         assert_eq!(
@@ -232,15 +265,15 @@ mod tests {
         assert_eq!(plan(4096, 3072, 3072, true).tokens_per_cta, 256);
         assert_eq!(plan(4608, 3072, 3072, true), plan(4608, 3072, 3072, false));
         assert_eq!(plan(32760, 5120, 5120, true).tokens_per_cta, 256);
-        // Nor where the base rule takes 128 tokens.
-        assert_eq!(plan(512, 3072, 3072, true).tokens_per_cta, 128);
+        // Nor where the base rule takes 128 tokens (256 split along K there instead).
+        assert_eq!(plan(512, 3072, 3072, true), Sm90Plan { tokens_per_cta: 256, tiles: 48, tail: 48, parts: 2 });
         // A forced width is kept, and widths other than 128 and 256 are never split.
         let forced = sm90_plan(4608, 3072, 3072, H200_SMS, Some(208), true, true, &room);
         assert_eq!(forced, Sm90Plan { tokens_per_cta: 208, tiles: 552, tail: 0, parts: 1 });
     }
 
     #[test]
-    fn fill_widths_never_add_a_wave_or_a_split() {
+    fn tma_plans_never_add_a_wave_or_pad_more() {
         for sms in [4, 7, 114, 132] {
             let room = ideal_cluster_room(sms);
             for m in [176, 300, 512, 777, 1024, 2304, 4096, 4608, 9000] {
@@ -249,7 +282,13 @@ mod tests {
                         let base = sm90_plan(m, n, k, sms, None, true, false, &room);
                         let fill = sm90_plan(m, n, k, sms, None, true, true, &room);
                         assert!(sm90_tokens_compiled(fill.tokens_per_cta), "{fill:?}");
-                        if fill != base {
+                        if fill != base && base.tokens_per_cta == SM90_NARROW_TOKENS {
+                            // 256 tokens split along K instead of 128: every tile split, no
+                            // more tokens padded, at most one wave.
+                            assert_eq!(fill.tokens_per_cta, SM90_WIDE_TOKENS, "{m} x {n} x {k} on {sms}");
+                            assert!(fill.parts >= 2 && fill.tail == fill.tiles && fill.tiles * fill.parts <= sms);
+                            assert_eq!(2 * m.div_ceil(SM90_WIDE_TOKENS), m.div_ceil(SM90_NARROW_TOKENS));
+                        } else if fill != base {
                             assert_eq!(base.tokens_per_cta, SM90_WIDE_TOKENS, "{m} x {n} x {k} on {sms}");
                             assert!(SM90_FILL_TOKENS.contains(&fill.tokens_per_cta) && fill.tokens_per_cta <= m);
                             assert_eq!((base.parts, fill.parts), (1, 1), "{m} x {n} x {k} on {sms}");
@@ -279,5 +318,19 @@ mod tests {
             .map(|p| p.label.clone())
             .collect();
         assert!(!split.is_empty(), "no doctor problem takes the split path");
+    }
+
+    /// On an H200 some standard problem takes 256 tokens split along K where the base rule (the
+    /// cp.async form's plan, `doctor`'s reference for that form) takes 128.
+    #[test]
+    fn doctor_problems_reach_the_wide_split() {
+        let room = ideal_cluster_room(H200_SMS);
+        let problems = crate::doctor::Problem::standard_set(0, 0).expect("problems");
+        let wide = problems.iter().filter(|p| p.m > SM90_GEMV_MAX_M).any(|p| {
+            let base = sm90_plan(p.m, p.n, p.k, H200_SMS, None, true, false, &room);
+            let tma = sm90_plan(p.m, p.n, p.k, H200_SMS, None, true, true, &room);
+            base.tokens_per_cta == SM90_NARROW_TOKENS && tma.tokens_per_cta == SM90_WIDE_TOKENS && tma.parts > 1
+        });
+        assert!(wide, "no doctor problem takes 256 tokens split along K");
     }
 }
