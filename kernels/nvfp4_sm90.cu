@@ -1024,22 +1024,55 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
     const int r_lo = wg * 64 + wq * 16 + g, r_hi = r_lo + 8;
     const int p_lo = physical_row<0>(r_lo), p_hi = physical_row<0>(r_hi);
     const int sw_lo = swizzle_offset(p_lo, 0, 4), sw_hi = swizzle_offset(p_hi, 0, 4);
+    // The stage uses in order, counted for the tiles dequantized, issued and released (each one K
+    // tile ahead of the next). Below 256 tokens as a stage and its phase (a ring) and descriptors
+    // as an offset from stage 0's: of ~138 instructions per K tile and warp ~40 were a division by
+    // the stage count per use and five per descriptor, and the ring form measured 1.5-8% faster at
+    // 128-224 tokens; at 256 it measured 0.2-0.8% slower (Nsight Compute, docs/PERF.md session 32),
+    // so those kernels keep the division per use.
+    constexpr bool kRing = BT < 256;
+    struct Ring {
+        int st = 0;
+        uint32_t ph = 0;
+        __device__ __forceinline__ void advance() {
+            if (++st == STAGES) {
+                st = 0;
+                ph ^= 1u;
+            }
+        }
+    };
+    Ring deq, iss, rel;  // (unused at 256 tokens)
+    // The wgmma descriptor of stage st's k16 step s: with the rings, stage 0's plus the offset in
+    // 16-byte units in its low word (shared-memory addresses stay below 2^18: the 14-bit address
+    // field never carries).
+    const uint64_t desc0 = desc_sw128(act0);
+    const uint32_t desc0_lo = (uint32_t)desc0, desc0_hi = (uint32_t)(desc0 >> 32);
+    auto desc_at = [&](int st, int s) {
+        constexpr uint32_t kStageUnits = kActBytes / 16, kStepUnits = 32 / 16;
+        if constexpr (kRing) {
+            return ((uint64_t)desc0_hi << 32) | (desc0_lo + (uint32_t)st * kStageUnits + (uint32_t)s * kStepUnits);
+        } else {
+            return desc_sw128(act0 + st * kActBytes + s * 32);
+        }
+    };
     // Stage use c: wait until its copies landed, dequantize this thread's fragments.
     auto dequant = [&](int c, uint32_t (&a)[4][4]) {
-        const int st = c % STAGES;
-        mbar_wait(full0 + 8 * st, (uint32_t)(c / STAGES) & 1u);
+        const int st = kRing ? deq.st : c % STAGES;
+        mbar_wait(full0 + 8 * st, kRing ? deq.ph : (uint32_t)(c / STAGES) & 1u);
         const uint8_t* cs = codes_smem + st * kCodeTileBytes;
         const uint8_t* ss = scales_smem + st * kScaleTileBytes;
         dequant_rows(cs + p_lo * (kBK / 2), cs + p_hi * (kBK / 2), *reinterpret_cast<const uint32_t*>(ss + sw_lo),
                      *reinterpret_cast<const uint32_t*>(ss + sw_hi), t, a);
+        if constexpr (kRing) deq.advance();
     };
     // Stage use c done with by this warpgroup (its wgmmas completed): one arrival in each CTA.
     auto release = [&](int c) {
         if (tid % 128 == 0) {
-            const uint32_t bar = empty0 + 8 * (c % STAGES);
+            const uint32_t bar = empty0 + 8 * (kRing ? rel.st : c % STAGES);
 #pragma unroll
             for (int r = 0; r < kCtas; r++) mbar_arrive_cluster(bar, kCtas * kpart + (uint32_t)r);
         }
+        if constexpr (kRing) rel.advance();
     };
 
     int c0 = 0;  // stage use of the unit's first K tile
@@ -1056,13 +1089,11 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
         // both CTAs) once its wgmmas completed, dequantize tile i + 1 while tile i's run. (Loading
         // tile i + 1's words before the wait instead measured 2-5% slower, docs/PERF.md session 20.)
         auto step = [&](int i, uint32_t (&cur)[4][4], uint32_t (&next)[4][4]) {
-            const uint32_t stage = act0 + ((c0 + i) % STAGES) * kActBytes;
+            const int st = kRing ? iss.st : (c0 + i) % STAGES;
             wgmma_fence();
 #pragma unroll
-            for (int s = 0; s < 4; s++) {
-                const uint64_t d = desc_sw128(stage + s * 32);
-                wgmma_rs<BT>(acc, cur[s], d);
-            }
+            for (int s = 0; s < 4; s++) wgmma_rs<BT>(acc, cur[s], desc_at(st, s));
+            if constexpr (kRing) iss.advance();
             wgmma_commit();
             wgmma_wait<1>();
             if (i >= 1) release(c0 + i - 1);
