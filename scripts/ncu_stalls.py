@@ -17,9 +17,9 @@ reasons=[h for h in hdr if h.startswith('stall_') and '(Not Issued)' not in h]
 src=[r[ix['Source']].strip() for r in data]
 samp=[int(r[ix['Warp Stall Sampling (All Samples)']] or 0) for r in data]
 tot=sum(samp)
-# main loop: from first HGMMA minus back to WARPGROUP.ARRIVE preceding... use the loop between first 'WARPGROUP.ARRIVE' before first HGMMA and 'DEPBAR.LE gsb0, 0x0'
+# The consumer main loop: from the last full-barrier wait before the first HGMMA (the first
+# tile's dequantization) to the unit's final wgmma wait.
 first_h=next(i for i,s in enumerate(src) if s.startswith('HGMMA') or ' HGMMA' in s)
-# back up to the start of the first dequant: the first SYNCS.PHASECHK before first_h
 start=max(i for i in range(first_h) if 'PHASECHK' in src[i] or 'TRYWAIT' in src[i])
 end=next(i for i,s in enumerate(src) if 'DEPBAR.LE gsb0, 0x0' in s)
 park=sum(samp[i] for i,s in enumerate(src) if 'UCGABAR_WAIT' in s)
@@ -38,7 +38,7 @@ for i in top:
     r=data[i]; best=max(reasons,key=lambda h:int(r[ix[h]] or 0)); bv=int(r[ix[best]] or 0)
     why=best[6:] if bv*2>=samp[i] else 'mostly unreported' if samp[i]-sum(int(r[ix[h]] or 0) for h in reasons)>samp[i]/2 else 'mixed'
     print(f"    {100*samp[i]/main:5.1f}%  {src[i][:60]}  ({why})")
-# by instruction class in main loop
+# Samples by opcode (predicates and modifiers dropped).
 cls={}
 for i in range(start,end+1):
     op=src[i].split()[0] if not src[i].startswith('@') else src[i].split()[1]

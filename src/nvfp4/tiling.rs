@@ -89,8 +89,9 @@ pub fn sm90_tokens_per_cta(sms: usize, m: usize, n: usize, k: usize, forced: Opt
 /// SMs, one wave) become 120 of 208 (91%). Each tile is shorter by less than its tokens: a K tile
 /// costs ~900-990 cycles at 176-208 tokens against ~1050 at 256 (Nsight Compute, docs/PERF.md
 /// session 31: 0.85-0.87x the kernel time at 176 tokens for 0.69x the tokens, 0.92-0.94x at 208), since
-/// below 256 the dequantization, not the tensor work (4 cycles per token), sets the pace; narrower
-/// widths would gain nothing more. For the same reason the TMA form, from 256 tokens, takes 256
+/// below 256 the K tile's work besides the tensor work (4 cycles per token) sets the pace: the
+/// warps' own instruction streams and the copies (stall sampling, session 32); narrower widths
+/// would gain nothing more. For the same reason the TMA form, from 256 tokens, takes 256
 /// tokens split along K where the base rule takes 128 (see the body).
 #[allow(clippy::too_many_arguments)]
 pub fn sm90_plan(
