@@ -34,7 +34,8 @@ fn portable_gencodes() -> Vec<String> {
 /// loads them only on compute capability 9.0.
 const SM90A_GENCODE: &str = "-gencode=arch=compute_90a,code=sm_90a";
 
-fn compile_fatbin(nvcc: &Path, name: &str, includes: &[String], gencodes: &[String], out: &Path) {
+/// `kernels/<name>.cu` into a fatbin; `flags`: its `-gencode` flags and any defines.
+fn compile_fatbin(nvcc: &Path, name: &str, includes: &[String], flags: &[String], out: &Path) {
     let src = Path::new("kernels").join(format!("{name}.cu"));
     let dst = out.join(format!("{name}.fatbin"));
     let mut cmd = Command::new(nvcc);
@@ -42,7 +43,7 @@ fn compile_fatbin(nvcc: &Path, name: &str, includes: &[String], gencodes: &[Stri
     for inc in includes {
         cmd.arg(format!("-I{inc}"));
     }
-    cmd.args(gencodes);
+    cmd.args(flags);
     cmd.arg("-o").arg(&dst).arg(&src);
     let output = cmd.output().unwrap_or_else(|e| {
         panic!(
@@ -160,7 +161,12 @@ fn main() {
     println!("cargo:rustc-env=CANDIFF_NVCC_VERSION={}", version.unwrap_or_else(|| "unknown".into()));
     let portable = portable_gencodes();
     compile_fatbin(&nvcc, "nvfp4", &[], &portable, &out);
-    compile_fatbin(&nvcc, "nvfp4_sm90", &[], &[SM90A_GENCODE.to_string()], &out);
+    let mut sm90_flags = vec![SM90A_GENCODE.to_string()];
+    if std::env::var_os("CARGO_FEATURE_SM90_PHASES").is_some() {
+        // The GEMM's phase marks (src/nvfp4/phases.rs).
+        sm90_flags.push("-DCANDIFF_SM90_PHASES".to_string());
+    }
+    compile_fatbin(&nvcc, "nvfp4_sm90", &[], &sm90_flags, &out);
     compile_fatbin(&nvcc, "fused", &[], &portable, &out);
     compile_fatbin(&nvcc, "fp8", &[], &portable, &out);
     match std::env::var("CUTLASS_INCLUDE") {

@@ -936,6 +936,94 @@ __device__ __forceinline__ void sum_parts(const float (&acc)[BT / 2], float4* su
     }
 }
 
+// Phase marks (profiling builds only: nvcc -DCANDIFF_SM90_PHASES, the cargo feature `sm90-phases`,
+// read by `candiff bench gemm --phases` through src/nvfp4/phases.rs, which documents the words).
+// Each CTA of the kernel writes one record of SM clock64 marks per unit it runs: when its first
+// stage landed, when the main loop and the store ended, how long the consumers and the producer
+// waited on their barriers. Nsight Compute's stall sampling says where warps wait, not when: these
+// marks split a tile's time into fill, main loop, sums and store, and place the CTAs' ends on one
+// timeline (%globaltimer) for the last wave. Without the define every mark compiles to nothing.
+#ifdef CANDIFF_SM90_PHASES
+constexpr bool kPhases = true;
+#else
+constexpr bool kPhases = false;
+#endif
+constexpr int kPhaseCtas = 1024;      // records: the first half for a product's whole tiles, the second
+                                      // for its split last tiles (a second launch); more CTAs: not recorded
+constexpr int kPhaseUnits = 16;       // units recorded per CTA
+constexpr int kPhaseHeaderWords = 8;  // per CTA
+constexpr int kPhaseUnitWords = 8;    // per unit
+constexpr int kPhaseCtaWords = kPhaseHeaderWords + kPhaseUnits * kPhaseUnitWords;
+static_assert(kPhaseCtas * kPhaseCtaWords * 8 <= (2 << 20), "the log (a module global) stays ~1 MiB");
+
+__device__ __forceinline__ unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ uint32_t sm_id() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%smid;\n" : "=r"(r));
+    return r;
+}
+
+}  // namespace tma
+#ifdef CANDIFF_SM90_PHASES
+extern "C" {
+__device__ unsigned long long candiff_sm90_phases[tma::kPhaseCtas * tma::kPhaseCtaWords];
+}
+#endif
+namespace tma {
+
+// One thread's marks in its CTA's record (a no-op object unless kPhases): `on` for the one thread
+// of each role that records (consumer thread 0, the producer's issuing thread). Waits count in
+// 32-bit clocks and the record's address is formed per mark, so the marks hold three registers
+// (the 256-token kernels have few to spare).
+struct PhaseMarks {
+    bool on;
+    uint32_t rec;       // the record: blockIdx.x, in the second half for the split last tiles' launch
+    uint32_t wait = 0;  // cycles waited on barriers in the current unit
+    int unit = 0;
+    __device__ __forceinline__ PhaseMarks(bool on_, int tile0)
+        : on(on_ && blockIdx.x < (unsigned)kPhaseCtas / 2), rec(blockIdx.x + (tile0 > 0 ? kPhaseCtas / 2 : 0)) {}
+    __device__ __forceinline__ static long long now() {
+        if constexpr (kPhases) return clock64();
+        return 0;
+    }
+    __device__ __forceinline__ static uint32_t now32() {
+        if constexpr (kPhases) return (uint32_t)clock();
+        return 0;
+    }
+    __device__ __forceinline__ void put(int word, unsigned long long v) const {
+#ifdef CANDIFF_SM90_PHASES
+        if (on) candiff_sm90_phases[rec * kPhaseCtaWords + word] = v;
+#endif
+    }
+    __device__ __forceinline__ void header(int word, unsigned long long v) const { put(word, v); }
+    // Word `word` of the current unit.
+    __device__ __forceinline__ void mark(int word, unsigned long long v) const {
+        if (unit < kPhaseUnits) put(kPhaseHeaderWords + unit * kPhaseUnitWords + word, v);
+    }
+    __device__ __forceinline__ void waited(uint32_t since) {
+        if constexpr (kPhases) wait += now32() - since;
+    }
+    // The current unit's waits into `word`; the next unit starts.
+    __device__ __forceinline__ void next_unit(int word) {
+        if constexpr (kPhases) {
+            mark(word, wait);
+            wait = 0;
+            unit++;
+        }
+    }
+};
+// Unit words (consumer unless marked): when it started, when its first stage landed, when its
+// main loop ended, when its sums or store ended, cycles waited on full barriers, K tiles | tile
+// << 32, the producer's cycles waited on empty barriers, when the producer issued its last copy.
+enum PhaseWord { kUnitStart, kUnitFirst, kUnitLoop, kUnitStore, kUnitFullWait, kUnitTiles, kUnitEmptyWait, kUnitIssued };
+// Header words: SM, %globaltimer at entry, clock at entry, clock after the barrier set-up, clock
+// at exit, %globaltimer at exit, units run, BT | KS << 16 | STAGES << 24 | first tile << 32.
+enum PhaseHeader { kHeadSm, kHeadNsIn, kHeadIn, kHeadSetUp, kHeadOut, kHeadNsOut, kHeadUnits, kHeadShape };
+
 // TMA_STORE (16-bit outputs): unsplit tiles leave through the TMA-store epilogue and `out_map`
 // (y as [M][N], boxes of 16 features x kStoreTokens tokens); else (and for split tiles) as
 // store_tile writes them.
@@ -973,6 +1061,13 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
         return KS > 1 ? Unit(u * KS + (int)kpart, rank, tile0, KS, N, K, BT) : Unit(u, rank, tile0, splits, N, K, BT);
     };
 
+    PhaseMarks pm(tid == 0, tile0);  // the consumers' marks
+    if constexpr (kPhases) {
+        pm.header(kHeadNsIn, global_ns());
+        pm.header(kHeadIn, (unsigned long long)PhaseMarks::now());
+        pm.header(kHeadSm, sm_id());
+        pm.header(kHeadShape, (unsigned long long)(BT | KS << 16 | STAGES << 24) | (unsigned long long)tile0 << 32);
+    }
     if (tid == 0) {
         for (int s = 0; s < STAGES; s++) {
             mbar_init(full0 + 8 * s, 1);
@@ -985,12 +1080,14 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
         if constexpr (TMA_STORE) prefetch_map(out_map);
     }
     cluster_sync();  // both CTAs' barriers initialized before any copy or arrival reaches them
+    pm.header(kHeadSetUp, (unsigned long long)PhaseMarks::now());
 
     // Stage use c (counted over all of this cluster's units, the same in both CTAs) goes to stage
     // c % STAGES in phase c / STAGES.
     if (warp >= kConsumerWarps) {  // the producer warpgroup
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs) : "memory");
         if (warp == kConsumerWarps && lane == 0) {
+            PhaseMarks pp(true, tile0);  // the producer's marks
             int c = 0;
             for (int u = first_unit; u < units; u += clusters) {
                 const Unit w = unit(u);
@@ -998,7 +1095,11 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
                 for (int j = 0; j < w.nt; j++, c++) {
                     const int st = c % STAGES, kt = w.kb + j;
                     // The stage's previous tile released by all four consumer warpgroups of the pair.
-                    if (c >= STAGES) mbar_wait(empty0 + 8 * st, (uint32_t)(c / STAGES - 1) & 1u);
+                    if (c >= STAGES) {
+                        const uint32_t w0 = PhaseMarks::now32();
+                        mbar_wait(empty0 + 8 * st, (uint32_t)(c / STAGES - 1) & 1u);
+                        pp.waited(w0);
+                    }
                     const uint32_t bar = full0 + 8 * st;
                     mbar_expect_tx(bar, kActBytes + kCodeTileBytes + kScaleTileBytes);
                     const int col = kt * kBK;
@@ -1010,6 +1111,8 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
                     bulk_load(smem_addr(scales_smem + st * kScaleTileBytes), scale_src + (size_t)kt * kScaleTileBytes,
                               kScaleTileBytes, bar);
                 }
+                pp.mark(kUnitIssued, (unsigned long long)PhaseMarks::now());
+                pp.next_unit(kUnitEmptyWait);
             }
         }
         // (The consumers' cluster barriers below, which every thread of the cluster must reach:
@@ -1058,7 +1161,9 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
     // Stage use c: wait until its copies landed, dequantize this thread's fragments.
     auto dequant = [&](int c, uint32_t (&a)[4][4]) {
         const int st = kRing ? deq.st : c % STAGES;
+        const uint32_t w0 = PhaseMarks::now32();
         mbar_wait(full0 + 8 * st, kRing ? deq.ph : (uint32_t)(c / STAGES) & 1u);
+        pm.waited(w0);
         const uint8_t* cs = codes_smem + st * kCodeTileBytes;
         const uint8_t* ss = scales_smem + st * kScaleTileBytes;
         dequant_rows(cs + p_lo * (kBK / 2), cs + p_hi * (kBK / 2), *reinterpret_cast<const uint32_t*>(ss + sw_lo),
@@ -1083,7 +1188,10 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
 #pragma unroll
         for (int i = 0; i < BT / 2; i++) acc[i] = 0.0f;
         uint32_t a0[4][4], a1[4][4];
+        const long long start = PhaseMarks::now();
+        pm.mark(kUnitStart, (unsigned long long)start);
         if (nt > 0) dequant(c0, a0);
+        pm.mark(kUnitFirst, (unsigned long long)(start + pm.wait));  // when the first stage had landed
 
         // One K tile, as gemm_sm90's step: issue tile i's wgmmas, release tile i - 1's stage (in
         // both CTAs) once its wgmmas completed, dequantize tile i + 1 while tile i's run. (Loading
@@ -1105,6 +1213,7 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
         }
         wgmma_wait<0>();
         if (nt > 0) release(c0 + nt - 1);
+        pm.mark(kUnitLoop, (unsigned long long)PhaseMarks::now());
         c0 += nt;
         if constexpr (KS > 1) {
             // Every wgmma of this CTA has read its stages (both warpgroups), and no copy is left
@@ -1121,12 +1230,21 @@ __device__ __forceinline__ void gemm(const TensorMap* act1, const TensorMap* act
             store_tile<BT, OutT>(acc, splits, part, pblock, r_lo, r_hi, w.n0 + r_lo, w.n0 + r_hi, w.m0, t, y, M, N,
                                  alpha, bias, bias_len, gelu_from);
         }
+        // (A TMA store is issued here, not finished.)
+        pm.mark(kUnitStore, (unsigned long long)PhaseMarks::now());
+        pm.mark(kUnitTiles, (unsigned long long)nt | (unsigned long long)w.tile << 32);
+        pm.next_unit(kUnitFullWait);
     }
     // This warp's stores have read their staging box (the shared memory is released below).
     if (TMA_STORE && lane == 0) tma_store_wait_all();
     // The other CTA may still arrive on this one's barriers until it passes here: this CTA's
     // shared memory stays alive until then.
     cluster_sync();
+    if constexpr (kPhases) {
+        pm.header(kHeadOut, (unsigned long long)PhaseMarks::now());
+        pm.header(kHeadNsOut, global_ns());
+        pm.header(kHeadUnits, (unsigned long long)pm.unit);
+    }
 }
 
 }  // namespace tma

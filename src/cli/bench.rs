@@ -244,6 +244,12 @@ pub struct GemmArgs {
     /// measured there without the host's launch cost, and without a profiler.
     #[arg(long)]
     pub chain: bool,
+    /// Where the Hopper W4A16 GEMM's time goes, per product: the phase marks of one launch (set-up,
+    /// fill, main loop, sums or store, waits on the copies, SMs idle at the end). Profiling builds
+    /// only (`--features sm90-phases`), `trtllm:w4a16` only; the marks cost the kernel a few
+    /// instructions per K tile, so no times against cuBLAS are printed.
+    #[arg(long)]
+    pub phases: bool,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -1013,6 +1019,21 @@ fn gemm_shape(shape: &str) -> anyhow::Result<(usize, usize)> {
     Ok((k.parse()?, n.parse()?))
 }
 
+/// `bench gemm`'s random problem of `m` tokens and a `k` x `n` weight (seeded by its shape), and its
+/// input in bf16 on `device`.
+#[cfg(feature = "cuda")]
+fn gemm_problem(
+    m: usize,
+    k: usize,
+    n: usize,
+    device: &candle_core::Device,
+) -> anyhow::Result<(crate::doctor::Problem, candle_core::Tensor)> {
+    use candle_core::{DType, Device, Tensor};
+    let p = crate::doctor::Problem::random(m, k, n, (m * 31 + k * 7 + n) as u64)?;
+    let x = Tensor::from_vec(p.x.clone(), (m, k), &Device::Cpu)?.to_dtype(DType::BF16)?.to_device(device)?;
+    Ok((p, x))
+}
+
 /// A `bench gemm` run's column label.
 #[cfg(feature = "cuda")]
 fn gemm_label(b: crate::nvfp4::Backend, mode: crate::nvfp4::ActMode, fast: bool) -> String {
@@ -1026,6 +1047,9 @@ fn gemm_label(b: crate::nvfp4::Backend, mode: crate::nvfp4::ActMode, fast: bool)
 
 #[cfg(feature = "cuda")]
 fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
+    if args.phases {
+        return gemm_phases(args);
+    }
     if args.chain {
         return gemm_chain(args);
     }
@@ -1033,7 +1057,6 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
 
     use candle_core::{DType, Device, Module, Tensor};
 
-    use crate::doctor::Problem;
     use crate::nvfp4::fp8::Fp8Accum;
     use crate::nvfp4::ActMode;
 
@@ -1074,8 +1097,7 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
     for shape in &args.shapes {
         let (k, n) = gemm_shape(shape)?;
         for &m in &args.m {
-            let p = Problem::random(m, k, n, (m * 31 + k * 7 + n) as u64)?;
-            let x = Tensor::from_vec(p.x.clone(), (m, k), &Device::Cpu)?.to_dtype(DType::BF16)?.to_device(&device)?;
+            let (p, x) = gemm_problem(m, k, n, &device)?;
             let w =
                 Tensor::from_vec(p.w.dequantize(), (n, k), &Device::Cpu)?.to_dtype(DType::BF16)?.to_device(&device)?;
             let flops = 2.0 * (m * n * k) as f64;
@@ -1129,6 +1151,98 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
             }
             println!("| {m} | {k}x{n} | {} |", cells.join(" | "));
             rows.push(entry);
+        }
+    }
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_string_pretty(&serde_json::json!({"gpu": name, "rows": rows}))?)?;
+    }
+    Ok(())
+}
+
+#[cfg(all(feature = "cuda", not(feature = "sm90-phases")))]
+fn gemm_phases(_: &GemmArgs) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "`bench gemm --phases` reads marks only a profiling build writes: build with --features sm90-phases \
+         (e.g. scripts/gpu-build.sh cudnn,nccl,sm90-phases), and time nothing else with that binary"
+    )
+}
+
+/// `bench gemm --phases`: for each product, one launch of the trtllm W4A16 layer (after three to
+/// warm up) and its phase marks summed up ([`crate::nvfp4::phases`]).
+#[cfg(feature = "sm90-phases")]
+fn gemm_phases(args: &GemmArgs) -> anyhow::Result<()> {
+    use candle_core::{Device, Module};
+
+    use crate::nvfp4::{phases, ActMode, Backend};
+
+    let device = crate::cuda_support::cuda_device(args.gpu, false)?;
+    let Device::Cuda(dev) = &device else { unreachable!() };
+    let (name, _, _) = crate::cuda::device_info(dev)?;
+    println!("GPU: {name}; phase marks of one launch per product (a profiling build: not for speed)");
+    println!(
+        "| M | K x N | tokens/CTA, K parts, stages | CTAs (SMs) | kernel us | GHz | set-up | fill | main loop | \
+         sums/store | other | cycles per K tile | waiting for copies | producer waiting | first fill cycles | \
+         sums/store cycles | SMs idle at the end |"
+    );
+    println!("|{}", "---|".repeat(17));
+    let pct = |s: phases::Spread| format!("{:.1}% (max {:.1}%)", 100.0 * s.median, 100.0 * s.max);
+    let cyc = |s: phases::Spread| format!("{:.0} (max {:.0})", s.median, s.max);
+    let mut rows = Vec::new();
+    for shape in &args.shapes {
+        let (k, n) = gemm_shape(shape)?;
+        for &m in &args.m {
+            let (p, x) = gemm_problem(m, k, n, &device)?;
+            let l = p.layer(Backend::Trtllm, ActMode::W4A16, &device)?;
+            for _ in 0..3 {
+                l.forward(&x)?;
+            }
+            device.synchronize()?;
+            crate::cuda::sm90_phases_take(dev)?; // zeroes the log
+            l.forward(&x)?;
+            device.synchronize()?;
+            let words = crate::cuda::sm90_phases_take(dev)?;
+            match phases::parse(&words) {
+                Ok(ctas) => {
+                    let mut launches = Vec::new();
+                    for launch in phases::by_launch(&ctas) {
+                        let s = phases::summarize(&launch);
+                        let what =
+                            if s.first_tile == 0 { String::new() } else { format!(", from tile {}", s.first_tile) };
+                        let trunc = if s.truncated > 0 {
+                            format!(" ({} CTAs ran more units than recorded)", s.truncated)
+                        } else {
+                            String::new()
+                        };
+                        println!(
+                            "| {m} | {k}x{n} | {}, {}, {}{what} | {} ({}) | {:.1} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1}%{trunc} |",
+                            s.tokens,
+                            s.k_parts,
+                            s.stages,
+                            s.ctas,
+                            s.sms,
+                            s.kernel_ns as f64 / 1e3,
+                            s.clock_ghz.median,
+                            pct(s.set_up),
+                            pct(s.fill),
+                            pct(s.main),
+                            pct(s.store),
+                            pct(s.other),
+                            cyc(s.per_k_tile),
+                            pct(s.full_wait),
+                            pct(s.empty_wait),
+                            cyc(s.first_fill_cycles),
+                            cyc(s.store_cycles),
+                            100.0 * s.idle_at_end
+                        );
+                        launches.push(serde_json::json!({"summary": s, "ctas": launch}));
+                    }
+                    rows.push(serde_json::json!({"m": m, "k": k, "n": n, "launches": launches}));
+                }
+                Err(e) => {
+                    println!("| {m} | {k}x{n} | {e} |");
+                    rows.push(serde_json::json!({"m": m, "k": k, "n": n, "error": e.to_string()}));
+                }
+            }
         }
     }
     if let Some(out) = &args.out {

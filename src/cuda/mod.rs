@@ -188,6 +188,32 @@ pub(crate) fn wrap<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> candle
 /// launchers run once per layer call (several thousand times per denoising step).
 type FunctionCache = Mutex<HashMap<(DeviceId, Kernels), HashMap<String, CudaFunction>>>;
 
+/// `kernels`' module on `dev`, loaded once.
+fn module_of(dev: &CudaDevice, kernels: Kernels) -> Result<Arc<CudaModule>> {
+    let mut m = modules().lock().expect("module cache poisoned");
+    if let Some(module) = m.get(&(dev.id(), kernels)) {
+        return Ok(module.clone());
+    }
+    let image = candle_core::cuda_backend::cudarc::nvrtc::Ptx::from_binary(kernels.image().to_vec());
+    let module = dev.cuda_stream().context().load_module(image).map_err(wrap("loading the NVFP4 kernels"))?;
+    m.insert((dev.id(), kernels), module.clone());
+    Ok(module)
+}
+
+/// The Hopper GEMM's phase log ([`crate::nvfp4::phases`]) as it stands after the stream's work so
+/// far, zeroed for the next launch (the caller launches, then takes).
+#[cfg(feature = "sm90-phases")]
+pub fn sm90_phases_take(dev: &CudaDevice) -> Result<Vec<u64>> {
+    use crate::nvfp4::phases::PHASE_SYMBOL;
+    let module = module_of(dev, Kernels::Sm90)?;
+    let stream = dev.cuda_stream();
+    let mut log = module.get_global(PHASE_SYMBOL, &stream).map_err(wrap(PHASE_SYMBOL))?;
+    let bytes = stream.clone_dtoh(&log).map_err(wrap(PHASE_SYMBOL))?;
+    stream.memset_zeros(&mut log).map_err(wrap(PHASE_SYMBOL))?;
+    stream.synchronize().map_err(wrap(PHASE_SYMBOL))?;
+    Ok(crate::nvfp4::phases::words_of(&bytes))
+}
+
 fn function_in(dev: &CudaDevice, kernels: Kernels, name: &str) -> Result<CudaFunction> {
     static FUNCTIONS: OnceLock<FunctionCache> = OnceLock::new();
     let functions = FUNCTIONS.get_or_init(Default::default);
@@ -196,20 +222,7 @@ fn function_in(dev: &CudaDevice, kernels: Kernels, name: &str) -> Result<CudaFun
     {
         return Ok(f.clone());
     }
-    let module = {
-        let mut m = modules().lock().expect("module cache poisoned");
-        match m.get(&(dev.id(), kernels)) {
-            Some(module) => module.clone(),
-            None => {
-                let image = candle_core::cuda_backend::cudarc::nvrtc::Ptx::from_binary(kernels.image().to_vec());
-                let module =
-                    dev.cuda_stream().context().load_module(image).map_err(wrap("loading the NVFP4 kernels"))?;
-                m.insert((dev.id(), kernels), module.clone());
-                module
-            }
-        }
-    };
-    let f = module.load_function(name).map_err(wrap(name))?;
+    let f = module_of(dev, kernels)?.load_function(name).map_err(wrap(name))?;
     functions
         .lock()
         .expect("function cache poisoned")

@@ -6,6 +6,7 @@ pub mod format;
 pub mod fp8;
 pub mod layout;
 pub mod linear;
+pub mod phases;
 pub mod quant;
 pub mod tiling;
 
