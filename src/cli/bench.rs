@@ -1178,6 +1178,13 @@ fn gemm_phases(args: &GemmArgs) -> anyhow::Result<()> {
     let device = crate::cuda_support::cuda_device(args.gpu, false)?;
     let Device::Cuda(dev) = &device else { unreachable!() };
     let (name, _, _) = crate::cuda::device_info(dev)?;
+    let cc = crate::cuda::compute_capability(dev)?;
+    anyhow::ensure!(
+        cc == (9, 0),
+        "the phase marks are in the Hopper GEMM (sm_90a) only; {name} is compute capability {}.{}",
+        cc.0,
+        cc.1
+    );
     println!("GPU: {name}; phase marks of one launch per product (a profiling build: not for speed)");
     println!(
         "| M | K x N | tokens/CTA, K parts, stages | CTAs (SMs) | kernel us | GHz | set-up | fill | main loop | \
