@@ -1163,7 +1163,8 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
 fn gemm_phases(_: &GemmArgs) -> anyhow::Result<()> {
     anyhow::bail!(
         "`bench gemm --phases` reads marks only a profiling build writes: build with --features sm90-phases \
-         (e.g. scripts/gpu-build.sh cudnn,nccl,sm90-phases), and time nothing else with that binary"
+         (e.g. CANDIFF_GPU_DIR=.gpu/phases scripts/gpu-build.sh cudnn,nccl,sm90-phases, beside the \
+         normal binary), and time nothing else with that binary"
     )
 }
 

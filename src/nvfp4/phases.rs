@@ -465,39 +465,44 @@ mod tests {
         assert_eq!(constant("kPhaseUnits"), PHASE_UNITS);
         assert_eq!(constant("kPhaseHeaderWords"), PHASE_HEADER_WORDS);
         assert_eq!(constant("kPhaseUnitWords"), PHASE_UNIT_WORDS);
-        let items = |name: &str| -> Vec<&str> {
+        // Each enum's items, in order, against the words read here (and no more of them).
+        let words_in_order = |name: &str, words: &[(&str, usize)], count: usize| {
             let at = src.find(&format!("enum {name} {{")).unwrap_or_else(|| panic!("enum {name} not in the kernel"));
             let body = &src[at + src[at..].find('{').unwrap() + 1..at + src[at..].find('}').unwrap()];
-            body.split(',').map(str::trim).filter(|s| !s.is_empty()).collect()
+            let items: Vec<&str> = body.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+            for (item, word) in words {
+                assert_eq!(items.iter().position(|i| i == item), Some(*word), "{item} in {items:?}");
+            }
+            assert_eq!(items.len(), count, "{name}: {items:?}");
         };
-        let header = items("PhaseHeader");
-        for (name, word) in [
-            ("kHeadSm", HEAD_SM),
-            ("kHeadNsIn", HEAD_NS_IN),
-            ("kHeadIn", HEAD_IN),
-            ("kHeadSetUp", HEAD_SET_UP),
-            ("kHeadOut", HEAD_OUT),
-            ("kHeadNsOut", HEAD_NS_OUT),
-            ("kHeadUnits", HEAD_UNITS),
-            ("kHeadShape", HEAD_SHAPE),
-        ] {
-            assert_eq!(header.iter().position(|h| *h == name), Some(word), "{name} in {header:?}");
-        }
-        assert_eq!(header.len(), PHASE_HEADER_WORDS);
-        let unit = items("PhaseWord");
-        for (name, word) in [
-            ("kUnitStart", UNIT_START),
-            ("kUnitFirst", UNIT_FIRST),
-            ("kUnitLoop", UNIT_LOOP),
-            ("kUnitStore", UNIT_STORE),
-            ("kUnitFullWait", UNIT_FULL_WAIT),
-            ("kUnitTiles", UNIT_TILES),
-            ("kUnitEmptyWait", UNIT_EMPTY_WAIT),
-            ("kUnitIssued", UNIT_ISSUED),
-        ] {
-            assert_eq!(unit.iter().position(|u| *u == name), Some(word), "{name} in {unit:?}");
-        }
-        assert_eq!(unit.len(), PHASE_UNIT_WORDS);
+        words_in_order(
+            "PhaseHeader",
+            &[
+                ("kHeadSm", HEAD_SM),
+                ("kHeadNsIn", HEAD_NS_IN),
+                ("kHeadIn", HEAD_IN),
+                ("kHeadSetUp", HEAD_SET_UP),
+                ("kHeadOut", HEAD_OUT),
+                ("kHeadNsOut", HEAD_NS_OUT),
+                ("kHeadUnits", HEAD_UNITS),
+                ("kHeadShape", HEAD_SHAPE),
+            ],
+            PHASE_HEADER_WORDS,
+        );
+        words_in_order(
+            "PhaseWord",
+            &[
+                ("kUnitStart", UNIT_START),
+                ("kUnitFirst", UNIT_FIRST),
+                ("kUnitLoop", UNIT_LOOP),
+                ("kUnitStore", UNIT_STORE),
+                ("kUnitFullWait", UNIT_FULL_WAIT),
+                ("kUnitTiles", UNIT_TILES),
+                ("kUnitEmptyWait", UNIT_EMPTY_WAIT),
+                ("kUnitIssued", UNIT_ISSUED),
+            ],
+            PHASE_UNIT_WORDS,
+        );
         assert!(src.contains(&format!("__device__ unsigned long long {PHASE_SYMBOL}[")));
         // The shape word: tokens in the low 16 bits, K parts from bit 16, stages from bit 24.
         assert!(src.contains("(BT | KS << 16 | STAGES << 24) | (unsigned long long)tile0 << 32"));
