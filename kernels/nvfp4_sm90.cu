@@ -149,6 +149,20 @@ __device__ __forceinline__ float bias_of(const OutT* __restrict__ bias, int bias
     return (bias != nullptr && n < bias_len) ? static_cast<float>(bias[n]) : 0.f;
 }
 
+// Runs `body(std::true_type)` where some lane of the warp applies GELU (`any`), else
+// `body(std::false_type)`: the tile epilogues' GELU, predicated per element, still took the issue
+// slots of its ~8 instructions per element where no feature had it (~1k of ~1.3k instructions per
+// thread of a 256-token tile's TMA-store epilogue, SASS; most layers have no GELU). Warp-uniform,
+// so warp-collective stores inside stay converged; every lane of the warp must call it.
+template <typename Body>
+__device__ __forceinline__ void with_gelu(bool any, Body&& body) {
+    if (__any_sync(0xffffffffu, any)) {
+        body(std::true_type{});
+    } else {
+        body(std::false_type{});
+    }
+}
+
 // A fragments of one K tile from shared memory: this thread's 8 code bytes (words w = 0, 1) of each
 // of its two rows (`lo`, `hi`: the rows' 32 bytes of the tile) and their scale words (`word_lo`,
 // `word_hi`, from the tile's 512-byte 128x4 scale block). Fragment of k16 step s: (row g, k 16s +
@@ -192,17 +206,19 @@ __device__ __forceinline__ void store_tile(const float (&acc)[BT / 2], int split
     }
     const float out_scale = alpha * kScaleBias;
     const float b_lo = bias_of(bias, bias_len, n_lo), b_hi = bias_of(bias, bias_len, n_hi);
+    with_gelu(n_lo >= gelu_from || n_hi >= gelu_from, [&](auto gelu) {
 #pragma unroll
-    for (int j = 0; j < BT / 8; j++) {
+        for (int j = 0; j < BT / 8; j++) {
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            int m = m0 + 8 * j + 2 * t + (e & 1);
-            int n = (e & 2) ? n_hi : n_lo;
-            float v = acc[4 * j + e] * out_scale + ((e & 2) ? b_hi : b_lo);
-            if (n >= gelu_from) v = epilogue_gelu<OutT>(v);
-            if (m < M && n < N) y[(size_t)m * N + n] = from_float<OutT>(v);
+            for (int e = 0; e < 4; e++) {
+                int m = m0 + 8 * j + 2 * t + (e & 1);
+                int n = (e & 2) ? n_hi : n_lo;
+                float v = acc[4 * j + e] * out_scale + ((e & 2) ? b_hi : b_lo);
+                if (decltype(gelu)::value && n >= gelu_from) v = epilogue_gelu<OutT>(v);
+                if (m < M && n < N) y[(size_t)m * N + n] = from_float<OutT>(v);
+            }
         }
-    }
+    });
 }
 
 template <int BT, typename OutT>
@@ -843,36 +859,39 @@ __device__ __forceinline__ void store_tile_tma(const float (&acc)[BT / 2], const
     const float out_scale = alpha * kScaleBias;
     const float b_lo = bias_of(bias, bias_len, n_lo), b_hi = bias_of(bias, bias_len, n_hi);
     const bool gelu_lo = n_lo >= gelu_from, gelu_hi = n_hi >= gelu_from;
-    auto value = [&](int i) {
-        const bool hi = i & 2;
-        float v = acc[i] * out_scale + (hi ? b_hi : b_lo);
-        return (hi ? gelu_hi : gelu_lo) ? epilogue_gelu<OutT>(v) : v;
-    };
     // Lane l addresses row l % 8 of matrix l / 8: matrices (group j, lo), (j, hi), (j + 1, lo),
     // (j + 1, hi) of 8 tokens x 8 features.
     const int mat = lane / 8, row = lane % 8;
     const uint32_t lane_off = store_box_offset(8 * (mat / 2) + row, mat % 2);
     constexpr int kStoreTokens = store_tokens<BT>();
     static_assert(BT % kStoreTokens == 0 && kStoreTokens % 16 == 0, "whole stmatrix steps per box");
+    with_gelu(gelu_lo || gelu_hi, [&](auto gelu) {
+        auto value = [&](int i) {
+            const bool hi = i & 2;
+            float v = acc[i] * out_scale + (hi ? b_hi : b_lo);
+            if constexpr (decltype(gelu)::value) return (hi ? gelu_hi : gelu_lo) ? epilogue_gelu<OutT>(v) : v;
+            return v;
+        };
 #pragma unroll
-    for (int h = 0; h < BT / kStoreTokens; h++) {
-        if (lane == 0) tma_store_wait_read();
-        __syncwarp();
+        for (int h = 0; h < BT / kStoreTokens; h++) {
+            if (lane == 0) tma_store_wait_read();
+            __syncwarp();
 #pragma unroll
-        for (int jj = 0; jj < kStoreTokens / 8; jj += 2) {
-            const int j = h * (kStoreTokens / 8) + jj;
-            // (store_box_offset of row 8 jj + r is its offset for row r plus 8 jj x 32: the
-            // swizzle bit comes from bit 7, which 8 jj x 32 = 256 jj leaves alone.)
-            stmatrix_x4_trans(box + lane_off + 256u * jj, pack2<OutT>(value(4 * j), value(4 * j + 1)),
-                              pack2<OutT>(value(4 * j + 2), value(4 * j + 3)),
-                              pack2<OutT>(value(4 * j + 4), value(4 * j + 5)),
-                              pack2<OutT>(value(4 * j + 6), value(4 * j + 7)));
+            for (int jj = 0; jj < kStoreTokens / 8; jj += 2) {
+                const int j = h * (kStoreTokens / 8) + jj;
+                // (store_box_offset of row 8 jj + r is its offset for row r plus 8 jj x 32: the
+                // swizzle bit comes from bit 7, which 8 jj x 32 = 256 jj leaves alone.)
+                stmatrix_x4_trans(box + lane_off + 256u * jj, pack2<OutT>(value(4 * j), value(4 * j + 1)),
+                                  pack2<OutT>(value(4 * j + 2), value(4 * j + 3)),
+                                  pack2<OutT>(value(4 * j + 4), value(4 * j + 5)),
+                                  pack2<OutT>(value(4 * j + 6), value(4 * j + 7)));
+            }
+            // The box's generic-proxy writes made visible to the TMA unit's reads.
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            __syncwarp();
+            if (lane == 0) tma_store_2d(out_map, box, f0, m0 + h * kStoreTokens);
         }
-        // The box's generic-proxy writes made visible to the TMA unit's reads.
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        __syncwarp();
-        if (lane == 0) tma_store_2d(out_map, box, f0, m0 + h * kStoreTokens);
-    }
+    });
 }
 
 // K parts inside a cluster (KS > 1, short products, docs/PERF.md session 29): the cluster is KS CTA
@@ -884,6 +903,11 @@ __device__ __forceinline__ void store_tile_tma(const float (&acc)[BT / 2], const
 // it reads the KS parts' sums at the same offset in the pair's KS CTAs, adds them in part order
 // from 0 (tail_sum's order: the same bits) and stores y per element. The kernel's last cluster
 // barrier keeps every CTA's shared memory alive until the others have read it.
+//
+// This takes 8-11k cycles per unit at 256 tokens whatever KS (17-33% of a split CTA at K = 3072-
+// 5120, phase marks, docs/PERF.md session 34), ~14 bytes per cycle for the 128 KB each CTA reads.
+// Neither issuing the reads of 4-8 groups at once (one round trip per group here) nor reading the
+// CTA's own part through its own shared-memory window made it faster (+-5%, same session).
 constexpr int kSumBytesPerToken = kRows * 4;  // f32 sums of a token's 128 features
 
 __device__ __forceinline__ float4 ld_cluster_f32x4(uint32_t local, uint32_t rank) {
@@ -926,6 +950,9 @@ __device__ __forceinline__ void sum_parts(const float (&acc)[BT / 2], float4* su
             s[2] += part[q].z;
             s[3] += part[q].w;
         }
+        // (GELU per element, not `with_gelu`: nvcc branches around it here rather than predicating
+        // it, and a second copy of this loop only doubled its code; products in 2 parts ran
+        // 1.5-2% slower with it, session 34.)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             const int m = m0 + 8 * j + 2 * t + (e & 1), n = (e & 2) ? n_hi : n_lo;
