@@ -906,8 +906,9 @@ __device__ __forceinline__ void store_tile_tma(const float (&acc)[BT / 2], const
 //
 // This takes 8-11k cycles per unit at 256 tokens whatever KS (17-33% of a split CTA at K = 3072-
 // 5120, phase marks, docs/PERF.md session 34), ~14 bytes per cycle for the 128 KB each CTA reads.
-// Neither issuing the reads of 4-8 groups at once (one round trip per group here) nor reading the
-// CTA's own part through its own shared-memory window made it faster (+-5%, same session).
+// Neither issuing the reads of 4-8 groups at once (one round trip per group here; +-5%) nor reading
+// the CTA's own part through its own shared-memory window (11-13% slower at 2 parts) made it faster
+// (same session).
 constexpr int kSumBytesPerToken = kRows * 4;  // f32 sums of a token's 128 features
 
 __device__ __forceinline__ float4 ld_cluster_f32x4(uint32_t local, uint32_t rank) {
