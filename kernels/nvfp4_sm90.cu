@@ -908,7 +908,10 @@ __device__ __forceinline__ void store_tile_tma(const float (&acc)[BT / 2], const
 // 5120, phase marks, docs/PERF.md session 34), ~14 bytes per cycle for the 128 KB each CTA reads.
 // Neither issuing the reads of 4-8 groups at once (one round trip per group here; +-5%) nor reading
 // the CTA's own part through its own shared-memory window (11-13% slower at 2 parts) made it faster
-// (same session).
+// (same session). In a micro-benchmark of the exchange alone (session 35) this pull was the fastest
+// of seven ways: pushing with st.async or bulk copies, going through L2 (loads and stores, or TMA),
+// half through each, and sums packed to 24 bits all took 7-50% longer; every path moved the bytes
+// at 13-16 per cycle per SM.
 constexpr int kSumBytesPerToken = kRows * 4;  // f32 sums of a token's 128 features
 
 __device__ __forceinline__ float4 ld_cluster_f32x4(uint32_t local, uint32_t rank) {

@@ -226,7 +226,9 @@ pub struct GemmArgs {
         default_value = "3072x3072,3072x12288,12288x3072,3072x21504,15360x3072,5120x13824"
     )]
     pub shapes: Vec<String>,
-    /// Minimum measured time per entry, in milliseconds.
+    /// Minimum measured time per entry, in milliseconds. From ~1000 the card runs at its power
+    /// limit as in a model's run (on an H200 cuBLAS bf16 takes ~20% longer there, docs/PERF.md
+    /// session 35); short entries measure a burst.
     #[arg(long, default_value_t = 200)]
     pub min_ms: u64,
     /// NVFP4 runs next to cuBLAS as `<backend>:<mode>` (`trtllm:w4a16`, `cutlass:w4a4`,

@@ -92,7 +92,8 @@ pub fn sm90_tokens_per_cta(sms: usize, m: usize, n: usize, k: usize, forced: Opt
 /// below 256 the K tile's work besides the tensor work (4 cycles per token) sets the pace: the
 /// warps' own instruction streams and the copies (stall sampling, session 32); narrower widths
 /// would gain nothing more. For the same reason the TMA form, from 256 tokens, takes 256
-/// tokens split along K where the base rule takes 128 (see the body).
+/// tokens split along K where the base rule takes 128, and where a split last wave follows
+/// whole waves it takes a fill width instead when that is estimated cheaper (see the body).
 #[allow(clippy::too_many_arguments)]
 pub fn sm90_plan(
     m: usize,
@@ -148,10 +149,62 @@ pub fn sm90_plan(
     // an H200, docs/PERF.md session 29).
     let parts = (2..=most).rev().find(|&p| tail.div_ceil(2) <= room[p]).unwrap_or(1);
     if parts < 2 {
-        whole
-    } else {
-        Sm90Plan { tail, parts, ..whole }
+        return whole;
     }
+    let split = Sm90Plan { tail, parts, ..whole };
+    // Whole waves before a split last wave (TMA form): a fill width whose whole tiles take one
+    // wave more can still cost less than the split wave, whose K parts' sums cost a fixed
+    // ~9.5k cycles (the SM's traffic to other SMs: six ways of moving them measured no faster,
+    // docs/PERF.md session 35) and which the driver's cluster room may hold to 2 parts. 4608 x
+    // 3072x3072 on an H200: 3 waves of 256 tokens and 36 tiles in 2 parts, against 4 waves of
+    // 224 tokens: measured 6-9% faster (session 35).
+    if fill && forced_tokens.is_none() && tokens_per_cta == SM90_WIDE_TOKENS && tiles >= sms {
+        let ktiles = k.div_ceil(SM90_K_TILE);
+        let split_cost = sm90_est_cycles(&split, ktiles, sms);
+        let best = SM90_FILL_TOKENS
+            .into_iter()
+            .filter(|&bt| m >= bt)
+            .map(|bt| Sm90Plan { tokens_per_cta: bt, tiles: tiles_at(bt), tail: 0, parts: 1 })
+            .min_by_key(|p| sm90_est_cycles(p, ktiles, sms));
+        if let Some(p) = best {
+            // Only a clear gain: the model's costs are medians of measured ranges.
+            if sm90_est_cycles(&p, ktiles, sms) * SM90_FILL_GAIN_DEN < split_cost * SM90_FILL_GAIN_NUM {
+                return p;
+            }
+        }
+    }
+    split
+}
+
+/// Cycles of one K tile per CTA by tile width (the main loop's median, phase marks of an H200,
+/// docs/PERF.md session 34: 1063-1129 at 256 tokens, 936-952 at 208-224, 872 at 176). Below 256
+/// tokens a K tile costs more than its tensor work (4 cycles per token).
+fn sm90_ktile_cycles(bt: usize) -> u64 {
+    match bt {
+        176 => 872,
+        208 => 940,
+        224 => 952,
+        _ => 1081,
+    }
+}
+/// A split unit's K-part sums (8.1-10.1k cycles whatever the parts, session 34) and a whole
+/// unit's epilogue (0.9-2.4k, session 34 after the GELU-free branch).
+const SM90_PART_SUM_CYCLES: u64 = 9_500;
+const SM90_UNIT_STORE_CYCLES: u64 = 2_000;
+/// A fill width replaces a split last wave only below 98% of its estimated cost.
+const SM90_FILL_GAIN_NUM: u64 = 98;
+const SM90_FILL_GAIN_DEN: u64 = 100;
+
+/// Estimated cycles of the busiest SM for `plan` (K tiles `ktiles`, `sms` SMs, one CTA per SM):
+/// its whole waves, then a split last wave's part (its share of K and the sums).
+fn sm90_est_cycles(plan: &Sm90Plan, ktiles: usize, sms: usize) -> u64 {
+    let per_ktile = sm90_ktile_cycles(plan.tokens_per_cta);
+    let whole_unit = ktiles as u64 * per_ktile + SM90_UNIT_STORE_CYCLES;
+    if plan.parts < 2 {
+        return plan.tiles.div_ceil(sms) as u64 * whole_unit;
+    }
+    let full_waves = ((plan.tiles - plan.tail) / sms) as u64;
+    full_waves * whole_unit + ktiles.div_ceil(plan.parts) as u64 * per_ktile + SM90_PART_SUM_CYCLES
 }
 
 #[cfg(test)]
@@ -273,6 +326,31 @@ mod tests {
         assert_eq!(forced, Sm90Plan { tokens_per_cta: 208, tiles: 552, tail: 0, parts: 1 });
     }
 
+    /// The cluster room the H200's driver reports (`doctor`, docs/PERF.md session 29): 30 clusters
+    /// of 4 CTAs, 17 of 6, 15 of 8.
+    const H200_DRIVER_ROOM: ClusterRoom = [0, 0, 30, 17, 15];
+
+    #[test]
+    fn a_split_last_wave_gives_way_to_a_fill_width_where_it_costs_more() {
+        let plan = |m, n, k, fill| sm90_plan(m, n, k, H200_SMS, None, true, fill, &H200_DRIVER_ROOM);
+        // 4608 x 3072x3072: 36 tiles left after 3 waves, 18 clusters of 6 do not fit (17): 2 parts,
+        // estimated 197k cycles; 504 tiles of 224 tokens in 4 waves, 191k (measured 6-9% faster).
+        assert_eq!(plan(4608, 3072, 3072, false), Sm90Plan { tokens_per_cta: 256, tiles: 432, tail: 36, parts: 2 });
+        assert_eq!(plan(4608, 3072, 3072, true), Sm90Plan { tokens_per_cta: 224, tiles: 504, tail: 0, parts: 1 });
+        // Long K hides the sums: the split stays (15360x3072: within 0.2%, measured within 2%).
+        for k in [12288, 15360] {
+            assert_eq!(plan(4608, 3072, k, true), plan(4608, 3072, k, false), "K = {k}");
+        }
+        // A fill width that needs two more waves loses (4608 x 5120x5120: 7 waves of 224 against
+        // 5 and a split sixth; measured 6-14% slower).
+        assert_eq!(plan(4608, 5120, 5120, true), plan(4608, 5120, 5120, false));
+        // With room for 3 parts the split wave is shorter and stays.
+        let ideal = ideal_cluster_room(H200_SMS);
+        assert_eq!(sm90_plan(4608, 3072, 3072, H200_SMS, None, true, true, &ideal).parts, 3);
+        // Products that are all last wave keep their split (no whole wave to compare with).
+        assert_eq!(plan(256, 3072, 3072, true).parts, 4);
+    }
+
     #[test]
     fn tma_plans_never_add_a_wave_or_pad_more() {
         for sms in [4, 7, 114, 132] {
@@ -289,6 +367,14 @@ mod tests {
                             assert_eq!(fill.tokens_per_cta, SM90_WIDE_TOKENS, "{m} x {n} x {k} on {sms}");
                             assert!(fill.parts >= 2 && fill.tail == fill.tiles && fill.tiles * fill.parts <= sms);
                             assert_eq!(2 * m.div_ceil(SM90_WIDE_TOKENS), m.div_ceil(SM90_NARROW_TOKENS));
+                        } else if fill != base && base.parts >= 2 {
+                            // A split last wave replaced by whole tiles of a fill width: only
+                            // after whole waves, and where the estimate is lower.
+                            assert_eq!(base.tokens_per_cta, SM90_WIDE_TOKENS, "{m} x {n} x {k} on {sms}");
+                            assert!(SM90_FILL_TOKENS.contains(&fill.tokens_per_cta) && fill.parts == 1);
+                            assert!(base.tiles >= sms && fill.tokens_per_cta <= m, "{m} x {n} x {k} on {sms}");
+                            let kt = k.div_ceil(SM90_K_TILE);
+                            assert!(sm90_est_cycles(&fill, kt, sms) < sm90_est_cycles(&base, kt, sms));
                         } else if fill != base {
                             assert_eq!(base.tokens_per_cta, SM90_WIDE_TOKENS, "{m} x {n} x {k} on {sms}");
                             assert!(SM90_FILL_TOKENS.contains(&fill.tokens_per_cta) && fill.tokens_per_cta <= m);
@@ -319,6 +405,13 @@ mod tests {
             .map(|p| p.label.clone())
             .collect();
         assert!(!split.is_empty(), "no doctor problem takes the split path");
+        // The TMA form's plan (fill widths, which may keep a split wave's tiles whole) still
+        // splits some of them: its K parts' sums in a cluster are checked too.
+        let tma_split = problems.iter().filter(|p| p.m > SM90_GEMV_MAX_M).any(|p| {
+            let plan = sm90_plan(p.m, p.n, p.k, DOCTOR_PLAN_SMS, None, true, true, &ideal_cluster_room(H200_SMS));
+            plan.parts > 1 && plan.tiles > plan.tail
+        });
+        assert!(tma_split, "no doctor problem takes the TMA form's split path");
     }
 
     /// On an H200 some standard problem takes 256 tokens split along K where the base rule (the
