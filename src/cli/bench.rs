@@ -1156,7 +1156,9 @@ fn gemm(args: &GemmArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(out) = &args.out {
-        std::fs::write(out, serde_json::to_string_pretty(&serde_json::json!({"gpu": name, "rows": rows}))?)?;
+        // (min_ms tells a burst from the card at its power limit: docs/PERF.md session 35.)
+        let v = serde_json::json!({"gpu": name, "min_ms": args.min_ms, "rows": rows});
+        std::fs::write(out, serde_json::to_string_pretty(&v)?)?;
     }
     Ok(())
 }
@@ -1382,7 +1384,8 @@ fn gemm_chain(args: &GemmArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(out) = &args.out {
-        let v = serde_json::json!({"gpu": name, "timing": "per call, CUDA graph over distinct copies of each layer", "rows": rows});
+        let v = serde_json::json!({"gpu": name, "timing": "per call, CUDA graph over distinct copies of each layer",
+            "min_ms": args.min_ms, "rows": rows});
         std::fs::write(out, serde_json::to_string_pretty(&v)?)?;
     }
     Ok(())
