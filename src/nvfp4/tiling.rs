@@ -165,22 +165,23 @@ pub fn sm90_plan(
             .into_iter()
             .filter(|&bt| m >= bt)
             .map(|bt| Sm90Plan { tokens_per_cta: bt, tiles: tiles_at(bt), tail: 0, parts: 1 })
-            .min_by_key(|p| sm90_est_cycles(p, ktiles, sms));
-        if let Some(p) = best {
-            // Only a clear gain: the model's costs are medians of measured ranges.
-            if sm90_est_cycles(&p, ktiles, sms) * SM90_FILL_GAIN_DEN < split_cost * SM90_FILL_GAIN_NUM {
-                return p;
-            }
+            .map(|p| (sm90_est_cycles(&p, ktiles, sms), p))
+            .min_by_key(|&(cost, _)| cost);
+        // Only a clear gain: the model's costs are medians of measured ranges.
+        if let Some((_, p)) = best.filter(|&(cost, _)| cost * SM90_FILL_GAIN_DEN < split_cost * SM90_FILL_GAIN_NUM) {
+            return p;
         }
     }
     split
 }
 
 /// Cycles of one K tile per CTA by tile width (the main loop's median, phase marks of an H200,
-/// docs/PERF.md session 34: 1063-1129 at 256 tokens, 936-952 at 208-224, 872 at 176). Below 256
-/// tokens a K tile costs more than its tensor work (4 cycles per token).
+/// docs/PERF.md session 34: 1063-1129 at 256 tokens, 936-952 at 208-224, 872 at 176; ~960 at 128,
+/// Nsight Compute, sessions 31-32). Below 256 tokens a K tile costs more than its tensor work (4
+/// cycles per token).
 fn sm90_ktile_cycles(bt: usize) -> u64 {
     match bt {
+        SM90_NARROW_TOKENS => 960,
         176 => 872,
         208 => 940,
         224 => 952,
