@@ -1,5 +1,7 @@
 // Session 36 record (docs/PERF.md), not built by the project: which half of a stream-ordered allocation +
-// free costs GPU time between kernels, and do the memory pool's attributes change it?
+// free costs GPU time between kernels, whether the memory pool's attributes change it, and what a run of frees
+// or a free on an idle side stream costs. Call 1 ran it with three pool settings and modes 0-4; call 5 with the
+// default pool and modes 0-6 (the cfg loop cut to 1).
 #include <cuda.h>
 #include <cuda_runtime.h>
 #include <cstdio>
@@ -29,6 +31,8 @@ int main() {
     CUmemoryPool pool; CK(cuDeviceGetDefaultMemPool(&pool, dev));
     cudaStream_t s;
     CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    cudaStream_t side;
+    CK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
     const size_t bytes = 48ull << 20;
     const int iters = 2000;
     float* fixed;
@@ -36,15 +40,15 @@ int main() {
     cudaEvent_t e0, e1, ev;
     cudaEventCreate(&e0); cudaEventCreate(&e1);
     cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
-    const char* name[] = {"no allocation", "alloc out, free prev (candle)", "event record between", "alloc only (leak, prealloc)", "free only"};
-    for (int cfg = 0; cfg < 3; cfg++) {
+    const char* name[] = {"no allocation", "alloc out, free prev (candle)", "event record between", "alloc only (leak, prealloc)", "free only", "16 frees after every 16th", "free on an idle side stream"};
+    for (int cfg = 0; cfg < 1; cfg++) {
         // cfg 0: default pool; 1: reuse flags off; 2: reuse off + release threshold max
         if (cfg == 1) { if (set_reuse(pool, 0)) return 1; }
         if (cfg == 2) { uint64_t t = UINT64_MAX; CK(cuMemPoolSetAttribute(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &t)); }
         const char* cname[] = {"default pool", "reuse flags off", "reuse off + threshold max"};
         for (long long us : {5, 20, 100}) {
             const long long cycles = us * 1800;
-            for (int mode = 0; mode < 5; mode++) {
+            for (int mode = 0; mode < 7; mode++) {
                 for (int rep = 0; rep < 2; rep++) {
                     std::vector<CUdeviceptr> live;
                     for (int i = 0; i < 4; i++) { CUdeviceptr p; cuMemAllocAsync(&p, bytes, s); live.push_back(p); }
@@ -52,7 +56,7 @@ int main() {
                     cudaStreamSynchronize(s);
                     // mode 4: frees of buffers allocated before the timed chain
                     std::vector<CUdeviceptr> pre;
-                    if (mode == 4) for (int i = 0; i < iters; i++) { CUdeviceptr p; CK(cuMemAllocAsync(&p, 4096, s)); pre.push_back(p); }
+                    if (mode >= 4) for (int i = 0; i < iters; i++) { CUdeviceptr p; CK(cuMemAllocAsync(&p, 4096, s)); pre.push_back(p); }
                     cudaStreamSynchronize(s);
                     CUdeviceptr prev = 0;
                     std::vector<CUdeviceptr> leak;
@@ -74,9 +78,15 @@ int main() {
                             cuMemAllocAsync(&o, 4096, (CUstream)s);
                             leak.push_back(o);
                             spin<<<132, 256, 0, s>>>(fixed, cycles);
-                        } else {
+                        } else if (mode == 4) {
                             spin<<<132, 256, 0, s>>>(fixed, cycles);
                             cuMemFreeAsync(pre[i], (CUstream)s);
+                        } else if (mode == 6) {
+                            spin<<<132, 256, 0, s>>>(fixed, cycles);
+                            cuMemFreeAsync(pre[i], (CUstream)side);
+                        } else {
+                            spin<<<132, 256, 0, s>>>(fixed, cycles);
+                            if (i % 16 == 15) for (int j = i - 15; j <= i; j++) cuMemFreeAsync(pre[j], (CUstream)s);
                         }
                     }
                     cudaEventRecord(e1, s);

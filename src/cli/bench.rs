@@ -77,6 +77,12 @@ pub struct AttentionArgs {
     /// error against the bf16 kernel.
     #[arg(long)]
     pub fp8: bool,
+    /// Hold every timed call's output until the loop ends, so no tensor is freed between the
+    /// kernels. Candle frees a dropped output with `cuMemFreeAsync` on the stream, which costs an
+    /// H200 ~1.3 us of GPU time between short kernels and 5-6 us after a 400 us attention kernel
+    /// (docs/PERF.md, session 36). A diagnostic: models free as they go.
+    #[arg(long)]
+    pub keep_outputs: bool,
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
 }
@@ -1400,12 +1406,18 @@ fn attention(a: &AttentionArgs) -> anyhow::Result<()> {
     let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> anyhow::Result<f64> {
         f()?;
         device.synchronize()?;
+        let mut kept = Vec::with_capacity(if a.keep_outputs { a.iters } else { 0 });
         let t0 = Instant::now();
         for _ in 0..a.iters {
-            f()?;
+            let out = f()?;
+            if a.keep_outputs {
+                kept.push(out);
+            }
         }
         device.synchronize()?;
-        Ok(t0.elapsed().as_secs_f64() * 1e3 / a.iters as f64)
+        let ms = t0.elapsed().as_secs_f64() * 1e3 / a.iters as f64;
+        drop(kept);
+        Ok(ms)
     };
     let mut rows = Vec::new();
     for shape in &a.shapes {
@@ -1424,10 +1436,14 @@ fn attention(a: &AttentionArgs) -> anyhow::Result<()> {
         let imp = crate::models::ops::attention_impl();
         let imp =
             if imp == crate::models::ops::AttentionImpl::Fp8 { crate::models::ops::AttentionImpl::Cudnn } else { imp };
-        println!("attention {h} heads x {s} tokens x {} ({imp:?}): {ms:8.3} ms  {tflops:6.1} TFLOP/s", a.head_dim);
+        let kept = if a.keep_outputs { ", outputs kept" } else { "" };
+        println!(
+            "attention {h} heads x {s} tokens x {} ({imp:?}{kept}): {ms:8.3} ms  {tflops:6.1} TFLOP/s",
+            a.head_dim
+        );
         #[cfg_attr(not(feature = "cudnn"), allow(unused_mut))]
         let mut row = serde_json::json!({"heads": h, "tokens": s, "head_dim": a.head_dim, "ms": ms, "tflops": tflops,
-            "impl": format!("{imp:?}")});
+            "impl": format!("{imp:?}"), "keep_outputs": a.keep_outputs});
         #[cfg(feature = "cudnn")]
         if a.fp8 {
             use crate::cuda::attn_fp8;
