@@ -79,7 +79,7 @@ pub struct AttentionArgs {
     pub fp8: bool,
     /// Hold every timed call's output until the loop ends, so no tensor is freed between the
     /// kernels. Candle frees a dropped output with `cuMemFreeAsync` on the stream, which costs an
-    /// H200 ~1.3 us of GPU time between short kernels and 5-6 us after a 400 us attention kernel
+    /// H200 ~1.3 us of GPU time between short kernels and 5-8 us after a 400 us attention kernel
     /// (docs/PERF.md, session 36). A diagnostic: models free as they go.
     #[arg(long)]
     pub keep_outputs: bool,
